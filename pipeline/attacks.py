@@ -1,0 +1,579 @@
+"""The l-inf attacks of the paper (§3.2, §4.1, Appendix C.2), batched, on any [0,1]-input model.
+
+A model is a `torch.nn.Module` mapping float `[B, C, H, W]` in `[0, 1]` to logits `[B, K]`;
+a list or tuple of models is attacked as their `Ensemble` (average of logits). Every attack
+returns `x_adv` with `x - eps <= x_adv <= x + eps` and `0 <= x_adv <= 1` (DESIGN §2).
+
+    FGSM        x + eps * sign(grad_x L(x, y))                           eq. 2
+    Step-LL     x - eps * sign(grad_x L(x, y_LL)),  y_LL = argmin h(x)    eq. 3
+    R+FGSM      x' = x + alpha * sign(N(0, I));  x' + (eps - alpha) * sign(grad_x' L(x', y))   eq. 7
+    R+Step-LL   the same, descending towards y_LL (taken at x')
+    I-FGSM      k FGSM steps of size alpha >= eps/k, each projected on the ball    §3.2
+    Iter-LL     k Step-LL steps, y_LL fixed from the clean input
+    PGD         Madry et al.: uniform random start, k signed steps, CE or the CW hinge loss
+
+Conventions, chosen once for every attack:
+- The loss is summed over the batch (not averaged) so an example's gradient does not shrink
+  with the batch size; only its sign is used, but a tiny gradient could underflow to 0.
+- `sign(0) = 0`: a pixel with zero gradient does not move, so directions are in {-1, 0, +1}.
+- `label="pred"` (the label-leaking fix, Kurakin et al. 2017b; Appendix C.2) uses the argmax of
+  the first forward pass the attack makes anyway: at x for FGSM / I-FGSM, at the random
+  start for R+FGSM and PGD. Iterative attacks keep the labels of their first step.
+- One forward and one backward per gradient step; the gradient is taken w.r.t. the input only
+  (`torch.autograd.grad`), so parameters' `.grad` is never touched, and the model's
+  train/eval mode is the caller's choice (static models: eval; BatchNorm in train mode
+  updates its running statistics, as in the reference code).
+- Gradients are on and autocast is off inside an attack, whatever the caller's context.
+- Randomness comes only from `generator` (a CPU `torch.Generator`): noise is drawn on the CPU
+  and moved to x's device, so a seed gives the same attack on every device.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import math
+import numbers
+from typing import Callable, Iterator, Literal, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from enspipe.errors import AttackError
+
+Label = Literal["true", "pred"]
+Loss = Literal["ce", "cw"]
+Model = Union[nn.Module, Sequence[nn.Module]]
+_Target = Literal["given", "pred", "ll"]  # where an attack's labels come from
+
+
+# ----------------------------------------------------------------------------------------
+# models
+
+
+class Ensemble(nn.Module):
+    """Several models as one: the average of their logits."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        models = list(models)
+        if not models:
+            raise AttackError("An ensemble needs at least one model.")
+        self.models = nn.ModuleList(models)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([m(x) for m in self.models]).mean(0)
+
+
+def _as_model(model: Model) -> nn.Module:
+    # Wrapping never touches the members' train/eval mode: Ensemble only holds references.
+    if isinstance(model, (list, tuple, nn.ModuleList)):
+        return Ensemble(model)
+    return model
+
+
+# ----------------------------------------------------------------------------------------
+# parameter checks (also run by create_attack, so a bad job spec fails before any compute)
+
+
+def _number(value: object) -> float | None:
+    """A plain real number as float, or None (bools and strings are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        return None
+    if isinstance(value, Tensor) and value.numel() != 1:
+        return None
+    return float(value)
+
+
+def _parse_fraction(text: str) -> float | None:
+    """"0.3" or "16/256" as float, or None when it is neither."""
+    try:
+        nums = [float(part) for part in text.strip().split("/")]
+        return nums[0] if len(nums) == 1 else nums[0] / nums[1] if len(nums) == 2 else None
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def parse_eps(text: str | float) -> float:
+    """An eps from a config or the command line: "0.3", "16/256" or 0.3, in (0, 1]."""
+    value = _parse_fraction(text) if isinstance(text, str) else _number(text)
+    if value is None or not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise AttackError(f"eps must be a number in (0, 1] such as 0.3 or 16/256, got {text!r}.")
+    return value
+
+
+def _check_eps(eps: object) -> float:
+    value = _number(eps)
+    if value is None or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise AttackError(f"eps must be a number in [0, 1] (pixels are in [0, 1]), got {eps!r}.")
+    return value
+
+
+def _check_alpha(alpha: object) -> float:
+    value = _number(alpha)
+    if value is None or not math.isfinite(value) or value < 0.0:
+        raise AttackError(f"alpha must be a finite number >= 0, got {alpha!r}.")
+    return value
+
+
+def _check_steps(steps: object) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise AttackError(f"steps must be an integer >= 1, got {steps!r}.")
+    return int(steps)
+
+
+def _check_choice(what: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise AttackError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+    return value  # type: ignore[return-value]
+
+
+def _check_kappa(kappa: object) -> float:
+    value = _number(kappa)
+    if value is None or not math.isfinite(value) or value < 0.0:
+        raise AttackError(f"kappa must be a finite number >= 0, got {kappa!r}.")
+    return value
+
+
+def _check_generator(generator: object) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise AttackError("generator must be a CPU torch.Generator (noise is drawn on the CPU).")
+
+
+def _rand_alpha(eps: float, alpha: object) -> float:
+    """R+FGSM's random step: eps/2 by default (Table 2), at most eps."""
+    value = eps / 2 if alpha is None else _check_alpha(alpha)
+    if value > eps:
+        raise AttackError(f"alpha must be at most eps={eps} in a random-step attack, got {alpha!r}.")
+    return value
+
+
+def _iter_alpha(eps: float, steps: int, alpha: object) -> float:
+    """I-FGSM's step: eps/k by default; smaller steps could never reach the ball's surface."""
+    value = eps / steps if alpha is None else _check_alpha(alpha)
+    if value * steps < eps * (1 - 1e-6):  # tolerance: eps/k computed elsewhere may round down
+        raise AttackError(f"alpha must be at least eps/steps={eps / steps:.6g}, got {alpha!r}.")
+    return value
+
+
+def _pgd_alpha(eps: float, steps: int, alpha: object) -> float:
+    """PGD's step: 2.5 * eps / k by default (Madry et al. 2017)."""
+    return 2.5 * eps / steps if alpha is None else _check_alpha(alpha)
+
+
+def _target(label: object) -> _Target:
+    return "given" if _check_choice("label", label, ("true", "pred")) == "true" else "pred"
+
+
+# ----------------------------------------------------------------------------------------
+# the shared machinery: inputs, one gradient, projection
+
+
+def _prepare(x: object, y: object, target: _Target) -> tuple[Tensor, Tensor | None]:
+    """Check x and y; x detached (and a normal tensor), y int64 on x's device or None."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise AttackError("x must be a floating-point tensor [B, C, H, W] with values in [0, 1].")
+    x = x.detach()
+    if x.is_inference():  # made under inference_mode: autograd cannot record through it
+        x = x.clone()
+    if target != "given":
+        return x, None  # y is accepted but unused, for one signature across attacks
+    if y is None:
+        raise AttackError("label='true' needs the true labels y; pass y or use label='pred'.")
+    y = torch.as_tensor(y, device=x.device)
+    if y.is_floating_point() or y.is_complex() or y.shape != (x.shape[0],):
+        shape = tuple(y.shape)
+        raise AttackError(f"y must be integer class labels of shape [{x.shape[0]}], got {shape}.")
+    return x, y.long()
+
+
+@contextlib.contextmanager
+def _attack_mode(x: Tensor) -> Iterator[None]:
+    """Gradients on and AMP off, even inside the caller's no_grad() or autocast()."""
+    if torch.is_inference_mode_enabled():
+        raise AttackError("Attacks need autograd; call them outside torch.inference_mode().")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        if torch.amp.is_autocast_available(x.device.type):
+            stack.enter_context(torch.autocast(x.device.type, enabled=False))
+        yield
+
+
+def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
+    """Carlini-Wagner margin max_{j != y} z_j - z_y per example: > 0 iff misclassified."""
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return others.amax(1) - z_y
+
+
+def _input_grad(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor | None,
+    target: _Target,
+    loss: Loss = "ce",
+    kappa: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward + one backward: (grad_x of the summed loss, logits at x, labels used)."""
+    x = x.detach().requires_grad_(True)
+    logits = model(x).float()
+    if target == "pred":
+        y = logits.detach().argmax(1)
+    elif target == "ll":
+        y = logits.detach().argmin(1)
+    assert y is not None
+    if loss == "ce":
+        value = F.cross_entropy(logits, y, reduction="sum")
+    else:
+        # CW hinge (Carlini & Wagner 2017a, as in Madry et al.'s code): raise the margin up
+        # to kappa, then stop pushing: maximise min(margin, kappa) = -max(z_y - z_other, -kappa).
+        value = cw_margin(logits, y).clamp(max=kappa).sum()
+    (grad,) = torch.autograd.grad(value, x)
+    return grad, logits.detach(), y
+
+
+def _sign_direction(
+    model: nn.Module, x: Tensor, y: Tensor | None, target: _Target
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The single-step direction as float in {-1, 0, 1}: up the loss, or down towards y_LL."""
+    grad, logits, labels = _input_grad(model, x, y, target)
+    d = grad.sign_()
+    return (d.neg_() if target == "ll" else d), logits, labels
+
+
+def _ball(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Elementwise bounds of the eps ball around x intersected with [0, 1] (x is in [0, 1])."""
+    return (x - eps).clamp_(0.0, 1.0), (x + eps).clamp_(0.0, 1.0)
+
+
+def _iterate(
+    model: nn.Module,
+    x: Tensor,
+    start: Tensor,
+    y: Tensor | None,
+    target: _Target,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    loss: Loss = "ce",
+    kappa: float = 0.0,
+) -> Tensor:
+    """k projected signed-gradient steps from `start`; labels fixed by the first step."""
+    lo, hi = _ball(x, eps)
+    step = -alpha if target == "ll" else alpha  # least-likely attacks descend towards y_LL
+    x_adv = start
+    for _ in range(steps):
+        grad, _, y = _input_grad(model, x_adv, y, target, loss, kappa)
+        target = "given" if target == "pred" else target  # keep the first step's labels
+        x_adv = torch.clamp(x_adv.add(grad.sign_(), alpha=step), lo, hi)
+    return x_adv
+
+
+def _noise(x: Tensor, generator: torch.Generator | None, kind: Literal["sign", "uniform"]) -> Tensor:
+    """sign(N(0, I)) or U(-1, 1) noise of x's shape, drawn on the CPU for device independence."""
+    if kind == "sign":
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).sign_()
+    else:
+        noise = torch.rand(x.shape, generator=generator, dtype=torch.float32).mul_(2).sub_(1)
+    return noise.to(device=x.device, dtype=x.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# single-step attacks and the stored direction
+
+
+def apply_direction(x: Tensor, d: Tensor, eps: float | Tensor) -> Tensor:
+    """clip(x + eps * d, 0, 1) for a stored direction d; eps a scalar or per-example [B]."""
+    if d.shape != x.shape:
+        raise AttackError(f"direction shape {tuple(d.shape)} does not match x's {tuple(x.shape)}.")
+    if isinstance(eps, Tensor) and eps.dim() > 0:
+        if eps.shape != (x.shape[0],):
+            shape = tuple(eps.shape)
+            raise AttackError(f"per-example eps must have shape [{x.shape[0]}], got {shape}.")
+        eps = eps.to(device=x.device, dtype=x.dtype).view(-1, *[1] * (x.dim() - 1))
+    else:
+        eps = _check_eps(eps)
+    # eps * d is exactly +-eps or 0, so this equals x +- eps computed any other way: the result
+    # lies in [x - eps, x + eps] exactly and fgsm() (which uses this same expression) matches.
+    return (x + eps * d.to(x.dtype)).clamp_(0.0, 1.0)
+
+
+def direction(
+    model: Model,
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    attack: Literal["fgsm", "step_ll"],
+    label: Label = "true",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What a precompute store keeps: (d int8 in {-1,0,1}, clean logits float32, labels int64).
+
+    clip(x + eps*d, 0, 1) == fgsm(model, x, y, eps=eps, label=label) (or step_ll) for every eps.
+    labels are y (label="true"), argmax of the logits (label="pred") or y_LL (step_ll).
+    """
+    _check_choice("attack", attack, ("fgsm", "step_ll"))
+    target: _Target = "ll" if attack == "step_ll" else _target(label)
+    model = _as_model(model)
+    x, y = _prepare(x, y, target)
+    with _attack_mode(x):
+        d, logits, labels = _sign_direction(model, x, y, target)
+    return d.to(torch.int8), logits, labels
+
+
+def fgsm(
+    model: Model,
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    eps: float,
+    label: Label = "true",
+    return_direction: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """FGSM (eq. 2): x + eps * sign(grad_x CE(h(x), y)); label="pred" uses y = argmax h(x).
+
+    With return_direction, also returns the direction d as int8 in {-1, 0, 1}.
+    """
+    eps = _check_eps(eps)
+    target = _target(label)
+    model = _as_model(model)
+    x, y = _prepare(x, y, target)
+    with _attack_mode(x):
+        d, _, _ = _sign_direction(model, x, y, target)
+    x_adv = apply_direction(x, d, eps)
+    return (x_adv, d.to(torch.int8)) if return_direction else x_adv
+
+
+def step_ll(
+    model: Model, x: Tensor, y: Tensor | None = None, *, eps: float, return_direction: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Step-LL (eq. 3): x - eps * sign(grad_x CE(h(x), y_LL)), y_LL = argmin h(x); y is unused."""
+    eps = _check_eps(eps)
+    model = _as_model(model)
+    x, _ = _prepare(x, y, "ll")
+    with _attack_mode(x):
+        d, _, _ = _sign_direction(model, x, None, "ll")
+    x_adv = apply_direction(x, d, eps)
+    return (x_adv, d.to(torch.int8)) if return_direction else x_adv
+
+
+def _random_step(
+    model: Model,
+    x: Tensor,
+    y: Tensor | None,
+    target: _Target,
+    eps: object,
+    alpha: object,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Eq. 7: a random signed step of size alpha, then one gradient step of eps - alpha."""
+    eps = _check_eps(eps)
+    alpha = _rand_alpha(eps, alpha)
+    _check_generator(generator)
+    model = _as_model(model)
+    x, y = _prepare(x, y, target)
+    # The reference code clips the random start to [0, 1] before taking the gradient there.
+    x_start = (x + alpha * _noise(x, generator, "sign")).clamp_(0.0, 1.0)
+    with _attack_mode(x):
+        d, _, _ = _sign_direction(model, x_start, y, target)
+    lo, hi = _ball(x, eps)  # only float rounding can leave the ball here; clamp it away
+    return torch.clamp(x_start.add(d, alpha=eps - alpha), lo, hi)
+
+
+def rand_fgsm(
+    model: Model,
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    eps: float,
+    alpha: float | None = None,
+    label: Label = "true",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """R+FGSM (eq. 7), alpha = eps/2 by default; label="pred" takes argmax h(x') at the start x'."""
+    return _random_step(model, x, y, _target(label), eps, alpha, generator)
+
+
+def rand_step_ll(
+    model: Model,
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    eps: float,
+    alpha: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """R+Step-LL (eq. 7 with Step-LL); y_LL = argmin h(x') at the random start; y is unused."""
+    return _random_step(model, x, y, "ll", eps, alpha, generator)
+
+
+# ----------------------------------------------------------------------------------------
+# iterative attacks
+
+
+def iter_fgsm(
+    model: Model,
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    eps: float,
+    steps: int = 10,
+    alpha: float | None = None,
+    label: Label = "true",
+) -> Tensor:
+    """I-FGSM (Kurakin et al. 2017a): k steps of alpha >= eps/k (default eps/k), each projected."""
+    eps = _check_eps(eps)
+    steps = _check_steps(steps)
+    alpha = _iter_alpha(eps, steps, alpha)
+    target = _target(label)
+    model = _as_model(model)
+    x, y = _prepare(x, y, target)
+    with _attack_mode(x):
+        return _iterate(model, x, x, y, target, eps=eps, alpha=alpha, steps=steps)
+
+
+def iter_ll(
+    model: Model,
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    eps: float,
+    steps: int = 10,
+    alpha: float | None = None,
+) -> Tensor:
+    """Iter-LL: k Step-LL steps; y_LL = argmin h(x) of the clean x, kept fixed (Kurakin 2017a)."""
+    eps = _check_eps(eps)
+    steps = _check_steps(steps)
+    alpha = _iter_alpha(eps, steps, alpha)
+    model = _as_model(model)
+    x, _ = _prepare(x, y, "ll")
+    with _attack_mode(x):
+        return _iterate(model, x, x, None, "ll", eps=eps, alpha=alpha, steps=steps)
+
+
+def pgd(
+    model: Model,
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    eps: float,
+    steps: int = 40,
+    alpha: float | None = None,
+    loss: Loss = "ce",
+    kappa: float = 0.0,
+    label: Label = "true",
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """PGD (Madry et al. 2017): uniform start in the ball, k projected steps of alpha (2.5 eps/k).
+
+    loss="cw" maximises the Carlini-Wagner hinge min(max_{j!=y} z_j - z_y, kappa).
+    label="pred" takes argmax h at the start point (the random start when random_start).
+    """
+    eps = _check_eps(eps)
+    steps = _check_steps(steps)
+    alpha = _pgd_alpha(eps, steps, alpha)
+    _check_choice("loss", loss, ("ce", "cw"))
+    kappa = _check_kappa(kappa)
+    _check_generator(generator)
+    target = _target(label)
+    model = _as_model(model)
+    x, y = _prepare(x, y, target)
+    start = x
+    if random_start:
+        lo, hi = _ball(x, eps)
+        start = torch.clamp(x.add(_noise(x, generator, "uniform"), alpha=eps), lo, hi)
+    with _attack_mode(x):
+        return _iterate(
+            model, x, start, y, target, eps=eps, alpha=alpha, steps=steps, loss=loss, kappa=kappa
+        )
+
+
+def pgd_cw(
+    model: Model,
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    eps: float,
+    steps: int = 40,
+    alpha: float | None = None,
+    kappa: float = 0.0,
+    label: Label = "true",
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """PGD with the Carlini-Wagner hinge loss (the paper's Table 8 PGD)."""
+    return pgd(
+        model, x, y, eps=eps, steps=steps, alpha=alpha, loss="cw", kappa=kappa,
+        label=label, random_start=random_start, generator=generator,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# registry
+
+
+ATTACKS: dict[str, Callable[..., Tensor]] = {
+    "fgsm": fgsm,
+    "step_ll": step_ll,
+    "rand_fgsm": rand_fgsm,
+    "rand_step_ll": rand_step_ll,
+    "iter_fgsm": iter_fgsm,
+    "iter_ll": iter_ll,
+    "pgd": pgd,
+    "pgd_cw": pgd_cw,
+}
+
+
+def _validate(name: str, params: dict) -> None:
+    """Run the attack's own parameter checks without a model or data."""
+    eps = _check_eps(params["eps"])
+    if "label" in params:
+        _target(params["label"])
+    if "loss" in params:
+        _check_choice("loss", params["loss"], ("ce", "cw"))
+    if "kappa" in params:
+        _check_kappa(params["kappa"])
+    if "generator" in params:
+        _check_generator(params["generator"])
+    if "random_start" in params and not isinstance(params["random_start"], bool):
+        raise AttackError(f"random_start must be true or false, got {params['random_start']!r}.")
+    if name in ("rand_fgsm", "rand_step_ll"):
+        _rand_alpha(eps, params.get("alpha"))
+    elif name in ("iter_fgsm", "iter_ll", "pgd", "pgd_cw"):
+        default = inspect.signature(ATTACKS[name]).parameters["steps"].default
+        steps = _check_steps(params.get("steps", default))
+        (_iter_alpha if name.startswith("iter") else _pgd_alpha)(eps, steps, params.get("alpha"))
+
+
+def create_attack(name: str, **params: object) -> Callable[..., Tensor]:
+    """attack(model, x, y) -> x_adv with `params` bound (a functools.partial).
+
+    eps and alpha may be strings such as "16/256" (as in job specs). Parameters are checked
+    now, so a bad spec fails before any compute.
+    """
+    if name not in ATTACKS:
+        raise AttackError(f"unknown attack {name!r}; known attacks are {', '.join(ATTACKS)}.")
+    fn = ATTACKS[name]
+    signature = inspect.signature(fn).parameters
+    # return_direction changes the return type; a created attack always returns x_adv only.
+    known = [
+        p for p, s in signature.items() if s.kind is s.KEYWORD_ONLY and p != "return_direction"
+    ]
+    for key in params:
+        if key not in known:
+            raise AttackError(
+                f"attack {name!r} has no parameter {key!r}; its parameters are {', '.join(known)}."
+            )
+    if "eps" not in params:
+        raise AttackError(f"attack {name!r} needs eps, e.g. create_attack({name!r}, eps=0.3).")
+    if isinstance(params["eps"], str):
+        params["eps"] = parse_eps(params["eps"])
+    if isinstance(params.get("alpha"), str):
+        alpha = _parse_fraction(params["alpha"])  # type: ignore[arg-type]
+        params["alpha"] = params["alpha"] if alpha is None else alpha  # _validate names a bad one
+    _validate(name, params)
+    return functools.partial(fn, **params)

@@ -1,0 +1,401 @@
+"""Model registry: the paper's MNIST architectures, torchvision and timm models.
+
+Every model enspipe hands out is an `EnsModel`: it takes images in [0, 1] (the threat
+model of DESIGN §2: eps = 16/256 means pixels) and normalizes them inside with its own
+mean/std, so attacks never need to know how a network was trained. It also records its
+input geometry and the config needed to rebuild it from a checkpoint.
+
+Names:
+  A, B, B*, C, C-code, D     the MNIST architectures of Table 5 (see `_mnist_net`)
+  resnet50, inception_v3 ... any torchvision classification model
+  timm:NAME                  any timm model, e.g. timm:inception_resnet_v2.tf_ens_adv_in1k
+
+Checkpoints are `model.safetensors` + `model.json`; nothing is ever unpickled (a bare
+`.pth` state dict is read with `torch.load(weights_only=True)`, which refuses code).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from enspipe.errors import ModelError
+
+CHECKPOINT_FORMAT = "enspipe-model/1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model's graph (weights live in safetensors)."""
+
+    name: str
+    num_classes: int
+    input_size: tuple[int, int, int]  # (C, H, W) the wrapper accepts
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    family: str  # "mnist" | "torchvision" | "timm"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        try:
+            return cls(
+                name=str(d["name"]),
+                num_classes=int(d["num_classes"]),
+                input_size=tuple(int(v) for v in d["input_size"]),  # type: ignore[arg-type]
+                mean=tuple(float(v) for v in d["mean"]),
+                std=tuple(float(v) for v in d["std"]),
+                family=str(d["family"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"model config is malformed ({e!r})") from None
+
+
+class EnsModel(nn.Module):
+    """A classifier on [0, 1] input: normalizes with its own mean/std, returns logits."""
+
+    def __init__(self, net: nn.Module, config: ModelConfig, *, provenance: dict | None = None):
+        super().__init__()
+        self.net = net
+        self.config = config
+        self.provenance: dict[str, Any] = dict(provenance or {})
+        c = config.input_size[0]
+        # Buffers (not parameters) so they travel with .to(device) and the checkpoint.
+        self.register_buffer("mean", torch.tensor(config.mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(config.std, dtype=torch.float32).view(1, -1, 1, 1))
+        # A 1-channel dataset fed to a 3-channel backbone is repeated across channels.
+        self._expand = len(config.mean) if len(config.mean) != c else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._expand:
+            x = x.expand(-1, self._expand, -1, -1)
+        out = self.net((x - self.mean) / self.std)
+        # torchvision's Inception returns a namedtuple in train mode when aux logits are on.
+        return out.logits if hasattr(out, "logits") else out
+
+
+# --- The paper's MNIST architectures (Table 5 and the authors' Keras code) -----------------
+
+def _same_pad(k: int, s: int, size: int) -> tuple[int, int, int, int]:
+    """Keras 'same' padding for one square conv: (left, right, top, bottom)."""
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return (total // 2, total - total // 2, total // 2, total - total // 2)
+
+
+def _mnist_net(name: str, in_chans: int, size: int, num_classes: int) -> nn.Module:
+    """Build architecture `name` of Table 5 for a `in_chans x size x size` input.
+
+    Keras "valid" padding throughout unless stated, as in the reference code.
+    - A: Conv(64,5x5)+ReLU, Conv(64,5x5)+ReLU, Dropout(0.25), FC(128)+ReLU, Dropout(0.5), FC.
+    - B: Dropout(0.2) on the input, Conv(64,8x8,stride 2,"same")+ReLU,
+         Conv(128,6x6,stride 2)+ReLU, Conv(128,5x5)+ReLU, Dropout(0.5), FC.
+    - B*: B without the input dropout (Appendix C.2).
+    - C: Table 5's version: Conv(128,3x3)+Tanh, MaxPool(2,2), Conv(64,3x3)+Tanh,
+         MaxPool(2,2), FC(128)+ReLU, FC.
+    - C-code: the authors' code's version of C, which differs from Table 5: ReLU and no
+         pooling, i.e. Conv(128,3x3)+ReLU, Conv(64,3x3)+ReLU, Dropout(0.25),
+         FC(128)+ReLU, Dropout(0.5), FC.
+    - D: 4 x [FC(300)+ReLU+Dropout(0.5)], FC.
+    """
+    if name == "A":
+        body = [nn.Conv2d(in_chans, 64, 5), nn.ReLU(), nn.Conv2d(64, 64, 5), nn.ReLU(), nn.Dropout(0.25)]
+        head_hidden = 128
+    elif name in ("B", "B*"):
+        body = [nn.Dropout(0.2)] if name == "B" else []
+        body += [
+            nn.ZeroPad2d(_same_pad(8, 2, size)), nn.Conv2d(in_chans, 64, 8, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 128, 6, stride=2), nn.ReLU(),
+            nn.Conv2d(128, 128, 5), nn.ReLU(), nn.Dropout(0.5),
+        ]
+        head_hidden = 0
+    elif name == "C":
+        body = [nn.Conv2d(in_chans, 128, 3), nn.Tanh(), nn.MaxPool2d(2),
+                nn.Conv2d(128, 64, 3), nn.Tanh(), nn.MaxPool2d(2)]
+        head_hidden = 128
+    elif name == "C-code":
+        body = [nn.Conv2d(in_chans, 128, 3), nn.ReLU(), nn.Conv2d(128, 64, 3), nn.ReLU(), nn.Dropout(0.25)]
+        head_hidden = 128
+    elif name == "D":
+        body = []
+        head_hidden = -1
+    else:  # pragma: no cover - guarded by MNIST_ARCHS
+        raise ModelError(f"unknown MNIST architecture {name!r}")
+
+    layers: list[nn.Module] = [*body, nn.Flatten()]
+    with torch.no_grad():
+        flat = nn.Sequential(*layers).eval()(torch.zeros(1, in_chans, size, size)).shape[1]
+    if head_hidden == -1:  # D: fully connected only
+        width = flat
+        for _ in range(4):
+            layers += [nn.Linear(width, 300), nn.ReLU(), nn.Dropout(0.5)]
+            width = 300
+        layers.append(nn.Linear(width, num_classes))
+    elif head_hidden:
+        dropout = [] if name == "C" else [nn.Dropout(0.5)]
+        layers += [nn.Linear(flat, head_hidden), nn.ReLU(), *dropout, nn.Linear(head_hidden, num_classes)]
+    else:
+        layers.append(nn.Linear(flat, num_classes))
+    net = nn.Sequential(*layers)
+    # Keras initialisation (glorot-uniform weights, zero biases; he-normal for D's
+    # hidden layers as in the reference code) so training dynamics match the paper's.
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if name == "D" and isinstance(m, nn.Linear) and m.out_features == 300:
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+MNIST_ARCHS = ("A", "B", "B*", "C", "C-code", "D")
+
+
+# --- Registry ---------------------------------------------------------------------------
+
+def _network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _torchvision_net(name: str, num_classes: int, pretrained: bool) -> tuple[nn.Module, tuple[int, int, int]]:
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ModelError(
+            f"unknown model {name!r}: use one of {', '.join(MNIST_ARCHS)}, a torchvision "
+            "classification model (e.g. resnet50), or timm:NAME"
+        )
+    kwargs: dict[str, Any] = {}
+    if name.startswith(("inception_v3", "googlenet")):
+        kwargs["aux_logits"] = False
+        kwargs["init_weights"] = True
+    if pretrained:
+        if not _network_reachable("download.pytorch.org"):
+            raise ModelError(
+                f"--pretrained needs the network to download {name}'s weights; "
+                "pass --weights PATH to a local checkpoint instead"
+            )
+        if num_classes != 1000:
+            raise ModelError(f"pretrained {name} has 1000 classes, not {num_classes}")
+        net = torchvision.models.get_model(name, weights="DEFAULT", **kwargs)
+    else:
+        net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    size = 299 if name.startswith("inception") else 224
+    return net, (3, size, size)
+
+
+def _timm_net(name: str, num_classes: int, in_chans: int, pretrained: bool):
+    import timm
+
+    base = name.split(".")[0]
+    if not timm.is_model(base):
+        raise ModelError(f"unknown timm model {name!r} (see timm.list_models())")
+    if pretrained and not _network_reachable():
+        # Fail fast: timm would retry the hub for ~40 s before giving up (NOTES.md).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        net = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans)
+    except Exception as e:  # hub errors come in many types; all mean "no weights here"
+        if pretrained:
+            raise ModelError(
+                f"--pretrained could not load timm weights for {name!r} ({type(e).__name__}); "
+                "offline, pass --weights PATH to a local checkpoint instead"
+            ) from None
+        raise
+    cfg = net.pretrained_cfg
+    return net, tuple(cfg.get("input_size", (3, 224, 224))), tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int = 10,
+    input_size: tuple[int, int, int] | None = None,
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+) -> EnsModel:
+    """Build model `name` taking [0, 1] input; optionally load `weights` (a checkpoint).
+
+    `input_size` is the (C, H, W) of the data it will see (default: the model's own);
+    the MNIST architectures adapt their FC layer to it, torchvision/timm models keep
+    their graph and 1-channel data is repeated to 3 channels.
+    """
+    if name in MNIST_ARCHS:
+        c, h, w = input_size or (1, 28, 28)
+        if h != w:
+            raise ModelError(f"architecture {name} needs square input, got {h}x{w}")
+        net: nn.Module = _mnist_net(name, c, h, num_classes)
+        config = ModelConfig(name, num_classes, (c, h, w), (0.0,) * c, (1.0,) * c, "mnist")
+        if pretrained:
+            raise ModelError(f"architecture {name} has no hub weights; train it with `enspipe train`")
+    elif name.startswith("timm:"):
+        in_chans = input_size[0] if input_size else 3
+        net, size, mean, std = _timm_net(name[5:], num_classes, in_chans, pretrained)
+        if in_chans != size[0]:
+            mean, std = mean[:1] * in_chans, std[:1] * in_chans
+        size = (in_chans, *(input_size[1:] if input_size else size[1:]))
+        config = ModelConfig(name, num_classes, size, tuple(mean)[:in_chans], tuple(std)[:in_chans], "timm")
+    else:
+        net, size = _torchvision_net(name, num_classes, pretrained)
+        c = input_size[0] if input_size else 3
+        size = (c, *(input_size[1:] if input_size else size[1:]))
+        config = ModelConfig(name, num_classes, size, IMAGENET_MEAN, IMAGENET_STD, "torchvision")
+    model = EnsModel(net, config, provenance={"pretrained": pretrained})
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+# --- Checkpoints --------------------------------------------------------------------------
+
+def weights_sha256(model: nn.Module) -> str:
+    """A content hash of the weights (names, dtypes, shapes, bytes), independent of file format."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_model(model: EnsModel, directory: str | os.PathLike, *, classes: list[str] | None = None,
+               provenance: dict | None = None, stem: str = "model") -> Path:
+    """Write `{stem}.safetensors` + `{stem}.json` into `directory` atomically; return the json path."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "config": model.config.to_dict(),
+        "classes": list(classes) if classes is not None else None,
+        "weights_sha256": weights_sha256(model),
+        "provenance": {**model.provenance, **(provenance or {})},
+    }
+    st, js = directory / f"{stem}.safetensors", directory / f"{stem}.json"
+    save_file(state, str(st) + ".tmp", metadata={"format": CHECKPOINT_FORMAT})
+    os.replace(str(st) + ".tmp", st)
+    tmp = js.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, js)
+    return js
+
+
+def _checkpoint_files(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """Resolve a run dir / .safetensors / .json / .pth path to (weights, json-or-None)."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"checkpoint {p} does not exist")
+    if p.is_dir():
+        st = p / "model.safetensors"
+        if not st.exists():
+            raise ModelError(f"{p} holds no model.safetensors (is it a run directory?)")
+        return st, p / "model.json" if (p / "model.json").exists() else None
+    if p.suffix == ".json":
+        return p.with_suffix(".safetensors"), p
+    js = p.with_suffix(".json")
+    return p, js if js.exists() and p.suffix == ".safetensors" else None
+
+
+def _read_state(weights: Path) -> dict[str, torch.Tensor]:
+    if not weights.exists():
+        raise ModelError(f"checkpoint weights {weights} do not exist")
+    if weights.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelError(f"{weights} is not a readable safetensors file ({e})") from None
+    try:
+        # weights_only refuses anything but tensors and plain containers: no code runs.
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"{weights} is not a safetensors file nor a plain state dict ({type(e).__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{weights} does not hold a state dict of tensors")
+    return state
+
+
+def load_weights(model: EnsModel, path: str | os.PathLike) -> EnsModel:
+    """Load a checkpoint into `model`; a checkpoint of another architecture is a ModelError."""
+    weights, meta_path = _checkpoint_files(path)
+    if meta_path is not None:
+        meta = _read_meta(meta_path)
+        other = ModelConfig.from_dict(meta["config"])
+        if other.name != model.config.name or other.num_classes != model.config.num_classes:
+            raise ModelError(
+                f"checkpoint {path} is for {other.name} with {other.num_classes} classes, "
+                f"not {model.config.name} with {model.config.num_classes}"
+            )
+    state = _read_state(weights)
+    target = model if any(k.startswith("net.") for k in state) else model.net
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    shape_ok = all(
+        state[k].shape == v.shape for k, v in target.state_dict().items() if k in state
+    )
+    if missing or unexpected or not shape_ok:
+        raise ModelError(
+            f"weights in {weights} do not fit {model.config.name} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors"
+            f"{', shapes differ' if not shape_ok else ''})"
+        )
+    model.provenance["weights_file"] = str(weights)
+    return model
+
+
+def _read_meta(meta_path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{meta_path} is not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or "config" not in meta:
+        raise ModelError(f"{meta_path} is not an enspipe model description ({CHECKPOINT_FORMAT})")
+    return meta
+
+
+def load_model(path: str | os.PathLike) -> EnsModel:
+    """Rebuild a model from `model.json` + `model.safetensors` (a run dir or either file)."""
+    weights, meta_path = _checkpoint_files(path)
+    if meta_path is None:
+        raise ModelError(f"{path} has no model.json beside it; use --model NAME --weights {path}")
+    meta = _read_meta(meta_path)
+    cfg = ModelConfig.from_dict(meta["config"])
+    model = create_model(cfg.name, num_classes=cfg.num_classes, input_size=cfg.input_size)
+    model.provenance = dict(meta.get("provenance") or {})
+    load_weights(model, weights)
+    model.classes = meta.get("classes")  # type: ignore[attr-defined]
+    return model
+
+
+def resolve_model(spec: str, *, weights: str | None = None, pretrained: bool = False,
+                  num_classes: int = 10, input_size: tuple[int, int, int] | None = None) -> EnsModel:
+    """The CLI's `--model`: a run dir / checkpoint path, or a registry name (+ --weights)."""
+    p = Path(spec)
+    if weights is None and not pretrained and (p.is_dir() or p.suffix in (".json", ".safetensors")):
+        return load_model(p)
+    return create_model(spec, num_classes=num_classes, input_size=input_size,
+                        pretrained=pretrained, weights=weights)
