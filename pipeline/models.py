@@ -353,16 +353,16 @@ def load_weights(model: EnsModel, path: str | os.PathLike) -> EnsModel:
             )
     state = _read_state(weights)
     target = model if any(k.startswith("net.") for k in state) else model.net
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    shape_ok = all(
-        state[k].shape == v.shape for k, v in target.state_dict().items() if k in state
-    )
-    if missing or unexpected or not shape_ok:
+    own = target.state_dict()
+    missing = own.keys() - state.keys()
+    unexpected = state.keys() - own.keys()
+    reshaped = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or reshaped:
         raise ModelError(
             f"weights in {weights} do not fit {model.config.name} "
-            f"({len(missing)} missing, {len(unexpected)} unexpected tensors"
-            f"{', shapes differ' if not shape_ok else ''})"
+            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} reshaped tensors)"
         )
+    target.load_state_dict(state)
     model.provenance["weights_file"] = str(weights)
     return model
 
