@@ -1,0 +1,397 @@
+"""Store identity, manifest and per-shard completion records.
+
+Everything here is format-independent: the identity that names a store, the JSON schemas
+that every stored JSON document is checked against, atomic JSON writes, and the
+per-shard completion records (`shards/NNNNNN.json`) that let concurrent writers finish
+shards without ever touching a shared file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from enspipe.errors import StoreError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+RECORDS_DIR = "shards"
+FORMATS = ("zarr", "wds")
+LABEL_MODES = ("true", "pred")
+
+Format = Literal["zarr", "wds"]
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def _canonical_json_value(value: Any, what: str) -> Any:
+    """Round-trip through JSON so that tuples become lists and non-JSON values fail early."""
+    try:
+        return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"store identity field {what} is not plain JSON ({exc}).") from None
+
+
+@dataclass(frozen=True)
+class StoreIdentity:
+    """Everything that determines the content of a perturbation store.
+
+    Two stores with equal identities hold the same directions, so the identity's hash
+    (`key()`) is part of the store's path and `precompute` with the same inputs finds
+    the existing store. Not hashable (it holds dicts); compare with `==` or `key()`.
+    """
+
+    dataset: dict
+    geometry: tuple[int, int, int]
+    preprocess: str
+    num_classes: int
+    model_name: str
+    weights_sha256: str
+    attack: str
+    attack_params: dict
+    label_mode: str
+
+    def __post_init__(self) -> None:
+        # Normalise so that from_dict(to_dict(x)) == x and key() is stable.
+        object.__setattr__(self, "dataset", _canonical_json_value(dict(self.dataset), "dataset"))
+        object.__setattr__(
+            self, "attack_params", _canonical_json_value(dict(self.attack_params), "attack_params")
+        )
+        try:
+            geometry = tuple(int(g) for g in self.geometry)
+        except (TypeError, ValueError):
+            raise StoreError(f"store geometry must be (C, H, W) integers, got {self.geometry!r}.") from None
+        if len(geometry) != 3 or min(geometry) < 1:
+            raise StoreError(f"store geometry must be three positive integers (C, H, W), got {self.geometry!r}.")
+        object.__setattr__(self, "geometry", geometry)
+        object.__setattr__(self, "num_classes", int(self.num_classes))
+        if self.label_mode not in LABEL_MODES:
+            raise StoreError(f"store label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}.")
+        for name in ("source", "split", "num_samples", "fingerprint"):
+            if name not in self.dataset:
+                raise StoreError(f"store identity is missing dataset.{name}.")
+        validate_identity(self.to_dict())
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.dataset["num_samples"])
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict; the manifest's `identity` object."""
+        d = dataclasses.asdict(self)
+        d["geometry"] = list(self.geometry)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StoreIdentity:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise StoreError(f"store identity has unknown fields {unknown}.")
+        missing = sorted(known - set(d))
+        if missing:
+            raise StoreError(f"store identity is missing fields {missing}.")
+        return cls(**{k: d[k] for k in known})
+
+    def key(self) -> str:
+        """sha256 hex of the identity as canonical JSON (sorted keys, no whitespace)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(blob.encode("ascii")).hexdigest()
+
+
+def identity_diff(a: dict, b: dict, prefix: str = "") -> str | None:
+    """Dotted name of the first field (in sorted order) where two identity dicts differ."""
+    for name in sorted(set(a) | set(b)):
+        field = f"{prefix}{name}"
+        if name not in a or name not in b:
+            return field
+        va, vb = a[name], b[name]
+        if isinstance(va, dict) and isinstance(vb, dict):
+            sub = identity_diff(va, vb, prefix=f"{field}.")
+            if sub is not None:
+                return sub
+        elif va != vb:
+            return field
+    return None
+
+
+def lookup(d: dict, dotted: str) -> Any:
+    """Value of a dotted field name in nested dicts (None when absent)."""
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+_SLUG_BAD = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def slug(text: str, max_len: int = 80) -> str:
+    """A path component made of [A-Za-z0-9._-]: no '/', ':' or leading dots."""
+    s = _SLUG_BAD.sub("-", text).strip("-.")
+    s = re.sub(r"-{2,}", "-", s)[:max_len].strip("-.")
+    return s or "x"
+
+
+def store_path(root: str | os.PathLike, identity: StoreIdentity, fmt: Format) -> Path:
+    """Where the store of `identity` lives under `root`; derived only from identities.
+
+    `root/{source}-{split}/{model}-{weights[:12]}/{attack}-{label_mode}-{key[:16]}.{fmt}`.
+    The slugs are for people; the 16 hex digits of the identity hash make it unique.
+    """
+    if fmt not in FORMATS:
+        raise StoreError(f"store format must be one of {FORMATS}, got {fmt!r}.")
+    ds = identity.dataset
+    dataset_slug = slug(f"{ds['source']}-{ds['split']}")
+    model_slug = slug(f"{identity.model_name}-{identity.weights_sha256[:12]}")
+    name = f"{slug(identity.attack)}-{identity.label_mode}-{identity.key()[:16]}.{fmt}"
+    return Path(root) / dataset_slug / model_slug / name
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+@lru_cache(maxsize=None)
+def load_schema(name: str) -> dict:
+    """Load `storage_schemas/<name>` shipped as package data (`enspipe.storage_schemas`)."""
+    import importlib.resources
+
+    try:
+        text = (importlib.resources.files("enspipe.storage_schemas") / name).read_text("utf-8")
+    except (ModuleNotFoundError, FileNotFoundError):
+        # An editable install made before storage_schemas/ had an __init__.py cannot import
+        # it as a package; fall back to the repository layout (pipeline/../storage_schemas).
+        path = Path(__file__).resolve().parents[2] / "storage_schemas" / name
+        if not path.is_file():
+            raise StoreError(f"storage schema {name} is not installed; reinstall enspipe.") from None
+        text = path.read_text("utf-8")
+    return json.loads(text)
+
+
+@lru_cache(maxsize=None)
+def _validator(schema_name: str, ref: str | None = None):
+    import jsonschema
+
+    schema = load_schema(schema_name)
+    if ref is not None:
+        # Validate against one $defs entry while keeping the file's other $defs resolvable.
+        schema = {"$schema": schema["$schema"], "$defs": schema["$defs"], "$ref": f"#/$defs/{ref}"}
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def schema_errors(doc: Any, schema_name: str, ref: str | None = None) -> list[str]:
+    """Human-readable schema violations of `doc` (empty when valid)."""
+    out = []
+    for err in sorted(_validator(schema_name, ref).iter_errors(doc), key=lambda e: list(e.absolute_path)):
+        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        out.append(f"{where}: {err.message}")
+    return out
+
+
+def validate_identity(d: dict) -> None:
+    errors = schema_errors(d, "manifest.v1.json", ref="identity")
+    if errors:
+        raise StoreError(f"store identity is invalid: {errors[0]}.")
+
+
+# --------------------------------------------------------------------------- JSON files
+
+
+def write_json_atomic(path: Path, doc: Any, *, indent: int | None = 1) -> None:
+    """Write JSON to a unique temporary name in the same directory, fsync, then os.replace.
+
+    Readers see the old or the new file, never a torn one; concurrent writers of the
+    same file (a re-run shard) each replace it whole. Sorted keys keep bytes deterministic.
+    """
+    data = (json.dumps(doc, sort_keys=True, indent=indent, allow_nan=False) + "\n").encode("utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise StoreError(f"{what} {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{what} {path} cannot be read: {exc}.") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(root: Path, rel: str) -> dict:
+    """{"sha256", "bytes"} of a shard file as it is on disk now."""
+    p = root / rel
+    return {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def num_shards_for(num_samples: int, shard_size: int) -> int:
+    return math.ceil(num_samples / shard_size)
+
+
+def new_manifest(
+    identity: StoreIdentity, fmt: Format, shard_size: int, chunk_samples: int, extra: dict | None
+) -> dict:
+    """The initial manifest (complete=false) written by create_store."""
+    from enspipe import __version__
+
+    n = identity.num_samples
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "enspipe_version": __version__,
+        "format": fmt,
+        "identity": identity.to_dict(),
+        "identity_key": identity.key(),
+        "num_samples": n,
+        "num_shards": num_shards_for(n, shard_size),
+        "shard_size": shard_size,
+        "chunk_samples": chunk_samples,
+        "shards": {},
+        "complete": False,
+        "created_at": now_utc(),
+        "finalized_at": None,
+        "extra": _canonical_json_value(dict(extra or {}), "extra"),
+    }
+    check_manifest(manifest, "new store")
+    return manifest
+
+
+def manifest_problems(manifest: Any) -> list[str]:
+    """Schema violations plus the cross-field rules JSON Schema cannot express."""
+    errors = schema_errors(manifest, "manifest.v1.json")
+    if errors:
+        return errors
+    m = manifest
+    try:
+        identity = StoreIdentity.from_dict(m["identity"])
+    except StoreError as exc:
+        return [str(exc)]
+    if identity.key() != m["identity_key"]:
+        errors.append("identity_key does not match the identity (the identity was edited)")
+    if m["num_samples"] != identity.num_samples:
+        errors.append("num_samples differs from identity.dataset.num_samples")
+    if m["num_shards"] != num_shards_for(m["num_samples"], m["shard_size"]):
+        errors.append("num_shards does not equal ceil(num_samples / shard_size)")
+    if m["shard_size"] % m["chunk_samples"]:
+        errors.append("chunk_samples does not divide shard_size")
+    for name, rec in m["shards"].items():
+        s = int(name)
+        if s >= m["num_shards"] or rec["shard"] != s:
+            errors.append(f"shards/{name}: record is for shard {rec['shard']} of {m['num_shards']}")
+        elif (rec["start"], rec["stop"]) != shard_range(m, s):
+            errors.append(f"shards/{name}: record covers [{rec['start']}, {rec['stop']}), expected {shard_range(m, s)}")
+    return errors
+
+
+def check_manifest(manifest: Any, where: str) -> None:
+    problems = manifest_problems(manifest)
+    if problems:
+        raise StoreError(f"manifest of {where} is invalid: {problems[0]}.")
+
+
+def read_manifest(path: Path) -> dict:
+    """Read and validate `path/manifest.json`; StoreError when absent or invalid."""
+    mpath = Path(path) / MANIFEST_NAME
+    if not mpath.is_file():
+        if Path(path).exists():
+            raise StoreError(f"{path} exists but is not an enspipe store (no {MANIFEST_NAME}).")
+        raise StoreError(f"store {path} does not exist.")
+    manifest = read_json(mpath, "store manifest")
+    check_manifest(manifest, f"store {path}")
+    return manifest
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    check_manifest(manifest, f"store {path}")
+    write_json_atomic(Path(path) / MANIFEST_NAME, manifest, indent=2)
+
+
+def shard_range(manifest: dict, s: int) -> tuple[int, int]:
+    size, n = manifest["shard_size"], manifest["num_samples"]
+    return s * size, min(n, (s + 1) * size)
+
+
+# --------------------------------------------------------------------------- shard records
+
+
+def record_path(path: Path, s: int) -> Path:
+    return Path(path) / RECORDS_DIR / f"{s:06d}.json"
+
+
+def record_problem(path: Path, manifest: dict, s: int, rec: Any, *, deep: bool = False) -> str | None:
+    """Why `rec` is not a valid completion record of shard s (None when it is).
+
+    Shallow: schema, range, every file present with the recorded size (stat only, cheap
+    enough for every open). Deep: also the sha256 of every file.
+    """
+    errors = schema_errors(rec, "manifest.v1.json", ref="shard_record")
+    if errors:
+        return f"shard {s}: invalid completion record ({errors[0]})"
+    if rec["shard"] != s or (rec["start"], rec["stop"]) != shard_range(manifest, s):
+        return f"shard {s}: completion record is for another shard or range"
+    for rel, meta in sorted(rec["files"].items()):
+        p = Path(path) / rel
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            return f"shard {s}: missing file {rel}"
+        if size != meta["bytes"]:
+            return f"shard {s}: file {rel} is {size} bytes but was written with {meta['bytes']} (truncated or replaced)"
+        if deep and sha256_file(p) != meta["sha256"]:
+            return f"shard {s}: checksum mismatch in file {rel}"
+    return None
+
+
+def load_record(path: Path, manifest: dict, s: int) -> dict | None:
+    """The shard's completion record if present and valid (shallow check), else None."""
+    rp = record_path(path, s)
+    try:
+        rec = json.loads(rp.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return None if record_problem(path, manifest, s, rec) else rec
+
+
+def done_records(path: Path, manifest: dict) -> dict[int, dict]:
+    """Valid records of the finished shards: from the manifest once complete, else the files."""
+    if manifest["complete"]:
+        return {int(k): v for k, v in manifest["shards"].items()}
+    out = {}
+    for s in range(manifest["num_shards"]):
+        rec = load_record(path, manifest, s)
+        if rec is not None:
+            out[s] = rec
+    return out

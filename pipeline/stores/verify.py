@@ -1,0 +1,108 @@
+"""verify_store: every check a store can fail, reported one problem per line.
+
+Checks, in order: the manifest (schema, identity hash, counts), the format's metadata,
+completeness (a complete manifest must hold a record of every shard; an incomplete store
+is reported shard by shard), then per shard: every recorded file present with its size,
+its sha256 (deep), and finally that the shard decodes to valid values (deep, only for
+shards whose bytes match their checksums: corrupt bytes are never fed to a decoder).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from enspipe.errors import StoreError
+
+from . import _backend
+from .manifest import RECORDS_DIR, read_manifest, record_path, schema_errors, sha256_file, shard_range
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    shards_checked: int = 0
+
+    def __str__(self) -> str:
+        head = f"{'OK' if self.ok else 'FAILED'}: {self.shards_checked} shards checked"
+        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+
+
+def _record_file(path: Path, s: int) -> dict | None:
+    try:
+        return json.loads(record_path(path, s).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _shard_problems(path: Path, manifest: dict, s: int, rec: dict, deep: bool) -> list[str]:
+    errors = schema_errors(rec, "manifest.v1.json", ref="shard_record")
+    if errors:
+        return [f"shard {s}: invalid completion record ({errors[0]})"]
+    if rec["shard"] != s or (rec["start"], rec["stop"]) != shard_range(manifest, s):
+        return [f"shard {s}: completion record is for another shard or range"]
+    out = []
+    for rel, meta in sorted(rec["files"].items()):
+        p = path / rel
+        try:
+            size = os.stat(p).st_size
+        except FileNotFoundError:
+            out.append(f"shard {s}: missing file {rel}")
+            continue
+        if size != meta["bytes"]:
+            out.append(
+                f"shard {s}: file {rel} is {size} bytes but was written with {meta['bytes']} (truncated or replaced)"
+            )
+        elif deep and sha256_file(p) != meta["sha256"]:
+            out.append(f"shard {s}: checksum mismatch in file {rel}")
+    return out
+
+
+def verify_store(path: str | os.PathLike, *, deep: bool = True) -> VerifyReport:
+    """Check a store; `deep` also hashes every file and decodes every shard. Never raises for a bad store."""
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+    except StoreError as exc:
+        return VerifyReport(False, [f"manifest: {exc}"], 0)
+    backend = _backend(manifest["format"])
+    problems = list(backend.store_problems(path, manifest))
+    complete = manifest["complete"]
+    checked = written = 0
+    shard_lines: list[str] = []
+    for s in range(manifest["num_shards"]):
+        on_disk = _record_file(path, s)
+        if complete:
+            rec = manifest["shards"].get(f"{s:06d}")
+            if rec is None:
+                shard_lines.append(
+                    f"shard {s}: the manifest claims the store is complete but has no record of this shard"
+                )
+                continue
+            if on_disk is not None and on_disk != rec:
+                shard_lines.append(
+                    f"shard {s}: completion record {RECORDS_DIR}/{s:06d}.json differs from the manifest's"
+                )
+        else:
+            rec = on_disk
+            if rec is None:
+                shard_lines.append(f"shard {s}: not written (no completion record {RECORDS_DIR}/{s:06d}.json)")
+                continue
+        checked += 1
+        found = _shard_problems(path, manifest, s, rec, deep)
+        if not found:
+            written += 1
+            if deep and not problems:
+                try:
+                    backend.check_shard(path, manifest, s, rec)
+                except Exception as exc:  # any decoder failure is a finding, not a crash
+                    found.append(f"shard {s}: unreadable ({exc})")
+        shard_lines += found
+    if not complete:
+        problems.append(
+            f"store is incomplete: {written} of {manifest['num_shards']} shards written; re-run precompute to finish it"
+        )
+    problems += shard_lines
+    return VerifyReport(not problems, problems, checked)
