@@ -1,0 +1,188 @@
+"""Evaluation: clean, white-box and black-box (transfer) error of trained models (§4.1).
+
+For every batch of the test set:
+  - each target model's clean prediction;
+  - white-box: each attack crafted on the target itself;
+  - black-box: each attack crafted on each source (holdout) model, and optionally on the
+    ensemble of all sources (average logits), then transferred to every target.
+Random attacks get a generator seeded by (seed, batch), so every target sees the same
+x_adv from a source. Errors come with 95% Wilson intervals; top-5 is added when K > 10.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from enspipe import attacks
+from enspipe.data import create_dataset
+from enspipe.errors import ConfigError
+from enspipe.models import EnsModel, resolve_model
+from enspipe.runtime import progress, resolve_device, versions, write_json
+
+# Defaults per attack: MNIST settings of the paper (I-FGSM 10 steps; PGD 40 steps of
+# 0.01 as Madry et al. for eps=0.3, scaled with eps).
+ATTACK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "iter_fgsm": {"steps": 10},
+    "iter_ll": {"steps": 10},
+    "pgd": {"steps": 40},
+    "pgd_cw": {"steps": 40},
+}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate; saved beside the results."""
+
+    models: tuple[str, ...]
+    dataset: str = "digits"
+    split: str = "test"
+    data_root: str | None = None
+    limit: int | None = None
+    attacks: tuple[str, ...] = ("fgsm",)
+    eps: float = 0.3
+    sources: tuple[str, ...] = ()
+    ensemble_source: bool = False
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    names: dict[str, str] = field(default_factory=dict)  # model spec -> name shown in tables
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("evaluate needs at least one --model")
+        for a in self.attacks:
+            if a not in attacks.ATTACKS:
+                raise ConfigError(f"unknown attack {a!r}: use one of {', '.join(attacks.ATTACKS)}")
+        if not (0 < self.eps <= 1) or math.isnan(self.eps):
+            raise ConfigError(f"--eps must be in (0, 1], not {self.eps}")
+        if self.ensemble_source and len(self.sources) < 2:
+            raise ConfigError("--ensemble-source needs at least two --sources")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, not {self.batch_size}")
+
+
+def wilson_interval(errors: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (well-behaved at 0 and n)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = errors / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def model_label(spec: str) -> str:
+    """A short name for a model given as a run dir or checkpoint path."""
+    p = Path(spec)
+    return p.name if p.is_dir() else (p.parent.name if p.suffix in (".json", ".safetensors") else spec)
+
+
+class _Counter:
+    def __init__(self, topk: bool):
+        self.n = 0
+        self.top1 = 0
+        self.top5 = 0 if topk else None
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.n += len(y)
+        self.top1 += int((logits.argmax(1) != y).sum())
+        if self.top5 is not None:
+            top5 = logits.topk(5, dim=1).indices
+            self.top5 += int((top5 != y[:, None]).all(1).sum())
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"errors": self.top1, "n": self.n, "error": self.top1 / max(self.n, 1),
+                               "ci95": wilson_interval(self.top1, self.n)}
+        if self.top5 is not None:
+            out["top5_error"] = self.top5 / max(self.n, 1)
+            out["top5_ci95"] = wilson_interval(self.top5, self.n)
+        return out
+
+
+def _attack_fn(name: str, eps: float, generator: torch.Generator):
+    fn = attacks.ATTACKS[name]
+    params = {"eps": eps, **ATTACK_DEFAULTS.get(name, {})}
+    if "generator" in inspect.signature(fn).parameters:
+        params["generator"] = generator
+    return lambda model, x, y: fn(model, x, y, **params)
+
+
+def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run the evaluation; write `results.json` into `out` (a directory or a .json path)."""
+    device = resolve_device(cfg.device)
+    data = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root)
+
+    def load(spec: str) -> torch.nn.Module:
+        binarize = spec.startswith("binarized:")
+        path = spec.removeprefix("binarized:")
+        m = resolve_model(path, num_classes=data.num_classes, input_size=data.geometry.shape)
+        if m.config.input_size != data.geometry.shape:
+            raise ConfigError(f"model {path} takes {m.config.input_size} input but the data is {data.geometry.shape}")
+        if binarize:  # Appendix C.1's input-binarization baseline
+            from enspipe.diagnostics import Binarized
+
+            return Binarized(m).to(device).eval()
+        return m.to(device).eval()
+
+    def label(spec: str) -> str:
+        if spec in cfg.names:
+            return cfg.names[spec]
+        return model_label(spec.removeprefix("binarized:")) + ("+binarized" if spec.startswith("binarized:") else "")
+
+    targets = {label(s): load(s) for s in cfg.models}
+    sources = {label(s): load(s) for s in cfg.sources}
+    if cfg.ensemble_source:
+        sources["ensemble(" + "+".join(sources) + ")"] = attacks.Ensemble(list(sources.values())).eval()
+    topk = data.num_classes > 10
+    clean = {t: _Counter(topk) for t in targets}
+    white = {t: {a: _Counter(topk) for a in cfg.attacks} for t in targets}
+    black = {t: {s: {a: _Counter(topk) for a in cfg.attacks} for s in sources} for t in targets}
+
+    nb = math.ceil(len(data) / cfg.batch_size)
+    for b in progress(range(nb), desc="evaluate", unit="batch"):
+        sl = slice(b * cfg.batch_size, min(len(data), (b + 1) * cfg.batch_size))
+        x = data.images(sl).to(device)
+        y = torch.as_tensor(data.labels[sl], device=device)
+        with torch.no_grad():
+            for t, m in targets.items():
+                clean[t].add(m(x), y)
+        for a in cfg.attacks:
+            for t, m in targets.items():
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
+                x_adv = _attack_fn(a, cfg.eps, gen)(m, x, y)
+                with torch.no_grad():
+                    white[t][a].add(m(x_adv), y)
+            for s, src in sources.items():
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
+                x_adv = _attack_fn(a, cfg.eps, gen)(src, x, y)
+                with torch.no_grad():
+                    for t, m in targets.items():
+                        black[t][s][a].add(m(x_adv), y)
+
+    results: dict[str, Any] = {"config": {**asdict(cfg), "models": list(cfg.models), "sources": list(cfg.sources),
+                                          "attacks": list(cfg.attacks)},
+                               "dataset": data.identity(), "versions": versions(), "models": {}}
+    for t in targets:
+        bb = {s: {a: black[t][s][a].result() for a in cfg.attacks} for s in sources}
+        flat = [r["error"] for s in bb.values() for r in s.values()]
+        results["models"][t] = {
+            "spec": cfg.models[list(targets).index(t)],
+            "clean": clean[t].result(),
+            "whitebox": {a: white[t][a].result() for a in cfg.attacks},
+            "blackbox": bb,
+            "blackbox_max": max(flat) if flat else None,
+            "blackbox_avg": sum(flat) / len(flat) if flat else None,
+        }
+    if out is not None:
+        path = Path(out)
+        path = path if path.suffix == ".json" else path / "results.json"
+        write_json(path, results)
+        results["path"] = str(path)
+    return results
