@@ -34,6 +34,8 @@ EPS = EpsType()
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 DATA_ROOT = click.option("--data-root", type=click.Path(file_okay=False), default=None,
                          help="Where datasets live (else $ENSPIPE_DATA, else ~/.cache/enspipe/data).")
+IMAGE_SIZE = click.option("--image-size", type=click.IntRange(min=8), default=None,
+                          help="Resize (imagefolder: resize + center-crop) images to this square size.")
 LIMIT = click.option("--limit", type=click.IntRange(min=1), default=None,
                      help="Use only the first N samples of the canonical order.")
 
@@ -58,6 +60,7 @@ def cli() -> None:
 @click.option("--split", default="train", show_default=True)
 @DATA_ROOT
 @LIMIT
+@IMAGE_SIZE
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
 @click.option("--mode", type=click.Choice(["clean", "adv", "ens-adv"]), default="clean", show_default=True)
 @click.option("--shards", multiple=True, help="A precomputed store (repeat for several static models). ens-adv only.")
@@ -100,6 +103,7 @@ def _csv(value: str) -> tuple[str, ...]:
 @click.option("--split", default="test", show_default=True)
 @DATA_ROOT
 @LIMIT
+@IMAGE_SIZE
 @click.option("--attacks", default="fgsm", show_default=True,
               help="Comma list of fgsm, step_ll, rand_fgsm, rand_step_ll, iter_fgsm, iter_ll, pgd, pgd_cw.")
 @click.option("--eps", type=EPS, default="0.3", show_default=True)

@@ -44,6 +44,7 @@ class EvalConfig:
     split: str = "test"
     data_root: str | None = None
     limit: int | None = None
+    image_size: int | None = None
     attacks: tuple[str, ...] = ("fgsm",)
     eps: float = 0.3
     sources: tuple[str, ...] = ()
@@ -117,7 +118,8 @@ def _attack_fn(name: str, eps: float, generator: torch.Generator):
 def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run the evaluation; write `results.json` into `out` (a directory or a .json path)."""
     device = resolve_device(cfg.device)
-    data = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root)
+    data = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
+                          image_size=cfg.image_size)
 
     def load(spec: str) -> torch.nn.Module:
         binarize = spec.startswith("binarized:")

@@ -225,6 +225,23 @@ def _timm_net(name: str, num_classes: int, in_chans: int, pretrained: bool):
     return net, tuple(cfg.get("input_size", (3, 224, 224))), tuple(cfg["mean"]), tuple(cfg["std"])
 
 
+def check_model_name(name: str) -> None:
+    """Raise ModelError unless `name` is a registered architecture (builds nothing)."""
+    if name in MNIST_ARCHS:
+        return
+    if name.startswith("timm:"):
+        import timm
+
+        if not timm.is_model(name[5:].split(".")[0]):
+            raise ModelError(f"unknown timm model {name[5:]!r} (see timm.list_models())")
+        return
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ModelError(f"unknown model {name!r}: use one of {', '.join(MNIST_ARCHS)}, a torchvision "
+                         "classification model (e.g. resnet50), or timm:NAME")
+
+
 def create_model(
     name: str,
     *,

@@ -52,6 +52,7 @@ class TrainConfig:
     split: str = "train"
     data_root: str | None = None
     limit: int | None = None
+    image_size: int | None = None  # resize (and center-crop) the data to this square size
     mode: str = "clean"
     shards: tuple[str, ...] = ()
     attack: str = "fgsm"           # attack on the model itself and the stores' attack
@@ -325,7 +326,8 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
     elif config_path.exists() and _checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
 
-    dataset = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root)
+    dataset = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
+                             image_size=cfg.image_size)
     stores = _check_stores(dataset, cfg.shards, cfg.attack)
     seed_everything(cfg.seed)
     model: EnsModel = resolve_model(cfg.model, weights=cfg.weights, num_classes=dataset.num_classes,
