@@ -222,11 +222,14 @@ def diagnose(models, other, dataset, data_root, limit, eps, device, out) -> None
 
 @cli.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
-def report(directory) -> None:
+@click.option("--paper", type=click.Choice(["mnist", "imagenet"]), default=None,
+              help="Print the paper's numbers beside ours.")
+@click.option("--title", default=None)
+def report(directory, paper, title) -> None:
     """Write report.md (tables beside the paper's, PNG figures) from the results under DIRECTORY."""
     from enspipe.report import write_report
 
-    click.echo(str(write_report(directory)))
+    click.echo(str(write_report(directory, paper=paper, title=title)))
 
 
 @cli.command()

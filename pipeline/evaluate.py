@@ -173,7 +173,9 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
                                "dataset": data.identity(), "versions": versions(), "models": {}}
     for t in targets:
         bb = {s: {a: black[t][s][a].result() for a in cfg.attacks} for s in sources}
-        flat = [r["error"] for s in bb.values() for r in s.values()]
+        # A source that is the target itself is a white-box attack (the transfer matrix's
+        # diagonal), not a black-box one.
+        flat = [r["error"] for s, per in bb.items() if s != t for r in per.values()]
         results["models"][t] = {
             "spec": cfg.models[list(targets).index(t)],
             "clean": clean[t].result(),

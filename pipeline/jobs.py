@@ -61,7 +61,7 @@ STEP_SCHEMA: dict[str, dict[str, Any]] = {
                  "ensemble_source": _BOOL, "limit": _INT, "batch_size": _INT, "binarized": _LIST,
                  "description": _STR},
     "diagnose": {"models": _LIST, "other": _STR, "eps": (str, int, float), "limit": _INT,
-                 "description": _STR},
+                 "steps": _INT, "subspace_points": _INT, "description": _STR},
 }
 DEFAULTS_KEYS = {k: v for k, v in TRAIN_KEYS.items() if k not in ("arch", "stores", "description", "pretrained")}
 
@@ -248,9 +248,12 @@ def _validate_values(spec: _Spec, step: Step) -> None:
     from enspipe.errors import EnspipeError
 
     o = step.options
+    key = None  # the option being checked, so the error names its line
     try:
         if "eps" in o:
+            key = "eps"
             o["eps"] = parse_eps(o["eps"])
+        key = "attacks"
         for a in o.get("attacks", []):
             if a not in ATTACKS:
                 raise ConfigError(f"unknown attack {a!r} (use {', '.join(ATTACKS)})")
@@ -258,16 +261,19 @@ def _validate_values(spec: _Spec, step: Step) -> None:
             from enspipe.models import check_model_name
             from enspipe.train import TrainConfig
 
+            key = "arch"
             check_model_name(o["arch"])
-
+            key = None
             TrainConfig(model=o["arch"], **_train_fields(o, shards=("x",) if o.get("mode") == "ens-adv" else ()))
         if step.kind == "stores":
+            key = "attack"
             if o.get("attack", "fgsm") not in ("fgsm", "step_ll"):
                 raise ConfigError(f"attack must be fgsm or step_ll, not {o['attack']!r}")
+            key = "format"
             if o.get("format", "zarr") not in ("zarr", "wds"):
                 raise ConfigError(f"format must be zarr or wds, not {o['format']!r}")
     except EnspipeError as e:
-        raise ConfigError(spec.where(step.id) + f"[{step.id}]: {e}") from None
+        raise ConfigError(spec.where(step.id, key if key in o else None) + f"[{step.id}]: {e}") from None
 
 
 def _train_fields(o: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -392,7 +398,7 @@ def run_job(path: str | os.PathLike, *, out: str | os.PathLike | None = None, ca
         _publish(step, record, out_dir)
     from enspipe.report import write_report
 
-    report = write_report(out_dir)
+    report = write_report(out_dir, paper=job.report.get("paper"), title=job.report.get("title"))
     log(f"report: {report}")
     summary = {"job": job.name, "out": str(out_dir), "report": str(report),
                "steps": {sid: {"key": r["key"], "outputs": r["outputs"]} for sid, r in done.items()}}
@@ -485,7 +491,8 @@ def _run_diagnose(job: Job, step: Step, done: dict[str, dict], cache: Path, out_
     dest = out_dir / "diagnose" / step.name
     path = run_diagnose({m: run(m) for m in o["models"]}, other=run(o["other"]) if "other" in o else None,
                         dataset=o["dataset"], data_root=o["data_root"], limit=o["limit"] or 500,
-                        eps=o.get("eps", 0.3), out_dir=dest, device=device)
+                        eps=o.get("eps", 0.3), out_dir=dest, device=device,
+                        **{k: o[k] for k in ("steps", "subspace_points") if k in o})
     return {"diagnostics": str(path)}
 
 
