@@ -710,9 +710,13 @@ def diagnose(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, *, eps: floa
         fig_surface = f"loss_surface-{_slug(name)}.png"
         plot_loss_surface(surface, out / fig_surface, points=surface_points,
                           title=f"{name}: loss on x + ε1·sign(g) + ε2·g⊥ (g⊥ from {source})")
-        subspace = count_adversarial_directions(model, xs_sub, ys_sub, eps=sub_eps, ks=ks, seed=seed,
-                                                batch_size=max(batch_size, max(ks)))
-        subspaces[name] = subspace
+        # subspace_points=0 skips the subspace count (the costliest measurement: one
+        # forward per direction, sum(ks) directions per point and eps).
+        subspace = None
+        if len(xs_sub):
+            subspace = count_adversarial_directions(model, xs_sub, ys_sub, eps=sub_eps, ks=ks, seed=seed,
+                                                    batch_size=max(batch_size, max(ks)))
+            subspaces[name] = subspace
         report["models"][name] = {
             "approximation_ratio": {**_ratio_from(pair), "single": single, "iterative": iterative},
             "cosine": {"mean": float(cos.mean()), "std": float(cos.std()) if len(cos) > 1 else 0.0},
@@ -720,11 +724,12 @@ def diagnose(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, *, eps: floa
             "loss_surface": {"other": source, "eps1": _round(surface["eps1"]),
                              "eps2": _round(surface["eps2"]), "loss": _round(surface["loss"]),
                              "orthogonal": surface["orthogonal"]},
-            "subspace": subspace,
+            **({"subspace": subspace} if subspace is not None else {}),
             "figures": {"loss_surface": fig_surface},
         }
-    plot_subspace(subspaces, out / "subspace.png")
-    report["figures"]["subspace"] = "subspace.png"
+    if subspaces:
+        plot_subspace(subspaces, out / "subspace.png")
+        report["figures"]["subspace"] = "subspace.png"
     path = write_json(out / "diagnostics.json", report)
     return {**report, "path": str(path)}
 

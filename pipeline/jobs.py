@@ -30,6 +30,7 @@ import math
 import os
 import re
 import sys
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,9 +392,13 @@ def run_job(path: str | os.PathLike, *, out: str | os.PathLike | None = None, ca
             log(f"reused {step.id} ({step.key[:12]})")
         else:
             log(f"running {step.id} ...")
+            t0 = time.perf_counter()
             outputs = _RUNNERS[step.kind](job, step, done, cache, out_dir, device)
-            record = {"step": step.id, "key": step.key, "options": _resolved(job, step), "outputs": outputs}
+            seconds = time.perf_counter() - t0
+            record = {"step": step.id, "key": step.key, "options": _resolved(job, step), "outputs": outputs,
+                      "seconds": round(seconds, 2)}
             write_json(rec_path, record)
+            log(f"done {step.id} in {seconds:.1f} s")
         done[step.id] = record
         _publish(step, record, out_dir)
     from enspipe.report import write_report
@@ -401,7 +406,8 @@ def run_job(path: str | os.PathLike, *, out: str | os.PathLike | None = None, ca
     report = write_report(out_dir, paper=job.report.get("paper"), title=job.report.get("title"))
     log(f"report: {report}")
     summary = {"job": job.name, "out": str(out_dir), "report": str(report),
-               "steps": {sid: {"key": r["key"], "outputs": r["outputs"]} for sid, r in done.items()}}
+               "steps": {sid: {"key": r["key"], "outputs": r["outputs"], "seconds": r.get("seconds")}
+                         for sid, r in done.items()}}
     write_json(out_dir / "job.json", summary)
     return summary
 
