@@ -24,6 +24,7 @@ the file and line.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -34,7 +35,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from enspipe.errors import ConfigError
 
@@ -385,22 +386,27 @@ def run_job(path: str | os.PathLike, *, out: str | os.PathLike | None = None, ca
 
     out_dir.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict[str, Any]] = {}
-    for step, status in steps:
-        rec_path = _record_path(cache, step)
-        if status == "reuse":
-            record = json.loads(rec_path.read_text())
-            log(f"reused {step.id} ({step.key[:12]})")
+    pending = [step for step, _ in steps]
+    waiting_since: float | None = None
+    while pending:
+        # The first step whose inputs are ready and that no other process is running: two
+        # jobs sharing a cache never build the same step twice; the second waits or moves on.
+        for step in pending:
+            if any(f"{k}.{n}" not in done for k, n in step.deps):
+                continue
+            with _step_lock(cache, step) as locked:
+                if not locked:
+                    continue
+                done[step.id] = _run_or_reuse(job, step, done, cache, out_dir, device, log)
+            _publish(step, done[step.id], out_dir)
+            pending.remove(step)
+            waiting_since = None
+            break
         else:
-            log(f"running {step.id} ...")
-            t0 = time.perf_counter()
-            outputs = _RUNNERS[step.kind](job, step, done, cache, out_dir, device)
-            seconds = time.perf_counter() - t0
-            record = {"step": step.id, "key": step.key, "options": _resolved(job, step), "outputs": outputs,
-                      "seconds": round(seconds, 2)}
-            write_json(rec_path, record)
-            log(f"done {step.id} in {seconds:.1f} s")
-        done[step.id] = record
-        _publish(step, record, out_dir)
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                log(f"waiting for another process running {', '.join(s.id for s in pending[:3])} ...")
+            time.sleep(1.0)
     from enspipe.report import write_report
 
     report = write_report(out_dir, paper=job.report.get("paper"), title=job.report.get("title"))
@@ -412,18 +418,66 @@ def run_job(path: str | os.PathLike, *, out: str | os.PathLike | None = None, ca
     return summary
 
 
-def _publish(step: Step, record: dict[str, Any], out_dir: Path) -> None:
-    """Link a step's cached output into the job's output folder, for people to browse."""
-    if step.kind not in ("models", "stores"):
-        return
-    link = out_dir / step.kind / step.name
-    link.parent.mkdir(parents=True, exist_ok=True)
-    target = Path(next(iter(record["outputs"].values())))
-    if link.is_symlink() or link.exists():
-        if link.is_symlink() and Path(os.readlink(link)) == target:
+@contextlib.contextmanager
+def _step_lock(cache: Path, step: Step) -> Iterator[bool]:
+    """A non-blocking advisory lock on one step of the shared cache (released on exit or
+    when the process dies, so a killed job never leaves a stale lock)."""
+    import fcntl
+
+    path = _record_path(cache, step).with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
             return
-        link.unlink()
-    link.symlink_to(target, target_is_directory=True)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_or_reuse(job: Job, step: Step, done: dict[str, dict], cache: Path, out_dir: Path, device: str,
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """Reuse the step's cached record (re-read under the lock: another job may just have
+    written it) or run the step and record its outputs."""
+    from enspipe.runtime import write_json
+
+    rec_path = _record_path(cache, step)
+    if rec_path.exists():
+        record = json.loads(rec_path.read_text())
+        if _outputs_exist(record):
+            log(f"reused {step.id} ({step.key[:12]})")
+            return record
+    log(f"running {step.id} ...")
+    t0 = time.perf_counter()
+    outputs = _RUNNERS[step.kind](job, step, done, cache, out_dir, device)
+    seconds = time.perf_counter() - t0
+    record = {"step": step.id, "key": step.key, "options": _resolved(job, step), "outputs": outputs,
+              "seconds": round(seconds, 2)}
+    write_json(rec_path, record)
+    log(f"done {step.id} in {seconds:.1f} s")
+    return record
+
+
+def _publish(step: Step, record: dict[str, Any], out_dir: Path) -> None:
+    """Show a step's cached output in the job's output folder: models and stores as links
+    (they are large), results and diagnostics as copies (small; the report reads them)."""
+    import shutil
+
+    target = Path(next(iter(record["outputs"].values())))
+    dest = out_dir / step.kind / step.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if step.kind in ("evaluate", "diagnose"):
+        if target.parent.resolve() != dest.resolve():
+            shutil.copytree(target.parent, dest, dirs_exist_ok=True)
+        return
+    if dest.is_symlink() or dest.exists():
+        if dest.is_symlink() and Path(os.readlink(dest)) == target:
+            return
+        dest.unlink()
+    dest.symlink_to(target, target_is_directory=True)
 
 
 def _run_model(job: Job, step: Step, done: dict[str, dict], cache: Path, out_dir: Path, device: str) -> dict:
@@ -473,7 +527,7 @@ def _run_evaluate(job: Job, step: Step, done: dict[str, dict], cache: Path, out_
                      ensemble_source=o.get("ensemble_source", False), batch_size=o.get("batch_size", 256),
                      image_size=o.get("image_size"),
                      device=device, names=_names(done, o))
-    dest = out_dir / "evaluate" / step.name
+    dest = cache / "evaluate" / f"{step.name}-{step.key[:16]}"
     res = evaluate(cfg, dest)
     return {"results": res["path"]}
 
@@ -494,7 +548,7 @@ def _run_diagnose(job: Job, step: Step, done: dict[str, dict], cache: Path, out_
 
     o = _resolved(job, step)
     run = lambda n: done[f"models.{n}"]["outputs"]["run"]  # noqa: E731
-    dest = out_dir / "diagnose" / step.name
+    dest = cache / "diagnose" / f"{step.name}-{step.key[:16]}"
     path = run_diagnose({m: run(m) for m in o["models"]}, other=run(o["other"]) if "other" in o else None,
                         dataset=o["dataset"], data_root=o["data_root"], limit=o["limit"] or 500,
                         eps=o.get("eps", 0.3), out_dir=dest, device=device,

@@ -127,3 +127,22 @@ def test_a_second_run_reuses_and_a_changed_input_recomputes(tmp_path):
     status = {s.id: st for s, st in plan(load_job(other), cache)}
     assert status["models.static"] == status["stores.static_fgsm"] == "reuse"
     assert status["models.holdout"] == "run"
+
+
+def test_two_jobs_sharing_a_cache_build_each_step_once(tmp_path):
+    spec = _write(tmp_path, TINY)
+    other = _write(tmp_path, TINY.replace('name = "tiny"', 'name = "other"'), "other.toml")
+    cache = tmp_path / "cache"
+    procs = [subprocess.Popen(CLI + ["run", str(s), "--cache", str(cache), "--out", str(tmp_path / s.stem),
+                                     "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for s in (spec, other)]
+    logs = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    ran = [line for log in logs for line in log.splitlines() if line.startswith("running ")]
+    assert sorted(ran) == sorted(f"running {s} ..." for s in
+                                 ("models.static", "stores.static_fgsm", "models.holdout", "models.cand",
+                                  "evaluate.main"))
+    # Each job still gets its own copy of the results and its own report.
+    for s in (spec, other):
+        assert (tmp_path / s.stem / "evaluate" / "main" / "results.json").exists()
+        assert "cand" in (tmp_path / s.stem / "report.md").read_text()
