@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from enspipe import attacks
 from enspipe.data import SampleSource, create_dataset
-from enspipe.errors import ConfigError, EnspipeError
+from enspipe.errors import ConfigError, EnspipeError, StoreError
 from enspipe.models import EnsModel, resolve_model, save_model
 from enspipe.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
 
@@ -198,7 +198,7 @@ class BatchStream(torch.utils.data.IterableDataset):
             }
             buf["y"] = self.dataset.labels[buf["index"]]
             for k, r in enumerate(readers):
-                buf[f"d{k}"] = np.concatenate([r.read(s, e)["direction"] for s, e in group])
+                buf[f"d{k}"] = np.concatenate([r.read_directions(s, e) for s, e in group])
             if carry is not None:  # leftovers of the previous buffer go first
                 buf = {k: np.concatenate([carry[k], v]) for k, v in buf.items()}
             perm = rng.permutation(len(buf["index"]))
@@ -279,6 +279,10 @@ def _check_stores(dataset: SampleSource, paths: tuple[str, ...], attack: str) ->
         if not Path(p).exists():
             raise EnspipeError(f"store {p} does not exist")
         reader = open_store(p)
+        if reader.identity.attack != attack:
+            raise StoreError(f"store {p} holds {reader.identity.attack} directions but training uses "
+                             f"--attack {attack}; precompute {attack} directions or pass --attack "
+                             f"{reader.identity.attack}")
         reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,
                                 num_samples=len(dataset), num_classes=dataset.num_classes)
         out.append({"path": str(p), "model": reader.identity.model_name, "attack": reader.identity.attack,
@@ -496,6 +500,7 @@ class _Window:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         rec = {"epoch": epoch + 1, "step": step, "loss": self.loss / max(self.samples, 1),
                "accuracy": self.correct / max(self.samples, 1), "batches": self.batches,
+               "samples": self.samples, "seconds": dt,
                "source_counts": self.sources, "online_passes": self.online,
                "samples_per_s": self.samples / dt, "lr": lr}
         self._reset()

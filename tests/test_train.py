@@ -132,6 +132,12 @@ def test_mismatched_store_is_refused_before_training(digits_static, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_store_of_another_attack_is_refused(two_stores, tmp_path):
+    with pytest.raises(StoreError, match="holds fgsm directions but training uses --attack step_ll"):
+        train(TrainConfig(model="D", dataset="digits", mode="ens-adv", attack="step_ll",
+                          shards=(str(two_stores[0]),), epochs=1, device="cpu"), tmp_path / "run")
+
+
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     with pytest.raises(EnspipeError, match="loss became nan"):
         train(TrainConfig(model="D", dataset="digits", epochs=2, lr=1e30, optimizer="sgd", device="cpu"),

@@ -325,6 +325,16 @@ class StoreReader:
     def _read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def read_directions(self, start: int, stop: int) -> np.ndarray:
+        """Only the directions of samples [start, stop): the trainer's hot path."""
+        start, stop = self._check_range(start, stop)
+        if start == stop:
+            return self._empty(0)["direction"]
+        return self._read_directions(start, stop)
+
+    def _read_directions(self, start: int, stop: int) -> np.ndarray:
+        return self._read(start, stop)["direction"]
+
     def read_indices(self, idx: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
         """Samples at arbitrary indices (any order, repeats allowed), in the order given.
 

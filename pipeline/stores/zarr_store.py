@@ -167,6 +167,10 @@ class ZarrReader(StoreReader):
     def _read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         return {name: np.asarray(self._arrays[name][start:stop]) for name in ARRAYS}
 
+    def _read_directions(self, start: int, stop: int) -> np.ndarray:
+        # One array instead of three: logits and labels are not needed to train.
+        return np.asarray(self._arrays["direction"][start:stop])
+
     def _shard_keys(self, s: int) -> list[str]:
         if s not in self._key_cache:
             self._key_cache[s] = read_keys(self.path, self.manifest, s)
