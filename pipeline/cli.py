@@ -136,6 +136,7 @@ def evaluate(models, attacks, sources, out, **kw) -> None:
 @DATA_ROOT
 @click.option("--split", default="train", show_default=True)
 @LIMIT
+@IMAGE_SIZE
 @click.option("--attack", "attack", default="step_ll", show_default=True, help="fgsm, step_ll, or both: step_ll,fgsm.")
 @click.option("--label", type=click.Choice(["pred", "true"]), default="pred", show_default=True,
               help="Label the FGSM direction uses (pred avoids label leaking).")
@@ -196,56 +197,15 @@ def ls_cmd(root, as_json) -> None:
     head = f"{'dataset':<18} {'model':<16} {'attack':<12} {'N':>7} {'size':>9} {'bits/el':>7} {'status':<10} path"
     click.echo(head)
     for i in infos:
-        status = "complete" if i.complete else f"{i.shards_done}/{i.num_shards}"
-        click.echo(f"{i.dataset:<18.18} {i.model:<16.16} {i.attack + '/' + i.label_mode:<12} {i.num_samples:>7} "
-                   f"{_size(i.bytes_on_disk):>9} {i.bits_per_element:>7.3f} {status:<10} {i.path}")
-
-
-@cli.command()
-@click.option("--model", "models", multiple=True, required=True, help="A run dir (repeat to compare models).")
-@click.option("--other", default=None, help="Another model whose adversarial direction spans the loss surface (Figures 1, 4, 5).")
-@click.option("--dataset", default="digits", show_default=True)
-@DATA_ROOT
-@click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True, help="Test samples to measure on.")
-@click.option("--eps", type=EPS, default="0.3", show_default=True)
-@DEVICE
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-def diagnose(models, other, dataset, data_root, limit, eps, device, out) -> None:
-    """Gradient-masking evidence: approximation ratio, cosine, loss surfaces, adversarial subspaces."""
-    from enspipe.diagnostics import run_diagnose
-    from enspipe.evaluate import model_label
-
-    path = run_diagnose({model_label(m): m for m in models}, other=other, dataset=dataset, data_root=data_root,
-                        limit=limit, eps=eps, out_dir=out, device=device)
-    click.echo(str(path))
-
-
-@cli.command()
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--paper", type=click.Choice(["mnist", "imagenet"]), default=None,
-              help="Print the paper's numbers beside ours.")
-@click.option("--title", default=None)
-def report(directory, paper, title) -> None:
-    """Write report.md (tables beside the paper's, PNG figures) from the results under DIRECTORY."""
-    from enspipe.report import write_report
-
-    click.echo(str(write_report(directory, paper=paper, title=title)))
-
-
-@cli.command()
-@click.argument("job", type=click.Path())
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Job outputs [runs/<job name>].")
-@click.option("--cache", type=click.Path(file_okay=False), default=None,
-              help="Step cache shared between jobs [$ENSPIPE_CACHE or ~/.cache/enspipe].")
-@click.option("--dry-run", is_flag=True, help="Print the plan and what would be reused; run nothing.")
-@DEVICE
-def run(job, out, cache, dry_run, device) -> None:
-    """Run a job spec (jobs/*.toml) as a graph of cached steps."""
-    from enspipe.jobs import run_job
-
-    res = run_job(job, out=out, cache=cache, dry_run=dry_run, device=device)
-    if not dry_run:
-        click.echo(res["report"])
+        dataset = f"{i.dataset_source or '?'}/{i.dataset_split or '?'}"
+        attack = f"{i.attack or '?'}/{i.label_mode or '?'}"
+        bits = f"{i.bits_per_element:.3f}" if i.bits_per_element is not None else "-"
+        status = ("complete" if i.complete else f"{i.shards_done}/{i.num_shards if i.num_shards is not None else '?'}")
+        if i.problem:
+            status = "BROKEN"
+        click.echo(f"{dataset:<18.18} {i.model or '?':<16.16} {attack:<12} {i.num_samples or 0:>7} "
+                   f"{_size(i.bytes_on_disk):>9} {bits:>7} {status:<10} {i.path}"
+                   + (f"  ({i.problem})" if i.problem else ""))
 
 
 def _size(n: int) -> str:

@@ -510,7 +510,7 @@ def _run_store(job: Job, step: Step, done: dict[str, dict], cache: Path, out_dir
                            attacks=(o.get("attack", "fgsm"),), label=o.get("label", "pred"),
                            out=str(cache / "stores"), fmt=o.get("format", "zarr"),
                            shard_size=o.get("shard_size", 1024), batch_size=o.get("batch_size", 256),
-                           device=device)
+                           image_size=o.get("image_size"), device=device)
     (path,) = precompute(cfg)
     return {"store": str(path)}
 

@@ -1,0 +1,290 @@
+"""Benchmark: what a precomputed store costs on disk and in time (DESIGN §2-3).
+
+    python benchmarks/bench_precompute.py --quick
+    python benchmarks/bench_precompute.py --limit 60000 --rounds 3
+
+Measured side by side in one process on real MNIST (`--data-root`, default the shared copy),
+with a Step-LL store of the paper's architecture B, trained briefly first (1 epoch on a
+4,096-sample subset, `enspipe.train`):
+
+  bits/element   stored (compressed) direction bytes x 8 / (N x C x H x W), from the
+                 stores' shard records: zarr (int8, blosc zstd bit-shuffle) and wds (two
+                 packed bit planes, gzip, per sample). Target for zarr: <= 0.8.
+  bare           `attacks.direction()` in a loop over the same images and batch size,
+                 images already in memory as float, no I/O: the compute floor.
+  precompute     `precompute()` in-process into a fresh store root, with the background
+                 writer thread (overlap) and without it (each shard written by the computing
+                 thread), zarr and wds: samples / wall time of the whole call (store
+                 creation, compute, writing, and the finalize that re-hashes every file).
+                 Target: zarr with overlap / bare >= 0.85.
+  2 workers      `precompute(workers=2)`: a dask LocalCluster of 2 single-threaded worker
+                 processes against in-process (2 torch threads). End to end (cluster start-up
+                 and each worker loading data and model included), and steady state: shards
+                 completed per second between the workers' first and last shard, read from
+                 the shard records' mtimes, against the same figure for the in-process run.
+
+Wall-clock ratios are paired: each round runs every configuration once, interleaved, and a
+configuration's ratio is the median over rounds of (bare time / its time) in that round.
+This machine is shared, so CPU time (this process, all threads) is reported beside the wall
+time for the in-process runs: it is much less disturbed by other people's jobs.
+
+Writes OUT/bench_precompute.json, prints a markdown table and rewrites the `## precompute`
+section of BENCHMARKS.md (other sections are left as they are).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from enspipe import attacks
+from enspipe.data import create_dataset
+from enspipe.models import resolve_model
+from enspipe.precompute import PrecomputeConfig, _open_inputs, precompute
+from enspipe.stores import open_store, store_info
+from enspipe.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+IN_PROCESS = ("bare", "zarr", "zarr_sync", "wds", "wds_sync")  # (name, format, overlap) below
+RUNS = {"zarr": ("zarr", True), "zarr_sync": ("zarr", False), "wds": ("wds", True), "wds_sync": ("wds", False)}
+BITS_TARGET = 0.8
+THROUGHPUT_TARGET = 0.85
+
+
+def log(msg: str) -> None:
+    print(f"[bench_precompute] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="4,096 images, 2 rounds (about 3 minutes on 2 idle cores)")
+    p.add_argument("--data-root", default=os.environ.get("ENSPIPE_TEST_MNIST", str(REPO.parent / "shared" / "data")))
+    p.add_argument("--limit", type=int, default=16384, help="MNIST training images to precompute over")
+    p.add_argument("--train-limit", type=int, default=4096, help="images B is trained on (1 epoch)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=512)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default=str(REPO / ".benchmarks"))
+    p.add_argument("--keep", action="store_true", help="keep the stores and the trained model")
+    p.add_argument("--no-md", dest="update_md", action="store_false", help="do not rewrite BENCHMARKS.md")
+    argv = sys.argv[1:] if argv is None else argv
+    opts = p.parse_args(argv)
+    if opts.quick:
+        opts.limit, opts.rounds = 4096, 2
+    return opts, "python benchmarks/bench_precompute.py " + " ".join(shlex.quote(a) for a in argv)
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "loadavg_start": os.getloadavg()}
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(wall s, CPU s of this process, result)."""
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - w, time.process_time() - c, out
+
+
+# --- The measurements ---------------------------------------------------------------------------
+
+def bare_loop(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """The compute floor: Step-LL directions batch by batch, nothing stored."""
+    for b in range(0, len(x), batch_size):
+        attacks.direction(model, x[b:b + batch_size], attack="step_ll")
+
+
+def run_precompute(cfg: PrecomputeConfig, **kw: Any) -> tuple[float, float, Path]:
+    shutil.rmtree(cfg.out, ignore_errors=True)
+    wall, cpu, (path,) = timed(lambda: precompute(cfg, **kw))
+    return wall, cpu, path
+
+
+def steady_rate(store: Path, workers: int) -> float | None:
+    """Samples/s between the workers' first shards and the last one, from the records' mtimes."""
+    m = open_store(store).manifest
+    stamps = sorted(p.stat().st_mtime for p in (store / "shards").glob("*.json"))
+    if len(stamps) <= workers or stamps[-1] <= stamps[workers - 1]:
+        return None
+    return (len(stamps) - workers) * m["shard_size"] / (stamps[-1] - stamps[workers - 1])
+
+
+def measure(opts: argparse.Namespace, work: Path) -> dict[str, Any]:
+    log(f"training architecture B: 1 epoch on {opts.train_limit} MNIST images")
+    run_dir = work / "B"
+    train_s, _, _ = timed(lambda: train(TrainConfig(model="B", dataset="mnist", data_root=opts.data_root,
+                                                    limit=opts.train_limit, epochs=1, batch_size=64, seed=0,
+                                                    device="cpu", log_every=10_000), run_dir))
+    base = dict(model=str(run_dir), dataset="mnist", data_root=opts.data_root, limit=opts.limit,
+                attacks=("step_ll",), shard_size=opts.shard_size, batch_size=opts.batch_size, device="cpu")
+    # Load once: precompute caches the dataset and model per process, so timing excludes loading.
+    _open_inputs(str(run_dir.resolve()), None, False, "mnist", "train", opts.limit,
+                 str(Path(opts.data_root).resolve()), torch.device("cpu"))
+    x = create_dataset("mnist", data_root=opts.data_root, limit=opts.limit).images(slice(0, opts.limit))
+    model = resolve_model(str(run_dir)).eval().requires_grad_(False)
+    bare_loop(model, x[: opts.batch_size * 2], opts.batch_size)  # kernels' warm-up
+
+    wall: dict[str, list[float]] = {k: [] for k in IN_PROCESS}
+    cpu: dict[str, list[float]] = {k: [] for k in IN_PROCESS}
+    stores: dict[str, Path] = {}
+    for r in range(opts.rounds):
+        log(f"round {r + 1}/{opts.rounds}: bare loop; precompute into zarr and wds, with and without overlap")
+        w, c, _ = timed(lambda: bare_loop(model, x, opts.batch_size))
+        wall["bare"].append(w)
+        cpu["bare"].append(c)
+        for name, (fmt, overlap) in RUNS.items():
+            w, c, stores[name] = run_precompute(PrecomputeConfig(**base, out=str(work / name), fmt=fmt),
+                                                overlap=overlap)
+            wall[name].append(w)
+            cpu[name].append(c)
+    log(f"precompute on {opts.workers} dask workers")
+    dask_s, _, stores["dask"] = run_precompute(PrecomputeConfig(**base, out=str(work / "dask"), workers=opts.workers))
+
+    a, b = open_store(stores["zarr"]).read(0, opts.limit), open_store(stores["dask"]).read(0, opts.limit)
+    return {
+        "train_s": train_s, "wall_s": wall, "cpu_s": cpu, "dask_s": dask_s,
+        "steady": {"zarr": steady_rate(stores["zarr"], 1), "dask": steady_rate(stores["dask"], opts.workers)},
+        "bits_zarr": float(store_info(stores["zarr"]).bits_per_element),
+        "bits_wds": float(store_info(stores["wds"]).bits_per_element),
+        "zero_fraction": float((a["direction"] == 0).mean()),
+        "dask_equals_in_process": all(np.array_equal(a[k], b[k]) for k in a),
+    }
+
+
+def analyse(opts: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
+    n, wall, cpu = opts.limit, m["wall_s"], m["cpu_s"]
+    paired = lambda t: {k: statistics.median(b / x for b, x in zip(t["bare"], t[k])) for k in RUNS}  # noqa: E731
+    steady = m["steady"]
+    return {
+        "samples_per_s": {**{k: n / statistics.median(v) for k, v in wall.items()}, "dask": n / m["dask_s"]},
+        "ratio_wall": paired(wall),
+        "ratio_cpu": paired(cpu),
+        "dask_end_to_end": statistics.median(wall["zarr"]) / m["dask_s"],
+        "dask_steady": steady["dask"] / steady["zarr"] if steady["dask"] and steady["zarr"] else None,
+        "bits_target_met": m["bits_zarr"] <= BITS_TARGET,
+        "throughput_target_met": paired(wall)["zarr"] >= THROUGHPUT_TARGET,
+    }
+
+
+# --- Report ---------------------------------------------------------------------------------------
+
+def render(opts: argparse.Namespace, command: str, info: dict[str, Any], m: dict[str, Any],
+           res: dict[str, Any]) -> str:
+    sps, rw, rc = res["samples_per_s"], res["ratio_wall"], res["ratio_cpu"]
+    ok = lambda met: "met" if met else "**missed**"  # noqa: E731
+    rows = [
+        ("bits per direction element, zarr", f"{m['bits_zarr']:.3f}",
+         f"target ≤ {BITS_TARGET}: {ok(res['bits_target_met'])}"),
+        ("bits per direction element, wds", f"{m['bits_wds']:.3f}", "—"),
+        ("bare `direction()` loop, no I/O", f"{sps['bare']:.0f} samples/s", "1.00"),
+    ]
+    for name, label in (("zarr", "zarr, overlapped writer"), ("zarr_sync", "zarr, writes in the compute thread"),
+                        ("wds", "wds, overlapped writer"), ("wds_sync", "wds, writes in the compute thread")):
+        target = f"; target ≥ {THROUGHPUT_TARGET}: {ok(res['throughput_target_met'])}" if name == "zarr" else ""
+        rows.append((f"precompute → {label}", f"{sps[name]:.0f} samples/s",
+                     f"{rw[name]:.2f} × bare (CPU time: {rc[name]:.2f}){target}"))
+    steady = f"{res['dask_steady']:.2f}" if res["dask_steady"] else "n/a"
+    rows.append((f"precompute → zarr, {opts.workers} dask workers", f"{sps['dask']:.0f} samples/s end to end",
+                 f"{res['dask_end_to_end']:.2f} × in-process end to end; {steady} × in steady state"))
+    gain = lambda k: 100 * (rw[k] / rw[f"{k}_sync"] - 1)  # noqa: E731
+    lines = [
+        f"Machine: {info['nproc']} cores ({info['cpu']}), {info['torch_threads']} torch threads, no GPU; torch "
+        f"{info['torch']}, Python {info['python']}; {info['date']}. Load average {info['loadavg_start'][0]:.1f} at "
+        f"the start and {info['loadavg_end'][0]:.1f} at the end (the machine is shared with other jobs: absolute "
+        "rates are noisy; ratios are paired per round, and CPU-time ratios are given beside them).",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Step-LL store of architecture B (trained 1 epoch on {opts.train_limit} MNIST images in "
+        f"{m['train_s']:.0f} s) over {opts.limit} real MNIST training images; batch size {opts.batch_size}, shard "
+        f"size {opts.shard_size}; rates are medians of {opts.rounds} interleaved rounds, ratios the median of "
+        "the per-round ratios to that round's bare loop.",
+        "",
+        "| measure | value | ratio / target |",
+        "|---|---|---|",
+        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        "",
+        f"Directions are {100 * m['zero_fraction']:.2f}% zeros. The {opts.workers}-worker store equals the "
+        f"in-process one array for array: {'yes' if m['dask_equals_in_process'] else '**no**'}. "
+        f"The background writer thread changes wall-clock throughput by {gain('zarr'):+.1f}% (zarr) and "
+        f"{gain('wds'):+.1f}% (wds) against writing in the compute thread. With torch already on both cores "
+        "the writer can only use the gaps in the compute, so it runs at a lower priority (nice 10; at equal "
+        "priority it preempted torch's threads and was slower than writing inline); zarr's blosc encoding "
+        "is a few percent of the compute, wds's per-sample PNG + gzip much more. "
+        "wds spends more bits than zarr because each sample's direction is its own gzip'd .npy member: at "
+        "28×28 the npy header and gzip framing are as large as the 98-byte sign plane (at 3×224×224 they "
+        "are negligible). "
+        f"The {opts.workers} dask workers (1 torch thread each) are compared with one process using 2 torch "
+        "threads on the same 2 cores; end to end their figure carries the cluster's start-up and each worker "
+        "loading the data and model, a fixed cost of several seconds that larger runs amortise.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def update_benchmarks_md(path: Path, section: str) -> None:
+    """Replace (or append) the `## precompute` section; every other section is left as it is."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == "## precompute"), None)
+    new = ["## precompute\n", "\n", section]
+    if start is None:
+        body = "".join(lines).rstrip("\n") + "\n\n" + "".join(new)
+    else:
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+        tail = lines[end:]
+        body = "".join(lines[:start] + new + (["\n"] if tail else []) + tail)
+    path.write_text(body)
+
+
+# --- Main ------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    opts, command = parse_args(argv)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="precompute-", dir=out))
+    info = {**machine(), "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
+    t_start = time.perf_counter()
+    try:
+        m = measure(opts, work)
+    finally:
+        if not opts.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    info["loadavg_end"] = os.getloadavg()
+    res = analyse(opts, m)
+    section = render(opts, command, info, m, res)
+    print(section)
+    doc = {"command": command, "machine": info, "options": vars(opts), "wall_s": time.perf_counter() - t_start,
+           "measurements": m, "analysis": res}
+    (out / "bench_precompute.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    log(f"wrote {out / 'bench_precompute.json'} ({doc['wall_s']:.0f} s in all)")
+    if opts.update_md:
+        update_benchmarks_md(REPO / "BENCHMARKS.md", section)
+        log(f"updated the '## precompute' section of {REPO / 'BENCHMARKS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
