@@ -709,6 +709,9 @@ def _run_on_dask(client, units: list[tuple[_Job, int]]) -> None:
         raise
     finally:
         bar.close()
+        # Without this the scheduler keeps a handler on a client that is about to close,
+        # and the close ends in a CommClosedError traceback on stderr.
+        client.unsubscribe_topic("all")
 
 
 # --- recompute_check -------------------------------------------------------------------------

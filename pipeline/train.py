@@ -272,12 +272,19 @@ def _distributed() -> tuple[int, int, int]:
 
 def _check_stores(dataset: SampleSource, paths: tuple[str, ...], attack: str) -> list[dict[str, Any]]:
     """Refuse, before training starts, any store that does not match the training data."""
-    from enspipe.stores import open_store
+    from enspipe.stores import open_store, verify_store
 
     out = []
     for p in paths:
         if not Path(p).exists():
             raise EnspipeError(f"store {p} does not exist")
+        # Every checksum is checked before training starts (one read of the store): a
+        # corrupt store must never feed wrong directions silently.
+        report = verify_store(p)
+        if not report.ok:
+            raise StoreError(f"store {p} failed verification: {report.problems[0]}"
+                             + (f" (and {len(report.problems) - 1} more problems)" if len(report.problems) > 1 else "")
+                             + "; run enspipe verify for details")
         reader = open_store(p)
         if reader.identity.attack != attack:
             raise StoreError(f"store {p} holds {reader.identity.attack} directions but training uses "
@@ -318,9 +325,11 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False)
 def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: int,
            device: torch.device) -> TrainResult:
     config_path = run_dir / "config.json"
+    if resume and not config_path.exists():
+        # Killed before it wrote anything: re-running with --resume starts it (so a requeue
+        # loop that always passes --resume recovers from every kill point).
+        resume = False
     if resume:
-        if not config_path.exists():
-            raise ConfigError(f"--resume: {run_dir} holds no config.json (no run to resume)")
         old = read_json(config_path).get("train", {})
         mine = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "workers")}
         diff = [k for k, v in mine.items() if old.get(k) != v]
@@ -345,7 +354,11 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
 
     start_epoch, step = 0, 0
     if resume and (ckpts := _checkpoints(run_dir)):
-        state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated file, or a pickle that weights_only refuses
+            raise EnspipeError(f"--resume: checkpoint {ckpts[-1]} is unreadable ({type(e).__name__}); "
+                               "delete it to resume from the one before") from None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -353,6 +366,9 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+    if resume and start_epoch >= cfg.epochs and rank == 0:
+        # Killed between the last checkpoint and its model files: write them from it.
+        _save_final(run_dir, model, dataset, cfg, start_epoch - 1)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(config_path, {"train": cfg.to_dict(), "run_dir": str(run_dir), "world_size": world,
@@ -466,8 +482,19 @@ def _save_epoch(run_dir: Path, model: EnsModel, optimizer, scheduler, epoch: int
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(device)
     tmp = ckdir / f"epoch-{epoch:04d}.pt.tmp"
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except RuntimeError as e:
+        # torch reports a failed write (e.g. a full disk) as RuntimeError: free the space,
+        # keep the previous checkpoint, and say what happened in one line.
+        tmp.unlink(missing_ok=True)
+        raise EnspipeError(f"could not write checkpoint {tmp.with_suffix('')} ({str(e).splitlines()[0]}); "
+                           "free space and re-run with --resume") from None
     os.replace(tmp, ckdir / f"epoch-{epoch:04d}.pt")
+    _save_final(run_dir, model, dataset, cfg, epoch)
+
+
+def _save_final(run_dir: Path, model: EnsModel, dataset: SampleSource, cfg: TrainConfig, epoch: int) -> None:
     save_model(model, run_dir, classes=list(dataset.classes), provenance={
         "trained_by": "enspipe train", "mode": cfg.mode, "epochs_done": epoch + 1,
         "dataset": dataset.identity(), "shards": list(cfg.shards), "seed": cfg.seed})

@@ -330,7 +330,13 @@ class StoreReader:
         start, stop = self._check_range(start, stop)
         if start == stop:
             return self._empty(0)["direction"]
-        return self._read_directions(start, stop)
+        d = self._read_directions(start, stop)
+        # Cheap value check on the hot path: a damaged chunk whose checksum was forged
+        # still cannot smuggle values outside {-1, 0, 1} into training.
+        if d.size and (d.min() < -1 or d.max() > 1):
+            raise StoreError(f"store {self.path}: directions of samples [{start}, {stop}) hold values outside "
+                             "{-1, 0, 1}; the store is corrupt (run enspipe verify)")
+        return d
 
     def _read_directions(self, start: int, stop: int) -> np.ndarray:
         return self._read(start, stop)["direction"]
