@@ -208,6 +208,53 @@ def ls_cmd(root, as_json) -> None:
                    + (f"  ({i.problem})" if i.problem else ""))
 
 
+@cli.command()
+@click.option("--model", "models", multiple=True, required=True, help="A run dir (repeat to compare models).")
+@click.option("--other", default=None, help="Another model whose adversarial direction spans the loss surface (Figures 1, 4, 5).")
+@click.option("--dataset", default="digits", show_default=True)
+@DATA_ROOT
+@click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True, help="Test samples to measure on.")
+@click.option("--eps", type=EPS, default="0.3", show_default=True)
+@DEVICE
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+def diagnose(models, other, dataset, data_root, limit, eps, device, out) -> None:
+    """Gradient-masking evidence: approximation ratio, cosine, loss surfaces, adversarial subspaces."""
+    from enspipe.diagnostics import run_diagnose
+    from enspipe.evaluate import model_label
+
+    path = run_diagnose({model_label(m): m for m in models}, other=other, dataset=dataset, data_root=data_root,
+                        limit=limit, eps=eps, out_dir=out, device=device)
+    click.echo(str(path))
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--paper", type=click.Choice(["mnist", "imagenet"]), default=None,
+              help="Print the paper's numbers beside ours.")
+@click.option("--title", default=None)
+def report(directory, paper, title) -> None:
+    """Write report.md (tables beside the paper's, PNG figures) from the results under DIRECTORY."""
+    from enspipe.report import write_report
+
+    click.echo(str(write_report(directory, paper=paper, title=title)))
+
+
+@cli.command()
+@click.argument("job", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Job outputs [runs/<job name>].")
+@click.option("--cache", type=click.Path(file_okay=False), default=None,
+              help="Step cache shared between jobs [$ENSPIPE_CACHE or ~/.cache/enspipe].")
+@click.option("--dry-run", is_flag=True, help="Print the plan and what would be reused; run nothing.")
+@DEVICE
+def run(job, out, cache, dry_run, device) -> None:
+    """Run a job spec (jobs/*.toml) as a graph of cached steps."""
+    from enspipe.jobs import run_job
+
+    res = run_job(job, out=out, cache=cache, dry_run=dry_run, device=device)
+    if not dry_run:
+        click.echo(res["report"])
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
