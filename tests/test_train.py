@@ -151,7 +151,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    args = ["train", "--model", "B", "--dataset", "digits", "--epochs", "3", "--mode", "adv",
+    args = ["train", "--model", "D", "--dataset", "digits", "--epochs", "3", "--mode", "adv",
             "--device", "cpu", "--seed", "3"]
     subprocess.run(CLI + args + ["--out", str(tmp_path / "full")], check=True, capture_output=True)
     run = tmp_path / "killed"
