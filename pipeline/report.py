@@ -115,7 +115,8 @@ PAPER: dict[str, dict[str, dict[str, float]]] = _build_paper()
 
 
 def _key(name: str) -> str:
-    return re.sub(r"[\s_\-]+", "", name).lower()
+    # "Bstar" is how job specs spell B* (TOML keys cannot hold "*").
+    return re.sub(r"[\s_\-]+", "", name).lower().replace("bstar", "b*")
 
 
 def _paper_value(paper: Paper | None, model: str, metric: str) -> float | None:
