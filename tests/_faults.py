@@ -17,9 +17,11 @@ product. SPEC is one of
   enospc-after:BYTES:GLOB       once BYTES bytes have been written in total to files matching
                                 GLOB, every further write raises OSError(ENOSPC) (a full disk)
 
-GLOB is an fnmatch pattern on the absolute path (`*` crosses `/`). When a kill fires, the
-line `FAULT FIRED <spec>` is appended to the file named by $ENSPIPE_FAULT_LOG (if set) first,
-so the test knows the kill happened where it asked and not somewhere else.
+GLOB is an fnmatch pattern on the absolute path (`*` crosses `/`). When a kill fires, the line
+`FAULT FIRED <spec>` is first appended to the file named by $ENSPIPE_FAULT_LOG (if set), so the
+test knows the kill happened where it asked and not somewhere else. The full sweep runs this
+file as a fresh interpreter; in the CI subset tests/_zygote.py calls `install()` in the
+processes it forks.
 """
 from __future__ import annotations
 

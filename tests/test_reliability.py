@@ -15,7 +15,7 @@ promises, the tests and the counts of the last full sweep are listed in RELIABIL
   5. Workers dying      a dask worker killed mid-shard (full sweep).
   6. Disk full          a size-limited tmpfs (or a simulated ENOSPC): a clear error, then resume.
 
-The default run is the CI subset (about two minutes on two cores). The full sweep runs the
+The default run is the CI subset (about a minute on two cores). The full sweep runs the
 same tests with more kill points, trials and fuzzing, plus the cases marked `slow`:
 
     ENSPIPE_SWEEP=full python -m pytest tests/test_reliability.py      # everything
@@ -429,7 +429,15 @@ def _precompute_crash_test(static: Path, ref: Ref, kills: list[Kill], work: Path
     for p in paths:
         assert_same_store(p, ref.paths[p.suffix], ref.arrays[p.suffix])
     TALLY["kill points fired, nothing lost: precompute"] += len(fired)
+    _tally_kinds("precompute", kills, fired)
     return fired
+
+
+def _tally_kinds(command: str, kills: list[Kill], fired: list[str]) -> None:
+    for k in kills:
+        kind = "exact points" if k.fault else "random moments"
+        TALLY[f"{kind} tried: {command}"] += 1
+        TALLY[f"{kind} fired: {command}"] += k.name in fired
 
 
 def random_moments(work: float, seed: int) -> tuple[float, float]:
@@ -558,6 +566,7 @@ def _train_crash_test(ref: Ref, ref_run: RefRun, kills: list[Kill], work: Path, 
                           lambda: assert_run_not_falsely_done(out, ref_run), **kw)
     assert_same_run(out, ref_run)
     TALLY["kill points fired, nothing lost: train"] += len(fired)
+    _tally_kinds("train", kills, fired)
     return fired
 
 
