@@ -89,7 +89,8 @@ def _write_tally():
     if _zygote is not None:
         _zygote.close()
         _zygote = None
-    shutil.rmtree(_LOGS, ignore_errors=True)
+    while _LOGS:
+        shutil.rmtree(_LOGS.pop(), ignore_errors=True)
     path = os.environ.get("ENSPIPE_RELIABILITY_COUNTS")
     if path:
         p = Path(path)
@@ -105,7 +106,7 @@ def _write_tally():
 # that off): the same code from `enspipe.cli.main` on, at a third of the CPU cost.
 
 FRESH = FULL or os.environ.get("ENSPIPE_REL_FRESH") == "1"
-_LOGS = Path(tempfile.mkdtemp(prefix="enspipe-rel-logs-"))
+_LOGS: list[Path] = []  # a temp dir for the logs of `enspipe()` runs, made on first use
 
 
 class _Forked:
@@ -196,7 +197,9 @@ def spawn(*args, log: Path, faults: tuple[str, ...] = (), env: dict | None = Non
 
 def enspipe(*args, faults: tuple[str, ...] = (), timeout: float = 600) -> subprocess.CompletedProcess:
     """Run enspipe ARGS to the end; stdout and stderr as text."""
-    proc = spawn(*args, faults=faults, log=_LOGS / f"run-{time.monotonic_ns()}.log")
+    if not _LOGS:
+        _LOGS.append(Path(tempfile.mkdtemp(prefix="enspipe-rel-logs-")))
+    proc = spawn(*args, faults=faults, log=_LOGS[0] / f"run-{time.monotonic_ns()}.log")
     try:
         proc.wait(timeout=timeout)
     finally:
