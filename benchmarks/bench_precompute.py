@@ -59,6 +59,8 @@ from enspipe.stores import open_store, store_info
 from enspipe.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _benchmd import update_section  # noqa: E402
 IN_PROCESS = ("bare", "zarr", "zarr_sync", "wds", "wds_sync")  # (name, format, overlap) below
 RUNS = {"zarr": ("zarr", True), "zarr_sync": ("zarr", False), "wds": ("wds", True), "wds_sync": ("wds", False)}
 BITS_TARGET = 0.8
@@ -243,21 +245,6 @@ def render(opts: argparse.Namespace, command: str, info: dict[str, Any], m: dict
     return "\n".join(lines)
 
 
-def update_benchmarks_md(path: Path, section: str) -> None:
-    """Replace (or append) the `## precompute` section; every other section is left as it is."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == "## precompute"), None)
-    new = ["## precompute\n", "\n", section]
-    if start is None:
-        body = "".join(lines).rstrip("\n") + "\n\n" + "".join(new)
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        tail = lines[end:]
-        body = "".join(lines[:start] + new + (["\n"] if tail else []) + tail)
-    path.write_text(body)
-
-
 # --- Main ------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench_precompute.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     log(f"wrote {out / 'bench_precompute.json'} ({doc['wall_s']:.0f} s in all)")
     if opts.update_md:
-        update_benchmarks_md(REPO / "BENCHMARKS.md", section)
+        update_section(REPO / "BENCHMARKS.md", "precompute", section)
         log(f"updated the '## precompute' section of {REPO / 'BENCHMARKS.md'}")
     return 0
 

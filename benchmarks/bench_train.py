@@ -71,6 +71,8 @@ from enspipe.stores import open_store
 from enspipe.train import SELF, BatchStream, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _benchmd import update_section  # noqa: E402
 STATIC_ARCHS = ("D", "B*")          # the two static models behind the stores (paper's Table 7 holdouts)
 CONFIGS = ("clean", "adv", "ens-adv", "reference", "drawn-only")
 ENS_ADV_TARGET = 1.25               # the issue's target for ens-adv / clean with n = 3 sources
@@ -682,21 +684,6 @@ def noise_warning(res: dict[str, Any], results: dict[str, list[dict[str, Any]]],
             "machine.", ""]
 
 
-def update_benchmarks_md(path: Path, section: str) -> None:
-    """Replace (or append) the `## train` section; every other section is left as it is."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == "## train"), None)
-    new = ["## train\n", "\n", section]
-    if start is None:
-        body = "".join(lines).rstrip("\n") + "\n\n" + "".join(new)
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        tail = lines[end:]
-        body = "".join(lines[:start] + new + (["\n"] if tail else []) + tail)
-    path.write_text(body)
-
-
 # --- Main ------------------------------------------------------------------------------------
 
 def measure(opts: Options, command: str) -> dict[str, Any]:
@@ -757,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {path} ({doc['wall_s']:.0f} s in all)")
     print(section)
     if opts.update_md:
-        update_benchmarks_md(REPO / "BENCHMARKS.md", section)
+        update_section(REPO / "BENCHMARKS.md", "train", section)
         log(f"updated the '## train' section of {REPO / 'BENCHMARKS.md'}")
     return 0
 

@@ -133,6 +133,19 @@ def block_order(
 # --------------------------------------------------------------------------- writer
 
 
+def _read_layout(obj: Any, path: Path, manifest: dict) -> None:
+    """The fields writers and readers share, read from a validated manifest."""
+    obj.path = Path(path)
+    obj.manifest = manifest
+    obj.identity = StoreIdentity.from_dict(manifest["identity"])
+    obj.num_samples = manifest["num_samples"]
+    obj.num_shards = manifest["num_shards"]
+    obj.shard_size = manifest["shard_size"]
+    obj.chunk_samples = manifest["chunk_samples"]
+    obj.geometry = obj.identity.geometry
+    obj.num_classes = obj.identity.num_classes
+
+
 class StoreWriter:
     """Writes whole shards of an existing store; safe to use from many processes at once.
 
@@ -143,15 +156,7 @@ class StoreWriter:
     fmt: ClassVar[str] = ""
 
     def __init__(self, path: Path, manifest: dict) -> None:
-        self.path = Path(path)
-        self.manifest = manifest
-        self.identity = StoreIdentity.from_dict(manifest["identity"])
-        self.num_samples: int = manifest["num_samples"]
-        self.num_shards: int = manifest["num_shards"]
-        self.shard_size: int = manifest["shard_size"]
-        self.chunk_samples: int = manifest["chunk_samples"]
-        self.geometry: tuple[int, int, int] = self.identity.geometry
-        self.num_classes: int = self.identity.num_classes
+        _read_layout(self, path, manifest)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r})"
@@ -279,15 +284,7 @@ class StoreReader:
     fmt: ClassVar[str] = ""
 
     def __init__(self, path: Path, manifest: dict, records: dict[int, dict]) -> None:
-        self.path = Path(path)
-        self.manifest = manifest
-        self.identity = StoreIdentity.from_dict(manifest["identity"])
-        self.num_samples: int = manifest["num_samples"]
-        self.num_shards: int = manifest["num_shards"]
-        self.shard_size: int = manifest["shard_size"]
-        self.chunk_samples: int = manifest["chunk_samples"]
-        self.geometry: tuple[int, int, int] = self.identity.geometry
-        self.num_classes: int = self.identity.num_classes
+        _read_layout(self, path, manifest)
         self.complete: bool = manifest["complete"]
         self.records = records
         self._done = set(records)
