@@ -15,6 +15,7 @@ Checkpoints are `model.safetensors` + `model.json`; nothing is ever unpickled (a
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -176,6 +177,23 @@ def _network_reachable(host: str = "huggingface.co", port: int = 443, timeout: f
         return False
 
 
+# torchvision's Inception v3 and GoogLeNet weights were ported from TensorFlow and expect
+# input in [-1, 1]: with hub weights torchvision turns on `transform_input`, which maps
+# ImageNet-normalized input to (x - 0.5) / 0.5. enspipe normalizes with mean = std = 0.5
+# itself and keeps `transform_input` off: the same arithmetic for hub weights and for a
+# local file of them. Their auxiliary heads are dropped (enspipe trains and attacks the
+# main logits only); tensors of an aux head in a weight file are ignored on load.
+_TF_PORTED = {"inception_v3": ("AuxLogits.",), "googlenet": ("aux1.", "aux2.")}
+_TF_MEAN_STD = (0.5, 0.5, 0.5)
+
+
+def _drop_aux_heads(net: nn.Module, name: str) -> None:
+    net.aux_logits = False
+    net.transform_input = False
+    for prefix in _TF_PORTED[name]:
+        setattr(net, prefix.rstrip("."), None)
+
+
 def _torchvision_net(name: str, num_classes: int, pretrained: bool) -> tuple[nn.Module, tuple[int, int, int]]:
     import torchvision
 
@@ -184,10 +202,6 @@ def _torchvision_net(name: str, num_classes: int, pretrained: bool) -> tuple[nn.
             f"unknown model {name!r}: use one of {', '.join(MNIST_ARCHS)}, a torchvision "
             "classification model (e.g. resnet50), or timm:NAME"
         )
-    kwargs: dict[str, Any] = {}
-    if name.startswith(("inception_v3", "googlenet")):
-        kwargs["aux_logits"] = False
-        kwargs["init_weights"] = True
     if pretrained:
         if not _network_reachable("download.pytorch.org"):
             raise ModelError(
@@ -196,9 +210,15 @@ def _torchvision_net(name: str, num_classes: int, pretrained: bool) -> tuple[nn.
             )
         if num_classes != 1000:
             raise ModelError(f"pretrained {name} has 1000 classes, not {num_classes}")
-        net = torchvision.models.get_model(name, weights="DEFAULT", **kwargs)
+        # No aux/init kwargs here: torchvision refuses them beside hub weights.
+        net = torchvision.models.get_model(name, weights="DEFAULT")
     else:
+        kwargs: dict[str, Any] = {}
+        if name in _TF_PORTED:
+            kwargs = {"aux_logits": False, "init_weights": True, "transform_input": False}
         net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    if name in _TF_PORTED:
+        _drop_aux_heads(net, name)
     size = 299 if name.startswith("inception") else 224
     return net, (3, size, size)
 
@@ -249,12 +269,15 @@ def create_model(
     input_size: tuple[int, int, int] | None = None,
     pretrained: bool = False,
     weights: str | os.PathLike | None = None,
+    new_head: bool = False,
 ) -> EnsModel:
     """Build model `name` taking [0, 1] input; optionally load `weights` (a checkpoint).
 
     `input_size` is the (C, H, W) of the data it will see (default: the model's own);
     the MNIST architectures adapt their FC layer to it, torchvision/timm models keep
-    their graph and 1-channel data is repeated to 3 channels.
+    their graph and 1-channel data is repeated to 3 channels. `new_head` loads `weights`
+    except the classifier head, which keeps its fresh initialisation (fine-tuning to
+    another number of classes).
     """
     if name in MNIST_ARCHS:
         c, h, w = input_size or (1, 28, 28)
@@ -275,10 +298,11 @@ def create_model(
         net, size = _torchvision_net(name, num_classes, pretrained)
         c = input_size[0] if input_size else 3
         size = (c, *(input_size[1:] if input_size else size[1:]))
-        config = ModelConfig(name, num_classes, size, IMAGENET_MEAN, IMAGENET_STD, "torchvision")
+        mean, std = (_TF_MEAN_STD, _TF_MEAN_STD) if name in _TF_PORTED else (IMAGENET_MEAN, IMAGENET_STD)
+        config = ModelConfig(name, num_classes, size, mean, std, "torchvision")
     model = EnsModel(net, config, provenance={"pretrained": pretrained})
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, new_head=new_head)
     return model
 
 
@@ -290,7 +314,10 @@ def weights_sha256(model: nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1) first: a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be
+        # viewed as bytes directly. For every other tensor the bytes are the same as
+        # before, so the hashes of existing stores' models (MNIST nets) do not change.
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -357,30 +384,89 @@ def _read_state(weights: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: EnsModel, path: str | os.PathLike) -> EnsModel:
-    """Load a checkpoint into `model`; a checkpoint of another architecture is a ModelError."""
+def _classifier_keys(model: EnsModel) -> set[str]:
+    """State-dict keys (of `model.net`) of the classifier head: timm's `get_classifier()`,
+    else the last Linear layer (torchvision's fc / classifier[-1] / heads.head, MNIST nets)."""
+    net = model.net
+    head: nn.Module | None = None
+    if hasattr(net, "get_classifier"):
+        with contextlib.suppress(Exception):
+            head = net.get_classifier()
+    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+        linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    if head is None:
+        return set()
+    prefix = next((n for n, m in net.named_modules() if m is head), None)
+    if prefix is None:
+        return set()
+    return {f"{prefix}.{k}" if prefix else k for k in head.state_dict()}
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(map(str, t.shape)) or "scalar"
+
+
+def _some(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_weights(model: EnsModel, path: str | os.PathLike, *, new_head: bool = False) -> EnsModel:
+    """Load a checkpoint into `model`; a checkpoint of another architecture is a ModelError.
+
+    Accepts enspipe checkpoints and plain state dicts of the bare network (torchvision or
+    timm `state_dict()` saved with safetensors, or a `.pth` read with weights_only).
+    Tensors of an auxiliary head the model does not have (Inception v3's AuxLogits) are
+    ignored. With `new_head`, the classifier head may differ in shape (another number of
+    classes): those tensors keep the model's fresh initialisation.
+    """
     weights, meta_path = _checkpoint_files(path)
-    if meta_path is not None:
+    if meta_path is not None and not new_head:
         meta = _read_meta(meta_path)
         other = ModelConfig.from_dict(meta["config"])
         if other.name != model.config.name or other.num_classes != model.config.num_classes:
             raise ModelError(
                 f"checkpoint {path} is for {other.name} with {other.num_classes} classes, "
                 f"not {model.config.name} with {model.config.num_classes}"
+                + ("; to fine-tune it with a fresh head pass --new-head" if other.name == model.config.name else "")
             )
     state = _read_state(weights)
-    target = model if any(k.startswith("net.") for k in state) else model.net
+    wrapped = any(k.startswith("net.") for k in state)
+    target = model if wrapped else model.net
     own = target.state_dict()
-    missing = own.keys() - state.keys()
-    unexpected = state.keys() - own.keys()
-    reshaped = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    aux = _TF_PORTED.get(model.config.name, ())
+    if aux:
+        drop = tuple(("net." if wrapped else "") + p for p in aux)
+        state = {k: v for k, v in state.items() if not k.startswith(drop)}
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    reshaped = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    head = {("net." if wrapped else "") + k for k in _classifier_keys(model)}
+    if new_head:
+        # The head keeps its fresh initialisation; everything else must fit exactly.
+        state = {k: v for k, v in state.items() if k not in head or k not in reshaped}
+        reshaped = [k for k in reshaped if k not in head]
+        missing = [k for k in missing if k not in head]
     if missing or unexpected or reshaped:
-        raise ModelError(
-            f"weights in {weights} do not fit {model.config.name} "
-            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} reshaped tensors)"
-        )
-    target.load_state_dict(state)
+        parts = [f"{k} is {_shape(state[k])} in the file but {_shape(own[k])} in the model" for k in reshaped[:3]]
+        if len(reshaped) > 3:
+            parts.append(f"{len(reshaped) - 3} more reshaped")
+        if missing:
+            parts.append(f"missing from the file: {_some(missing)}")
+        if unexpected:
+            parts.append(f"not in the model: {_some(unexpected)}")
+        hint = ""
+        if reshaped and not missing and not unexpected and set(reshaped) <= head:
+            hint = (f"; only the classifier head differs: to fine-tune these weights on "
+                    f"{model.config.num_classes} classes with a fresh head pass --new-head")
+        elif not new_head:
+            hint = "; the file is for another architecture, number of classes or input size"
+        raise ModelError(f"weights in {weights} do not fit {model.config.name} with "
+                         f"{model.config.num_classes} classes: {'; '.join(parts)}{hint}")
+    target.load_state_dict(state, strict=not new_head)
     model.provenance["weights_file"] = str(weights)
+    if new_head:
+        model.provenance["new_head"] = True
     return model
 
 
@@ -409,10 +495,11 @@ def load_model(path: str | os.PathLike) -> EnsModel:
 
 
 def resolve_model(spec: str, *, weights: str | None = None, pretrained: bool = False,
-                  num_classes: int = 10, input_size: tuple[int, int, int] | None = None) -> EnsModel:
+                  num_classes: int = 10, input_size: tuple[int, int, int] | None = None,
+                  new_head: bool = False) -> EnsModel:
     """The CLI's `--model`: a run dir / checkpoint path, or a registry name (+ --weights)."""
     p = Path(spec)
     if weights is None and not pretrained and (p.is_dir() or p.suffix in (".json", ".safetensors")):
         return load_model(p)
     return create_model(spec, num_classes=num_classes, input_size=input_size,
-                        pretrained=pretrained, weights=weights)
+                        pretrained=pretrained, weights=weights, new_head=new_head)
