@@ -64,7 +64,8 @@ def cli() -> None:
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
 @click.option("--mode", type=click.Choice(["clean", "adv", "ens-adv"]), default="clean", show_default=True)
 @click.option("--shards", multiple=True, help="A precomputed store (repeat for several static models). ens-adv only.")
-@click.option("--attack", type=click.Choice(["fgsm", "step_ll"]), default="fgsm", show_default=True)
+@click.option("--attack", type=click.Choice(["fgsm", "step_ll"]), default=None,
+              help="Single-step attack of the training-time examples [default: the stores' own (ens-adv), else fgsm].")
 @click.option("--eps", type=EPS, default="0.3", show_default=True, help="l-inf budget: 0.3 or 16/256.")
 @click.option("--eps-dist", type=click.Choice(["fixed", "truncnorm"]), default="fixed", show_default=True,
               help="truncnorm draws eps per example from |N(0, eps/2)| truncated to [0, eps] (Kurakin et al.).")
@@ -76,7 +77,10 @@ def cli() -> None:
 @click.option("--lr-decay", type=float, default=1.0, show_default=True, help="Multiply lr by this every --lr-decay-every epochs (ImageNet: 0.94).")
 @click.option("--lr-decay-every", type=int, default=2, show_default=True)
 @click.option("--augment", type=click.Choice(["none", "crop", "flip", "crop+flip"]), default="none", show_default=True)
-@click.option("--weights", type=click.Path(exists=True), default=None, help="Initial weights (a checkpoint).")
+@click.option("--weights", type=click.Path(exists=True), default=None,
+              help="Initial weights: an enspipe run/checkpoint or a torchvision/timm state dict (.safetensors, .pth).")
+@click.option("--new-head", is_flag=True, help="Load --weights except the classifier head, which starts fresh "
+              "(fine-tune on another number of classes).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader worker processes.")
 @DEVICE
@@ -214,16 +218,17 @@ def ls_cmd(root, as_json) -> None:
 @click.option("--dataset", default="digits", show_default=True)
 @DATA_ROOT
 @click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True, help="Test samples to measure on.")
+@IMAGE_SIZE
 @click.option("--eps", type=EPS, default="0.3", show_default=True)
 @DEVICE
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def diagnose(models, other, dataset, data_root, limit, eps, device, out) -> None:
+def diagnose(models, other, dataset, data_root, limit, image_size, eps, device, out) -> None:
     """Gradient-masking evidence: approximation ratio, cosine, loss surfaces, adversarial subspaces."""
     from enspipe.diagnostics import run_diagnose
     from enspipe.evaluate import model_label
 
     path = run_diagnose({model_label(m): m for m in models}, other=other, dataset=dataset, data_root=data_root,
-                        limit=limit, eps=eps, out_dir=out, device=device)
+                        limit=limit, eps=eps, out_dir=out, device=device, image_size=image_size)
     click.echo(str(path))
 
 

@@ -751,7 +751,7 @@ def _load_for_diagnose(spec: str | nn.Module, data: Any, device: torch.device) -
 def run_diagnose(models: Mapping[str, str | nn.Module], *, other: str | nn.Module | None = None,
                  dataset: str = "digits", data_root: str | None = None, limit: int | None = 500,
                  eps: float | str = 0.3, out_dir: str | os.PathLike, device: str = "auto",
-                 split: str = "test", **options: Any) -> Path:
+                 split: str = "test", image_size: int | None = None, **options: Any) -> Path:
     """The CLI/job entry point: load the models and the first `limit` test samples, run
     `diagnose`, return the path of `diagnostics.json`. `options` go to `diagnose`."""
     from enspipe.data import create_dataset
@@ -759,7 +759,7 @@ def run_diagnose(models: Mapping[str, str | nn.Module], *, other: str | nn.Modul
 
     eps = attacks.parse_eps(eps) if isinstance(eps, str) else float(eps)
     dev = resolve_device(device)
-    data = create_dataset(dataset, split=split, limit=limit, data_root=data_root)
+    data = create_dataset(dataset, split=split, limit=limit, data_root=data_root, image_size=image_size)
     loaded = {name: _load_for_diagnose(spec, data, dev) for name, spec in models.items()}
     other_model = _load_for_diagnose(other, data, dev) if other is not None else None
     x = data.images(slice(0, len(data))).to(dev)

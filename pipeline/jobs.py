@@ -551,7 +551,7 @@ def _run_diagnose(job: Job, step: Step, done: dict[str, dict], cache: Path, out_
     dest = cache / "diagnose" / f"{step.name}-{step.key[:16]}"
     path = run_diagnose({m: run(m) for m in o["models"]}, other=run(o["other"]) if "other" in o else None,
                         dataset=o["dataset"], data_root=o["data_root"], limit=o["limit"] or 500,
-                        eps=o.get("eps", 0.3), out_dir=dest, device=device,
+                        eps=o.get("eps", 0.3), out_dir=dest, device=device, image_size=o.get("image_size"),
                         **{k: o[k] for k in ("steps", "subspace_points") if k in o})
     return {"diagnostics": str(path)}
 

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,7 +55,7 @@ class TrainConfig:
     image_size: int | None = None  # resize (and center-crop) the data to this square size
     mode: str = "clean"
     shards: tuple[str, ...] = ()
-    attack: str = "fgsm"           # attack on the model itself and the stores' attack
+    attack: str | None = None      # the stores' attack (ens-adv), else fgsm; the model attacks itself with it
     eps: float = 0.3
     eps_dist: str = "fixed"        # fixed | truncnorm (Kurakin: |N(0, eps/2)| truncated to [0, eps])
     adv_fraction: float = 0.5
@@ -73,18 +73,27 @@ class TrainConfig:
     workers: int = 0
     device: str = "auto"
     weights: str | None = None     # initial weights
+    new_head: bool = False         # load `weights` except the classifier head (another number of classes)
     log_every: int = 20
     record_indices: bool = False   # write each rank's sample order per epoch (audits, DDP tests)
 
     def __post_init__(self) -> None:
+        # Paths are accepted as str or PathLike (precompute() returns Paths); stored as str.
+        if isinstance(self.shards, (str, os.PathLike)):
+            raise ConfigError("shards must be a list of store paths, not one string")
+        object.__setattr__(self, "shards", tuple(os.fspath(s) for s in self.shards))
+        if any(not s.strip() for s in self.shards):
+            raise ConfigError("--shards needs a store path, got an empty one")
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.mode == "ens-adv" and not self.shards:
             raise ConfigError("--mode ens-adv needs at least one --shards STORE (the static models' directions)")
         if self.mode != "ens-adv" and self.shards:
             raise ConfigError(f"--shards is only used by --mode ens-adv, not {self.mode}")
-        if self.attack not in ("fgsm", "step_ll"):
+        if self.attack not in (None, "fgsm", "step_ll"):
             raise ConfigError(f"--attack must be fgsm or step_ll, not {self.attack!r}")
+        if self.new_head and self.weights is None:
+            raise ConfigError("--new-head fits a fresh classifier head to --weights; pass --weights FILE")
         if not (0.0 < self.adv_fraction <= 1.0) or math.isnan(self.adv_fraction):
             raise ConfigError(f"--adv-fraction must be in (0, 1], not {self.adv_fraction}")
         if not (0.0 < self.eps <= 1.0) or math.isnan(self.eps):
@@ -115,6 +124,10 @@ class TrainConfig:
         d = asdict(self)
         d["shards"] = list(self.shards)
         return d
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -270,7 +283,28 @@ def _distributed() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _check_stores(dataset: SampleSource, paths: tuple[str, ...], attack: str) -> list[dict[str, Any]]:
+def resolve_attack(shards: tuple[str, ...], attack: str | None) -> str:
+    """The attack a run trains with: `attack` if given, else the stores' own (they must all
+    hold the same one), else FGSM. A given attack that the stores do not hold is an error."""
+    from enspipe.stores import open_store
+
+    held: dict[str, str] = {}
+    for p in shards:
+        if not Path(p).exists():
+            raise EnspipeError(f"store {p} does not exist")
+        held[p] = open_store(p).identity.attack
+    kinds = sorted(set(held.values()))
+    if len(kinds) > 1:
+        which = ", ".join(f"{p} holds {a}" for p, a in held.items())
+        raise StoreError(f"the stores hold directions of different attacks ({which}); train on stores of one attack")
+    if attack is not None and kinds and attack != kinds[0]:
+        raise StoreError(f"--attack {attack} conflicts with the stores, which hold {kinds[0]} directions "
+                         f"({next(iter(held))}); leave --attack out to train with {kinds[0]}, or precompute "
+                         f"{attack} directions")
+    return attack or (kinds[0] if kinds else "fgsm")
+
+
+def _check_stores(dataset: SampleSource, paths: tuple[str, ...]) -> list[dict[str, Any]]:
     """Refuse, before training starts, any store that does not match the training data."""
     from enspipe.stores import open_store, verify_store
 
@@ -286,10 +320,6 @@ def _check_stores(dataset: SampleSource, paths: tuple[str, ...], attack: str) ->
                              + (f" (and {len(report.problems) - 1} more problems)" if len(report.problems) > 1 else "")
                              + "; run enspipe verify for details")
         reader = open_store(p)
-        if reader.identity.attack != attack:
-            raise StoreError(f"store {p} holds {reader.identity.attack} directions but training uses "
-                             f"--attack {attack}; precompute {attack} directions or pass --attack "
-                             f"{reader.identity.attack}")
         reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,
                                 num_samples=len(dataset), num_classes=dataset.num_classes)
         out.append({"path": str(p), "model": reader.identity.model_name, "attack": reader.identity.attack,
@@ -325,12 +355,16 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False)
 def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: int,
            device: torch.device) -> TrainResult:
     config_path = run_dir / "config.json"
+    # Resolved before anything else: config.json records the attack actually used, and a
+    # resumed run compares resolved configurations.
+    cfg = replace(cfg, attack=resolve_attack(cfg.shards, cfg.attack))
     if resume and not config_path.exists():
         # Killed before it wrote anything: re-running with --resume starts it (so a requeue
         # loop that always passes --resume recovers from every kill point).
         resume = False
     if resume:
-        old = read_json(config_path).get("train", {})
+        # Options added since the run was started compare at their defaults.
+        old = {**TrainConfig.defaults(), **read_json(config_path).get("train", {})}
         mine = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "workers")}
         diff = [k for k, v in mine.items() if old.get(k) != v]
         if diff:
@@ -341,10 +375,10 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
 
     dataset = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
                              image_size=cfg.image_size)
-    stores = _check_stores(dataset, cfg.shards, cfg.attack)
+    stores = _check_stores(dataset, cfg.shards)
     seed_everything(cfg.seed)
     model: EnsModel = resolve_model(cfg.model, weights=cfg.weights, num_classes=dataset.num_classes,
-                                    input_size=dataset.geometry.shape)
+                                    input_size=dataset.geometry.shape, new_head=cfg.new_head)
     if model.config.input_size != dataset.geometry.shape:
         raise ConfigError(f"model {cfg.model} takes {model.config.input_size} input but the data is "
                           f"{dataset.geometry.shape}")
