@@ -84,7 +84,7 @@ def test_every_adversarial_half_matches_its_source(two_stores, digits_static, au
 
     ds = create_dataset("digits")
     cfg = TrainConfig(model="D", dataset="digits", mode="ens-adv", shards=tuple(map(str, two_stores)),
-                      batch_size=32, augment=augment, eps=0.25, eps_dist="truncnorm")
+                      attack="fgsm", batch_size=32, augment=augment, eps=0.25, eps_dist="truncnorm")
     readers = [open_store(p) for p in two_stores]
     model = load_model(digits_static).train()
     seen, sources = set(), set()
@@ -133,9 +133,10 @@ def test_mismatched_store_is_refused_before_training(digits_static, tmp_path):
 
 
 def test_store_of_another_attack_is_refused(two_stores, tmp_path):
-    with pytest.raises(StoreError, match="holds fgsm directions but training uses --attack step_ll"):
+    with pytest.raises(StoreError, match="--attack step_ll conflicts with the stores, which hold fgsm directions"):
         train(TrainConfig(model="D", dataset="digits", mode="ens-adv", attack="step_ll",
                           shards=(str(two_stores[0]),), epochs=1, device="cpu"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
