@@ -285,13 +285,12 @@ def _new_figure(width: float, height: float):
 
 
 def _save_png(fig, path: str | os.PathLike) -> Path:
-    """Write the PNG to a temporary name and rename it: never a half-written figure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    """Write the PNG atomically: never a half-written figure."""
+    from enspipe.fileio import atomic_target
+
+    with atomic_target(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    return Path(path)
 
 
 def plot_loss_surface(surface: Mapping[str, Any], path: str | os.PathLike, *, points: int = 3,

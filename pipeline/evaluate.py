@@ -22,7 +22,7 @@ import torch
 from enspipe import attacks
 from enspipe.data import create_dataset
 from enspipe.errors import ConfigError
-from enspipe.models import EnsModel, resolve_model
+from enspipe.models import resolve_model
 from enspipe.runtime import progress, resolve_device, versions, write_json
 
 # Defaults per attack: MNIST settings of the paper (I-FGSM 10 steps; PGD 40 steps of

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from enspipe.errors import ModelError
+from enspipe.fileio import atomic_target, atomic_write_json
 
 CHECKPOINT_FORMAT = "enspipe-model/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -337,12 +338,9 @@ def save_model(model: EnsModel, directory: str | os.PathLike, *, classes: list[s
         "provenance": {**model.provenance, **(provenance or {})},
     }
     st, js = directory / f"{stem}.safetensors", directory / f"{stem}.json"
-    save_file(state, str(st) + ".tmp", metadata={"format": CHECKPOINT_FORMAT})
-    os.replace(str(st) + ".tmp", st)
-    tmp = js.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, js)
-    return js
+    with atomic_target(st) as tmp:
+        save_file(state, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
+    return atomic_write_json(js, meta)
 
 
 def _checkpoint_files(path: str | os.PathLike) -> tuple[Path, Path | None]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from enspipe.errors import ConfigError
+from enspipe.fileio import atomic_target, atomic_write
 
 Paper = Mapping[str, Mapping[str, float]]
 CI = tuple[float, float]
@@ -413,10 +414,8 @@ def _new_figure(width: float, height: float):
 
 
 def _save_png(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     return path
 
 
@@ -564,11 +563,7 @@ def write_report(run_dir: str | os.PathLike, *, paper: str | Paper | None = None
             continue
         parts.append(diagnostics_markdown(diag, table))
         parts += _diagnostic_figures(diag, path.parent, run_dir, _slug(where))
-    out = run_dir / "report.md"
-    tmp = out.with_name("report.md.tmp")
-    tmp.write_text("\n\n".join(parts).rstrip() + "\n")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(run_dir / "report.md", "\n\n".join(parts).rstrip() + "\n")
 
 
 def _diagnostic_figures(diag: Mapping[str, Any], diag_dir: Path, run_dir: Path, slug: str) -> list[str]:

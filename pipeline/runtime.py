@@ -47,13 +47,10 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, d
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON atomically (temp file + rename), so a killed process never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write JSON atomically, so a killed process never leaves half a file."""
+    from enspipe.fileio import atomic_write_json
+
+    return atomic_write_json(path, obj)
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from enspipe import attacks
 from enspipe.data import SampleSource, create_dataset
 from enspipe.errors import ConfigError, EnspipeError, StoreError
+from enspipe.fileio import atomic_target
 from enspipe.models import EnsModel, resolve_model, save_model
 from enspipe.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
 
@@ -515,16 +516,15 @@ def _save_epoch(run_dir: Path, model: EnsModel, optimizer, scheduler, epoch: int
     }
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(device)
-    tmp = ckdir / f"epoch-{epoch:04d}.pt.tmp"
+    path = ckdir / f"epoch-{epoch:04d}.pt"
     try:
-        torch.save(state, tmp)
+        with atomic_target(path) as tmp:
+            torch.save(state, tmp)
     except RuntimeError as e:
         # torch reports a failed write (e.g. a full disk) as RuntimeError: free the space,
         # keep the previous checkpoint, and say what happened in one line.
-        tmp.unlink(missing_ok=True)
-        raise EnspipeError(f"could not write checkpoint {tmp.with_suffix('')} ({str(e).splitlines()[0]}); "
+        raise EnspipeError(f"could not write checkpoint {path} ({str(e).splitlines()[0]}); "
                            "free space and re-run with --resume") from None
-    os.replace(tmp, ckdir / f"epoch-{epoch:04d}.pt")
     _save_final(run_dir, model, dataset, cfg, epoch)
 
 

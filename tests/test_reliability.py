@@ -557,7 +557,7 @@ TRAIN_POINTS = [
     Kill("during the model write: model.safetensors temp written, not renamed",
          "kill-before-replace:*/model.safetensors#2"),
     Kill("between model.safetensors and model.json", "kill-after-replace:*/model.safetensors#1"),
-    Kill("during the model.json write: half written", "kill-mid-write:*/model.json.tmp#3"),
+    Kill("during the model.json write: half written", "kill-mid-write:*/.model.json.*.tmp#3"),
     Kill("during a later checkpoint write (epoch 3 of 4)", "kill-before-replace:*/checkpoints/epoch-0002.pt"),
 ]
 

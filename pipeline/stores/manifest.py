@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from enspipe.errors import StoreError
+from enspipe.fileio import atomic_write_json
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -216,16 +216,7 @@ def write_json_atomic(path: Path, doc: Any, *, indent: int | None = 1) -> None:
     Readers see the old or the new file, never a torn one; concurrent writers of the
     same file (a re-run shard) each replace it whole. Sorted keys keep bytes deterministic.
     """
-    data = (json.dumps(doc, sort_keys=True, indent=indent, allow_nan=False) + "\n").encode("utf-8")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_json(path, doc, indent=indent, sort_keys=True, strict=True)
 
 
 def read_json(path: Path, what: str) -> Any:

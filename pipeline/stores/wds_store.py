@@ -23,9 +23,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import tarfile
-import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from enspipe.errors import StoreError
+from enspipe.fileio import atomic_target
 
 from . import StoreReader, StoreWriter
 from .manifest import schema_errors, shard_range
@@ -142,24 +141,17 @@ def decode_image(ext: str, data: bytes, geometry: tuple[int, int, int]) -> np.nd
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    """Deterministic USTAR tar written to a temporary name, fsynced, then os.replace'd."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-                for name, data in members:
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    info.mtime = 0
-                    info.mode = 0o644
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    tf.addfile(info, io.BytesIO(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Deterministic USTAR tar, written atomically (fileio.atomic_target)."""
+    with atomic_target(path) as tmp, open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tf.addfile(info, io.BytesIO(data))
 
 
 def _check_member(tar: Path, m: tarfile.TarInfo) -> tuple[str, str]:

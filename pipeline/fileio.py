@@ -1,0 +1,81 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+Every file enspipe writes goes through here: the bytes go to a unique temporary name in the
+target's directory (so two writers of one file never share a temporary), are flushed and
+fsynced, get the process umask's permissions (a temporary from mkstemp is 0600; the result
+must be readable by whoever may read the target, as `open()` would make it), and are
+renamed over the target. On any error the temporary is removed and the target is left as
+it was. Temporaries are named `.NAME.PID.HEX.tmp`, which readers and listings skip.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["atomic_target", "atomic_write", "atomic_write_json", "is_temporary", "process_umask"]
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it (Linux exposes it in /proc)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting, once
+    os.umask(mask)
+    return mask
+
+
+_UMASK = process_umask()
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_target(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write `path`'s content to (for writers that take a file
+    name: torch.save, safetensors, matplotlib); on success it replaces `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = True) -> Path:
+    """Write `data` (str as UTF-8) to `path` atomically; return the path."""
+    path = Path(path)
+    with atomic_target(path, fsync=False) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, sort_keys: bool = False,
+                      strict: bool = False) -> Path:
+    """JSON to `path` atomically. `strict` refuses NaN/inf and non-JSON types (stored
+    artefacts); otherwise those are written as JSON's extensions / their str()."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=not strict,
+                      default=None if strict else str)
+    return atomic_write(path, text + "\n")
