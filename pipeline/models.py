@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from torch import nn
 
 from enspipe.errors import ModelError
 from enspipe.fileio import atomic_target, atomic_write_json
+from enspipe.netcheck import network_available as _network_reachable
 
 CHECKPOINT_FORMAT = "enspipe-model/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -170,14 +170,6 @@ MNIST_ARCHS = ("A", "B", "B*", "C", "C-code", "D")
 
 # --- Registry ---------------------------------------------------------------------------
 
-def _network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 2.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 # torchvision's Inception v3 and GoogLeNet weights were ported from TensorFlow and expect
 # input in [-1, 1]: with hub weights torchvision turns on `transform_input`, which maps
 # ImageNet-normalized input to (x - 0.5) / 0.5. enspipe normalizes with mean = std = 0.5
@@ -230,7 +222,7 @@ def _timm_net(name: str, num_classes: int, in_chans: int, pretrained: bool):
     base = name.split(".")[0]
     if not timm.is_model(base):
         raise ModelError(f"unknown timm model {name!r} (see timm.list_models())")
-    if pretrained and not _network_reachable():
+    if pretrained and not _network_reachable("huggingface.co"):
         # Fail fast: timm would retry the hub for ~40 s before giving up (NOTES.md).
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

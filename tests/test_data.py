@@ -445,3 +445,17 @@ def test_wds_bad_shards(tmp_path):
     (tmp_path / "gz.tar").write_bytes(gzip.compress(b"x" * 1000))
     with pytest.raises(DataError, match="not an uncompressed tar"):
         create_dataset(f"wds:{tmp_path / 'gz.tar'}")
+
+
+def test_wds_reader_and_store_refuse_the_same_pickle_extensions(tmp_path):
+    from enspipe import tarsafe
+    from enspipe.stores.wds_store import FORBIDDEN_EXTS
+
+    # one list: the store backend refuses exactly what the dataset reader refuses
+    assert FORBIDDEN_EXTS == tarsafe.PICKLE_EXTENSIONS and "pt" in FORBIDDEN_EXTS
+    img = png_bytes(np.zeros((4, 4), np.uint8))
+    for ext in sorted(tarsafe.PICKLE_EXTENSIONS):
+        shard = tmp_path / f"{ext}-000000.tar"
+        _tar(shard, [("a.png", img), ("a.cls", b"1"), (f"a.{ext}", b"not read")])
+        with pytest.raises(DataError, match=f"'a.{ext}'.*never unpickles"):
+            create_dataset(f"wds:{shard}")

@@ -32,12 +32,12 @@ import numpy as np
 
 from enspipe.errors import StoreError
 from enspipe.fileio import atomic_target
+from enspipe.tarsafe import PICKLE_EXTENSIONS as FORBIDDEN_EXTS
 
 from . import StoreReader, StoreWriter
 from .manifest import schema_errors, shard_range
 
 PREFIX = "shard"
-FORBIDDEN_EXTS = frozenset({"pyd", "pickle", "pkl", "pth"})
 PNG_LEVEL = 6
 GZIP_LEVEL = 6
 

@@ -1,0 +1,188 @@
+"""wds:PATTERN — WebDataset tar shards (image + .cls), indexed once and read by seeking to
+each member. Member rules (names, links, refused pickle extensions) are `enspipe.tarsafe`'s.
+
+The fingerprint's content is per-sample member size and the mtime in its tar header (the
+shards may be far too large to read at load time), and the source kind stands in for the
+pattern, so a copy that keeps mtimes (rsync -a) keeps its fingerprint.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from enspipe import tarsafe
+from enspipe.errors import DataError
+
+from .base import Geometry, LazySource, SampleSource, _fingerprint, _sanitise_keys, _stamp
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+WDS_IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+
+# one indexed sample's image: (shard number, data offset, size, extension, tar mtime)
+Member = tuple[int, int, int, str, int]
+
+
+def _expand_shards(pattern: str) -> list[Path]:
+    from braceexpand import braceexpand  # a webdataset dependency
+
+    if "://" in pattern or pattern.startswith("pipe:"):
+        raise DataError(f"wds: only local shard files are supported, got {pattern!r}")
+    shards = [Path(p).expanduser().absolute() for p in braceexpand(pattern)]
+    missing = [str(p) for p in shards if not p.is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"wds: shard {missing[0]} does not exist{more}")
+    return shards
+
+
+def _member_groups(tf: tarfile.TarFile, shard: Path) -> list[tuple[str, list[tarfile.TarInfo]]]:
+    """The shard's samples as (key, members), in tar order. Every member is checked
+    before any sample is: a shard with one unsafe or pickle member is refused whole."""
+    groups: list[tuple[str, list[tarfile.TarInfo]]] = []
+    for ti in tf:
+        name = ti.name
+        if tarsafe.check_member_name(name) is not None:
+            raise DataError(f"wds: unsafe member name {name!r} in {shard}")
+        if not tarsafe.is_regular_member(ti):
+            continue
+        key, _ = tarsafe.split_member(name)
+        if tarsafe.is_pickle_member(name):
+            raise DataError(f"wds: member {name!r} in {shard} is a pickle; "
+                            f"enspipe never unpickles data")
+        if key.rpartition("/")[2].startswith("__"):
+            continue  # webdataset's metadata members (__index__ etc.)
+        if groups and groups[-1][0] == key:  # consecutive members form a sample
+            groups[-1][1].append(ti)
+        else:
+            groups.append((key, [ti]))
+    return groups
+
+
+def _sample(tf: tarfile.TarFile, shard: Path, key: str, tis: list[tarfile.TarInfo]
+            ) -> tuple[int, tarfile.TarInfo]:
+    """(label, image member) of one sample; only its ascii `.cls` payload is read."""
+    images = [ti for ti in tis if tarsafe.split_member(ti.name)[1] in WDS_IMAGE_EXTENSIONS]
+    cls = [ti for ti in tis if tarsafe.split_member(ti.name)[1] == "cls"]
+    if len(images) != 1 or len(cls) != 1:
+        raise DataError(f"wds: sample {key!r} in {shard} needs exactly one image "
+                        f"({'/'.join(WDS_IMAGE_EXTENSIONS)}) and one .cls member")
+    payload = tf.extractfile(cls[0]).read()
+    try:
+        label = int(payload.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"wds: sample {key!r} in {shard} has a .cls that is not "
+                        f"an ascii integer: {payload[:20]!r}") from None
+    if label < 0:
+        raise DataError(f"wds: sample {key!r} in {shard} has negative label {label}")
+    return label, images[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _wds_index(shards: tuple[Path, ...], stamp: tuple) -> dict:
+    """Scan the tars: per sample its raw key, label, and image `Member`. Nothing is
+    decoded except the ascii `.cls` payloads."""
+    keys: list[str] = []
+    labels: list[int] = []
+    members: list[Member] = []
+    seen: set[str] = set()
+    for s, shard in enumerate(shards):
+        try:
+            tf = tarfile.open(shard, mode="r:")  # uncompressed: random access needs offsets
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f"wds: {shard} is not an uncompressed tar file: {e}") from e
+        with tf:
+            try:
+                for key, tis in _member_groups(tf, shard):
+                    if key in seen:
+                        raise DataError(f"wds: sample key {key!r} occurs twice (again in {shard})")
+                    seen.add(key)
+                    label, im = _sample(tf, shard, key, tis)
+                    keys.append(key)
+                    labels.append(label)
+                    members.append((s, im.offset_data, im.size,
+                                    tarsafe.split_member(im.name)[1], int(im.mtime)))
+            except tarfile.TarError as e:
+                raise DataError(f"wds: {shard} is corrupt: {e}") from e
+    if not keys:
+        raise DataError(f"wds: no samples in {len(shards)} shard(s) starting {shards[0]}")
+    return {"keys": keys, "labels": np.asarray(labels, dtype=np.int64), "members": members}
+
+
+class WebDatasetSource(LazySource):
+    """Samples of WebDataset shards in shard order, then tar order. A member file ending
+    in a pickle extension (`tarsafe.PICKLE_EXTENSIONS`) makes the whole source a DataError.
+    Geometry is the first image's (mode L -> 1 channel, anything else -> RGB); every other
+    image must match it, which is checked as it is decoded (DataError naming the key).
+    With image_size every image is resized to image_size x image_size (PIL bilinear)."""
+
+    def __init__(self, pattern: str, split: str, limit: int | None, image_size: int | None):
+        self._shards = _expand_shards(pattern)
+        index = _wds_index(tuple(self._shards), _stamp(*self._shards))
+        keys, labels, members = index["keys"], index["labels"], index["members"]
+        if limit is not None:
+            keys, labels, members = keys[:limit], labels[:limit], members[:limit]
+        self.name = f"wds:{os.path.abspath(os.path.expanduser(pattern))}"
+        self.split, self.limit = split, limit
+        self._members = members
+        self._raw_keys = keys
+        self.keys = _sanitise_keys(keys)
+        self.labels = np.array(labels, dtype=np.int64)
+        self.classes = tuple(str(k) for k in range(int(index["labels"].max()) + 1))
+        self.image_size = image_size
+        first = self._decode(0)
+        self._mode = "L" if first.mode in ("L", "1") else "RGB"
+        c = 1 if self._mode == "L" else 3
+        if image_size:
+            h = w = image_size
+            preprocess = f"wds:{self._mode.lower()}:resize{image_size}x{image_size}:bilinear:uint8"
+        else:
+            w, h = first.size
+            preprocess = f"wds:{self._mode.lower()}:uint8"
+        self.geometry = Geometry(c, h, w, preprocess)
+        self.fingerprint = _fingerprint(
+            source="wds", split=split, limit=limit, geometry=self.geometry,
+            classes=self.classes, keys=self.keys, labels=self.labels,
+            content=(f"{ext}:{size}:{mtime}\n".encode() for _, _, size, ext, mtime in members))
+
+    def _decode(self, i: int) -> Image.Image:
+        from PIL import Image
+
+        shard_no, offset, size, _, _ = self._members[i]
+        with open(self._shards[shard_no], "rb") as f:  # open per read: safe in forked workers
+            f.seek(offset)
+            data = f.read(size)
+        try:
+            if len(data) != size:
+                raise OSError(f"shard ends after {len(data)} of {size} bytes")
+            im = Image.open(io.BytesIO(data))
+            im.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"wds: cannot decode the image of sample {self._raw_keys[i]!r} "
+                            f"in {self._shards[shard_no]}: {e}") from e
+        return im
+
+    def _load(self, i: int) -> np.ndarray:
+        from PIL import Image
+
+        im = self._decode(i).convert(self._mode)
+        c, h, w = self.geometry.shape
+        if self.image_size:
+            im = im.resize((w, h), Image.Resampling.BILINEAR)
+        elif im.size != (w, h):
+            raise DataError(f"wds: sample {self._raw_keys[i]!r} is {im.size[0]}x{im.size[1]}, "
+                            f"the first sample is {w}x{h} (pass an image size to resize all)")
+        a = np.asarray(im, dtype=np.uint8)
+        return a[None] if c == 1 else a.transpose(2, 0, 1)
+
+
+def open_wds(arg: str | None, *, split: str, limit: int | None, image_size: int | None,
+             data_root: str | os.PathLike | None) -> SampleSource:
+    return WebDatasetSource(arg, split, limit, image_size)
