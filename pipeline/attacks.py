@@ -1,5 +1,8 @@
 """The l-inf attacks of the paper (§3.2, §4.1, Appendix C.2), batched, on any [0,1]-input model.
 
+(Over 400 lines on purpose: eight attacks share one set of conventions, parameter checks and
+gradient machinery, and `create_attack`, the one way a stage calls an attack by name.)
+
 A model is a `torch.nn.Module` mapping float `[B, C, H, W]` in `[0, 1]` to logits `[B, K]`;
 a list or tuple of models is attacked as their `Ensemble` (average of logits). Every attack
 returns `x_adv` with `x - eps <= x_adv <= x + eps` and `0 <= x_adv <= 1` (DESIGN §2).
@@ -513,9 +516,13 @@ def pgd_cw(
 
 
 # ----------------------------------------------------------------------------------------
-# registry
+# registry: the one way stages call an attack by name
 
 
+# Each attack's defaults are its function's keyword defaults, the paper's MNIST settings:
+# I-FGSM and Iter-LL 10 steps; PGD 40 steps as Madry et al. for eps = 0.3 (of 2.5 eps/k,
+# see `_pgd_alpha`), random steps alpha = eps/2 (Table 2). `create_attack` binds only what
+# it is given, so these apply wherever an attack is created by name.
 ATTACKS: dict[str, Callable[..., Tensor]] = {
     "fgsm": fgsm,
     "step_ll": step_ll,
@@ -526,6 +533,9 @@ ATTACKS: dict[str, Callable[..., Tensor]] = {
     "pgd": pgd,
     "pgd_cw": pgd_cw,
 }
+SINGLE_STEP = ("fgsm", "step_ll", "rand_fgsm", "rand_step_ll")  # one gradient; no `steps`
+ITERATIVE = ("iter_fgsm", "iter_ll", "pgd", "pgd_cw")          # take `steps`
+RANDOM = ("rand_fgsm", "rand_step_ll", "pgd", "pgd_cw")         # draw noise: `seed` applies
 
 
 def _validate(name: str, params: dict) -> None:
@@ -543,17 +553,32 @@ def _validate(name: str, params: dict) -> None:
         raise AttackError(f"random_start must be true or false, got {params['random_start']!r}.")
     if name in ("rand_fgsm", "rand_step_ll"):
         _rand_alpha(eps, params.get("alpha"))
-    elif name in ("iter_fgsm", "iter_ll", "pgd", "pgd_cw"):
+    elif name in ITERATIVE:
         default = inspect.signature(ATTACKS[name]).parameters["steps"].default
         steps = _check_steps(params.get("steps", default))
         (_iter_alpha if name.startswith("iter") else _pgd_alpha)(eps, steps, params.get("alpha"))
 
 
-def create_attack(name: str, **params: object) -> Callable[..., Tensor]:
-    """attack(model, x, y) -> x_adv with `params` bound (a functools.partial).
+def _seeded(attack: Callable[..., Tensor], seed: int) -> Callable[..., Tensor]:
+    """`attack` drawing its noise from a fresh generator seeded with `seed` on every call."""
 
-    eps and alpha may be strings such as "16/256" (as in job specs). Parameters are checked
-    now, so a bad spec fails before any compute.
+    def seeded(model: Model, x: Tensor, y: Tensor | None = None) -> Tensor:
+        return attack(model, x, y, generator=torch.Generator().manual_seed(seed))
+
+    return seeded
+
+
+def create_attack(name: str, *, seed: int | torch.Generator | None = None,
+                  **params: object) -> Callable[..., Tensor]:
+    """attack(model, x, y) -> x_adv for the attack `name` with `params` bound.
+
+    eps and alpha may be strings such as "16/256" (as in job specs). Parameters not given
+    take the attack's defaults (see `ATTACKS`). Parameters are checked now, so a bad spec
+    fails before any compute. `seed` is accepted by every attack, so a stage can seed an
+    attack it knows only by name; a deterministic attack ignores it. A random attack
+    (`RANDOM`) draws its noise from a fresh generator seeded with an int `seed` on each
+    call (the same x_adv for the same input), or from a CPU `torch.Generator` `seed`
+    whose stream carries on across calls.
     """
     if name not in ATTACKS:
         raise AttackError(f"unknown attack {name!r}; known attacks are {', '.join(ATTACKS)}.")
@@ -575,5 +600,17 @@ def create_attack(name: str, **params: object) -> Callable[..., Tensor]:
     if isinstance(params.get("alpha"), str):
         alpha = _parse_fraction(params["alpha"])  # type: ignore[arg-type]
         params["alpha"] = params["alpha"] if alpha is None else alpha  # _validate names a bad one
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, torch.Generator)):
+            raise AttackError(f"seed must be an integer or a CPU torch.Generator, got {seed!r}.")
+        if "generator" in params:
+            raise AttackError(f"attack {name!r} got both seed and generator; pass one of them.")
+        if isinstance(seed, torch.Generator):
+            _check_generator(seed)
     _validate(name, params)
-    return functools.partial(fn, **params)
+    attack = functools.partial(fn, **params)
+    if seed is None or name not in RANDOM:
+        return attack
+    if isinstance(seed, torch.Generator):
+        return functools.partial(attack, generator=seed)
+    return _seeded(attack, int(seed))

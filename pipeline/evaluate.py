@@ -10,7 +10,6 @@ x_adv from a source. Errors come with 95% Wilson intervals; top-5 is added when 
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -22,17 +21,11 @@ import torch
 from enspipe import attacks
 from enspipe.data import create_dataset
 from enspipe.errors import ConfigError
-from enspipe.models import resolve_model
+from enspipe.models import BINARIZED_PREFIX, load_model_for
 from enspipe.runtime import progress, resolve_device, versions, write_json
+from enspipe.stats import wilson_interval
 
-# Defaults per attack: MNIST settings of the paper (I-FGSM 10 steps; PGD 40 steps of
-# 0.01 as Madry et al. for eps=0.3, scaled with eps).
-ATTACK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "iter_fgsm": {"steps": 10},
-    "iter_ll": {"steps": 10},
-    "pgd": {"steps": 40},
-    "pgd_cw": {"steps": 40},
-}
+__all__ = ["EvalConfig", "evaluate", "model_label", "wilson_interval"]
 
 
 @dataclass(frozen=True)
@@ -68,17 +61,6 @@ class EvalConfig:
             raise ConfigError(f"--batch-size must be at least 1, not {self.batch_size}")
 
 
-def wilson_interval(errors: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (well-behaved at 0 and n)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = errors / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def model_label(spec: str) -> str:
     """A short name for a model given as a run dir or checkpoint path."""
     p = Path(spec)
@@ -107,39 +89,20 @@ class _Counter:
         return out
 
 
-def _attack_fn(name: str, eps: float, generator: torch.Generator):
-    fn = attacks.ATTACKS[name]
-    params = {"eps": eps, **ATTACK_DEFAULTS.get(name, {})}
-    if "generator" in inspect.signature(fn).parameters:
-        params["generator"] = generator
-    return lambda model, x, y: fn(model, x, y, **params)
-
-
 def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run the evaluation; write `results.json` into `out` (a directory or a .json path)."""
     device = resolve_device(cfg.device)
     data = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
                           image_size=cfg.image_size)
 
-    def load(spec: str) -> torch.nn.Module:
-        binarize = spec.startswith("binarized:")
-        path = spec.removeprefix("binarized:")
-        m = resolve_model(path, num_classes=data.num_classes, input_size=data.geometry.shape)
-        if m.config.input_size != data.geometry.shape:
-            raise ConfigError(f"model {path} takes {m.config.input_size} input but the data is {data.geometry.shape}")
-        if binarize:  # Appendix C.1's input-binarization baseline
-            from enspipe.diagnostics import Binarized
-
-            return Binarized(m).to(device).eval()
-        return m.to(device).eval()
-
     def label(spec: str) -> str:
         if spec in cfg.names:
             return cfg.names[spec]
-        return model_label(spec.removeprefix("binarized:")) + ("+binarized" if spec.startswith("binarized:") else "")
+        binarized = spec.startswith(BINARIZED_PREFIX)  # Appendix C.1's input-binarization baseline
+        return model_label(spec.removeprefix(BINARIZED_PREFIX)) + ("+binarized" if binarized else "")
 
-    targets = {label(s): load(s) for s in cfg.models}
-    sources = {label(s): load(s) for s in cfg.sources}
+    targets = {label(s): load_model_for(s, data, device) for s in cfg.models}
+    sources = {label(s): load_model_for(s, data, device) for s in cfg.sources}
     if cfg.ensemble_source:
         sources["ensemble(" + "+".join(sources) + ")"] = attacks.Ensemble(list(sources.values())).eval()
     topk = data.num_classes > 10
@@ -156,14 +119,14 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
             for t, m in targets.items():
                 clean[t].add(m(x), y)
         for a in cfg.attacks:
+            # Seeded per batch, fresh on every call: every target and source draws the same noise.
+            attack = attacks.create_attack(a, eps=cfg.eps, seed=cfg.seed * 1_000_003 + b)
             for t, m in targets.items():
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
-                x_adv = _attack_fn(a, cfg.eps, gen)(m, x, y)
+                x_adv = attack(m, x, y)
                 with torch.no_grad():
                     white[t][a].add(m(x_adv), y)
             for s, src in sources.items():
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
-                x_adv = _attack_fn(a, cfg.eps, gen)(src, x, y)
+                x_adv = attack(src, x, y)
                 with torch.no_grad():
                     for t, m in targets.items():
                         black[t][s][a].add(m(x_adv), y)

@@ -1,5 +1,8 @@
 """Model registry: the paper's MNIST architectures, torchvision and timm models.
 
+(Over 400 lines on purpose: every way a name becomes a model -- registry, [0, 1] wrapper,
+checkpoints, `load_model_for` -- shares one ModelConfig and one set of checks.)
+
 Every model enspipe hands out is an `EnsModel`: it takes images in [0, 1] (the threat
 model of DESIGN §2: eps = 16/256 means pixels) and normalizes them inside with its own
 mean/std, so attacks never need to know how a network was trained. It also records its
@@ -12,6 +15,10 @@ Names:
 
 Checkpoints are `model.safetensors` + `model.json`; nothing is ever unpickled (a bare
 `.pth` state dict is read with `torch.load(weights_only=True)`, which refuses code).
+
+Stages load their models with `load_model_for(spec, dataset, device)`: a run dir,
+checkpoint or name (optionally "binarized:SPEC"), checked against the data's geometry and
+number of classes, on the device, in eval mode.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from enspipe.errors import ModelError
+from enspipe.errors import ConfigError, ModelError
 from enspipe.fileio import atomic_target, atomic_write_json
 from enspipe.netcheck import network_available as _network_reachable
 
@@ -493,3 +500,36 @@ def resolve_model(spec: str, *, weights: str | None = None, pretrained: bool = F
         return load_model(p)
     return create_model(spec, num_classes=num_classes, input_size=input_size,
                         pretrained=pretrained, weights=weights, new_head=new_head)
+
+
+BINARIZED_PREFIX = "binarized:"  # a spec prefix: the model behind input binarization (Appendix C.1)
+
+
+def load_model_for(spec: str | os.PathLike, dataset: Any, device: torch.device | str, *,
+                   weights: str | os.PathLike | None = None, pretrained: bool = False,
+                   new_head: bool = False) -> nn.Module:
+    """The model `spec` names, fitted to `dataset`, on `device`, in eval mode.
+
+    `spec` is a run dir / checkpoint path or a registry name (built for the dataset's
+    classes and geometry; `weights`, `pretrained` and `new_head` as in `create_model`);
+    "binarized:SPEC" wraps that model in `Binarized`. `dataset` is anything with
+    `num_classes` and `geometry.shape` (a `SampleSource`). A model that takes another
+    input geometry or predicts another number of classes than the data has is refused
+    with a ConfigError. Callers that train switch the model to train mode themselves.
+    """
+    spec = os.fspath(spec)
+    if spec.startswith(BINARIZED_PREFIX):
+        from enspipe.binarize import Binarized
+
+        inner = load_model_for(spec[len(BINARIZED_PREFIX):], dataset, device, weights=weights,
+                               pretrained=pretrained, new_head=new_head)
+        return Binarized(inner).eval()
+    shape = tuple(dataset.geometry.shape)
+    model = resolve_model(spec, weights=None if weights is None else os.fspath(weights), pretrained=pretrained,
+                          num_classes=dataset.num_classes, input_size=shape, new_head=new_head)
+    if tuple(model.config.input_size) != shape:
+        raise ConfigError(f"model {spec} takes {model.config.input_size} input but the data is {shape}")
+    if model.config.num_classes != dataset.num_classes:
+        raise ConfigError(f"model {spec} predicts {model.config.num_classes} classes but the data has "
+                          f"{dataset.num_classes}")
+    return model.to(device).eval()

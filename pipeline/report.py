@@ -13,9 +13,13 @@ and writes `report.md` beside PNG figures. The tables take the paper's forms:
 - diagnostics (Table 6, §4, Figure 2): approximation ratio, cosine, gradient norm,
   adversarial-subspace shares, with the figures.
 
-The paper's own numbers (`PAPER`, or a dict model -> metric -> value in %) appear beside
-ours. Only json, numpy and matplotlib are used (torch is not imported), so a report is
-quick to write, offline.
+The paper's own numbers (`enspipe.paper.PAPER`, or a dict model -> metric -> value in %)
+appear beside ours. A report depends on the result files only, read with json, and on
+`enspipe.stats` and `enspipe.plots` (numpy, matplotlib): torch is not imported (a test
+checks it), so a report is quick to write, offline.
+
+(Over 400 lines on purpose: one job, results files to one report.md; the tables are small
+functions over the same few readers of results.json.)
 """
 from __future__ import annotations
 
@@ -26,10 +30,16 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from enspipe import plots
 from enspipe.errors import ConfigError
-from enspipe.fileio import atomic_target, atomic_write
+from enspipe.fileio import atomic_write
+from enspipe.paper import PAPER, Paper, paper_value, resolve_paper
+from enspipe.stats import wilson_interval
 
-Paper = Mapping[str, Mapping[str, float]]
+__all__ = ["ATTACK_NAMES", "PAPER", "diagnostics_markdown", "markdown_tables", "plot_transfer_heatmap",
+           "resolve_paper", "summary_table", "tied_best", "transfer_matrix", "transfer_table",
+           "whitebox_table", "write_report"]
+
 CI = tuple[float, float]
 
 SINGLE_STEP_WHITEBOX = ("fgsm", "step_ll")  # Table 8 shows FGSM, Table 4 Step-LL
@@ -38,107 +48,6 @@ ATTACK_NAMES = {
     "iter_fgsm": "I-FGSM", "iter_ll": "Iter-LL", "pgd": "PGD", "pgd_cw": "PGD (CW loss)",
 }
 
-# --- the paper's numbers (all in %) ------------------------------------------------------
-# Metric keys: "clean", "whitebox:<attack>", "blackbox_max", "blackbox_avg" (top-1; a
-# "_top5" suffix for top-5), "transfer:<attack>:<source>" (a transfer-matrix cell) and
-# "approximation_ratio" (Table 6 / §4). Model names are matched loosely (case, "_", "-"
-# and spaces ignored), so "A_adv-ens3", "Aadv-ens3" and "aadv_ens3" are the same model.
-
-_T7_COLS = ("whitebox:fgsm", "whitebox:rand_fgsm", "transfer:fgsm:A", "transfer:fgsm:B",
-            "transfer:fgsm:B*", "transfer:fgsm:C", "transfer:fgsm:D")
-_TABLE7 = {  # Table 7 (MNIST, eps = 0.3); None where the source is the model itself
-    "A": (64.7, 69.7, None, 61.5, 53.2, 46.8, 41.5),
-    "Aadv": (2.2, 14.8, 6.6, 10.7, 8.8, 6.5, 8.3),
-    "B": (85.0, 86.0, 45.7, None, 69.9, 59.9, 85.9),
-    "Badv": (11.6, 11.1, 6.4, 8.9, 8.5, 4.9, 6.1),
-    "B*": (75.7, 74.1, 44.3, 72.8, None, 46.0, 62.6),
-    "B*adv": (4.3, 40.6, 16.1, 14.7, 15.0, 17.9, 9.1),
-    "C": (81.8, 81.8, 40.2, 55.8, 49.5, None, 59.4),
-    "Cadv": (3.7, 17.1, 9.8, 29.3, 21.5, 11.9, 21.9),
-    "D": (92.4, 95.4, 61.3, 74.1, 68.9, 65.1, None),
-    "Dadv": (25.5, 47.5, 32.1, 30.5, 29.3, 28.2, 21.8),
-}
-_TABLE8 = {  # Table 8 (MNIST, eps = 0.3): clean, white-box FGSM, max / avg black-box
-    "Aadv": (0.8, 2.2, 10.8, 7.7), "Aadv-ens": (0.8, 7.0, 6.6, 5.2), "Aadv-ens3": (0.7, 5.4, 6.5, 4.3),
-    "Badv": (0.8, 11.6, 8.9, 5.5), "Badv-ens": (0.7, 10.5, 6.8, 5.3), "Badv-ens3": (0.8, 14.0, 8.8, 5.1),
-    "Cadv": (1.0, 3.7, 29.3, 18.7), "Cadv-ens": (1.3, 1.9, 17.2, 10.7), "Cadv-ens3": (1.4, 3.6, 14.5, 8.4),
-    "Dadv": (2.6, 25.5, 32.5, 23.5), "Dadv-ens": (2.6, 21.5, 38.6, 28.0), "Dadv-ens3": (2.6, 29.4, 29.8, 15.6),
-}
-_TABLE6 = {"A": 17, "Aadv": 0, "B": 25, "Badv": 8, "B*": 23, "B*adv": 1, "C": 25, "Cadv": 0, "D": 49, "Dadv": 16}
-_TABLE4 = {  # Table 4 (ImageNet, eps = 16/256): top-1 clean, Step-LL, max BB; top-5 the same
-    "v3": (22.0, 69.6, 51.2, 6.1, 42.7, 24.5), "v3adv": (22.0, 26.6, 40.8, 6.1, 9.0, 17.4),
-    "v3adv-ens3": (23.6, 30.0, 34.0, 7.6, 10.1, 11.2), "v3adv-ens4": (24.2, 43.3, 33.4, 7.8, 19.4, 10.7),
-    "IRv2": (19.6, 50.7, 44.4, 4.8, 24.0, 17.8), "IRv2adv": (19.8, 21.4, 34.5, 4.9, 5.8, 11.7),
-    "IRv2adv-ens": (20.2, 26.0, 27.0, 5.1, 7.6, 7.9),
-}
-_IMAGENET_MODELS = ("v4", "v3", "v3adv", "IRv2", "IRv2adv")
-_TABLE1 = {  # Table 1 (Step-LL transfer, eps = 16/256), rows targets, columns _IMAGENET_MODELS
-    "top1": {"v4": (60.2, 39.2, 31.1, 36.6, 30.9), "v3": (43.8, 69.6, 36.4, 42.1, 35.1),
-             "v3adv": (36.3, 35.6, 26.6, 35.2, 35.9), "IRv2": (38.0, 38.0, 30.8, 50.7, 31.9),
-             "IRv2adv": (31.0, 30.3, 25.7, 30.6, 21.4)},
-    "top5": {"v4": (31.0, 14.9, 10.2, 13.6, 9.9), "v3": (18.7, 42.7, 13.0, 17.8, 12.8),
-             "v3adv": (13.6, 13.5, 9.0, 13.0, 14.5), "IRv2": (14.1, 14.8, 9.9, 24.0, 10.6),
-             "IRv2adv": (10.3, 10.5, 7.7, 10.4, 5.8)},
-}
-_TABLE2_RSTEPLL = {"v4": (70.5, 42.8), "v3": (80.0, 57.1), "v3adv": (64.8, 37.1),  # (top-1, top-5)
-                   "IRv2": (56.3, 29.3), "IRv2adv": (37.5, 15.0)}
-_IMAGENET_RATIO = {"v3": 19, "v3adv": 7, "IRv2": 17, "IRv2adv": 8, "v3adv-ens3": 13, "v3adv-ens4": 18,
-                   "IRv2adv-ens": 14}  # §4 and §4.2 (approximation ratio of Step-LL)
-
-
-def _build_paper() -> dict[str, dict[str, dict[str, float]]]:
-    mnist: dict[str, dict[str, float]] = {}
-    for m, vals in _TABLE7.items():
-        mnist.setdefault(m, {}).update({k: v for k, v in zip(_T7_COLS, vals) if v is not None})
-    for m, (clean, fgsm, bmax, bavg) in _TABLE8.items():
-        mnist.setdefault(m, {}).update({"clean": clean, "whitebox:fgsm": fgsm, "blackbox_max": bmax,
-                                        "blackbox_avg": bavg})
-    for m, r in _TABLE6.items():
-        mnist.setdefault(m, {})["approximation_ratio"] = float(r)
-    imagenet: dict[str, dict[str, float]] = {}
-    for m, (c1, s1, b1, c5, s5, b5) in _TABLE4.items():
-        imagenet[m] = {"clean": c1, "whitebox:step_ll": s1, "blackbox_max": b1,
-                       "clean_top5": c5, "whitebox:step_ll_top5": s5, "blackbox_max_top5": b5}
-    for top, suffix in (("top1", ""), ("top5", "_top5")):
-        for target, row in _TABLE1[top].items():
-            cells = imagenet.setdefault(target, {})
-            for source, v in zip(_IMAGENET_MODELS, row):
-                key = "whitebox:step_ll" if source == target else f"transfer:step_ll:{source}"
-                cells[key + suffix] = v
-    for m, (t1, t5) in _TABLE2_RSTEPLL.items():
-        imagenet[m].update({"whitebox:rand_step_ll": t1, "whitebox:rand_step_ll_top5": t5})
-    for m, r in _IMAGENET_RATIO.items():
-        imagenet.setdefault(m, {})["approximation_ratio"] = float(r)
-    return {"mnist": mnist, "imagenet": imagenet}
-
-
-PAPER: dict[str, dict[str, dict[str, float]]] = _build_paper()
-
-
-def _key(name: str) -> str:
-    # "Bstar" is how job specs spell B* (TOML keys cannot hold "*").
-    return re.sub(r"[\s_\-]+", "", name).lower().replace("bstar", "b*")
-
-
-def _paper_value(paper: Paper | None, model: str, metric: str) -> float | None:
-    if not paper:
-        return None
-    for name, metrics in paper.items():
-        if _key(name) == _key(model):
-            v = metrics.get(metric)
-            return None if v is None else float(v)
-    return None
-
-
-def resolve_paper(paper: str | Paper | None) -> Paper | None:
-    """A paper table by key ("mnist", "imagenet") or a dict model -> metric -> value in %."""
-    if paper is None or not isinstance(paper, str):
-        return paper
-    if paper not in PAPER:
-        raise ConfigError(f"unknown paper table {paper!r}; use one of {', '.join(PAPER)}")
-    return PAPER[paper]
-
-
 # --- reading the results -----------------------------------------------------------------
 
 def _ci(entry: Mapping[str, Any], top5: bool = False) -> CI:
@@ -146,8 +55,6 @@ def _ci(entry: Mapping[str, Any], top5: bool = False) -> CI:
     ci = entry.get("top5_ci95" if top5 else "ci95")
     if ci is not None:
         return (float(ci[0]), float(ci[1]))
-    from enspipe.evaluate import wilson_interval  # only for hand-written results without CIs
-
     errors = entry.get("top5_errors") if top5 else entry.get("errors")
     if errors is None:
         errors = round(float(entry["top5_error" if top5 else "error"]) * int(entry["n"]))
@@ -191,9 +98,8 @@ def transfer_matrix(results: Mapping[str, Any], *, attack: str | None = None,
     "diagonal elements represent a white-box attack"). `attack` defaults to the first
     single-step attack transferred (FGSM, Step-LL), else the first one.
     """
-    attacks = _attack_order(results, "blackbox")
     if attack is None:
-        attack = next((a for a in attacks if a in SINGLE_STEP_WHITEBOX), attacks[0] if attacks else None)
+        attack = transfer_attack_default(results)
     rows = list(results.get("models", {}))
     cols = _sources(results)
     values: list[list[float | None]] = []
@@ -251,8 +157,8 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str = "r
     return "\n".join(lines)
 
 
-def _with_paper(text: str, paper_value: float | None) -> str:
-    return text if paper_value is None else f"{text} ({paper_value:.1f})"
+def _with_paper(text: str, value: float | None) -> str:
+    return text if value is None else f"{text} ({value:.1f})"
 
 
 def _overlap(a: CI, b: CI) -> bool:
@@ -316,7 +222,7 @@ def summary_table(results: Mapping[str, Any], paper: Paper | None = None,
     for c in cols:
         header.append(c[1])
         metric = c[0] + ("_top5" if c[2] else "")
-        if any(_paper_value(paper, t, metric) is not None for t in models):
+        if any(paper_value(paper, t, metric) is not None for t in models):
             header.append("paper")
             paper_cols.append(c)
     rows = []
@@ -327,7 +233,7 @@ def summary_table(results: Mapping[str, Any], paper: Paper | None = None,
             text = "–" if cell is None else f"{_pct(cell[0])} [{_pct(cell[1][0])}, {_pct(cell[1][1])}]"
             row.append(f"**{text}**" if bold.get((t, c)) and cell is not None else text)
             if c in paper_cols:
-                pv = _paper_value(paper, t, c[0] + ("_top5" if c[2] else ""))
+                pv = paper_value(paper, t, c[0] + ("_top5" if c[2] else ""))
                 row.append("–" if pv is None else f"{pv:.1f}")
         rows.append(row)
     return _table(header, rows)
@@ -343,7 +249,7 @@ def whitebox_table(results: Mapping[str, Any], paper: Paper | None = None, top5:
         top = max((v for v in vals if v is not None), default=None)
         row = [t]
         for a, v in zip(attacks, vals):
-            text = _with_paper(_pct(v), _paper_value(paper, t, f"whitebox:{a}" + ("_top5" if top5 else "")))
+            text = _with_paper(_pct(v), paper_value(paper, t, f"whitebox:{a}" + ("_top5" if top5 else "")))
             row.append(f"**{text}**" if v is not None and v == top else text)
         rows.append(row)
     return _table(["Model"] + [ATTACK_NAMES.get(a, a) for a in attacks], rows)
@@ -360,7 +266,7 @@ def transfer_table(results: Mapping[str, Any], attack: str, paper: Paper | None 
         for s, v in zip(cols, vals):
             key = f"whitebox:{attack}" if s == t else f"transfer:{attack}:{s}"
             text = _with_paper(_pct(v) + ("†" if s == t and v is not None else ""),
-                               _paper_value(paper, t, key + ("_top5" if top5 else "")))
+                               paper_value(paper, t, key + ("_top5" if top5 else "")))
             row.append(f"**{text}**" if v is not None and v == top else text)
         out.append(row)
     return _table(["Target \\ Source"] + cols, out)
@@ -403,52 +309,17 @@ def markdown_tables(results: Mapping[str, Any], paper: Paper | None = None, *,
 
 # --- figures --------------------------------------------------------------------------------
 
-def _new_figure(width: float, height: float):
-    """A Figure on the Agg canvas, leaving pyplot's global backend alone."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_png(fig, path: Path) -> Path:
-    with atomic_target(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    return path
-
-
 def plot_transfer_heatmap(results: Mapping[str, Any], path: str | os.PathLike, *, attack: str | None = None,
                           top5: bool = False) -> Path:
     """A PNG heatmap of the transfer matrix (error in %), white-box cells outlined."""
-    import numpy as np
-    from matplotlib.patches import Rectangle
-
-    rows, cols, values = transfer_matrix(results, attack=attack, top5=top5)
-    grid = np.array([[np.nan if v is None else 100 * v for v in r] for r in values], dtype=float).reshape(
-        len(rows), len(cols))
-    fig = _new_figure(1.2 + 0.9 * max(1, len(cols)), 1.0 + 0.6 * max(1, len(rows)))
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(grid, cmap="Reds", vmin=0, vmax=100, aspect="auto")
-    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
-    ax.set_yticks(range(len(rows)), rows)
-    ax.set_xlabel("source")
-    ax.set_ylabel("target")
-    for i, t in enumerate(rows):
-        for j, s in enumerate(cols):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8,
-                        color="white" if grid[i, j] > 60 else "black")
-            if s == t:
-                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2, ec="black"))
     used = attack or transfer_attack_default(results)
-    ax.set_title(f"{ATTACK_NAMES.get(used, used)} transfer error (%){' top-5' if top5 else ''}")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save_png(fig, Path(path))
+    title = f"{ATTACK_NAMES.get(used, used)} transfer error (%){' top-5' if top5 else ''}"
+    return plots.plot_transfer_heatmap(*transfer_matrix(results, attack=attack, top5=top5), path, title=title)
 
 
 def transfer_attack_default(results: Mapping[str, Any]) -> str | None:
+    """The attack a transfer matrix shows by default: the first single-step one transferred
+    (FGSM, Step-LL), else the first one."""
     attacks = _attack_order(results, "blackbox")
     return next((a for a in attacks if a in SINGLE_STEP_WHITEBOX), attacks[0] if attacks else None)
 
@@ -460,7 +331,7 @@ def diagnostics_markdown(diag: Mapping[str, Any], paper: Paper | None = None) ->
     models = diag.get("models", {})
     header = ["Model", f"Approx. ratio % ({diag.get('single', '?')} / {diag.get('iterative', '?')})", "Gap %",
               "Cosine", "‖∇x L‖₁", "‖∇x L‖₂"]
-    has_paper = any(_paper_value(paper, t, "approximation_ratio") is not None for t in models)
+    has_paper = any(paper_value(paper, t, "approximation_ratio") is not None for t in models)
     if has_paper:
         header.insert(2, "paper")
     rows = []
@@ -469,7 +340,7 @@ def diagnostics_markdown(diag: Mapping[str, Any], paper: Paper | None = None) ->
         row = [t, _pct(ar.get("ratio")), _pct(ar.get("gap")), f"{m.get('cosine', {}).get('mean', float('nan')):.3f}",
                f"{gn.get('l1', float('nan')):.4g}", f"{gn.get('l2', float('nan')):.4g}"]
         if has_paper:
-            pv = _paper_value(paper, t, "approximation_ratio")
+            pv = paper_value(paper, t, "approximation_ratio")
             row.insert(2, "–" if pv is None else f"{pv:.0f}")
         rows.append(row)
     parts = [f"*eps = {diag.get('eps')}, n = {diag.get('n')}, iterative steps = {diag.get('steps')}.* "
@@ -573,18 +444,14 @@ def _diagnostic_figures(diag: Mapping[str, Any], diag_dir: Path, run_dir: Path, 
     target = diag_dir / sub if sub else None
     subspaces = {t: m["subspace"] for t, m in diag["models"].items() if m.get("subspace", {}).get("curves")}
     if (target is None or not target.exists()) and subspaces:
-        from enspipe.diagnostics import plot_subspace
-
-        target = plot_subspace(subspaces, run_dir / f"report-{slug}-subspace.png")
+        target = plots.plot_subspace(subspaces, run_dir / f"report-{slug}-subspace.png")
     if target is not None and target.exists():
         lines.append(f"![adversarial subspaces (Figure 2)]({_rel(target, run_dir)})")
     for t, m in diag["models"].items():
         name = (m.get("figures") or {}).get("loss_surface")
         target = diag_dir / name if name else None
         if (target is None or not target.exists()) and m.get("loss_surface", {}).get("loss"):
-            from enspipe.diagnostics import plot_loss_surface
-
-            target = plot_loss_surface(m["loss_surface"], run_dir / f"report-{slug}-{_slug(t)}-loss.png")
+            target = plots.plot_loss_surface(m["loss_surface"], run_dir / f"report-{slug}-{_slug(t)}-loss.png")
         if target is not None and target.exists():
             lines.append(f"![loss surface of {t} (Figures 1, 4, 5)]({_rel(target, run_dir)})")
     return lines

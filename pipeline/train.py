@@ -36,7 +36,7 @@ from enspipe import attacks
 from enspipe.data import SampleSource, create_dataset
 from enspipe.errors import ConfigError, EnspipeError, StoreError
 from enspipe.fileio import atomic_target
-from enspipe.models import EnsModel, resolve_model, save_model
+from enspipe.models import EnsModel, load_model_for, save_model
 from enspipe.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
 
 MODES = ("clean", "adv", "ens-adv")
@@ -378,12 +378,9 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                              image_size=cfg.image_size)
     stores = _check_stores(dataset, cfg.shards)
     seed_everything(cfg.seed)
-    model: EnsModel = resolve_model(cfg.model, weights=cfg.weights, num_classes=dataset.num_classes,
-                                    input_size=dataset.geometry.shape, new_head=cfg.new_head)
-    if model.config.input_size != dataset.geometry.shape:
-        raise ConfigError(f"model {cfg.model} takes {model.config.input_size} input but the data is "
-                          f"{dataset.geometry.shape}")
-    model.to(device)
+    model = load_model_for(cfg.model, dataset, device, weights=cfg.weights, new_head=cfg.new_head).train()
+    if not isinstance(model, EnsModel):  # "binarized:SPEC" is an evaluation baseline, not a trainable model
+        raise ConfigError(f"--model {cfg.model} cannot be trained; name a model, run dir or checkpoint")
     optimizer = _make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_decay_every, gamma=cfg.lr_decay)
 

@@ -8,6 +8,9 @@ from torch import nn
 
 from enspipe.attacks import (
     ATTACKS,
+    ITERATIVE,
+    RANDOM,
+    SINGLE_STEP,
     Ensemble,
     apply_direction,
     create_attack,
@@ -353,6 +356,33 @@ def test_create_attack(model, batch):
         with pytest.raises(AttackError):
             create_attack(name, **params)
     assert issubclass(AttackError, EnspipeError)
+
+
+def test_create_attack_seed_and_defaults(model, batch):
+    """Stages call every attack by name through create_attack: `seed` is accepted by all,
+    used by the random ones, and the defaults are the paper's MNIST settings."""
+    x, y = batch[0][:32], batch[1][:32]
+    assert set(SINGLE_STEP) | set(ITERATIVE) == set(ATTACKS) and not set(SINGLE_STEP) & set(ITERATIVE)
+    for name in ATTACKS:
+        by_seed = create_attack(name, eps=0.3, seed=7)
+        again = by_seed(model, x, y)
+        assert torch.equal(by_seed(model, x, y), again)  # a fresh generator on every call
+        if name in RANDOM:
+            expected = create_attack(name, eps=0.3, generator=torch.Generator().manual_seed(7))(model, x, y)
+        else:
+            expected = create_attack(name, eps=0.3)(model, x, y)  # seed ignored
+        assert torch.equal(again, expected), name
+    assert torch.equal(create_attack("iter_fgsm", eps=0.3)(model, x, y), iter_fgsm(model, x, y, eps=0.3, steps=10))
+    assert torch.equal(create_attack("pgd", eps=0.3, seed=1)(model, x, y),
+                       pgd(model, x, y, eps=0.3, steps=40, generator=torch.Generator().manual_seed(1)))
+    # A generator as the seed is one stream, carried on across calls (two batches in a row).
+    gen, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    stream = create_attack("rand_fgsm", eps=0.3, seed=gen)
+    for half in (slice(0, 16), slice(16, 32)):
+        assert torch.equal(stream(model, x[half], y[half]), rand_fgsm(model, x[half], y[half], eps=0.3, generator=ref))
+    for bad in ({"seed": "7"}, {"seed": True}, {"seed": 1, "generator": torch.Generator()}):
+        with pytest.raises(AttackError):
+            create_attack("pgd", eps=0.3, **bad)
 
 
 def test_bad_calls_raise_attack_error(model, batch):

@@ -134,3 +134,36 @@ def test_unknown_model_name():
         create_model("resnet9000")
     with pytest.raises(ModelError, match="unknown timm model"):
         create_model("timm:not_a_model")
+
+
+def test_load_model_for_a_dataset(tmp_path):
+    """One loader for every stage: run dir, checkpoint or name, "binarized:", checked
+    against any object with num_classes and geometry.shape, on the device, in eval mode."""
+    from types import SimpleNamespace
+
+    from enspipe.binarize import Binarized
+    from enspipe.errors import ConfigError
+    from enspipe.models import EnsModel, load_model_for
+
+    def data(num_classes: int, shape: tuple[int, int, int]) -> SimpleNamespace:
+        return SimpleNamespace(num_classes=num_classes, geometry=SimpleNamespace(shape=shape))
+
+    digits = data(10, (1, 28, 28))
+    saved = create_model("D")
+    save_model(saved, tmp_path / "run")
+    for spec in (tmp_path / "run", str(tmp_path / "run" / "model.json")):
+        m = load_model_for(spec, digits, "cpu")
+        assert isinstance(m, EnsModel) and not m.training and weights_sha256(m) == weights_sha256(saved)
+    b = load_model_for(f"binarized:{tmp_path / 'run'}", digits, torch.device("cpu"))
+    assert isinstance(b, Binarized) and not b.training and not b.model.training
+    assert weights_sha256(b.model) == weights_sha256(saved)
+    fresh = load_model_for("A", data(3, (1, 16, 16)), "cpu")  # a name is built for the data
+    assert fresh.config.num_classes == 3 and fresh.config.input_size == (1, 16, 16)
+    m = load_model_for("D", digits, "cpu", weights=tmp_path / "run" / "model.safetensors")
+    assert weights_sha256(m) == weights_sha256(saved)
+    with pytest.raises(ConfigError, match="takes"):
+        load_model_for(tmp_path / "run", data(10, (1, 16, 16)), "cpu")
+    with pytest.raises(ConfigError, match="predicts 10 classes but the data has 3"):
+        load_model_for(f"binarized:{tmp_path / 'run'}", data(3, (1, 28, 28)), "cpu")
+    with pytest.raises(ModelError):
+        load_model_for(tmp_path / "nowhere", digits, "cpu")

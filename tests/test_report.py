@@ -3,12 +3,15 @@ transfer matrix's diagonal, and a whole report written from files."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
 from enspipe.errors import ConfigError
-from enspipe.evaluate import wilson_interval
+from enspipe.stats import wilson_interval
 from enspipe.report import (
     PAPER,
     markdown_tables,
@@ -195,3 +198,18 @@ def test_write_report(results, tmp_path):
         assert (tmp_path / link).read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(ConfigError):
         write_report(tmp_path / "nowhere")
+
+
+def test_report_never_imports_torch(results, tmp_path):
+    """The report depends on result files, enspipe.stats and enspipe.plots only: importing
+    it, and writing a report that redraws every figure, loads no torch."""
+    subprocess.run([sys.executable, "-c", "import sys, enspipe.report; assert 'torch' not in sys.modules"],
+                   check=True, env=os.environ)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "results.json").write_text(json.dumps(results))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "diagnostics.json").write_text(json.dumps(diagnostics_dict()))
+    code = ("import sys, enspipe.report as r; r.write_report(sys.argv[1]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env=os.environ)
+    assert len(list(tmp_path.glob("report-*.png"))) == 3  # heatmap, subspace and loss surface redrawn

@@ -1,0 +1,156 @@
+"""The `diagnose` stage: every gradient-masking measurement for several models, written
+to `diagnostics.json` plus PNG figures (`enspipe.plots`).
+
+`diagnose` works on models and tensors in memory; `run_diagnose` is the CLI / job entry
+point that loads models from specs (`enspipe.models.load_model_for`, so "binarized:SPEC"
+works too) and the first test samples of a dataset. Both put the models in eval mode.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from enspipe import attacks
+from enspipe.diagnostics.hadamard import SUBSPACE_KS, count_adversarial_directions
+from enspipe.diagnostics.measures import (
+    _as_batch,
+    _attack_pair,
+    _check_attacks,
+    _labels,
+    _ratio_from,
+    input_gradient_norm,
+    loss_surface,
+)
+from enspipe.errors import ConfigError
+from enspipe.plots import plot_loss_surface, plot_subspace
+
+__all__ = ["DIAGNOSTICS_FORMAT", "diagnose", "run_diagnose"]
+
+DIAGNOSTICS_FORMAT = "enspipe-diagnostics/1"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+def _round(a: Any, digits: int = 6) -> Any:
+    """Lists of floats with `digits` significant digits: readable, small JSON."""
+    arr = np.asarray(a, dtype=float)
+    return [float(f"{v:.{digits}g}") for v in arr.ravel()] if arr.ndim == 1 else [_round(r, digits) for r in arr]
+
+
+def diagnose(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, *, eps: float,
+             other: nn.Module | None = None, out_dir: str | os.PathLike, other_name: str = "other",
+             single: str = "fgsm", iterative: str = "pgd", steps: int = 40, grid: int = 21,
+             surface_points: int = 3, ks: Sequence[int] = SUBSPACE_KS,
+             subspace_eps: Sequence[float] | None = None, subspace_points: int | None = None,
+             seed: int = 0, batch_size: int = 256, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run every diagnostic on the batch (x, y) for each model; write `diagnostics.json` and PNGs.
+
+    Per model: approximation ratio and perturbation cosine (`single` vs `iterative`, one
+    attack pass), input-gradient norms, the loss surface of the first `surface_points`
+    points along the model's signed gradient and `other`'s (called `other_name`; when
+    `other` is None, the next model of `models`; with a single model, a seeded random sign
+    vector), and the adversarial subspace counts at `subspace_eps` (default
+    eps * (4, 10, 16)/16, Figure 2's ratios) on the first `subspace_points` points (all by
+    default). Models are put in eval mode. Returns the JSON content plus `path`.
+    """
+    from enspipe.runtime import versions, write_json
+
+    _check_attacks(single, iterative)
+    if not models:
+        raise ConfigError("diagnose needs at least one model")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    x = _as_batch(x)
+    y = _labels(y, x)
+    for m in [*models.values(), *([other] if other is not None else [])]:
+        m.eval()
+    sub_eps = list(subspace_eps) if subspace_eps is not None else [eps * 4 / 16, eps * 10 / 16, eps]
+    xs_sub = x if subspace_points is None else x[:subspace_points]
+    ys_sub = y if subspace_points is None else y[:subspace_points]
+    xs_surf, ys_surf = x[:surface_points], y[:surface_points]
+    names = list(models)
+
+    report: dict[str, Any] = {
+        "format": DIAGNOSTICS_FORMAT, "eps": float(eps), "n": int(len(x)), "single": single,
+        "iterative": iterative, "steps": steps, "seed": seed, **dict(meta or {}),
+        "versions": versions(), "models": {}, "figures": {},
+    }
+    subspaces: dict[str, Any] = {}
+    for i, (name, model) in enumerate(models.items()):
+        pair = _attack_pair(model, x, y, eps=eps, single=single, iterative=iterative, steps=steps,
+                            seed=seed, batch_size=batch_size)
+        cos = pair["cosine"].double()
+        if other is not None:
+            direction, source = other, other_name
+        elif len(names) > 1:
+            source = names[(i + 1) % len(names)]
+            direction = models[source]
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            direction = torch.randn(xs_surf.shape, generator=gen).sign().to(x.device)
+            source = "random sign"
+        surface = loss_surface(model, xs_surf, ys_surf, eps=eps, other_direction=direction, grid=grid)
+        fig_surface = f"loss_surface-{_slug(name)}.png"
+        plot_loss_surface(surface, out / fig_surface, points=surface_points,
+                          title=f"{name}: loss on x + ε1·sign(g) + ε2·g⊥ (g⊥ from {source})")
+        # subspace_points=0 skips the subspace count (the costliest measurement: one
+        # forward per direction, sum(ks) directions per point and eps).
+        subspace = None
+        if len(xs_sub):
+            subspace = count_adversarial_directions(model, xs_sub, ys_sub, eps=sub_eps, ks=ks, seed=seed,
+                                                    batch_size=max(batch_size, max(ks)))
+            subspaces[name] = subspace
+        report["models"][name] = {
+            "approximation_ratio": {**_ratio_from(pair), "single": single, "iterative": iterative},
+            "cosine": {"mean": float(cos.mean()), "std": float(cos.std()) if len(cos) > 1 else 0.0},
+            "gradient_norm": input_gradient_norm(model, x, y, batch_size=batch_size),
+            "loss_surface": {"other": source, "eps1": _round(surface["eps1"]),
+                             "eps2": _round(surface["eps2"]), "loss": _round(surface["loss"]),
+                             "orthogonal": surface["orthogonal"]},
+            **({"subspace": subspace} if subspace is not None else {}),
+            "figures": {"loss_surface": fig_surface},
+        }
+    if subspaces:
+        plot_subspace(subspaces, out / "subspace.png")
+        report["figures"]["subspace"] = "subspace.png"
+    path = write_json(out / "diagnostics.json", report)
+    return {**report, "path": str(path)}
+
+
+def run_diagnose(models: Mapping[str, str | nn.Module], *, other: str | nn.Module | None = None,
+                 dataset: str = "digits", data_root: str | None = None, limit: int | None = 500,
+                 eps: float | str = 0.3, out_dir: str | os.PathLike, device: str = "auto",
+                 split: str = "test", image_size: int | None = None, **options: Any) -> Path:
+    """The CLI/job entry point: load the models and the first `limit` test samples, run
+    `diagnose`, return the path of `diagnostics.json`. `options` go to `diagnose`."""
+    from enspipe.data import create_dataset
+    from enspipe.models import load_model_for
+    from enspipe.runtime import resolve_device
+
+    eps = attacks.parse_eps(eps) if isinstance(eps, str) else float(eps)
+    dev = resolve_device(device)
+    data = create_dataset(dataset, split=split, limit=limit, data_root=data_root, image_size=image_size)
+
+    def load(spec: str | nn.Module) -> nn.Module:
+        # A model passed in (not a spec) is used as it is, on the device, in eval mode.
+        return spec.to(dev).eval() if isinstance(spec, nn.Module) else load_model_for(spec, data, dev)
+
+    loaded = {name: load(spec) for name, spec in models.items()}
+    other_model = load(other) if other is not None else None
+    x = data.images(slice(0, len(data))).to(dev)
+    y = torch.as_tensor(data.labels, device=dev)
+    meta = {"dataset": data.identity(),
+            "model_specs": {n: s if isinstance(s, str) else type(s).__name__ for n, s in models.items()},
+            "other_spec": other if isinstance(other, str) or other is None else type(other).__name__}
+    other_name = (Path(other).name or other) if isinstance(other, str) else "other"
+    res = diagnose(loaded, x, y, eps=eps, other=other_model, other_name=other_name, out_dir=out_dir, meta=meta,
+                   **options)
+    return Path(res["path"])
