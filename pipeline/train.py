@@ -471,8 +471,9 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
     totals = {"online_passes": 0, "batches": 0, "samples": 0}
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            # The epoch's batches: read, shuffled, source-drawn and augmented ahead of the step
-            # (in cfg.workers processes), in an order fixed by (seed, epoch, rank).
+            # The epoch's batches, read, shuffled, source-drawn and augmented ahead of the step
+            # (in cfg.workers processes) in an order fixed by (seed, epoch, rank), so that a
+            # resumed run replays exactly what an uninterrupted one would have.
             loader = batch_loader(stream_factory(dataset, cfg, epoch, rank, world), cfg, device)
             nbatches = per_rank or math.ceil(len(dataset) / world / cfg.batch_size)
             window = _Window(1 + len(cfg.shards))
@@ -514,8 +515,8 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                                     sps=f"{rec['samples_per_s']:.0f}")
                     log_metrics(rec)
             bar.close()
-            # End of the epoch: the sample order (audits), the last partial window, and the
-            # checkpoint that --resume continues from.
+            # End of the epoch: the sample order (audits), the last partial window (every rank
+            # hears its records; rank 0 writes them), and the checkpoint --resume continues from.
             if cfg.record_indices:
                 (run_dir / "indices").mkdir(parents=True, exist_ok=True)
                 np.save(run_dir / "indices" / f"rank{rank}-epoch{epoch:04d}.npy", torch.cat(order).numpy())
