@@ -37,9 +37,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,7 +53,8 @@ if TYPE_CHECKING:  # torch is imported inside functions: spawned store readers m
     import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # the peers_* helpers sit beside this script
+sys.path.insert(0, str(HERE))  # the peers_* helpers and _common sit beside this script
+from _common import command_line, logger, machine, median, sync  # noqa: E402
 
 TASKS_PY = HERE / "peers_tasks.py"
 TRAINED = "B"                      # the architecture being trained (paper Table 5)
@@ -98,15 +97,11 @@ FULL = Sizes(name="full", n_train=60000, n_test=10000, epochs=1, rounds=3, setup
              memory_ns=(10000, 30000, 60000), memory_steps=None, memory_art_steps=None, attack_batch=256,
              attack_rounds=10, store_n=8192, store_read_n=None, store_rounds=3, resnet_batch=128, resnet_steps=20)
 STORE_SHARD = 1024                 # precompute's default shard size
+PACKAGES = ("adversarial-robustness-toolbox", "torchattacks", "zarr", "webdataset", "enspipe")  # versions reported
 TRAIN_BLOCK = 256                  # TrainConfig.block_size default
 
 
-def log(msg: str) -> None:
-    print(f"[bench_peers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
+log = logger("bench_peers")
 
 
 # --- child processes -----------------------------------------------------------------------
@@ -129,37 +124,6 @@ def run_child(task: str, args: dict[str, Any], tmp: Path) -> dict[str, Any]:
     result = json.loads(result_path.read_text())
     result["process_wall_s"] = time.perf_counter() - t0
     return result
-
-
-# --- machine -------------------------------------------------------------------------------
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "python": platform.python_version(),
-        "numpy": np.__version__, "device": str(device), "torch_threads": torch.get_num_threads(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "loadavg_start": os.getloadavg(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    from importlib.metadata import PackageNotFoundError, version
-
-    for pkg in ("adversarial-robustness-toolbox", "torchattacks", "zarr", "webdataset", "enspipe"):
-        try:
-            info[pkg] = version(pkg)
-        except PackageNotFoundError:
-            info[pkg] = None
-    return info
 
 
 # --- setup ---------------------------------------------------------------------------------
@@ -304,10 +268,6 @@ def part3_attacks(sizes: Sizes, data_root: str, device: str, models: dict[str, s
     x, y = data.images(slice(None)).to(dev), torch.as_tensor(data.labels, device=dev)
     alpha_pgd = 2.5 * EPS / 10
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     ta_fgsm = torchattacks.FGSM(model, eps=EPS)
     ta_pgd = torchattacks.PGD(model, eps=EPS, alpha=alpha_pgd, steps=10, random_start=True)
     ta_rfgsm = torchattacks.RFGSM(model, eps=EPS, alpha=EPS / 2, steps=1)
@@ -330,10 +290,10 @@ def part3_attacks(sizes: Sizes, data_root: str, device: str, models: dict[str, s
             # libraries alike. CPU time (all of this process's threads) is recorded beside wall
             # time: it does not count the time the scheduler gives to other users' processes.
             for lib, fn in (("enspipe", ens), ("torchattacks", ta), ("torchattacks", ta), ("enspipe", ens)):
-                sync()
+                sync(dev)
                 t0, c0 = time.perf_counter(), time.process_time()
                 fn()
-                sync()
+                sync(dev)
                 wall[name][lib].append(time.perf_counter() - t0)
                 cpu[name][lib].append(time.process_time() - c0)
 
@@ -400,32 +360,15 @@ STORE_ROWS = (
 def part4_stores(work: Path, sizes: Sizes, device: str) -> dict[str, Any]:
     import peers_stores as S
 
-    from enspipe.stores import wds_store
-
     root = work / "stores" / "imagenet-geometry"
     shutil.rmtree(root, ignore_errors=True)  # built afresh: the build time is reported
     built: dict[str, dict[str, Any]] = {}
-    # Clean-image PNGs of noise are slow to encode (~5 ms each) and the read path never
-    # decodes them: encode the one noise image once and reuse its bytes for every sample.
-    # The tar then holds a full-size (~150 KB) image member per sample, as a real wds store.
-    original_encode = wds_store.encode_image
-    encoded: list[tuple[str, bytes]] = []
-
-    def encode_once(img: np.ndarray) -> tuple[str, bytes]:
-        if not encoded:
-            encoded.append(original_encode(img))
-        return encoded[0]
-
-    wds_store.encode_image = encode_once
-    try:
-        for fmt in ("zarr", "wds"):
-            path, seconds, size = S.build_store(root, fmt, sizes.store_n, STORE_SHARD)
-            built[fmt] = {"path": str(path), "build_s": seconds, "bytes": size,
-                          "kib_per_sample": size / sizes.store_n / 1024}
-            log(f"store {fmt}: {sizes.store_n} samples of 3x224x224 in {seconds:.1f} s, "
-                f"{built[fmt]['kib_per_sample']:.1f} KiB/sample")
-    finally:
-        wds_store.encode_image = original_encode
+    for fmt in ("zarr", "wds"):
+        path, seconds, size = S.build_store(root, fmt, sizes.store_n, STORE_SHARD)
+        built[fmt] = {"path": str(path), "build_s": seconds, "bytes": size,
+                      "kib_per_sample": size / sizes.store_n / 1024}
+        log(f"store {fmt}: {sizes.store_n} samples of 3x224x224 in {seconds:.1f} s, "
+            f"{built[fmt]['kib_per_sample']:.1f} KiB/sample")
 
     results: list[dict[str, Any]] = []
     for fmt, block, order, cache_shards, what in STORE_ROWS:
@@ -472,12 +415,10 @@ def resnet50_step(sizes: Sizes, device: str) -> dict[str, Any]:
     step()  # warm-up
     times = []
     for _ in range(sizes.resnet_steps):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        sync(dev)
         t0 = time.perf_counter()
         step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        sync(dev)
         times.append(time.perf_counter() - t0)
     return {"batch": sizes.resnet_batch, "steps": sizes.resnet_steps, "images_per_s": sizes.resnet_batch / median(times),
             "precision": "bf16 autocast, channels_last" if dev.type == "cuda" else "fp32"}
@@ -751,10 +692,10 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     tmp = work / "tmp"
     tmp.mkdir(exist_ok=True)
-    command = "python benchmarks/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("bench_peers.py", argv)
     t_start = time.perf_counter()
     res: dict[str, Any] = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "command": command.strip(),
-                           "sizes": dataclasses.asdict(sizes), "machine": machine_info(device)}
+                           "sizes": dataclasses.asdict(sizes), "machine": machine(device, PACKAGES)}
     log(f"{sizes.name} sizes on {device}; workdir {work}")
     try:
         models = setup_models(work, sizes, args.data_root, str(device), tmp) if parts & {1, 2, 3} else {}

@@ -34,19 +34,16 @@ section of BENCHMARKS.md (other sections are left as they are).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import os
-import platform
-import shlex
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,19 +53,16 @@ from enspipe.data import create_dataset
 from enspipe.models import resolve_model
 from enspipe.precompute import PrecomputeConfig, _open_inputs, precompute
 from enspipe.stores import open_store, store_info
-from enspipe.train import TrainConfig, train
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchmd import update_section  # noqa: E402
+from _common import REPO, command_line, logger, machine, timed, train_clean, update_section  # noqa: E402
 IN_PROCESS = ("bare", "zarr", "zarr_sync", "wds", "wds_sync")  # (name, format, overlap) below
 RUNS = {"zarr": ("zarr", True), "zarr_sync": ("zarr", False), "wds": ("wds", True), "wds_sync": ("wds", False)}
 BITS_TARGET = 0.8
 THROUGHPUT_TARGET = 0.85
 
 
-def log(msg: str) -> None:
-    print(f"[bench_precompute] {msg}", file=sys.stderr, flush=True)
+log = logger("bench_precompute")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str]:
@@ -88,25 +82,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str]:
     opts = p.parse_args(argv)
     if opts.quick:
         opts.limit, opts.rounds = 4096, 2
-    return opts, "python benchmarks/bench_precompute.py " + " ".join(shlex.quote(a) for a in argv)
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "loadavg_start": os.getloadavg()}
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """(wall s, CPU s of this process, result)."""
-    w, c = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - w, time.process_time() - c, out
+    return opts, command_line("bench_precompute.py", argv)
 
 
 # --- The measurements ---------------------------------------------------------------------------
@@ -135,9 +111,8 @@ def steady_rate(store: Path, workers: int) -> float | None:
 def measure(opts: argparse.Namespace, work: Path) -> dict[str, Any]:
     log(f"training architecture B: 1 epoch on {opts.train_limit} MNIST images")
     run_dir = work / "B"
-    train_s, _, _ = timed(lambda: train(TrainConfig(model="B", dataset="mnist", data_root=opts.data_root,
-                                                    limit=opts.train_limit, epochs=1, batch_size=64, seed=0,
-                                                    device="cpu", log_every=10_000), run_dir))
+    train_s = train_clean(run_dir, "B", data_root=opts.data_root, limit=opts.train_limit, epochs=1, seed=0,
+                          batch_size=64, device="cpu", log_every=10_000)
     base = dict(model=str(run_dir), dataset="mnist", data_root=opts.data_root, limit=opts.limit,
                 attacks=("step_ll",), shard_size=opts.shard_size, batch_size=opts.batch_size, device="cpu")
     # Load once: precompute caches the dataset and model per process, so timing excludes loading.

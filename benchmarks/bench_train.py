@@ -18,15 +18,15 @@ thread count:
 
 All five train the same thing (same data order, same per-batch source draws, same
 adversarial fraction and eps); only where the directions come from, and so the cost,
-differs. The two online baselines run inside train() itself: the benchmark swaps
-`enspipe.train.adversarial_inputs` for a version that computes the static models'
-directions online, and `enspipe.train.BatchStream` for one that draws the sources exactly
-as the ens-adv stream does but reads no store (the reference code read clean images only).
+differs. The two online baselines run inside train() itself, through its seams: an
+`adversarial` function that computes the static models' directions online, and a
+`stream_factory` whose stream draws the sources exactly as the ens-adv stream does but
+reads no store (the reference code read clean images only).
 
-Timing: an epoch's time is the wall time of train()'s epoch loop, read back from
-metrics.jsonl (its log windows tile the loop: samples / samples_per_s summed over an
-epoch's windows), so model building, dataset loading and per-epoch checkpoint writing are
-excluded. Configurations are interleaved in rounds (the start rotates each round) and the
+Timing: an epoch's time is the wall time of train()'s epoch loop, from the metrics records
+train() hands `on_metrics` (its log windows tile the loop: samples / samples_per_s summed
+over an epoch's windows), so model building, dataset loading and per-epoch checkpoint
+writing are excluded. Configurations are interleaved in rounds (the start rotates each round) and the
 median over rounds is reported, because this machine is shared and noisy. The process CPU
 time of the same loop is logged beside it: on a loaded machine, `--threads 1` CPU-time
 ratios are the stable ones (two threads that wait on each other under load inflate both).
@@ -42,13 +42,10 @@ section of BENCHMARKS.md (other sections are left as they are).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import math
 import os
-import platform
-import shlex
 import shutil
 import statistics
 import sys
@@ -56,23 +53,21 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import enspipe.train as train_mod
 from enspipe import attacks
 from enspipe.data import SampleSource, create_dataset
 from enspipe.models import resolve_model
-from enspipe.precompute import PrecomputeConfig, precompute
 from enspipe.stores import open_store
-from enspipe.train import SELF, BatchStream, TrainConfig, train
+from enspipe.train import SELF, BatchStream, TrainConfig, batch_loader, batch_stream, train
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchmd import update_section  # noqa: E402
+from _common import (REPO, LoopClock, command_line, logger, machine, median_time,  # noqa: E402
+                     precompute_fgsm, train_clean, update_section)
 STATIC_ARCHS = ("D", "B*")          # the two static models behind the stores (paper's Table 7 holdouts)
 CONFIGS = ("clean", "adv", "ens-adv", "reference", "drawn-only")
 ENS_ADV_TARGET = 1.25               # the issue's target for ens-adv / clean with n = 3 sources
@@ -130,12 +125,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, str]:
         from_json=tuple(a.from_json) if a.from_json else None)
     if opts.epochs < 1 or opts.rounds < 1 or opts.limit < opts.batch_size or opts.warmup_epochs < 0:
         p.error("--epochs and --rounds must be >= 1, --warmup-epochs >= 0, --limit >= --batch-size")
-    command = "python benchmarks/bench_train.py " + " ".join(shlex.quote(s) for s in (argv if argv is not None else sys.argv[1:]))
-    return opts, command.strip()
+    return opts, command_line("bench_train.py", argv)
 
 
-def log(msg: str) -> None:
-    print(f"[bench_train {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("bench_train")
 
 
 # --- The online baselines (the reference code's cost pattern) ----------------------------
@@ -151,9 +144,9 @@ class StaticModels:
 
 
 def online_inputs(static: StaticModels, *, every_source: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor, bool]]:
-    """A drop-in for enspipe.train.adversarial_inputs that gets the static models'
-    directions online. every_source=True: the reference code, every source's direction on
-    every batch; False: only the drawn source's."""
+    """train()'s `adversarial` seam with the static models' directions got online instead of
+    streamed. every_source=True: the reference code, every source's direction on every
+    batch; False: only the drawn source's."""
 
     def adversarial_inputs(model: torch.nn.Module, batch: dict[str, Any], cfg: TrainConfig,
                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -195,62 +188,18 @@ class CleanOnlyStream(BatchStream):
         return super()._batch({**part, **dummies}, rng, 1 + self.num_stores)
 
 
-class CpuTimedWindow(train_mod._Window):
-    """train()'s log window, also logging the process CPU time (all threads) it covered.
-
-    The machine is shared, so wall time also measures the neighbours; CPU time of this
-    process (with --workers 0 the whole pipeline runs in it) is a cross-check that is far
-    less sensitive to their load with one torch thread (with two, a thread spinning while
-    its descheduled sibling is away counts too). Adds a `cpu_s` field to each metrics record."""
-
-    def _reset(self) -> None:
-        super()._reset()
-        self.cpu0 = time.process_time()
-
-    def flush(self, epoch: int, step: int, lr: float) -> dict[str, Any]:
-        cpu = time.process_time() - self.cpu0
-        rec = super().flush(epoch, step, lr)  # resets the window, and with it cpu0
-        rec["cpu_s"] = cpu
-        return rec
+def clean_only_stream(dataset: SampleSource, cfg: TrainConfig, epoch: int, rank: int, world: int) -> CleanOnlyStream:
+    """train()'s `stream_factory` seam for the online baselines (as enspipe.train.batch_stream)."""
+    return CleanOnlyStream(dataset, cfg.shards, cfg, epoch=epoch, rank=rank, world_size=world,
+                           full_batches_only=world > 1)
 
 
-@contextlib.contextmanager
-def cpu_timed_windows() -> Iterator[None]:
-    saved = train_mod._Window
-    train_mod._Window = CpuTimedWindow
-    try:
-        yield
-    finally:
-        train_mod._Window = saved
+# --- Timing ----------------------------------------------------------------------------------
 
-
-@contextlib.contextmanager
-def online_baseline(static: StaticModels, *, every_source: bool) -> Iterator[None]:
-    """Run train() with the static models' directions computed online (patched, restored)."""
-    saved = train_mod.adversarial_inputs, train_mod.BatchStream
-    train_mod.adversarial_inputs = online_inputs(static, every_source=every_source)
-    train_mod.BatchStream = CleanOnlyStream
-    try:
-        yield
-    finally:
-        train_mod.adversarial_inputs, train_mod.BatchStream = saved
-
-
-# --- Timing helpers ------------------------------------------------------------------------
-
-def median_time(fn: Callable[[], Any], *, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def epoch_stats(run_dir: Path, *, num_samples: int, batch_size: int, skip_epochs: int) -> list[dict[str, float]]:
-    """Per timed epoch: wall seconds of train()'s epoch loop, batches, online passes.
+def epoch_stats(records: list[dict[str, Any]], *, num_samples: int, batch_size: int,
+                skip_epochs: int) -> list[dict[str, float]]:
+    """Per timed epoch: wall and CPU seconds of train()'s epoch loop, batches, online passes,
+    from a run's metrics records (LoopClock's: metrics.jsonl's lines plus `cpu_s`).
 
     train()'s log windows tile its epoch loop (a window's clock starts where the previous
     one stopped; the first starts before the loader is iterated), so the loop's wall time
@@ -259,8 +208,7 @@ def epoch_stats(run_dir: Path, *, num_samples: int, batch_size: int, skip_epochs
     divide N, and that one is in the epoch's last window.
     """
     per: dict[int, list[dict[str, Any]]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
+    for rec in records:
         per.setdefault(rec["epoch"], []).append(rec)
     short = math.ceil(num_samples / batch_size) * batch_size - num_samples  # missing from the last batch
     out = []
@@ -268,7 +216,7 @@ def epoch_stats(run_dir: Path, *, num_samples: int, batch_size: int, skip_epochs
         windows = per[epoch]
         samples = [w["batches"] * batch_size for w in windows]
         samples[-1] -= short
-        assert sum(samples) == num_samples, f"epoch {epoch} of {run_dir} saw {sum(samples)} samples, not {num_samples}"
+        assert sum(samples) == num_samples, f"epoch {epoch} saw {sum(samples)} samples, not {num_samples}"
         out.append({
             "seconds": sum(n / w["samples_per_s"] for n, w in zip(samples, windows)),
             "cpu_seconds": sum(w["cpu_s"] for w in windows),
@@ -303,17 +251,14 @@ def prepare(opts: Options, work: Path) -> Setup:
     static_dirs, stores, train_s, pre_s = [], [], {}, {}
     for k, arch in enumerate(STATIC_ARCHS):
         run_dir = work / "static" / arch.replace("*", "star")
-        cfg = base_config(opts, model=arch, mode="clean", epochs=opts.static_epochs, seed=100 + k)
         log(f"training static model {arch} ({opts.static_epochs} clean epoch(s) on {opts.limit} samples)")
-        t0 = time.perf_counter()
-        train(cfg, run_dir)
-        train_s[arch] = time.perf_counter() - t0
+        train_s[arch] = train_clean(run_dir, arch, data_root=opts.data_root, limit=opts.limit,
+                                    epochs=opts.static_epochs, seed=100 + k, batch_size=opts.batch_size,
+                                    device="cpu", workers=0)
         log(f"precomputing {arch}'s FGSM directions")
-        t0 = time.perf_counter()
         # A fresh store root per benchmark run, so precompute computes instead of reusing.
-        paths = precompute(PrecomputeConfig(model=str(run_dir), out=str(work / "stores"), dataset="mnist",
-                                            data_root=opts.data_root, limit=opts.limit, attacks=("fgsm",),
-                                            label="pred", device="cpu"))
+        t0 = time.perf_counter()
+        paths = precompute_fgsm(run_dir, work / "stores", data_root=opts.data_root, limit=opts.limit, device="cpu")
         pre_s[arch] = time.perf_counter() - t0
         static_dirs.append(run_dir)
         stores.append(paths[0])
@@ -357,9 +302,7 @@ def reader_throughput(opts: Options, setup: Setup, workers: int) -> dict[str, An
     rates: list[float] = []
     spent, epoch = 0.0, 0
     while (spent < opts.reader_seconds or epoch < 2) and epoch < 100:
-        stream = BatchStream(setup.dataset, cfg.shards, cfg, epoch=epoch)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                             persistent_workers=False, prefetch_factor=4 if workers else None)
+        loader = batch_loader(batch_stream(setup.dataset, cfg, epoch), cfg, torch.device("cpu"))
         t0 = time.perf_counter()
         n = sum(len(batch["y"]) for batch in loader)
         seconds = time.perf_counter() - t0
@@ -379,11 +322,11 @@ def run_config(name: str, opts: Options, setup: Setup, static: StaticModels, run
     mode = {"clean": "clean", "adv": "adv"}.get(name, "ens-adv")
     cfg = base_config(opts, mode=mode, shards=shards if mode == "ens-adv" else (),
                       epochs=opts.warmup_epochs + opts.epochs, seed=seed)
-    patch = (online_baseline(static, every_source=name == "reference") if name in ("reference", "drawn-only")
-             else contextlib.nullcontext())
-    with patch, cpu_timed_windows():
-        train(cfg, run_dir)
-    return epoch_stats(run_dir, num_samples=len(setup.dataset), batch_size=opts.batch_size,
+    online = name in ("reference", "drawn-only")
+    clock = LoopClock(clean_only_stream if online else None)
+    train(cfg, run_dir, stream_factory=clock.stream_factory, on_metrics=clock.on_metrics,
+          adversarial=online_inputs(static, every_source=name == "reference") if online else None)
+    return epoch_stats(clock.records, num_samples=len(setup.dataset), batch_size=opts.batch_size,
                        skip_epochs=opts.warmup_epochs)
 
 
@@ -441,17 +384,6 @@ def predictions(costs: dict[str, float], shares: list[float]) -> dict[str, float
         "drawn-only": c + shares[0] * a + sum(p * sk for p, sk in zip(shares[1:], s)),
     }
     return {k: v / c for k, v in per_batch.items()}
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "loadavg_start": os.getloadavg()}
 
 
 def analyse(num_samples: int, num_stores: int, precompute_s: dict[str, float], costs: dict[str, float],

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _common import LoopClock, precompute_fgsm, sync, train_clean
+
 
 def rss_peak_mb() -> float:
     """Peak resident set size of this process so far, in MiB.
@@ -40,11 +42,6 @@ def rss_peak_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # not Linux: the best there is
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _import_store_backends() -> None:
@@ -111,20 +108,15 @@ class _StopAfter(Exception):
 
 def task_setup(a: dict[str, Any]) -> dict[str, Any]:
     """Train the static models and the holdout with enspipe's own clean trainer."""
-    from enspipe.train import TrainConfig, train
-
     out: dict[str, Any] = {"models": {}}
     for role, spec in a["models"].items():
         run_dir = Path(spec["run_dir"])
         if (run_dir / "model.safetensors").exists():
             out["models"][role] = {"run_dir": str(run_dir), "reused": True, "seconds": 0.0}
             continue
-        cfg = TrainConfig(model=spec["arch"], dataset="mnist", data_root=a["data_root"], limit=a["limit"],
-                          mode="clean", epochs=a["epochs"], batch_size=a["batch_size"], seed=spec["seed"],
-                          device=a["device"])
-        t0 = time.perf_counter()
-        train(cfg, run_dir)
-        out["models"][role] = {"run_dir": str(run_dir), "reused": False, "seconds": time.perf_counter() - t0}
+        seconds = train_clean(run_dir, spec["arch"], data_root=a["data_root"], limit=a["limit"], epochs=a["epochs"],
+                              seed=spec["seed"], batch_size=a["batch_size"], device=a["device"])
+        out["models"][role] = {"run_dir": str(run_dir), "reused": False, "seconds": seconds}
     return out
 
 
@@ -133,7 +125,6 @@ def task_setup(a: dict[str, Any]) -> dict[str, Any]:
 def task_precompute(a: dict[str, Any]) -> dict[str, Any]:
     """enspipe precompute of every static model's FGSM directions (one zarr store each)."""
     from enspipe.data import create_dataset
-    from enspipe.precompute import PrecomputeConfig, precompute
 
     _import_store_backends()
     rss_imports = rss_peak_mb()
@@ -143,10 +134,9 @@ def task_precompute(a: dict[str, Any]) -> dict[str, Any]:
     paths: list[str] = []
     t0, c0 = time.perf_counter(), time.process_time()
     for static in a["statics"]:
-        cfg = PrecomputeConfig(model=static, out=a["out"], dataset="mnist", data_root=a["data_root"],
-                               limit=a["limit"], attacks=("fgsm",), label="pred", fmt=a.get("fmt", "zarr"),
-                               batch_size=a["batch_size"], device=a["device"])
-        paths += [str(p) for p in precompute(cfg)]
+        paths += [str(p) for p in precompute_fgsm(static, a["out"], data_root=a["data_root"], limit=a["limit"],
+                                                  fmt=a.get("fmt", "zarr"), batch_size=a["batch_size"],
+                                                  device=a["device"])]
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "stores": paths, "rss_imports_mb": rss_imports,
             "rss_peak_mb": rss_peak_mb()}
@@ -156,58 +146,43 @@ def task_precompute(a: dict[str, Any]) -> dict[str, Any]:
 
 def task_enspipe_train(a: dict[str, Any]) -> dict[str, Any]:
     """enspipe.train.train() in mode clean / adv / ens-adv, exactly as the CLI runs it."""
-    import enspipe.train as T
     from enspipe.data import create_dataset
+    from enspipe.train import TrainConfig, adversarial_inputs, train
 
     _import_store_backends()
     _warm_torch(a["arch"], torch.device(a["device"]), a["batch_size"])
     rss_imports = rss_peak_mb()
     create_dataset("mnist", data_root=a["data_root"], limit=a["limit"])  # decode outside the timer
-    cfg = T.TrainConfig(model=a["arch"], dataset="mnist", data_root=a["data_root"], limit=a["limit"],
-                        mode=a["mode"], shards=tuple(a.get("shards", ())), attack="fgsm", eps=a["eps"],
-                        epochs=a["epochs"], batch_size=a["batch_size"], seed=a["seed"], device=a["device"],
-                        log_every=10_000)
+    cfg = TrainConfig(model=a["arch"], dataset="mnist", data_root=a["data_root"], limit=a["limit"],
+                      mode=a["mode"], shards=tuple(a.get("shards", ())), attack="fgsm", eps=a["eps"],
+                      epochs=a["epochs"], batch_size=a["batch_size"], seed=a["seed"], device=a["device"],
+                      log_every=10_000)
     steps = [0]
     max_steps = a.get("max_steps")
-    original = T.adversarial_inputs
 
     def counted(*args: Any, **kwargs: Any):
-        # adversarial_inputs is looked up as a module global once per batch by the training
-        # loop, so counting here counts steps without touching enspipe's code.
+        # train() calls its `adversarial` seam once per batch, so counting here counts steps.
         if max_steps is not None and steps[0] >= max_steps:
             raise _StopAfter
         steps[0] += 1
-        return original(*args, **kwargs)
+        return adversarial_inputs(*args, **kwargs)
 
-    T.adversarial_inputs = counted
-    # The loop's own metrics window starts right before an epoch's first batch and is
-    # flushed after its last one; recording wall and CPU time there gives the epoch loop
-    # alone, comparable with the peers' loops, beside train()'s end-to-end time.
-    epochs: list[dict[str, float]] = []
-
-    class TimedWindow(T._Window):
-        def _reset(self) -> None:
-            super()._reset()
-            self.c0 = time.process_time()
-
-        def flush(self, epoch: int, step: int, lr: float) -> dict[str, Any]:
-            _sync(device)
-            wall, cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
-            epochs.append({"seconds": wall, "cpu_seconds": cpu, "samples": self.samples, "batches": self.batches,
-                           "online_passes": self.online})
-            return super().flush(epoch, step, lr)
-
-    T._Window = TimedWindow
+    # With log_every above the batches of an epoch, the loop's one metrics record per epoch
+    # covers the epoch loop alone (comparable with the peers' loops), beside train()'s
+    # end-to-end time.
+    clock = LoopClock()
     device = torch.device(a["device"])
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        T.train(cfg, a["run_dir"])
+        train(cfg, a["run_dir"], stream_factory=clock.stream_factory, on_metrics=clock.on_metrics,
+              adversarial=counted)
     except _StopAfter:
         pass
-    _sync(device)
+    sync(device)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    epochs = clock.records
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "steps": steps[0],
-            "loop_seconds": sum(e["seconds"] for e in epochs), "loop_cpu_seconds": sum(e["cpu_seconds"] for e in epochs),
+            "loop_seconds": sum(e["seconds"] for e in epochs), "loop_cpu_seconds": sum(e["cpu_s"] for e in epochs),
             "online_passes": sum(e["online_passes"] for e in epochs), "batches": sum(e["batches"] for e in epochs),
             "rss_imports_mb": rss_imports, "rss_peak_mb": rss_peak_mb(), "run_dir": a["run_dir"]}
 
@@ -265,7 +240,7 @@ def task_reference_train(a: dict[str, Any]) -> dict[str, Any]:
             loss.backward()
             opt.step()
             steps += 1
-    _sync(device)
+    sync(device)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     save_model(model, a["run_dir"], classes=list(ds.classes), provenance={"trained_by": "bench_peers reference"})
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "loop_seconds": seconds, "loop_cpu_seconds": cpu_seconds,
@@ -325,7 +300,7 @@ def task_art_train(a: dict[str, Any]) -> dict[str, Any]:
         trainer.fit(x, y, batch_size=a["batch_size"], nb_epochs=a["epochs"])
     except _StopAfter:
         pass
-    _sync(device)
+    sync(device)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     if a.get("run_dir"):
         save_model(model, a["run_dir"], classes=classes, provenance={"trained_by": "bench_peers ART"})

@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -270,6 +270,38 @@ def adversarial_inputs(model: torch.nn.Module, batch: dict[str, Any], cfg: Train
     return torch.cat([x_adv, x[n_adv:]]), y, batch["source"] == SELF
 
 
+# --- The trainer's seams --------------------------------------------------------------------
+#
+# train() takes where its batches come from, how a batch becomes the inputs it trains on, and
+# who hears its metrics as call arguments (not configuration: config.json stays the run's
+# identity). Benchmarks and later streams plug in here instead of patching module globals.
+
+StreamFactory = Callable[[SampleSource, TrainConfig, int, int, int], torch.utils.data.IterableDataset]
+"""(dataset, cfg, epoch, rank, world) -> the epoch's batches for this rank, as BatchStream yields them."""
+AdversarialFn = Callable[[torch.nn.Module, dict[str, Any], TrainConfig, torch.device],
+                         tuple[torch.Tensor, torch.Tensor, bool]]
+"""(model, batch, cfg, device) -> (x, y, online), as adversarial_inputs."""
+MetricsFn = Callable[[dict[str, Any]], None]
+"""Receives each metrics record (one line of metrics.jsonl) as it is made."""
+
+
+def batch_stream(dataset: SampleSource, cfg: TrainConfig, epoch: int, rank: int = 0,
+                 world: int = 1) -> BatchStream:
+    """train()'s default StreamFactory: the BatchStream over `cfg.shards`. Under DDP every
+    rank must take the same number of steps, so only full batches are yielded there."""
+    return BatchStream(dataset, cfg.shards, cfg, epoch=epoch, rank=rank, world_size=world,
+                       full_batches_only=world > 1)
+
+
+def batch_loader(stream: torch.utils.data.IterableDataset, cfg: TrainConfig,
+                 device: torch.device) -> torch.utils.data.DataLoader:
+    """The DataLoader train() runs an epoch's stream in: the stream yields whole batches,
+    `cfg.workers` processes build them ahead of the step."""
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=False,
+                                       prefetch_factor=4 if cfg.workers else None)
+
+
 # --- The run ------------------------------------------------------------------------------
 
 @dataclass
@@ -332,8 +364,19 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("epoch-*.pt"))
 
 
-def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False) -> TrainResult:
-    """Train `cfg.model` on `cfg.dataset` into `run_dir` (see the module docstring)."""
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
+          stream_factory: StreamFactory | None = None, on_metrics: MetricsFn | None = None,
+          adversarial: AdversarialFn | None = None) -> TrainResult:
+    """Train `cfg.model` on `cfg.dataset` into `run_dir` (see the module docstring).
+
+    The seams (none of them is recorded in config.json, so a resumed run may differ in them):
+      stream_factory(dataset, cfg, epoch, rank, world) -> the IterableDataset of the epoch's
+          batches (default `batch_stream`: the BatchStream over cfg.shards);
+      on_metrics(record) is called with every metrics record this rank makes (rank 0 also
+          writes each one to metrics.jsonl, as without it);
+      adversarial(model, batch, cfg, device) -> (x, y, online) makes a batch's training
+          inputs (default `adversarial_inputs`).
+    """
     run_dir = Path(run_dir)
     rank, world, local_rank = _distributed()
     device = resolve_device(cfg.device)
@@ -345,7 +388,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False)
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(cfg, run_dir, resume=resume, rank=rank, world=world, device=device)
+        return _train(cfg, run_dir, resume=resume, rank=rank, world=world, device=device,
+                      stream_factory=stream_factory or batch_stream, on_metrics=on_metrics,
+                      adversarial=adversarial or adversarial_inputs)
     finally:
         if world > 1:
             import torch.distributed as dist
@@ -353,8 +398,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False)
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: int,
-           device: torch.device) -> TrainResult:
+def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: int, device: torch.device,
+           stream_factory: StreamFactory, on_metrics: MetricsFn | None, adversarial: AdversarialFn) -> TrainResult:
     config_path = run_dir / "config.json"
     # Resolved before anything else: config.json records the attack actually used, and a
     # resumed run compares resolved configurations.
@@ -411,17 +456,22 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
-    full_only = world > 1
+
+    def log_metrics(rec: dict[str, Any]) -> None:
+        if metrics:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+        if on_metrics is not None:
+            on_metrics(rec)
+
     per_rank = _batches_per_rank(len(dataset), cfg, world) if world > 1 else None
     totals = {"online_passes": 0, "batches": 0, "samples": 0}
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            stream = BatchStream(dataset, cfg.shards, cfg, epoch=epoch, rank=rank, world_size=world,
-                                 full_batches_only=full_only)
-            loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
-                                                 pin_memory=device.type == "cuda",
-                                                 persistent_workers=False,
-                                                 prefetch_factor=4 if cfg.workers else None)
+            # The epoch's batches, read, shuffled, source-drawn and augmented ahead of the step
+            # (in cfg.workers processes) in an order fixed by (seed, epoch, rank), so that a
+            # resumed run replays exactly what an uninterrupted one would have.
+            loader = batch_loader(stream_factory(dataset, cfg, epoch, rank, world), cfg, device)
             nbatches = per_rank or math.ceil(len(dataset) / world / cfg.batch_size)
             window = _Window(1 + len(cfg.shards))
             model.train()
@@ -433,7 +483,10 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                     break
                 if cfg.record_indices:
                     order.append(batch["index"])
-                x, y, online = adversarial_inputs(model, batch, cfg, device)
+                # The inputs: a share of the batch replaced by x_adv, from a stored direction or,
+                # when the model itself is the drawn source, from an online pass.
+                x, y, online = adversarial(model, batch, cfg, device)
+                # Forward; a non-finite loss stops the run before it can reach a checkpoint.
                 logits = net(x)
                 loss = F.cross_entropy(logits, y)
                 if not torch.isfinite(loss):
@@ -442,10 +495,12 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                         f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; stopping "
                         + (f"(last good checkpoint: {last[-1]})" if last else "(no checkpoint yet)")
                         + "; try a lower --lr")
+                # Backward and step.
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
+                # Bookkeeping: a metrics record every log_every steps.
                 window.add(batch, loss.item(), (logits.argmax(1) == y).float().mean().item(), online)
                 totals["online_passes"] += int(online)
                 totals["batches"] += 1
@@ -455,16 +510,15 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                     rec = window.flush(epoch, step, scheduler.get_last_lr()[0])
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['accuracy']:.3f}",
                                     sps=f"{rec['samples_per_s']:.0f}")
-                    if metrics:
-                        metrics.write(json.dumps(rec) + "\n")
-                        metrics.flush()
+                    log_metrics(rec)
             bar.close()
+            # End of the epoch: the sample order (audits), the last partial window (every rank
+            # hears its records; rank 0 writes them), and the checkpoint --resume continues from.
             if cfg.record_indices:
                 (run_dir / "indices").mkdir(parents=True, exist_ok=True)
                 np.save(run_dir / "indices" / f"rank{rank}-epoch{epoch:04d}.npy", torch.cat(order).numpy())
-            if metrics and window.batches:
-                metrics.write(json.dumps(window.flush(epoch, step, scheduler.get_last_lr()[0])) + "\n")
-                metrics.flush()
+            if window.batches:
+                log_metrics(window.flush(epoch, step, scheduler.get_last_lr()[0]))
             scheduler.step()
             if rank == 0:
                 _save_epoch(run_dir, model, optimizer, scheduler, epoch, step, dataset, cfg, device)

@@ -3,11 +3,11 @@
     python tests/reliability_sweep.py            # ~20-40 min on 2 cores
     python tests/reliability_sweep.py -x -k dask # extra arguments go to pytest
 
-It runs every test of tests/test_reliability.py with ENSPIPE_SWEEP=full (the CI subset plus
+It runs every test of tests/reliability/ with ENSPIPE_SWEEP=full (the CI subset plus
 the cases marked `slow`: >= 20 seeded random kill points per command plus every named
 point, the corruption fuzz, the concurrency and disk-full matrices, a dask worker killed
 mid-shard, every bad invocation also as a genuine `python -m enspipe` process), then prints
-the counts. Same as `ENSPIPE_SWEEP=full python -m pytest tests/test_reliability.py`, plus
+the counts. Same as `ENSPIPE_SWEEP=full python -m pytest tests/reliability`, plus
 the counts (collected through $ENSPIPE_RELIABILITY_COUNTS).
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     env = {**os.environ, "ENSPIPE_SWEEP": "full", "ENSPIPE_RELIABILITY_COUNTS": str(counts)}
     t0 = time.monotonic()
     rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-ra", "--durations=15",
-                          str(REPO / "tests" / "test_reliability.py"), *argv], env=env, cwd=REPO)
+                          str(REPO / "tests" / "reliability"), *argv], env=env, cwd=REPO)
     minutes = (time.monotonic() - t0) / 60
     data = json.loads(counts.read_text()) if counts.exists() else {}
     print(f"\nreliability sweep: pytest exit status {rc}, {minutes:.1f} min wall")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import socket
 
 import pytest
 import torch
@@ -122,7 +123,10 @@ def test_plain_state_dict_loads_with_weights_only(tmp_path):
 
 
 def test_pretrained_offline_fails_fast_and_clearly(monkeypatch):
-    monkeypatch.setattr(models, "_network_reachable", lambda *a, **k: False)
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", offline)  # the machine is offline
     with pytest.raises(ModelError, match="--weights"):
         create_model("resnet18", num_classes=1000, pretrained=True)
     with pytest.raises(ModelError, match="no hub weights"):

@@ -1,6 +1,6 @@
 """Start `enspipe` processes without paying for the imports every time (tests only).
 
-    python tests/_zygote.py      # JSON requests on stdin, JSON events on stdout
+    python tests/reliability/zygote.py      # JSON requests on stdin, JSON events on stdout
 
 A fresh `python -m enspipe` spends ~3.5 s of CPU importing torch, zarr, sklearn and
 friends before it does anything; the reliability tests start dozens of them. This
@@ -8,9 +8,9 @@ friends before it does anything; the reliability tests start dozens of them. Thi
 pool exists to be broken by fork), and then forks one child per request. Each child is a
 real, separate enspipe process: it resets its environment and working directory,
 redirects stdout/stderr to the files named in the request, optionally installs the fault
-hooks of tests/_faults.py and drops to another uid, and calls `enspipe.cli.main(argv)`
-exactly as `python -m enspipe` does (an escaping exception is printed as the interpreter
-would, exit status 1). The tests signal children by pid (SIGKILL, SIGSTOP, ...).
+hooks of faults.py (beside this file) and drops to another uid, and calls
+`enspipe.cli.main(argv)` exactly as `python -m enspipe` does (an escaping exception is
+printed as the interpreter would, exit status 1). The tests signal children by pid (SIGKILL, SIGSTOP, ...).
 
 Request:  {"id": 1, "argv": [...], "env": {...}, "cwd": "...", "out": "...", "err": "...",
            "faults": ["kill-mid-write:..."], "uid": null}
@@ -74,9 +74,9 @@ def child(req: dict) -> None:
         os.environ.update(req["env"])
         if req.get("faults"):
             sys.path.insert(0, HERE)
-            import _faults
+            import faults
 
-            _faults.install(req["faults"])
+            faults.install(req["faults"])
         if req.get("uid") is not None:
             os.setgroups([])
             os.setgid(req["uid"])

@@ -1,6 +1,6 @@
 """Run the real `enspipe` command line with a fault injected at an exact point (tests only).
 
-    python tests/_faults.py --fault SPEC [--fault SPEC ...] -- precompute --model ... --out ...
+    python tests/reliability/faults.py --fault SPEC [--fault SPEC ...] -- precompute --model ... --out ...
 
 The product has no fault hooks and must not get any, so this wrapper installs them from
 outside: it patches `os.replace`/`os.rename` and `open` (which `pathlib`, zarr's LocalStore,
@@ -20,8 +20,8 @@ product. SPEC is one of
 GLOB is an fnmatch pattern on the absolute path (`*` crosses `/`). When a kill fires, the line
 `FAULT FIRED <spec>` is first appended to the file named by $ENSPIPE_FAULT_LOG (if set), so the
 test knows the kill happened where it asked and not somewhere else. The full sweep runs this
-file as a fresh interpreter; in the CI subset tests/_zygote.py calls `install()` in the
-processes it forks.
+file as a fresh interpreter; in the CI subset tests/reliability/zygote.py calls `install()` in
+the processes it forks.
 """
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def install(specs: list[str]) -> None:
 
 def main(argv: list[str]) -> None:
     if "--" not in argv:
-        sys.exit("usage: _faults.py [--fault SPEC]... -- ENSPIPE-ARGS")
+        sys.exit("usage: faults.py [--fault SPEC]... -- ENSPIPE-ARGS")
     split = argv.index("--")
     opts, rest = argv[:split], argv[split + 1:]
     specs = [opts[i + 1] for i, o in enumerate(opts) if o == "--fault"]
@@ -156,6 +156,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    # The tests directory must not shadow anything: run the CLI with the repo's usual path.
+    # The tests' directory must not shadow anything: run the CLI with the repo's usual path.
     sys.path[0] = os.getcwd()
     main(sys.argv[1:])
