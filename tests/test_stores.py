@@ -405,6 +405,18 @@ def test_wds_pickle_member_is_refused_not_unpickled(tmp_path, data):
     assert not marker.exists()
 
 
+# --------------------------------------------------------------------------- shard spans
+
+
+def test_shard_spans_cut_a_range_at_shard_boundaries():
+    from enspipe.stores.base import shard_spans
+
+    assert list(shard_spans(0, 0, SHARD)) == []
+    assert list(shard_spans(500, 1030, SHARD)) == [(0, slice(500, 512)), (1, slice(0, 512)), (2, slice(0, 6))]
+    assert list(shard_spans(512, 1024, SHARD)) == [(1, slice(0, 512))]
+    assert list(shard_spans(1790, 1797, SHARD)) == [(3, slice(254, 261))]  # the short last shard
+
+
 # --------------------------------------------------------------------------- read in block order
 
 

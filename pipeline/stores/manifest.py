@@ -1,5 +1,7 @@
 """Store identity, manifest and per-shard completion records.
 
+(Over 400 lines on purpose: the whole of storage format v1's contract stays in one file.)
+
 Everything here is format-independent: the identity that names a store, the JSON schemas
 that every stored JSON document is checked against, atomic JSON writes, and the
 per-shard completion records (`shards/NNNNNN.json`) that let concurrent writers finish
