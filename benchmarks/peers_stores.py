@@ -74,7 +74,7 @@ def read_order(n: int, block: int, shard_size: int, order: str, seed: int) -> li
       whole tar, which is what a store of ~1,250 shards (ImageNet) sees with the default
       4-shard cache and shuffled blocks.
     """
-    from enspipe.stores import block_order
+    from enspipe.sampling import block_order
 
     blocks = block_order(n, block, seed=seed, epoch=0)
     if order == "shuffled":

@@ -146,7 +146,7 @@ class TrainConfig:
 def block_ranges(num_samples: int, block_size: int, *, seed: int, epoch: int, rank: int = 0,
                  world_size: int = 1) -> list[tuple[int, int]]:
     """Contiguous blocks in a shuffled order; rank r takes every world_size-th block."""
-    from enspipe.stores import block_order
+    from enspipe.sampling import block_order
 
     return block_order(num_samples, block_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from enspipe.errors import StoreError
+from enspipe.sampling import block_order
 from enspipe.stores import (
     StoreIdentity,
-    block_order,
     create_store,
     list_stores,
     open_store,
@@ -405,29 +405,26 @@ def test_wds_pickle_member_is_refused_not_unpickled(tmp_path, data):
     assert not marker.exists()
 
 
-# --------------------------------------------------------------------------- block order
+# --------------------------------------------------------------------------- shard spans
 
 
-def test_block_order():
-    n, bs = 1000, 64
-    a = block_order(n, bs, seed=3, epoch=0)
-    assert a == block_order(n, bs, seed=3, epoch=0)
-    assert a != block_order(n, bs, seed=3, epoch=1) and a != block_order(n, bs, seed=4, epoch=0)
-    assert sorted(a) == [(s, min(n, s + bs)) for s in range(0, n, bs)]
-    ranks = [block_order(n, bs, seed=3, epoch=2, rank=k, world_size=3) for k in range(3)]
-    covered = np.concatenate([np.arange(s, e) for r in ranks for s, e in r])
-    assert len(covered) == n and set(covered.tolist()) == set(range(n))  # disjoint, complete
-    assert all(s % bs == 0 for r in ranks for s, _ in r)
-    trimmed = [block_order(n, bs, seed=3, epoch=2, rank=k, world_size=3, drop_last=True) for k in range(3)]
-    assert len({len(t) for t in trimmed}) == 1
-    with pytest.raises(StoreError):
-        block_order(n, bs, seed=0, rank=3, world_size=3)
+def test_shard_spans_cut_a_range_at_shard_boundaries():
+    from enspipe.stores.base import shard_spans
+
+    assert list(shard_spans(0, 0, SHARD)) == []
+    assert list(shard_spans(500, 1030, SHARD)) == [(0, slice(500, 512)), (1, slice(0, 512)), (2, slice(0, 6))]
+    assert list(shard_spans(512, 1024, SHARD)) == [(1, slice(0, 512))]
+    assert list(shard_spans(1790, 1797, SHARD)) == [(3, slice(254, 261))]  # the short last shard
 
 
-def test_iter_blocks_reads_cover_the_store(tmp_path, data):
+# --------------------------------------------------------------------------- read in block order
+
+
+def test_block_order_reads_cover_the_store(tmp_path, data):
     path, _ = make_store(tmp_path, "zarr", data)
     r = open_store(path)
-    seen = np.concatenate([r.read(a, b)["label"] for a, b in r.iter_blocks(r.chunk_samples, seed=0, epoch=0)])
+    blocks = block_order(r.num_samples, r.chunk_samples, seed=0, epoch=0)
+    seen = np.concatenate([r.read(a, b)["label"] for a, b in blocks])
     assert sorted(seen.tolist()) == sorted(data["label"].tolist())
 
 

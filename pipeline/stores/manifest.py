@@ -1,5 +1,7 @@
 """Store identity, manifest and per-shard completion records.
 
+(Over 400 lines on purpose: the whole of storage format v1's contract stays in one file.)
+
 Everything here is format-independent: the identity that names a store, the JSON schemas
 that every stored JSON document is checked against, atomic JSON writes, and the
 per-shard completion records (`shards/NNNNNN.json`) that let concurrent writers finish
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from enspipe.errors import StoreError
 from enspipe.fileio import atomic_write_json
@@ -313,6 +315,16 @@ def check_manifest(manifest: Any, where: str) -> None:
         raise StoreError(f"manifest of {where} is invalid: {problems[0]}.")
 
 
+def existing_manifest(path: str | os.PathLike) -> dict | None:
+    """The validated manifest of the store at `path`, or None when no store is there yet.
+
+    "No store" means no `manifest.json` (the path may be absent or an empty directory);
+    a manifest that exists but is invalid raises StoreError, as `read_manifest` does.
+    This is how a producer asks "reuse, resume or create?" without opening the store.
+    """
+    return read_manifest(Path(path)) if (Path(path) / MANIFEST_NAME).is_file() else None
+
+
 def read_manifest(path: Path) -> dict:
     """Read and validate `path/manifest.json`; StoreError when absent or invalid."""
     mpath = Path(path) / MANIFEST_NAME
@@ -342,38 +354,50 @@ def record_path(path: Path, s: int) -> Path:
     return Path(path) / RECORDS_DIR / f"{s:06d}.json"
 
 
-def record_problem(path: Path, manifest: dict, s: int, rec: Any, *, deep: bool = False) -> str | None:
-    """Why `rec` is not a valid completion record of shard s (None when it is).
+def record_problems(path: Path, manifest: dict, s: int, rec: Any, *, deep: bool = False) -> Iterator[str]:
+    """Why `rec` is not a valid completion record of shard s: nothing when it is.
 
     Shallow: schema, range, every file present with the recorded size (stat only, cheap
-    enough for every open). Deep: also the sha256 of every file.
+    enough for every open). Deep: also the sha256 of every file. A bad record or range
+    stops the checks; file problems are reported file by file.
     """
     errors = schema_errors(rec, "manifest.v1.json", ref="shard_record")
     if errors:
-        return f"shard {s}: invalid completion record ({errors[0]})"
+        yield f"shard {s}: invalid completion record ({errors[0]})"
+        return
     if rec["shard"] != s or (rec["start"], rec["stop"]) != shard_range(manifest, s):
-        return f"shard {s}: completion record is for another shard or range"
+        yield f"shard {s}: completion record is for another shard or range"
+        return
     for rel, meta in sorted(rec["files"].items()):
         p = Path(path) / rel
         try:
             size = p.stat().st_size
         except FileNotFoundError:
-            return f"shard {s}: missing file {rel}"
+            yield f"shard {s}: missing file {rel}"
+            continue
         if size != meta["bytes"]:
-            return f"shard {s}: file {rel} is {size} bytes but was written with {meta['bytes']} (truncated or replaced)"
-        if deep and sha256_file(p) != meta["sha256"]:
-            return f"shard {s}: checksum mismatch in file {rel}"
-    return None
+            yield f"shard {s}: file {rel} is {size} bytes but was written with {meta['bytes']} (truncated or replaced)"
+        elif deep and sha256_file(p) != meta["sha256"]:
+            yield f"shard {s}: checksum mismatch in file {rel}"
+
+
+def record_problem(path: Path, manifest: dict, s: int, rec: Any, *, deep: bool = False) -> str | None:
+    """The first of `record_problems` (None when the record is valid)."""
+    return next(record_problems(path, manifest, s, rec, deep=deep), None)
+
+
+def read_record(path: Path, s: int) -> Any:
+    """The parsed JSON of shard s's completion record file, unchecked; None when absent or unparsable."""
+    try:
+        return json.loads(record_path(path, s).read_text("utf-8"))
+    except (OSError, ValueError):  # ValueError: bad UTF-8 or bad JSON
+        return None
 
 
 def load_record(path: Path, manifest: dict, s: int) -> dict | None:
     """The shard's completion record if present and valid (shallow check), else None."""
-    rp = record_path(path, s)
-    try:
-        rec = json.loads(rp.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return None if record_problem(path, manifest, s, rec) else rec
+    rec = read_record(path, s)
+    return None if rec is None or record_problem(path, manifest, s, rec) else rec
 
 
 def done_records(path: Path, manifest: dict) -> dict[int, dict]:

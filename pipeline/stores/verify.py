@@ -8,15 +8,16 @@ shards whose bytes match their checksums: corrupt bytes are never fed to a decod
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from enspipe.errors import StoreError
 
-from . import _backend
-from .manifest import RECORDS_DIR, read_manifest, record_path, schema_errors, sha256_file, shard_range
+from .manifest import RECORDS_DIR, read_manifest, read_record, record_problems
+from .registry import get_backend
+
+__all__ = ["VerifyReport", "verify_store"]
 
 
 @dataclass
@@ -30,36 +31,6 @@ class VerifyReport:
         return "\n".join([head, *(f"  - {p}" for p in self.problems)])
 
 
-def _record_file(path: Path, s: int) -> dict | None:
-    try:
-        return json.loads(record_path(path, s).read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _shard_problems(path: Path, manifest: dict, s: int, rec: dict, deep: bool) -> list[str]:
-    errors = schema_errors(rec, "manifest.v1.json", ref="shard_record")
-    if errors:
-        return [f"shard {s}: invalid completion record ({errors[0]})"]
-    if rec["shard"] != s or (rec["start"], rec["stop"]) != shard_range(manifest, s):
-        return [f"shard {s}: completion record is for another shard or range"]
-    out = []
-    for rel, meta in sorted(rec["files"].items()):
-        p = path / rel
-        try:
-            size = os.stat(p).st_size
-        except FileNotFoundError:
-            out.append(f"shard {s}: missing file {rel}")
-            continue
-        if size != meta["bytes"]:
-            out.append(
-                f"shard {s}: file {rel} is {size} bytes but was written with {meta['bytes']} (truncated or replaced)"
-            )
-        elif deep and sha256_file(p) != meta["sha256"]:
-            out.append(f"shard {s}: checksum mismatch in file {rel}")
-    return out
-
-
 def verify_store(path: str | os.PathLike, *, deep: bool = True) -> VerifyReport:
     """Check a store; `deep` also hashes every file and decodes every shard. Never raises for a bad store."""
     path = Path(path)
@@ -67,13 +38,13 @@ def verify_store(path: str | os.PathLike, *, deep: bool = True) -> VerifyReport:
         manifest = read_manifest(path)
     except StoreError as exc:
         return VerifyReport(False, [f"manifest: {exc}"], 0)
-    backend = _backend(manifest["format"])
+    backend = get_backend(manifest["format"])
     problems = list(backend.store_problems(path, manifest))
     complete = manifest["complete"]
     checked = written = 0
     shard_lines: list[str] = []
     for s in range(manifest["num_shards"]):
-        on_disk = _record_file(path, s)
+        on_disk = read_record(path, s)
         if complete:
             rec = manifest["shards"].get(f"{s:06d}")
             if rec is None:
@@ -91,7 +62,7 @@ def verify_store(path: str | os.PathLike, *, deep: bool = True) -> VerifyReport:
                 shard_lines.append(f"shard {s}: not written (no completion record {RECORDS_DIR}/{s:06d}.json)")
                 continue
         checked += 1
-        found = _shard_problems(path, manifest, s, rec, deep)
+        found = list(record_problems(path, manifest, s, rec, deep=deep))
         if not found:
             written += 1
             if deep and not problems:

@@ -34,7 +34,7 @@ from enspipe.errors import StoreError
 from enspipe.fileio import atomic_target
 from enspipe.tarsafe import PICKLE_EXTENSIONS as FORBIDDEN_EXTS
 
-from . import StoreReader, StoreWriter
+from .base import StoreReader, StoreWriter
 from .manifest import schema_errors, shard_range
 
 PREFIX = "shard"
@@ -329,12 +329,11 @@ class WdsReader(StoreReader):
 
     def _pieces(self, start: int, stop: int, field: str) -> list[Any]:
         out = []
-        for s in range(start // self.shard_size, -(-stop // self.shard_size)):
-            s0, s1 = shard_range(self.manifest, s)
+        for s, rows in self._spans(start, stop):
             value = self.shard(s)[field]
             if value is None:
                 raise StoreError(f"shard {s} of store {self.path} has no {field}.")
-            out.append(value[max(start, s0) - s0 : min(stop, s1) - s0])
+            out.append(value[rows])
         return out
 
     def _read(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -350,13 +349,12 @@ class WdsReader(StoreReader):
         """
         start, stop = self._check_range(start, stop)
         out = [np.empty((0, *self.geometry), np.uint8)]
-        for s in range(start // self.shard_size, -(-stop // self.shard_size)):
-            s0, s1 = shard_range(self.manifest, s)
+        for s, rows in self._spans(start, stop):
             data = read_shard_bytes(self.path, self.manifest, s, self.records[s])
             images = decode_tar(data, self.path / tar_name(s), self.manifest, s, with_images=True)["images"]
             if images is None:
                 raise StoreError(f"shard {s} of store {self.path} has no clean images.")
-            out.append(images[max(start, s0) - s0 : min(stop, s1) - s0])
+            out.append(images[rows])
         return np.concatenate(out)
 
 
@@ -369,6 +367,6 @@ def check_shard(path: Path, manifest: dict, s: int, record: dict) -> None:
     decode_tar(read_shard_bytes(path, manifest, s, record), path / tar_name(s), manifest, s, with_images=True)
 
 
-# The names create_store/open_writer/open_store look up in each backend.
+# The classes of the Backend protocol (base.Backend), which open.py instantiates.
 Writer = WdsWriter
 Reader = WdsReader

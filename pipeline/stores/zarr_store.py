@@ -29,7 +29,7 @@ from zarr.codecs import BloscCodec
 
 from enspipe.errors import StoreError
 
-from . import StoreReader, StoreWriter
+from .base import StoreReader, StoreWriter, directions_valid
 from .manifest import schema_errors, shard_range, write_json_atomic
 
 ARRAYS = ("direction", "logits", "label")
@@ -179,11 +179,7 @@ class ZarrReader(StoreReader):
         return self._key_cache[s]
 
     def _keys(self, start: int, stop: int) -> list[str]:
-        out: list[str] = []
-        for s in range(start // self.shard_size, -(-stop // self.shard_size)):
-            s0, s1 = shard_range(self.manifest, s)
-            out += self._shard_keys(s)[max(start, s0) - s0 : min(stop, s1) - s0]
-        return out
+        return [k for s, rows in self._spans(start, stop) for k in self._shard_keys(s)[rows]]
 
 
 def read_keys(path: Path, manifest: dict, s: int) -> list[str]:
@@ -214,7 +210,7 @@ def check_shard(path: Path, manifest: dict, s: int, record: dict) -> None:
     start, stop = shard_range(manifest, s)
     arrays = _open_arrays(path, write=False)
     d = np.asarray(arrays["direction"][start:stop])
-    if d.size and int((d + np.int8(1)).view(np.uint8).max()) > 2:
+    if not directions_valid(d):
         raise StoreError("direction values outside {-1, 0, 1}")
     label = np.asarray(arrays["label"][start:stop])
     if label.min() < 0 or label.max() >= manifest["identity"]["num_classes"]:
@@ -223,6 +219,6 @@ def check_shard(path: Path, manifest: dict, s: int, record: dict) -> None:
     read_keys(path, manifest, s)
 
 
-# The names create_store/open_writer/open_store look up in each backend.
+# The classes of the Backend protocol (base.Backend), which open.py instantiates.
 Writer = ZarrWriter
 Reader = ZarrReader

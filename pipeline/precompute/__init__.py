@@ -1,0 +1,124 @@
+"""precompute: a static model's adversarial directions over a dataset, into perturbation stores.
+
+    precompute(PrecomputeConfig(model="runs/B", dataset="mnist", attacks=("step_ll",), out="stores"))
+
+Plan (DESIGN §2-3):
+1. Open the dataset and the static model (eval mode, no parameter gradients); the store
+   identity is (dataset identity incl. fingerprint, geometry, classes, model name, weights
+   sha256, attack, label mode). `stores.store_path` derives each store's path under ROOT from
+   it, so a store that already exists complete is reused and nothing is written.
+2. Create every store (all arrays, once) in this process, before any worker runs.
+3. Cut the samples into shards (`shard_size` whole samples). A shard is the unit of work, of
+   writing and of retry: one task computes all of it and writes it with one
+   `StoreWriter.write_shard` per store, which is atomic (files first, completion record last).
+   Shards with a valid record are skipped, so a re-run after a crash or `kill -9` finishes the
+   rest. Tasks are idempotent: a shard computed twice is written with identical bytes.
+4. Finalize every store (manifest with all shard records, complete=true).
+
+The rooms: `config` (PrecomputeConfig), `plan` (store identity, ShardJob, reuse / resume /
+create), `compute` (batch source -> compute -> background writer; determinism and overlap),
+`dask_runner` (local cluster, existing scheduler), `recheck` (`verify --recompute`).
+`_open_inputs` and `_gpu_worker_specs` keep their names for the benchmarks and tests.
+
+torch (and the attacks) are imported where they are used, so that a bad option is reported
+before the second or two that importing torch takes.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from enspipe.errors import ConfigError
+
+from .compute import (
+    BatchDone,
+    InputBatch,
+    ShardBegin,
+    ShardEnd,
+    ShardSink,
+    compute_shard,
+    run_in_process,
+    shard_task,
+)
+from .config import ATTACKS, FORMATS, LABEL_MODES, PrecomputeConfig
+from .dask_runner import _gpu_worker_specs as _gpu_worker_specs  # tests check the GPU worker specs
+from .dask_runner import connect, local_client, run_on_dask
+from .plan import (
+    Plan,
+    ShardJob,
+    _open_inputs,
+    absolute_if_path,
+    check_root,
+    create_root,
+    log,
+    manifest_extra,
+    pending_shards,
+    plan_stores,
+    store_identity,
+)
+from .recheck import recompute_check
+
+__all__ = [
+    "ATTACKS",
+    "FORMATS",
+    "LABEL_MODES",
+    "BatchDone",
+    "InputBatch",
+    "Plan",
+    "PrecomputeConfig",
+    "ShardBegin",
+    "ShardEnd",
+    "ShardJob",
+    "ShardSink",
+    "compute_shard",
+    "plan_stores",
+    "precompute",
+    "recompute_check",
+    "shard_task",
+    "store_identity",
+]
+
+
+def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
+    """Compute (or reuse) one store per (attack, format); return their paths in that order.
+
+    `overlap=False` writes each shard in the computing thread (for benchmarks only).
+    """
+    from enspipe.runtime import resolve_device
+    from enspipe.stores import create_store, open_writer
+
+    device = resolve_device(cfg.device)
+    if cfg.weights is None and not cfg.pretrained and not Path(cfg.model).expanduser().exists():
+        # An architecture name alone would be a randomly initialised "static" model.
+        raise ConfigError(f"--model {cfg.model} is no run directory or checkpoint; an architecture name "
+                          "needs --weights CHECKPOINT or --pretrained")
+    check_root(cfg.out)
+    with contextlib.ExitStack() as stack:
+        # An existing scheduler is reached first (it is cheap), so an unreachable one fails
+        # in seconds; a local cluster is only started when there is work for it.
+        client = connect(cfg.scheduler, stack) if cfg.scheduler else None
+        dataset, model, sha = _open_inputs(absolute_if_path(cfg.model), absolute_if_path(cfg.weights),
+                                           cfg.pretrained, cfg.dataset, cfg.split, cfg.limit,
+                                           absolute_if_path(cfg.data_root), device, cfg.image_size)
+        create_root(cfg.out)
+        plan = plan_stores(cfg, dataset, model, sha, device)
+        if not plan.jobs:
+            return plan.paths
+        if client is None:
+            client = local_client(cfg, device, stack)
+        # Every store (all its arrays) is created here, before any task runs.
+        for path, identity, fmt in plan.create:
+            job = next(j for j in plan.jobs if str(path) in j.stores)
+            create_store(path, identity, fmt=fmt, shard_size=cfg.shard_size,
+                         extra=manifest_extra(cfg, job, device))
+        units = [(job, s) for job in plan.jobs for s in pending_shards(job)]
+        where = f"on {len(client.scheduler_info()['workers'])} dask worker(s)" if client else "in-process"
+        log(f"precompute: {len(units)} shard(s) to compute for {len(plan.jobs)} attack(s) {where}")
+        if client is None:
+            run_in_process(units, overlap=overlap)
+        else:
+            run_on_dask(client, units)
+    for job in plan.jobs:
+        for path in job.stores:
+            open_writer(path).finalize()
+    return plan.paths

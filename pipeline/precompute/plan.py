@@ -1,0 +1,231 @@
+"""Planning: the store identity of each attack, and per store whether it is reused, resumed or created.
+
+A store's path is derived from its identity (dataset identity incl. fingerprint, geometry,
+classes, model name, weights sha256, attack, label mode), so a store that already exists
+complete is reused and nothing is written; a partly written one is resumed with the batch
+size its first shards used (a shard's bytes depend on its batch boundaries). Each attack
+that has work becomes one `ShardJob`: everything a process needs to compute its shards.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from enspipe.errors import ModelError, StoreError
+
+from .config import FORMATS, PrecomputeConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from enspipe.stores import StoreIdentity
+
+__all__ = ["Plan", "ShardJob", "plan_stores", "store_identity"]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a process needs to compute and write shards of one attack (picklable)."""
+
+    model: str                   # absolute path when the spec is a path
+    weights: str | None
+    pretrained: bool
+    dataset: str                 # the source's canonical name (absolute paths for imagefolder:/wds:)
+    split: str
+    limit: int | None
+    data_root: str | None
+    image_size: int | None
+    fingerprint: str             # what the worker's dataset must hash to
+    weights_sha256: str          # what the worker's model must hash to
+    attack: str
+    label: str
+    batch_size: int
+    device: str
+    stores: tuple[str, ...]      # every store of this attack that has shards to write
+    torch_threads: int | None = None
+
+
+@dataclass
+class Plan:
+    paths: list[Path] = field(default_factory=list)             # returned, in (attack, format) order
+    jobs: list[ShardJob] = field(default_factory=list)
+    create: list[tuple[Path, StoreIdentity, str]] = field(default_factory=list)  # (path, identity, fmt)
+
+
+def log(message: str) -> None:
+    """One line on stderr (stdout carries the store paths)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def absolute_if_path(spec: str | None) -> str | None:
+    """Workers may run elsewhere (another cwd): hand them absolute paths."""
+    if spec is None:
+        return None
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
+
+
+# --- Identity ----------------------------------------------------------------------------------
+
+def _label_mode(attack: str, label: str) -> str:
+    # Step-LL's target is the least-likely class of the model's own prediction whatever
+    # --label says, so its stores are named "pred" and --label cannot split them in two.
+    return "pred" if attack == "step_ll" else label
+
+
+def _attack_params(attack: str, label: str) -> dict[str, Any]:
+    if attack == "step_ll":
+        return {"loss": "ce", "target": "least_likely", "direction": "-sign(grad)"}
+    return {"loss": "ce", "target": f"{label}_label", "direction": "sign(grad)"}
+
+
+def store_identity(dataset, model, sha: str, attack: str, label: str) -> StoreIdentity:
+    """The StoreIdentity of (dataset, static model + weights, attack, label mode)."""
+    from enspipe.stores import StoreIdentity
+
+    return StoreIdentity(
+        dataset=dataset.identity(), geometry=dataset.geometry.shape, preprocess=dataset.geometry.preprocess,
+        num_classes=dataset.num_classes, model_name=model.config.name, weights_sha256=sha, attack=attack,
+        attack_params=_attack_params(attack, label), label_mode=_label_mode(attack, label))
+
+
+# --- Inputs: the dataset and the static model, once per process ---------------------------------
+
+def _open_inputs(model: str, weights: str | None, pretrained: bool, dataset: str, split: str,
+                 limit: int | None, data_root: str | None, device: torch.device, image_size: int | None = None):
+    """(dataset, static model in eval mode on device, weights sha256), cached per process."""
+    from enspipe.data import create_dataset
+    from enspipe.models import resolve_model, weights_sha256
+
+    # The files' stamps are part of the key: a model retrained in place is loaded again.
+    def key(name: str) -> tuple:
+        return (model, _stamp(model), weights, _stamp(weights), pretrained, name, split, limit, data_root, image_size,
+                str(device))
+
+    with _INPUTS_LOCK:  # a worker running several threads loads once
+        if key(dataset) in _INPUTS:
+            return _INPUTS[key(dataset)]
+        ds = create_dataset(dataset, split=split, limit=limit, data_root=data_root, image_size=image_size)
+        net = resolve_model(model, weights=weights, pretrained=pretrained, num_classes=ds.num_classes,
+                            input_size=ds.geometry.shape)
+        if tuple(net.config.input_size) != tuple(ds.geometry.shape):
+            raise ModelError(f"model {model} takes {'x'.join(map(str, net.config.input_size))} input but "
+                             f"{dataset} is {'x'.join(map(str, ds.geometry.shape))}")
+        if net.config.num_classes != ds.num_classes:
+            raise ModelError(f"model {model} has {net.config.num_classes} classes but {dataset} has {ds.num_classes}")
+        sha = weights_sha256(net)
+        # A static model: eval mode (no dropout, frozen BatchNorm) and no parameter gradients.
+        net = net.eval().requires_grad_(False).to(device)
+        _INPUTS.clear()  # one (dataset, model) per process at a time keeps worker memory flat
+        # Also under the source's canonical name, which is what shard tasks ask for.
+        _INPUTS[key(dataset)] = _INPUTS[key(ds.name)] = (ds, net, sha)
+        return _INPUTS[key(dataset)]
+
+
+_INPUTS: dict[tuple, tuple[Any, torch.nn.Module, str]] = {}
+_INPUTS_LOCK = threading.Lock()
+
+
+def _stamp(spec: str | None) -> tuple[int, int] | None:
+    """(mtime, size) of a checkpoint path (a run dir's model.safetensors), None for a name."""
+    if spec is None:
+        return None
+    p = Path(spec)
+    p = p / "model.safetensors" if p.is_dir() else p
+    with contextlib.suppress(OSError):
+        st = p.stat()
+        return (st.st_mtime_ns, st.st_size)
+    return None
+
+
+# --- The plan: reuse, resume or create ----------------------------------------------------------
+
+def _recorded_batch_size(manifest: dict | None) -> int | None:
+    """The batch size a partly written store was started with (its shards must all use it)."""
+    if manifest is None:
+        return None
+    bs = manifest.get("extra", {}).get("config", {}).get("batch_size")
+    return int(bs) if isinstance(bs, int) and bs > 0 else None
+
+
+def plan_stores(cfg: PrecomputeConfig, dataset, model, sha: str, device: torch.device) -> Plan:
+    """Decide, per (attack, format), whether the store is reused, resumed or created."""
+    from enspipe.stores import existing_manifest, open_store, store_path
+
+    plan = Plan()
+    for attack in cfg.attacks:
+        identity = store_identity(dataset, model, sha, attack, cfg.label)
+        todo: list[str] = []
+        batch_size = cfg.batch_size
+        for fmt in FORMATS[cfg.fmt]:
+            path = store_path(Path(cfg.out).absolute(), identity, fmt)
+            plan.paths.append(path)
+            manifest = existing_manifest(path)
+            if manifest is not None and manifest["complete"]:
+                open_store(path)  # refuses a damaged store (a shard file missing or resized)
+                log(f"reused {path}")
+                continue
+            recorded = _recorded_batch_size(manifest)
+            if recorded is not None and recorded != cfg.batch_size:
+                log(f"{path}: resuming with batch size {recorded}, the size its first shards were computed with")
+                batch_size = recorded
+            plan.create.append((path, identity, fmt))
+            todo.append(str(path))
+        if todo:
+            plan.jobs.append(ShardJob(
+                model=absolute_if_path(cfg.model), weights=absolute_if_path(cfg.weights),
+                pretrained=cfg.pretrained, dataset=dataset.name, split=cfg.split, limit=cfg.limit,
+                data_root=absolute_if_path(cfg.data_root), image_size=cfg.image_size,
+                fingerprint=dataset.fingerprint,
+                weights_sha256=sha, attack=attack, label=cfg.label, batch_size=batch_size,
+                # Workers of an existing cluster choose their own device from the user's spec.
+                device=cfg.device if cfg.scheduler else str(device), stores=tuple(todo)))
+    return plan
+
+
+def manifest_extra(cfg: PrecomputeConfig, job: ShardJob, device: torch.device) -> dict[str, Any]:
+    """What a new store's manifest records of its producer (`verify --recompute` rebuilds from it)."""
+    from enspipe.runtime import versions
+
+    # Paths made absolute and the dataset's canonical name, so `verify --recompute` can rebuild it.
+    config = {**cfg.to_dict(), "attacks": [job.attack], "batch_size": job.batch_size, "dataset": job.dataset,
+              "data_root": job.data_root, "out": str(Path(cfg.out).absolute())}
+    return {
+        "producer": "enspipe precompute",
+        "versions": versions(),
+        "model": {"spec": job.model, "weights": job.weights, "pretrained": job.pretrained},
+        "device": str(device),
+        "config": config,
+    }
+
+
+def pending_shards(job: ShardJob) -> list[int]:
+    """Shards that some store of this attack still lacks (all stores share the shard plan)."""
+    from enspipe.stores import open_writer
+
+    writers = [open_writer(p) for p in job.stores]
+    return sorted({s for w in writers for s in w.pending_shards()})
+
+
+# --- The store root -----------------------------------------------------------------------------
+
+def check_root(root: str) -> None:
+    """Fail before any work when ROOT cannot be created or written; creates nothing."""
+    p = Path(root).absolute()
+    existing = next(q for q in (p, *p.parents) if q.exists())
+    if not existing.is_dir():
+        raise StoreError(f"cannot create the store root {root}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot create the store root {root}: {existing} is not writable")
+
+
+def create_root(root: str) -> None:
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create the store root {root}: {e.strerror or e}") from None

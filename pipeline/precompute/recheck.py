@@ -1,0 +1,92 @@
+"""`verify --recompute`: recompute a few samples of a store with its static model and compare."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from enspipe.errors import ConfigError, StoreError
+
+from .compute import _deterministic, batch_containing
+
+__all__ = ["recompute_check"]
+
+
+def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = None, data_root: str | None = None,
+                    device: str = "auto", seed: int | None = None) -> list[str]:
+    """Recompute k random samples' directions with the static model and compare with the store.
+
+    The model is the one recorded in the manifest's `extra` unless `model` is given. Each
+    sample is first recomputed in one small batch; a sample that differs is recomputed again
+    inside its original batch (same boundaries as precompute), which must match bit for bit,
+    since a different batch size may legitimately flip the sign of a near-zero gradient.
+    Returns problem strings (empty = sound).
+    """
+    import torch
+
+    from enspipe import attacks
+    from enspipe.data import create_dataset
+    from enspipe.models import resolve_model, weights_sha256
+    from enspipe.runtime import resolve_device
+    from enspipe.stores import open_store
+
+    reader = open_store(store)
+    ident, extra = reader.identity, reader.manifest.get("extra", {})
+    recorded, config = extra.get("model", {}), extra.get("config", {})
+    spec = model or recorded.get("spec")
+    if not spec:
+        raise ConfigError(f"store {store} records no model; pass --model")
+    weights = None if model else recorded.get("weights")
+    pretrained = False if model else bool(recorded.get("pretrained", False))
+    if "dataset" not in config:
+        raise StoreError(f"store {store} records no dataset configuration to recompute from")
+    dataset = create_dataset(config["dataset"], split=config.get("split", ident.dataset["split"]),
+                             limit=config.get("limit"), data_root=data_root or config.get("data_root"),
+                             image_size=config.get("image_size"))
+    if dataset.fingerprint != ident.dataset["fingerprint"]:
+        return [f"the dataset {config['dataset']} found now has another fingerprint than the store's"]
+    dev = resolve_device(device)
+    net = resolve_model(spec, weights=weights, pretrained=pretrained, num_classes=dataset.num_classes,
+                        input_size=dataset.geometry.shape)
+    if weights_sha256(net) != ident.weights_sha256:
+        return [f"model {spec} has other weights (sha256 {weights_sha256(net)[:12]}..) than the store's "
+                f"({ident.weights_sha256[:12]}..)"]
+    net = net.eval().requires_grad_(False).to(dev)
+    label = config.get("label", "pred") if ident.attack == "fgsm" else "pred"
+    batch_size = int(config.get("batch_size", 256))
+
+    n = len(dataset)
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False))
+    stored = reader.read_indices(idx)
+    stored_keys = [reader.keys(int(i), int(i) + 1)[0] for i in idx]
+
+    def run(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = dataset.images(indices).to(dev)
+        y = torch.from_numpy(dataset.labels[indices]).to(dev) if label == "true" else None
+        d, logits, labels = attacks.direction(net, x, y, attack=ident.attack, label=label)
+        return d.cpu().numpy(), logits.float().cpu().numpy().astype(np.float16), labels.cpu().numpy()
+
+    def matches(row: int, d: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> bool:
+        return (np.array_equal(d, stored["direction"][row]) and int(labels) == int(stored["label"][row])
+                and np.array_equal(logits, stored["logits"][row], equal_nan=True))
+
+    problems: list[str] = []
+    batches: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    with _deterministic():
+        quick = run(idx)
+        for row, i in enumerate(idx.tolist()):
+            if stored_keys[row] != dataset.keys[i]:
+                problems.append(f"sample {i}: stored key {stored_keys[row]!r} is not the dataset's {dataset.keys[i]!r}")
+                continue
+            if matches(row, quick[0][row], quick[1][row], quick[2][row]):
+                continue
+            b, e = batch_containing(i, shard_size=reader.shard_size, batch_size=batch_size, num_samples=n)
+            if (b, e) not in batches:  # several suspects may share a batch: compute it once
+                batches[b, e] = run(np.arange(b, e))
+            d, logits, labels = (a[i - b] for a in batches[b, e])
+            if matches(row, d, logits, labels):
+                continue
+            diff = int((d != stored["direction"][row]).sum())
+            problems.append(f"sample {i} ({dataset.keys[i]}): recomputed direction differs in {diff} of "
+                            f"{d.size} elements, label {int(labels)} vs stored {int(stored['label'][row])}")
+    return problems

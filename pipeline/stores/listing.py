@@ -1,0 +1,92 @@
+"""What is stored where: `list_stores` under a root, `store_info` of one store (`enspipe ls`)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from enspipe.errors import StoreError
+
+from .manifest import MANIFEST_NAME, done_records, read_manifest
+
+__all__ = ["StoreInfo", "list_stores", "store_info"]
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """One line of `list_stores`. `problem` is set (and most fields None) for unreadable stores."""
+
+    path: Path
+    fmt: str
+    dataset_source: str | None
+    dataset_split: str | None
+    model: str | None
+    attack: str | None
+    label_mode: str | None
+    num_samples: int | None
+    bytes_on_disk: int
+    bits_per_element: float | None  # stored direction bytes * 8 / (samples * C*H*W), done shards
+    complete: bool
+    shards_done: int
+    num_shards: int | None
+    problem: str | None = None
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def store_info(path: str | os.PathLike) -> StoreInfo:
+    """Summary of one store; never raises for a damaged store (reports `problem`)."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".")
+    size = _dir_bytes(path)
+    try:
+        m = read_manifest(path)
+    except StoreError as exc:
+        return StoreInfo(path, fmt, None, None, None, None, None, None, size, None, False, 0, None, str(exc))
+    ident = m["identity"]
+    records = done_records(path, m)
+    elements = sum((r["stop"] - r["start"]) for r in records.values()) * int(np.prod(ident["geometry"]))
+    bpe = sum(r["direction_bytes"] for r in records.values()) * 8 / elements if elements else None
+    return StoreInfo(
+        path=path,
+        fmt=m["format"],
+        dataset_source=ident["dataset"]["source"],
+        dataset_split=ident["dataset"]["split"],
+        model=ident["model_name"],
+        attack=ident["attack"],
+        label_mode=ident["label_mode"],
+        num_samples=m["num_samples"],
+        bytes_on_disk=size,
+        bits_per_element=bpe,
+        complete=m["complete"],
+        shards_done=len(records),
+        num_shards=m["num_shards"],
+    )
+
+
+def list_stores(root: str | os.PathLike) -> list[StoreInfo]:
+    """Every store (a `*.zarr` or `*.wds` directory with a manifest) under root, by path."""
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue  # temporary directories of create_store
+            full = Path(dirpath) / d
+            if full.suffix in (".zarr", ".wds") and (full / MANIFEST_NAME).is_file():
+                found.append(store_info(full))
+            else:
+                keep.append(d)
+        dirnames[:] = keep  # do not descend into stores
+    return sorted(found, key=lambda i: str(i.path))
