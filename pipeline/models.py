@@ -528,7 +528,8 @@ def load_model_for(spec: str | os.PathLike, dataset: Any, device: torch.device |
     model = resolve_model(spec, weights=None if weights is None else os.fspath(weights), pretrained=pretrained,
                           num_classes=dataset.num_classes, input_size=shape, new_head=new_head)
     if tuple(model.config.input_size) != shape:
-        raise ConfigError(f"model {spec} takes {model.config.input_size} input but the data is {shape}")
+        size = lambda s: "x".join(map(str, s))  # noqa: E731
+        raise ConfigError(f"model {spec} takes {size(model.config.input_size)} input but the data is {size(shape)}")
     if model.config.num_classes != dataset.num_classes:
         raise ConfigError(f"model {spec} predicts {model.config.num_classes} classes but the data has "
                           f"{dataset.num_classes}")

@@ -100,7 +100,7 @@ def _open_inputs(model: str, weights: str | None, pretrained: bool, dataset: str
                  limit: int | None, data_root: str | None, device: torch.device, image_size: int | None = None):
     """(dataset, static model in eval mode on device, weights sha256), cached per process."""
     from enspipe.data import create_dataset
-    from enspipe.models import resolve_model, weights_sha256
+    from enspipe.models import EnsModel, load_model_for, weights_sha256
 
     # The files' stamps are part of the key: a model retrained in place is loaded again.
     def key(name: str) -> tuple:
@@ -111,16 +111,11 @@ def _open_inputs(model: str, weights: str | None, pretrained: bool, dataset: str
         if key(dataset) in _INPUTS:
             return _INPUTS[key(dataset)]
         ds = create_dataset(dataset, split=split, limit=limit, data_root=data_root, image_size=image_size)
-        net = resolve_model(model, weights=weights, pretrained=pretrained, num_classes=ds.num_classes,
-                            input_size=ds.geometry.shape)
-        if tuple(net.config.input_size) != tuple(ds.geometry.shape):
-            raise ModelError(f"model {model} takes {'x'.join(map(str, net.config.input_size))} input but "
-                             f"{dataset} is {'x'.join(map(str, ds.geometry.shape))}")
-        if net.config.num_classes != ds.num_classes:
-            raise ModelError(f"model {model} has {net.config.num_classes} classes but {dataset} has {ds.num_classes}")
-        sha = weights_sha256(net)
         # A static model: eval mode (no dropout, frozen BatchNorm) and no parameter gradients.
-        net = net.eval().requires_grad_(False).to(device)
+        net = load_model_for(model, ds, device, weights=weights, pretrained=pretrained).requires_grad_(False)
+        if not isinstance(net, EnsModel):  # a binarized model's gradient is zero: nothing to store
+            raise ModelError(f"precompute needs a plain static model, not {model}")
+        sha = weights_sha256(net)
         _INPUTS.clear()  # one (dataset, model) per process at a time keeps worker memory flat
         # Also under the source's canonical name, which is what shard tasks ask for.
         _INPUTS[key(dataset)] = _INPUTS[key(ds.name)] = (ds, net, sha)

@@ -26,7 +26,7 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
 
     from enspipe import attacks
     from enspipe.data import create_dataset
-    from enspipe.models import resolve_model, weights_sha256
+    from enspipe.models import load_model_for, weights_sha256
     from enspipe.runtime import resolve_device
     from enspipe.stores import open_store
 
@@ -46,12 +46,11 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
     if dataset.fingerprint != ident.dataset["fingerprint"]:
         return [f"the dataset {config['dataset']} found now has another fingerprint than the store's"]
     dev = resolve_device(device)
-    net = resolve_model(spec, weights=weights, pretrained=pretrained, num_classes=dataset.num_classes,
-                        input_size=dataset.geometry.shape)
+    net = load_model_for(spec, dataset, dev, weights=weights,
+                         pretrained=pretrained).requires_grad_(False)
     if weights_sha256(net) != ident.weights_sha256:
         return [f"model {spec} has other weights (sha256 {weights_sha256(net)[:12]}..) than the store's "
                 f"({ident.weights_sha256[:12]}..)"]
-    net = net.eval().requires_grad_(False).to(dev)
     label = config.get("label", "pred") if ident.attack == "fgsm" else "pred"
     batch_size = int(config.get("batch_size", 256))
 

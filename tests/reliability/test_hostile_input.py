@@ -93,7 +93,7 @@ BAD = [
         ("model.safetensors",), out=True),
     Bad("evaluate: --out is a file", lambda s: _evaluate(s, out=s.afile), ("afile.txt",)),
     Bad("evaluate: images of the wrong geometry", lambda s: _evaluate(s, "--dataset", f"imagefolder:{s.rgb}"),
-        ("(1, 28, 28)", "(3, 224, 224)"), out=True),
+        ("1x28x28", "3x224x224"), out=True),
     # precompute
     Bad("precompute: negative shard size", lambda s: _pre(s, "--shard-size", "-1"), ("--shard-size",), usage=True,
         out=True),
