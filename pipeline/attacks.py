@@ -1,7 +1,8 @@
 """The l-inf attacks of the paper (§3.2, §4.1, Appendix C.2), batched, on any [0,1]-input model.
 
 (Over 400 lines on purpose: eight attacks share one set of conventions, parameter checks and
-gradient machinery, and `create_attack`, the one way a stage calls an attack by name.)
+gradient machinery, and `create_attack` / `parse_attack_options`, the one way a stage calls
+an attack by name and sets its parameters, must run exactly those checks.)
 
 A model is a `torch.nn.Module` mapping float `[B, C, H, W]` in `[0, 1]` to logits `[B, K]`;
 a list or tuple of models is attacked as their `Ensemble` (average of logits). Every attack
@@ -33,7 +34,6 @@ Conventions, chosen once for every attack:
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import math
 import numbers
@@ -147,7 +147,7 @@ def _check_generator(generator: object) -> None:
 
 
 def _rand_alpha(eps: float, alpha: object) -> float:
-    """R+FGSM's random step: eps/2 by default (Table 2), at most eps."""
+    """R+FGSM's random step: eps/2 by default (the paper's Tables 2 and 9), at most eps."""
     value = eps / 2 if alpha is None else _check_alpha(alpha)
     if value > eps:
         raise AttackError(f"alpha must be at most eps={eps} in a random-step attack, got {alpha!r}.")
@@ -163,8 +163,22 @@ def _iter_alpha(eps: float, steps: int, alpha: object) -> float:
 
 
 def _pgd_alpha(eps: float, steps: int, alpha: object) -> float:
-    """PGD's step: 2.5 * eps / k by default (Madry et al. 2017)."""
+    """PGD's step: 2.5 * eps / k by default, so that k steps can cross the ball and back."""
     return 2.5 * eps / steps if alpha is None else _check_alpha(alpha)
+
+
+CW_KAPPA = 100.0  # the reference code's CW confidence (simple_eval.py --kappa); Madry et al. use 50
+
+
+def _pgd_kappa(loss: str, kappa: object) -> float | None:
+    """The CW hinge's confidence: CW_KAPPA by default; the CE loss takes none."""
+    if kappa is None:
+        return CW_KAPPA if loss == "cw" else None
+    value = _check_kappa(kappa)
+    if loss != "cw":
+        raise AttackError("kappa is the confidence of the CW loss; PGD with loss='ce' takes none "
+                          "(use pgd_cw, or loss='cw').")
+    return value
 
 
 def _target(label: object) -> _Target:
@@ -265,13 +279,19 @@ def _iterate(
     loss: Loss = "ce",
     kappa: float = 0.0,
 ) -> Tensor:
-    """k projected signed-gradient steps from `start`; labels fixed by the first step."""
+    """k projected signed-gradient steps from `start`; labels fixed by the first step.
+
+    The first step's labels stay for every later step: argmax h(start) for "pred", and for
+    "ll" y_LL = argmin h(start), so Iter-LL (start = the clean x) keeps descending towards
+    the least-likely class of the clean input (Kurakin et al. 2017a), never a class that
+    became least likely along the way.
+    """
     lo, hi = _ball(x, eps)
     step = -alpha if target == "ll" else alpha  # least-likely attacks descend towards y_LL
     x_adv = start
     for _ in range(steps):
         grad, _, y = _input_grad(model, x_adv, y, target, loss, kappa)
-        target = "given" if target == "pred" else target  # keep the first step's labels
+        target = "given"  # keep the first step's labels
         x_adv = torch.clamp(x_adv.add(grad.sign_(), alpha=step), lo, hi)
     return x_adv
 
@@ -338,7 +358,9 @@ def fgsm(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """FGSM (eq. 2): x + eps * sign(grad_x CE(h(x), y)); label="pred" uses y = argmax h(x).
 
-    With return_direction, also returns the direction d as int8 in {-1, 0, 1}.
+    Defaults: label="true" (eq. 2 and the reference code's evaluation use the true label;
+    "pred" is the training-time choice of Appendix C.2). With return_direction, also returns
+    the direction d as int8 in {-1, 0, 1}.
     """
     eps = _check_eps(eps)
     target = _target(label)
@@ -396,7 +418,12 @@ def rand_fgsm(
     label: Label = "true",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """R+FGSM (eq. 7), alpha = eps/2 by default; label="pred" takes argmax h(x') at the start x'."""
+    """R+FGSM (eq. 7); label="pred" takes argmax h(x') at the random start x'.
+
+    Defaults: alpha = eps/2, the only value the paper states (Tables 2 and 9, R+Step-LL on
+    ImageNet). For MNIST's Table 7 the paper is silent; the reference code evaluates with
+    alpha = 0.05 (simple_eval.py), which the MNIST jobs set (`rand_fgsm = { alpha = 0.05 }`).
+    """
     return _random_step(model, x, y, _target(label), eps, alpha, generator)
 
 
@@ -409,7 +436,10 @@ def rand_step_ll(
     alpha: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """R+Step-LL (eq. 7 with Step-LL); y_LL = argmin h(x') at the random start; y is unused."""
+    """R+Step-LL (eq. 7 with Step-LL); y_LL = argmin h(x') at the random start; y is unused.
+
+    Defaults: alpha = eps/2, as the paper's Tables 2 and 9 (ImageNet, eps = 16/256).
+    """
     return _random_step(model, x, y, "ll", eps, alpha, generator)
 
 
@@ -427,7 +457,11 @@ def iter_fgsm(
     alpha: float | None = None,
     label: Label = "true",
 ) -> Tensor:
-    """I-FGSM (Kurakin et al. 2017a): k steps of alpha >= eps/k (default eps/k), each projected."""
+    """I-FGSM (Kurakin et al. 2017a): k steps of alpha >= eps/k, each projected (§3.2).
+
+    Defaults: the paper states only alpha >= eps/k; the reference code's I-FGSM takes
+    k = 10 steps of alpha = eps/k (simple_eval.py --steps 10), used here.
+    """
     eps = _check_eps(eps)
     steps = _check_steps(steps)
     alpha = _iter_alpha(eps, steps, alpha)
@@ -447,7 +481,11 @@ def iter_ll(
     steps: int = 10,
     alpha: float | None = None,
 ) -> Tensor:
-    """Iter-LL: k Step-LL steps; y_LL = argmin h(x) of the clean x, kept fixed (Kurakin 2017a)."""
+    """Iter-LL: k Step-LL steps; y_LL = argmin h(x) of the clean x, kept fixed (Kurakin 2017a).
+
+    Defaults: k = 10 steps of alpha = eps/k, as I-FGSM's (the paper's one Iter-LL figure,
+    Table 2, is a two-step attack: steps=2; the reference code has no Iter-LL).
+    """
     eps = _check_eps(eps)
     steps = _check_steps(steps)
     alpha = _iter_alpha(eps, steps, alpha)
@@ -466,21 +504,26 @@ def pgd(
     steps: int = 40,
     alpha: float | None = None,
     loss: Loss = "ce",
-    kappa: float = 0.0,
+    kappa: float | None = None,
     label: Label = "true",
     random_start: bool = True,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """PGD (Madry et al. 2017): uniform start in the ball, k projected steps of alpha (2.5 eps/k).
+    """PGD (Madry et al. 2017): uniform start in the ball, k projected steps of alpha.
 
     loss="cw" maximises the Carlini-Wagner hinge min(max_{j!=y} z_j - z_y, kappa).
     label="pred" takes argmax h at the start point (the random start when random_start).
+
+    Defaults (the paper names the attack but none of its settings; the reference code has no
+    PGD): Madry et al.'s MNIST attack, k = 40 steps from a uniform random start, with
+    alpha = 2.5 eps/k (0.019 at eps = 0.3; Madry et al.'s code uses 0.01); kappa =
+    `CW_KAPPA` = 100 for loss="cw", the confidence of the reference code's CW attack.
     """
     eps = _check_eps(eps)
     steps = _check_steps(steps)
     alpha = _pgd_alpha(eps, steps, alpha)
     _check_choice("loss", loss, ("ce", "cw"))
-    kappa = _check_kappa(kappa)
+    kappa = _pgd_kappa(loss, kappa)
     _check_generator(generator)
     target = _target(label)
     model = _as_model(model)
@@ -491,7 +534,8 @@ def pgd(
         start = torch.clamp(x.add(_noise(x, generator, "uniform"), alpha=eps), lo, hi)
     with _attack_mode(x):
         return _iterate(
-            model, x, start, y, target, eps=eps, alpha=alpha, steps=steps, loss=loss, kappa=kappa
+            model, x, start, y, target, eps=eps, alpha=alpha, steps=steps, loss=loss,
+            kappa=kappa or 0.0,
         )
 
 
@@ -503,12 +547,17 @@ def pgd_cw(
     eps: float,
     steps: int = 40,
     alpha: float | None = None,
-    kappa: float = 0.0,
+    kappa: float = CW_KAPPA,
     label: Label = "true",
     random_start: bool = True,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """PGD with the Carlini-Wagner hinge loss (the paper's Table 8 PGD)."""
+    """PGD with the Carlini-Wagner hinge loss (the PGD of the paper's Tables 4 and 8).
+
+    Defaults as `pgd`'s; kappa = 100, the confidence of the reference code's CW attack (the
+    paper is silent; Madry et al.'s CW-loss PGD uses 50). A small kappa stops at the
+    source's decision boundary, which transfers poorly (black-box columns biased down).
+    """
     return pgd(
         model, x, y, eps=eps, steps=steps, alpha=alpha, loss="cw", kappa=kappa,
         label=label, random_start=random_start, generator=generator,
@@ -519,10 +568,11 @@ def pgd_cw(
 # registry: the one way stages call an attack by name
 
 
-# Each attack's defaults are its function's keyword defaults, the paper's MNIST settings:
-# I-FGSM and Iter-LL 10 steps; PGD 40 steps as Madry et al. for eps = 0.3 (of 2.5 eps/k,
-# see `_pgd_alpha`), random steps alpha = eps/2 (Table 2). `create_attack` binds only what
-# it is given, so these apply wherever an attack is created by name.
+# Each attack's defaults are its function's keyword defaults, and its docstring says where
+# each comes from: the paper where it states a value, else the reference code
+# (ftramer/ensemble-adv-training), else Madry et al. for PGD. `create_attack` resolves them
+# (`attack_params`) and runs the attack with every parameter explicit, so what a stage
+# records is exactly what ran.
 ATTACKS: dict[str, Callable[..., Tensor]] = {
     "fgsm": fgsm,
     "step_ll": step_ll,
@@ -536,6 +586,19 @@ ATTACKS: dict[str, Callable[..., Tensor]] = {
 SINGLE_STEP = ("fgsm", "step_ll", "rand_fgsm", "rand_step_ll")  # one gradient; no `steps`
 ITERATIVE = ("iter_fgsm", "iter_ll", "pgd", "pgd_cw")          # take `steps`
 RANDOM = ("rand_fgsm", "rand_step_ll", "pgd", "pgd_cw")         # draw noise: `seed` applies
+# Not per-attack options: eps is one budget for every attack of an evaluation, and the noise
+# comes from the stage's seed.
+_NOT_OPTIONS = ("eps", "generator")
+
+
+def _keywords(name: str) -> list[str]:
+    """The attack's keyword parameters (return_direction changes the return type: never bound)."""
+    signature = inspect.signature(ATTACKS[name]).parameters
+    return [p for p, s in signature.items() if s.kind is s.KEYWORD_ONLY and p != "return_direction"]
+
+
+def _default(name: str, param: str) -> object:
+    return inspect.signature(ATTACKS[name]).parameters[param].default
 
 
 def _validate(name: str, params: dict) -> None:
@@ -546,7 +609,7 @@ def _validate(name: str, params: dict) -> None:
     if "loss" in params:
         _check_choice("loss", params["loss"], ("ce", "cw"))
     if "kappa" in params:
-        _check_kappa(params["kappa"])
+        _pgd_kappa(params.get("loss", "cw" if name == "pgd_cw" else "ce"), params["kappa"])
     if "generator" in params:
         _check_generator(params["generator"])
     if "random_start" in params and not isinstance(params["random_start"], bool):
@@ -554,40 +617,15 @@ def _validate(name: str, params: dict) -> None:
     if name in ("rand_fgsm", "rand_step_ll"):
         _rand_alpha(eps, params.get("alpha"))
     elif name in ITERATIVE:
-        default = inspect.signature(ATTACKS[name]).parameters["steps"].default
-        steps = _check_steps(params.get("steps", default))
+        steps = _check_steps(params.get("steps", _default(name, "steps")))
         (_iter_alpha if name.startswith("iter") else _pgd_alpha)(eps, steps, params.get("alpha"))
 
 
-def _seeded(attack: Callable[..., Tensor], seed: int) -> Callable[..., Tensor]:
-    """`attack` drawing its noise from a fresh generator seeded with `seed` on every call."""
-
-    def seeded(model: Model, x: Tensor, y: Tensor | None = None) -> Tensor:
-        return attack(model, x, y, generator=torch.Generator().manual_seed(seed))
-
-    return seeded
-
-
-def create_attack(name: str, *, seed: int | torch.Generator | None = None,
-                  **params: object) -> Callable[..., Tensor]:
-    """attack(model, x, y) -> x_adv for the attack `name` with `params` bound.
-
-    eps and alpha may be strings such as "16/256" (as in job specs). Parameters not given
-    take the attack's defaults (see `ATTACKS`). Parameters are checked now, so a bad spec
-    fails before any compute. `seed` is accepted by every attack, so a stage can seed an
-    attack it knows only by name; a deterministic attack ignores it. A random attack
-    (`RANDOM`) draws its noise from a fresh generator seeded with an int `seed` on each
-    call (the same x_adv for the same input), or from a CPU `torch.Generator` `seed`
-    whose stream carries on across calls.
-    """
+def _parse_params(name: str, params: dict[str, object]) -> dict[str, object]:
+    """`params` checked against attack `name`: known keys, eps present, fractions parsed."""
     if name not in ATTACKS:
         raise AttackError(f"unknown attack {name!r}; known attacks are {', '.join(ATTACKS)}.")
-    fn = ATTACKS[name]
-    signature = inspect.signature(fn).parameters
-    # return_direction changes the return type; a created attack always returns x_adv only.
-    known = [
-        p for p, s in signature.items() if s.kind is s.KEYWORD_ONLY and p != "return_direction"
-    ]
+    known = _keywords(name)
     for key in params:
         if key not in known:
             raise AttackError(
@@ -595,11 +633,86 @@ def create_attack(name: str, *, seed: int | torch.Generator | None = None,
             )
     if "eps" not in params:
         raise AttackError(f"attack {name!r} needs eps, e.g. create_attack({name!r}, eps=0.3).")
+    params = dict(params)
     if isinstance(params["eps"], str):
         params["eps"] = parse_eps(params["eps"])
     if isinstance(params.get("alpha"), str):
         alpha = _parse_fraction(params["alpha"])  # type: ignore[arg-type]
         params["alpha"] = params["alpha"] if alpha is None else alpha  # _validate names a bad one
+    _validate(name, params)
+    return params
+
+
+def attack_params(name: str, **params: object) -> dict[str, object]:
+    """Every parameter attack `name` runs with, given `params`: the defaults filled in and
+    resolved (alpha from eps and steps, kappa from the loss), checked as `create_attack`
+    checks them. This is what `evaluate` records for each attack in results.json.
+
+        attack_params("pgd_cw", eps=0.3)
+        -> {"eps": 0.3, "steps": 40, "alpha": 0.01875, "kappa": 100.0, "label": "true",
+            "random_start": True}
+    """
+    params = _parse_params(name, params)
+    params.pop("generator", None)
+    out: dict[str, object] = {}
+    for key in _keywords(name):
+        if key != "generator":
+            out[key] = params.get(key, _default(name, key))
+    eps = _check_eps(out["eps"])
+    if name in ("rand_fgsm", "rand_step_ll"):
+        out["alpha"] = _rand_alpha(eps, out["alpha"])
+    elif name in ("iter_fgsm", "iter_ll"):
+        out["alpha"] = _iter_alpha(eps, int(out["steps"]), out["alpha"])  # type: ignore[arg-type]
+    elif name in ("pgd", "pgd_cw"):
+        out["alpha"] = _pgd_alpha(eps, int(out["steps"]), out["alpha"])  # type: ignore[arg-type]
+        kappa = _pgd_kappa(str(out.get("loss", "cw")), out["kappa"])
+        if kappa is None:
+            del out["kappa"]  # the CE loss has no confidence
+        else:
+            out["kappa"] = kappa
+    return out
+
+
+class Attack:
+    """An attack by name with its parameters bound: attack(model, x, y) -> x_adv.
+
+    `params` is every parameter it runs with (`attack_params`); a random attack created with
+    an int seed draws its noise from a fresh generator seeded with it on every call.
+    """
+
+    def __init__(self, name: str, params: dict[str, object],
+                 seed: int | torch.Generator | None = None, generator: torch.Generator | None = None):
+        self.name, self.params, self.seed = name, params, seed
+        self._generator = generator
+
+    def __call__(self, model: Model, x: Tensor, y: Tensor | None = None) -> Tensor:
+        extra: dict[str, object] = {}
+        if self.name in RANDOM:
+            if self._generator is not None:
+                extra["generator"] = self._generator
+            elif isinstance(self.seed, torch.Generator):
+                extra["generator"] = self.seed  # one stream, carried on across calls
+            elif self.seed is not None:
+                extra["generator"] = torch.Generator().manual_seed(int(self.seed))
+        return ATTACKS[self.name](model, x, y, **self.params, **extra)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"Attack({self.name!r}, {args})"
+
+
+def create_attack(name: str, *, seed: int | torch.Generator | None = None,
+                  **params: object) -> Attack:
+    """attack(model, x, y) -> x_adv for the attack `name` with `params` bound.
+
+    eps and alpha may be strings such as "16/256" (as in job specs). Parameters not given
+    take the attack's defaults (see `ATTACKS`); the returned `Attack.params` holds every
+    parameter resolved. Parameters are checked now, so a bad spec fails before any compute.
+    `seed` is accepted by every attack, so a stage can seed an attack it knows only by name;
+    a deterministic attack ignores it. A random attack (`RANDOM`) draws its noise from a
+    fresh generator seeded with an int `seed` on each call (the same x_adv for the same
+    input), or from a CPU `torch.Generator` `seed` whose stream carries on across calls.
+    """
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, torch.Generator)):
             raise AttackError(f"seed must be an integer or a CPU torch.Generator, got {seed!r}.")
@@ -607,10 +720,84 @@ def create_attack(name: str, *, seed: int | torch.Generator | None = None,
             raise AttackError(f"attack {name!r} got both seed and generator; pass one of them.")
         if isinstance(seed, torch.Generator):
             _check_generator(seed)
-    _validate(name, params)
-    attack = functools.partial(fn, **params)
-    if seed is None or name not in RANDOM:
-        return attack
-    if isinstance(seed, torch.Generator):
-        return functools.partial(attack, generator=seed)
-    return _seeded(attack, int(seed))
+    generator = params.get("generator")
+    resolved = attack_params(name, **params)
+    return Attack(name, resolved, seed=seed, generator=generator)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------
+# per-attack options: "ATTACK.KEY=VALUE" (the CLI's --attack-option, a job's options table)
+
+
+def option_names(name: str) -> tuple[str, ...]:
+    """The parameters of attack `name` that an option may set (all but eps and the noise)."""
+    return tuple(k for k in _keywords(name) if k not in _NOT_OPTIONS)
+
+
+def _option_value(text: str) -> object:
+    """An option's value as typed: true/false, an integer, a number or fraction, else text."""
+    t = text.strip()
+    if t.lower() in ("true", "false"):
+        return t.lower() == "true"
+    try:
+        return int(t)
+    except ValueError:
+        pass
+    value = _parse_fraction(t)
+    return t if value is None else value
+
+
+def attack_option_strings(table: object) -> tuple[str, ...]:
+    """A job spec's options table {attack: {key: value}} as "ATTACK.KEY=VALUE" items."""
+    if not isinstance(table, dict):
+        raise AttackError("options must be a table of attacks, e.g. rand_fgsm = { alpha = 0.05 }.")
+    items = []
+    for attack, values in table.items():
+        if not isinstance(values, dict):
+            raise AttackError(f"options.{attack} must be a table such as {{ alpha = 0.05 }}, "
+                              f"got {values!r}.")
+        for key, value in values.items():
+            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+            items.append(f"{attack}.{key}={text}")
+    return tuple(items)
+
+
+def parse_attack_options(items: Sequence[str], *, eps: float | str = 0.3,
+                         attacks: Sequence[str] | None = None) -> dict[str, dict[str, object]]:
+    """{attack: {key: value}} from "ATTACK.KEY=VALUE" items, each attack's options checked
+    with its own parameter checks at this eps. `attacks`, when given, are the attacks an
+    evaluation runs: an option for any other attack is an error, not silently unused.
+
+        parse_attack_options(["rand_fgsm.alpha=0.05", "pgd_cw.kappa=50"])
+        -> {"rand_fgsm": {"alpha": 0.05}, "pgd_cw": {"kappa": 50}}
+    """
+    out: dict[str, dict[str, object]] = {}
+    given: dict[str, list[str]] = {}
+    for item in items:
+        text = str(item).strip()
+        lhs, eq, value = text.partition("=")
+        attack, dot, key = lhs.strip().partition(".")
+        attack, key = attack.strip(), key.strip()
+        if not eq or not dot or not attack or not key or not value.strip():
+            raise AttackError(f"attack option {text!r} must read ATTACK.KEY=VALUE, e.g. rand_fgsm.alpha=0.05.")
+        if attack not in ATTACKS:
+            raise AttackError(f"{text}: unknown attack {attack!r}; known attacks are {', '.join(ATTACKS)}.")
+        if attacks is not None and attack not in attacks:
+            raise AttackError(f"{text}: {attack} is not among the attacks evaluated ({', '.join(attacks)}).")
+        names = option_names(attack)
+        if key in _NOT_OPTIONS:
+            why = "one budget for every attack" if key == "eps" else "drawn from the evaluation's seed"
+            raise AttackError(f"{text}: {key} is not a per-attack option ({key} is {why}).")
+        if key not in names:
+            takes = f"its options are {', '.join(names)}" if names else "it takes no options"
+            raise AttackError(f"{text}: attack {attack!r} has no option {key!r}; {takes}.")
+        if key in out.get(attack, {}):
+            raise AttackError(f"{text}: {attack}.{key} is given twice.")
+        out.setdefault(attack, {})[key] = _option_value(value)
+        given.setdefault(attack, []).append(text)
+    for attack, params in out.items():
+        try:
+            attack_params(attack, eps=eps, **params)
+        except AttackError as e:
+            raise AttackError(f"{' '.join(given[attack])}: {e}") from None
+    return out

@@ -86,12 +86,23 @@ def cli() -> None:
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last epoch checkpoint.")
 @click.option("--log-every", type=click.IntRange(min=1), default=20, show_default=True, help="Batches per metrics.jsonl line.")
 @click.option("--record-indices", is_flag=True, hidden=True, help="Save each rank's sample order per epoch.")
+@click.option("--adv-loss", type=click.Choice(["replace", "paired"]), default="replace", show_default=True,
+              help="replace: adversarial examples replace --adv-fraction of each batch (the paper's ImageNet "
+                   "setup); paired: they come in addition to the whole clean batch (the reference code's "
+                   "MNIST loss, with --adv-fraction 1).")
+@click.option("--adv-weight", type=float, default=1.0, show_default=True,
+              help="lambda of Kurakin et al.'s loss (sum clean + lambda * sum adv) / (n_clean + lambda * n_adv) "
+                   "(ImageNet: 0.3).")
 def train(out, resume, **kw) -> None:
     """Train a model: clean, online adversarial (adv) or ensemble adversarial (ens-adv)."""
+    from enspipe.config import OptionError, flag_of
     from enspipe.train import TrainConfig, train as run_train
 
     kw["shards"] = tuple(kw["shards"])
-    cfg = TrainConfig(**kw)
+    try:
+        cfg = TrainConfig(**kw)
+    except OptionError as e:  # name the field as the user typed it
+        raise click.UsageError(e.render(flag_of(TrainConfig, e.field))) from None
     result = run_train(cfg, out, resume=resume)
     click.echo(str(result.run_dir))
 
@@ -116,11 +127,18 @@ def _csv(value: str) -> tuple[str, ...]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @DEVICE
 @click.option("--out", required=True, type=click.Path(), help="Directory (or .json path) for results.")
+@click.option("--attack-option", "attack_options", multiple=True, metavar="ATTACK.KEY=VALUE",
+              help="Set one parameter of one attack, e.g. rand_fgsm.alpha=0.05, pgd_cw.kappa=50, "
+                   "pgd.steps=100 (repeatable).")
 def evaluate(models, attacks, sources, out, **kw) -> None:
     """Clean, white-box and black-box (transfer) error of trained models."""
+    from enspipe.config import OptionError, flag_of
     from enspipe.evaluate import EvalConfig, evaluate as run_eval
 
-    cfg = EvalConfig(models=tuple(models), attacks=_csv(attacks), sources=tuple(sources), **kw)
+    try:
+        cfg = EvalConfig(models=tuple(models), attacks=_csv(attacks), sources=tuple(sources), **kw)
+    except OptionError as e:  # name the field as the user typed it
+        raise click.UsageError(e.render(flag_of(EvalConfig, e.field))) from None
     res = run_eval(cfg, out)
     for name, m in res["models"].items():
         line = [f"{name}: clean {100 * m['clean']['error']:.1f}%"]

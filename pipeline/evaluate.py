@@ -7,6 +7,8 @@ For every batch of the test set:
     ensemble of all sources (average logits), then transferred to every target.
 Random attacks get a generator seeded by (seed, batch), so every target sees the same
 x_adv from a source. Errors come with 95% Wilson intervals; top-5 is added when K > 10.
+Each attack runs with its defaults (see `enspipe.attacks`) unless `attack_options` sets a
+parameter ("rand_fgsm.alpha=0.05"); results.json records every parameter of every attack.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ from typing import Any
 import torch
 
 from enspipe import attacks
+from enspipe.config import OptionError, option
 from enspipe.data import create_dataset
-from enspipe.errors import ConfigError
-from enspipe.models import BINARIZED_PREFIX, load_model_for
+from enspipe.errors import AttackError, ConfigError
+from enspipe.models import BINARIZED_MASKED_PREFIX, BINARIZED_PREFIX, load_model_for
 from enspipe.runtime import progress, resolve_device, versions, write_json
 from enspipe.stats import wilson_interval
 
@@ -46,6 +49,10 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"
     names: dict[str, str] = field(default_factory=dict)  # model spec -> name shown in tables
+    attack_options: tuple[str, ...] = option(
+        (), flag="--attack-option", metavar="ATTACK.KEY=VALUE",
+        help="Set one parameter of one attack, e.g. rand_fgsm.alpha=0.05, pgd_cw.kappa=50, "
+             "pgd.steps=100 (repeatable; defaults: the paper's, else the reference code's).")
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -59,6 +66,20 @@ class EvalConfig:
             raise ConfigError("--ensemble-source needs at least two --sources")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, not {self.batch_size}")
+        object.__setattr__(self, "attack_options", tuple(self.attack_options))
+        self.options()  # checked now: a bad option fails before any model is loaded
+
+    def options(self) -> dict[str, dict[str, Any]]:
+        """{attack: {parameter: value}} from `attack_options`, each checked by its attack."""
+        try:
+            return attacks.parse_attack_options(self.attack_options, eps=self.eps, attacks=self.attacks)
+        except AttackError as e:
+            raise OptionError("attack_options", str(e)) from None
+
+    def attack_params(self) -> dict[str, dict[str, Any]]:
+        """Every parameter each attack runs with (its defaults resolved), as results.json records."""
+        opts = self.options()
+        return {a: attacks.attack_params(a, eps=self.eps, **opts.get(a, {})) for a in self.attacks}
 
 
 def model_label(spec: str) -> str:
@@ -98,8 +119,11 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
     def label(spec: str) -> str:
         if spec in cfg.names:
             return cfg.names[spec]
-        binarized = spec.startswith(BINARIZED_PREFIX)  # Appendix C.1's input-binarization baseline
-        return model_label(spec.removeprefix(BINARIZED_PREFIX)) + ("+binarized" if binarized else "")
+        # Appendix C.1's input-binarization baseline: attacked through it (BPDA), or masked.
+        for prefix, tag in ((BINARIZED_PREFIX, "+binarized"), (BINARIZED_MASKED_PREFIX, "+binarized-masked")):
+            if spec.startswith(prefix):
+                return model_label(spec.removeprefix(prefix)) + tag
+        return model_label(spec)
 
     targets = {label(s): load_model_for(s, data, device) for s in cfg.models}
     sources = {label(s): load_model_for(s, data, device) for s in cfg.sources}
@@ -110,6 +134,7 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
     white = {t: {a: _Counter(topk) for a in cfg.attacks} for t in targets}
     black = {t: {s: {a: _Counter(topk) for a in cfg.attacks} for s in sources} for t in targets}
 
+    params = cfg.attack_params()
     nb = math.ceil(len(data) / cfg.batch_size)
     for b in progress(range(nb), desc="evaluate", unit="batch"):
         sl = slice(b * cfg.batch_size, min(len(data), (b + 1) * cfg.batch_size))
@@ -120,7 +145,7 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
                 clean[t].add(m(x), y)
         for a in cfg.attacks:
             # Seeded per batch, fresh on every call: every target and source draws the same noise.
-            attack = attacks.create_attack(a, eps=cfg.eps, seed=cfg.seed * 1_000_003 + b)
+            attack = attacks.create_attack(a, seed=cfg.seed * 1_000_003 + b, **params[a])
             for t, m in targets.items():
                 x_adv = attack(m, x, y)
                 with torch.no_grad():
@@ -132,7 +157,8 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
                         black[t][s][a].add(m(x_adv), y)
 
     results: dict[str, Any] = {"config": {**asdict(cfg), "models": list(cfg.models), "sources": list(cfg.sources),
-                                          "attacks": list(cfg.attacks)},
+                                          "attacks": list(cfg.attacks), "attack_options": list(cfg.attack_options)},
+                               "attack_params": params,
                                "dataset": data.identity(), "versions": versions(), "models": {}}
     for t in targets:
         bb = {s: {a: black[t][s][a].result() for a in cfg.attacks} for s in sources}

@@ -9,7 +9,8 @@ and a report:
     [defaults]  any training option applied to every model
     [models.NAME]    arch, mode (clean|adv|ens-adv), stores = [...], seed, epochs, ...
     [stores.NAME]    model, attack, label, format, shard_size
-    [evaluate.NAME]  targets, sources, attacks, eps, ensemble_source, limit
+    [evaluate.NAME]  targets, sources, attacks, eps, ensemble_source, limit, binarized,
+                     binarized_masked;  [evaluate.NAME.options] rand_fgsm = { alpha = 0.05 }
     [diagnose.NAME]  models, other, eps, limit
     [report]         paper (a key of enspipe.report's paper tables)
 
@@ -54,6 +55,7 @@ TRAIN_KEYS: dict[str, Any] = {
     "optimizer": _STR, "lr": _FLOAT, "lr_decay": _FLOAT, "lr_decay_every": _INT, "eps": (str, int, float),
     "eps_dist": _STR, "adv_fraction": _FLOAT, "attack": _STR, "augment": _STR, "weights": _STR,
     "description": _STR, "workers": _INT, "pretrained": _BOOL,
+    "adv_loss": _STR, "adv_weight": _FLOAT,
 }
 STEP_SCHEMA: dict[str, dict[str, Any]] = {
     "models": TRAIN_KEYS,
@@ -61,7 +63,7 @@ STEP_SCHEMA: dict[str, dict[str, Any]] = {
                "batch_size": _INT, "description": _STR},
     "evaluate": {"targets": _LIST, "sources": _LIST, "attacks": _LIST, "eps": (str, int, float),
                  "ensemble_source": _BOOL, "limit": _INT, "batch_size": _INT, "binarized": _LIST,
-                 "description": _STR},
+                 "description": _STR, "binarized_masked": _LIST, "options": dict},
     "diagnose": {"models": _LIST, "other": _STR, "eps": (str, int, float), "limit": _INT,
                  "steps": _INT, "subspace_points": _INT, "description": _STR},
 }
@@ -228,7 +230,7 @@ def load_job(path: str | os.PathLike) -> Job:
         elif step.kind == "evaluate":
             if not o.get("targets"):
                 raise ConfigError(spec.where(step.id) + f"[{step.id}] needs targets = [...]")
-            for key in ("targets", "sources", "binarized"):
+            for key in ("targets", "sources", "binarized", "binarized_masked"):
                 for m in o.get(key, []):
                     ref(step, key, "models", m)
         elif step.kind == "diagnose":
@@ -246,7 +248,7 @@ def load_job(path: str | os.PathLike) -> Job:
 
 def _validate_values(spec: _Spec, step: Step) -> None:
     """Check option values early (names, ranges) so a bad spec fails before any work."""
-    from enspipe.attacks import ATTACKS, parse_eps
+    from enspipe.attacks import ATTACKS, attack_option_strings, parse_attack_options, parse_eps
     from enspipe.errors import EnspipeError
 
     o = step.options
@@ -259,6 +261,10 @@ def _validate_values(spec: _Spec, step: Step) -> None:
         for a in o.get("attacks", []):
             if a not in ATTACKS:
                 raise ConfigError(f"unknown attack {a!r} (use {', '.join(ATTACKS)})")
+        if "options" in o:
+            key = "options"
+            parse_attack_options(attack_option_strings(o["options"]), eps=o.get("eps", 0.3),
+                                 attacks=o.get("attacks", ["fgsm"]))
         if step.kind == "models":
             from enspipe.models import check_model_name
             from enspipe.train import TrainConfig
@@ -487,10 +493,9 @@ def _run_model(job: Job, step: Step, done: dict[str, dict], cache: Path, out_dir
     run_dir = cache / "runs" / f"{step.name}-{step.key[:16]}"
     if o.get("pretrained"):
         # A static model used as published (hub weights): saved once as a checkpoint.
-        from enspipe.models import create_model, save_model
+        from enspipe.models import save_model
 
-        model = create_model(o["arch"], num_classes=1000, pretrained=True)
-        save_model(model, run_dir, provenance={"pretrained": True})
+        save_model(published_model(o), run_dir, provenance={"pretrained": True})
         return {"run": str(run_dir)}
     shards = tuple(done[f"stores.{s}"]["outputs"]["store"] for s in step.options.get("stores", []))
     fields_ = _train_fields(o, shards=shards)
@@ -499,6 +504,18 @@ def _run_model(job: Job, step: Step, done: dict[str, dict], cache: Path, out_dir
     resume = (run_dir / "config.json").exists()
     train(cfg, run_dir, resume=resume)
     return {"run": str(run_dir)}
+
+
+def published_model(o: dict[str, Any], *, pretrained: bool = True) -> Any:
+    """The model a `pretrained = true` step stands for (resolved options `o`): its arch with
+    the hub's ImageNet weights, built for the job's image size so that later steps' geometry
+    checks pass (a ResNet's own 224 px is not the 299 px of an Inception job). Tests build it
+    with pretrained=False: the same construction offline, with random weights."""
+    from enspipe.models import create_model
+
+    size = o.get("image_size")
+    return create_model(o["arch"], num_classes=1000, pretrained=pretrained,
+                        input_size=(3, size, size) if size else None)
 
 
 def _run_store(job: Job, step: Step, done: dict[str, dict], cache: Path, out_dir: Path, device: str) -> dict:
@@ -516,17 +533,20 @@ def _run_store(job: Job, step: Step, done: dict[str, dict], cache: Path, out_dir
 
 
 def _run_evaluate(job: Job, step: Step, done: dict[str, dict], cache: Path, out_dir: Path, device: str) -> dict:
+    from enspipe.attacks import attack_option_strings
     from enspipe.evaluate import EvalConfig, evaluate
 
     o = _resolved(job, step)
     run = lambda n: done[f"models.{n}"]["outputs"]["run"]  # noqa: E731
-    targets = [run(t) for t in o["targets"]] + [f"binarized:{run(t)}" for t in o.get("binarized", [])]
+    targets = ([run(t) for t in o["targets"]] + [f"binarized:{run(t)}" for t in o.get("binarized", [])]
+               + [f"binarized-masked:{run(t)}" for t in o.get("binarized_masked", [])])
     cfg = EvalConfig(models=tuple(targets), sources=tuple(run(s) for s in o.get("sources", [])),
                      dataset=o["dataset"], data_root=o["data_root"], limit=o["limit"], split="test",
                      attacks=tuple(o.get("attacks", ["fgsm"])), eps=o.get("eps", 0.3),
                      ensemble_source=o.get("ensemble_source", False), batch_size=o.get("batch_size", 256),
                      image_size=o.get("image_size"),
-                     device=device, names=_names(done, o))
+                     device=device, names=_names(done, o),
+                     attack_options=attack_option_strings(o.get("options", {})))
     dest = cache / "evaluate" / f"{step.name}-{step.key[:16]}"
     res = evaluate(cfg, dest)
     return {"results": res["path"]}
@@ -535,11 +555,12 @@ def _run_evaluate(job: Job, step: Step, done: dict[str, dict], cache: Path, out_
 def _names(done: dict[str, dict], o: dict[str, Any]) -> dict[str, str]:
     """Readable model names in tables: the spec's model names instead of cache paths."""
     names = {}
-    for key in ("targets", "sources", "binarized"):
+    for key in ("targets", "sources", "binarized", "binarized_masked"):
         for n in o.get(key, []):
             path = done[f"models.{n}"]["outputs"]["run"]
             names[path] = n
             names[f"binarized:{path}"] = f"{n}+binarized"
+            names[f"binarized-masked:{path}"] = f"{n}+binarized-masked"
     return names
 
 

@@ -17,7 +17,7 @@ Checkpoints are `model.safetensors` + `model.json`; nothing is ever unpickled (a
 `.pth` state dict is read with `torch.load(weights_only=True)`, which refuses code).
 
 Stages load their models with `load_model_for(spec, dataset, device)`: a run dir,
-checkpoint or name (optionally "binarized:SPEC"), checked against the data's geometry and
+checkpoint or name (optionally "binarized:SPEC" or "binarized-masked:SPEC"), checked against the data's geometry and
 number of classes, on the device, in eval mode.
 """
 from __future__ import annotations
@@ -503,6 +503,7 @@ def resolve_model(spec: str, *, weights: str | None = None, pretrained: bool = F
 
 
 BINARIZED_PREFIX = "binarized:"  # a spec prefix: the model behind input binarization (Appendix C.1)
+BINARIZED_MASKED_PREFIX = "binarized-masked:"  # the same with its true, zero input gradient
 
 
 def load_model_for(spec: str | os.PathLike, dataset: Any, device: torch.device | str, *,
@@ -512,18 +513,21 @@ def load_model_for(spec: str | os.PathLike, dataset: Any, device: torch.device |
 
     `spec` is a run dir / checkpoint path or a registry name (built for the dataset's
     classes and geometry; `weights`, `pretrained` and `new_head` as in `create_model`);
-    "binarized:SPEC" wraps that model in `Binarized`. `dataset` is anything with
+    "binarized:SPEC" wraps that model in `Binarized` with a straight-through (BPDA) gradient,
+    how white-box attacks are evaluated on it; "binarized-masked:SPEC" with its true, zero
+    gradient (the gradient-masking diagnostic). `dataset` is anything with
     `num_classes` and `geometry.shape` (a `SampleSource`). A model that takes another
     input geometry or predicts another number of classes than the data has is refused
     with a ConfigError. Callers that train switch the model to train mode themselves.
     """
     spec = os.fspath(spec)
-    if spec.startswith(BINARIZED_PREFIX):
-        from enspipe.binarize import Binarized
+    for prefix, gradient in ((BINARIZED_PREFIX, "bpda"), (BINARIZED_MASKED_PREFIX, "zero")):
+        if spec.startswith(prefix):
+            from enspipe.binarize import Binarized
 
-        inner = load_model_for(spec[len(BINARIZED_PREFIX):], dataset, device, weights=weights,
-                               pretrained=pretrained, new_head=new_head)
-        return Binarized(inner).eval()
+            inner = load_model_for(spec[len(prefix):], dataset, device, weights=weights,
+                                   pretrained=pretrained, new_head=new_head)
+            return Binarized(inner, gradient=gradient).eval()
     shape = tuple(dataset.geometry.shape)
     model = resolve_model(spec, weights=None if weights is None else os.fspath(weights), pretrained=pretrained,
                           num_classes=dataset.num_classes, input_size=shape, new_head=new_head)

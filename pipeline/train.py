@@ -30,9 +30,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from enspipe import attacks
+from enspipe import attacks, losses
+from enspipe.config import option
 from enspipe.data import SampleSource, create_dataset
 from enspipe.errors import ConfigError, EnspipeError, StoreError
 from enspipe.fileio import atomic_target
@@ -77,6 +77,13 @@ class TrainConfig:
     new_head: bool = False         # load `weights` except the classifier head (another number of classes)
     log_every: int = 20
     record_indices: bool = False   # write each rank's sample order per epoch (audits, DDP tests)
+    adv_loss: str = option("replace", choices=losses.ADV_LOSSES, help=(
+        "replace: adversarial examples replace --adv-fraction of each batch (the paper's ImageNet "
+        "setup); paired: they come in addition to the whole clean batch (the reference code's "
+        "MNIST loss with --adv-fraction 1)."))
+    adv_weight: float = option(1.0, help=(
+        "lambda of Kurakin et al.'s loss (sum clean + lambda * sum adv) / (n_clean + lambda * n_adv); "
+        "1 weighs every example alike (ImageNet: 0.3)."))
 
     def __post_init__(self) -> None:
         # Paths are accepted as str or PathLike (precompute() returns Paths); stored as str.
@@ -116,6 +123,7 @@ class TrainConfig:
             raise ConfigError(f"--lr-decay must be in (0, 1], not {self.lr_decay}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be at least 1, not {self.limit}")
+        losses.check_adv_loss(self.adv_loss, self.adv_weight)
 
     @property
     def learning_rate(self) -> float:
@@ -488,7 +496,7 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                 x, y, online = adversarial(model, batch, cfg, device)
                 # Forward; a non-finite loss stops the run before it can reach a checkpoint.
                 logits = net(x)
-                loss = F.cross_entropy(logits, y)
+                loss = losses.training_loss(model, logits, y, batch, cfg)
                 if not torch.isfinite(loss):
                     last = _checkpoints(run_dir)
                     raise EnspipeError(
