@@ -82,7 +82,9 @@ def test_loader_chunks_keep_batch_boundaries_and_pixels(jpegs):
     spans = spans_of(batches, chunk_size(10, workers=4))
     assert all(any(b <= a < e and c <= e for b, e in batches) for a, c in spans)  # never across a batch
     with ChunkLoader(ds, 2) as loader:
-        chunks = list(loader(spans))
+        first = list(loader([(0, 8)]))
+        chunks = list(loader(spans))  # a second pass on the same worker processes (a dask worker's next task)
+    assert torch.equal(first[0], torch.from_numpy(ds.images_uint8(slice(0, 8))))
     x = to_device(chunks[:2], torch.device("cpu"))  # the first batch, from two chunks
     assert torch.equal(x, ds.images(slice(16, 26)))  # bit for bit what SampleSource.images gives
     assert torch.equal(torch.cat(chunks), torch.from_numpy(ds.images_uint8(slice(16, 40))))

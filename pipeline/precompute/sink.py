@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 __all__ = ["BatchDone", "CleanImages", "ShardBegin", "ShardEnd", "ShardSink", "max_batches_for"]
 
 WRITER_NICE = 10  # niceness of the background writer thread (see ShardSink._loop)
-SINK_BYTES = 1 << 30  # at most about this many bytes of computed directions wait for the writer
+# At most about this many bytes of computed directions wait for the writer: ~13 batches of 256
+# at 3x224x224, several shards' worth of decoupling, and the pinned host memory stays bounded.
+SINK_BYTES = 512 << 20
 
 
 # (pixels uint8 [n,C,H,W], None) for sources held as pixels, or (None, [(ext, bytes)] per sample)

@@ -107,10 +107,10 @@ def encode_direction(d: np.ndarray) -> bytes:
     Decompressed (`gzip.decompress` reads both members as one stream) the payload is
     ceil(n/8) bytes for a map without zeros (the usual case: an exact zero gradient is rare),
     else 2*ceil(n/8). Real sign maps at 3x224x224 are close to random bits (1.0015 bits per
-    element with deflate at any level, measured on resnet18/50 Step-LL maps): the sign plane
-    is Huffman-coded only, ~7x faster than level 6 for the same size and still below 1 bit
-    when signs are skewed; the sparse zero plane gets full deflate. Decodable with numpy and
-    gzip alone.
+    element with deflate at levels 1 and 6, measured on resnet18/50 Step-LL maps; BENCHMARKS.md):
+    the sign plane is Huffman-coded only, several times faster for the same size and still
+    below 1 bit when signs are skewed; the sparse zero plane gets full deflate. Decodable with
+    numpy and gzip alone.
     """
     flat = d.reshape(-1)
     payload = _gzip(np.packbits(flat > 0).tobytes(), zlib.Z_HUFFMAN_ONLY)
