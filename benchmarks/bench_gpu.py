@@ -88,7 +88,8 @@ def sections(doc: dict[str, Any]) -> dict[str, str]:
 
 
 def _table(rows: list[list[str]]) -> str:
-    return "\n".join(["| measure | value | ratio / target |", "|---|---|---|", *[f"| {a} | {b} | {c} |" for a, b, c in rows]])
+    head = ["| measure | value | ratio / target |", "|---|---|---|"]
+    return "\n".join([*head, *[f"| {a} | {b} | {c} |" for a, b, c in rows]])
 
 
 def report(doc: dict[str, Any], out: Path | None, write_benchmarks: bool) -> None:

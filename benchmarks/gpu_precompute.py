@@ -175,7 +175,8 @@ def timed_precompute(cfg) -> dict[str, Any]:
     m = open_store(path).manifest
     stamps = sorted(p.stat().st_mtime for p in (path / "shards").glob("*.json"))
     n, shard = m["num_samples"], m["shard_size"]
-    steady = (len(stamps) - 1) * shard / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else None
+    spread = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
+    steady = (len(stamps) - 1) * shard / spread if spread > 0 else None
     startup = (stamps[0] - t0 - shard / steady) if steady else None
     return {"path": str(path), "wall_s": t1 - t0, "end_to_end": n / (t1 - t0), "steady": steady,
             "startup_s": startup, "finalize_s": t1 - stamps[-1], "shards": len(stamps)}
@@ -326,9 +327,9 @@ def rows(res: dict[str, Any]) -> list[list[str]]:
     if "bf16_flip_share" in st:
         out.append(["direction elements bf16 flips against fp32", f"{100 * st['bf16_flip_share']:.2f}%",
                     f"zeros: fp32 {100 * st['zeros_fp32']:.3f}%, bf16 {100 * st['zeros_bf16']:.3f}%"])
+    yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
     out.append(["stores equal (dask = in-process; wds = zarr)",
-                f"{'yes' if st['dask_equals_in_process'] else '**no**'}; {'yes' if st['wds_equals_zarr'] else '**no**'}",
-                "—"])
+                f"{yes(st['dask_equals_in_process'])}; {yes(st['wds_equals_zarr'])}", "—"])
     return out
 
 

@@ -1,15 +1,14 @@
 """precompute at the device's rate (issue 16): loader processes give the serial path's bytes,
-bf16 stores beside fp32 ones (reused, resumed bit-identically), dask workers streaming the
-same data path, wds stores carrying the source's JPEG bytes, and bad input in one line."""
+bf16 stores beside fp32 ones (reused; resumed bit-identically in test_precompute.py's kill
+test), dask workers streaming the same data path, wds stores carrying the source's JPEG
+bytes, and bad input in one line."""
 from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 from enspipe.data import create_dataset
 from enspipe.precompute import PrecomputeConfig, precompute
 from enspipe.precompute.loader import ChunkLoader, batch_spans, chunk_size, spans_of, to_device
-from enspipe.stores import list_stores, open_store
+from enspipe.stores import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # --image-size: resize to round(32 / 0.875) = 37, center-crop 32
@@ -126,9 +125,13 @@ def test_wds_images_are_the_source_jpeg_bytes(jpegs, serial):
             got += [_sha(tf.extractfile(m).read()) for m in tf if m.name.endswith(".src.jpeg")]
     assert got == want
     # Nothing was re-encoded: no PNG member, and the directions are the zarr store's.
-    np.testing.assert_array_equal(r.read(0, len(r))["direction"], open_store(serial["zarr"]).read(0, len(r))["direction"])
+    zarr = open_store(serial["zarr"])
+    np.testing.assert_array_equal(r.read(0, len(r))["direction"], zarr.read(0, len(r))["direction"])
     with pytest.raises(Exception, match="read_image_files"):
         r.read_images(0, 1)
+    from enspipe.stores import verify_store
+
+    assert verify_store(serial["wds"]).ok  # every tar decoded, every JPEG opened
 
 
 def test_wds_images_none_leaves_them_out(conv_static, jpegs, serial, tmp_path):
@@ -137,7 +140,8 @@ def test_wds_images_none_leaves_them_out(conv_static, jpegs, serial, tmp_path):
         exts = {m.name.partition(".")[2] for m in tf}
     assert exts == {"idx", "key", "cls", "label.cls", "dir.bits.gz", "logits.npy"}
     r = open_store(path)
-    np.testing.assert_array_equal(r.read(0, len(r))["direction"], open_store(serial["wds"]).read(0, len(r))["direction"])
+    wds = open_store(serial["wds"])
+    np.testing.assert_array_equal(r.read(0, len(r))["direction"], wds.read(0, len(r))["direction"])
     assert r.manifest["extra"]["config"]["wds_images"] == "none"
 
 
@@ -184,34 +188,7 @@ def test_bf16_store_lives_beside_the_fp32_one_and_both_are_reused(digits_static,
     assert recompute_check(bf16, k=20, device="cpu", seed=0) == []  # recomputed in bf16 again
 
 
-def test_killed_bf16_precompute_resumes_bit_identically(digits_static, mnist_root, tmp_path):
-    args = ["--model", digits_static, "--dataset", "mnist", "--data-root", mnist_root, "--limit", 1024,
-            "--shard-size", 64, "--batch-size", 64, "--device", "cpu", "--precision", "bf16"]
-    killed_root, ref_root = tmp_path / "killed", tmp_path / "ref"
-    proc = subprocess.Popen([sys.executable, "-m", "enspipe", "precompute", *map(str, args), "--out", str(killed_root)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if list(killed_root.glob("*/*/*.zarr/shards/*.json")):
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.01)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr.read()}"
-    (info,) = list_stores(killed_root)
-    assert not info.complete and 1 <= info.shards_done < info.num_shards == 16
-
-    res = _cli("precompute", *args, "--out", killed_root)
-    assert res.returncode == 0, res.stderr
-    (resumed,) = map(Path, res.stdout.split())
-    (ref,) = precompute(PrecomputeConfig(model=str(digits_static), out=str(ref_root), dataset="mnist",
-                                         data_root=str(mnist_root), limit=1024, shard_size=64, batch_size=64,
-                                         device="cpu", precision="bf16"))
-    assert resumed.relative_to(killed_root) == ref.relative_to(ref_root)
-    assert _records(resumed) == _records(ref)
+# A killed bf16 precompute resumes bit-identically: test_precompute.py's kill test, run per precision.
 
 
 # --- Bad input: one clear line --------------------------------------------------------------------

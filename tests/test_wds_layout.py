@@ -64,7 +64,8 @@ def test_tar_writer_matches_tarfile_byte_for_byte(tmp_path):
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
         for name, data in members:
             info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
             tf.addfile(info, io.BytesIO(data))
     assert (tmp_path / "a.tar").read_bytes() == buf.getvalue()
 

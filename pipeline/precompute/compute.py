@@ -40,6 +40,7 @@ __all__ = [
     "batch_containing",
     "check_precision",
     "compute_batch",
+    "compute_shard",
     "run_in_process",
     "shard_task",
     "stream_shards",
@@ -182,11 +183,12 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
     if not units:
         return
     dataset, model, _ = _inputs(units[0][0], device)
-    # Writers are reopened per shard (a manifest read): cheap, and never stale. A retried or
-    # duplicated dask task finds its shards written and skips them.
+    # One writer per store and stream (a manifest read each); whether a shard is done is read
+    # from its completion record now, so a retried or duplicated dask task skips what is written.
+    opened = {p: open_writer(p) for job, _ in units for p in job.stores}
     todo = []
     for job, s in units:
-        writers = tuple(w for w in (open_writer(p) for p in job.stores) if not w.shard_done(s))
+        writers = tuple(w for w in (opened[p] for p in job.stores) if not w.shard_done(s))
         if writers:
             todo.append((job, s, writers, *writers[0].shard_range(s)))
     if not todo:
@@ -307,3 +309,8 @@ def shard_task(job: ShardJob, s: int) -> int:
     """One shard as a dask task (a stream of one)."""
     stream_task([(job, s)])
     return s
+
+
+def compute_shard(job: ShardJob, s: int, sink: ShardSink, device: torch.device) -> None:
+    """Compute shard s of every store in job that lacks it and hand it to the sink (a stream of one)."""
+    stream_shards([(job, s)], sink, device)
