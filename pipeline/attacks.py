@@ -208,13 +208,16 @@ def _prepare(x: object, y: object, target: _Target) -> tuple[Tensor, Tensor | No
 
 
 @contextlib.contextmanager
-def _attack_mode(x: Tensor) -> Iterator[None]:
-    """Gradients on and AMP off, even inside the caller's no_grad() or autocast()."""
+def _attack_mode(x: Tensor, autocast: torch.dtype | None = None) -> Iterator[None]:
+    """Gradients on and AMP off (or autocast to `autocast` when asked), even inside the caller's
+    no_grad() or autocast()."""
     if torch.is_inference_mode_enabled():
         raise AttackError("Attacks need autograd; call them outside torch.inference_mode().")
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
-        if torch.amp.is_autocast_available(x.device.type):
+        if autocast is not None:
+            stack.enter_context(torch.autocast(x.device.type, dtype=autocast))
+        elif torch.amp.is_autocast_available(x.device.type):
             stack.enter_context(torch.autocast(x.device.type, enabled=False))
         yield
 
@@ -332,17 +335,20 @@ def direction(
     *,
     attack: Literal["fgsm", "step_ll"],
     label: Label = "true",
+    autocast: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """What a precompute store keeps: (d int8 in {-1,0,1}, clean logits float32, labels int64).
 
     clip(x + eps*d, 0, 1) == fgsm(model, x, y, eps=eps, label=label) (or step_ll) for every eps.
     labels are y (label="true"), argmax of the logits (label="pred") or y_LL (step_ll).
+    `autocast` (e.g. torch.bfloat16) runs the forward and backward under autocast to that dtype;
+    the default is full precision. The sign is narrowed to int8 on x's device.
     """
     _check_choice("attack", attack, ("fgsm", "step_ll"))
     target: _Target = "ll" if attack == "step_ll" else _target(label)
     model = _as_model(model)
     x, y = _prepare(x, y, target)
-    with _attack_mode(x):
+    with _attack_mode(x, autocast):
         d, logits, labels = _sign_direction(model, x, y, target)
     return d.to(torch.int8), logits, labels
 

@@ -168,6 +168,12 @@ def evaluate(models, attacks, sources, out, **kw) -> None:
 @DEVICE
 @click.option("--workers", type=int, default=None, help="Start a local dask cluster of N worker processes.")
 @click.option("--scheduler", default=None, help="Address of an existing dask scheduler (tcp://host:port).")
+@click.option("--loader-workers", type=click.IntRange(min=0), default=None,
+              help="Processes that decode images ahead of the compute (default: from the cores; 0: in-process).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: autocast (channels_last on CUDA); a store of its own beside the fp32 one.")
+@click.option("--wds-images", type=click.Choice(["source", "none"]), default="source", show_default=True,
+              help="wds stores: carry each image as the source encoded it, or none.")
 def precompute(attack, **kw) -> None:
     """Compute a static model's adversarial directions over a dataset into stores."""
     from enspipe.precompute import PrecomputeConfig, precompute as run_pre

@@ -160,9 +160,13 @@ def test_recompute_check_finds_a_tampered_direction(digits_static, digits_stores
 
 # --- Resume after kill -9 (a real subprocess) --------------------------------------------------
 
-def test_sigkill_mid_run_then_rerun_equals_uninterrupted(digits_static, mnist_root, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted(digits_static, mnist_root, tmp_path, precision):
+    """Resume is bit-identical for a given precision (bf16 stores are stores of their own)."""
+    if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no native bf16")
     args = ["--model", digits_static, "--dataset", "mnist", "--data-root", mnist_root, "--limit", 1024,
-            "--shard-size", 64, "--batch-size", 64, "--device", "cpu"]
+            "--shard-size", 64, "--batch-size", 64, "--device", "cpu", "--precision", precision]
     killed_root, ref_root = tmp_path / "killed", tmp_path / "ref"
     proc = subprocess.Popen([sys.executable, "-m", "enspipe", "precompute", *map(str, args), "--out", str(killed_root)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -187,7 +191,7 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(digits_static, mnist_ro
     (resumed,) = map(Path, res.stdout.split())
     (ref,) = precompute(PrecomputeConfig(model=str(digits_static), out=str(ref_root), dataset="mnist",
                                          data_root=str(mnist_root), limit=1024, shard_size=64, batch_size=64,
-                                         device="cpu"))
+                                         device="cpu", precision=precision))
     assert resumed.relative_to(killed_root) == ref.relative_to(ref_root)
     _assert_same_store(resumed, ref)
 

@@ -100,6 +100,11 @@ class SampleSource(Dataset):
         """The exact pixels, uint8 [n, C, H, W], in a fresh writable array."""
         raise NotImplementedError
 
+    def encoded_image(self, i: int) -> tuple[str, bytes] | None:
+        """Sample i's image as the source stores it, (lower-case extension, bytes), before any
+        decoding or preprocessing; None for sources held as pixels (digits, mnist, cifar10)."""
+        return None
+
     def images(self, indices: slice | int | Sequence[int] | np.ndarray | torch.Tensor
                ) -> torch.Tensor:
         """float32 [n, C, H, W] in [0, 1]; equal to images_uint8(indices) / 255."""

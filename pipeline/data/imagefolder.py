@@ -85,6 +85,10 @@ class ImageFolderSource(LazySource):
             classes=self.classes, keys=self.keys, labels=self.labels,
             content=(f"{s.st_size}:{s.st_mtime_ns}\n".encode() for s in stats))
 
+    def encoded_image(self, i: int) -> tuple[str, bytes]:
+        path = self.folder / self._files[i]
+        return path.suffix[1:].lower(), path.read_bytes()
+
     def _load(self, i: int) -> np.ndarray:
         from PIL import Image
         from torchvision.transforms import InterpolationMode

@@ -152,13 +152,20 @@ class WebDatasetSource(LazySource):
             classes=self.classes, keys=self.keys, labels=self.labels,
             content=(f"{ext}:{size}:{mtime}\n".encode() for _, _, size, ext, mtime in members))
 
-    def _decode(self, i: int) -> Image.Image:
-        from PIL import Image
-
+    def _member_bytes(self, i: int) -> bytes:
         shard_no, offset, size, _, _ = self._members[i]
         with open(self._shards[shard_no], "rb") as f:  # open per read: safe in forked workers
             f.seek(offset)
-            data = f.read(size)
+            return f.read(size)
+
+    def encoded_image(self, i: int) -> tuple[str, bytes]:
+        return self._members[i][3].lower(), self._member_bytes(i)
+
+    def _decode(self, i: int) -> Image.Image:
+        from PIL import Image
+
+        shard_no, _, size, _, _ = self._members[i]
+        data = self._member_bytes(i)
         try:
             if len(data) != size:
                 raise OSError(f"shard ends after {len(data)} of {size} bytes")

@@ -5,19 +5,22 @@
 Plan (DESIGN §2-3):
 1. Open the dataset and the static model (eval mode, no parameter gradients); the store
    identity is (dataset identity incl. fingerprint, geometry, classes, model name, weights
-   sha256, attack, label mode). `stores.store_path` derives each store's path under ROOT from
-   it, so a store that already exists complete is reused and nothing is written.
+   sha256, attack, label mode, precision). `stores.store_path` derives each store's path
+   under ROOT from it, so a store that already exists complete is reused and nothing is written.
 2. Create every store (all arrays, once) in this process, before any worker runs.
 3. Cut the samples into shards (`shard_size` whole samples). A shard is the unit of work, of
-   writing and of retry: one task computes all of it and writes it with one
-   `StoreWriter.write_shard` per store, which is atomic (files first, completion record last).
+   writing and of retry: a stream computes it (its pixels decoded ahead by loader processes)
+   and writes it with one `StoreWriter.write_shard` per store, which is atomic (files first,
+   completion record last).
    Shards with a valid record are skipped, so a re-run after a crash or `kill -9` finishes the
    rest. Tasks are idempotent: a shard computed twice is written with identical bytes.
 4. Finalize every store (manifest with all shard records, complete=true).
 
 The rooms: `config` (PrecomputeConfig), `plan` (store identity, ShardJob, reuse / resume /
-create), `compute` (batch source -> compute -> background writer; determinism and overlap),
-`dask_runner` (local cluster, existing scheduler), `recheck` (`verify --recompute`).
+create), `loader` (parallel decode in worker processes, pinned, to the device), `compute`
+(the stream of shards: decoded batches -> attack in fp32 or bf16 -> host copy; determinism),
+`sink` (messages, the background writer of whole shards), `dask_runner` (local cluster,
+existing scheduler, the same stream in each worker), `recheck` (`verify --recompute`).
 `_open_inputs` and `_gpu_worker_specs` keep their names for the benchmarks and tests.
 
 torch (and the attacks) are imported where they are used, so that a bad option is reported
@@ -31,18 +34,19 @@ from pathlib import Path
 from enspipe.errors import ConfigError
 
 from .compute import (
-    BatchDone,
     InputBatch,
-    ShardBegin,
-    ShardEnd,
-    ShardSink,
+    check_precision,
+    compute_batch,
     compute_shard,
     run_in_process,
     shard_task,
+    stream_shards,
+    stream_task,
 )
-from .config import ATTACKS, FORMATS, LABEL_MODES, PrecomputeConfig
+from .config import ATTACKS, FORMATS, LABEL_MODES, PRECISIONS, WDS_IMAGES, PrecomputeConfig
 from .dask_runner import _gpu_worker_specs as _gpu_worker_specs  # tests check the GPU worker specs
 from .dask_runner import connect, local_client, run_on_dask
+from .loader import ChunkLoader
 from .plan import (
     Plan,
     ShardJob,
@@ -55,14 +59,20 @@ from .plan import (
     pending_shards,
     plan_stores,
     store_identity,
+    store_precision,
 )
+from .sink import BatchDone, CleanImages, ShardBegin, ShardEnd, ShardSink
 from .recheck import recompute_check
 
 __all__ = [
     "ATTACKS",
     "FORMATS",
     "LABEL_MODES",
+    "PRECISIONS",
+    "WDS_IMAGES",
     "BatchDone",
+    "ChunkLoader",
+    "CleanImages",
     "InputBatch",
     "Plan",
     "PrecomputeConfig",
@@ -70,12 +80,17 @@ __all__ = [
     "ShardEnd",
     "ShardJob",
     "ShardSink",
+    "check_precision",
+    "compute_batch",
     "compute_shard",
     "plan_stores",
     "precompute",
     "recompute_check",
     "shard_task",
     "store_identity",
+    "store_precision",
+    "stream_shards",
+    "stream_task",
 ]
 
 
@@ -88,6 +103,8 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
     from enspipe.stores import create_store, open_writer
 
     device = resolve_device(cfg.device)
+    if not cfg.scheduler:  # an existing cluster's workers choose their own device
+        check_precision(cfg.precision, device)
     if cfg.weights is None and not cfg.pretrained and not Path(cfg.model).expanduser().exists():
         # An architecture name alone would be a randomly initialised "static" model.
         raise ConfigError(f"--model {cfg.model} is no run directory or checkpoint; an architecture name "

@@ -1,62 +1,52 @@
-"""Computing one shard: a batch source, the compute, and a sink that writes whole shards.
+"""Computing shards: a stream of decoded batches -> the attack on the device -> the sink.
 
-    batches (shard_batches) -> directions (compute_batch) -> ShardSink -> StoreWriter.write_shard
+    ChunkLoader (worker processes) -> to_device -> compute_batch -> host copy -> ShardSink
 
-Stages talk through small frozen messages: `ShardBegin` (which shard, its writers, keys and
-clean images), one `BatchDone` per computed batch, `ShardEnd`. Each stage can be replaced on
-its own (a parallel decoder as the source, another precision in the compute) without
-touching the bytes the sink writes.
+`stream_shards` is the one data path, in-process and inside every dask worker: the pixels
+of all the shards it is given are decoded ahead by the loader's processes (the process that
+drives the device never decodes), copied to the device from pinned memory without blocking,
+attacked there (the sign narrowed to int8 on the device), and copied back on a side stream
+while the next batch computes; the sink's thread waits for each copy and writes whole shards.
 
 Determinism: batches start at the shard's first sample and have `batch_size` samples (the
-last one fewer), so a shard's directions do not depend on which process computed it or when.
-On CPU the kernels give bit-identical results for any thread count (tests check this: a
-2-worker run with one torch thread each equals the in-process run with two). Across GPU
-models this is not guaranteed; a store records the device that started it.
-
-Overlap: batches are computed in the calling thread; a single background thread, at a lower
-priority, turns each finished batch into numpy and writes each finished shard, so the next
-batch (and shard) is computed while the previous one is encoded and written
-(benchmarks/bench_precompute.py measures it against writing in the computing thread). In a
-dask task the shard is written before the task returns: a finished task is a durable shard.
+last one fewer), so a shard's directions do not depend on which process computed it, how
+its pixels were decoded, or when. On CPU the kernels give bit-identical results for any
+thread count (tests check this: a 2-worker run with one torch thread each equals the
+in-process run with two). Across GPU models this is not guaranteed; a store records the
+device that started it. bf16 (autocast; channels_last on CUDA) gives other directions than
+fp32, so it is part of the store identity; for one precision and device a resumed store
+is bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-import numpy as np
-
+from enspipe.config import OptionError
 from enspipe.errors import EnspipeError
 
+from .loader import ChunkLoader, batch_spans, chunk_size, default_workers, gather, spans_of, to_device
 from .plan import ShardJob, _open_inputs
+from .sink import BatchDone, ShardBegin, ShardEnd, ShardSink, max_batches_for
 
 if TYPE_CHECKING:
     import torch
 
-    from enspipe.stores import StoreWriter
-
 __all__ = [
-    "BatchDone",
     "InputBatch",
-    "ShardBegin",
-    "ShardEnd",
-    "ShardSink",
     "batch_containing",
+    "check_precision",
     "compute_batch",
     "compute_shard",
     "run_in_process",
-    "shard_batches",
     "shard_task",
+    "stream_shards",
+    "stream_task",
 ]
 
-WRITER_NICE = 10  # niceness of the background writer thread (see ShardSink._loop)
-
-
-# --- Stage 1: the batch source ------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class InputBatch:
@@ -67,221 +57,171 @@ class InputBatch:
     y: torch.Tensor | None       # the true labels, when the attack uses them
 
 
-def shard_batches(job: ShardJob, dataset, start: int, stop: int, pixels: np.ndarray,
-                  device: torch.device) -> Iterator[InputBatch]:
-    """The fixed batches of shard [start, stop), from its uint8 pixels read once per shard."""
-    import torch
-
-    for b in range(start, stop, job.batch_size):
-        e = min(b + job.batch_size, stop)
-        # The same conversion as SampleSource.images (uint8 / 255).
-        x = torch.from_numpy(pixels[b - start:e - start]).to(torch.float32).div_(255).to(device)
-        y = torch.from_numpy(dataset.labels[b:e]).to(device) if job.label == "true" else None
-        yield InputBatch(b - start, x, y)
-
-
 def batch_containing(i: int, *, shard_size: int, batch_size: int, num_samples: int) -> tuple[int, int]:
-    """[start, stop) of the batch `shard_batches` puts sample i in (batches start at their shard's start)."""
+    """[start, stop) of the batch precompute puts sample i in (batches start at their shard's start)."""
     shard_start = i // shard_size * shard_size
     b = shard_start + (i - shard_start) // batch_size * batch_size
     return b, min(b + batch_size, shard_start + shard_size, num_samples)
 
 
-# --- Stage 2: the compute -----------------------------------------------------------------------
+# --- Precision ------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class BatchDone:
-    """A computed batch, still on the device (the sink moves it to numpy off the compute thread)."""
+def check_precision(precision: str, device: torch.device) -> None:
+    """OptionError when `device` cannot compute in `precision` natively."""
+    import torch
 
-    offset: int                  # first row of the batch inside its shard
-    direction: torch.Tensor      # int8 [b, C, H, W] in {-1, 0, 1}
-    logits: torch.Tensor         # float32 [b, K]
-    labels: torch.Tensor         # int64 [b]: the label the attack used
+    if precision == "fp32":
+        return
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        why = f"{torch.cuda.get_device_name(device)} has no bf16 tensor cores" if not ok else ""
+    elif device.type == "cpu":
+        ok = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        why = "this CPU has no native bf16 (AVX512-BF16 or AMX)" if not ok else ""
+    else:
+        ok = torch.amp.is_autocast_available(device.type)
+        why = f"torch has no autocast for {device.type}" if not ok else ""
+    if not ok:
+        raise OptionError("precision", f"bf16 cannot run on device {device}: {why}; use fp32")
 
 
-def compute_batch(model: torch.nn.Module, batch: InputBatch, job: ShardJob) -> BatchDone:
-    """The attack's direction, logits and label of one batch."""
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    import torch
+
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def uses_channels_last(precision: str, device: torch.device) -> bool:
+    # channels_last is what makes bf16 convolutions fast on tensor cores; on the CPU it does not pay.
+    return precision == "bf16" and device.type == "cuda"
+
+
+def prepare_model(model: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
+    """The model in the memory format of `precision` on `device` (fp32 keeps the default format,
+    so an fp32 store's bytes do not depend on a bf16 job run before it in the same process)."""
+    import torch
+
+    fmt = torch.channels_last if uses_channels_last(precision, device) else torch.contiguous_format
+    if getattr(model, "_enspipe_memory_format", torch.contiguous_format) != fmt:
+        model.to(memory_format=fmt)
+        model._enspipe_memory_format = fmt
+    return model
+
+
+# --- The compute ------------------------------------------------------------------------------------
+
+class _HostCopy:
+    """Starts each result's copy to pinned host memory on a side stream (CUDA); the sink's thread
+    waits for it. On the CPU the results are already on the host."""
+
+    def __init__(self, device: torch.device) -> None:
+        import torch
+
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __call__(self, *tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Callable[[], None] | None]:
+        import torch
+
+        if self.stream is None:
+            return tensors, None
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                         for t in tensors)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        for t in tensors:  # the compute stream's allocator must not reuse them before the copy ends
+            t.record_stream(self.stream)
+        return host, done.synchronize
+
+
+def compute_batch(model: torch.nn.Module, batch: InputBatch, job: ShardJob,
+                  host_copy: Callable | None = None) -> BatchDone:
+    """The attack's direction (int8, on the device), logits and label of one batch, in the job's precision."""
     from enspipe import attacks
 
-    d, logits, labels = attacks.direction(model, batch.x, batch.y, attack=job.attack, label=job.label)
-    return BatchDone(batch.offset, d, logits, labels)
+    d, logits, labels = attacks.direction(model, batch.x, batch.y, attack=job.attack, label=job.label,
+                                          autocast=autocast_dtype(job.precision))
+    ready = None
+    if host_copy is not None:
+        (d, logits, labels), ready = host_copy(d, logits, labels)
+    return BatchDone(batch.offset, d, logits, labels, ready)
 
 
-# --- Stage 3: the sink ----------------------------------------------------------------------------
+# --- The stream -------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ShardBegin:
-    """A shard starts: its range, the writers that lack it, and what is stored beside the directions."""
-
-    shard: int
-    start: int
-    stop: int
-    writers: tuple[StoreWriter, ...]
-    keys: Sequence[str]
-    images: np.ndarray | None        # uint8 [n, C, H, W], for wds stores only
-    true_label: np.ndarray | None    # int64 [n], for wds stores only
-
-
-@dataclass(frozen=True)
-class ShardEnd:
-    """Every batch of the shard was handed over: write it."""
-
-    shard: int
-
-
-Message = ShardBegin | BatchDone | ShardEnd
-
-
-class _ShardBuffer:
-    """The numpy arrays of the shard being assembled."""
-
-    def __init__(self, begin: ShardBegin) -> None:
-        n, w = begin.stop - begin.start, begin.writers[0]
-        self.begin = begin
-        self.direction = np.empty((n, *w.geometry), np.int8)
-        self.logits = np.empty((n, w.num_classes), np.float16)
-        self.label = np.empty((n,), np.int64)
-
-    def add(self, batch: BatchDone) -> None:
-        rows = slice(batch.offset, batch.offset + batch.direction.shape[0])
-        self.direction[rows] = batch.direction.cpu().numpy()
-        self.logits[rows] = batch.logits.float().cpu().numpy()  # float32 -> float16, nearest
-        self.label[rows] = batch.labels.cpu().numpy()
-
-    def write(self) -> None:
-        """The whole shard, to every store that lacks it."""
-        b = self.begin
-        for w in b.writers:
-            wds = w.fmt == "wds"  # wds keeps the clean image and true label beside d
-            w.write_shard(b.shard, direction=self.direction, logits=self.logits, label=self.label,
-                          keys=b.keys, images=b.images if wds else None,
-                          true_label=b.true_label if wds else None)
-
-
-class ShardSink:
-    """Turns computed batches into numpy shard buffers and writes whole shards.
-
-    With `background=True` a single thread does this while the caller computes the next
-    batch; the queue is bounded, so at most about two shards are held in memory. The
-    caller sees a writer error at its next call (or at `close`).
-    """
-
-    def __init__(self, *, background: bool, max_batches: int = 64) -> None:
-        self._queue: queue.Queue[Message | None] | None = queue.Queue(maxsize=max_batches) if background else None
-        self._error: BaseException | None = None
-        self._abort = threading.Event()
-        self._buf: _ShardBuffer | None = None
-        self._thread: threading.Thread | None = None
-        if background:
-            self._thread = threading.Thread(target=self._loop, name="enspipe-shard-writer", daemon=True)
-            self._thread.start()
-
-    # producer side
-    def put(self, msg: Message) -> None:
-        """Hand over the next message; raises a writer error from an earlier one."""
-        self._raise()
-        if self._queue is None:
-            self._handle(msg)
-            return
-        self._enqueue(msg)
-
-    def close(self) -> None:
-        """Wait until everything handed over is written; re-raise a writer error."""
-        if self._thread is not None:
-            self._raise()
-            self._enqueue(None)
-            self._thread.join()
-            self._thread = None
-        self._raise()
-
-    def abort(self) -> None:
-        """Stop without writing what is still queued (the caller failed)."""
-        self._abort.set()
-        if self._thread is not None:
-            with contextlib.suppress(queue.Full):
-                self._queue.put_nowait(None)
-            self._thread.join(timeout=60)
-            self._thread = None
-
-    def __enter__(self) -> ShardSink:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-    def _enqueue(self, item: Message | None) -> None:
-        while True:  # poll so a dead writer thread cannot block the producer forever
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                self._raise()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    # consumer side
-    def _loop(self) -> None:
-        # Lower this thread's priority (Linux: per thread): the writer should fill the gaps in
-        # the compute, not preempt torch's threads, whose parallel regions all wait for the
-        # slowest one. If it falls behind, the bounded queue stalls the compute and it runs.
-        # Measured on 2 cores: faster than both writing inline and an equal-priority thread.
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
-        while True:
-            item = self._queue.get()
-            if item is None or self._abort.is_set():
-                return
-            if self._error is None:
-                try:
-                    self._handle(item)
-                except BaseException as e:  # handed to the producer, which raises it
-                    self._error = e
-
-    def _handle(self, msg: Message) -> None:
-        if isinstance(msg, ShardBegin):
-            self._buf = _ShardBuffer(msg)
-            return
-        if self._buf is None:
-            raise RuntimeError(f"shard sink got {type(msg).__name__} outside a shard")
-        if isinstance(msg, BatchDone):
-            self._buf.add(msg)
-        else:
-            buf, self._buf = self._buf, None
-            if msg.shard != buf.begin.shard:
-                raise RuntimeError(f"shard sink got the end of shard {msg.shard} inside shard {buf.begin.shard}")
-            buf.write()
-
-
-# --- One shard, start to end --------------------------------------------------------------------
-
-def compute_shard(job: ShardJob, s: int, sink: ShardSink, device: torch.device) -> None:
-    """Compute shard s of every store in job that lacks it and hand it to the sink."""
-    from enspipe.stores import open_writer
-
+def _inputs(job: ShardJob, device: torch.device):
+    """(dataset, model, sha256) of the job in this process (cached), checked against the client's."""
     dataset, model, sha = _open_inputs(job.model, job.weights, job.pretrained, job.dataset, job.split,
                                        job.limit, job.data_root, device, job.image_size)
     if dataset.fingerprint != job.fingerprint or sha != job.weights_sha256:
         what = "dataset" if dataset.fingerprint != job.fingerprint else "model weights"
         raise EnspipeError(f"a worker sees other {what} than the client ({job.dataset} / {job.model}); "
                            "every worker needs the same files at the same paths")
-    # Writers are reopened per shard (a manifest read): cheap, and never stale.
-    writers = tuple(w for w in (open_writer(p) for p in job.stores) if not w.shard_done(s))
-    if not writers:  # a retried or duplicated task whose shard is already written
+    return dataset, model, sha
+
+
+def _clean_images(dataset, start: int, stop: int):
+    """What a wds store keeps of shard [start, stop)'s images: the source's files, else its pixels."""
+    def fetch():
+        files = [dataset.encoded_image(i) for i in range(start, stop)]
+        if any(f is None for f in files):
+            return dataset.images_uint8(slice(start, stop)), None
+        return None, files
+    return fetch
+
+
+def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device: torch.device, *,
+                  loader: ChunkLoader | None = None, done: Callable[[int], None] | None = None) -> None:
+    """Compute every (job, shard) in order into the sink, the pixels decoded ahead by `loader`
+    (a ChunkLoader over the jobs' dataset; by default one made and closed here)."""
+    import torch
+
+    from enspipe.stores import open_writer
+
+    if not units:
         return
-    start, stop = writers[0].shard_range(s)
-    pixels = dataset.images_uint8(slice(start, stop))
-    wants_images = any(w.fmt == "wds" for w in writers)  # wds keeps the clean image beside d
-    sink.put(ShardBegin(s, start, stop, writers, keys=dataset.keys[start:stop],
-                        images=pixels if wants_images else None,
-                        true_label=dataset.labels[start:stop] if wants_images else None))
-    for batch in shard_batches(job, dataset, start, stop, pixels, device):
-        sink.put(compute_batch(model, batch, job))
-    sink.put(ShardEnd(s))
+    dataset, model, _ = _inputs(units[0][0], device)
+    # One writer per store and stream (a manifest read each); whether a shard is done is read
+    # from its completion record now, so a retried or duplicated dask task skips what is written.
+    opened = {p: open_writer(p) for job, _ in units for p in job.stores}
+    todo = []
+    for job, s in units:
+        writers = tuple(w for w in (opened[p] for p in job.stores) if not w.shard_done(s))
+        if writers:
+            todo.append((job, s, writers, *writers[0].shard_range(s)))
+    if not todo:
+        return
+    with contextlib.ExitStack() as stack:
+        if loader is None:
+            loader = stack.enter_context(open_loader(dataset, units[0][0], device))
+        batches = {(s, id(job)): batch_spans(a, b, job.batch_size) for job, s, _, a, b in todo}
+        chunk = chunk_size(units[0][0].batch_size, loader.workers)
+        chunks = loader([span for key in batches.values() for span in spans_of(key, chunk)])
+        host_copy = _HostCopy(device)
+        for job, s, writers, start, stop in todo:
+            check_precision(job.precision, device)
+            prepare_model(model, job.precision, device)
+            channels_last = uses_channels_last(job.precision, device)
+            wds = any(w.fmt == "wds" for w in writers)  # wds keeps the clean image and true label beside d
+            sink.put(ShardBegin(s, start, stop, writers, keys=dataset.keys[start:stop],
+                                images=_clean_images(dataset, start, stop) if wds and job.wds_images == "source"
+                                else None,
+                                true_label=dataset.labels[start:stop] if wds else None))
+            for b, e in batches[s, id(job)]:
+                x = to_device(gather(chunks, e - b), device, channels_last=channels_last)
+                y = torch.from_numpy(dataset.labels[b:e]).to(device) if job.label == "true" else None
+                sink.put(compute_batch(model, InputBatch(b - start, x, y), job, host_copy))
+            sink.put(ShardEnd(s))
+            if done is not None:
+                done(1)
+
+
+def open_loader(dataset, job: ShardJob, device: torch.device) -> ChunkLoader:
+    """The loader of `job`'s data path: its loader workers, or as many as the cores allow."""
+    workers = job.loader_workers if job.loader_workers is not None else default_workers(dataset, job.torch_threads)
+    return ChunkLoader(dataset, workers, pin=device.type == "cuda")
 
 
 @contextlib.contextmanager
@@ -311,22 +251,66 @@ def _deterministic(threads: int | None = None) -> Iterator[None]:
         fill.fill_uninitialized_memory = saved[4]
 
 
+def _sink_for(units: Sequence[tuple[ShardJob, int]], *, background: bool) -> ShardSink:
+    from enspipe.stores import open_writer
+
+    job = units[0][0]
+    return ShardSink(background=background, max_batches=max_batches_for(job.batch_size,
+                                                                         open_writer(job.stores[0]).geometry))
+
+
 def run_in_process(units: list[tuple[ShardJob, int]], *, overlap: bool) -> None:
     """Every (job, shard) in this process, writing in a background thread unless `overlap=False`."""
     import torch
 
     from enspipe.runtime import progress
 
-    with _deterministic(), ShardSink(background=overlap) as sink:
-        bar = progress(units, total=len(units), desc="precompute", unit="shard")
-        for job, s in bar:
-            compute_shard(job, s, sink, torch.device(job.device))
+    if not units:
+        return
+    bar = progress(total=len(units), desc="precompute", unit="shard")
+    try:
+        with _deterministic(), _sink_for(units, background=overlap) as sink:
+            stream_shards(units, sink, torch.device(units[0][0].device), done=bar.update)
+    finally:
+        bar.close()
+
+
+# --- Inside a dask worker -----------------------------------------------------------------------------
+
+_WORKER_LOADER: dict[tuple, ChunkLoader] = {}
+_WORKER_LOCK = threading.Lock()
+
+
+def _worker_loader(dataset, job: ShardJob, device: torch.device) -> ChunkLoader:
+    """The dask worker process's loader, kept across tasks: its processes are forked once."""
+    key = (dataset.name, dataset.fingerprint, job.loader_workers, job.torch_threads, device.type)
+    with _WORKER_LOCK:
+        if key not in _WORKER_LOADER:
+            for old in _WORKER_LOADER.values():
+                old.close()
+            _WORKER_LOADER.clear()  # one dataset per worker process at a time, as in plan._open_inputs
+            _WORKER_LOADER[key] = open_loader(dataset, job, device)
+        return _WORKER_LOADER[key]
+
+
+def stream_task(units: list[tuple[ShardJob, int]]) -> int:
+    """One dask task: compute and write these shards in order, returning once all are written."""
+    from enspipe.runtime import resolve_device
+
+    job = units[0][0]
+    device = resolve_device(job.device)
+    dataset, _, _ = _inputs(job, device)
+    with _deterministic(job.torch_threads), _sink_for(units, background=True) as sink:
+        stream_shards(units, sink, device, loader=_worker_loader(dataset, job, device))
+    return len(units)
 
 
 def shard_task(job: ShardJob, s: int) -> int:
-    """One dask task: compute and write shard s, returning only once it is written."""
-    from enspipe.runtime import resolve_device
-
-    with _deterministic(job.torch_threads), ShardSink(background=True) as sink:
-        compute_shard(job, s, sink, resolve_device(job.device))
+    """One shard as a dask task (a stream of one)."""
+    stream_task([(job, s)])
     return s
+
+
+def compute_shard(job: ShardJob, s: int, sink: ShardSink, device: torch.device) -> None:
+    """Compute shard s of every store in job that lacks it and hand it to the sink (a stream of one)."""
+    stream_shards([(job, s)], sink, device)

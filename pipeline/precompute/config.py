@@ -4,13 +4,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from enspipe.config import OptionError, option
 from enspipe.errors import ConfigError
 
-__all__ = ["ATTACKS", "FORMATS", "LABEL_MODES", "PrecomputeConfig"]
+__all__ = ["ATTACKS", "FORMATS", "LABEL_MODES", "PRECISIONS", "WDS_IMAGES", "PrecomputeConfig"]
 
 ATTACKS = ("fgsm", "step_ll")
 LABEL_MODES = ("pred", "true")
 FORMATS = {"zarr": ("zarr",), "wds": ("wds",), "both": ("zarr", "wds")}  # --format -> store formats
+PRECISIONS = ("fp32", "bf16")
+WDS_IMAGES = ("source", "none")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,13 @@ class PrecomputeConfig:
     device: str = "auto"
     workers: int | None = None      # local dask cluster of N worker processes
     scheduler: str | None = None    # address of an existing dask scheduler
+    loader_workers: int | None = option(
+        None, minimum=0, help="Processes that decode and resize images ahead of the compute (default: from the "
+                              "cores; 0 decodes in the computing process).")
+    precision: str = option(
+        "fp32", choices=PRECISIONS, help="fp32, or bf16 (autocast; channels_last on CUDA): a store of its own.")
+    wds_images: str = option(
+        "source", choices=WDS_IMAGES, help="wds stores: carry each image as the source encoded it, or none.")
 
     def __post_init__(self) -> None:
         names = (self.attacks,) if isinstance(self.attacks, str) else tuple(self.attacks)
@@ -67,6 +77,13 @@ class PrecomputeConfig:
             raise ConfigError("--workers starts a local cluster and --scheduler uses an existing one: pass only one")
         if self.weights is not None and self.pretrained:
             raise ConfigError("--weights and --pretrained exclude each other: pass one source of weights")
+        lw = self.loader_workers
+        if lw is not None and (isinstance(lw, bool) or not isinstance(lw, int) or lw < 0):
+            raise OptionError("loader_workers", f"must be 0 (decode in the computing process) or more, not {lw!r}")
+        if self.precision not in PRECISIONS:
+            raise OptionError("precision", f"must be fp32 or bf16, not {self.precision!r}")
+        if self.wds_images not in WDS_IMAGES:
+            raise OptionError("wds_images", f"must be source or none, not {self.wds_images!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

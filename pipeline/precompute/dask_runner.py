@@ -1,15 +1,20 @@
-"""Running shard tasks on dask.distributed: a local cluster, an existing scheduler, one task per shard.
+"""Running shards on dask.distributed: a local cluster, an existing scheduler, tasks of a few shards.
 
 `workers=N` starts a local cluster of N single-threaded worker processes on loopback;
 `scheduler=ADDR` uses an existing cluster (ROOT, the data and the model must then be at the
-same paths on every worker). One task per shard via `client.map(..., pure=False,
-retries=2)`; a worker that dies has its task rerun elsewhere by dask. Each worker process
-loads the dataset and model once (module caches in `plan`).
+same paths on every worker). A task is a run of consecutive shards that the worker streams
+exactly as the in-process path does (`compute.stream_shards`: its own loader processes
+decode ahead across the shards of the task), so a worker computes at the in-process rate
+once started; a task per shard would drain the pipeline between shards. Tasks go out via
+`client.map(..., pure=False, retries=2)`; a worker that dies has its task rerun elsewhere by
+dask, and the rerun skips the shards already written. Each worker process loads the dataset
+and model once (module caches in `plan`) and forks its loader processes once (`compute`).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import uuid
 from dataclasses import replace
@@ -17,17 +22,18 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from enspipe.errors import ConfigError, EnspipeError
 
-from .compute import shard_task
+from .compute import stream_task
 from .config import PrecomputeConfig
 from .plan import ShardJob, log
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["connect", "local_client", "run_on_dask"]
+__all__ = ["connect", "describe", "local_client", "run_on_dask", "task_groups"]
 
 SCHEDULER_CONNECT_TIMEOUT_S = 5     # an unreachable scheduler fails in seconds, not minutes
 SCHEDULER_WORKERS_TIMEOUT_S = 60    # a reachable scheduler must have a worker within this
+TASK_SHARDS = 16                    # at most this many shards per task: balance and retries stay fine-grained
 
 
 def local_client(cfg: PrecomputeConfig, device: torch.device, stack: contextlib.ExitStack):
@@ -91,7 +97,12 @@ def _local_cluster(n: int, gpus: int, stack: contextlib.ExitStack):
     """
     from dask.distributed import Client, LocalCluster
 
+    import dask
+
     _quiet_dask()
+    # Worker processes fork their loader processes; a daemonic process may not have children.
+    # Set for the process (not a context): the nanny reads it again when it restarts a worker.
+    dask.config.set({"distributed.worker.daemon": False})
     # No dashboard; the scheduler's HTTP health endpoint still starts, on a free port, not 8787.
     scheduler_options = {"host": "127.0.0.1", "dashboard": False, "dashboard_address": "127.0.0.1:0"}
     if not gpus:
@@ -126,6 +137,28 @@ def _torch_threads(client) -> int:
     return max(1, min(cs[0] // len(cs) for cs in per_host.values()))
 
 
+def task_groups(units: list[tuple[ShardJob, int]], workers: int) -> list[tuple[tuple[ShardJob, int], ...]]:
+    """Consecutive runs of units, at least one per worker and at most TASK_SHARDS long, near-equal."""
+    n = max(1, min(len(units), max(workers, math.ceil(len(units) / TASK_SHARDS))))
+    bounds = [round(k * len(units) / n) for k in range(n + 1)]
+    return [tuple(units[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def describe(group: Sequence[tuple[ShardJob, int]]) -> str:
+    """`step_ll shard 4-7, fgsm shard 0-3`: the shards of a task, per attack, as ranges."""
+    parts: list[str] = []
+    for attack in dict.fromkeys(job.attack for job, _ in group):
+        shards = [s for job, s in group if job.attack == attack]
+        runs: list[list[int]] = []
+        for s in shards:
+            if runs and s == runs[-1][1] + 1:
+                runs[-1][1] = s
+            else:
+                runs.append([s, s])
+        parts += [f"{attack} shard {a}" if a == b else f"{attack} shard {a}-{b}" for a, b in runs]
+    return ", ".join(parts)
+
+
 def run_on_dask(client, units: list[tuple[ShardJob, int]]) -> None:
     from dask.distributed import as_completed
     from distributed.scheduler import KilledWorker
@@ -134,22 +167,24 @@ def run_on_dask(client, units: list[tuple[ShardJob, int]]) -> None:
 
     threads = _torch_threads(client)
     jobs = {id(job): replace(job, torch_threads=threads) for job, _ in units}
-    keys = [f"enspipe-shard-{job.attack}-{s}-{uuid.uuid4().hex[:8]}" for job, s in units]
-    shard_of = {k: f"{job.attack} shard {s}" for k, (job, s) in zip(keys, units)}
+    units = [(jobs[id(job)], s) for job, s in units]
+    groups = task_groups(units, len(client.scheduler_info()["workers"]))
+    keys = [f"enspipe-shards-{g[0][0].attack}-{g[0][1]}-{uuid.uuid4().hex[:8]}" for g in groups]
+    shards_of = {k: describe(g) for k, g in zip(keys, groups)}
 
     def on_event(event: tuple[float, Any]) -> None:
         """Say when a worker dies holding our shards (dask reruns them; the logs are silenced)."""
         msg = event[1]
         if isinstance(msg, dict) and msg.get("action") == "remove-worker" and not msg.get("expected"):
-            lost = sorted(shard_of[k] for k in msg.get("processing-tasks", ()) if k in shard_of)
+            lost = sorted(shards_of[k] for k in msg.get("processing-tasks", ()) if k in shards_of)
             if lost:
                 log(f"precompute: dask worker {msg.get('worker')} died while holding {', '.join(lost)}; "
-                     "retrying them on the other workers")
+                     "retrying them on the other workers (shards already written are kept)")
 
     client.subscribe_topic("all", on_event)
-    futures = client.map(shard_task, [jobs[id(j)] for j, _ in units], [s for _, s in units],
-                         key=keys, pure=False, retries=2)
-    bar = progress(total=len(futures), desc="precompute", unit="shard")
+    futures = client.map(stream_task, groups, key=keys, pure=False, retries=2)
+    size = {f.key: len(g) for f, g in zip(futures, groups)}
+    bar = progress(total=len(units), desc="precompute", unit="shard")
     try:
         for fut in as_completed(futures, loop=client.loop):
             try:
@@ -157,7 +192,7 @@ def run_on_dask(client, units: list[tuple[ShardJob, int]]) -> None:
             except KilledWorker:
                 raise EnspipeError("dask workers kept dying while computing a shard (out of memory?); "
                                    "the shards written so far are kept: re-run to finish") from None
-            bar.update(1)
+            bar.update(size[fut.key])
     except BaseException:
         client.cancel(futures)
         raise

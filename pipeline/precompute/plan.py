@@ -1,7 +1,7 @@
 """Planning: the store identity of each attack, and per store whether it is reused, resumed or created.
 
 A store's path is derived from its identity (dataset identity incl. fingerprint, geometry,
-classes, model name, weights sha256, attack, label mode), so a store that already exists
+classes, model name, weights sha256, attack, label mode, precision), so a store that already exists
 complete is reused and nothing is written; a partly written one is resumed with the batch
 size its first shards used (a shard's bytes depend on its batch boundaries). Each attack
 that has work becomes one `ShardJob`: everything a process needs to compute its shards.
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from enspipe.stores import StoreIdentity
 
-__all__ = ["Plan", "ShardJob", "plan_stores", "store_identity"]
+__all__ = ["Plan", "ShardJob", "plan_stores", "store_identity", "store_precision"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ class ShardJob:
     device: str
     stores: tuple[str, ...]      # every store of this attack that has shards to write
     torch_threads: int | None = None
+    precision: str = "fp32"      # fp32 | bf16 (part of the stores' identity)
+    loader_workers: int | None = None  # decoding processes; None: from the cores (loader.default_workers)
+    wds_images: str = "source"   # source | none: what wds stores carry beside the directions
 
 
 @dataclass
@@ -78,20 +81,29 @@ def _label_mode(attack: str, label: str) -> str:
     return "pred" if attack == "step_ll" else label
 
 
-def _attack_params(attack: str, label: str) -> dict[str, Any]:
-    if attack == "step_ll":
-        return {"loss": "ce", "target": "least_likely", "direction": "-sign(grad)"}
-    return {"loss": "ce", "target": f"{label}_label", "direction": "sign(grad)"}
+def _attack_params(attack: str, label: str, precision: str = "fp32") -> dict[str, Any]:
+    params = ({"loss": "ce", "target": "least_likely", "direction": "-sign(grad)"} if attack == "step_ll"
+              else {"loss": "ce", "target": f"{label}_label", "direction": "sign(grad)"})
+    # fp32 is the absence of the key: every store written before precisions existed is fp32 and
+    # keeps its identity (and so its path); other precisions are stores of their own.
+    if precision != "fp32":
+        params["precision"] = precision
+    return params
 
 
-def store_identity(dataset, model, sha: str, attack: str, label: str) -> StoreIdentity:
-    """The StoreIdentity of (dataset, static model + weights, attack, label mode)."""
+def store_precision(identity: StoreIdentity) -> str:
+    """The numeric precision a store's directions were computed in."""
+    return str(identity.attack_params.get("precision", "fp32"))
+
+
+def store_identity(dataset, model, sha: str, attack: str, label: str, precision: str = "fp32") -> StoreIdentity:
+    """The StoreIdentity of (dataset, static model + weights, attack, label mode, precision)."""
     from enspipe.stores import StoreIdentity
 
     return StoreIdentity(
         dataset=dataset.identity(), geometry=dataset.geometry.shape, preprocess=dataset.geometry.preprocess,
         num_classes=dataset.num_classes, model_name=model.config.name, weights_sha256=sha, attack=attack,
-        attack_params=_attack_params(attack, label), label_mode=_label_mode(attack, label))
+        attack_params=_attack_params(attack, label, precision), label_mode=_label_mode(attack, label))
 
 
 # --- Inputs: the dataset and the static model, once per process ---------------------------------
@@ -154,7 +166,7 @@ def plan_stores(cfg: PrecomputeConfig, dataset, model, sha: str, device: torch.d
 
     plan = Plan()
     for attack in cfg.attacks:
-        identity = store_identity(dataset, model, sha, attack, cfg.label)
+        identity = store_identity(dataset, model, sha, attack, cfg.label, cfg.precision)
         todo: list[str] = []
         batch_size = cfg.batch_size
         for fmt in FORMATS[cfg.fmt]:
@@ -179,7 +191,8 @@ def plan_stores(cfg: PrecomputeConfig, dataset, model, sha: str, device: torch.d
                 fingerprint=dataset.fingerprint,
                 weights_sha256=sha, attack=attack, label=cfg.label, batch_size=batch_size,
                 # Workers of an existing cluster choose their own device from the user's spec.
-                device=cfg.device if cfg.scheduler else str(device), stores=tuple(todo)))
+                device=cfg.device if cfg.scheduler else str(device), stores=tuple(todo),
+                precision=cfg.precision, loader_workers=cfg.loader_workers, wds_images=cfg.wds_images))
     return plan
 
 

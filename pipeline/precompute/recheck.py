@@ -7,7 +7,9 @@ import numpy as np
 
 from enspipe.errors import ConfigError, StoreError
 
-from .compute import _deterministic, batch_containing
+from .compute import (_deterministic, autocast_dtype, batch_containing, check_precision, prepare_model,
+                      uses_channels_last)
+from .plan import store_precision
 
 __all__ = ["recompute_check"]
 
@@ -20,7 +22,7 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
     sample is first recomputed in one small batch; a sample that differs is recomputed again
     inside its original batch (same boundaries as precompute), which must match bit for bit,
     since a different batch size may legitimately flip the sign of a near-zero gradient.
-    Returns problem strings (empty = sound).
+    The store's precision (fp32 or bf16) is used again. Returns problem strings (empty = sound).
     """
     import torch
 
@@ -46,8 +48,11 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
     if dataset.fingerprint != ident.dataset["fingerprint"]:
         return [f"the dataset {config['dataset']} found now has another fingerprint than the store's"]
     dev = resolve_device(device)
+    precision = store_precision(ident)
+    check_precision(precision, dev)
     net = load_model_for(spec, dataset, dev, weights=weights,
                          pretrained=pretrained).requires_grad_(False)
+    prepare_model(net, precision, dev)
     if weights_sha256(net) != ident.weights_sha256:
         return [f"model {spec} has other weights (sha256 {weights_sha256(net)[:12]}..) than the store's "
                 f"({ident.weights_sha256[:12]}..)"]
@@ -61,8 +66,11 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
 
     def run(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = dataset.images(indices).to(dev)
+        if uses_channels_last(precision, dev):
+            x = x.contiguous(memory_format=torch.channels_last)
         y = torch.from_numpy(dataset.labels[indices]).to(dev) if label == "true" else None
-        d, logits, labels = attacks.direction(net, x, y, attack=ident.attack, label=label)
+        d, logits, labels = attacks.direction(net, x, y, attack=ident.attack, label=label,
+                                              autocast=autocast_dtype(precision))
         return d.cpu().numpy(), logits.float().cpu().numpy().astype(np.float16), labels.cpu().numpy()
 
     def matches(row: int, d: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> bool:

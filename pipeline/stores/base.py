@@ -105,11 +105,13 @@ class StoreWriter(_StoreFiles):
         keys: Sequence[str],
         images: np.ndarray | None = None,
         true_label: np.ndarray | None = None,
+        image_files: Sequence[tuple[str, bytes]] | None = None,
     ) -> dict:
         """Write all of shard s, then its completion record; returns the record.
 
-        `images` (uint8 [n,C,H,W]) and `true_label` (int64 [n]) are used by the wds
-        format only (clean image member, `.cls` member); zarr checks and ignores them.
+        `images` (uint8 [n,C,H,W]) or `image_files` (each sample's image as its source encoded
+        it: (extension, bytes), kept byte for byte) and `true_label` (int64 [n]) are used by the
+        wds format only (clean image member, `.cls` member); zarr checks and ignores them.
         Writing a done shard again rewrites identical bytes.
         """
         start, stop = self.shard_range(s)
@@ -127,13 +129,18 @@ class StoreWriter(_StoreFiles):
             images = _check_array("images", images, np.uint8, (n, C, H, W), s)
         if true_label is not None:
             true_label = _check_array("true_label", true_label, np.int64, (n,), s)
+        if image_files is not None:
+            image_files = list(image_files)
+            if images is not None or len(image_files) != n or not all(
+                    isinstance(e, str) and isinstance(b, (bytes, bytearray)) for e, b in image_files):
+                raise StoreError(f"shard {s}: image_files must be {n} (extension, bytes) pairs, without images.")
         keys = list(keys)
         if len(keys) != n or not all(isinstance(k, str) for k in keys):
             raise StoreError(f"shard {s}: keys must be {n} strings, got {len(keys)} items.")
 
         files, extra = self._write_files(
             int(s), start, stop, direction=direction, logits=logits, label=label,
-            keys=keys, images=images, true_label=true_label,
+            keys=keys, images=images, true_label=true_label, image_files=image_files,
         )
         record = {
             "shard": int(s),

@@ -1,18 +1,32 @@
 """WebDataset backend: one tar per shard in a `*.wds` directory.
 
-Members per sample, named `<index:09d>.<ext>` (storage_schemas/wds_layout.v1.json):
-  .idx         sample index, ASCII (the join key with the dataset)
-  .key         the dataset's key, UTF-8 (dataset keys may hold dots and slashes, which
-               WebDataset member names cannot, so the index names the members)
-  .cls         the true class, ASCII (when known)
-  .label.cls   the label the attack used, ASCII
-  .png / .npy  the clean image, uint8 (PNG for C in (1, 3), .npy [C,H,W] otherwise)
-  .dir.npy.gz  the direction as two packed bit planes (sign, zero), .npy in gzip
-  .logits.npy  float16 [K]
+(Over 400 lines: the writer and the readers of both layouts stay in one file, so what a
+tar may hold is decided in one place.)
+
+Members per sample, named `<index:09d>.<ext>` (storage_schemas/wds_layout.v2.json):
+  .idx          sample index, ASCII (the join key with the dataset)
+  .key          the dataset's key, UTF-8 (dataset keys may hold dots and slashes, which
+                WebDataset member names cannot, so the index names the members)
+  .cls          the true class, ASCII (when known)
+  .label.cls    the label the attack used, ASCII
+  .src.<ext>    the clean image exactly as the source encoded it (a JPEG stays that JPEG,
+                never decoded and re-encoded), before the geometry's preprocessing; or
+  .png / .npy   the clean image as uint8 pixels at the store's geometry, for sources held as
+                pixels (digits, mnist, cifar10: lossless PNG for C in (1, 3), else .npy);
+                or no image at all (`--wds-images none`)
+  .dir.bits.gz  the direction: gzip of the packed sign bits, then the packed zero bits only
+                when the map has zeros (`encode_direction`); ~1.0 bit per element
+  .logits.npy   float16 [K]
+
+Layout v1 (storage_schemas/wds_layout.v1.json), written before v2, is still read: its
+images are always `.png`/`.npy` pixels and its direction member is `.dir.npy.gz` (both bit
+planes as an .npy in gzip, whose 128-byte header cost ~0.9 bits per element at 28x28). A tar
+holds one layout; the direction member names it.
 
 Writes are deterministic (USTAR headers with mtime 0, uid/gid 0, fixed member order,
 gzip mtime 0, fixed PNG settings) and go to a temporary name that is os.replace'd, so a
-re-written shard has identical bytes and a reader never sees half a tar.
+re-written shard has identical bytes and a reader never sees half a tar. Samples are
+encoded by a small thread pool (zlib and PIL release the GIL), in order.
 
 Reading never uses WebDataset's default decoder (it unpickles .pyd/.pickle and
 torch.loads .pth): members are decoded here with numpy (allow_pickle=False) and PIL, and
@@ -23,8 +37,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import tarfile
+import threading
+import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +58,11 @@ from .manifest import schema_errors, shard_range
 PREFIX = "shard"
 PNG_LEVEL = 6
 GZIP_LEVEL = 6
+DIRECTION = "dir.bits.gz"          # layout v2's direction member
+DIRECTION_V1 = "dir.npy.gz"        # layout v1's
+SOURCE_PREFIX = "src."             # layout v2: the source's encoded image, `src.<ext>`
+SOURCE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+ENCODE_SAMPLES = 64                # samples per encoding task of the writer's thread pool
 
 
 def chunk_samples_for(shard_size: int, geometry: tuple[int, int, int]) -> int:
@@ -72,38 +95,68 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def encode_direction(d: np.ndarray) -> bytes:
-    """{-1,0,1} map -> gzip(npy uint8 [2, ceil(n/8)]): sign plane, zero plane.
+def _gzip(data: bytes, strategy: int) -> bytes:
+    """One gzip member (mtime 0: deterministic bytes) made with a zlib strategy."""
+    c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31, 8, strategy)
+    return c.compress(data) + c.flush()
 
-    A ±1 map costs 1 bit per element in the sign plane and almost nothing in the
-    (all-zero) zero plane, where int8 + deflate cannot go below ~1.2 bits. Decodable with
-    numpy and gzip alone. Level 6: level 9 is ~10x slower on sparse zero planes for ~1.5%.
+
+def encode_direction(d: np.ndarray) -> bytes:
+    """{-1,0,1} map -> `.dir.bits.gz`: gzip(packbits(d > 0)) [+ gzip(packbits(d == 0)) if any zero].
+
+    Decompressed (`gzip.decompress` reads both members as one stream) the payload is
+    ceil(n/8) bytes for a map without zeros (the usual case: an exact zero gradient is rare),
+    else 2*ceil(n/8). Real sign maps at 3x224x224 are close to random bits (1.0015 bits per
+    element with deflate at levels 1 and 6, measured on resnet18/50 Step-LL maps; BENCHMARKS.md):
+    the sign plane is Huffman-coded only, several times faster for the same size and still
+    below 1 bit when signs are skewed; the sparse zero plane gets full deflate. Decodable with
+    numpy and gzip alone.
     """
     flat = d.reshape(-1)
-    planes = np.stack([np.packbits(flat > 0), np.packbits(flat == 0)])
-    return gzip.compress(_npy_bytes(planes), compresslevel=GZIP_LEVEL, mtime=0)
+    payload = _gzip(np.packbits(flat > 0).tobytes(), zlib.Z_HUFFMAN_ONLY)
+    zeros = flat == 0
+    if zeros.any():
+        payload += _gzip(np.packbits(zeros).tobytes(), zlib.Z_DEFAULT_STRATEGY)
+    return payload
 
 
-def decode_directions(payloads: list[bytes], geometry: tuple[int, int, int]) -> np.ndarray:
-    """Decode many `.dir.npy.gz` members at once into int8 [n, C, H, W]."""
+def _planes_v2(data: bytes, nbytes: int) -> tuple[np.ndarray, np.ndarray | None]:
+    raw = gzip.decompress(data)
+    if len(raw) not in (nbytes, 2 * nbytes):
+        raise ValueError(f"direction payload is {len(raw)} bytes, expected {nbytes} or {2 * nbytes}")
+    planes = np.frombuffer(raw, np.uint8)
+    return planes[:nbytes], (planes[nbytes:] if len(raw) > nbytes else None)
+
+
+def _planes_v1(data: bytes, nbytes: int) -> tuple[np.ndarray, np.ndarray | None]:
+    p = _load_npy(gzip.decompress(data))
+    if p.dtype != np.uint8 or p.shape != (2, nbytes):
+        raise ValueError(f"direction planes have dtype {p.dtype} and shape {p.shape}")
+    return p[0], p[1]
+
+
+def decode_directions(payloads: list[bytes], geometry: tuple[int, int, int], member: str = DIRECTION) -> np.ndarray:
+    """Decode many direction members (all `.dir.bits.gz`, or all v1 `.dir.npy.gz`) into int8 [n, C, H, W]."""
     nel = int(np.prod(geometry))
-    planes = np.empty((len(payloads), 2, -(-nel // 8)), np.uint8)
+    nbytes = -(-nel // 8)
+    split = _planes_v2 if member == DIRECTION else _planes_v1
+    signs = np.empty((len(payloads), nbytes), np.uint8)
+    zeros: dict[int, np.ndarray] = {}
     for j, data in enumerate(payloads):
-        p = _load_npy(gzip.decompress(data))
-        if p.dtype != np.uint8 or p.shape != planes.shape[1:]:
-            raise ValueError(f"direction planes of sample {j} have dtype {p.dtype} and shape {p.shape}")
-        planes[j] = p
+        signs[j], z = split(data, nbytes)
+        if z is not None and z.any():  # v1 ±1 maps carry an empty zero plane: skip its unpack
+            zeros[j] = z
     # d = 2*sign_bit - 1, computed in place in int8, then zeroed where the zero plane is set.
-    d = (np.unpackbits(planes[:, 0], axis=1, count=nel) << 1).view(np.int8)
+    d = (np.unpackbits(signs, axis=1, count=nel) << 1).view(np.int8)
     d -= 1
-    if planes[:, 1].any():  # ±1 maps have an empty zero plane: skip the second unpack
-        d *= (1 - np.unpackbits(planes[:, 1], axis=1, count=nel)).view(np.int8)
+    for j, z in zeros.items():
+        d[j] *= (1 - np.unpackbits(z, count=nel)).view(np.int8)
     return d.reshape(len(payloads), *geometry)
 
 
-def decode_direction(data: bytes, geometry: tuple[int, int, int]) -> np.ndarray:
-    """Decode one `.dir.npy.gz` member into int8 [C, H, W]."""
-    return decode_directions([data], geometry)[0]
+def decode_direction(data: bytes, geometry: tuple[int, int, int], member: str = DIRECTION) -> np.ndarray:
+    """Decode one direction member (`member` names its layout) into int8 [C, H, W]."""
+    return decode_directions([data], geometry, member)[0]
 
 
 def encode_image(img: np.ndarray) -> tuple[str, bytes]:
@@ -140,18 +193,41 @@ def decode_image(ext: str, data: bytes, geometry: tuple[int, int, int]) -> np.nd
 # --------------------------------------------------------------------------- tar I/O
 
 
+def _ustar_template() -> tuple[bytes, int]:
+    """The USTAR header of an empty-named, empty member as tarfile writes ours (mode 0644,
+    uid/gid 0, no user/group names, mtime 0), and its checksum with the checksum field blank."""
+    head = bytearray(512)
+    for off, value in ((100, b"0000644\x00"), (108, b"0000000\x00"), (116, b"0000000\x00"),
+                       (136, b"00000000000\x00"), (156, b"0"), (257, b"ustar\x0000")):
+        head[off:off + len(value)] = value
+    return bytes(head), sum(head) + 8 * ord(" ")
+
+
+_USTAR, _USTAR_SUM = _ustar_template()
+
+
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    """Deterministic USTAR tar, written atomically (fileio.atomic_target)."""
+    """Deterministic USTAR tar, written atomically (fileio.atomic_target).
+
+    The headers are made here, byte-identical to tarfile's for these members (tests check),
+    at ~4 µs a member instead of ~33: a 224 px shard has 7 members a sample, and tarfile's
+    pure-Python header code held the GIL that the thread driving the GPU needs.
+    """
+    chunks: list[bytes] = []
+    for name, data in members:
+        n = name.encode("ascii")
+        if len(n) > 100:
+            raise StoreError(f"tar member name {name!r} is longer than USTAR's 100 bytes.")
+        size = b"%011o\x00" % len(data)
+        head = bytearray(_USTAR)
+        head[:len(n)] = n
+        head[124:136] = size
+        head[148:156] = b"%06o\x00 " % (_USTAR_SUM + sum(n) + sum(size))
+        chunks += [bytes(head), data, bytes(-len(data) % 512)]
+    chunks.append(bytes(1024))  # end of archive: two zero blocks
+    chunks.append(bytes(-sum(map(len, chunks)) % tarfile.RECORDSIZE))
     with atomic_target(path) as tmp, open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                info.mtime = 0
-                info.mode = 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tf.addfile(info, io.BytesIO(data))
+        f.writelines(chunks)
 
 
 def _check_member(tar: Path, m: tarfile.TarInfo) -> tuple[str, str]:
@@ -172,21 +248,30 @@ def _check_member(tar: Path, m: tarfile.TarInfo) -> tuple[str, str]:
     return key, ext
 
 
-_valid_ext_sets: dict[frozenset[str], str | None] = {}
+_valid_ext_sets: dict[tuple[frozenset[str], str], str | None] = {}
 
 
-def _ext_set_problem(exts: frozenset[str]) -> str | None:
+def _ext_set_problem(exts: frozenset[str], schema: str) -> str | None:
     """Schema check of a sample's member set; cached, since every sample has the same set."""
-    if exts not in _valid_ext_sets:
-        errors = schema_errors({e: 1 for e in exts}, "wds_layout.v1.json")
-        _valid_ext_sets[exts] = errors[0] if errors else None
-    return _valid_ext_sets[exts]
+    if (exts, schema) not in _valid_ext_sets:
+        errors = schema_errors({e: 1 for e in exts}, schema)
+        images = [e for e in exts if e in ("png", "npy") or e.startswith(SOURCE_PREFIX)]
+        if not errors and len(images) > 1:
+            errors = [f"more than one image member ({', '.join(sorted(images))})"]
+        _valid_ext_sets[exts, schema] = errors[0] if errors else None
+    return _valid_ext_sets[exts, schema]
+
+
+def _image_member(members: dict[str, bytes]) -> str | None:
+    return next((e for e in members if e in ("png", "npy") or e.startswith(SOURCE_PREFIX)), None)
 
 
 def decode_tar(data: bytes, tar: Path, manifest: dict, s: int, *, with_images: bool = False) -> dict[str, Any]:
     """Decode shard s from the tar's bytes into arrays; StoreError on anything unexpected.
 
-    Clean images are only decoded `with_images` (PNG decoding dominates otherwise).
+    Pixel images (`.png`/`.npy`) are only decoded `with_images` (PNG decoding dominates
+    otherwise); source-encoded images (`.src.<ext>`) are returned as (ext, bytes) in
+    `image_files`, and only checked to open `with_images`.
     """
     start, stop = shard_range(manifest, s)
     n = stop - start
@@ -206,6 +291,9 @@ def decode_tar(data: bytes, tar: Path, manifest: dict, s: int, *, with_images: b
     expected = [sample_key(i) for i in range(start, stop)]
     if list(samples) != expected:
         raise StoreError(f"tar {tar} holds {len(samples)} samples that are not samples {start}..{stop - 1} in order.")
+    # The first sample's direction member names the tar's layout; every sample must follow it.
+    member = DIRECTION_V1 if n and DIRECTION_V1 in next(iter(samples.values())) else DIRECTION
+    schema = "wds_layout.v1.json" if member == DIRECTION_V1 else "wds_layout.v2.json"
 
     out: dict[str, Any] = {
         "logits": np.empty((n, K), np.float16),
@@ -213,11 +301,12 @@ def decode_tar(data: bytes, tar: Path, manifest: dict, s: int, *, with_images: b
         "keys": [],
     }
     images: list[np.ndarray | None] = []
+    files: list[tuple[str, bytes]] = []
     true_labels: list[int] = []
     for j, (key, members) in enumerate(samples.items()):
-        problem = _ext_set_problem(frozenset(members))
+        problem = _ext_set_problem(frozenset(members), schema)
         if problem:
-            raise StoreError(f"tar {tar} sample {key}: members do not follow wds_layout.v1 ({problem}).")
+            raise StoreError(f"tar {tar} sample {key}: members do not follow {schema[:-5]} ({problem}).")
         field = "idx"
         try:
             if int(members["idx"].decode("ascii")) != start + j:
@@ -237,26 +326,41 @@ def decode_tar(data: bytes, tar: Path, manifest: dict, s: int, *, with_images: b
             if "cls" in members:
                 field = "cls"
                 true_labels.append(int(members["cls"].decode("ascii")))
-            for ext in ("png", "npy"):
-                if ext in members:
-                    field = ext
-                    images.append(decode_image(ext, members[ext], geometry) if with_images else None)
+            field = _image_member(members) or "image"
+            if field.startswith(SOURCE_PREFIX):
+                if with_images:
+                    check_source_image(members[field])
+                files.append((field[len(SOURCE_PREFIX):], members[field]))
+            elif field != "image":
+                images.append(decode_image(field, members[field], geometry) if with_images else None)
+                files.append((field, members[field]))
         except StoreError:
             raise
         except Exception as exc:  # numpy, gzip, PIL and int() all raise their own types
             raise StoreError(f"tar {tar} member {key}.{field} cannot be decoded: {exc}.") from None
     # Images and true labels are all-or-nothing within a shard.
-    for name, items in (("images", images), ("true labels", true_labels)):
+    for name, items in (("images", files), ("true labels", true_labels)):
         if items and len(items) != n:
             raise StoreError(f"tar {tar} has {name} for {len(items)} of {n} samples.")
+    if images and len(images) != len(files):
+        raise StoreError(f"tar {tar} mixes pixel and source-encoded images.")
     try:
-        out["direction"] = decode_directions([m["dir.npy.gz"] for m in samples.values()], geometry)
+        out["direction"] = decode_directions([m[member] for m in samples.values()], geometry, member)
     except Exception as exc:
-        raise StoreError(f"tar {tar} has a .dir.npy.gz member that cannot be decoded: {exc}.") from None
-    out["has_images"] = bool(images)
+        raise StoreError(f"tar {tar} has a .{member} member that cannot be decoded: {exc}.") from None
+    out["has_images"] = bool(files)
     out["images"] = np.stack(images) if images and with_images else None
+    out["image_files"] = files or None
     out["true_label"] = np.asarray(true_labels, np.int64) if true_labels else None
     return out
+
+
+def check_source_image(data: bytes) -> None:
+    """The source-encoded image opens as an image (PIL checks the header and structure)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.verify()
 
 
 def read_shard_bytes(path: Path, manifest: dict, s: int, record: dict) -> bytes:
@@ -275,34 +379,67 @@ def read_shard_bytes(path: Path, manifest: dict, s: int, record: dict) -> bytes:
 # --------------------------------------------------------------------------- writer / reader
 
 
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The encoders' threads, shared by every writer of the process (created on first use)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="enspipe-wds")
+        return _POOL
+
+
+def _source_member(ext: str, s: int, j: int) -> str:
+    ext = ext.lower()
+    if ext not in SOURCE_EXTS:
+        raise StoreError(f"shard {s}: sample {j}'s source image has extension {ext!r}; wds stores carry "
+                         f"{', '.join(SOURCE_EXTS)} as is (pass --wds-images none to leave images out).")
+    return SOURCE_PREFIX + ext
+
+
 class WdsWriter(StoreWriter):
     fmt = "wds"
 
     def _write_files(self, s: int, start: int, stop: int, **a: Any) -> tuple[list[str], dict]:
+        for j, key in enumerate(a["keys"]):
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                raise StoreError(f"shard {s}: key {a['keys'][j]!r} is not valid UTF-8 text.") from None
+        spans = [(lo, min(lo + ENCODE_SAMPLES, stop - start)) for lo in range(0, stop - start, ENCODE_SAMPLES)]
+        parts = list(_pool().map(lambda span: self._encode(s, start, *span, a), spans))
+        members = [m for part, _ in parts for m in part]
+        write_tar(self.path / tar_name(s), members)
+        images = a["images"] is not None or a["image_files"] is not None
+        return [tar_name(s)], {"direction_bytes": sum(nbytes for _, nbytes in parts), "images": images}
+
+    def _encode(self, s: int, start: int, lo: int, hi: int, a: dict[str, Any]) -> tuple[list[tuple[str, bytes]], int]:
+        """The members of samples [lo, hi) of the shard, and their direction bytes."""
         members: list[tuple[str, bytes]] = []
         direction_bytes = 0
         label_is_true = self.identity.label_mode == "true"
-        for j in range(stop - start):
+        for j in range(lo, hi):
             k = sample_key(start + j)
-            try:
-                key_bytes = a["keys"][j].encode("utf-8")
-            except UnicodeEncodeError:
-                raise StoreError(f"shard {s}: key {a['keys'][j]!r} is not valid UTF-8 text.") from None
             members.append((f"{k}.idx", str(start + j).encode("ascii")))
-            members.append((f"{k}.key", key_bytes))
+            members.append((f"{k}.key", a["keys"][j].encode("utf-8")))
             if a["true_label"] is not None or label_is_true:
                 true = a["true_label"][j] if a["true_label"] is not None else a["label"][j]
                 members.append((f"{k}.cls", str(int(true)).encode("ascii")))
             members.append((f"{k}.label.cls", str(int(a["label"][j])).encode("ascii")))
-            if a["images"] is not None:
+            if a["image_files"] is not None:
+                ext, data = a["image_files"][j]
+                members.append((f"{k}.{_source_member(ext, s, j)}", bytes(data)))
+            elif a["images"] is not None:
                 ext, data = encode_image(a["images"][j])
                 members.append((f"{k}.{ext}", data))
             dir_bytes = encode_direction(a["direction"][j])
             direction_bytes += len(dir_bytes)
-            members.append((f"{k}.dir.npy.gz", dir_bytes))
+            members.append((f"{k}.{DIRECTION}", dir_bytes))
             members.append((f"{k}.logits.npy", _npy_bytes(a["logits"][j])))
-        write_tar(self.path / tar_name(s), members)
-        return [tar_name(s)], {"direction_bytes": direction_bytes, "images": a["images"] is not None}
+        return members, direction_bytes
 
 
 class WdsReader(StoreReader):
@@ -343,19 +480,36 @@ class WdsReader(StoreReader):
         return [k for piece in self._pieces(start, stop, "keys") for k in piece]
 
     def read_images(self, start: int, stop: int) -> np.ndarray:
-        """The clean images uint8 [n,C,H,W] of samples [start, stop) (when the store has them).
+        """The clean images uint8 [n,C,H,W] of samples [start, stop), when the store holds them as
+        pixels (sources held as pixels); source-encoded images are `read_image_files`'s.
 
         Not cached: the trainer takes clean images from the dataset, this is for inspection.
         """
-        start, stop = self._check_range(start, stop)
         out = [np.empty((0, *self.geometry), np.uint8)]
+        for s, rows, shard in self._decoded(start, stop, with_images=True):
+            if shard["images"] is None and shard["has_images"]:
+                raise StoreError(f"shard {s} of store {self.path} holds its images as the source encoded them, "
+                                 "not as pixels: read them with read_image_files.")
+            if shard["images"] is None:
+                raise StoreError(f"shard {s} of store {self.path} has no clean images.")
+            out.append(shard["images"][rows])
+        return np.concatenate(out)
+
+    def read_image_files(self, start: int, stop: int) -> list[tuple[str, bytes]]:
+        """Each sample's stored image as (extension, bytes): the source's encoding (layout v2,
+        e.g. ("jpeg", the JPEG file's bytes)) or the stored pixels' PNG / .npy."""
+        out: list[tuple[str, bytes]] = []
+        for s, rows, shard in self._decoded(start, stop, with_images=False):
+            if shard["image_files"] is None:
+                raise StoreError(f"shard {s} of store {self.path} has no clean images.")
+            out.extend(shard["image_files"][rows])
+        return out
+
+    def _decoded(self, start: int, stop: int, *, with_images: bool):
+        start, stop = self._check_range(start, stop)
         for s, rows in self._spans(start, stop):
             data = read_shard_bytes(self.path, self.manifest, s, self.records[s])
-            images = decode_tar(data, self.path / tar_name(s), self.manifest, s, with_images=True)["images"]
-            if images is None:
-                raise StoreError(f"shard {s} of store {self.path} has no clean images.")
-            out.append(images[rows])
-        return np.concatenate(out)
+            yield s, rows, decode_tar(data, self.path / tar_name(s), self.manifest, s, with_images=with_images)
 
 
 def store_problems(path: Path, manifest: dict) -> list[str]:

@@ -52,7 +52,7 @@ def preload() -> None:
     import enspipe.train  # noqa: F401
     from enspipe.stores.manifest import _validator
 
-    for name in ("manifest.v1.json", "zarr_layout.v1.json", "wds_layout.v1.json"):
+    for name in ("manifest.v1.json", "zarr_layout.v1.json", "wds_layout.v1.json", "wds_layout.v2.json"):
         _validator(name)  # schemas are read lazily: read them now (a child may run as nobody)
     _validator("manifest.v1.json", "shard_record")
     _validator("manifest.v1.json", "identity")

@@ -1,0 +1,163 @@
+"""Benchmark on one accelerator: enspipe against bare PyTorch loops on the same device (DESIGN §4).
+
+    python benchmarks/bench_gpu.py --part precompute --out OUT      # one H200: under 4 minutes
+    python benchmarks/bench_gpu.py --part all --out OUT
+    python benchmarks/bench_gpu.py --small --part precompute        # CPU, tiny: CI keeps it working
+    python benchmarks/bench_gpu.py --from-json OUT/bench_gpu.json --write-benchmarks
+
+A thin driver: it makes the synthetic ImageFolder both halves use (`gpu_data.make_jpeg_folder`:
+4,096 JPEGs of 256 px, in parallel; --small: 64 of 64 px), records the machine, and runs the
+parts in one process:
+
+  precompute   benchmarks/gpu_precompute.py
+  train        benchmarks/gpu_train.py (the trainer's half; --part all skips it when absent)
+
+A part is a module with `PART`, `measure(opts, env) -> dict` (JSON-ready; its "rows" are the
+[measure, value, ratio / target] of the compact table), `render(results, record) -> str` (its
+BENCHMARKS.md section body) and, optionally, `add_arguments(parser)` for flags of its own
+(prefixed with its name). `env` holds "device", "work" (a scratch directory outside OUT),
+"small", "jpegs" (the ImageFolder root), "images", "size", "classes" and "log".
+
+Writes OUT/bench_gpu.json (machine, command, data, every part's results), OUT/bench_gpu.md
+(one `## gpu <part>` section per part) and prints the compact table last. BENCHMARKS.md is
+only rewritten with --write-benchmarks (its `## gpu <part>` sections), e.g. after copying OUT
+back from the GPU machine: `--from-json OUT/bench_gpu.json --write-benchmarks`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, command_line, logger, machine, update_section  # noqa: E402
+from gpu_data import make_jpeg_folder  # noqa: E402
+
+PARTS = ("precompute", "train")
+FULL_DATA = dict(images=4096, size=256, classes=16)
+SMALL_DATA = dict(images=64, size=64, classes=4)
+log = logger("bench_gpu")
+
+
+def load_part(name: str):
+    """The module of a part, or None when its file is not in this tree."""
+    if not (Path(__file__).resolve().parent / f"gpu_{name}.py").exists():
+        return None
+    return importlib.import_module(f"gpu_{name}")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=(*PARTS, "all"), default="all")
+    ap.add_argument("--small", action="store_true", help="tiny run on the CPU (64 images of 64 px): CI's check")
+    ap.add_argument("--device", default=None, help="auto (the default; --small: cpu), cpu or cuda[:N]")
+    ap.add_argument("--out", default=str(REPO / ".benchmarks" / "gpu"), help="results directory (small files only)")
+    ap.add_argument("--work", default=None, help="scratch directory for images and stores (default: a temporary one)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--from-json", default=None, help="re-render the tables of a saved bench_gpu.json")
+    ap.add_argument("--write-benchmarks", action="store_true", help="rewrite BENCHMARKS.md's `## gpu <part>` sections")
+    for name in PARTS:
+        mod = load_part(name)
+        if mod is not None and hasattr(mod, "add_arguments"):
+            mod.add_arguments(ap)
+    args = sys.argv[1:] if argv is None else argv
+    return ap.parse_args(args), command_line("bench_gpu.py", args)
+
+
+def sections(doc: dict[str, Any]) -> dict[str, str]:
+    """Each part's BENCHMARKS.md section: what ran where, its table."""
+    m = doc["machine"]
+    where = (f"{m.get('gpu', 'no GPU (device ' + m.get('device', '?') + ')')}, {m['nproc']} cores ({m['cpu']}), "
+             f"torch {m['torch']}, Python {m['python']}; {doc['date']}")
+    out = {}
+    for name, res in doc["parts"].items():
+        mod = load_part(name)
+        body = mod.render(res, doc) if mod is not None and hasattr(mod, "render") else _table(res["rows"])
+        out[name] = (f"Measured on {where}. Command: `{doc['command']}` ({doc['parts_wall_s'][name]:.0f} s; "
+                     f"{doc['data']['images']} JPEGs of {doc['data']['size']} px made in "
+                     f"{doc['data']['seconds']:.1f} s).\n\n{body}")
+    return out
+
+
+def _table(rows: list[list[str]]) -> str:
+    head = ["| measure | value | ratio / target |", "|---|---|---|"]
+    return "\n".join([*head, *[f"| {a} | {b} | {c} |" for a, b, c in rows]])
+
+
+def report(doc: dict[str, Any], out: Path | None, write_benchmarks: bool) -> None:
+    secs = sections(doc)
+    md = "\n".join(f"## gpu {name}\n\n{text}" for name, text in secs.items())
+    if out is not None:
+        (out / "bench_gpu.md").write_text(md)
+    if write_benchmarks:
+        for name, text in secs.items():
+            update_section(REPO / "BENCHMARKS.md", f"gpu {name}", text)
+        log(f"updated the `## gpu ...` sections of {REPO / 'BENCHMARKS.md'}")
+    # The compact table last, so it is what a person sees at the end of the run.
+    print(md if len(secs) > 1 else "")
+    for name, res in doc["parts"].items():
+        print(f"\n{name} ({doc['machine'].get('gpu') or doc['machine'].get('device')}):\n")
+        print(_table(res["rows"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts, command = parse_args(argv)
+    if opts.from_json:
+        report(json.loads(Path(opts.from_json).read_text()), None, opts.write_benchmarks)
+        return 0
+    import torch
+
+    from enspipe.runtime import resolve_device
+
+    parts = PARTS if opts.part == "all" else (opts.part,)
+    mods = {name: load_part(name) for name in parts}
+    missing = [n for n, m in mods.items() if m is None]
+    if missing and opts.part != "all":
+        raise SystemExit(f"bench_gpu: the {missing[0]} half (benchmarks/gpu_{missing[0]}.py) is not in this tree")
+    mods = {n: m for n, m in mods.items() if m is not None}
+    device = resolve_device(opts.device or ("cpu" if opts.small else "auto"))
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(opts.work or tempfile.mkdtemp(prefix="bench-gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    data = dict(SMALL_DATA if opts.small else FULL_DATA)
+    try:
+        t0 = time.perf_counter()
+        jpegs = make_jpeg_folder(work / "jpegs", **data)
+        data["seconds"] = time.perf_counter() - t0
+        log(f"{data['images']} JPEGs of {data['size']} px in {data['seconds']:.1f} s ({os.cpu_count()} processes)")
+        env = {"device": device, "work": work, "small": opts.small, "jpegs": jpegs, "log": log, **data}
+        doc: dict[str, Any] = {
+            "command": command, "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "machine": machine(device, packages=("zarr", "webdataset", "dask", "distributed", "timm")),
+            "small": opts.small, "data": data, "parts": {}, "parts_wall_s": {},
+        }
+        for name, mod in mods.items():
+            log(f"part {name}")
+            t0 = time.perf_counter()
+            doc["parts"][name] = mod.measure(opts, env)
+            doc["parts_wall_s"][name] = time.perf_counter() - t0
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        if not opts.keep and not opts.work:
+            shutil.rmtree(work, ignore_errors=True)
+    doc["machine"]["loadavg_end"] = os.getloadavg()
+    doc["wall_s"] = time.perf_counter() - t_start
+    (out / "bench_gpu.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    log(f"wrote {out / 'bench_gpu.json'} ({doc['wall_s']:.0f} s in all)")
+    report(doc, out, opts.write_benchmarks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

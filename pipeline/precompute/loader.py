@@ -1,0 +1,218 @@
+"""The batch source: pixels decoded and resized by worker processes, ahead of the compute.
+
+    spans (shard-aligned [start, stop) pieces of batches) -> ChunkLoader -> uint8 chunks (pinned)
+        -> DeviceBatch: one batch's chunks copied to the device (non-blocking), then / 255 there
+
+Batch boundaries are precompute's (`batch_spans`: a shard's batches start at its first sample),
+so a shard's directions do not depend on how its pixels were decoded. A batch is cut into
+chunks of a few samples so that many loader workers fill one batch at once: the first batch
+is ready after one chunk's decode, not one batch's. The loader is a torch DataLoader whose
+sampler hands out the spans of the current pass; its workers persist across passes, so a
+dask worker decoding one shard task after another forks them once.
+
+uint8 travels to the device (4x less than float32) and is turned into float there through a
+256-entry table computed on the CPU by `uint8 / 255` (what `SampleSource.images` computes):
+bit-identical on every device, where a device-side division may round differently (CUDA
+multiplies by the reciprocal, which differs from true division for 126 of the 256 values).
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from enspipe.errors import EnspipeError
+
+from .plan import log
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ChunkLoader", "batch_spans", "chunk_size", "default_workers", "gather", "needs_decoding", "spans_of",
+           "to_device"]
+
+Span = tuple[int, int]
+MAX_WORKERS = 32
+PREFETCH_CHUNKS = 4    # per loader worker: with chunk_size ~ batch / workers, about 4 batches ahead
+MIN_CHUNK = 8          # samples: smaller chunks cost more in inter-process overhead than they save
+
+
+def batch_spans(start: int, stop: int, batch_size: int) -> list[Span]:
+    """The fixed batches of shard [start, stop): they start at the shard's first sample."""
+    return [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
+
+
+def chunk_size(batch_size: int, workers: int) -> int:
+    """Samples per chunk: one batch spread over the workers, but never tiny."""
+    if workers <= 1:
+        return batch_size
+    return min(batch_size, max(MIN_CHUNK, math.ceil(batch_size / workers)))
+
+
+def needs_decoding(dataset) -> bool:
+    """Whether the source decodes files (imagefolder, wds) rather than slicing pixels in memory."""
+    from enspipe.data import LazySource
+
+    return isinstance(dataset, LazySource)
+
+
+def default_workers(dataset, cores: int | None = None) -> int:
+    """Loader workers when the user names none: every core but the driving one's, for sources
+    that decode; none for sources held in memory (slicing them is a copy, not a decode)."""
+    if not needs_decoding(dataset):
+        return 0
+    return max(1, min(MAX_WORKERS, (cores or os.cpu_count() or 2) - 1))
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A user error raised in a loader worker, carried back whole (the DataLoader would wrap it
+    in a multi-line message whose first line no longer says what went wrong)."""
+
+    kind: type
+    message: str
+
+
+class _Pixels:
+    """Map-style dataset whose index is a span: `pixels[(a, b)]` is uint8 [b - a, C, H, W]."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, span: Span):
+        import torch
+
+        try:
+            return torch.from_numpy(self.dataset.images_uint8(slice(*span)))
+        except EnspipeError as e:
+            return _Failure(type(e), str(e))
+
+
+class _Spans:
+    """The sampler: the spans of the current pass, set before each pass starts."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+
+    def __iter__(self) -> Iterator[Span]:
+        return iter(self.spans)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+
+class ChunkLoader:
+    """uint8 pixels of any list of spans, in order, decoded by `workers` processes ahead of use
+    (0: in the calling thread). Chunks are in pinned memory when `pin` (for fast, non-blocking
+    copies to a GPU). Close it (or use it as a context manager) to stop the worker processes."""
+
+    def __init__(self, dataset, workers: int, *, pin: bool = False) -> None:
+        self.dataset, self.pin = dataset, pin
+        if workers and multiprocessing.current_process().daemon:
+            # A daemonic process (a dask worker started with the default distributed.worker.daemon)
+            # may not start children: decode here rather than fail.
+            log("precompute: this process is daemonic and cannot start loader workers; decoding in-process "
+                "(start dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False to decode in parallel)")
+            workers = 0
+        self.workers = workers
+        self._spans = _Spans()
+        self._loader = None
+        if workers:
+            from torch.utils.data import DataLoader
+
+            # fork: the dataset (a file list that may hold a million paths) is not pickled per
+            # worker, and workers start in milliseconds. They never touch the GPU.
+            ctx = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            self._loader = DataLoader(_Pixels(dataset), batch_size=None, sampler=self._spans, num_workers=workers,
+                                      pin_memory=pin, prefetch_factor=PREFETCH_CHUNKS, persistent_workers=True,
+                                      multiprocessing_context=ctx)
+            for _ in self._loader:  # an empty pass starts the workers now, outside anyone's timing
+                pass
+
+    def __call__(self, spans: Sequence[Span]) -> Iterator[torch.Tensor]:
+        """The pixels of each span, in order."""
+        if self._loader is None:
+            return self._in_process(spans)
+        self._spans.spans = list(spans)
+        return self._checked(iter(self._loader))
+
+    def _in_process(self, spans: Sequence[Span]) -> Iterator[torch.Tensor]:
+        import torch
+
+        for a, b in spans:
+            t = torch.from_numpy(self.dataset.images_uint8(slice(a, b)))
+            yield t.pin_memory() if self.pin else t
+
+    @staticmethod
+    def _checked(chunks: Iterator) -> Iterator[torch.Tensor]:
+        for chunk in chunks:
+            if isinstance(chunk, _Failure):
+                raise chunk.kind(chunk.message)
+            yield chunk
+
+    def close(self) -> None:
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None:
+            it._shutdown_workers()  # persistent workers otherwise live until the loader is collected
+            self._loader._iterator = None
+        self._loader = None
+
+    def __enter__(self) -> ChunkLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_TABLES: dict[str, torch.Tensor] = {}
+
+
+def _to_float_table(device: torch.device) -> torch.Tensor:
+    """float32 k / 255 for k = 0..255, computed on the CPU, cached per device."""
+    import torch
+
+    key = str(device)
+    if key not in _TABLES:
+        _TABLES[key] = torch.arange(256, dtype=torch.uint8).to(torch.float32).div_(255).to(device)
+    return _TABLES[key]
+
+
+def to_device(chunks: Sequence[torch.Tensor], device: torch.device, *, channels_last: bool = False) -> torch.Tensor:
+    """One batch: its uint8 chunks copied into one device tensor (non-blocking from pinned
+    memory), then float32 in [0, 1], equal bit for bit to `SampleSource.images`."""
+    import torch
+
+    n = sum(len(c) for c in chunks)
+    if device.type == "cpu" and len(chunks) == 1:
+        u8 = chunks[0]
+    else:
+        u8 = torch.empty((n, *chunks[0].shape[1:]), dtype=torch.uint8, device=device)
+        off = 0
+        for c in chunks:
+            u8[off:off + len(c)].copy_(c, non_blocking=True)
+            off += len(c)
+    x = _to_float_table(device)[u8.int()]
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def gather(chunks: Iterator[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """The next chunks of the stream that make up exactly n samples."""
+    out, got = [], 0
+    while got < n:
+        c = next(chunks)
+        out.append(c)
+        got += len(c)
+    if got != n:
+        raise RuntimeError(f"loader chunks do not line up with a batch of {n} samples")
+    return out
+
+
+def spans_of(batches: Sequence[Span], chunk: int) -> list[Span]:
+    """Each batch cut into chunks of at most `chunk` samples (never across a batch boundary)."""
+    return [(a, min(a + chunk, e)) for b, e in batches for a in range(b, e, chunk)]
+

@@ -1,0 +1,211 @@
+"""The sink: computed batches -> numpy shard buffers -> whole shards, written off the compute thread.
+
+    ShardBegin, BatchDone..., ShardEnd  ->  ShardSink  ->  StoreWriter.write_shard (per store)
+
+Stages talk through small frozen messages: `ShardBegin` (which shard, its writers, keys and
+how to fetch its clean images), one `BatchDone` per computed batch, `ShardEnd`. The bytes
+written depend only on the messages, not on which thread or process sent them.
+
+Overlap: a single background thread, at a lower priority, waits for each batch's
+device-to-host copy (started by the compute on a side stream), turns it into numpy and
+writes each finished shard, so the next batch (and shard) is computed while the previous
+one is copied, encoded and written (benchmarks/bench_precompute.py measures it against
+writing in the computing thread). The clean images a wds store carries are read here too
+(file bytes, never decoded), not in the thread that drives the device.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from enspipe.stores import StoreWriter
+
+__all__ = ["BatchDone", "CleanImages", "ShardBegin", "ShardEnd", "ShardSink", "max_batches_for"]
+
+WRITER_NICE = 10  # niceness of the background writer thread (see ShardSink._loop)
+# At most about this many bytes of computed directions wait for the writer: ~13 batches of 256
+# at 3x224x224, several shards' worth of decoupling, and the pinned host memory stays bounded.
+SINK_BYTES = 512 << 20
+
+
+# (pixels uint8 [n,C,H,W], None) for sources held as pixels, or (None, [(ext, bytes)] per sample)
+# for sources that hold encoded files: what a wds store keeps beside the directions.
+CleanImages = Callable[[], tuple["np.ndarray | None", "list[tuple[str, bytes]] | None"]]
+
+
+@dataclass(frozen=True)
+class ShardBegin:
+    """A shard starts: its range, the writers that lack it, and what is stored beside the directions."""
+
+    shard: int
+    start: int
+    stop: int
+    writers: tuple[StoreWriter, ...]
+    keys: Sequence[str]
+    images: CleanImages | None       # for wds stores only; called in the writer thread
+    true_label: np.ndarray | None    # int64 [n], for wds stores only
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    """A computed batch; its tensors may still be on their way to the host (`ready` waits for them)."""
+
+    offset: int                      # first row of the batch inside its shard
+    direction: torch.Tensor          # int8 [b, C, H, W] in {-1, 0, 1}
+    logits: torch.Tensor             # float32 [b, K]
+    labels: torch.Tensor             # int64 [b]: the label the attack used
+    ready: Callable[[], None] | None = None  # blocks until the device-to-host copy is done
+
+
+@dataclass(frozen=True)
+class ShardEnd:
+    """Every batch of the shard was handed over: write it."""
+
+    shard: int
+
+
+Message = ShardBegin | BatchDone | ShardEnd
+
+
+def max_batches_for(batch_size: int, geometry: Sequence[int]) -> int:
+    """How many computed batches may wait for the writer: ~SINK_BYTES of int8 directions."""
+    return max(4, min(64, SINK_BYTES // max(1, batch_size * int(np.prod(geometry)))))
+
+
+class _ShardBuffer:
+    """The numpy arrays of the shard being assembled."""
+
+    def __init__(self, begin: ShardBegin) -> None:
+        n, w = begin.stop - begin.start, begin.writers[0]
+        self.begin = begin
+        self.direction = np.empty((n, *w.geometry), np.int8)
+        self.logits = np.empty((n, w.num_classes), np.float16)
+        self.label = np.empty((n,), np.int64)
+
+    def add(self, batch: BatchDone) -> None:
+        if batch.ready is not None:
+            batch.ready()
+        rows = slice(batch.offset, batch.offset + batch.direction.shape[0])
+        self.direction[rows] = batch.direction.cpu().numpy()
+        self.logits[rows] = batch.logits.float().cpu().numpy()  # float32 -> float16, nearest
+        self.label[rows] = batch.labels.cpu().numpy()
+
+    def write(self) -> None:
+        """The whole shard, to every store that lacks it."""
+        b = self.begin
+        pixels = files = None
+        if b.images is not None and any(w.fmt == "wds" for w in b.writers):
+            pixels, files = b.images()
+        for w in b.writers:
+            wds = w.fmt == "wds"  # wds keeps the clean image and true label beside d
+            w.write_shard(b.shard, direction=self.direction, logits=self.logits, label=self.label,
+                          keys=b.keys, images=pixels if wds else None, image_files=files if wds else None,
+                          true_label=b.true_label if wds else None)
+
+
+class ShardSink:
+    """Turns computed batches into numpy shard buffers and writes whole shards.
+
+    With `background=True` a single thread does this while the caller computes the next
+    batch; the queue is bounded (`max_batches`), so a slow writer stalls the compute rather
+    than memory filling up. The caller sees a writer error at its next call (or at `close`).
+    """
+
+    def __init__(self, *, background: bool, max_batches: int = 64) -> None:
+        self._queue: queue.Queue[Message | None] | None = queue.Queue(maxsize=max_batches) if background else None
+        self._error: BaseException | None = None
+        self._abort = threading.Event()
+        self._buf: _ShardBuffer | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._loop, name="enspipe-shard-writer", daemon=True)
+            self._thread.start()
+
+    # producer side
+    def put(self, msg: Message) -> None:
+        """Hand over the next message; raises a writer error from an earlier one."""
+        self._raise()
+        if self._queue is None:
+            self._handle(msg)
+            return
+        self._enqueue(msg)
+
+    def close(self) -> None:
+        """Wait until everything handed over is written; re-raise a writer error."""
+        if self._thread is not None:
+            self._raise()
+            self._enqueue(None)
+            self._thread.join()
+            self._thread = None
+        self._raise()
+
+    def abort(self) -> None:
+        """Stop without writing what is still queued (the caller failed)."""
+        self._abort.set()
+        if self._thread is not None:
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(None)
+            self._thread.join(timeout=60)
+            self._thread = None
+
+    def __enter__(self) -> ShardSink:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _enqueue(self, item: Message | None) -> None:
+        while True:  # poll so a dead writer thread cannot block the producer forever
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # consumer side
+    def _loop(self) -> None:
+        # Lower this thread's priority (Linux: per thread): the writer should fill the gaps in
+        # the compute, not preempt torch's threads, whose parallel regions all wait for the
+        # slowest one. If it falls behind, the bounded queue stalls the compute and it runs.
+        # Measured on 2 cores: faster than both writing inline and an equal-priority thread.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        while True:
+            item = self._queue.get()
+            if item is None or self._abort.is_set():
+                return
+            if self._error is None:
+                try:
+                    self._handle(item)
+                except BaseException as e:  # handed to the producer, which raises it
+                    self._error = e
+
+    def _handle(self, msg: Message) -> None:
+        if isinstance(msg, ShardBegin):
+            self._buf = _ShardBuffer(msg)
+            return
+        if self._buf is None:
+            raise RuntimeError(f"shard sink got {type(msg).__name__} outside a shard")
+        if isinstance(msg, BatchDone):
+            self._buf.add(msg)
+        else:
+            buf, self._buf = self._buf, None
+            if msg.shard != buf.begin.shard:
+                raise RuntimeError(f"shard sink got the end of shard {msg.shard} inside shard {buf.begin.shard}")
+            buf.write()
