@@ -279,10 +279,13 @@ def batch_loader(stream: torch.utils.data.IterableDataset, cfg: TrainConfig,
                  device: torch.device) -> torch.utils.data.DataLoader:
     """The DataLoader train() reads its batches through: the stream yields whole batches,
     `cfg.workers` processes build them ahead of the step into pinned memory (CUDA). train()
-    iterates it once over all its epochs, so its workers persist across epochs."""
+    iterates it once over all its epochs, so its workers persist across epochs. The loader
+    seeds its workers from its own generator: making one never draws from the training RNG,
+    so a resumed run (which makes its loader at another epoch) keeps the RNG stream."""
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                        pin_memory=device.type == "cuda", persistent_workers=False,
-                                       prefetch_factor=4 if cfg.workers else None)
+                                       prefetch_factor=4 if cfg.workers else None,
+                                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
 # --- The run ------------------------------------------------------------------------------
