@@ -272,7 +272,7 @@ class SourceBatches(DirectionStream):
                     continue
                 new = self._images(mine)
                 if s != SELF:
-                    new["d"] = np.concatenate([readers[s - 1].read_directions(a, b) for a, b in mine])
+                    new["d"] = np.concatenate([self._read_block(readers[s - 1], a, b) for a, b in mine])
                 pool = new if s not in pools else {k: np.concatenate([pools[s][k], v]) for k, v in new.items()}
                 if self.shuffle:
                     perm = rng.permutation(len(pool["index"]))
@@ -283,6 +283,14 @@ class SourceBatches(DirectionStream):
             for j in (rng.permutation(len(batches)) if self.shuffle else range(len(batches))):
                 yield self._source_batch(*batches[j], rng)
         yield from self._leftovers(pools, readers, rng)
+
+    def _read_block(self, reader: Any, start: int, stop: int) -> np.ndarray:
+        """A store's directions of samples [start, stop) (a subclass may stand in for the read)."""
+        return reader.read_directions(start, stop)
+
+    def _read_rows(self, reader: Any, indices: list[int]) -> np.ndarray:
+        """A store's directions of scattered samples (the end of an epoch's merged leftovers)."""
+        return reader.read_indices(indices)["direction"]
 
     def _leftovers(self, pools: dict[int, dict[str, np.ndarray]], readers: list[Any],
                    rng: np.random.Generator) -> Iterator[dict[str, Any]]:
@@ -302,7 +310,7 @@ class SourceBatches(DirectionStream):
             if s != SELF:
                 rows = part["index"][:self.adv_rows(len(part["index"]))]
                 missing = [i for i in rows.tolist() if i not in have.get(s, {})]
-                fetched = dict(zip(missing, readers[s - 1].read_indices(missing)["direction"])) if missing else {}
+                fetched = dict(zip(missing, self._read_rows(readers[s - 1], missing))) if missing else {}
                 got = {**have.get(s, {}), **fetched}
                 part["d"] = np.stack([got[i] for i in rows.tolist()])
             del part["src"]

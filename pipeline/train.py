@@ -481,7 +481,7 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
     epochs = epoch_batches(lambda e: stream_factory(dataset, cfg, e, rank, world),
                            lambda stream: batch_loader(stream, cfg, device),
                            range(start_epoch, cfg.epochs), cfg.workers, per_rank)
-    ended = None  # when the previous epoch's last step was taken
+    ended = None  # when the previous epoch's work was done: its boundary is the time to this epoch's first batch
     try:
         for epoch, batches in epochs:
             window = Window(1 + len(cfg.shards), device)
@@ -540,6 +540,7 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
             if window.batches:
                 records.append(_flush(window, epoch, step, lr, run_dir, writer))
                 log.write(records[-1])
+            ended = time.perf_counter()  # the device is drained (the flush read it): from here it waits
             summary = _epoch_summary(records)
             if val is not None and rank == 0:
                 v = validate(model, val, eps=cfg.eps, device=device, forward=lambda m: AutocastModel.wrap(m, cfg.precision, device))
@@ -548,7 +549,6 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
             epochs_bar.update(1, **summary)
             if rank == 0:
                 writer.submit(_checkpoint_job(run_dir, model, optimizer, scaler, epoch, step, dataset, cfg, device))
-            ended = time.perf_counter()
         writer.wait()
     finally:
         writer.close()
