@@ -15,7 +15,8 @@ Why a stream and not a map-style Dataset: stores read fast in contiguous blocks 
 per sample (NOTES: ~26k samples/s with 256-sample blocks, ~600/s one by one; a map-style
 wrapper over `open_store` measured 299 samples/s). So the stream reads contiguous blocks in a
 shuffled block order (`enspipe.sampling.block_order`), the same blocks from the dataset and
-from every store, and shuffles a buffer of `buffer_blocks` blocks in memory. Blocks are split
+from every store, into a rolling shuffle buffer of `buffer_blocks` blocks in memory
+(`ShuffleBuffer`: reads spread evenly, no burst of reads per buffer). Blocks are split
 between DDP ranks (`torch.distributed` when initialised, else `rank`/`world_size`) and then
 between DataLoader workers, so every sample is read once per epoch by exactly one worker of
 one rank. Random crops and flips (`augment`) move an image and its K directions alike.
@@ -41,8 +42,8 @@ from enspipe.data import SampleSource
 from enspipe.errors import ConfigError
 from enspipe.sampling import block_order
 
-__all__ = ["AUGMENTS", "DirectionStream", "SELF", "SourceBatches", "apply_augment", "augment_params",
-           "rank_and_world", "worker_blocks"]
+__all__ = ["AUGMENTS", "DirectionStream", "SELF", "ShuffleBuffer", "SourceBatches", "apply_augment",
+           "augment_params", "rank_and_world", "worker_blocks"]
 
 AUGMENTS = ("none", "crop", "flip", "crop+flip")
 SELF = 0  # source id of the model being trained; store k has source id k + 1
@@ -101,6 +102,54 @@ def worker_blocks(num_samples: int, block_size: int, *, seed: int, epoch: int, r
 def _worker() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
+
+
+class ShuffleBuffer:
+    """A rolling shuffle buffer of samples (a dict of equal-length arrays): blocks go in as they
+    are read, random batches come out once it holds `fill` samples beyond the batch.
+
+    Rolling rather than read-a-buffer-then-serve: a worker reads one block, serves what it
+    can, reads the next, so its reads spread evenly over the epoch instead of arriving in
+    bursts that leave the GPU waiting (and the next epoch's first batch needs one block, not
+    a whole buffer). The buffer fills up gradually at an epoch's start (`ready` asks for half
+    of what was read so far, up to `fill`), as webdataset's shuffle(bufsize, initial) does.
+    A batch taken out leaves its holes filled from the end (O(batch) copies, not O(buffer)).
+    """
+
+    def __init__(self, shuffle: bool = True):
+        self.shuffle, self.arrays, self.n, self.read = shuffle, {}, 0, 0
+
+    def add(self, part: dict[str, np.ndarray]) -> None:
+        m = len(part["index"])
+        for key, v in part.items():
+            a = self.arrays.get(key)
+            if a is None or len(a) < self.n + m:
+                grown = np.empty((max(2 * (0 if a is None else len(a)), self.n + m), *v.shape[1:]), v.dtype)
+                if a is not None:
+                    grown[:self.n] = a[:self.n]
+                self.arrays[key] = a = grown
+            a[self.n:self.n + m] = v
+        self.n += m
+        self.read += m
+
+    def ready(self, k: int, fill: int) -> bool:
+        return self.n >= k + min(fill, self.read // 2)
+
+    def take(self, k: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """k samples: at random positions (shuffle), else the k oldest."""
+        n, k = self.n, min(k, self.n)
+        sel = np.sort(rng.choice(n, k, replace=False)) if self.shuffle else np.arange(k)
+        out = {key: a[sel] for key, a in self.arrays.items()}
+        if self.shuffle:  # the survivors among the last k rows move into the holes below n - k
+            tail = np.setdiff1d(np.arange(n - k, n), sel, assume_unique=True)
+            holes = sel[sel < n - k]
+            for a in self.arrays.values():
+                a[holes] = a[tail]
+        else:
+            for a in self.arrays.values():
+                a[:n - k] = a[k:n].copy()
+        self.n -= k
+        return out
 
 
 class DirectionStream(torch.utils.data.IterableDataset):
@@ -166,34 +215,41 @@ class DirectionStream(torch.utils.data.IterableDataset):
         x = np.concatenate([self.dataset.images_uint8(slice(s, e)) for s, e in group])
         return {"index": index, "x": x, "y": self.dataset.labels[index]}
 
+    @property
+    def fill(self) -> int:
+        """Samples the shuffle buffer holds beyond the batch it serves (buffer_blocks blocks)."""
+        return self.buffer_blocks * self.block_size
+
+    def _block(self, readers: list[Any], start: int, stop: int) -> dict[str, np.ndarray]:
+        part = self._images([(start, stop)])
+        C, H, W = self.dataset.geometry.shape
+        d = np.empty((stop - start, len(readers), C, H, W), np.int8)
+        for k, r in enumerate(readers):
+            d[:, k] = r.read_directions(start, stop)
+        part["d"] = d
+        return part
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, nworkers = _worker()
         readers = self._readers()
         rng = self._rng(wid)
-        blocks = self._blocks(wid, nworkers)
-        carry: dict[str, np.ndarray] | None = None
-        for g in range(0, len(blocks), self.buffer_blocks):
-            group = blocks[g:g + self.buffer_blocks]
-            buf = self._images(group)
-            C, H, W = self.dataset.geometry.shape
-            d = np.empty((len(buf["index"]), len(readers), C, H, W), np.int8)
-            for k, r in enumerate(readers):
-                d[:, k] = np.concatenate([r.read_directions(s, e) for s, e in group])
-            buf["d"] = d
-            if carry is not None:  # the previous buffer's partial batch goes first
-                buf = {k: np.concatenate([carry[k], v]) for k, v in buf.items()}
-            if self.shuffle:
-                perm = rng.permutation(len(buf["index"]))
-                buf = {k: v[perm] for k, v in buf.items()}
-            n = len(buf["index"])
-            if self.batch_size is None:
-                yield from self._samples(self._augmented(buf, rng))
-                continue
-            last = g + self.buffer_blocks >= len(blocks)
-            stop = n if (last and not self.drop_last) else n - n % self.batch_size
-            for b in range(0, stop, self.batch_size):
-                yield self._tensors(self._augmented({k: v[b:b + self.batch_size] for k, v in buf.items()}, rng))
-            carry = {k: v[stop:] for k, v in buf.items()} if stop < n else None
+        unit = self.batch_size or 64  # samples taken out at a time (yielded one by one without batch_size)
+        buf = ShuffleBuffer(self.shuffle)
+        for start, stop in self._blocks(wid, nworkers):
+            buf.add(self._block(readers, start, stop))
+            while buf.ready(unit, self.fill):
+                yield from self._emit(buf.take(unit, rng), rng)
+        while buf.n:  # the epoch's end: what the buffer holds, in random order
+            if self.batch_size is not None and self.drop_last and buf.n < self.batch_size:
+                return
+            yield from self._emit(buf.take(unit, rng), rng)
+
+    def _emit(self, part: dict[str, np.ndarray], rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+        part = self._augmented(part, rng)
+        if self.batch_size is not None:
+            yield self._tensors(part)
+        else:
+            yield from self._samples(part)
 
     def _augmented(self, part: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         if self.augment == "none":
@@ -223,10 +279,11 @@ class SourceBatches(DirectionStream):
     the epoch (every source gets floor or ceil of nblocks / nsources blocks, in random order),
     so a batch's source is uniform and the share of each source is 1/nsources up to a block.
     A block of a store reads that store's directions only; a SELF block reads none (the model's
-    direction is made online). A buffer's samples are pooled by source, each pool shuffled and
-    cut into batches, the batches of all pools interleaved at random; a pool's partial batch
-    carries into the next buffer. At the end the pools' leftovers are merged into batches whose
-    source is drawn uniformly; their few missing directions are read by index.
+    direction is made online). Each source has its own rolling shuffle buffer (together as
+    large as DirectionStream's one) and a batch is taken from one of them, so the order of
+    sources follows the shuffled blocks. At the end the buffers' full batches come out in
+    random order, then their leftovers merged into batches whose source is drawn uniformly
+    (their few missing directions read by index).
 
     Yields {"index", "x", "y", "source": int, "d": int8 [n_d, C,H,W] of the drawn store (None
     for SELF), "aug": the crop/flip params (or None)}; `n_d` is `adv_rows(n)` (the whole batch
@@ -259,30 +316,22 @@ class SourceBatches(DirectionStream):
         wid, nworkers = _worker()
         readers = self._readers()
         rng = self._rng(wid)
-        blocks = self._blocks(wid, nworkers)
-        sources = self.block_sources()[wid::nworkers]
         bs = self.batch_size
-        pools: dict[int, dict[str, np.ndarray]] = {}
-        for g in range(0, len(blocks), self.buffer_blocks):
-            group, group_src = blocks[g:g + self.buffer_blocks], sources[g:g + self.buffer_blocks]
-            batches: list[tuple[int, dict[str, np.ndarray]]] = []
-            for s in self.sources:
-                mine = [blk for blk, bsrc in zip(group, group_src) if bsrc == s]
-                if not mine:
-                    continue
-                new = self._images(mine)
-                if s != SELF:
-                    new["d"] = np.concatenate([self._read_block(readers[s - 1], a, b) for a, b in mine])
-                pool = new if s not in pools else {k: np.concatenate([pools[s][k], v]) for k, v in new.items()}
-                if self.shuffle:
-                    perm = rng.permutation(len(pool["index"]))
-                    pool = {k: v[perm] for k, v in pool.items()}
-                full = len(pool["index"]) - len(pool["index"]) % bs
-                batches += [(s, {k: v[b:b + bs] for k, v in pool.items()}) for b in range(0, full, bs)]
-                pools[s] = {k: v[full:] for k, v in pool.items()}
-            for j in (rng.permutation(len(batches)) if self.shuffle else range(len(batches))):
-                yield self._source_batch(*batches[j], rng)
-        yield from self._leftovers(pools, readers, rng)
+        # One shuffle buffer per source, together as large as DirectionStream's one.
+        fill = max(bs, self.fill // len(self.sources))
+        pools = {s: ShuffleBuffer(self.shuffle) for s in self.sources}
+        for (start, stop), s in zip(self._blocks(wid, nworkers), self.block_sources()[wid::nworkers]):
+            part = self._images([(start, stop)])
+            if s != SELF:
+                part["d"] = self._read_block(readers[s - 1], start, stop)
+            pools[s].add(part)
+            while pools[s].ready(bs, fill):
+                yield self._source_batch(s, pools[s].take(bs, rng), rng)
+        # The epoch's end: the pools' full batches in random order, then their leftovers merged.
+        while full := [s for s in self.sources if pools[s].n >= bs]:
+            s = full[int(rng.integers(len(full)))] if self.shuffle else full[0]
+            yield self._source_batch(s, pools[s].take(bs, rng), rng)
+        yield from self._leftovers({s: p.take(p.n, rng) for s, p in pools.items() if p.n}, readers, rng)
 
     def _read_block(self, reader: Any, start: int, stop: int) -> np.ndarray:
         """A store's directions of samples [start, stop) (a subclass may stand in for the read)."""

@@ -196,3 +196,23 @@ def test_the_decoders_refuse_pickles_and_need_a_shape(tmp_path):
         list(wds.WebDataset([str(tar)], shardshuffle=False).select(lambda s: "dir.npy.gz" in s)
              .decode(*wds_decoders(), pre=[]))
     assert "needs the store" in why(e.value)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_the_shuffle_buffer_gives_every_sample_back_once(shuffle):
+    from enspipe.stream import ShuffleBuffer
+
+    rng = np.random.default_rng(0)
+    buf = ShuffleBuffer(shuffle)
+    out = []
+    for start in range(0, 1000, 100):
+        idx = np.arange(start, start + 100)
+        buf.add({"index": idx, "x": np.repeat(idx[:, None], 3, axis=1)})
+        while buf.ready(32, fill=150):
+            part = buf.take(32, rng)
+            assert (part["x"] == part["index"][:, None]).all()  # rows stay whole
+            out += part["index"].tolist()
+        assert buf.n <= 32 + 150 + 100
+    out += buf.take(buf.n, rng)["index"].tolist()
+    assert sorted(out) == list(range(1000)) and buf.n == 0
+    assert (out == sorted(out)) == (not shuffle)

@@ -14,31 +14,15 @@ from enspipe.data import create_dataset
 from enspipe.stores import StoreReader, open_store
 from enspipe.train import SELF, BatchStream, TrainConfig, batch_stream, train
 from enspipe.trainkit import epoch_batches
+from run_files import metrics as _metrics
+from run_files import same_weights
+from run_files import steady as _steady
 
 BASE = dict(model="D", dataset="digits", device="cpu", seed=4)
 
 
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _steady(recs: list[dict]) -> list[dict]:
-    """Records without their clock fields (times differ between runs, nothing else may)."""
-    drop = ("time", "seconds", "samples_per_s", "wait_s", "boundary_s")
-    return [{k: v for k, v in r.items() if k not in drop} for r in recs]
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(run / "model.safetensors"))
-
-
 def _same_weights(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+    assert same_weights(a, b)
 
 
 def _killed_after(run: Path, epochs_done: int, to: Path) -> Path:

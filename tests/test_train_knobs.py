@@ -12,35 +12,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from enspipe.config import OptionError
 from enspipe.errors import ConfigError
 from enspipe.schedule import learning_rate
 from enspipe.train import TrainConfig, train
+from run_files import metrics as _metrics
+from run_files import same_weights as _same
+from run_files import steady as _steady
 
 CLI = [sys.executable, "-m", "enspipe"]
 BASE = dict(model="D", dataset="digits", device="cpu", seed=2, limit=256, batch_size=32, log_every=3)
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _steady(recs: list[dict]) -> list[dict]:
-    drop = ("time", "seconds", "samples_per_s", "wait_s", "boundary_s")
-    return [{k: v for k, v in r.items() if k not in drop} for r in recs]
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(run / "model.safetensors"))
-
-
-def _same(a: Path, b: Path) -> bool:
-    wa, wb = _weights(a), _weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_schedules_warmup_and_step_decay():
