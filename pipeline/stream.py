@@ -320,7 +320,7 @@ class SourceBatches(DirectionStream):
         # One shuffle buffer per source, together as large as DirectionStream's one.
         fill = max(bs, self.fill // len(self.sources))
         pools = {s: ShuffleBuffer(self.shuffle) for s in self.sources}
-        for (start, stop), s in zip(self._blocks(wid, nworkers), self.block_sources()[wid::nworkers]):
+        for (start, stop), s in zip(self._blocks(wid, nworkers), self.block_sources()[wid::nworkers].tolist()):
             part = self._images([(start, stop)])
             if s != SELF:
                 part["d"] = self._read_block(readers[s - 1], start, stop)
@@ -378,6 +378,6 @@ class SourceBatches(DirectionStream):
         return {"index": torch.from_numpy(part["index"].astype(np.int64)),
                 "x": torch.from_numpy(np.ascontiguousarray(x)),
                 "y": torch.from_numpy(part["y"].astype(np.int64)),
-                "source": source,
+                "source": int(source),
                 "d": torch.from_numpy(np.ascontiguousarray(d)) if d is not None else None,
                 "aug": torch.from_numpy(aug) if aug is not None else None}

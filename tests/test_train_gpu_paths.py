@@ -91,7 +91,7 @@ def test_the_drawn_store_only_reader_yields_the_stores_directions(two_stores, mo
         seen = []
         for batch in BatchStream(ds, cfg.shards, cfg, epoch=epoch):
             idx, n_adv, src = batch["index"].numpy(), batch["n_adv"], batch["source"]
-            assert n_adv == round(0.75 * len(idx))
+            assert type(src) is int and n_adv == round(0.75 * len(idx))
             sources.add(src)
             seen += idx.tolist()
             if src == SELF:
