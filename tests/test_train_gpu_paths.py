@@ -135,14 +135,14 @@ class _Uneven(torch.utils.data.IterableDataset):
 
 def test_workers_alive_across_epochs_give_each_epoch_a_fresh_loaders_order():
     def loader(stream):
-        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=3)
+        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
 
     fresh = {e: [(b["worker"], b["i"]) for b in loader(_Uneven(e))] for e in range(1, 4)}
     got = {e: [(b["worker"], b["i"]) for b in batches]
-           for e, batches in epoch_batches(_Uneven, loader, range(1, 4), workers=3)}
+           for e, batches in epoch_batches(_Uneven, loader, range(1, 4), workers=2)}
     assert got == fresh
-    capped = {e: len(list(b)) for e, b in epoch_batches(_Uneven, loader, range(1, 4), workers=3, limit=5)}
-    assert capped == {1: 5, 2: 5, 3: 5}
+    capped = {e: len(list(b)) for e, b in epoch_batches(_Uneven, loader, range(1, 4), workers=2, limit=4)}
+    assert capped == {1: 4, 2: 4, 3: 4}
 
 
 def test_persistent_workers_replay_the_data_order_of_a_resumed_run(tmp_path):
