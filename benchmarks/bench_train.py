@@ -176,16 +176,15 @@ class CleanOnlyStream(BatchStream):
     (the draws depend only on the seed and the number of sources), but no direction is read
     or decoded, as in the reference code whose input pipeline is the clean images only."""
 
-    def __init__(self, dataset: SampleSource, store_paths: tuple[str, ...], cfg: TrainConfig, **kw: Any):
-        super().__init__(dataset, (), cfg, **kw)
-        self.num_stores = len(store_paths)
+    def _readers(self) -> list[Any]:
+        return [None] * len(self.stores)  # a source per store, no store opened
 
-    def _batch(self, part: dict[str, np.ndarray], rng: np.random.Generator, nsources: int) -> dict[str, Any]:
-        # BatchStream picks batch["d"] from part["d{k}"]; the online baselines never use it,
-        # so a zero placeholder (no I/O) stands in for each store.
-        shape = (len(part["index"]), *self.dataset.geometry.shape)
-        dummies = {f"d{k}": np.zeros(shape, np.int8) for k in range(self.num_stores)}
-        return super()._batch({**part, **dummies}, rng, 1 + self.num_stores)
+    def _read_block(self, reader: Any, start: int, stop: int) -> np.ndarray:
+        # The online baselines never use batch["d"]: a zero placeholder (no I/O) stands in.
+        return np.zeros((stop - start, *self.dataset.geometry.shape), np.int8)
+
+    def _read_rows(self, reader: Any, indices: list[int]) -> np.ndarray:
+        return np.zeros((len(indices), *self.dataset.geometry.shape), np.int8)
 
 
 def clean_only_stream(dataset: SampleSource, cfg: TrainConfig, epoch: int, rank: int, world: int) -> CleanOnlyStream:

@@ -93,12 +93,26 @@ def cli() -> None:
 @click.option("--adv-weight", type=float, default=1.0, show_default=True,
               help="lambda of Kurakin et al.'s loss (sum clean + lambda * sum adv) / (n_clean + lambda * n_adv) "
                    "(ImageNet: 0.3).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="Weight decay, not on biases and norm weights [0].")
+@click.option("--schedule", type=click.Choice(["step", "cosine"]), default=None,
+              help="step: lr x --lr-decay every --lr-decay-every epochs; cosine: to 0 over the epochs [step].")
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=None, help="Epochs of linear lr warmup [0].")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Keep only the last K epoch checkpoints [all].")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="bf16/fp16: autocast (fp16 with a grad scaler), channels_last on CUDA [fp32].")
+@click.option("--val-limit", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Each epoch, record clean and FGSM error on N held-out test samples in metrics.jsonl.")
+@click.option("--log", type=click.Choice(["csv", "tensorboard"]), multiple=True,
+              help="Also log metrics to metrics.csv or TensorBoard (repeatable).")
 def train(out, resume, **kw) -> None:
     """Train a model: clean, online adversarial (adv) or ensemble adversarial (ens-adv)."""
     from enspipe.config import OptionError, flag_of
     from enspipe.train import TrainConfig, train as run_train
 
     kw["shards"] = tuple(kw["shards"])
+    # Knobs left out take TrainConfig's defaults (declared there once).
+    kw = {k: v for k, v in kw.items() if v is not None}
     try:
         cfg = TrainConfig(**kw)
     except OptionError as e:  # name the field as the user typed it

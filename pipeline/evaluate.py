@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from enspipe.config import OptionError, option
 from enspipe.data import create_dataset
 from enspipe.errors import AttackError, ConfigError
 from enspipe.models import BINARIZED_MASKED_PREFIX, BINARIZED_PREFIX, load_model_for
-from enspipe.runtime import progress, resolve_device, versions, write_json
+from enspipe.runtime import log_line, progress, resolve_device, versions, write_json
 from enspipe.stats import wilson_interval
 
 __all__ = ["EvalConfig", "evaluate", "model_label", "wilson_interval"]
@@ -136,7 +137,10 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
 
     params = cfg.attack_params()
     nb = math.ceil(len(data) / cfg.batch_size)
-    for b in progress(range(nb), desc="evaluate", unit="batch"):
+    # Progress: a bar naming the attack on a terminal; in a log, a line every 30 s and one per attack.
+    spent = dict.fromkeys(cfg.attacks, 0.0)
+    bar = progress(range(nb), desc="evaluate", unit="batch", min_interval=30)
+    for b in bar:
         sl = slice(b * cfg.batch_size, min(len(data), (b + 1) * cfg.batch_size))
         x = data.images(sl).to(device)
         y = torch.as_tensor(data.labels[sl], device=device)
@@ -144,6 +148,8 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
             for t, m in targets.items():
                 clean[t].add(m(x), y)
         for a in cfg.attacks:
+            bar.set_postfix(attack=a)
+            started = time.perf_counter()
             # Seeded per batch, fresh on every call: every target and source draws the same noise.
             attack = attacks.create_attack(a, seed=cfg.seed * 1_000_003 + b, **params[a])
             for t, m in targets.items():
@@ -155,6 +161,11 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
                 with torch.no_grad():
                     for t, m in targets.items():
                         black[t][s][a].add(m(x_adv), y)
+            spent[a] += time.perf_counter() - started
+    for a in cfg.attacks:
+        errors = ", ".join(f"{t} {100 * white[t][a].result()['error']:.1f}%" for t in targets)
+        log_line(f"evaluate {a}: {len(data)} samples in {spent[a]:.1f} s; white-box error {errors}"
+                 + (f"; transferred from {len(sources)} source(s)" if sources else ""))
 
     results: dict[str, Any] = {"config": {**asdict(cfg), "models": list(cfg.models), "sources": list(cfg.sources),
                                           "attacks": list(cfg.attacks), "attack_options": list(cfg.attack_options)},

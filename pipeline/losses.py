@@ -69,5 +69,5 @@ def training_loss(model: nn.Module, logits: Tensor, y: Tensor, batch: dict[str, 
         return adversarial_loss(logits[:k], y[:k], logits[k:], y[k:], cfg.adv_weight)
     # paired: the clean originals of the k adversarial rows, as adversarial_inputs decodes them.
     x_clean = batch["x"][:k].to(logits.device, non_blocking=True).float().div_(255.0)
-    clean_logits = torch.cat([model(x_clean), logits[k:]])
+    clean_logits = torch.cat([model(x_clean).float(), logits[k:]])
     return adversarial_loss(logits[:k], y[:k], clean_logits, y, cfg.adv_weight)

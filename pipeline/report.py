@@ -1,7 +1,8 @@
 """Markdown tables and PNG figures from `evaluate`'s results and `diagnose`'s diagnostics.
 
-`write_report(run_dir)` finds every `results.json` and `diagnostics.json` under run_dir
-and writes `report.md` beside PNG figures. The tables take the paper's forms:
+`write_report(run_dir)` finds every `results.json`, `diagnostics.json` and training run's
+`metrics.jsonl` (per-epoch table, loss / accuracy / validation curves: `enspipe.curves`)
+under run_dir and writes `report.md` beside PNG figures. The tables take the paper's forms:
 
 - transfer matrix (Tables 1, 7, 9): rows targets, columns sources, one per attack; a
   target that is also a source (same name) gets its white-box error on the diagonal (†);
@@ -30,7 +31,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from enspipe import plots
+from enspipe import curves, plots
 from enspipe.errors import ConfigError
 from enspipe.fileio import atomic_write
 from enspipe.paper import PAPER, Paper, paper_value, resolve_paper
@@ -411,8 +412,18 @@ def write_report(run_dir: str | os.PathLike, *, paper: str | Paper | None = None
     table = resolve_paper(paper)
     parts = [f"# {title or 'enspipe report'}: {run_dir.resolve().name}"]
     results_files, diag_files = _find(run_dir, "results.json"), _find(run_dir, "diagnostics.json")
-    if not results_files and not diag_files:
-        parts.append("No results.json or diagnostics.json found under this directory.")
+    runs = _find(run_dir, "metrics.jsonl")
+    if not results_files and not diag_files and not runs:
+        parts.append("No results.json, diagnostics.json or metrics.jsonl found under this directory.")
+    for path in runs:  # training runs: per-epoch table and loss / accuracy / validation curves
+        where = _where(path.parent, run_dir)
+        parts.append(f"## Training: {where}")
+        records = curves.read_metrics(path)
+        if not records:
+            parts.append(f"`{_rel(path, run_dir)}` holds no metrics records yet.")
+            continue
+        fig = curves.plot_training_curves(records, run_dir / f"report-{_slug(where)}-training.png", title=where)
+        parts += [curves.training_markdown(records), f"![training curves]({_rel(fig, run_dir)})"]
     for path in results_files:
         where = _where(path.parent, run_dir)
         res = _read(path)

@@ -1,5 +1,8 @@
 """Training: clean, online single-step adversarial, and ensemble adversarial (§3.4, §4.2).
 
+(Over 400 lines on purpose: the run's configuration, its batches and the one training loop
+read best together; the loop's machinery lives in `enspipe.trainkit`.)
+
 One loop serves the three modes. Per batch an adversarial *source* is drawn:
   clean    no source; the batch is trained as is.
   adv      always the model itself: one online forward+backward to get its direction.
@@ -10,38 +13,51 @@ A fraction (`adv_fraction`, default 1/2) of each batch is replaced by its advers
 version (Kurakin et al. 2017b). Attacks on the model itself use its predicted label, never
 the true one (label leaking, Appendix C.2).
 
-Streaming: the clean images and every store's directions are joined by sample index. A
-`BatchStream` (an IterableDataset run in DataLoader workers) reads contiguous blocks in a
-shuffled block order (the same order for data and stores), shuffles a buffer of blocks in
-memory, draws each batch's source, applies identical crops/flips to image and direction,
+Streaming: the clean images and the stores' directions are joined by sample index. A
+`BatchStream` (`enspipe.stream.SourceBatches` configured by a TrainConfig, run in DataLoader
+workers) reads contiguous blocks in a shuffled block order, draws each block's source before
+reading it so that only the drawn store's directions are read (a batch uses one source),
+shuffles a buffer of blocks in memory, applies identical crops/flips to image and direction,
 and hands the main process ready batches, so the training step never waits on per-sample
-I/O. Data order and source draws depend only on (seed, epoch, rank, worker), so a run
+I/O. The loader's workers live for the whole run and read the next epoch while the current
+one ends. Data order and source draws depend only on (seed, epoch, rank, worker), so a run
 resumed from an epoch checkpoint replays exactly what an uninterrupted run would have.
+
+The step never waits for the GPU: loss, accuracy and the non-finite-loss check accumulate on
+the device and are read every `log_every` steps (a non-finite loss still stops the run before
+any checkpoint holds it). `precision` bf16/fp16 runs the forward passes under autocast (fp16
+with a grad scaler) and, on CUDA, in channels_last.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from enspipe import attacks, losses
-from enspipe.config import option
+from enspipe.config import check, option
 from enspipe.data import SampleSource, create_dataset
 from enspipe.errors import ConfigError, EnspipeError, StoreError
 from enspipe.fileio import atomic_target
 from enspipe.models import EnsModel, load_model_for, save_model
+from enspipe.runlog import LOG_SINKS, RunLog, check_sinks
 from enspipe.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
+from enspipe.schedule import SCHEDULES, learning_rate, param_groups, set_learning_rate
+from enspipe.stream import SELF, SourceBatches
+from enspipe.trainkit import (AutocastModel, CheckpointWriter, FrozenModel, Window, autocast, channels_last,
+                              epoch_batches, memory_format, prune_checkpoints, snapshot, validate)
 
 MODES = ("clean", "adv", "ens-adv")
 OPTIMIZERS = {"adam": 1e-3, "rmsprop": 0.045, "sgd": 0.01}  # default learning rates (paper / reference code)
-SELF = 0  # source id of the model being trained; store i has source id i + 1
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Options that say how a run is carried out or watched, not what it trains: a resumed run may change them.
+RUNTIME_OPTIONS = ("device", "workers", "keep_checkpoints", "val_limit", "log")
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,16 @@ class TrainConfig:
     adv_weight: float = option(1.0, help=(
         "lambda of Kurakin et al.'s loss (sum clean + lambda * sum adv) / (n_clean + lambda * n_adv); "
         "1 weighs every example alike (ImageNet: 0.3)."))
+    # Issues 14 and 17: optimisation knobs, precision, validation and where metrics go.
+    weight_decay: float = option(0.0, minimum=0, help="Weight decay (not on biases and norm weights, as timm); 0: none.")
+    schedule: str = option("step", choices=SCHEDULES,
+                           help="step: lr x lr_decay every lr_decay_every epochs; cosine: to 0 over the epochs.")
+    warmup_epochs: int = option(0, minimum=0, help="Epochs of linear lr warmup (per batch) before the schedule.")
+    keep_checkpoints: int | None = option(None, minimum=1, metavar="K", help="Keep only the last K epoch checkpoints (default: all).")
+    precision: str = option("fp32", choices=PRECISIONS,
+                            help="bf16/fp16: autocast (fp16 with a grad scaler), channels_last on CUDA.")
+    val_limit: int | None = option(None, minimum=1, metavar="N", help="Each epoch, clean and FGSM error on N held-out test samples.")
+    log: tuple[str, ...] = option((), metavar="csv|tensorboard", help="Also log metrics to csv (metrics.csv) or tensorboard (repeatable).")
 
     def __post_init__(self) -> None:
         # Paths are accepted as str or PathLike (precompute() returns Paths); stored as str.
@@ -124,6 +150,19 @@ class TrainConfig:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be at least 1, not {self.limit}")
         losses.check_adv_loss(self.adv_loss, self.adv_weight)
+        object.__setattr__(self, "log", tuple(self.log))
+        check(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "weight_decay",
+              f"must be 0 or more, not {self.weight_decay}")
+        check(self.schedule in SCHEDULES, "schedule", f"must be step or cosine, not {self.schedule!r}")
+        check(self.warmup_epochs >= 0, "warmup_epochs", f"must be 0 or more, not {self.warmup_epochs}")
+        check(self.schedule != "cosine" or self.warmup_epochs < self.epochs, "warmup_epochs",
+              f"must be fewer than --epochs ({self.epochs}) with the cosine schedule, not {self.warmup_epochs}")
+        check(self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints",
+              f"must be at least 1, not {self.keep_checkpoints}")
+        check(self.precision in PRECISIONS, "precision", f"must be fp32, bf16 or fp16, not {self.precision!r}")
+        check(self.val_limit is None or self.val_limit >= 1, "val_limit", f"must be at least 1, not {self.val_limit}")
+        for sink in self.log:
+            check(sink in LOG_SINKS, "log", f"must be csv or tensorboard, not {sink!r}")
 
     @property
     def learning_rate(self) -> float:
@@ -131,7 +170,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["shards"] = list(self.shards)
+        d["shards"], d["log"] = list(self.shards), list(self.log)
         return d
 
     @classmethod
@@ -146,6 +185,7 @@ class TrainConfig:
             raise ConfigError(f"unknown training option(s): {', '.join(sorted(unknown))}")
         d = dict(d)
         d["shards"] = tuple(d.get("shards", ()))
+        d["log"] = tuple(d.get("log", ()))
         return cls(**d)
 
 
@@ -169,92 +209,31 @@ def _draw_eps(rng: np.random.Generator, n: int, eps: float, dist: str) -> np.nda
     return out.astype(np.float32)
 
 
-def _augment(rng: np.random.Generator, n: int, mode: str, pad: int) -> np.ndarray:
-    """Per-sample (dy, dx, flip): a crop offset into the zero-padded image and a flip flag."""
-    params = np.zeros((n, 3), dtype=np.int64)
-    params[:, :2] = rng.integers(0, 2 * pad + 1, size=(n, 2)) if "crop" in mode else pad
-    if "flip" in mode:
-        params[:, 2] = rng.random(n) < 0.5
-    return params
-
-
-def _apply_augment(a: np.ndarray, params: np.ndarray, pad: int) -> np.ndarray:
-    """Apply per-sample crops/flips to `a` [n, C, H, W]; the same params give the same
-    transform on an image and on its direction."""
-    n, _, h, w = a.shape
-    padded = np.pad(a, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    out = np.empty_like(a)
-    for i, (dy, dx, flip) in enumerate(params):
-        crop = padded[i, :, dy:dy + h, dx:dx + w]
-        out[i] = crop[..., ::-1] if flip else crop
-    return out
-
-
-class BatchStream(torch.utils.data.IterableDataset):
-    """Yields ready batches: clean pixels, labels, the drawn source and its directions."""
+class BatchStream(SourceBatches):
+    """The trainer's batches: `SourceBatches` as a TrainConfig asks (stores only in ens-adv,
+    where each block's source is drawn from the model itself + the stores), and per batch
+    `n_adv` (the leading samples to perturb, `adv_fraction` of it; 0 in clean mode) and
+    their `eps` (fixed, or drawn per example). Only the first n_adv rows of the drawn
+    store's directions are handed on (`d`)."""
 
     def __init__(self, dataset: SampleSource, store_paths: tuple[str, ...], cfg: TrainConfig, *,
                  epoch: int, rank: int = 0, world_size: int = 1, full_batches_only: bool = False):
-        self.dataset, self.store_paths, self.cfg = dataset, store_paths, cfg
-        self.epoch, self.rank, self.world_size = epoch, rank, world_size
-        self.full_batches_only = full_batches_only
+        self.cfg = cfg
+        super().__init__(dataset, store_paths if cfg.mode == "ens-adv" else (), batch_size=cfg.batch_size,
+                         seed=cfg.seed, epoch=epoch, block_size=cfg.block_size, buffer_blocks=cfg.buffer_blocks,
+                         augment=cfg.augment, crop_padding=cfg.crop_padding, rank=rank, world_size=world_size,
+                         drop_last=full_batches_only, check=False)
+        self.store_paths = self.stores
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        from enspipe.stores import open_store
+    def adv_rows(self, n: int) -> int:
+        return 0 if self.cfg.mode == "clean" else max(1, int(round(self.cfg.adv_fraction * n)))
 
-        cfg = self.cfg
-        info = torch.utils.data.get_worker_info()
-        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        # Readers are opened inside the worker: file handles do not cross processes.
-        readers = [open_store(p) for p in self.store_paths]
-        blocks = block_ranges(len(self.dataset), cfg.block_size, seed=cfg.seed, epoch=self.epoch,
-                              rank=self.rank, world_size=self.world_size)[wid::nworkers]
-        rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, wid, 0x5EED])
-        nsources = 1 + len(readers) if cfg.mode == "ens-adv" else 1
-        carry: dict[str, np.ndarray] | None = None
-        for g in range(0, len(blocks), cfg.buffer_blocks):
-            group = blocks[g:g + cfg.buffer_blocks]
-            buf = {
-                "index": np.concatenate([np.arange(s, e) for s, e in group]),
-                "x": np.concatenate([self.dataset.images_uint8(slice(s, e)) for s, e in group]),
-            }
-            buf["y"] = self.dataset.labels[buf["index"]]
-            for k, r in enumerate(readers):
-                buf[f"d{k}"] = np.concatenate([r.read_directions(s, e) for s, e in group])
-            if carry is not None:  # leftovers of the previous buffer go first
-                buf = {k: np.concatenate([carry[k], v]) for k, v in buf.items()}
-            perm = rng.permutation(len(buf["index"]))
-            buf = {k: v[perm] for k, v in buf.items()}
-            last = g + cfg.buffer_blocks >= len(blocks)
-            n = len(buf["index"])
-            stop = n if (last and not self.full_batches_only) else n - n % cfg.batch_size
-            for b in range(0, stop, cfg.batch_size):
-                yield self._batch({k: v[b:b + cfg.batch_size] for k, v in buf.items()}, rng, nsources)
-            carry = {k: v[stop:] for k, v in buf.items()} if stop < n else None
-
-    def _batch(self, part: dict[str, np.ndarray], rng: np.random.Generator, nsources: int) -> dict[str, Any]:
-        cfg = self.cfg
-        n = len(part["index"])
-        source = SELF if cfg.mode != "ens-adv" else int(rng.integers(0, nsources))
-        n_adv = 0 if cfg.mode == "clean" else max(1, int(round(cfg.adv_fraction * n)))
-        x = part["x"]
-        d = part[f"d{source - 1}"][:n_adv] if source != SELF else None
-        aug = None
-        if cfg.augment != "none":
-            aug = _augment(rng, n, cfg.augment, cfg.crop_padding)
-            x = _apply_augment(x, aug, cfg.crop_padding)
-            if d is not None:
-                d = _apply_augment(d, aug[:n_adv], cfg.crop_padding)
-        return {
-            "index": torch.from_numpy(part["index"].astype(np.int64)),
-            "x": torch.from_numpy(np.ascontiguousarray(x)),
-            "y": torch.from_numpy(part["y"].astype(np.int64)),
-            "source": source,
-            "n_adv": n_adv,
-            "eps": torch.from_numpy(_draw_eps(rng, n_adv, cfg.eps, cfg.eps_dist)),
-            "d": torch.from_numpy(np.ascontiguousarray(d)) if d is not None else None,
-            "aug": torch.from_numpy(aug) if aug is not None else None,
-        }
+    def _source_batch(self, source: int, part: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
+        batch = super()._source_batch(source, part, rng)
+        n_adv = self.adv_rows(len(batch["index"]))
+        batch["n_adv"] = n_adv
+        batch["eps"] = torch.from_numpy(_draw_eps(rng, n_adv, self.cfg.eps, self.cfg.eps_dist))
+        return batch
 
 
 def adversarial_inputs(model: torch.nn.Module, batch: dict[str, Any], cfg: TrainConfig,
@@ -262,16 +241,16 @@ def adversarial_inputs(model: torch.nn.Module, batch: dict[str, Any], cfg: Train
     """The inputs the step trains on: the first n_adv samples replaced by x_adv.
 
     Returns (x, y, online) where `online` says whether the model itself was attacked."""
-    x = batch["x"].to(device, non_blocking=True).float().div_(255.0)
+    x = memory_format(batch["x"].to(device, non_blocking=True).float().div_(255.0), cfg.precision, device)
     y = batch["y"].to(device, non_blocking=True)
     n_adv = batch["n_adv"]
     if n_adv == 0:
         return x, y, False
-    eps = batch["eps"].to(device)
+    eps = batch["eps"].to(device, non_blocking=True)
     if batch["source"] == SELF:
         # Online pass on the model being trained, in its training mode as the reference
         # code did (B's input dropout then diversifies the perturbations, Appendix C.2).
-        d, _, _ = attacks.direction(model, x[:n_adv], attack=cfg.attack, label="pred")
+        d, _, _ = attacks.direction(AutocastModel.wrap(model, cfg.precision, device), x[:n_adv], attack=cfg.attack, label="pred")
     else:
         d = batch["d"].to(device, non_blocking=True)
     x_adv = attacks.apply_direction(x[:n_adv], d, eps)
@@ -285,7 +264,9 @@ def adversarial_inputs(model: torch.nn.Module, batch: dict[str, Any], cfg: Train
 # identity). Benchmarks and later streams plug in here instead of patching module globals.
 
 StreamFactory = Callable[[SampleSource, TrainConfig, int, int, int], torch.utils.data.IterableDataset]
-"""(dataset, cfg, epoch, rank, world) -> the epoch's batches for this rank, as BatchStream yields them."""
+"""(dataset, cfg, epoch, rank, world) -> the epoch's batches for this rank, as BatchStream yields them.
+With cfg.workers > 0 every epoch's stream is made when training starts (the loader's workers
+read them in turn); with 0, each when its epoch starts."""
 AdversarialFn = Callable[[torch.nn.Module, dict[str, Any], TrainConfig, torch.device],
                          tuple[torch.Tensor, torch.Tensor, bool]]
 """(model, batch, cfg, device) -> (x, y, online), as adversarial_inputs."""
@@ -303,11 +284,15 @@ def batch_stream(dataset: SampleSource, cfg: TrainConfig, epoch: int, rank: int 
 
 def batch_loader(stream: torch.utils.data.IterableDataset, cfg: TrainConfig,
                  device: torch.device) -> torch.utils.data.DataLoader:
-    """The DataLoader train() runs an epoch's stream in: the stream yields whole batches,
-    `cfg.workers` processes build them ahead of the step."""
+    """The DataLoader train() reads its batches through: the stream yields whole batches,
+    `cfg.workers` processes build them ahead of the step into pinned memory (CUDA). train()
+    iterates it once over all its epochs, so its workers persist across epochs. The loader
+    seeds its workers from its own generator: making one never draws from the training RNG,
+    so a resumed run (which makes its loader at another epoch) keeps the RNG stream."""
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                        pin_memory=device.type == "cuda", persistent_workers=False,
-                                       prefetch_factor=4 if cfg.workers else None)
+                                       prefetch_factor=4 if cfg.workers else None,
+                                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
 # --- The run ------------------------------------------------------------------------------
@@ -377,6 +362,10 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
           adversarial: AdversarialFn | None = None) -> TrainResult:
     """Train `cfg.model` on `cfg.dataset` into `run_dir` (see the module docstring).
 
+    `resume` continues the run from its last epoch checkpoint, with the same configuration
+    except the runtime options (RUNTIME_OPTIONS) and `epochs`: a larger `epochs` extends a
+    finished run (see `enspipe.schedule` for what the schedule then does).
+
     The seams (none of them is recorded in config.json, so a resumed run may differ in them):
       stream_factory(dataset, cfg, epoch, rank, world) -> the IterableDataset of the epoch's
           batches (default `batch_stream`: the BatchStream over cfg.shards);
@@ -406,36 +395,50 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             dist.destroy_process_group()
 
 
+def _resume_history(cfg: TrainConfig, config_path: Path, run_dir: Path) -> list[dict[str, int]]:
+    """Refuse to resume with another configuration; return the run's epochs history."""
+    saved = read_json(config_path)
+    # Options added since the run was started compare at their defaults.
+    old = {**TrainConfig.defaults(), **saved.get("train", {})}
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in (*RUNTIME_OPTIONS, "epochs")}
+    diff = [k for k, v in mine.items() if old.get(k) != v]
+    if diff:
+        raise ConfigError(f"--resume: {run_dir} was trained with another configuration "
+                          f"(differs in: {', '.join(diff)})")
+    return saved.get("epochs_history") or [{"epochs": old["epochs"], "from_epoch": 0}]
+
+
 def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: int, device: torch.device,
            stream_factory: StreamFactory, on_metrics: MetricsFn | None, adversarial: AdversarialFn) -> TrainResult:
     config_path = run_dir / "config.json"
     # Resolved before anything else: config.json records the attack actually used, and a
     # resumed run compares resolved configurations.
     cfg = replace(cfg, attack=resolve_attack(cfg.shards, cfg.attack))
+    check_sinks(cfg.log)
     if resume and not config_path.exists():
         # Killed before it wrote anything: re-running with --resume starts it (so a requeue
         # loop that always passes --resume recovers from every kill point).
         resume = False
+    history: list[dict[str, int]] = []
     if resume:
-        # Options added since the run was started compare at their defaults.
-        old = {**TrainConfig.defaults(), **read_json(config_path).get("train", {})}
-        mine = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "workers")}
-        diff = [k for k, v in mine.items() if old.get(k) != v]
-        if diff:
-            raise ConfigError(f"--resume: {run_dir} was trained with another configuration "
-                              f"(differs in: {', '.join(diff)})")
+        history = _resume_history(cfg, config_path, run_dir)
     elif config_path.exists() and _checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
 
     dataset = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
                              image_size=cfg.image_size)
     stores = _check_stores(dataset, cfg.shards)
+    val = (create_dataset(cfg.dataset, split="test", limit=cfg.val_limit, data_root=cfg.data_root,
+                          image_size=cfg.image_size) if cfg.val_limit else None)
     seed_everything(cfg.seed)
     model = load_model_for(cfg.model, dataset, device, weights=cfg.weights, new_head=cfg.new_head).train()
     if not isinstance(model, EnsModel):  # "binarized:SPEC" is an evaluation baseline, not a trainable model
         raise ConfigError(f"--model {cfg.model} cannot be trained; name a model, run dir or checkpoint")
+    if channels_last(cfg.precision, device):
+        model = model.to(memory_format=torch.channels_last)
     optimizer = _make_optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_decay_every, gamma=cfg.lr_decay)
+    # fp16 needs loss scaling (its gradients underflow); bf16 has fp32's range and does not.
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
 
     start_epoch, step = 0, 0
     if resume and (ckpts := _checkpoints(run_dir)):
@@ -446,94 +449,147 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                                "delete it to resume from the one before") from None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
-    if resume and start_epoch >= cfg.epochs and rank == 0:
+    if start_epoch > cfg.epochs:
+        raise ConfigError(f"--resume: {run_dir} has {start_epoch} epochs done, more than --epochs {cfg.epochs}")
+    if resume and start_epoch == cfg.epochs and rank == 0:
         # Killed between the last checkpoint and its model files: write them from it.
         _save_final(run_dir, model, dataset, cfg, start_epoch - 1)
+    if not history or history[-1]["epochs"] != cfg.epochs:
+        history = [*history, {"epochs": cfg.epochs, "from_epoch": start_epoch}]
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(config_path, {"train": cfg.to_dict(), "run_dir": str(run_dir), "world_size": world,
                                  "device": str(device), "dataset": dataset.identity(), "stores": stores,
-                                 "model": model.config.to_dict(), "versions": versions()})
+                                 "model": model.config.to_dict(), "versions": versions(),
+                                 "epochs_history": history})
 
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
-
-    def log_metrics(rec: dict[str, Any]) -> None:
-        if metrics:
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
-        if on_metrics is not None:
-            on_metrics(rec)
-
+    # Records after the checkpoint's step were made by a killed run; they are made again.
+    log = RunLog(run_dir, sinks=cfg.log, write=rank == 0, resume_step=step, on_metrics=on_metrics)
+    writer = CheckpointWriter()
     per_rank = _batches_per_rank(len(dataset), cfg, world) if world > 1 else None
+    nbatches = per_rank or math.ceil(len(dataset) / world / cfg.batch_size)
+    epochs_bar = progress(total=cfg.epochs, initial=start_epoch, desc=f"train {run_dir.name}", unit="epoch",
+                          bar=False, disable=None if rank == 0 else True)
     totals = {"online_passes": 0, "batches": 0, "samples": 0}
+    schedule = dict(schedule=cfg.schedule, batches=nbatches, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                    lr_decay=cfg.lr_decay, lr_decay_every=cfg.lr_decay_every)
+    # The epochs' batches: read, shuffled, source-drawn and augmented ahead of the step (in
+    # cfg.workers processes that live for the whole run) in an order fixed by (seed, epoch,
+    # rank), so that a resumed run replays exactly what an uninterrupted one would have.
+    epochs = epoch_batches(lambda e: stream_factory(dataset, cfg, e, rank, world),
+                           lambda stream: batch_loader(stream, cfg, device),
+                           range(start_epoch, cfg.epochs), cfg.workers, per_rank)
+    ended = None  # when the previous epoch's work was done: its boundary is the time to this epoch's first batch
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            # The epoch's batches, read, shuffled, source-drawn and augmented ahead of the step
-            # (in cfg.workers processes) in an order fixed by (seed, epoch, rank), so that a
-            # resumed run replays exactly what an uninterrupted one would have.
-            loader = batch_loader(stream_factory(dataset, cfg, epoch, rank, world), cfg, device)
-            nbatches = per_rank or math.ceil(len(dataset) / world / cfg.batch_size)
-            window = _Window(1 + len(cfg.shards))
+        for epoch, batches in epochs:
+            window = Window(1 + len(cfg.shards), device)
             model.train()
-            bar = progress(total=nbatches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                           disable=None if rank == 0 else True)
+            bar = progress(total=nbatches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", lines=False,
+                           leave=True, disable=None if rank == 0 else True)
             order: list[torch.Tensor] = []
-            for i, batch in enumerate(loader):
-                if per_rank is not None and i >= per_rank:
-                    break
+            records: list[dict[str, Any]] = []
+            asked = time.perf_counter()
+            for i, batch in enumerate(batches):
+                window.wait += time.perf_counter() - asked
+                if i == 0 and ended is not None:
+                    window.boundary = time.perf_counter() - ended
                 if cfg.record_indices:
                     order.append(batch["index"])
+                lr = learning_rate(cfg.learning_rate, epoch=epoch, batch=i, **schedule)
+                set_learning_rate(optimizer, lr)
                 # The inputs: a share of the batch replaced by x_adv, from a stored direction or,
                 # when the model itself is the drawn source, from an online pass.
                 x, y, online = adversarial(model, batch, cfg, device)
-                # Forward; a non-finite loss stops the run before it can reach a checkpoint.
-                logits = net(x)
-                loss = losses.training_loss(model, logits, y, batch, cfg)
-                if not torch.isfinite(loss):
-                    last = _checkpoints(run_dir)
-                    raise EnspipeError(
-                        f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; stopping "
-                        + (f"(last good checkpoint: {last[-1]})" if last else "(no checkpoint yet)")
-                        + "; try a lower --lr")
-                # Backward and step.
+                x = memory_format(x, cfg.precision, device)
+                # Forward at the run's precision, the loss in fp32. A non-finite loss is caught at
+                # the next metrics line (no host sync per step), before any checkpoint holds it.
+                with autocast(cfg.precision, device):
+                    logits = net(x).float()
+                    # Inside autocast: the paired loss runs a second (clean) forward pass.
+                    loss = losses.training_loss(model, logits, y, batch, cfg)
+                # Backward and step (fp16: through the grad scaler).
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                 step += 1
-                # Bookkeeping: a metrics record every log_every steps.
-                window.add(batch, loss.item(), (logits.argmax(1) == y).float().mean().item(), online)
+                # Bookkeeping, on the device: a metrics record every log_every steps.
+                window.add(batch, loss, logits, y, online, step)
                 totals["online_passes"] += int(online)
                 totals["batches"] += 1
                 totals["samples"] += len(y)
                 bar.update(1)
                 if step % cfg.log_every == 0:
-                    rec = window.flush(epoch, step, scheduler.get_last_lr()[0])
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['accuracy']:.3f}",
-                                    sps=f"{rec['samples_per_s']:.0f}")
-                    log_metrics(rec)
+                    records.append(_flush(window, epoch, step, lr, run_dir, writer))
+                    bar.set_postfix(loss=records[-1]["loss"], acc=records[-1]["accuracy"],
+                                    sps=round(records[-1]["samples_per_s"]))
+                    log.write(records[-1])
+                asked = time.perf_counter()
             bar.close()
             # End of the epoch: the sample order (audits), the last partial window (every rank
-            # hears its records; rank 0 writes them), and the checkpoint --resume continues from.
+            # hears its records; rank 0 writes them), the held-out errors, and the checkpoint
+            # --resume continues from (written in the background while the next epoch runs).
             if cfg.record_indices:
                 (run_dir / "indices").mkdir(parents=True, exist_ok=True)
                 np.save(run_dir / "indices" / f"rank{rank}-epoch{epoch:04d}.npy", torch.cat(order).numpy())
             if window.batches:
-                log_metrics(window.flush(epoch, step, scheduler.get_last_lr()[0]))
-            scheduler.step()
+                records.append(_flush(window, epoch, step, lr, run_dir, writer))
+                log.write(records[-1])
+            ended = time.perf_counter()  # the device is drained (the flush read it): from here it waits
+            summary = _epoch_summary(records)
+            if val is not None and rank == 0:
+                v = validate(model, val, eps=cfg.eps, device=device, forward=lambda m: AutocastModel.wrap(m, cfg.precision, device))
+                log.write({"kind": "val", "epoch": epoch + 1, "step": step, **v})
+                summary.update(val_clean_error=round(v["clean_error"], 4), val_fgsm_error=round(v["fgsm_error"], 4))
+            epochs_bar.update(1, **summary)
             if rank == 0:
-                _save_epoch(run_dir, model, optimizer, scheduler, epoch, step, dataset, cfg, device)
+                writer.submit(_checkpoint_job(run_dir, model, optimizer, scaler, epoch, step, dataset, cfg, device))
+        writer.wait()
     finally:
-        if metrics:
-            metrics.close()
+        writer.close()
+        log.close()
+        epochs_bar.close()
     return TrainResult(run_dir, cfg.epochs, totals)
+
+
+def _flush(window: Window, epoch: int, step: int, lr: float, run_dir: Path, writer: CheckpointWriter) -> dict[str, Any]:
+    """The window's metrics record; a non-finite loss in it stops the run here, before the
+    epoch's checkpoint could keep its weights."""
+    rec = window.flush(epoch, step, lr)
+    if "nonfinite" in rec:
+        writer.close()
+        last = _checkpoints(run_dir)
+        bad = rec["nonfinite"]
+        raise EnspipeError(
+            f"loss became {bad['loss']} at epoch {epoch + 1} step {bad['step']}; stopping "
+            + (f"(last good checkpoint: {last[-1]})" if last else "(no checkpoint yet)")
+            + "; try a lower --lr")
+    return rec
+
+
+def _epoch_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch's line: its windows' sample-weighted loss and accuracy, its rate."""
+    samples = sum(r["samples"] for r in records)
+    seconds = sum(r["seconds"] for r in records)
+    if not samples:
+        return {}
+    return {"loss": round(sum(r["loss"] * r["samples"] for r in records) / samples, 4),
+            "accuracy": round(sum(r["accuracy"] * r["samples"] for r in records) / samples, 4),
+            "samples/s": round(samples / max(seconds, 1e-9)),
+            "online": f"{sum(r['online_passes'] for r in records)}/{sum(r['batches'] for r in records)}"}
 
 
 def _batches_per_rank(n: int, cfg: TrainConfig, world: int) -> int:
@@ -552,7 +608,7 @@ def _batches_per_rank(n: int, cfg: TrainConfig, world: int) -> int:
 
 
 def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = model.parameters()
+    params = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.learning_rate)
     if cfg.optimizer == "rmsprop":
@@ -561,67 +617,42 @@ def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=0.9)
 
 
-def _save_epoch(run_dir: Path, model: EnsModel, optimizer, scheduler, epoch: int, step: int,
-                dataset: SampleSource, cfg: TrainConfig, device: torch.device) -> None:
-    ckdir = run_dir / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
+def _checkpoint_job(run_dir: Path, model: EnsModel, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None, epoch: int, step: int, dataset: SampleSource,
+                    cfg: TrainConfig, device: torch.device) -> Callable[[], None]:
+    """Copy this moment's state (the live tensors change as soon as the next epoch starts) and
+    return the job that writes it: the epoch checkpoint, then the model files beside it."""
+    frozen = FrozenModel(model)
     state = {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "model": frozen.state_dict(),
+        "optimizer": snapshot(optimizer.state_dict()),
         "rng_cpu": torch.get_rng_state(),
         "epoch": epoch,
         "step": step,
     }
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(device)
-    path = ckdir / f"epoch-{epoch:04d}.pt"
-    try:
-        with atomic_target(path) as tmp:
-            torch.save(state, tmp)
-    except RuntimeError as e:
-        # torch reports a failed write (e.g. a full disk) as RuntimeError: free the space,
-        # keep the previous checkpoint, and say what happened in one line.
-        raise EnspipeError(f"could not write checkpoint {path} ({str(e).splitlines()[0]}); "
-                           "free space and re-run with --resume") from None
-    _save_final(run_dir, model, dataset, cfg, epoch)
+    path = run_dir / "checkpoints" / f"epoch-{epoch:04d}.pt"
+
+    def write() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with atomic_target(path) as tmp:
+                torch.save(state, tmp)
+        except RuntimeError as e:
+            # torch reports a failed write (e.g. a full disk) as RuntimeError: free the space,
+            # keep the previous checkpoint, and say what happened in one line.
+            raise EnspipeError(f"could not write checkpoint {path} ({str(e).splitlines()[0]}); "
+                               "free space and re-run with --resume") from None
+        _save_final(run_dir, frozen, dataset, cfg, epoch)  # type: ignore[arg-type]
+        prune_checkpoints(_checkpoints(run_dir), cfg.keep_checkpoints)
+
+    return write
 
 
 def _save_final(run_dir: Path, model: EnsModel, dataset: SampleSource, cfg: TrainConfig, epoch: int) -> None:
     save_model(model, run_dir, classes=list(dataset.classes), provenance={
         "trained_by": "enspipe train", "mode": cfg.mode, "epochs_done": epoch + 1,
         "dataset": dataset.identity(), "shards": list(cfg.shards), "seed": cfg.seed})
-
-
-class _Window:
-    """Running metrics between two log lines."""
-
-    def __init__(self, nsources: int):
-        self.nsources = nsources
-        self._reset()
-
-    def _reset(self) -> None:
-        self.t0, self.batches, self.samples = time.perf_counter(), 0, 0
-        self.loss = self.correct = 0.0
-        self.online = 0
-        self.sources = [0] * self.nsources
-
-    def add(self, batch: dict[str, Any], loss: float, acc: float, online: bool) -> None:
-        n = len(batch["y"])
-        self.batches += 1
-        self.samples += n
-        self.loss += loss * n
-        self.correct += acc * n
-        self.online += int(online)
-        if batch["n_adv"]:
-            self.sources[batch["source"]] += 1
-
-    def flush(self, epoch: int, step: int, lr: float) -> dict[str, Any]:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        rec = {"epoch": epoch + 1, "step": step, "loss": self.loss / max(self.samples, 1),
-               "accuracy": self.correct / max(self.samples, 1), "batches": self.batches,
-               "samples": self.samples, "seconds": dt,
-               "source_counts": self.sources, "online_passes": self.online,
-               "samples_per_s": self.samples / dt, "lr": lr}
-        self._reset()
-        return rec

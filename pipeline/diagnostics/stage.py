@@ -61,7 +61,7 @@ def diagnose(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, *, eps: floa
     eps * (4, 10, 16)/16, Figure 2's ratios) on the first `subspace_points` points (all by
     default). Models are put in eval mode. Returns the JSON content plus `path`.
     """
-    from enspipe.runtime import versions, write_json
+    from enspipe.runtime import progress, versions, write_json
 
     _check_attacks(single, iterative)
     if not models:
@@ -84,9 +84,17 @@ def diagnose(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, *, eps: floa
         "versions": versions(), "models": {}, "figures": {},
     }
     subspaces: dict[str, Any] = {}
+    # One bar step (a log line when stderr is a file) per measurement of each model.
+    bar = progress(total=len(models) * (4 if len(xs_sub) else 3), desc="diagnose", unit="diagnostic")
     for i, (name, model) in enumerate(models.items()):
+        bar.set_postfix(model=name, measure=f"{single}/{iterative} ratio and cosine")
         pair = _attack_pair(model, x, y, eps=eps, single=single, iterative=iterative, steps=steps,
                             seed=seed, batch_size=batch_size)
+        bar.update(1)
+        bar.set_postfix(measure="gradient norm")
+        grad_norm = input_gradient_norm(model, x, y, batch_size=batch_size)
+        bar.update(1)
+        bar.set_postfix(measure="loss surface")
         cos = pair["cosine"].double()
         if other is not None:
             direction, source = other, other_name
@@ -101,23 +109,27 @@ def diagnose(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, *, eps: floa
         fig_surface = f"loss_surface-{_slug(name)}.png"
         plot_loss_surface(surface, out / fig_surface, points=surface_points,
                           title=f"{name}: loss on x + ε1·sign(g) + ε2·g⊥ (g⊥ from {source})")
+        bar.update(1)
         # subspace_points=0 skips the subspace count (the costliest measurement: one
         # forward per direction, sum(ks) directions per point and eps).
         subspace = None
         if len(xs_sub):
+            bar.set_postfix(measure="adversarial subspace")
             subspace = count_adversarial_directions(model, xs_sub, ys_sub, eps=sub_eps, ks=ks, seed=seed,
                                                     batch_size=max(batch_size, max(ks)))
             subspaces[name] = subspace
+            bar.update(1)
         report["models"][name] = {
             "approximation_ratio": {**_ratio_from(pair), "single": single, "iterative": iterative},
             "cosine": {"mean": float(cos.mean()), "std": float(cos.std()) if len(cos) > 1 else 0.0},
-            "gradient_norm": input_gradient_norm(model, x, y, batch_size=batch_size),
+            "gradient_norm": grad_norm,
             "loss_surface": {"other": source, "eps1": _round(surface["eps1"]),
                              "eps2": _round(surface["eps2"]), "loss": _round(surface["loss"]),
                              "orthogonal": surface["orthogonal"]},
             **({"subspace": subspace} if subspace is not None else {}),
             "figures": {"loss_surface": fig_surface},
         }
+    bar.close()
     if subspaces:
         plot_subspace(subspaces, out / "subspace.png")
         report["figures"]["subspace"] = "subspace.png"

@@ -30,7 +30,8 @@ no store exists yet, else the store's validated manifest (`complete`, `extra`, .
 
 The rooms: `manifest` (identity, schemas, manifest and shard records), `base` (writer and
 reader base classes, the `Backend` protocol), `registry` (format -> backend), `open`
-(create / open), `listing` (ls), `verify`; `zarr_store` and `wds_store` are the backends.
+(create / open), `listing` (ls), `verify`; `zarr_store` and `wds_store` are the backends;
+`wds_decode` has the handlers that read a wds store with plain webdataset (`wds_decoders`).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ from .manifest import (
 from .open import create_store, open_store, open_writer
 from .registry import BACKENDS, get_backend
 from .verify import VerifyReport, verify_store
+from .wds_decode import wds_decoders
 
 __all__ = [
     "BACKENDS",
@@ -70,4 +72,5 @@ __all__ = [
     "store_info",
     "store_path",
     "verify_store",
+    "wds_decoders",
 ]

@@ -1,0 +1,296 @@
+"""The training loop's machinery, kept out of `enspipe.train` so the loop stays one visible loop:
+epochs of batches from loader workers that live for the whole run, running metrics kept on
+the device, checkpoints written in the background, the held-out validation.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from enspipe.errors import EnspipeError
+
+__all__ = ["AutocastModel", "CheckpointWriter", "EpochChain", "FrozenModel", "Window", "autocast", "channels_last",
+           "epoch_batches", "memory_format", "prune_checkpoints", "snapshot", "validate"]
+
+
+# --- precision --------------------------------------------------------------------------------
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward passes' autocast for a run's precision (nothing for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def channels_last(precision: str, device: torch.device) -> bool:
+    # Tensor cores read NHWC: channels_last with reduced precision is what CUDA users run.
+    return device.type == "cuda" and precision != "fp32"
+
+
+def memory_format(x: torch.Tensor, precision: str, device: torch.device) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and channels_last(precision, device) else x
+
+
+class AutocastModel:
+    """A model under a precision's autocast, returning fp32 logits. The attacks switch autocast
+    off (an fp16 gradient could underflow); a model called through this wrapper switches it
+    back on for its own forward, so the online pass runs at the run's precision."""
+
+    def __init__(self, model: torch.nn.Module, precision: str, device: torch.device):
+        self.model, self.precision, self.device = model, precision, device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.precision, self.device):
+            return self.model(x).float()
+
+    @classmethod
+    def wrap(cls, model: torch.nn.Module, precision: str, device: torch.device) -> Any:
+        return model if precision == "fp32" else cls(model, precision, device)
+
+
+# --- epochs of batches ----------------------------------------------------------------------
+
+class EpochChain(torch.utils.data.IterableDataset):
+    """Several epochs' streams as one, so one set of loader workers serves the whole run and
+    starts reading the next epoch while the current one ends (no idle GPU at the boundary).
+
+    Each batch is tagged with its epoch, its worker and its number within that worker's epoch,
+    and each worker ends each epoch with a marker holding its batch count: `epoch_batches`
+    puts the batches back in the order a fresh per-epoch loader would give them."""
+
+    def __init__(self, streams: Sequence[torch.utils.data.IterableDataset], first_epoch: int):
+        self.streams, self.first_epoch = list(streams), first_epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info else 0
+        for k, stream in enumerate(self.streams):
+            e, n = self.first_epoch + k, 0
+            for batch in stream:
+                yield {**batch, "_epoch": e, "_worker": wid, "_seq": n}
+                n += 1
+            yield {"_epoch": e, "_worker": wid, "_end": n}
+
+
+class _Reorder:
+    """Takes a tagged multi-epoch stream apart into epochs, each in canonical order: round robin
+    over the workers by batch number, skipping a worker once its epoch is done (a DataLoader's
+    order). Batches that arrive early (a fast worker already in the next epoch) wait here."""
+
+    def __init__(self, it: Iterator[dict[str, Any]], workers: int):
+        self.it, self.workers = it, workers
+        self.pending: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self.ends: dict[tuple[int, int], int] = {}
+
+    def _pull(self) -> None:
+        item = next(self.it, None)
+        if item is None:
+            raise EnspipeError("the data loader ended before its epochs did (a loader worker died?)")
+        e, w = item.pop("_epoch"), item.pop("_worker")
+        if "_end" in item:
+            self.ends[(e, w)] = item["_end"]
+        else:
+            self.pending[(e, item.pop("_seq"), w)] = item
+
+    def epoch(self, e: int, limit: int | None) -> Iterator[dict[str, Any]]:
+        taken, seq = 0, 0
+        while True:
+            live = False
+            for w in range(self.workers):
+                key = (e, seq, w)
+                while key not in self.pending and self.ends.get((e, w), seq + 1) > seq:
+                    self._pull()
+                if key in self.pending:
+                    live = True
+                    batch = self.pending.pop(key)
+                    if limit is None or taken < limit:  # DDP: every rank takes the same count
+                        taken += 1
+                        yield batch
+            if not live:
+                break
+            seq += 1
+        for w in range(self.workers):
+            self.ends.pop((e, w), None)
+
+
+def epoch_batches(make_stream: Callable[[int], torch.utils.data.IterableDataset],
+                  make_loader: Callable[[torch.utils.data.IterableDataset], torch.utils.data.DataLoader],
+                  epochs: range, workers: int, limit: int | None = None) -> Iterator[tuple[int, Iterator[dict[str, Any]]]]:
+    """(epoch, its batches) for every epoch of `epochs`; consume each epoch's batches in full.
+
+    Without workers an epoch's stream is made when the epoch starts and read in this process.
+    With workers, every epoch's stream is made up front and the loader's workers read them in
+    turn for the whole run; each epoch's order is the one a fresh loader would give, so a run
+    resumed at an epoch replays exactly the batches of the uninterrupted run."""
+    if workers == 0:
+        for e in epochs:
+            batches = iter(make_loader(make_stream(e)))
+            yield e, (b for i, b in enumerate(batches) if limit is None or i < limit)
+        return
+    chain = EpochChain([make_stream(e) for e in epochs], epochs.start)
+    reorder = _Reorder(iter(make_loader(chain)), workers)
+    for e in epochs:
+        yield e, reorder.epoch(e, limit)
+
+
+# --- running metrics ------------------------------------------------------------------------
+
+class Window:
+    """Running metrics between two log lines, accumulated on the device: loss, accuracy and
+    the first non-finite loss are read (one host synchronisation) only when a line is written."""
+
+    def __init__(self, nsources: int, device: torch.device):
+        self.nsources, self.device = nsources, device
+        self.boundary: float | None = None  # seconds from the previous epoch's last step to this one's first
+        self._reset()
+
+    def _reset(self) -> None:
+        self.t0, self.batches, self.samples, self.wait = time.perf_counter(), 0, 0, 0.0
+        # loss sum, correct count, step of the first non-finite loss (-1: none), that loss
+        self.acc = torch.tensor([0.0, 0.0, -1.0, 0.0], device=self.device)
+        self.online = 0
+        self.sources = [0] * self.nsources
+
+    def add(self, batch: dict[str, Any], loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+            online: bool, step: int) -> None:
+        n = len(y)
+        loss = loss.detach().float()
+        first = (~torch.isfinite(loss)) & (self.acc[2] < 0)
+        self.acc += torch.stack([loss * n, (logits.argmax(1) == y).sum().float(),
+                                 torch.where(first, step + 1.0, 0.0), torch.where(first, loss, 0.0)])
+        self.batches += 1
+        self.samples += n
+        self.online += int(online)
+        if batch["n_adv"]:
+            self.sources[batch["source"]] += 1
+
+    def flush(self, epoch: int, step: int, lr: float) -> dict[str, Any]:
+        loss, correct, bad_step, bad_loss = self.acc.tolist()
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        rec = {"kind": "train", "epoch": epoch + 1, "step": step, "loss": loss / max(self.samples, 1),
+               "accuracy": correct / max(self.samples, 1), "batches": self.batches,
+               "samples": self.samples, "seconds": dt,
+               "source_counts": self.sources, "online_passes": self.online,
+               "samples_per_s": self.samples / dt, "lr": lr, "wait_s": round(self.wait, 6)}
+        if self.boundary is not None:
+            rec["boundary_s"], self.boundary = round(self.boundary, 6), None
+        if bad_step >= 0:
+            rec["nonfinite"] = {"step": int(bad_step), "loss": bad_loss}
+        self._reset()
+        return rec
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def snapshot(obj: Any) -> Any:
+    """A deep CPU copy of a state (dicts, lists, tensors): what a checkpoint keeps of this
+    moment while training goes on changing the live tensors."""
+    return _to_cpu(obj)
+
+
+class FrozenModel:
+    """What `save_model` reads of a model (state_dict, config, provenance), frozen at a moment."""
+
+    def __init__(self, model: Any):
+        self.config, self.provenance = model.config, dict(model.provenance)
+        self._state = snapshot(model.state_dict())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, one at a time, so the next epoch starts while
+    the last one is saved (a ResNet-50 with Adam is ~300 MB: about a second of disk writes at
+    every boundary otherwise). A file appears whole (atomic rename) or not at all, so a kill
+    mid-write resumes from the checkpoint before. `wait()` re-raises a failed write."""
+
+    def __init__(self, background: bool = True):
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+        if not self.background:
+            job()
+            return
+
+        def run() -> None:
+            try:
+                job()
+            except BaseException as e:  # handed to the training thread by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="enspipe-checkpoint", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def close(self) -> None:
+        """Let a write in progress finish (its file stays valid) without raising: for the way
+        out of a run that already failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def prune_checkpoints(checkpoints: list[Path], keep: int | None) -> None:
+    """Delete all but the last `keep` epoch checkpoints (the last one is what --resume reads)."""
+    if keep is None:
+        return
+    for old in checkpoints[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+# --- held-out validation ------------------------------------------------------------------
+
+def validate(model: torch.nn.Module, data: Any, *, eps: float, device: torch.device, batch_size: int = 256,
+             forward: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> dict[str, Any]:
+    """Clean and white-box FGSM error (true labels, as `evaluate`) of `model` on `data`, in eval
+    mode; the model's mode is restored. No random numbers are drawn, so training is unchanged."""
+    from enspipe import attacks
+
+    was_training = model.training
+    model.eval()
+    net = forward(model) if forward is not None else model
+    t0 = time.perf_counter()
+    wrong = torch.zeros(2, device=device)
+    try:
+        for s in range(0, len(data), batch_size):
+            sl = slice(s, min(len(data), s + batch_size))
+            x = data.images(sl).to(device, non_blocking=True)
+            y = torch.as_tensor(data.labels[sl], device=device)
+            with torch.no_grad():
+                clean = net(x).argmax(1) != y
+            x_adv = attacks.fgsm(net, x, y, eps=eps)
+            with torch.no_grad():
+                adv = net(x_adv).argmax(1) != y
+            wrong += torch.stack([clean.sum(), adv.sum()]).float()
+    finally:
+        model.train(was_training)
+    clean_wrong, adv_wrong = wrong.tolist()
+    n = len(data)
+    return {"n": n, "eps": eps, "clean_error": clean_wrong / max(n, 1), "fgsm_error": adv_wrong / max(n, 1),
+            "seconds": time.perf_counter() - t0}
