@@ -16,7 +16,8 @@ re-written shard has identical bytes and a reader never sees half a tar.
 
 Reading never uses WebDataset's default decoder (it unpickles .pyd/.pickle and
 torch.loads .pth): members are decoded here with numpy (allow_pickle=False) and PIL, and
-a tar with a link, a path-like name or a pickle/torch member is refused outright.
+a tar with a link, a path-like name or a pickle/torch member is refused outright, as is a
+tar or member larger than the store's geometry allows (`member_bounds`), before it is read.
 """
 from __future__ import annotations
 
@@ -30,12 +31,14 @@ from typing import Any
 
 import numpy as np
 
+from enspipe import tarsafe
 from enspipe.errors import StoreError
 from enspipe.fileio import atomic_target
 from enspipe.tarsafe import PICKLE_EXTENSIONS as FORBIDDEN_EXTS
 
 from .base import StoreReader, StoreWriter
 from .manifest import schema_errors, shard_range
+from .wds_bounds import max_tar_bytes, member_bounds
 
 PREFIX = "shard"
 PNG_LEVEL = 6
@@ -195,10 +198,15 @@ def decode_tar(data: bytes, tar: Path, manifest: dict, s: int, *, with_images: b
     K = ident["num_classes"]
 
     samples: OrderedDict[str, dict[str, bytes]] = OrderedDict()
+    bounds = member_bounds(manifest)
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
             for m in tf:
                 key, ext = _check_member(tar, m)
+                problem = tarsafe.check_member_size(m, bounds.get(ext, max(bounds.values())))
+                if problem:
+                    raise StoreError(f"tar {tar} member {m.name!r} is {problem} for this store's geometry; "
+                                     "the shard is refused.")
                 samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
     except tarfile.TarError as exc:
         raise StoreError(f"tar {tar} cannot be read: {exc}.") from None
@@ -263,6 +271,9 @@ def read_shard_bytes(path: Path, manifest: dict, s: int, record: dict) -> bytes:
     """The tar's bytes, checked against the shard's sha256 (cheap next to decoding)."""
     tar = path / tar_name(s)
     try:
+        if (size := tar.stat().st_size) > (cap := max_tar_bytes(manifest, s)):
+            raise StoreError(f"shard {s}: file {tar_name(s)} of store {path} is {size} bytes, more than its "
+                             f"samples can take at this geometry ({cap}); refused unread.")
         data = tar.read_bytes()
     except FileNotFoundError:
         raise StoreError(f"shard {s}: missing file {tar_name(s)} in store {path}.") from None
