@@ -22,6 +22,7 @@ from enspipe import attacks
 from enspipe.data import create_dataset
 from enspipe.errors import ConfigError
 from enspipe.models import BINARIZED_PREFIX, load_model_for
+from enspipe.paths import check_output
 from enspipe.runtime import progress, resolve_device, versions, write_json
 from enspipe.stats import wilson_interval
 
@@ -91,6 +92,8 @@ class _Counter:
 
 def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run the evaluation; write `results.json` into `out` (a directory or a .json path)."""
+    if out is not None:
+        check_output(out)  # never inside a store
     device = resolve_device(cfg.device)
     data = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
                           image_size=cfg.image_size)
