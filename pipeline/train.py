@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from enspipe import attacks
 from enspipe.data import SampleSource, create_dataset
 from enspipe.errors import ConfigError, EnspipeError, StoreError
-from enspipe.fileio import atomic_target
+from enspipe.fileio import atomic_target, naming
 from enspipe.models import EnsModel, load_model_for, save_model
+from enspipe.paths import check_output
 from enspipe.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
 
 MODES = ("clean", "adv", "ens-adv")
@@ -378,6 +379,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
           inputs (default `adversarial_inputs`).
     """
     run_dir = Path(run_dir)
+    check_output(run_dir)  # never inside a store
     rank, world, local_rank = _distributed()
     device = resolve_device(cfg.device)
     if world > 1:
@@ -459,8 +461,11 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
 
     def log_metrics(rec: dict[str, Any]) -> None:
         if metrics:
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
+            try:
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+            except OSError as e:  # a full disk: name the file
+                raise naming(e, run_dir / "metrics.jsonl")
         if on_metrics is not None:
             on_metrics(rec)
 
