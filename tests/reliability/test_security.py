@@ -320,6 +320,7 @@ def results(scene, tmp_path_factory) -> dict[str, list[dict]]:
     before = snapshot(scene.base, outputs=_outputs(scene))
     out = {c.id: [r] for c, r in zip(active, run_many(runs, work, fresh=False))}
     if FULL:
+        shutil.rmtree(scene.outs, ignore_errors=True)  # the succeeding cases run again into a fresh --out
         for c, r in zip(active, run_many(runs, work, fresh=True)):
             out[c.id].append(r)
     scene.changed = changes(before, snapshot(scene.base, outputs=_outputs(scene)))
