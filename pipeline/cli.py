@@ -36,7 +36,8 @@ DATA_ROOT = click.option("--data-root", type=click.Path(file_okay=False), defaul
 IMAGE_SIZE = click.option("--image-size", type=click.IntRange(min=8), default=None,
                           help="Resize (imagefolder: resize + center-crop) images to this square size.")
 LIMIT = click.option("--limit", type=click.IntRange(min=1), default=None,
-                     help="Use only the first N samples of the canonical order.")
+                     help="Use only the first N samples of the canonical order (imagefolder: N spread over the "
+                          "classes in turn).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -253,19 +254,20 @@ def ls_cmd(root, as_json) -> None:
 @click.option("--model", "models", multiple=True, required=True, help="A run dir (repeat to compare models).")
 @click.option("--other", default=None, help="Another model whose adversarial direction spans the loss surface (Figures 1, 4, 5).")
 @click.option("--dataset", default="digits", show_default=True)
+@click.option("--split", default="test", show_default=True)
 @DATA_ROOT
 @click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True, help="Test samples to measure on.")
 @IMAGE_SIZE
 @click.option("--eps", type=EPS, default="0.3", show_default=True)
 @DEVICE
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def diagnose(models, other, dataset, data_root, limit, image_size, eps, device, out) -> None:
+def diagnose(models, other, dataset, split, data_root, limit, image_size, eps, device, out) -> None:
     """Gradient-masking evidence: approximation ratio, cosine, loss surfaces, adversarial subspaces."""
     from enspipe.diagnostics import run_diagnose
     from enspipe.evaluate import model_label
 
     path = run_diagnose({model_label(m): m for m in models}, other=other, dataset=dataset, data_root=data_root,
-                        limit=limit, eps=eps, out_dir=out, device=device, image_size=image_size)
+                        limit=limit, eps=eps, out_dir=out, device=device, image_size=image_size, split=split)
     click.echo(str(path))
 
 

@@ -26,6 +26,7 @@ from enspipe.config import OptionError, option
 from enspipe.data import create_dataset
 from enspipe.errors import AttackError, ConfigError
 from enspipe.models import BINARIZED_MASKED_PREFIX, BINARIZED_PREFIX, load_model_for
+from enspipe.paths import check_output
 from enspipe.runtime import log_line, progress, resolve_device, versions, write_json
 from enspipe.stats import wilson_interval
 
@@ -113,6 +114,8 @@ class _Counter:
 
 def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run the evaluation; write `results.json` into `out` (a directory or a .json path)."""
+    if out is not None:
+        check_output(out)  # never inside a store
     device = resolve_device(cfg.device)
     data = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
                           image_size=cfg.image_size)

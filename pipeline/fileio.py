@@ -5,7 +5,9 @@ target's directory (so two writers of one file never share a temporary), are flu
 fsynced, get the process umask's permissions (a temporary from mkstemp is 0600; the result
 must be readable by whoever may read the target, as `open()` would make it), and are
 renamed over the target. On any error the temporary is removed and the target is left as
-it was. Temporaries are named `.NAME.PID.HEX.tmp`, which readers and listings skip.
+it was, and an OSError that names no file (a `write()` into a full disk) is raised again
+naming the target, so the user's one line says which file could not be written.
+Temporaries are named `.NAME.PID.HEX.tmp`, which readers and listings skip.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_target", "atomic_write", "atomic_write_json", "is_temporary", "process_umask"]
+__all__ = ["atomic_target", "atomic_write", "atomic_write_json", "is_temporary", "naming", "process_umask"]
 
 
 def process_umask() -> int:
@@ -37,6 +39,14 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
+def naming(err: OSError, path: str | os.PathLike) -> OSError:
+    """`err`, or when it names no file (ENOSPC from a write(), EIO, ...), the same error
+    naming `path`: what the CLI's one line prints after the message."""
+    if err.filename is not None or err.errno is None:
+        return err
+    return type(err)(err.errno, err.strerror or os.strerror(err.errno), os.fspath(path))
+
+
 def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
 
@@ -55,6 +65,8 @@ def atomic_target(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pa
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except OSError as e:
+        raise naming(e, path)  # the original stays its __context__
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

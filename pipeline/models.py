@@ -18,14 +18,23 @@ Checkpoints are `model.safetensors` + `model.json`; nothing is ever unpickled (a
 
 Stages load their models with `load_model_for(spec, dataset, device)`: a run dir,
 checkpoint or name (optionally "binarized:SPEC" or "binarized-masked:SPEC"), checked against the data's geometry and
-number of classes, on the device, in eval mode.
+number of classes, on the device, in eval mode. A spec is a path when it looks like one
+(contains '/' or starts with '.'), an architecture when it is a registry name; a registry
+name that is also a file or folder in the working directory is refused as ambiguous
+(`is_model_path`).
+
+Every number a checkpoint's files give (model.json's classes and input size, the parameters
+they imply, the safetensors header's tensor shapes) is checked against `enspipe.limits`
+before anything is built or read from it.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +44,7 @@ from torch import nn
 
 from enspipe.errors import ConfigError, ModelError
 from enspipe.fileio import atomic_target, atomic_write_json
+from enspipe.limits import Limits, current_limits, env_name
 from enspipe.netcheck import network_available as _network_reachable
 
 CHECKPOINT_FORMAT = "enspipe-model/1"
@@ -70,8 +80,29 @@ class ModelConfig:
                 std=tuple(float(v) for v in d["std"]),
                 family=str(d["family"]),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ModelError(f"model config is malformed ({e!r})") from None
+
+    def problem(self, limits: Limits | None = None) -> str | None:
+        """Why this config (read from a file) must not be built, or None: every number
+        against its cap (`enspipe.limits`), before anything is allocated for it."""
+        lim = limits or current_limits()
+        if len(self.input_size) != 3:
+            return f"input_size must be [C, H, W], not {list(self.input_size)}"
+        c, h, w = self.input_size
+        checks = [("num_classes", self.num_classes, "max_classes"), ("input channels", c, "max_input_channels"),
+                  ("input height", h, "max_input_side"), ("input width", w, "max_input_side")]
+        for what, value, cap in checks:
+            if value < 1:
+                return f"{what} must be at least 1, not {value}"
+            if (above := lim.above(cap, value)) is not None:
+                return f"{what} {above}"
+        for what, values in (("mean", self.mean), ("std", self.std)):
+            if not 1 <= len(values) <= lim.max_input_channels or not all(math.isfinite(v) for v in values):
+                return f"{what} must be 1 to {lim.max_input_channels} finite numbers, not {list(values)[:8]}"
+        if min(self.std) <= 0:
+            return f"std must be positive, not {list(self.std)}"
+        return None
 
 
 class EnsModel(nn.Module):
@@ -245,6 +276,36 @@ def _timm_net(name: str, num_classes: int, in_chans: int, pretrained: bool):
     return net, tuple(cfg.get("input_size", (3, 224, 224))), tuple(cfg["mean"]), tuple(cfg["std"])
 
 
+def is_registered(name: str) -> bool:
+    """Whether `name` is an architecture enspipe can build (a registry name; builds nothing)."""
+    try:
+        check_model_name(name)
+    except ModelError:
+        return False
+    return True
+
+
+def is_model_path(spec: str, *, weights_given: bool = False) -> bool:
+    """Whether `--model SPEC` names a file or folder (a run dir, a checkpoint) rather than an
+    architecture. A spec that looks like a path (contains '/' or starts with '.') is one; a
+    registry name is an architecture; any other existing file or folder is a path. A registry
+    name that is also a file or folder here is ambiguous -- a run dir named like an
+    architecture would silently turn a fresh run into fine-tuning -- and a ModelError naming
+    both readings, unless `weights_given` (only an architecture takes --weights/--pretrained)."""
+    spec = os.fspath(spec)
+    if "/" in spec or os.sep in spec or spec.startswith("."):
+        return True
+    if not os.path.lexists(spec):
+        return False
+    if not is_registered(spec):
+        return True
+    if weights_given:
+        return False
+    kind = "folder" if os.path.isdir(spec) else "file"
+    raise ModelError(f"--model {spec} is ambiguous: the architecture {spec}, or the {kind} ./{spec} in "
+                     f"{os.getcwd()}; write ./{spec} for the {kind}, or run elsewhere for the architecture")
+
+
 def check_model_name(name: str) -> None:
     """Raise ModelError unless `name` is a registered architecture (builds nothing)."""
     if name in MNIST_ARCHS:
@@ -337,8 +398,19 @@ def save_model(model: EnsModel, directory: str | os.PathLike, *, classes: list[s
         "provenance": {**model.provenance, **(provenance or {})},
     }
     st, js = directory / f"{stem}.safetensors", directory / f"{stem}.json"
-    with atomic_target(st) as tmp:
-        save_file(state, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
+    from safetensors import SafetensorError
+
+    try:
+        with atomic_target(st) as tmp:  # removes the temporary whatever happens
+            save_file(state, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
+    except SafetensorError as e:
+        # safetensors writes from Rust and reports I/O failures (a full disk) as its own
+        # error type with a Rust debug string: one line naming the file instead.
+        text = str(e)
+        if code := re.search(r"os error (\d+)|code: (\d+)", text):  # e.g. "(os error 28)": ENOSPC
+            n = int(code.group(1) or code.group(2))
+            raise OSError(n, os.strerror(n), str(st)) from None
+        raise ModelError(f"could not write {st} ({text.splitlines()[0] if text else type(e).__name__})") from None
     return atomic_write_json(js, meta)
 
 
@@ -400,8 +472,25 @@ def _classifier_keys(model: EnsModel) -> set[str]:
     return {f"{prefix}.{k}" if prefix else k for k in head.state_dict()}
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "x".join(map(str, t.shape)) or "scalar"
+def _shape(t: torch.Tensor | tuple[int, ...]) -> str:
+    return "x".join(map(str, getattr(t, "shape", t))) or "scalar"
+
+
+def _safetensors_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from a safetensors file's header alone (no tensor data is read)."""
+    limits = current_limits()
+    try:
+        with open(weights, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little")
+            if len(head) < 8:
+                raise ModelError(f"{weights} is not a readable safetensors file (shorter than its header)")
+            if (above := limits.above("max_metadata_bytes", n, " bytes")) is not None:
+                raise ModelError(f"{weights} is not a readable safetensors file (its header claims {above})")
+            header = json.loads(f.read(n))
+        return {k: tuple(int(x) for x in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ModelError(f"{weights} is not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
 def _some(names: list[str], limit: int = 3) -> str:
@@ -427,25 +516,28 @@ def load_weights(model: EnsModel, path: str | os.PathLike, *, new_head: bool = F
                 f"not {model.config.name} with {model.config.num_classes}"
                 + ("; to fine-tune it with a fresh head pass --new-head" if other.name == model.config.name else "")
             )
-    state = _read_state(weights)
-    wrapped = any(k.startswith("net.") for k in state)
+    # A safetensors file's tensor shapes come from its header: they are checked against the
+    # model before a byte of tensor data is read (a hostile header may claim terabytes).
+    state = None if weights.suffix == ".safetensors" and weights.exists() else _read_state(weights)
+    shapes = _safetensors_shapes(weights) if state is None else {k: tuple(v.shape) for k, v in state.items()}
+    wrapped = any(k.startswith("net.") for k in shapes)
     target = model if wrapped else model.net
     own = target.state_dict()
     aux = _TF_PORTED.get(model.config.name, ())
     if aux:
         drop = tuple(("net." if wrapped else "") + p for p in aux)
-        state = {k: v for k, v in state.items() if not k.startswith(drop)}
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
-    reshaped = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+        shapes = {k: v for k, v in shapes.items() if not k.startswith(drop)}
+    missing = sorted(own.keys() - shapes.keys())
+    unexpected = sorted(shapes.keys() - own.keys())
+    reshaped = sorted(k for k in own.keys() & shapes.keys() if tuple(own[k].shape) != shapes[k])
     head = {("net." if wrapped else "") + k for k in _classifier_keys(model)}
     if new_head:
         # The head keeps its fresh initialisation; everything else must fit exactly.
-        state = {k: v for k, v in state.items() if k not in head or k not in reshaped}
+        shapes = {k: v for k, v in shapes.items() if k not in head or k not in reshaped}
         reshaped = [k for k in reshaped if k not in head]
         missing = [k for k in missing if k not in head]
     if missing or unexpected or reshaped:
-        parts = [f"{k} is {_shape(state[k])} in the file but {_shape(own[k])} in the model" for k in reshaped[:3]]
+        parts = [f"{k} is {_shape(shapes[k])} in the file but {_shape(own[k])} in the model" for k in reshaped[:3]]
         if len(reshaped) > 3:
             parts.append(f"{len(reshaped) - 3} more reshaped")
         if missing:
@@ -460,6 +552,8 @@ def load_weights(model: EnsModel, path: str | os.PathLike, *, new_head: bool = F
             hint = "; the file is for another architecture, number of classes or input size"
         raise ModelError(f"weights in {weights} do not fit {model.config.name} with "
                          f"{model.config.num_classes} classes: {'; '.join(parts)}{hint}")
+    state = _read_state(weights) if state is None else state
+    state = {k: v for k, v in state.items() if k in shapes}  # without aux heads / a reshaped head
     target.load_state_dict(state, strict=not new_head)
     model.provenance["weights_file"] = str(weights)
     if new_head:
@@ -468,13 +562,36 @@ def load_weights(model: EnsModel, path: str | os.PathLike, *, new_head: bool = F
 
 
 def _read_meta(meta_path: Path) -> dict[str, Any]:
+    """model.json, with its config's numbers within their caps (ModelError naming the file)."""
+    limits = current_limits()
     try:
+        if (above := limits.above("max_metadata_bytes", meta_path.stat().st_size, " bytes")) is not None:
+            raise ModelError(f"{meta_path} is too large for a model description: {above}")
         meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"{meta_path} is not readable JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or "config" not in meta:
         raise ModelError(f"{meta_path} is not an enspipe model description ({CHECKPOINT_FORMAT})")
+    try:
+        problem = ModelConfig.from_dict(meta["config"]).problem(limits)
+    except ModelError as e:
+        problem = str(e)
+    if problem:
+        raise ModelError(f"{meta_path}: {problem}")
     return meta
+
+
+def _parameter_count(cfg: ModelConfig) -> int | None:
+    """How many parameters `cfg` builds, counted on the meta device (nothing is allocated);
+    None if the architecture cannot be built there."""
+    try:
+        with torch.device("meta"):
+            net = create_model(cfg.name, num_classes=cfg.num_classes, input_size=cfg.input_size)
+    except ModelError:
+        raise
+    except Exception:  # noqa: BLE001 -- an architecture that needs real tensors to build it
+        return None
+    return sum(p.numel() for p in net.parameters())
 
 
 def load_model(path: str | os.PathLike) -> EnsModel:
@@ -484,6 +601,12 @@ def load_model(path: str | os.PathLike) -> EnsModel:
         raise ModelError(f"{path} has no model.json beside it; use --model NAME --weights {path}")
     meta = _read_meta(meta_path)
     cfg = ModelConfig.from_dict(meta["config"])
+    # An MNIST net's parameters grow with its input size: count them before building it.
+    cap = current_limits().max_parameters
+    if (n := _parameter_count(cfg)) is not None and n > cap:
+        raise ModelError(f"{meta_path}: {cfg.name} with {cfg.num_classes} classes on {'x'.join(map(str, cfg.input_size))} "
+                         f"input would have {n} parameters, above the limit of {cap} (raise it with "
+                         f"{env_name('max_parameters')})")
     model = create_model(cfg.name, num_classes=cfg.num_classes, input_size=cfg.input_size)
     model.provenance = dict(meta.get("provenance") or {})
     load_weights(model, weights)
@@ -494,9 +617,11 @@ def load_model(path: str | os.PathLike) -> EnsModel:
 def resolve_model(spec: str, *, weights: str | None = None, pretrained: bool = False,
                   num_classes: int = 10, input_size: tuple[int, int, int] | None = None,
                   new_head: bool = False) -> EnsModel:
-    """The CLI's `--model`: a run dir / checkpoint path, or a registry name (+ --weights)."""
+    """The CLI's `--model`: a run dir / checkpoint path, or a registry name (+ --weights);
+    which of the two is `is_model_path`'s rule."""
     p = Path(spec)
-    if weights is None and not pretrained and (p.is_dir() or p.suffix in (".json", ".safetensors")):
+    given = weights is not None or pretrained
+    if not given and is_model_path(spec):
         return load_model(p)
     return create_model(spec, num_classes=num_classes, input_size=input_size,
                         pretrained=pretrained, weights=weights, new_head=new_head)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from enspipe.config import OptionError
 from enspipe.curves import read_metrics, scalars
-from enspipe.fileio import atomic_write
+from enspipe.fileio import atomic_write, naming
 
 __all__ = ["LOG_SINKS", "RunLog", "check_sinks", "cut_metrics"]
 
@@ -87,12 +87,15 @@ class RunLog:
 
     def write(self, rec: dict[str, Any]) -> None:
         rec = {**rec, "time": round(time.time(), 3)}
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(rec) + "\n")
-            self._jsonl.flush()
-        if self._csv is not None:
-            csv.writer(self._csv).writerows(_csv_rows(rec))
-            self._csv.flush()
+        for f, line in ((self._jsonl, lambda f: f.write(json.dumps(rec) + "\n")),
+                        (self._csv, lambda f: csv.writer(f).writerows(_csv_rows(rec)))):
+            if f is None:
+                continue
+            try:
+                line(f)
+                f.flush()
+            except OSError as e:  # a full disk: one line naming the file
+                raise naming(e, f.name) from None
         if self._tb is not None:
             for name, value in scalars(rec).items():
                 self._tb.add_scalar(name, value, int(rec["step"]))

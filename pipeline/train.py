@@ -46,6 +46,7 @@ from enspipe.data import SampleSource, create_dataset
 from enspipe.errors import ConfigError, EnspipeError, StoreError
 from enspipe.fileio import atomic_target
 from enspipe.models import EnsModel, load_model_for, save_model
+from enspipe.paths import check_output
 from enspipe.runlog import LOG_SINKS, RunLog, check_sinks
 from enspipe.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
 from enspipe.schedule import SCHEDULES, learning_rate, param_groups, set_learning_rate
@@ -375,6 +376,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
           inputs (default `adversarial_inputs`).
     """
     run_dir = Path(run_dir)
+    check_output(run_dir)  # never inside a store
     rank, world, local_rank = _distributed()
     device = resolve_device(cfg.device)
     if world > 1:

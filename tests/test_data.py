@@ -326,9 +326,11 @@ def test_imagefolder(tmp_path):
     check_common(src, n_check=9)
     for i, rel in enumerate(src._files):  # the pixels are the file's solid colour
         assert (src.images_uint8([i])[0].reshape(3, -1).T == colours[rel]).all()
-    default = create_dataset(f"imagefolder:{tmp_path / 'flat'}", split="test", limit=2)
+    default = create_dataset(f"imagefolder:{tmp_path / 'flat'}", split="train", limit=2)
     assert default.geometry.shape == (3, 224, 224) and "resize256:center-crop224" in default.geometry.preprocess
     assert len(default) == 2 and default.fingerprint != src.fingerprint
+    with pytest.raises(DataError, match="no train/, val/ or test/ folder.*--split train"):
+        create_dataset(f"imagefolder:{tmp_path / 'flat'}", split="test")  # it would be the training images
     # content changes are seen through size and mtime
     before = src.fingerprint
     f = tmp_path / "flat" / "bee" / "img.1.png"

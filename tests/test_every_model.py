@@ -219,7 +219,7 @@ def test_precompute_resnet50_from_a_plain_torchvision_safetensors_file(folder, t
     r = open_store(path)
     x, _ = _images(folder, "train")
     model = _Normalized(net)
-    x = x[:6].requires_grad_(True)
+    x = x[[0, 1, 12, 13, 24, 25]].requires_grad_(True)  # --limit 6 of 3 classes of 12: two of each, in turn
     logits = model(x)
     (grad,) = torch.autograd.grad(F.cross_entropy(logits, logits.argmin(1), reduction="sum"), x)
     got = r.read(0, 6)

@@ -116,9 +116,10 @@ def _check_positive(value: int | None, what: str) -> int | None:
 def create_dataset(spec: str, *, split: str = "train", limit: int | None = None,
                    data_root: str | os.PathLike | None = None,
                    image_size: int | None = None) -> SampleSource:
-    """Open a dataset source. `limit` keeps the first N samples of the canonical order (a
-    limit above the size keeps all, and is still recorded); `image_size` resizes digits/
-    mnist/cifar10/wds to a square of that side, or sets imagefolder's center crop."""
+    """Open a dataset source. `limit` keeps the first N samples of the canonical order
+    (imagefolder: a class-stratified subset, see `ImageFolderSource`; a limit above the size
+    keeps all, and is still recorded); `image_size` resizes digits/mnist/cifar10/wds to a
+    square of that side, or sets imagefolder's center crop."""
     kind, arg = parse_source(spec)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")

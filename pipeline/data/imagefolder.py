@@ -3,15 +3,23 @@
 The fingerprint's content is per-file size and mtime (the images may be far too many to
 read at load time), and the source kind stands in for the path, so a copy that keeps
 mtimes (rsync -a) keeps its fingerprint.
+
+Symbolic links are followed (datasets are often assembled from links), but never around a
+loop: a link to a folder that contains it (`a/up -> ..`) would repeat the tree forever and
+label other classes' images as this one. Such a link is skipped with a warning naming it, as
+is a second way into a folder already walked for the same class. `limit` takes a
+class-stratified subset, and a folder without split folders has only a training split.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
 from enspipe.errors import DataError
+from enspipe.limits import current_limits
 
 from .base import Geometry, LazySource, SampleSource, _fingerprint, _sanitise_keys
 
@@ -25,7 +33,11 @@ def _imagefolder_split_dirs(root: Path, split: str) -> tuple[Path, list[Path]]:
     a label means the same class in train and test even if one split lacks a class)."""
     present = [root / s for s in ("train", "val", "test") if (root / s).is_dir()]
     if not present:
-        return root, [root]  # no split folders: PATH itself serves every split
+        if split != "train":
+            # Serving PATH as the test split too would evaluate on the training images.
+            raise DataError(f"imagefolder: {root} has no train/, val/ or test/ folder, so it has no "
+                            f"'{split}' split; pass --split train to use its images anyway")
+        return root, [root]  # no split folders: PATH is the training split
     wanted = ["train"] if split == "train" else ["val", "test"]
     for name in wanted:
         if (root / name).is_dir():
@@ -38,11 +50,97 @@ def _class_dirs(folder: Path) -> list[str]:
     return [e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
 
 
+_log = logging.getLogger(__name__)
+DirId = tuple[int, int]  # (st_dev, st_ino): a folder's identity, whatever path leads to it
+
+
+def _real_ancestors(path: Path) -> set[DirId]:
+    """The identities of `path` and of every folder above its real location, up to /."""
+    real = path.resolve()
+    out = set()
+    for p in (real, *real.parents):
+        st = os.stat(p)
+        out.add((st.st_dev, st.st_ino))
+    return out
+
+
+def _image_files(top: Path, folder: Path) -> list[str]:
+    """The images under class folder `top` as paths relative to `folder`, in the order
+    `os.walk(top, followlinks=True)` gives them with sorted names (a folder's files, then its
+    subfolders in turn), hidden names skipped. A folder is entered at most once per class and
+    never through a link to a folder that contains it (a loop); each skip is logged."""
+    files: list[str] = []
+    # A link back to any folder above the class folder or the split folder is a loop (it
+    # would reach this class again, or the other classes under this class's label).
+    above = _real_ancestors(folder)
+    st = os.stat(top)
+    if (st.st_dev, st.st_ino) in above:
+        _log.warning("imagefolder: skipped the class folder %s -> %s: it leads back to a folder that "
+                     "contains it (a symlink loop)", top, os.path.realpath(top))
+        return files
+    entered: dict[DirId, str] = {}  # folders walked for this class -> the path walked first
+    stack: list[tuple[str, frozenset[DirId]]] = [(str(top), frozenset(above | _real_ancestors(top)))]
+    while stack:
+        dirpath, chain = stack.pop()
+        try:
+            entries = sorted(os.scandir(dirpath), key=lambda e: e.name)
+        except OSError:
+            continue  # as os.walk: an unreadable folder contributes nothing
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):  # macOS '._x.jpg' files are not images
+                continue
+            try:
+                is_dir = e.is_dir()  # follows links
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(e)
+            elif e.name.lower().endswith(IMAGEFOLDER_EXTENSIONS):
+                files.append(os.path.relpath(e.path, folder))
+        for e in reversed(subdirs):  # a stack: pushed last-first, walked in sorted order
+            try:
+                st = os.stat(e.path)
+            except OSError:
+                continue
+            ident = (st.st_dev, st.st_ino)
+            if ident in chain:
+                _log.warning("imagefolder: skipped the link %s -> %s: it leads back to a folder that "
+                             "contains it (a symlink loop)", e.path, os.path.realpath(e.path))
+                continue
+            if ident in entered:
+                _log.warning("imagefolder: skipped %s: it is the folder %s again (already read for this "
+                             "class)", e.path, entered[ident])
+                continue
+            entered[ident] = e.path
+            stack.append((e.path, chain | {ident}))
+    return files
+
+
+def _stratified(files: list[list[str]], limit: int) -> list[list[str]]:
+    """The first `limit` files of a round-robin over classes in class order, each class's
+    files in their sorted order: --limit 20 of 10 classes is 2 per class (a class with fewer
+    files than its share gives its turns to the others)."""
+    take = [0] * len(files)
+    left = limit
+    while left > 0:
+        took = False
+        for c, names in enumerate(files):
+            if left and take[c] < len(names):
+                take[c] += 1
+                left -= 1
+                took = True
+        if not took:  # every class exhausted: the limit is above the size
+            break
+    return [names[:n] for names, n in zip(files, take)]
+
+
 class ImageFolderSource(LazySource):
     """Class folders of images: classes are the sorted folder names, files are walked in
     sorted order (hidden files skipped: macOS '._x.jpg' files are not images). Each image
     is decoded to RGB, its shorter side resized to `resize` (bilinear, antialiased) and
-    center-cropped to `crop`, with torchvision's functions, as ImageNet evaluation does."""
+    center-cropped to `crop`, with torchvision's functions, as ImageNet evaluation does.
+    `limit` keeps a class-stratified subset (`_stratified`), in the canonical order."""
 
     def __init__(self, path: Path, split: str, limit: int | None, image_size: int | None):
         root = path.expanduser().resolve()
@@ -56,22 +154,15 @@ class ImageFolderSource(LazySource):
         if not self.classes:
             raise DataError(f"imagefolder: {folder} has no class folders (expected "
                             f"{folder}/CLASS/IMAGE.jpg)")
-        files: list[str] = []
-        labels: list[int] = []
-        for label, cls in enumerate(self.classes):
-            if not (folder / cls).is_dir():
-                continue
-            for dirpath, dirnames, filenames in os.walk(folder / cls, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for fn in sorted(filenames):
-                    if not fn.startswith(".") and fn.lower().endswith(IMAGEFOLDER_EXTENSIONS):
-                        files.append(os.path.relpath(os.path.join(dirpath, fn), folder))
-                        labels.append(label)
-        if not files:
+        per_class = [_image_files(folder / cls, folder) if (folder / cls).is_dir() else []
+                     for cls in self.classes]
+        if not any(per_class):
             raise DataError(f"imagefolder: no images ({', '.join(IMAGEFOLDER_EXTENSIONS)}) "
                             f"under {folder}")
         if limit is not None:
-            files, labels = files[:limit], labels[:limit]
+            per_class = _stratified(per_class, limit)
+        files = [f for names in per_class for f in names]
+        labels = [label for label, names in enumerate(per_class) for _ in names]
         self.name, self.split, self.limit = f"imagefolder:{root}", split, limit
         self.folder = folder
         self._files = [f.replace(os.sep, "/") for f in files]
@@ -79,11 +170,21 @@ class ImageFolderSource(LazySource):
         self.keys = _sanitise_keys(self._files)
         self.geometry = Geometry(3, self.crop, self.crop,
                                  f"rgb:resize{self.resize}:center-crop{self.crop}:bilinear:uint8")
-        stats = (os.stat(folder / f) for f in self._files)  # size+mtime: see module docstring
+        self._limits = current_limits()
         self.fingerprint = _fingerprint(
             source="imagefolder", split=split, limit=limit, geometry=self.geometry,
-            classes=self.classes, keys=self.keys, labels=self.labels,
-            content=(f"{s.st_size}:{s.st_mtime_ns}\n".encode() for s in stats))
+            classes=self.classes, keys=self.keys, labels=self.labels, content=self._file_records())
+
+    def _file_records(self):
+        """size:mtime per file (see the module docstring); a file above the size cap is refused
+        here, before anything reads it."""
+        cap = self._limits.max_image_bytes
+        for f in self._files:
+            st = os.stat(self.folder / f)
+            if st.st_size > cap:
+                above = self._limits.above("max_image_bytes", st.st_size, " bytes")
+                raise DataError(f"imagefolder: {self.folder / f} is {above}; refused unread")
+            yield f"{st.st_size}:{st.st_mtime_ns}\n".encode()
 
     def encoded_image(self, i: int) -> tuple[str, bytes]:
         path = self.folder / self._files[i]
@@ -97,6 +198,10 @@ class ImageFolderSource(LazySource):
         path = self.folder / self._files[i]
         try:
             with Image.open(path) as im:
+                # The header gives the size: refuse a decompression bomb before decoding it.
+                w, h = im.size
+                if (above := self._limits.above("max_image_pixels", w * h, " pixels")) is not None:
+                    raise DataError(f"imagefolder: {path} is {w}x{h} = {above}; refused undecoded")
                 im = im.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"cannot decode image {path}: {e}") from e

@@ -1,5 +1,6 @@
 """wds:PATTERN — WebDataset tar shards (image + .cls), indexed once and read by seeking to
-each member. Member rules (names, links, refused pickle extensions) are `enspipe.tarsafe`'s.
+each member. Member rules (names, links, refused pickle extensions, sizes) are
+`enspipe.tarsafe`'s; the caps on sizes, labels and pixels are `enspipe.limits`'.
 
 The fingerprint's content is per-sample member size and the mtime in its tar header (the
 shards may be far too large to read at load time), and the source kind stands in for the
@@ -18,6 +19,7 @@ import numpy as np
 
 from enspipe import tarsafe
 from enspipe.errors import DataError
+from enspipe.limits import Limits, current_limits, env_name
 
 from .base import Geometry, LazySource, SampleSource, _fingerprint, _sanitise_keys, _stamp
 
@@ -66,14 +68,20 @@ def _member_groups(tf: tarfile.TarFile, shard: Path) -> list[tuple[str, list[tar
     return groups
 
 
-def _sample(tf: tarfile.TarFile, shard: Path, key: str, tis: list[tarfile.TarInfo]
+def _sample(tf: tarfile.TarFile, shard: Path, key: str, tis: list[tarfile.TarInfo], limits: Limits
             ) -> tuple[int, tarfile.TarInfo]:
-    """(label, image member) of one sample; only its ascii `.cls` payload is read."""
+    """(label, image member) of one sample; only its ascii `.cls` payload is read, and only
+    once the headers say both members are within their caps."""
     images = [ti for ti in tis if tarsafe.split_member(ti.name)[1] in WDS_IMAGE_EXTENSIONS]
     cls = [ti for ti in tis if tarsafe.split_member(ti.name)[1] == "cls"]
     if len(images) != 1 or len(cls) != 1:
         raise DataError(f"wds: sample {key!r} in {shard} needs exactly one image "
                         f"({'/'.join(WDS_IMAGE_EXTENSIONS)}) and one .cls member")
+    for ti, cap in ((images[0], "max_image_bytes"), (cls[0], "max_label_bytes")):
+        problem = tarsafe.check_member_size(ti, getattr(limits, cap))
+        if problem:
+            raise DataError(f"wds: member {ti.name!r} in {shard} is {problem} (raise it with "
+                            f"{env_name(cap)}); refused unread")
     payload = tf.extractfile(cls[0]).read()
     try:
         label = int(payload.decode("ascii").strip())
@@ -82,18 +90,28 @@ def _sample(tf: tarfile.TarFile, shard: Path, key: str, tis: list[tarfile.TarInf
                         f"an ascii integer: {payload[:20]!r}") from None
     if label < 0:
         raise DataError(f"wds: sample {key!r} in {shard} has negative label {label}")
+    if label >= limits.max_classes:
+        raise DataError(f"wds: sample {key!r} in {shard} has label {label}, above the limit of "
+                        f"{limits.max_classes} classes (raise it with {env_name('max_classes')})")
     return label, images[0]
 
 
 @functools.lru_cache(maxsize=4)
-def _wds_index(shards: tuple[Path, ...], stamp: tuple) -> dict:
+def _wds_index(shards: tuple[Path, ...], stamp: tuple, limits: Limits) -> dict:
     """Scan the tars: per sample its raw key, label, and image `Member`. Nothing is
-    decoded except the ascii `.cls` payloads."""
+    decoded except the ascii `.cls` payloads, and nothing is read whose size is above its cap."""
     keys: list[str] = []
     labels: list[int] = []
     members: list[Member] = []
     seen: set[str] = set()
     for s, shard in enumerate(shards):
+        # tarfile reads pax headers and long names whole while it lists the members:
+        # their sizes are checked from the raw headers first.
+        with open(shard, "rb") as f:
+            problem = tarsafe.oversized_metadata(f, limits.max_metadata_bytes)
+        if problem:
+            raise DataError(f"wds: {shard} has {problem} (raise it with ENSPIPE_MAX_METADATA_BYTES); "
+                            "refused unread")
         try:
             tf = tarfile.open(shard, mode="r:")  # uncompressed: random access needs offsets
         except (tarfile.TarError, OSError) as e:
@@ -104,7 +122,7 @@ def _wds_index(shards: tuple[Path, ...], stamp: tuple) -> dict:
                     if key in seen:
                         raise DataError(f"wds: sample key {key!r} occurs twice (again in {shard})")
                     seen.add(key)
-                    label, im = _sample(tf, shard, key, tis)
+                    label, im = _sample(tf, shard, key, tis, limits)
                     keys.append(key)
                     labels.append(label)
                     members.append((s, im.offset_data, im.size,
@@ -125,7 +143,8 @@ class WebDatasetSource(LazySource):
 
     def __init__(self, pattern: str, split: str, limit: int | None, image_size: int | None):
         self._shards = _expand_shards(pattern)
-        index = _wds_index(tuple(self._shards), _stamp(*self._shards))
+        self._limits = current_limits()
+        index = _wds_index(tuple(self._shards), _stamp(*self._shards), self._limits)
         keys, labels, members = index["keys"], index["labels"], index["members"]
         if limit is not None:
             keys, labels, members = keys[:limit], labels[:limit], members[:limit]
@@ -170,6 +189,10 @@ class WebDatasetSource(LazySource):
             if len(data) != size:
                 raise OSError(f"shard ends after {len(data)} of {size} bytes")
             im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if (above := self._limits.above("max_image_pixels", w * h, " pixels")) is not None:
+                raise DataError(f"wds: the image of sample {self._raw_keys[i]!r} in {self._shards[shard_no]} "
+                                f"is {w}x{h} = {above}; refused undecoded")
             im.load()
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"wds: cannot decode the image of sample {self._raw_keys[i]!r} "

@@ -145,8 +145,10 @@ def run_diagnose(models: Mapping[str, str | nn.Module], *, other: str | nn.Modul
     `diagnose`, return the path of `diagnostics.json`. `options` go to `diagnose`."""
     from enspipe.data import create_dataset
     from enspipe.models import load_model_for
+    from enspipe.paths import check_output
     from enspipe.runtime import resolve_device
 
+    check_output(out_dir)  # never inside a store
     eps = attacks.parse_eps(eps) if isinstance(eps, str) else float(eps)
     dev = resolve_device(device)
     data = create_dataset(dataset, split=split, limit=limit, data_root=data_root, image_size=image_size)

@@ -102,19 +102,25 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
     from enspipe.runtime import resolve_device
     from enspipe.stores import create_store, open_writer
 
+    from enspipe.models import is_model_path
+    from enspipe.paths import check_store_root
+
     device = resolve_device(cfg.device)
     if not cfg.scheduler:  # an existing cluster's workers choose their own device
         check_precision(cfg.precision, device)
-    if cfg.weights is None and not cfg.pretrained and not Path(cfg.model).expanduser().exists():
+    model_is_path = is_model_path(cfg.model, weights_given=cfg.weights is not None or cfg.pretrained)
+    if cfg.weights is None and not cfg.pretrained and not model_is_path:
         # An architecture name alone would be a randomly initialised "static" model.
         raise ConfigError(f"--model {cfg.model} is no run directory or checkpoint; an architecture name "
                           "needs --weights CHECKPOINT or --pretrained")
     check_root(cfg.out)
+    check_store_root(cfg.out)
     with contextlib.ExitStack() as stack:
         # An existing scheduler is reached first (it is cheap), so an unreachable one fails
         # in seconds; a local cluster is only started when there is work for it.
         client = connect(cfg.scheduler, stack) if cfg.scheduler else None
-        dataset, model, sha = _open_inputs(absolute_if_path(cfg.model), absolute_if_path(cfg.weights),
+        dataset, model, sha = _open_inputs(absolute_if_path(cfg.model) if model_is_path else cfg.model,
+                                           absolute_if_path(cfg.weights),
                                            cfg.pretrained, cfg.dataset, cfg.split, cfg.limit,
                                            absolute_if_path(cfg.data_root), device, cfg.image_size)
         create_root(cfg.out)

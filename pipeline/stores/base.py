@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Iterator, Protocol, Sequence
 import numpy as np
 
 from enspipe.errors import StoreError
+from enspipe.fileio import naming
 
 from .manifest import (
     StoreIdentity,
@@ -138,10 +139,14 @@ class StoreWriter(_StoreFiles):
         if len(keys) != n or not all(isinstance(k, str) for k in keys):
             raise StoreError(f"shard {s}: keys must be {n} strings, got {len(keys)} items.")
 
-        files, extra = self._write_files(
-            int(s), start, stop, direction=direction, logits=logits, label=label,
-            keys=keys, images=images, true_label=true_label, image_files=image_files,
-        )
+        try:
+            files, extra = self._write_files(
+                int(s), start, stop, direction=direction, logits=logits, label=label,
+                keys=keys, images=images, true_label=true_label, image_files=image_files,
+            )
+        except OSError as e:  # zarr's own writes name no file: say which store and shard
+            raise naming(e, f"{self.path} (shard {s})")
+
         record = {
             "shard": int(s),
             "start": start,

@@ -30,7 +30,8 @@ encoded by a small thread pool (zlib and PIL release the GIL), in order.
 
 Reading never uses WebDataset's default decoder (it unpickles .pyd/.pickle and
 torch.loads .pth): members are decoded here with numpy (allow_pickle=False) and PIL, and
-a tar with a link, a path-like name or a pickle/torch member is refused outright.
+a tar with a link, a path-like name or a pickle/torch member is refused outright, as is a
+tar or member larger than the store's geometry allows (`member_bounds`), before it is read.
 """
 from __future__ import annotations
 
@@ -48,12 +49,15 @@ from typing import Any
 
 import numpy as np
 
+from enspipe import tarsafe
 from enspipe.errors import StoreError
 from enspipe.fileio import atomic_target
+from enspipe.limits import current_limits
 from enspipe.tarsafe import PICKLE_EXTENSIONS as FORBIDDEN_EXTS
 
 from .base import StoreReader, StoreWriter
 from .manifest import schema_errors, shard_range
+from .wds_bounds import max_tar_bytes, member_bound, member_bounds
 
 PREFIX = "shard"
 PNG_LEVEL = 6
@@ -280,10 +284,15 @@ def decode_tar(data: bytes, tar: Path, manifest: dict, s: int, *, with_images: b
     K = ident["num_classes"]
 
     samples: OrderedDict[str, dict[str, bytes]] = OrderedDict()
+    bounds = member_bounds(manifest)
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
             for m in tf:
                 key, ext = _check_member(tar, m)
+                problem = tarsafe.check_member_size(m, member_bound(bounds, ext))
+                if problem:
+                    raise StoreError(f"tar {tar} member {m.name!r} is {problem} for this store's geometry; "
+                                     "the shard is refused.")
                 samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
     except tarfile.TarError as exc:
         raise StoreError(f"tar {tar} cannot be read: {exc}.") from None
@@ -363,10 +372,38 @@ def check_source_image(data: bytes) -> None:
         im.verify()
 
 
+def _check_headers(tar: Path, manifest: dict) -> None:
+    """Every member of `tar` safe and within its bound, from the headers alone (tarfile seeks
+    over member data; pax and GNU long-name members are capped by `tarsafe` first)."""
+    bounds = member_bounds(manifest)
+    try:
+        with open(tar, "rb") as f:
+            problem = tarsafe.oversized_metadata(f, current_limits().max_metadata_bytes)
+            if problem:
+                raise StoreError(f"tar {tar} has {problem}; the shard is refused unread.")
+            f.seek(0)
+            with tarfile.open(fileobj=f, mode="r:") as tf:
+                for m in tf:
+                    _, ext = _check_member(tar, m)
+                    problem = tarsafe.check_member_size(m, member_bound(bounds, ext))
+                    if problem:
+                        raise StoreError(f"tar {tar} member {m.name!r} is {problem} for this store's geometry; "
+                                         "the shard is refused unread.")
+    except tarfile.TarError as exc:
+        raise StoreError(f"tar {tar} cannot be read: {exc}.") from None
+
+
 def read_shard_bytes(path: Path, manifest: dict, s: int, record: dict) -> bytes:
     """The tar's bytes, checked against the shard's sha256 (cheap next to decoding)."""
     tar = path / tar_name(s)
     try:
+        if (size := tar.stat().st_size) > max_tar_bytes(manifest, s):
+            # Larger than pixels at this geometry allow: only source images may make it so.
+            # Every member's header is checked before a byte of data is read.
+            if size > (cap := max_tar_bytes(manifest, s, sources=True)):
+                raise StoreError(f"shard {s}: file {tar_name(s)} of store {path} is {size} bytes, more than its "
+                                 f"samples can take at this geometry ({cap}); refused unread.")
+            _check_headers(tar, manifest)
         data = tar.read_bytes()
     except FileNotFoundError:
         raise StoreError(f"shard {s}: missing file {tar_name(s)} in store {path}.") from None

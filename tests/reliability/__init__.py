@@ -19,13 +19,18 @@ One test module per promise:
   5. Workers dying      test_workers.py: a dask worker killed mid-shard (full sweep).
   6. Disk full          test_disk_full.py: a size-limited tmpfs (or a simulated ENOSPC): a
                         clear error, then resume.
+  7. Hostile files      test_security.py: hostile model files, tars, image folders and output
+                        paths: one line naming the file and the bound, peak RSS below 1 GiB,
+                        nothing changed outside --out; symlink loops, name resolution, a full
+                        disk naming the file, the umask's modes.
 
 The harness lives beside them: sweep.py (the CI subset / full sweep split and the counts),
 processes.py (running enspipe as real processes, forked from zygote.py), faults.py (exact
 kill points and ENOSPC, installed from outside the product), kills.py (killing runs and
 re-running them), reference.py (the workload and its uninterrupted reference store and run),
 forge.py (damaged stores, hostile tars and pickles, the files bad invocations point at),
-disk.py (a size-limited tmpfs); conftest.py holds the fixtures all modules share.
+disk.py (a size-limited tmpfs), sentinel.py (snapshots proving nothing else changed);
+conftest.py holds the fixtures all modules share.
 
 The default run is the CI subset (about a minute on two cores). The full sweep runs the
 same tests with more kill points, trials and fuzzing, plus the cases marked `slow`:

@@ -46,6 +46,12 @@ class Forked:
     def returncode(self) -> int | None:
         return self.zygote.exits.get(self.rid)
 
+    @property
+    def peak_rss(self) -> int | None:
+        """Bytes: the child's peak resident memory, once it has ended."""
+        kib = self.zygote.maxrss.get(self.rid)
+        return None if kib is None else kib * 1024
+
     def poll(self) -> int | None:
         return self.returncode
 
@@ -72,6 +78,7 @@ class Zygote:
         self.cond = threading.Condition()
         self.pids: dict[int, int] = {}
         self.exits: dict[int, int] = {}
+        self.maxrss: dict[int, int] = {}
         self.next_id = 0
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -79,6 +86,8 @@ class Zygote:
         for line in self.proc.stdout:  # type: ignore[union-attr]
             event = json.loads(line)
             with self.cond:
+                if "maxrss" in event:
+                    self.maxrss[event["id"]] = event["maxrss"]
                 (self.pids if "pid" in event else self.exits)[event["id"]] = event.get("pid", event.get("exit"))
                 self.cond.notify_all()
 
@@ -122,19 +131,38 @@ def spawn(*args, log: Path, faults: tuple[str, ...] = (), env: dict | None = Non
     return _zygote.spawn(list(args), log=log, faults=faults, env=env or ENV, cwd=cwd, uid=uid)
 
 
-def enspipe(*args, faults: tuple[str, ...] = (), timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run enspipe ARGS to the end; stdout and stderr as text."""
+def enspipe(*args, faults: tuple[str, ...] = (), timeout: float = 600, cwd: Path = REPO,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run enspipe ARGS to the end; stdout and stderr as text, and in `.peak_rss` the process's
+    peak resident memory in bytes (from wait4: exact, not sampled)."""
     if not _LOGS:
         _LOGS.append(Path(tempfile.mkdtemp(prefix="enspipe-rel-logs-")))
-    proc = spawn(*args, faults=faults, log=_LOGS[0] / f"run-{time.monotonic_ns()}.log")
+    proc = spawn(*args, faults=faults, log=_LOGS[0] / f"run-{time.monotonic_ns()}.log", cwd=cwd, env=env)
+    peak = None
     try:
-        proc.wait(timeout=timeout)
+        if isinstance(proc, Forked):
+            proc.wait(timeout=timeout)
+            peak = proc.peak_rss
+        else:
+            peak = _wait4(proc, timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     out, err = outputs(proc)
-    return subprocess.CompletedProcess(list(args), proc.returncode, out, err)
+    done = subprocess.CompletedProcess(list(args), proc.returncode, out, err)
+    done.peak_rss = peak  # type: ignore[attr-defined]
+    return done
+
+
+def _wait4(proc: subprocess.Popen, timeout: float) -> int | None:
+    """Wait for a Popen child with wait4 (Popen.wait discards the rusage); its peak RSS in bytes."""
+    deadline = time.monotonic() + timeout
+    while (peak := _reaped(proc)) is False:
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        time.sleep(0.01)
+    return peak  # type: ignore[return-value]
 
 
 def outputs(proc: subprocess.Popen) -> tuple[str, str]:
@@ -155,8 +183,8 @@ def error_line(stderr: str, info_prefixes: tuple[str, ...] = ("precompute: ", "r
 
 
 def run_many(cases: list[dict], work: Path, *, fresh: bool, parallel: int = 2) -> list[dict]:
-    """Run each case ({"argv", "cwd", "uid"}) as its own enspipe process, `parallel` at a time;
-    returns each one's {"rc", "stdout", "stderr"}."""
+    """Run each case ({"argv", "cwd", "uid"}, optionally "env") as its own enspipe process,
+    `parallel` at a time; returns each one's {"rc", "stdout", "stderr", "peak_rss"} (bytes)."""
     results: list[dict | None] = [None] * len(cases)
     pending = list(enumerate(cases))
     running: list[tuple[int, object]] = []
@@ -164,15 +192,31 @@ def run_many(cases: list[dict], work: Path, *, fresh: bool, parallel: int = 2) -
         while pending and len(running) < parallel:
             i, case = pending.pop(0)
             log = work / f"{'fresh' if fresh else 'forked'}{i}.log"
-            running.append((i, spawn(*case["argv"], log=log, cwd=Path(case["cwd"]), uid=case["uid"], fresh=fresh)))
+            running.append((i, spawn(*case["argv"], log=log, cwd=Path(case["cwd"]), uid=case["uid"], fresh=fresh,
+                                     env=case.get("env"))))
         time.sleep(0.01)
         for item in list(running):
             i, proc = item
-            if proc.poll() is not None:  # type: ignore[attr-defined]
+            peak = _reaped(proc)
+            if peak is not False:
                 out, err = outputs(proc)  # type: ignore[arg-type]
-                results[i] = {"rc": proc.returncode, "stdout": out, "stderr": err}  # type: ignore[attr-defined]
+                results[i] = {"rc": proc.returncode, "stdout": out, "stderr": err,  # type: ignore[attr-defined]
+                              "peak_rss": peak}
                 running.remove(item)
     return results  # type: ignore[return-value]
+
+
+def _reaped(proc) -> int | None | bool:
+    """False while PROC runs; once it has ended, its peak RSS in bytes (None if unknown)."""
+    if isinstance(proc, Forked):
+        return False if proc.poll() is None else proc.peak_rss
+    if proc.returncode is not None:
+        return None
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if not pid:
+        return False
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss * 1024
 
 
 def shutdown() -> None:

@@ -40,7 +40,9 @@ def _disk_full_test(static: Path, ref: Ref, work: Path, how: str, fmt: str, frac
         TALLY["disk-full runs"] += 1
         full = enspipe(*args, faults=faults)
         assert full.returncode == 1, full.stderr
-        assert "No space left on device" in error_line(full.stderr)
+        line = error_line(full.stderr)
+        assert "No space left on device" in line
+        assert f": {root}/" in line, line  # names the file (or store and shard) it could not write
         assert full.stdout == ""
         (store,) = store_dirs(root) or [None]
         if store is not None:  # nothing looks complete, and no temp file is left holding space

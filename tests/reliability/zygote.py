@@ -15,7 +15,9 @@ printed as the interpreter would, exit status 1). The tests signal children by p
 Request:  {"id": 1, "argv": [...], "env": {...}, "cwd": "...", "out": "...", "err": "...",
            "faults": ["kill-mid-write:..."], "uid": null}
 Events:   {"id": 1, "pid": 1234}           once the child exists
-          {"id": 1, "exit": -9}            when it ends (negative: killed by that signal)
+          {"id": 1, "exit": -9, "maxrss": 812345}
+                                           when it ends (negative: killed by that signal);
+                                           maxrss: its peak resident memory in KiB (wait4)
 
 The full sweep (ENSPIPE_SWEEP=full) does not use this: it starts every process as a fresh
 `python -m enspipe` interpreter.
@@ -143,12 +145,12 @@ def serve() -> None:
                 except ProcessLookupError:
                     pass
         while children:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
             if pid == 0:
                 break
             rid = children.pop(pid, None)
             if rid is not None:
-                emit({"id": rid, "exit": os.waitstatus_to_exitcode(status)})
+                emit({"id": rid, "exit": os.waitstatus_to_exitcode(status), "maxrss": usage.ru_maxrss})
 
 
 if __name__ == "__main__":
