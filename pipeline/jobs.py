@@ -1,47 +1,61 @@
 """Job specs: a TOML file of experiments, run as a graph of cached steps.
 
+(Over 400 lines on purpose: parsing, keys and the four step runners read one spec format;
+the cache and publishing live in `enspipe.jobcache`.)
+
 A spec names models to train, stores to precompute from them, evaluations, diagnostics
 and a report:
 
     [job]       name, description, include = ["other.toml"]   (included tables merge first)
-    [data]      dataset, data_root, train_limit, test_limit
+    [data]      dataset, data_root, train_limit, test_limit, image_size
     [budget]    limit, test_limit, epochs | epoch_scale        (reduced scale for a CPU)
     [defaults]  any training option applied to every model
-    [models.NAME]    arch, mode (clean|adv|ens-adv), stores = [...], seed, epochs, ...
-    [stores.NAME]    model, attack, label, format, shard_size
-    [evaluate.NAME]  targets, sources, attacks, eps, ensemble_source, limit
-    [diagnose.NAME]  models, other, eps, limit
-    [report]         paper (a key of enspipe.report's paper tables)
+    [models.NAME]    arch, shards = [STORE STEPS], train, + any TrainConfig field
+    [stores.NAME]    model = MODEL STEP, attack, + any PrecomputeConfig field
+    [evaluate.NAME]  targets, sources, binarized = [MODEL STEPS], + any EvalConfig field
+    [diagnose.NAME]  models, other = MODEL STEPS, + any DiagnoseConfig field
+    [report]         paper (a key of enspipe.report's paper tables), title
+
+A step's keys are its stage's config fields (`enspipe.config`): the same names, types and
+defaults as the command line's flags (`adv_fraction` is `--adv-fraction`), except where the
+job supplies a field itself: the data ([data] / [budget]), the device and the output
+location (`enspipe run --device / --out / --cache`), and the models and stores a step uses,
+which are other steps' names. Old names are accepted as aliases: `stores` for `shards`,
+`workers` for `loader_workers`, `attack` for a store step's one attack.
 
 Every step's key hashes its own resolved options and the keys of the steps it uses, so
 a step whose inputs did not change is reused from the cache (a second run, or another
 job sharing a static model and dataset), and one whose inputs changed runs again. The
 cache lives under `--cache` (default $ENSPIPE_CACHE or ~/.cache/enspipe) and is shared
-between jobs; each job's own outputs (results, report) go under `--out`.
+between jobs; each job's outputs are published under `--out` as real files.
 
-Parsing is strict: unknown keys, wrong types and dangling references are errors naming
-the file and line.
+Parsing is strict: unknown keys, wrong types, dangling references and names that are not
+safe as paths are errors naming the file and line.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from enspipe.errors import ConfigError
+from enspipe.config import Option, OptionError, config_defaults, job_keys, parse_config, speak, toml_line
+from enspipe.errors import ConfigError, EnspipeError
+from enspipe.jobcache import default_cache, is_cache_link, publish, register_job, step_lock
+from enspipe.naming import check_name
+
+__all__ = ["Job", "Step", "default_cache", "load_job", "plan", "run_job"]
 
 STEP_KINDS = ("models", "stores", "evaluate", "diagnose")
 
-# Allowed keys per table, with their types: strict parsing.
+# The job-level tables, with their types: strict parsing.
 _STR, _INT, _FLOAT, _BOOL, _LIST = str, int, (int, float), bool, list
 SCHEMA: dict[str, dict[str, Any]] = {
     "job": {"name": _STR, "description": _STR, "include": _LIST},
@@ -49,32 +63,52 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "budget": {"limit": _INT, "test_limit": _INT, "epochs": _INT, "epoch_scale": _FLOAT, "note": _STR},
     "report": {"paper": _STR, "title": _STR},
 }
-TRAIN_KEYS: dict[str, Any] = {
-    "arch": _STR, "mode": _STR, "stores": _LIST, "seed": _INT, "epochs": _INT, "batch_size": _INT,
-    "optimizer": _STR, "lr": _FLOAT, "lr_decay": _FLOAT, "lr_decay_every": _INT, "eps": (str, int, float),
-    "eps_dist": _STR, "adv_fraction": _FLOAT, "attack": _STR, "augment": _STR, "weights": _STR,
-    "description": _STR, "workers": _INT, "pretrained": _BOOL,
+
+# Job-only keys of each step kind: key -> (the config field it fills or None, its type, the
+# kind of step its values name or None).
+STRUCTURE: dict[str, dict[str, tuple[str | None, type, str | None]]] = {
+    "models": {"arch": ("model", str, None), "shards": ("shards", list, "stores"), "train": (None, bool, None),
+               "description": (None, str, None)},
+    "stores": {"model": ("model", str, "models"), "description": (None, str, None)},
+    "evaluate": {"targets": ("models", list, "models"), "sources": ("sources", list, "models"),
+                 "binarized": ("binarized", list, "models"), "description": (None, str, None)},
+    "diagnose": {"models": ("models", list, "models"), "other": ("other", str, "models"),
+                 "description": (None, str, None)},
 }
-STEP_SCHEMA: dict[str, dict[str, Any]] = {
-    "models": TRAIN_KEYS,
-    "stores": {"model": _STR, "attack": _STR, "label": _STR, "format": _STR, "shard_size": _INT,
-               "batch_size": _INT, "description": _STR},
-    "evaluate": {"targets": _LIST, "sources": _LIST, "attacks": _LIST, "eps": (str, int, float),
-                 "ensemble_source": _BOOL, "limit": _INT, "batch_size": _INT, "binarized": _LIST,
-                 "description": _STR},
-    "diagnose": {"models": _LIST, "other": _STR, "eps": (str, int, float), "limit": _INT,
-                 "steps": _INT, "subspace_points": _INT, "description": _STR},
-}
-DEFAULTS_KEYS = {k: v for k, v in TRAIN_KEYS.items() if k not in ("arch", "stores", "description", "pretrained")}
+ALIASES: dict[str, dict[str, str]] = {"models": {"stores": "shards", "workers": "loader_workers"},
+                                      "stores": {"attack": "attacks"}, "evaluate": {}, "diagnose": {}}
+SPEED_ONLY = {"loader_workers", "dask_workers", "scheduler"}  # never part of a step's key
+
+
+def step_configs() -> dict[str, type]:
+    """The config class of each step kind."""
+    from enspipe.diagnostics.stage import DiagnoseConfig
+    from enspipe.evaluate import EvalConfig
+    from enspipe.precompute.config import PrecomputeConfig
+    from enspipe.train import TrainConfig
+
+    return {"models": TrainConfig, "stores": PrecomputeConfig, "evaluate": EvalConfig, "diagnose": DiagnoseConfig}
+
+
+def step_keys(kind: str) -> set[str]:
+    """Every key a `[KIND.NAME]` table accepts (aliases not included)."""
+    return set(STRUCTURE[kind]) | job_keys(step_configs()[kind])
+
+
+def defaults_keys() -> set[str]:
+    """What `[defaults]` may set for every model."""
+    return job_keys(step_configs()["models"]) - {"shards", "pretrained"}
 
 
 @dataclass
 class Step:
     kind: str                      # models | stores | evaluate | diagnose
     name: str
-    options: dict[str, Any]
+    options: dict[str, Any]        # canonical keys
     deps: list[tuple[str, str]] = field(default_factory=list)   # (kind, name)
     key: str = ""
+    written: dict[str, str] = field(default_factory=dict)       # canonical key -> the key as written
+    origin: dict[str, str] = field(default_factory=dict)        # key -> "defaults" when it came from there
 
     @property
     def id(self) -> str:
@@ -94,23 +128,6 @@ class Job:
 
 # --- Parsing ------------------------------------------------------------------------------
 
-def _line_of(text: str, table: str, key: str | None = None) -> int | None:
-    """The line where `[table]` (or `key` inside it) is written, for error messages."""
-    lines = text.splitlines()
-    header = re.compile(r"^\s*\[\s*" + re.escape(table).replace(r"\.", r"\s*\.\s*") + r"\s*\]\s*(#.*)?$")
-    for i, line in enumerate(lines):
-        if header.match(line):
-            if key is None:
-                return i + 1
-            for j in range(i + 1, len(lines)):
-                if lines[j].lstrip().startswith("["):
-                    break
-                if re.match(r"^\s*" + re.escape(key) + r"\s*=", lines[j]):
-                    return j + 1
-            return i + 1
-    return None
-
-
 class _Spec:
     """The merged TOML of a spec and its includes, with the text kept for line numbers."""
 
@@ -128,11 +145,11 @@ class _Spec:
             raw = tomllib.loads(self.text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: {e}") from None
-        self.sources: dict[str, Path] = {}   # table -> the file that defines it
+        self.sources: dict[tuple[str, ...], Path] = {}   # table -> the file that defines it
         merged: dict[str, Any] = {}
         includes = raw.get("job", {}).get("include", [])
         if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
-            raise ConfigError(self.where("job", "include") + "include must be a list of paths")
+            raise ConfigError(self.where(("job",), "include") + "include must be a list of paths")
         self.children = [_Spec(path.parent / inc, (*stack, path)) for inc in includes]
         for child in self.children:
             _merge(merged, child.raw)
@@ -141,14 +158,15 @@ class _Spec:
         for table, value in raw.items():
             if isinstance(value, dict) and table in STEP_KINDS:
                 for name in value:
-                    self.sources[f"{table}.{name}"] = path
-            self.sources[table] = path
+                    self.sources[(table, name)] = path
+            self.sources[(table,)] = path
         self.raw = merged
 
-    def where(self, table: str, key: str | None = None) -> str:
+    def where(self, table: tuple[str, ...], key: str | None = None) -> str:
+        """'FILE:LINE: ' of `[table]` (or its `key`), for messages."""
         path = self.sources.get(table, self.path)
         text = self.text if path == self.path else path.read_text()
-        line = _line_of(text, table, key)
+        line = toml_line(text, table, key)
         return f"{path}:{line}: " if line else f"{path}: "
 
 
@@ -160,22 +178,50 @@ def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
             into[k] = v
 
 
-def _check_table(spec: _Spec, table: str, values: Any, schema: dict[str, Any]) -> dict[str, Any]:
+def _check_table(spec: _Spec, table: tuple[str, ...], values: Any, schema: dict[str, Any]) -> dict[str, Any]:
+    name = ".".join(table)
     if not isinstance(values, dict):
-        raise ConfigError(spec.where(table) + f"[{table}] must be a table")
+        raise ConfigError(spec.where(table) + f"[{name}] must be a table")
     for k, v in values.items():
         if k not in schema:
-            raise ConfigError(spec.where(table, k) + f"unknown key {k!r} in [{table}] "
+            raise ConfigError(spec.where(table, k) + f"unknown key {k!r} in [{name}] "
                               f"(allowed: {', '.join(sorted(schema))})")
         want = schema[k]
         if isinstance(v, bool) and want is not _BOOL and (want is _INT or want == _FLOAT):
-            raise ConfigError(spec.where(table, k) + f"{table}.{k} must be a number, not a boolean")
+            raise ConfigError(spec.where(table, k) + f"{name}.{k} must be a number, not a boolean")
         if not isinstance(v, want):
             names = "/".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
-            raise ConfigError(spec.where(table, k) + f"{table}.{k} must be {names}, not {type(v).__name__}")
+            raise ConfigError(spec.where(table, k) + f"{name}.{k} must be {names}, not {type(v).__name__}")
         if want is _LIST and not all(isinstance(i, str) for i in v):
-            raise ConfigError(spec.where(table, k) + f"{table}.{k} must be a list of strings")
+            raise ConfigError(spec.where(table, k) + f"{name}.{k} must be a list of strings")
     return dict(values)
+
+
+def _canonical(spec: _Spec, table: tuple[str, ...], kind: str, values: Any,
+               allowed: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """A step table's options under their canonical keys, and each key as it was written.
+    Unknown keys and structure keys of the wrong type are errors naming FILE:LINE."""
+    name = ".".join(table)
+    if not isinstance(values, dict):
+        raise ConfigError(spec.where(table) + f"[{name}] must be a table")
+    out: dict[str, Any] = {}
+    written: dict[str, str] = {}
+    for k, v in values.items():
+        key = ALIASES[kind].get(k, k)
+        if key not in allowed:
+            raise ConfigError(spec.where(table, k) + f"unknown key {k!r} in [{name}] "
+                              f"(allowed: {', '.join(sorted(allowed))})")
+        if key in written:
+            raise ConfigError(spec.where(table, k) + f"{name}: {k} and {written[key]} are one option; keep one")
+        if kind == "stores" and key == "attacks" and isinstance(v, str):
+            v = [v]  # `attack = "fgsm"`: a store step's one attack
+        if key in STRUCTURE[kind]:
+            want = STRUCTURE[kind][key][1]
+            if not isinstance(v, want) or want is list and not all(isinstance(i, str) for i in v):
+                what = "a list of step names" if want is list else want.__name__
+                raise ConfigError(spec.where(table, k) + f"{name}.{k} must be {what}, not {type(v).__name__}")
+        out[key], written[key] = v, k
+    return out, written
 
 
 def load_job(path: str | os.PathLike) -> Job:
@@ -185,102 +231,112 @@ def load_job(path: str | os.PathLike) -> Job:
     tables: dict[str, dict[str, Any]] = {}
     for table in raw:
         if table not in SCHEMA and table not in STEP_KINDS and table != "defaults":
-            raise ConfigError(spec.where(table) + f"unknown table [{table}] (allowed: "
+            raise ConfigError(spec.where((table,)) + f"unknown table [{table}] (allowed: "
                               f"{', '.join([*SCHEMA, 'defaults', *STEP_KINDS])})")
     for table, schema in SCHEMA.items():
-        tables[table] = _check_table(spec, table, raw.get(table, {}), schema)
-    defaults = _check_table(spec, "defaults", raw.get("defaults", {}), DEFAULTS_KEYS)
+        tables[table] = _check_table(spec, (table,), raw.get(table, {}), schema)
+    defaults, defaults_written = _canonical(spec, ("defaults",), "models", raw.get("defaults", {}), defaults_keys())
     job_name = tables["job"].get("name") or Path(path).stem
+    try:
+        check_name(job_name, "job name")  # it names the default output folder runs/NAME
+    except ConfigError as e:
+        raise ConfigError(spec.where(("job",), "name") + str(e)) from None
     if "dataset" not in tables["data"]:
-        raise ConfigError(spec.where("data") + "[data] needs a dataset (e.g. dataset = \"digits\")")
+        raise ConfigError(spec.where(("data",)) + "[data] needs a dataset (e.g. dataset = \"digits\")")
 
     steps: dict[str, Step] = {}
     for kind in STEP_KINDS:
         entries = raw.get(kind, {})
         if not isinstance(entries, dict):
-            raise ConfigError(spec.where(kind) + f"[{kind}] must hold named tables like [{kind}.NAME]")
+            raise ConfigError(spec.where((kind,)) + f"[{kind}] must hold named tables like [{kind}.NAME]")
+        allowed = step_keys(kind)
         for name, options in entries.items():
-            table = f"{kind}.{name}"
-            opts = _check_table(spec, table, options, STEP_SCHEMA[kind])
+            try:
+                check_name(name, "step name")  # it becomes a folder under --out and --cache
+            except ConfigError as e:
+                raise ConfigError(spec.where((kind, name)) + f"[{kind}.{name!r}]: {e}") from None
+            table = (kind, name)
+            opts, written = _canonical(spec, table, kind, options, allowed)
+            step = Step(kind, name, opts, written=written)
             if kind == "models":
-                opts = {**defaults, **opts}
-                if "arch" not in opts:
-                    raise ConfigError(spec.where(table) + f"[{table}] needs arch (e.g. arch = \"A\")")
-            steps[table] = Step(kind, name, opts)
+                step.origin = {k: "defaults" for k in defaults if k not in opts}
+                step.written = {**defaults_written, **written}
+                step.options = {**defaults, **opts}
+                if "arch" not in step.options:
+                    raise ConfigError(spec.where(table) + f"[{kind}.{name}] needs arch (e.g. arch = \"A\")")
+            steps[step.id] = step
 
     def ref(step: Step, key: str, kind: str, value: str) -> None:
         if f"{kind}.{value}" not in steps:
-            raise ConfigError(spec.where(step.id, key) + f"{step.id}.{key} names {value!r}, "
+            raise ConfigError(spec.where((step.kind, step.name), step.written.get(key, key))
+                              + f"{step.id}.{step.written.get(key, key)} names {value!r}, "
                               f"but there is no [{kind}.{value}]")
         step.deps.append((kind, value))
 
     for step in steps.values():
         o = step.options
-        if step.kind == "models":
-            for s in o.get("stores", []):
-                ref(step, "stores", "stores", s)
-            if o.get("mode", "clean") == "ens-adv" and not o.get("stores"):
-                raise ConfigError(spec.where(step.id, "mode") + f"{step.id} is ens-adv but lists no stores")
-        elif step.kind == "stores":
-            if "model" not in o:
-                raise ConfigError(spec.where(step.id) + f"[{step.id}] needs model = \"NAME\"")
-            ref(step, "model", "models", o["model"])
-        elif step.kind == "evaluate":
-            if not o.get("targets"):
-                raise ConfigError(spec.where(step.id) + f"[{step.id}] needs targets = [...]")
-            for key in ("targets", "sources", "binarized"):
-                for m in o.get(key, []):
-                    ref(step, key, "models", m)
-        elif step.kind == "diagnose":
-            if not o.get("models"):
-                raise ConfigError(spec.where(step.id) + f"[{step.id}] needs models = [...]")
-            for m in o["models"]:
-                ref(step, "models", "models", m)
-            if "other" in o:
-                ref(step, "other", "models", o["other"])
-        _validate_values(spec, step)
-    order = _toposort(spec, steps)
-    return Job(Path(path), job_name, tables["job"].get("description", ""), tables["data"],
-               tables["budget"], tables["report"], order)
+        for key, (_, want, target) in STRUCTURE[step.kind].items():
+            if target is not None and key in o:
+                for value in (o[key] if want is list else [o[key]]):
+                    ref(step, key, target, value)
+        if step.kind == "models" and o.get("mode", "clean") == "ens-adv" and not o.get("shards"):
+            raise ConfigError(spec.where((step.kind, step.name), step.written.get("mode", "mode"))
+                              + f"{step.id} is ens-adv but lists no shards")
+        for needed in {"stores": ("model",), "evaluate": ("targets",), "diagnose": ("models",)}.get(step.kind, ()):
+            if not o.get(needed):
+                raise ConfigError(spec.where((step.kind, step.name)) + f"[{step.id}] needs {needed} = "
+                                  + ('"NAME"' if needed == "model" else "[...]"))
+    job = Job(Path(path), job_name, tables["job"].get("description", ""), tables["data"],
+              tables["budget"], tables["report"], _toposort(spec, steps))
+    for step in job.steps:
+        _validate(spec, job, step)
+    return job
 
 
-def _validate_values(spec: _Spec, step: Step) -> None:
-    """Check option values early (names, ranges) so a bad spec fails before any work."""
-    from enspipe.attacks import ATTACKS, parse_eps
-    from enspipe.errors import EnspipeError
-
+def _validate(spec: _Spec, job: Job, step: Step) -> None:
+    """Build the step's config (with placeholders for other steps' outputs), so a bad value
+    fails before any work, with the file, line and key."""
     o = step.options
-    key = None  # the option being checked, so the error names its line
     try:
-        if "eps" in o:
-            key = "eps"
-            o["eps"] = parse_eps(o["eps"])
-        key = "attacks"
-        for a in o.get("attacks", []):
-            if a not in ATTACKS:
-                raise ConfigError(f"unknown attack {a!r} (use {', '.join(ATTACKS)})")
         if step.kind == "models":
             from enspipe.models import check_model_name
-            from enspipe.train import TrainConfig
 
-            key = "arch"
-            check_model_name(o["arch"])
-            key = None
-            TrainConfig(model=o["arch"], **_train_fields(o, shards=("x",) if o.get("mode") == "ens-adv" else ()))
+            try:
+                check_model_name(o["arch"])
+            except EnspipeError as e:
+                raise OptionError("model", f"is no architecture: {e}") from None
+            if not o.get("train", not o.get("pretrained", False)) and not o.get("pretrained", False):
+                raise OptionError("train", "= false uses a model as published: it needs pretrained = true")
         if step.kind == "stores":
-            key = "attack"
-            if o.get("attack", "fgsm") not in ("fgsm", "step_ll"):
-                raise ConfigError(f"attack must be fgsm or step_ll, not {o['attack']!r}")
-            key = "format"
-            if o.get("format", "zarr") not in ("zarr", "wds"):
-                raise ConfigError(f"format must be zarr or wds, not {o['format']!r}")
+            if o.get("format", "zarr") == "both":
+                raise OptionError("format", "must be zarr or wds: a store step makes one store")
+            if len(o.get("attacks", ())) > 1:
+                raise OptionError("attacks", "must name one attack: a store step makes one store "
+                                  "(write one [stores.NAME] per attack)")
+        cfg = step_config(job, step)
+        # Values written as text and parsed by their field ("16/256") are kept as parsed, so a
+        # step's key does not depend on how a number was written.
+        for f in dataclasses.fields(cfg):
+            if isinstance(o.get(f.name), str) and f.metadata.get("option", Option()).parse is not None:
+                o[f.name] = getattr(cfg, f.name)
+    except OptionError as e:
+        table, key = _key_of(step, e.field)
+        shown = f"{'.'.join(table)}.{key}" if table != (step.kind, step.name) else f"{step.id}.{key}"
+        raise ConfigError(spec.where(table, key) + e.render(shown, lambda f: _key_of(step, f)[1])) from None
     except EnspipeError as e:
-        raise ConfigError(spec.where(step.id, key if key in o else None) + f"[{step.id}]: {e}") from None
+        raise ConfigError(spec.where((step.kind, step.name)) + f"[{step.id}]: "
+                          + speak(str(e), lambda f: _key_of(step, f)[1])) from None
 
 
-def _train_fields(o: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    skip = {"arch", "stores", "description", "pretrained"}
-    return {**{k: v for k, v in o.items() if k not in skip}, **extra}
+def _key_of(step: Step, field_name: str) -> tuple[tuple[str, ...], str]:
+    """The table and key (as written) that fill config field `field_name` of this step."""
+    for key, (fld, _, _) in STRUCTURE[step.kind].items():
+        if fld == field_name:
+            return (step.kind, step.name), step.written.get(key, key)
+    if field_name in ("dataset", "data_root", "image_size"):
+        return ("data",), field_name
+    key = step.written.get(field_name, field_name)
+    return (("defaults",) if step.origin.get(field_name) == "defaults" else (step.kind, step.name)), key
 
 
 def _toposort(spec: _Spec, steps: dict[str, Step]) -> list[Step]:
@@ -291,7 +347,8 @@ def _toposort(spec: _Spec, steps: dict[str, Step]) -> list[Step]:
         if state.get(sid) == 2:
             return
         if state.get(sid) == 1:
-            raise ConfigError(spec.where(sid) + "dependency cycle: " + " -> ".join((*chain, sid)))
+            kind, name = sid.split(".", 1)
+            raise ConfigError(spec.where((kind, name)) + "dependency cycle: " + " -> ".join((*chain, sid)))
         state[sid] = 1
         for kind, name in steps[sid].deps:
             visit(f"{kind}.{name}", (*chain, sid))
@@ -303,21 +360,7 @@ def _toposort(spec: _Spec, steps: dict[str, Step]) -> list[Step]:
     return order
 
 
-# --- Keys and the cache -------------------------------------------------------------------
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def resolve_keys(job: Job) -> None:
-    """Give each step a key from its resolved options, the data and its dependencies' keys."""
-    keys: dict[str, str] = {}
-    for step in job.steps:
-        step.key = _hash({"kind": step.kind, "options": _resolved(job, step),
-                          "deps": sorted(keys[f"{k}.{n}"] for k, n in set(step.deps)),
-                          "schema": 1})
-        keys[step.id] = step.key
-
+# --- Configs, keys and the cache --------------------------------------------------------------
 
 def _resolved(job: Job, step: Step) -> dict[str, Any]:
     """The options that determine a step's output, after [data] and [budget] are applied."""
@@ -326,24 +369,70 @@ def _resolved(job: Job, step: Step) -> dict[str, Any]:
     o.pop("description", None)
     if data.get("image_size"):
         o["image_size"] = data["image_size"]
+    o["dataset"] = data["dataset"]
+    o["data_root"] = data.get("data_root")
     if step.kind in ("models", "stores"):
-        o["dataset"] = data["dataset"]
-        o["data_root"] = data.get("data_root")
         o["limit"] = budget.get("limit", data.get("train_limit"))
         if step.kind == "models" and "epochs" in budget:
             o["epochs"] = budget["epochs"]
         elif step.kind == "models" and "epoch_scale" in budget:
             o["epochs"] = max(1, math.ceil(o.get("epochs", 6) * budget["epoch_scale"]))
-        o.pop("workers", None)  # speed only
     else:
-        o["dataset"] = data["dataset"]
-        o["data_root"] = data.get("data_root")
         o["limit"] = o.get("limit", budget.get("test_limit", data.get("test_limit")))
     return o
 
 
-def default_cache() -> Path:
-    return Path(os.environ.get("ENSPIPE_CACHE", Path.home() / ".cache" / "enspipe"))
+def step_config(job: Job, step: Step, *, outputs: Callable[[str, str], str] | None = None,
+                out: str | None = None, device: str = "auto") -> Any:
+    """The stage config of a step: its options, the job's data, and the outputs of the steps
+    it uses (`outputs(kind, name)`; placeholders when only validating)."""
+    o = _resolved(job, step)
+    ref = outputs or (lambda kind, name: f"<{kind}.{name}>")
+    table: dict[str, Any] = {}
+    for key, value in o.items():
+        if key in STRUCTURE[step.kind]:
+            fld, want, target = STRUCTURE[step.kind][key]
+            if fld is not None:
+                table[fld] = (tuple(ref(target, v) for v in value) if want is list
+                              else ref(target, value) if target else value)
+        elif key not in ("limit",) or o.get("limit") is not None:
+            table[key] = value
+    table.update(device=device, out=out)
+    if step.kind == "models":
+        table["resume"] = out is not None and (Path(out) / "config.json").exists()
+    if step.kind == "evaluate":
+        table["split"] = "test"
+    if step.kind == "stores":
+        table["out"] = out or "<cache>/stores"
+    if step.kind in ("evaluate", "diagnose") and outputs is not None:
+        table["names"] = _names(step, ref)  # the spec's model names in tables, not cache paths
+    return parse_config(step_configs()[step.kind], table)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _key_options(job: Job, step: Step) -> dict[str, Any]:
+    """What a step's key hashes: its resolved options, speed-only ones left out, in the names
+    the keys were first computed with (so caches made before the one vocabulary stay valid)."""
+    o = {k: v for k, v in _resolved(job, step).items() if k not in SPEED_ONLY}
+    if step.kind == "models" and "shards" in o:
+        o["stores"] = o.pop("shards")
+    if step.kind == "stores":
+        # Always hashed: a store step's default attack was fgsm before it became the stages' step_ll.
+        o["attack"] = o.pop("attacks", config_defaults(step_configs()["stores"])["attacks"])[0]
+    return o
+
+
+def resolve_keys(job: Job) -> None:
+    """Give each step a key from its resolved options, the data and its dependencies' keys."""
+    keys: dict[str, str] = {}
+    for step in job.steps:
+        step.key = _hash({"kind": step.kind, "options": _key_options(job, step),
+                          "deps": sorted(keys[f"{k}.{n}"] for k, n in set(step.deps)),
+                          "schema": 1})
+        keys[step.id] = step.key
 
 
 def _record_path(cache: Path, step: Step) -> Path:
@@ -386,59 +475,42 @@ def run_job(path: str | os.PathLike, *, out: str | os.PathLike | None = None, ca
 
     out_dir.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict[str, Any]] = {}
+    published: dict[str, str] = {}
     pending = [step for step, _ in steps]
     waiting_since: float | None = None
-    while pending:
-        # The first step whose inputs are ready and that no other process is running: two
-        # jobs sharing a cache never build the same step twice; the second waits or moves on.
-        for step in pending:
-            if any(f"{k}.{n}" not in done for k, n in step.deps):
-                continue
-            with _step_lock(cache, step) as locked:
-                if not locked:
+    with register_job(cache, out_dir, name=job.name, spec=job.path, keys={s.id: s.key for s, _ in steps}):
+        while pending:
+            # The first step whose inputs are ready and that no other process is running: two
+            # jobs sharing a cache never build the same step twice; the second waits or moves on.
+            for step in pending:
+                if any(f"{k}.{n}" not in done for k, n in step.deps):
                     continue
-                done[step.id] = _run_or_reuse(job, step, done, cache, out_dir, device, log)
-            _publish(step, done[step.id], out_dir)
-            pending.remove(step)
-            waiting_since = None
-            break
-        else:
-            if waiting_since is None:
-                waiting_since = time.monotonic()
-                log(f"waiting for another process running {', '.join(s.id for s in pending[:3])} ...")
-            time.sleep(1.0)
+                with step_lock(_record_path(cache, step).with_suffix(".lock")) as locked:
+                    if not locked:
+                        continue
+                    done[step.id] = _run_or_reuse(job, step, done, cache, device, log)
+                published[step.id] = str(_publish(step, done[step.id], out_dir, cache))
+                pending.remove(step)
+                waiting_since = None
+                break
+            else:
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    log(f"waiting for another process running {', '.join(s.id for s in pending[:3])} ...")
+                time.sleep(1.0)
     from enspipe.report import write_report
 
     report = write_report(out_dir, paper=job.report.get("paper"), title=job.report.get("title"))
     log(f"report: {report}")
     summary = {"job": job.name, "out": str(out_dir), "report": str(report),
-               "steps": {sid: {"key": r["key"], "outputs": r["outputs"], "seconds": r.get("seconds")}
+               "steps": {sid: {"key": r["key"], "outputs": r["outputs"], "seconds": r.get("seconds"),
+                               "published": published[sid]}
                          for sid, r in done.items()}}
     write_json(out_dir / "job.json", summary)
     return summary
 
 
-@contextlib.contextmanager
-def _step_lock(cache: Path, step: Step) -> Iterator[bool]:
-    """A non-blocking advisory lock on one step of the shared cache (released on exit or
-    when the process dies, so a killed job never leaves a stale lock)."""
-    import fcntl
-
-    path = _record_path(cache, step).with_suffix(".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _run_or_reuse(job: Job, step: Step, done: dict[str, dict], cache: Path, out_dir: Path, device: str,
+def _run_or_reuse(job: Job, step: Step, done: dict[str, dict], cache: Path, device: str,
                   log: Callable[[str], None]) -> dict[str, Any]:
     """Reuse the step's cached record (re-read under the lock: another job may just have
     written it) or run the step and record its outputs."""
@@ -452,7 +524,7 @@ def _run_or_reuse(job: Job, step: Step, done: dict[str, dict], cache: Path, out_
             return record
     log(f"running {step.id} ...")
     t0 = time.perf_counter()
-    outputs = _RUNNERS[step.kind](job, step, done, cache, out_dir, device)
+    outputs = _RUNNERS[step.kind](job, step, done, cache, device)
     seconds = time.perf_counter() - t0
     record = {"step": step.id, "key": step.key, "options": _resolved(job, step), "outputs": outputs,
               "seconds": round(seconds, 2)}
@@ -461,99 +533,75 @@ def _run_or_reuse(job: Job, step: Step, done: dict[str, dict], cache: Path, out_
     return record
 
 
-def _publish(step: Step, record: dict[str, Any], out_dir: Path) -> None:
-    """Show a step's cached output in the job's output folder: models and stores as links
-    (they are large), results and diagnostics as copies (small; the report reads them)."""
-    import shutil
-
+def _publish(step: Step, record: dict[str, Any], out_dir: Path, cache: Path) -> Path:
+    """Put a step's cached output into the job's output folder as real files: models and
+    stores as hard links (they are large), results and diagnostics as copies (small)."""
     target = Path(next(iter(record["outputs"].values())))
-    dest = out_dir / step.kind / step.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
     if step.kind in ("evaluate", "diagnose"):
-        if target.parent.resolve() != dest.resolve():
-            shutil.copytree(target.parent, dest, dirs_exist_ok=True)
-        return
-    if dest.is_symlink() or dest.exists():
-        if dest.is_symlink() and Path(os.readlink(dest)) == target:
-            return
-        dest.unlink()
-    dest.symlink_to(target, target_is_directory=True)
+        return publish(target.parent, out_dir, f"{step.kind}/{step.name}", key=step.key, link=False, cache=cache)
+    if step.kind == "stores":
+        old = out_dir / "stores" / step.name  # where earlier versions put a symlink
+        if is_cache_link(old, cache):
+            old.unlink()
+        return publish(target, out_dir, f"stores/{step.name}{target.suffix}", key=step.key, link=True, cache=cache)
+    return publish(target, out_dir, f"models/{step.name}", key=step.key, link=True, cache=cache)
 
 
-def _run_model(job: Job, step: Step, done: dict[str, dict], cache: Path, out_dir: Path, device: str) -> dict:
-    from enspipe.train import TrainConfig, train
+def _step_outputs(done: dict[str, dict]) -> Callable[[str, str], str]:
+    keys = {"models": "run", "stores": "store"}
+    return lambda kind, name: done[f"{kind}.{name}"]["outputs"][keys[kind]]
 
+
+def _run_model(job: Job, step: Step, done: dict[str, dict], cache: Path, device: str) -> dict:
     o = _resolved(job, step)
     run_dir = cache / "runs" / f"{step.name}-{step.key[:16]}"
-    if o.get("pretrained"):
+    if not o.get("train", not o.get("pretrained", False)):
         # A static model used as published (hub weights): saved once as a checkpoint.
         from enspipe.models import create_model, save_model
 
         model = create_model(o["arch"], num_classes=1000, pretrained=True)
         save_model(model, run_dir, provenance={"pretrained": True})
         return {"run": str(run_dir)}
-    shards = tuple(done[f"stores.{s}"]["outputs"]["store"] for s in step.options.get("stores", []))
-    fields_ = _train_fields(o, shards=shards)
-    fields_.setdefault("workers", step.options.get("workers", 0))
-    cfg = TrainConfig(model=o["arch"], device=device, **fields_)
-    resume = (run_dir / "config.json").exists()
-    train(cfg, run_dir, resume=resume)
+    from enspipe.train import train
+
+    train(step_config(job, step, outputs=_step_outputs(done), out=str(run_dir), device=device))
     return {"run": str(run_dir)}
 
 
-def _run_store(job: Job, step: Step, done: dict[str, dict], cache: Path, out_dir: Path, device: str) -> dict:
-    from enspipe.precompute import PrecomputeConfig, precompute
+def _run_store(job: Job, step: Step, done: dict[str, dict], cache: Path, device: str) -> dict:
+    from enspipe.precompute import precompute
 
-    o = _resolved(job, step)
-    model_run = done[f"models.{o['model']}"]["outputs"]["run"]
-    cfg = PrecomputeConfig(model=model_run, dataset=o["dataset"], data_root=o["data_root"], limit=o["limit"],
-                           attacks=(o.get("attack", "fgsm"),), label=o.get("label", "pred"),
-                           out=str(cache / "stores"), fmt=o.get("format", "zarr"),
-                           shard_size=o.get("shard_size", 1024), batch_size=o.get("batch_size", 256),
-                           image_size=o.get("image_size"), device=device)
-    (path,) = precompute(cfg)
+    (path,) = precompute(step_config(job, step, outputs=_step_outputs(done), out=str(cache / "stores"),
+                                     device=device))
     return {"store": str(path)}
 
 
-def _run_evaluate(job: Job, step: Step, done: dict[str, dict], cache: Path, out_dir: Path, device: str) -> dict:
-    from enspipe.evaluate import EvalConfig, evaluate
+def _run_evaluate(job: Job, step: Step, done: dict[str, dict], cache: Path, device: str) -> dict:
+    from enspipe.evaluate import evaluate
 
-    o = _resolved(job, step)
-    run = lambda n: done[f"models.{n}"]["outputs"]["run"]  # noqa: E731
-    targets = [run(t) for t in o["targets"]] + [f"binarized:{run(t)}" for t in o.get("binarized", [])]
-    cfg = EvalConfig(models=tuple(targets), sources=tuple(run(s) for s in o.get("sources", [])),
-                     dataset=o["dataset"], data_root=o["data_root"], limit=o["limit"], split="test",
-                     attacks=tuple(o.get("attacks", ["fgsm"])), eps=o.get("eps", 0.3),
-                     ensemble_source=o.get("ensemble_source", False), batch_size=o.get("batch_size", 256),
-                     image_size=o.get("image_size"),
-                     device=device, names=_names(done, o))
     dest = cache / "evaluate" / f"{step.name}-{step.key[:16]}"
-    res = evaluate(cfg, dest)
+    res = evaluate(step_config(job, step, outputs=_step_outputs(done), out=str(dest), device=device))
     return {"results": res["path"]}
 
 
-def _names(done: dict[str, dict], o: dict[str, Any]) -> dict[str, str]:
+def _names(step: Step, ref: Callable[[str, str], str]) -> dict[str, str]:
     """Readable model names in tables: the spec's model names instead of cache paths."""
     names = {}
-    for key in ("targets", "sources", "binarized"):
-        for n in o.get(key, []):
-            path = done[f"models.{n}"]["outputs"]["run"]
+    for key in ("targets", "sources", "binarized", "models", "other"):
+        value = step.options.get(key, [])
+        for n in [value] if isinstance(value, str) else value:
+            path = ref("models", n)
             names[path] = n
             names[f"binarized:{path}"] = f"{n}+binarized"
     return names
 
 
-def _run_diagnose(job: Job, step: Step, done: dict[str, dict], cache: Path, out_dir: Path, device: str) -> dict:
+def _run_diagnose(job: Job, step: Step, done: dict[str, dict], cache: Path, device: str) -> dict:
     from enspipe.diagnostics import run_diagnose
 
-    o = _resolved(job, step)
-    run = lambda n: done[f"models.{n}"]["outputs"]["run"]  # noqa: E731
     dest = cache / "diagnose" / f"{step.name}-{step.key[:16]}"
-    path = run_diagnose({m: run(m) for m in o["models"]}, other=run(o["other"]) if "other" in o else None,
-                        dataset=o["dataset"], data_root=o["data_root"], limit=o["limit"] or 500,
-                        eps=o.get("eps", 0.3), out_dir=dest, device=device, image_size=o.get("image_size"),
-                        **{k: o[k] for k in ("steps", "subspace_points") if k in o})
-    return {"diagnostics": str(path)}
+    res = run_diagnose(step_config(job, step, outputs=_step_outputs(done), out=str(dest), device=device))
+    return {"diagnostics": res["path"]}
 
 
 _RUNNERS = {"models": _run_model, "stores": _run_store, "evaluate": _run_evaluate, "diagnose": _run_diagnose}

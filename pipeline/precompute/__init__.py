@@ -28,7 +28,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from enspipe.errors import ConfigError
+from enspipe._callable import callable_stage
+from enspipe.config import OptionError
 
 from .compute import (
     BatchDone,
@@ -90,8 +91,8 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
     device = resolve_device(cfg.device)
     if cfg.weights is None and not cfg.pretrained and not Path(cfg.model).expanduser().exists():
         # An architecture name alone would be a randomly initialised "static" model.
-        raise ConfigError(f"--model {cfg.model} is no run directory or checkpoint; an architecture name "
-                          "needs --weights CHECKPOINT or --pretrained")
+        raise OptionError("model", f"{cfg.model} is no run directory or checkpoint; an architecture name "
+                          "needs `weights` CHECKPOINT or `pretrained`")
     check_root(cfg.out)
     with contextlib.ExitStack() as stack:
         # An existing scheduler is reached first (it is cheap), so an unreachable one fails
@@ -122,3 +123,6 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
         for path in job.stores:
             open_writer(path).finalize()
     return plan.paths
+
+
+callable_stage(__name__)  # `enspipe.precompute(cfg)` is precompute(cfg)
