@@ -242,7 +242,9 @@ def cache_entries(cache: str | os.PathLike) -> list[CacheEntry]:
             outputs = [Path(p) for p in rec.get("outputs", {}).values()]
         except (OSError, ValueError, KeyError, AttributeError):
             continue
-        outputs = [p for p in outputs if _inside(p, cache)]
+        # A results file stands for its step's folder (results.json, diagnostics.json + figures).
+        outputs = [p.parent if p.suffix == ".json" and p.parent.parent.name in ("evaluate", "diagnose") else p
+                   for p in outputs if _inside(p, cache)]
         named.update(p.resolve() for p in outputs)
         lock = rec_path.with_suffix(".lock")
         entries.append(CacheEntry(kind, name, rec.get("key", ""), outputs,

@@ -40,7 +40,7 @@ def _parts(spec: str) -> list[str]:
     p = Path(spec)
     if not p.is_dir() and p.suffix in (".json", ".safetensors"):
         p = p.parent
-    return [part for part in p.absolute().parts if part not in ("/", "")] if p.exists() else [spec]
+    return [part for part in (p.absolute() if p.exists() else p).parts if part not in ("/", "")]
 
 
 def unique_labels(specs: Iterable[str | os.PathLike]) -> dict[str, str]:

@@ -3,6 +3,7 @@ PathLike, stages on `import enspipe` (lazily); the old call forms warn. Evaluate
 refuse an architecture without weights, and tell apart runs in folders of one name."""
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -28,9 +29,8 @@ def test_import_enspipe_is_cheap_and_exposes_the_stages():
                  "EvalConfig", "DiagnoseConfig"):
         assert name in r.stdout and callable(getattr(enspipe, name)), name
     # The stage modules stay modules (attributes, submodule imports) and are callable as their stage.
-    import enspipe.train
-
-    assert enspipe.train.TrainConfig is enspipe.TrainConfig and callable(enspipe.train)
+    module = importlib.import_module("enspipe.train")
+    assert enspipe.train is module and module.TrainConfig is enspipe.TrainConfig and callable(module)
     assert enspipe.diagnose is enspipe.diagnostics.run_diagnose
 
 
@@ -112,5 +112,7 @@ def test_runs_in_folders_of_one_name_get_distinct_names(digits_static, digits_st
 
     from enspipe.naming import unique_labels
 
+    for d in ("a", "b"):
+        (tmp_path / d / "x" / "C").mkdir(parents=True)
     assert unique_labels([tmp_path / "a" / "x" / "C", tmp_path / "b" / "x" / "C", "D"]) == {
         str(tmp_path / "a" / "x" / "C"): "a/x/C", str(tmp_path / "b" / "x" / "C"): "b/x/C", "D": "D"}
