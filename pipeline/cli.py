@@ -1,5 +1,8 @@
 """The `enspipe` command line: parse, validate, call a stage function, print.
 
+(Over 400 lines on purpose: every command's examples, output format and exit codes in one
+place; the options themselves come from the config classes.)
+
 The stage commands (train, precompute, evaluate, diagnose) take their options from their
 config class (`enspipe.config.click_options`): every field is a flag, with its default and
 help, and the stage's errors name fields, which are shown here as flags. Those commands are
