@@ -77,6 +77,8 @@ class EvalConfig:
         for name in ("out", "weights", "data_root"):
             if isinstance(getattr(self, name), os.PathLike):
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        if isinstance(self.eps, str):  # "16/256", as on the command line
+            object.__setattr__(self, "eps", parse_eps(self.eps))
         check(bool(self.models or self.binarized), "models", "needs at least one target")
         for a in self.attacks:
             check(a in attacks.ATTACKS, "attacks", f"names an unknown attack {a!r}: use one of "

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from enspipe import attacks
 from enspipe._callable import callable_stage
+from enspipe.attacks import parse_eps
 from enspipe.config import (
     OptionError,
     check,
@@ -84,7 +85,7 @@ class TrainConfig:
                                      "models). ens-adv only.")
     attack: str | None = option(None, choices=("fgsm", "step_ll"), help="Single-step attack of the training-time "
                                 "examples [default: the stores' own (ens-adv), else fgsm].")
-    eps: float = option(0.3, parse=attacks.parse_eps, metavar="EPS", help="l-inf budget: 0.3 or 16/256.")
+    eps: float = option(0.3, parse=parse_eps, metavar="EPS", help="l-inf budget: 0.3 or 16/256.")
     eps_dist: str = option("fixed", choices=("fixed", "truncnorm"), help="truncnorm draws eps per example from "
                            "|N(0, eps/2)| truncated to [0, eps] (Kurakin et al.).")
     adv_fraction: float = option(0.5, help="Share of each batch replaced by adversarial examples.")
@@ -123,6 +124,8 @@ class TrainConfig:
         for name in ("model", "out", "weights", "data_root"):
             if isinstance(getattr(self, name), os.PathLike):
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        if isinstance(self.eps, str):  # "16/256", as on the command line
+            object.__setattr__(self, "eps", parse_eps(self.eps))
         check(all(s.strip() for s in self.shards), "shards", "needs a store path, got an empty one")
         check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, not {self.mode!r}")
         check(not (self.mode == "ens-adv" and not self.shards), "mode",
