@@ -99,89 +99,93 @@ def _build(ctx: click.Context, cls: type, kw: dict[str, Any], config_file: str |
     return parse_config(cls, {k: v for k, v in values.items() if v is not None})
 
 
-def _train_command() -> click.Command:
+def _stage_command(cls: type, stage: Callable[[Any], Any], show: Callable[[Any], None], *, help: str,
+                   examples: tuple[str, ...], required: tuple[str, ...] = (),
+                   deprecated: dict[str, tuple[str, str, Any]] | None = None,
+                   config_file: bool = False) -> click.Command:
+    """A command whose options are the fields of `cls`: it builds the config, runs `stage` on
+    it and `show`s the result. `deprecated` = {old flag: (field, new flag, click type)};
+    `config_file` adds --config FILE.toml (flags override its values)."""
     from enspipe.config import click_options
+
+    deprecated = deprecated or {}
+
+    def command(ctx: click.Context, config_file: str | None = None, **kw: Any) -> None:
+        _take_deprecated(kw, {old: (field, new) for old, (field, new, _) in deprecated.items()})
+        show(stage(_build(ctx, cls, kw, config_file, must=required)))
+
+    decorated: Callable = click.pass_context(command)
+    for old, (_, new, type_) in deprecated.items():
+        decorated = _deprecated(old, new, type=type_)(decorated)
+    decorated = click_options(cls, require=not config_file, required=() if config_file else required)(decorated)
+    if config_file:
+        decorated = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                                 help="A TOML file of these options (keys as the flags without --, _ for -); "
+                                 "flags override it.")(decorated)
+    return click.command(context_settings=_SETTINGS, help=help, epilog=_examples(*examples))(decorated)
+
+
+def _train_command() -> click.Command:
     from enspipe.train import TrainConfig, train
 
-    @click.command(context_settings=_SETTINGS, epilog=_examples(
-        "enspipe train --model A --dataset mnist --out runs/A",
-        "enspipe train --model A --dataset mnist --mode ens-adv --shards STORE1 --shards STORE2 --out runs/A_ens",
-        "enspipe train --config train.toml --epochs 12     # a TOML table of these options; flags win",
-        "enspipe train --model A --dataset mnist --out runs/A --resume   # after a kill"))
-    @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-                  help="A TOML file of these options (keys as the flags without --, _ for -); flags override it.")
-    @click_options(TrainConfig, require=False)
-    @_deprecated("--workers", "--loader-workers", type=click.IntRange(min=0))
-    @click.pass_context
-    def command(ctx: click.Context, config_file: str | None, **kw: Any) -> None:
-        """Train a model: clean, online adversarial (adv) or ensemble adversarial (ens-adv)."""
-        _take_deprecated(kw, {"--workers": ("loader_workers", "--loader-workers")})
-        result = train(_build(ctx, TrainConfig, kw, config_file, must=("out",)))
-        click.echo(str(result.run_dir))
-
-    return command
+    return _stage_command(
+        TrainConfig, train, lambda result: click.echo(str(result.run_dir)),
+        help="Train a model: clean, online adversarial (adv) or ensemble adversarial (ens-adv).",
+        examples=("enspipe train --model A --dataset mnist --out runs/A",
+                  "enspipe train --model A --dataset mnist --mode ens-adv --shards STORE1 --shards STORE2 "
+                  "--out runs/A_ens",
+                  "enspipe train --config train.toml --epochs 12     # a TOML table of these options; flags win",
+                  "enspipe train --model A --dataset mnist --out runs/A --resume   # after a kill"),
+        required=("out",), config_file=True,
+        deprecated={"--workers": ("loader_workers", "--loader-workers", click.IntRange(min=0))})
 
 
 def _precompute_command() -> click.Command:
-    from enspipe.config import click_options
     from enspipe.precompute import PrecomputeConfig, precompute
 
-    @click.command(context_settings=_SETTINGS, epilog=_examples(
-        "enspipe precompute --model runs/D --dataset mnist --attacks fgsm --out stores",
-        "enspipe precompute --model resnet50 --weights resnet50.safetensors --dataset imagefolder:/data/imagenet "
-        "--attacks step_ll,fgsm --format both --dask-workers 4 --out stores"))
-    @click_options(PrecomputeConfig)
-    @_deprecated("--workers", "--dask-workers", type=int)
-    @_deprecated("--attack", "--attacks")
-    @click.pass_context
-    def command(ctx: click.Context, **kw: Any) -> None:
-        """Compute a static model's adversarial directions over a dataset into stores (one per attack)."""
-        _take_deprecated(kw, {"--workers": ("dask_workers", "--dask-workers"), "--attack": ("attacks", "--attacks")})
-        for path in precompute(_build(ctx, PrecomputeConfig, kw)):
-            click.echo(str(path))
+    return _stage_command(
+        PrecomputeConfig, precompute, lambda paths: [click.echo(str(p)) for p in paths],
+        help="Compute a static model's adversarial directions over a dataset into stores (one per attack).",
+        examples=("enspipe precompute --model runs/D --dataset mnist --attacks fgsm --out stores",
+                  "enspipe precompute --model resnet50 --weights resnet50.safetensors --dataset "
+                  "imagefolder:/data/imagenet --attacks step_ll,fgsm --format both --dask-workers 4 --out stores"),
+        deprecated={"--workers": ("dask_workers", "--dask-workers", int), "--attack": ("attacks", "--attacks", str)})
 
-    return command
+
+def _show_evaluation(res: dict[str, Any]) -> None:
+    for name, m in res["models"].items():
+        line = [f"{name}: clean {100 * m['clean']['error']:.1f}%"]
+        line += [f"{a} {100 * r['error']:.1f}%" for a, r in m["whitebox"].items()]
+        if m["blackbox_max"] is not None:
+            line.append(f"black-box max {100 * m['blackbox_max']:.1f}%")
+        click.echo("  ".join(line), err=True)
+    click.echo(res.get("path", ""))
 
 
 def _evaluate_command() -> click.Command:
-    from enspipe.config import click_options
     from enspipe.evaluate import EvalConfig, evaluate
 
-    @click.command(context_settings=_SETTINGS, epilog=_examples(
-        "enspipe evaluate --model runs/A_ens --sources runs/B --dataset mnist --attacks fgsm,pgd --out results",
-        "enspipe evaluate --model timm:inception_resnet_v2.tf_ens_adv_in1k --pretrained "
-        "--dataset imagefolder:/data/imagenet --image-size 299 --eps 16/256 --limit 1000 --out results"))
-    @click_options(EvalConfig, required=("out",))
-    @click.pass_context
-    def command(ctx: click.Context, **kw: Any) -> None:
-        """Clean, white-box and black-box (transfer) error of trained or released models."""
-        res = evaluate(_build(ctx, EvalConfig, kw))
-        for name, m in res["models"].items():
-            line = [f"{name}: clean {100 * m['clean']['error']:.1f}%"]
-            line += [f"{a} {100 * r['error']:.1f}%" for a, r in m["whitebox"].items()]
-            if m["blackbox_max"] is not None:
-                line.append(f"black-box max {100 * m['blackbox_max']:.1f}%")
-            click.echo("  ".join(line), err=True)
-        click.echo(res.get("path", ""))
-
-    return command
+    return _stage_command(
+        EvalConfig, evaluate, _show_evaluation,
+        help="Clean, white-box and black-box (transfer) error of trained or released models.",
+        examples=("enspipe evaluate --model runs/A_ens --sources runs/B --dataset mnist --attacks fgsm,pgd "
+                  "--out results",
+                  "enspipe evaluate --model timm:inception_resnet_v2.tf_ens_adv_in1k --pretrained "
+                  "--dataset imagefolder:/data/imagenet --image-size 299 --eps 16/256 --limit 1000 --out results"),
+        required=("out",))
 
 
 def _diagnose_command() -> click.Command:
-    from enspipe.config import click_options
     from enspipe.diagnostics import DiagnoseConfig, run_diagnose
 
-    @click.command(context_settings=_SETTINGS, epilog=_examples(
-        "enspipe diagnose --model runs/A_ens --model runs/A_adv --other runs/B --dataset mnist --out diag",
-        "enspipe diagnose --model timm:inception_v3.tf_adv_in1k --pretrained --dataset imagefolder:/data/imagenet "
-        "--image-size 299 --eps 16/256 --limit 100 --out diag"))
-    @click_options(DiagnoseConfig, required=("out",))
-    @click.pass_context
-    def command(ctx: click.Context, **kw: Any) -> None:
-        """Gradient-masking evidence: approximation ratio, cosine, loss surfaces, adversarial subspaces."""
-        click.echo(str(run_diagnose(_build(ctx, DiagnoseConfig, kw))["path"]))
-
-    return command
+    return _stage_command(
+        DiagnoseConfig, run_diagnose, lambda res: click.echo(str(res["path"])),
+        help="Gradient-masking evidence: approximation ratio, cosine, loss surfaces, adversarial subspaces.",
+        examples=("enspipe diagnose --model runs/A_ens --model runs/A_adv --other runs/B --dataset mnist "
+                  "--out diag",
+                  "enspipe diagnose --model timm:inception_v3.tf_adv_in1k --pretrained "
+                  "--dataset imagefolder:/data/imagenet --image-size 299 --eps 16/256 --limit 100 --out diag"),
+        required=("out",))
 
 
 class _Group(click.Group):

@@ -29,7 +29,7 @@ from typing import Any, Callable, Literal, Mapping
 from enspipe.errors import ConfigError, EnspipeError
 
 __all__ = ["Option", "OptionError", "check", "click_options", "config_defaults", "config_to_dict", "flag_of",
-           "job_keys", "option", "parse_config", "read_toml", "renamed", "speak", "toml_line"]
+           "job_keys", "normalize", "option", "parse_config", "read_toml", "renamed", "speak", "toml_line"]
 
 _MENTION = re.compile(r"`([a-z][a-z0-9_]*)`")
 
@@ -242,6 +242,25 @@ def parse_config(cls: type, table: Mapping[str, Any], **extra: Any) -> Any:
 
 
 # --- checks stages use in __post_init__ ----------------------------------------------------
+
+def normalize(cfg: Any, *, paths: tuple[str, ...] = (), path_lists: tuple[str, ...] = ()) -> None:
+    """In a frozen config's __post_init__: path fields accept str or os.PathLike and keep str
+    (lists of them a tuple of str; one bare string is refused), and a field with a parser
+    given text (eps "16/256") keeps the parsed value, so a config compares, hashes and saves
+    as JSON the same however it was written."""
+    for name in path_lists:
+        value = getattr(cfg, name)
+        if isinstance(value, (str, os.PathLike)):
+            raise OptionError(name, "must be a list of paths or names, not one string")
+        object.__setattr__(cfg, name, tuple(os.fspath(v) for v in value))
+    for name in paths:
+        if isinstance(getattr(cfg, name), os.PathLike):
+            object.__setattr__(cfg, name, os.fspath(getattr(cfg, name)))
+    for f in fields(cfg):
+        parse = _opt(f).parse
+        if parse is not None and isinstance(getattr(cfg, f.name), str):
+            object.__setattr__(cfg, f.name, _coerce(f.name, str, getattr(cfg, f.name), _opt(f)))
+
 
 def check(cond: bool, field: str, problem: str) -> None:
     """Raise OptionError(field, problem) unless cond."""

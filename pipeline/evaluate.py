@@ -22,7 +22,7 @@ import torch
 from enspipe import attacks
 from enspipe._callable import callable_stage
 from enspipe.attacks import parse_eps
-from enspipe.config import OptionError, check, check_fraction, config_to_dict, option
+from enspipe.config import check, check_fraction, config_to_dict, normalize, option
 from enspipe.data import create_dataset
 from enspipe.models import BINARIZED_PREFIX, check_weights, load_model_for
 from enspipe.naming import model_label, unique_labels
@@ -69,16 +69,7 @@ class EvalConfig:
     out: str | None = option(None, path="any", job=False, help="Directory (or .json path) for results.json.")
 
     def __post_init__(self) -> None:
-        for name in ("models", "sources", "binarized"):
-            value = getattr(self, name)
-            if isinstance(value, (str, os.PathLike)):
-                raise OptionError(name, "must be a list of models, not one string")
-            object.__setattr__(self, name, tuple(os.fspath(v) for v in value))
-        for name in ("out", "weights", "data_root"):
-            if isinstance(getattr(self, name), os.PathLike):
-                object.__setattr__(self, name, os.fspath(getattr(self, name)))
-        if isinstance(self.eps, str):  # "16/256", as on the command line
-            object.__setattr__(self, "eps", parse_eps(self.eps))
+        normalize(self, paths=("out", "weights", "data_root"), path_lists=("models", "sources", "binarized"))
         check(bool(self.models or self.binarized), "models", "needs at least one target")
         for a in self.attacks:
             check(a in attacks.ATTACKS, "attacks", f"names an unknown attack {a!r}: use one of "

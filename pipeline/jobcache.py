@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from enspipe.errors import ConfigError
-from enspipe.fileio import atomic_write_json
-from enspipe.runs import dir_bytes
+from enspipe.fileio import atomic_write_json, dir_bytes
 
 __all__ = ["CacheEntry", "cache_entries", "default_cache", "gc", "is_cache_link", "publish", "register_job", "step_lock"]
 

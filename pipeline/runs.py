@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunInfo", "dir_bytes", "list_runs", "run_info"]
+from enspipe.fileio import dir_bytes
+
+__all__ = ["RunInfo", "list_runs", "run_info"]
 
 CHECKPOINT_FORMAT = "enspipe-model/1"  # enspipe.models.CHECKPOINT_FORMAT, without importing torch
 
@@ -28,18 +30,6 @@ class RunInfo:
     epochs_done: int | None
     bytes_on_disk: int
     problem: str | None = None
-
-
-def dir_bytes(path: str | os.PathLike) -> int:
-    """Bytes of the files under path (links not followed; a file hard-linked twice counts twice)."""
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def run_info(path: str | os.PathLike) -> RunInfo:

@@ -42,6 +42,7 @@ from enspipe.config import (
     check_fraction,
     config_defaults,
     config_to_dict,
+    normalize,
     option,
     parse_config,
     renamed,
@@ -118,14 +119,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Paths are accepted as str or PathLike (precompute() returns Paths); stored as str.
-        if isinstance(self.shards, (str, os.PathLike)):
-            raise OptionError("shards", "must be a list of store paths, not one string")
-        object.__setattr__(self, "shards", tuple(os.fspath(s) for s in self.shards))
-        for name in ("model", "out", "weights", "data_root"):
-            if isinstance(getattr(self, name), os.PathLike):
-                object.__setattr__(self, name, os.fspath(getattr(self, name)))
-        if isinstance(self.eps, str):  # "16/256", as on the command line
-            object.__setattr__(self, "eps", parse_eps(self.eps))
+        normalize(self, paths=("model", "out", "weights", "data_root"), path_lists=("shards",))
         check(all(s.strip() for s in self.shards), "shards", "needs a store path, got an empty one")
         check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, not {self.mode!r}")
         check(not (self.mode == "ens-adv" and not self.shards), "mode",

@@ -30,7 +30,7 @@ from enspipe.diagnostics.measures import (
     input_gradient_norm,
     loss_surface,
 )
-from enspipe.config import OptionError, check, check_fraction, config_to_dict, option
+from enspipe.config import OptionError, check, check_fraction, config_to_dict, normalize, option
 from enspipe.errors import ConfigError
 from enspipe.naming import unique_labels
 from enspipe.plots import plot_loss_surface, plot_subspace
@@ -171,14 +171,7 @@ class DiagnoseConfig:
                                    help="model spec -> name shown in diagnostics.json and the figures")
 
     def __post_init__(self) -> None:
-        if isinstance(self.models, (str, os.PathLike)):
-            raise OptionError("models", "must be a list of models, not one string")
-        object.__setattr__(self, "models", tuple(os.fspath(m) for m in self.models))
-        for name in ("other", "out", "weights", "data_root"):
-            if isinstance(getattr(self, name), os.PathLike):
-                object.__setattr__(self, name, os.fspath(getattr(self, name)))
-        if isinstance(self.eps, str):
-            object.__setattr__(self, "eps", attacks.parse_eps(self.eps))
+        normalize(self, paths=("other", "out", "weights", "data_root"), path_lists=("models",))
         check(bool(self.models), "models", "needs at least one model")
         check_fraction(self.eps, "eps")
         check(self.single in attacks.SINGLE_STEP, "single",

@@ -1,11 +1,10 @@
 """What to precompute: `PrecomputeConfig`, checked when built (before torch is imported)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
-from enspipe.config import OptionError, check, config_to_dict, option, renamed
+from enspipe.config import OptionError, check, config_to_dict, normalize, option, renamed
 
 __all__ = ["ATTACKS", "FORMATS", "LABEL_MODES", "PrecomputeConfig"]
 
@@ -52,9 +51,7 @@ class PrecomputeConfig:
     def __post_init__(self) -> None:
         names = (self.attacks,) if isinstance(self.attacks, str) else tuple(self.attacks)
         object.__setattr__(self, "attacks", names)
-        for name in ("model", "out", "weights", "data_root"):  # paths: str or PathLike, stored as str
-            if isinstance(getattr(self, name), os.PathLike):
-                object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        normalize(self, paths=("model", "out", "weights", "data_root"))
         check(isinstance(self.model, str) and bool(self.model.strip()), "model",
               "must name a static model (a run dir, checkpoint or architecture)")
         check(isinstance(self.out, str) and bool(self.out.strip()), "out", "must name the store root directory")
