@@ -165,10 +165,10 @@ def publish(src: str | os.PathLike, out: Path, rel: str, *, key: str, link: bool
     entry = book.get(rel)
     if dest.is_symlink():
         if not is_cache_link(dest, cache) and entry is None:
-            raise ConfigError(f"{dest} exists and was not written by enspipe; move it away or choose another --out")
+            raise ConfigError(f"{dest} exists and was not written by enspipe; move it away or choose another `out`")
     elif dest.exists():
         if entry is None:
-            raise ConfigError(f"{dest} exists and was not written by enspipe; move it away or choose another --out")
+            raise ConfigError(f"{dest} exists and was not written by enspipe; move it away or choose another `out`")
         if entry.get("key") == key:
             return dest  # already published
     dest.parent.mkdir(parents=True, exist_ok=True)

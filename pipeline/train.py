@@ -151,7 +151,9 @@ class TrainConfig:
         return self.lr if self.lr is not None else OPTIMIZERS[self.optimizer]
 
     def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
+        """The run's configuration as config.json records it; where it lives (`out`) is the
+        run dir's own path, recorded beside it as `run_dir`."""
+        return {k: v for k, v in config_to_dict(self).items() if k != "out"}
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

@@ -40,7 +40,8 @@ def test_every_stage_takes_one_config_with_paths(digits_static, tmp_path):
     run = tmp_path / "runs" / "D"
     res = enspipe.train(enspipe.TrainConfig(model="D", limit=128, epochs=1, device="cpu", out=run))
     assert res.run_dir == run and (run / "model.safetensors").exists()
-    assert json.loads((run / "config.json").read_text())["train"]["out"] == str(run)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["run_dir"] == str(run) and saved["train"]["limit"] == 128
     (store,) = enspipe.precompute(enspipe.PrecomputeConfig(model=run, out=tmp_path / "stores", limit=128,
                                                            shard_size=64, device="cpu"))
     ens = enspipe.train(enspipe.TrainConfig(model="D", limit=128, epochs=1, mode="ens-adv", shards=(store,),
