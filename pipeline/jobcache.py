@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from enspipe.errors import ConfigError
-from enspipe.fileio import atomic_write_json, dir_bytes
+from enspipe.fileio import atomic_write_json, dir_bytes, process_umask
 
 __all__ = ["CacheEntry", "cache_entries", "default_cache", "gc", "is_cache_link", "publish", "register_job", "step_lock"]
 
@@ -173,6 +173,7 @@ def publish(src: str | os.PathLike, out: Path, rel: str, *, key: str, link: bool
             return dest  # already published
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes 0700; a job folder is as shareable as any other
     try:
         _copy_tree(src, tmp, link=link)
         if dest.is_symlink():

@@ -329,7 +329,6 @@ def _toposort(spec: _Spec, steps: dict[str, Step]) -> list[Step]:
     return order
 
 
-
 # --- Step configs ------------------------------------------------------------------------
 
 def resolved(job: Job, step: Step) -> dict[str, Any]:

@@ -151,6 +151,10 @@ def test_a_job_folder_is_real_files_that_survive_a_copy_and_a_gc(tmp_path):
     cached = next((cache / "runs").glob("static-*")) / "model.safetensors"
     assert os.stat(weights).st_ino == os.stat(cached).st_ino  # a hard link: no space used
     assert (out / "stores" / "static_fgsm.zarr" / "manifest.json").is_file()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o777 & ~umask for p in out.rglob("*") if p.is_dir()), \
+        "published folders get the process umask's permissions"
     # A second run reuses every step and publishes nothing new.
     steps = [out / kind for kind in ("models", "stores", "evaluate", "diagnose")]
     before = {str(p): p.stat().st_ino for d in steps for p in d.rglob("*") if p.is_file()}
