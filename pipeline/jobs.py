@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from enspipe.config import config_defaults
+from enspipe.config import config_defaults, speed_fields
 from enspipe.jobcache import default_cache, is_cache_link, publish, register_job, step_lock
 from enspipe.jobspec import (
     STEP_KINDS,
@@ -56,7 +56,6 @@ from enspipe.jobspec import (
 __all__ = ["STEP_KINDS", "STRUCTURE", "Job", "Step", "default_cache", "load_job", "plan", "resolve_keys", "run_job",
            "step_config", "step_configs", "step_keys"]
 
-SPEED_ONLY = {"loader_workers", "dask_workers", "scheduler"}  # never part of a step's key
 
 
 # --- Keys and the cache --------------------------------------------------------------
@@ -68,7 +67,8 @@ def _hash(obj: Any) -> str:
 def _key_options(job: Job, step: Step) -> dict[str, Any]:
     """What a step's key hashes: its resolved options, speed-only ones left out, in the names
     the keys were first computed with (so caches made before the one vocabulary stay valid)."""
-    o = {k: v for k, v in resolved(job, step).items() if k not in SPEED_ONLY}
+    speed = speed_fields(step_configs()[step.kind])  # declared on the fields: option(..., speed=True)
+    o = {k: v for k, v in resolved(job, step).items() if k not in speed}
     if step.kind == "models" and "shards" in o:
         o["stores"] = o.pop("shards")
     if step.kind == "stores":

@@ -103,7 +103,7 @@ class TrainConfig:
     seed: int = option(0, help="Seed of the data order, source draws, eps draws and initialisation.")
     block_size: int = option(256, help="Samples per contiguous read from the data and the stores.")
     buffer_blocks: int = option(8, help="Blocks shuffled together in memory.")
-    loader_workers: int = option(0, minimum=0, help="DataLoader worker processes that read, decode and "
+    loader_workers: int = option(0, minimum=0, speed=True, help="DataLoader worker processes that read, decode and "
                                  "augment batches ahead of the step.")
     device: str = option("auto", job=False, help="auto, cpu or cuda[:N].")
     weights: str | None = option(None, path="existing", help="Initial weights: an enspipe run/checkpoint or a "
