@@ -117,3 +117,15 @@ def test_runs_in_folders_of_one_name_get_distinct_names(digits_static, digits_st
         (tmp_path / d / "x" / "C").mkdir(parents=True)
     assert unique_labels([tmp_path / "a" / "x" / "C", tmp_path / "b" / "x" / "C", "D"]) == {
         str(tmp_path / "a" / "x" / "C"): "a/x/C", str(tmp_path / "b" / "x" / "C"): "b/x/C", "D": "D"}
+
+
+def test_diagnose_tells_apart_runs_in_folders_of_one_name(digits_static, digits_static2, tmp_path):
+    for seed, src in (("seed0", digits_static), ("seed1", digits_static2)):
+        shutil.copytree(src, tmp_path / seed / "C")
+    r = subprocess.run([*CLI, "diagnose", "--model", str(tmp_path / "seed0" / "C"), "--model",
+                        str(tmp_path / "seed1" / "C"), "--limit", "4", "--steps", "2", "--subspace-points", "0",
+                        "--device", "cpu", "--out", str(tmp_path / "diag")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    diag = json.loads((tmp_path / "diag" / "diagnostics.json").read_text())
+    assert set(diag["models"]) == {"seed0/C", "seed1/C"}
+    assert diag["model_specs"] == {"seed0/C": str(tmp_path / "seed0" / "C"), "seed1/C": str(tmp_path / "seed1" / "C")}
