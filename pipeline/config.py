@@ -29,8 +29,8 @@ from typing import Any, Callable, Literal, Mapping
 from enspipe.errors import ConfigError, EnspipeError
 
 __all__ = ["Option", "OptionError", "check", "click_options", "config_defaults", "config_to_dict", "flag_of",
-           "job_keys", "normalize", "option", "parse_config", "read_toml", "renamed", "speak", "speed_fields",
-           "toml_line"]
+           "job_keys", "normalize", "option", "parse_config", "read_toml", "renamed", "runtime_fields",
+           "speak", "toml_line"]
 
 _MENTION = re.compile(r"`([a-z][a-z0-9_]*)`")
 
@@ -69,8 +69,8 @@ class Option:
     hidden: bool = False                 # a flag kept out of --help (internal / audit switches)
     sep: str | None = None               # list fields: the CLI also splits each value on sep ("fgsm,pgd")
     path: str | None = None              # the CLI checks the path: "dir" (not a file), "existing", "any"
-    speed: bool = False                  # changes only how fast, never what is computed: a job step's
-                                         # cache key leaves it out (worker counts, a scheduler address)
+    runtime: bool = False                # how a run goes (worker counts, a scheduler, logs), never what it
+                                         # computes: a job step's cache key and a resume's check leave it out
 
 
 def option(default: Any = MISSING, *, help: str = "", default_factory: Any = MISSING, **kw: Any) -> Any:
@@ -121,9 +121,10 @@ def job_keys(cls: type) -> set[str]:
     return {f.name for f in fields(cls) if _opt(f).job}
 
 
-def speed_fields(cls: type) -> set[str]:
-    """The fields declared `speed=True`: how fast, not what; a job step's cache key leaves them out."""
-    return {f.name for f in fields(cls) if _opt(f).speed}
+def runtime_fields(cls: type) -> set[str]:
+    """The fields declared `runtime=True`: how a run goes, not what it computes (a job step's
+    cache key and a resumed run's identity check leave them out)."""
+    return {f.name for f in fields(cls) if _opt(f).runtime}
 
 
 def renamed(**old_to_new: str) -> Callable[[type], type]:

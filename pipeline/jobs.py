@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from enspipe.config import config_defaults, speed_fields
+from enspipe.config import config_defaults, runtime_fields
 from enspipe.jobcache import default_cache, is_cache_link, publish, register_job, step_lock
 from enspipe.jobspec import (
     STEP_KINDS,
@@ -65,10 +65,10 @@ def _hash(obj: Any) -> str:
 
 
 def _key_options(job: Job, step: Step) -> dict[str, Any]:
-    """What a step's key hashes: its resolved options, speed-only ones left out, in the names
+    """What a step's key hashes: its resolved options, runtime ones left out, in the names
     the keys were first computed with (so caches made before the one vocabulary stay valid)."""
-    speed = speed_fields(step_configs()[step.kind])  # declared on the fields: option(..., speed=True)
-    o = {k: v for k, v in resolved(job, step).items() if k not in speed}
+    runtime = runtime_fields(step_configs()[step.kind])  # declared on the fields: option(..., runtime=True)
+    o = {k: v for k, v in resolved(job, step).items() if k not in runtime}
     if step.kind == "models" and "shards" in o:
         o["stores"] = o.pop("shards")
     if step.kind == "stores":

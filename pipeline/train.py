@@ -46,6 +46,7 @@ from enspipe.config import (
     option,
     parse_config,
     renamed,
+    runtime_fields,
 )
 from enspipe.data import SampleSource, create_dataset
 from enspipe.errors import ConfigError, EnspipeError, StoreError
@@ -58,9 +59,9 @@ OPTIMIZERS = {"adam": 1e-3, "rmsprop": 0.045, "sgd": 0.01}  # default learning r
 SELF = 0  # source id of the model being trained; store i has source id i + 1
 
 
-# Fields that say where and how fast a run goes, not what it computes: a resumed run may
-# change them (config.json's other fields must match).
-NOT_IDENTITY = ("device", "loader_workers", "out", "resume")
+# Fields that say where and how a run goes, not what it computes: a resumed run may change
+# them (config.json's other fields must match). The rest are declared `runtime=True`.
+NOT_IDENTITY = ("device", "out", "resume")
 
 
 @renamed(workers="loader_workers")
@@ -103,7 +104,7 @@ class TrainConfig:
     seed: int = option(0, help="Seed of the data order, source draws, eps draws and initialisation.")
     block_size: int = option(256, help="Samples per contiguous read from the data and the stores.")
     buffer_blocks: int = option(8, help="Blocks shuffled together in memory.")
-    loader_workers: int = option(0, minimum=0, speed=True, help="DataLoader worker processes that read, decode and "
+    loader_workers: int = option(0, minimum=0, runtime=True, help="DataLoader worker processes that read, decode and "
                                  "augment batches ahead of the step.")
     device: str = option("auto", job=False, help="auto, cpu or cuda[:N].")
     weights: str | None = option(None, path="existing", help="Initial weights: an enspipe run/checkpoint or a "
@@ -444,7 +445,7 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
     if resume:
         # Options added since the run was started compare at their defaults.
         old = {**TrainConfig.defaults(), **read_json(config_path).get("train", {})}
-        mine = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IDENTITY}
+        mine = {k: v for k, v in cfg.to_dict().items() if k not in (*NOT_IDENTITY, *runtime_fields(TrainConfig))}
         diff = [k for k, v in mine.items() if old.get(k) != v]
         if diff:
             raise OptionError("resume", f"{run_dir} was trained with another configuration "

@@ -1,5 +1,5 @@
 """The library speaks in config fields: no stage's error names a command-line flag; a field says
-itself whether it only changes speed (left out of a job step's cache key); job outputs on
+itself whether it changes only how a run goes (left out of a job step's cache key); job outputs on
 another filesystem than the cache are copies, not links."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from enspipe.config import speed_fields
+from enspipe.config import runtime_fields
 from enspipe.jobs import load_job, resolve_keys
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipeline"
@@ -49,16 +49,16 @@ def test_no_stage_error_names_a_flag():
     assert not offenders, "\n".join(offenders)
 
 
-def test_speed_fields_are_declared_on_the_configs():
+def test_runtime_fields_are_declared_on_the_configs():
     from enspipe.diagnostics import DiagnoseConfig
     from enspipe.evaluate import EvalConfig
     from enspipe.precompute import PrecomputeConfig
     from enspipe.train import TrainConfig
 
     # What the job runner left out of its keys before it read them from the fields.
-    assert speed_fields(TrainConfig) == {"loader_workers"}
-    assert speed_fields(PrecomputeConfig) == {"dask_workers", "scheduler"}
-    assert speed_fields(EvalConfig) == speed_fields(DiagnoseConfig) == set()
+    assert runtime_fields(TrainConfig) == {"loader_workers"}
+    assert runtime_fields(PrecomputeConfig) == {"dask_workers", "scheduler"}
+    assert runtime_fields(EvalConfig) == runtime_fields(DiagnoseConfig) == set()
 
 
 SPEC = """\
@@ -87,7 +87,7 @@ def _keys(tmp_path: Path, name: str, **extra: str) -> dict[str, str]:
     return {s.id: s.key for s in job.steps}
 
 
-def test_a_speed_field_leaves_the_step_keys_alone(tmp_path):
+def test_a_runtime_field_leaves_the_step_keys_alone(tmp_path):
     base = _keys(tmp_path, "base")
     assert _keys(tmp_path, "fast", model="loader_workers = 2", store="dask_workers = 3") == base
     assert _keys(tmp_path, "sched", store='scheduler = "tcp://127.0.0.1:8786"') == base

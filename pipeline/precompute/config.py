@@ -44,9 +44,9 @@ class PrecomputeConfig:
     shard_size: int = option(1024, minimum=1, help="Samples per shard: the unit of work, writing and retry.")
     batch_size: int = option(256, minimum=1, help="Samples per forward/backward pass of the static model.")
     device: str = option("auto", job=False, help="auto, cpu or cuda[:N].")
-    dask_workers: int | None = option(None, speed=True, help="Start a local dask cluster of N worker processes "
+    dask_workers: int | None = option(None, runtime=True, help="Start a local dask cluster of N worker processes "
                                       "[default: in-process; one per GPU on a multi-GPU machine].")
-    scheduler: str | None = option(None, speed=True, help="Address of an existing dask scheduler (tcp://host:port).")
+    scheduler: str | None = option(None, runtime=True, help="Address of an existing dask scheduler (tcp://host:port).")
 
     def __post_init__(self) -> None:
         names = (self.attacks,) if isinstance(self.attacks, str) else tuple(self.attacks)
