@@ -1,46 +1,219 @@
 """The `enspipe` command line: parse, validate, call a stage function, print.
 
+(Over 400 lines on purpose: every command's examples, output format and exit codes in one
+place; the options themselves come from the config classes.)
+
+The stage commands (train, precompute, evaluate, diagnose) take their options from their
+config class (`enspipe.config.click_options`): every field is a flag, with its default and
+help, and the stage's errors name fields, which are shown here as flags. Those commands are
+built when first used, because their config classes live beside torch-importing code; the
+command list and `enspipe --help` stay fast.
+
 Results go to stdout (paths, tables); progress and messages to stderr. A user error
 (`EnspipeError`, a bad option, an OS error such as a full disk) is one line on stderr
-and a non-zero exit, never a traceback. Stage modules are imported inside the commands
-so that `enspipe --help` stays fast.
+and a non-zero exit, never a traceback. SIGINT and SIGTERM (what SLURM and Kubernetes send)
+stop a command the same way, with one line saying how to resume it (exit 130 / 143).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shlex
+import signal
 import sys
+from typing import Any, Callable
 
 import click
 
 from enspipe.errors import EnspipeError
 
-
-class EpsType(click.ParamType):
-    """An eps in (0, 1]: `0.3` or a fraction such as `16/256`."""
-
-    name = "EPS"
-
-    def convert(self, value, param, ctx):
-        from enspipe.attacks import parse_eps
-
-        try:
-            return parse_eps(value)
-        except EnspipeError as e:
-            self.fail(str(e), param, ctx)
+_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-EPS = EpsType()
-DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-DATA_ROOT = click.option("--data-root", type=click.Path(file_okay=False), default=None,
-                         help="Where datasets live (else $ENSPIPE_DATA, else ~/.cache/enspipe/data).")
-IMAGE_SIZE = click.option("--image-size", type=click.IntRange(min=8), default=None,
-                          help="Resize (imagefolder: resize + center-crop) images to this square size.")
-LIMIT = click.option("--limit", type=click.IntRange(min=1), default=None,
-                     help="Use only the first N samples of the canonical order (imagefolder: N spread over the "
-                          "classes in turn).")
+def _examples(*lines: str) -> str:
+    """A command's epilog: its examples, kept as written (`\\b` stops click re-wrapping)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# --- Showing the library's field names as flags --------------------------------------------
+
+_speaking: list[type | None] = [None]  # the config class of the command that runs
+
+
+def _flag(field: str) -> str:
+    from enspipe.config import flag_of
+
+    cls = _speaking[0]
+    return flag_of(cls, field) if cls is not None else "--" + field.replace("_", "-")
+
+
+def _message(e: EnspipeError) -> str:
+    """The error's first line, with fields shown as this command's flags."""
+    from enspipe.config import OptionError, speak
+
+    if isinstance(e, OptionError):
+        return e.render(_flag(e.field), _flag).splitlines()[0]
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return speak(text, _flag)
+
+
+# --- Stage commands built from their config classes -----------------------------------------
+
+def _deprecated(old: str, new: str, **kw: Any) -> Callable[[Callable], Callable]:
+    """A hidden flag `old` that still works for one release, saying once to use `new`."""
+    return click.option(old, "_old_" + old.lstrip("-").replace("-", "_"), hidden=True, default=None,
+                        expose_value=True, **kw)
+
+
+def _take_deprecated(kw: dict[str, Any], renames: dict[str, tuple[str, str]]) -> None:
+    """Move the values of used deprecated flags to their fields (a warning line for each)."""
+    from enspipe.config import _split_values
+
+    for old, (field, new) in renames.items():
+        value = kw.pop("_old_" + old.lstrip("-").replace("-", "_"), None)
+        if value is None:
+            continue
+        click.echo(f"enspipe: {old} is deprecated: use {new}", err=True)
+        kw[field] = _split_values(",", None, None, (value,)) if isinstance(kw.get(field), tuple) else value
+
+
+def _build(ctx: click.Context, cls: type, kw: dict[str, Any], config_file: str | None = None,
+           must: tuple[str, ...] = ()) -> Any:
+    """The config from the command's flags (over a --config file's values, over defaults)."""
+    from dataclasses import MISSING, fields
+
+    from enspipe.config import parse_config, read_toml
+
+    _speaking[0] = cls
+    values = dict(kw)
+    if config_file is not None:
+        from_file = read_toml(cls, config_file)
+        given = {k for k in values if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None)}
+        values.update({k: v for k, v in from_file.items() if k not in given})
+    for f in fields(cls):
+        needed = f.name in must or f.default is MISSING and f.default_factory is MISSING  # type: ignore[misc]
+        if needed and values.get(f.name) in (None, ()):
+            param = next(p for p in ctx.command.params if p.name == f.name)
+            raise click.MissingParameter(ctx=ctx, param=param)
+    return parse_config(cls, {k: v for k, v in values.items() if v is not None})
+
+
+def _stage_command(cls: type, stage: Callable[[Any], Any], show: Callable[[Any], None], *, help: str,
+                   examples: tuple[str, ...], required: tuple[str, ...] = (),
+                   deprecated: dict[str, tuple[str, str, Any]] | None = None,
+                   config_file: bool = False) -> click.Command:
+    """A command whose options are the fields of `cls`: it builds the config, runs `stage` on
+    it and `show`s the result. `deprecated` = {old flag: (field, new flag, click type)};
+    `config_file` adds --config FILE.toml (flags override its values)."""
+    from enspipe.config import click_options
+
+    deprecated = deprecated or {}
+
+    def command(ctx: click.Context, config_file: str | None = None, **kw: Any) -> None:
+        _take_deprecated(kw, {old: (field, new) for old, (field, new, _) in deprecated.items()})
+        show(stage(_build(ctx, cls, kw, config_file, must=required)))
+
+    decorated: Callable = click.pass_context(command)
+    for old, (_, new, type_) in deprecated.items():
+        decorated = _deprecated(old, new, type=type_)(decorated)
+    decorated = click_options(cls, require=not config_file, required=() if config_file else required)(decorated)
+    if config_file:
+        decorated = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                                 help="A TOML file of these options (keys as the flags without --, _ for -); "
+                                 "flags override it.")(decorated)
+    return click.command(context_settings=_SETTINGS, help=help, epilog=_examples(*examples))(decorated)
+
+
+def _train_command() -> click.Command:
+    from enspipe.train import TrainConfig, train
+
+    return _stage_command(
+        TrainConfig, train, lambda result: click.echo(str(result.run_dir)),
+        help="Train a model: clean, online adversarial (adv) or ensemble adversarial (ens-adv).",
+        examples=("enspipe train --model A --dataset mnist --out runs/A",
+                  "enspipe train --model A --dataset mnist --mode ens-adv --shards STORE1 --shards STORE2 "
+                  "--out runs/A_ens",
+                  "enspipe train --config train.toml --epochs 12     # a TOML table of these options; flags win",
+                  "enspipe train --model A --dataset mnist --out runs/A --resume   # after a kill"),
+        required=("out",), config_file=True,
+        deprecated={"--workers": ("loader_workers", "--loader-workers", click.IntRange(min=0))})
+
+
+def _precompute_command() -> click.Command:
+    from enspipe.precompute import PrecomputeConfig, precompute
+
+    return _stage_command(
+        PrecomputeConfig, precompute, lambda paths: [click.echo(str(p)) for p in paths],
+        help="Compute a static model's adversarial directions over a dataset into stores (one per attack).",
+        examples=("enspipe precompute --model runs/D --dataset mnist --attacks fgsm --out stores",
+                  "enspipe precompute --model resnet50 --weights resnet50.safetensors --dataset "
+                  "imagefolder:/data/imagenet --attacks step_ll,fgsm --format both --dask-workers 4 --out stores"),
+        deprecated={"--workers": ("dask_workers", "--dask-workers", int), "--attack": ("attacks", "--attacks", str)})
+
+
+def _show_evaluation(res: dict[str, Any]) -> None:
+    for name, m in res["models"].items():
+        line = [f"{name}: clean {100 * m['clean']['error']:.1f}%"]
+        line += [f"{a} {100 * r['error']:.1f}%" for a, r in m["whitebox"].items()]
+        if m["blackbox_max"] is not None:
+            line.append(f"black-box max {100 * m['blackbox_max']:.1f}%")
+        click.echo("  ".join(line), err=True)
+    click.echo(res.get("path", ""))
+
+
+def _evaluate_command() -> click.Command:
+    from enspipe.evaluate import EvalConfig, evaluate
+
+    return _stage_command(
+        EvalConfig, evaluate, _show_evaluation,
+        help="Clean, white-box and black-box (transfer) error of trained or released models.",
+        examples=("enspipe evaluate --model runs/A_ens --sources runs/B --dataset mnist --attacks fgsm,pgd "
+                  "--out results",
+                  "enspipe evaluate --model timm:inception_resnet_v2.tf_ens_adv_in1k --pretrained "
+                  "--dataset imagefolder:/data/imagenet --image-size 299 --eps 16/256 --limit 1000 --out results"),
+        required=("out",))
+
+
+def _diagnose_command() -> click.Command:
+    from enspipe.diagnostics import DiagnoseConfig, run_diagnose
+
+    return _stage_command(
+        DiagnoseConfig, run_diagnose, lambda res: click.echo(str(res["path"])),
+        help="Gradient-masking evidence: approximation ratio, cosine, loss surfaces, adversarial subspaces.",
+        examples=("enspipe diagnose --model runs/A_ens --model runs/A_adv --other runs/B --dataset mnist "
+                  "--out diag",
+                  "enspipe diagnose --model timm:inception_v3.tf_adv_in1k --pretrained "
+                  "--dataset imagefolder:/data/imagenet --image-size 299 --eps 16/256 --limit 100 --out diag"),
+        required=("out",))
+
+
+class _Group(click.Group):
+    """A group whose stage commands are built on first use; `--help` lists them from a table."""
+
+    lazy: dict[str, tuple[Callable[[], click.Command], str]] = {
+        "train": (_train_command, "Train a model: clean, online adversarial (adv) or ensemble adversarial."),
+        "precompute": (_precompute_command, "Compute a static model's adversarial directions into stores."),
+        "evaluate": (_evaluate_command, "Clean, white-box and black-box error of trained or released models."),
+        "diagnose": (_diagnose_command, "Gradient-masking evidence: ratios, cosines, loss surfaces, subspaces."),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            self.add_command(self.lazy[name][0](), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, self.lazy[name][1] if name in self.lazy and name not in self.commands
+                 else self.commands[name].get_short_help_str(80)) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=_Group, context_settings=_SETTINGS)
 @click.version_option(package_name="enspipe")
 def cli() -> None:
     """Ensemble Adversarial Training (Tramer et al., ICLR 2018) as an offline pipeline.
@@ -48,157 +221,20 @@ def cli() -> None:
     \b
     Typical flow:
       enspipe train --model A --dataset mnist --out runs/A
-      enspipe precompute --model runs/A --dataset mnist --attack fgsm --out stores
+      enspipe precompute --model runs/A --dataset mnist --attacks fgsm --out stores
       enspipe train --model A --dataset mnist --mode ens-adv --shards STORE --out runs/A-ens
       enspipe evaluate --model runs/A-ens --sources runs/B --dataset mnist --out results
     """
 
 
-@cli.command()
-@click.option("--model", required=True, help="Architecture (A, B, B*, C, C-code, D, resnet50, timm:NAME) or a run dir to start from.")
-@click.option("--dataset", default="digits", show_default=True, help="digits, mnist, cifar10, imagefolder:PATH or wds:PATTERN.")
-@click.option("--split", default="train", show_default=True)
-@DATA_ROOT
-@LIMIT
-@IMAGE_SIZE
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
-@click.option("--mode", type=click.Choice(["clean", "adv", "ens-adv"]), default="clean", show_default=True)
-@click.option("--shards", multiple=True, help="A precomputed store (repeat for several static models). ens-adv only.")
-@click.option("--attack", type=click.Choice(["fgsm", "step_ll"]), default=None,
-              help="Single-step attack of the training-time examples [default: the stores' own (ens-adv), else fgsm].")
-@click.option("--eps", type=EPS, default="0.3", show_default=True, help="l-inf budget: 0.3 or 16/256.")
-@click.option("--eps-dist", type=click.Choice(["fixed", "truncnorm"]), default="fixed", show_default=True,
-              help="truncnorm draws eps per example from |N(0, eps/2)| truncated to [0, eps] (Kurakin et al.).")
-@click.option("--adv-fraction", type=float, default=0.5, show_default=True, help="Share of each batch replaced by adversarial examples.")
-@click.option("--epochs", type=int, default=6, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--optimizer", type=click.Choice(["adam", "rmsprop", "sgd"]), default="adam", show_default=True)
-@click.option("--lr", type=float, default=None, help="Learning rate [adam 1e-3, rmsprop 0.045, sgd 0.01].")
-@click.option("--lr-decay", type=float, default=1.0, show_default=True, help="Multiply lr by this every --lr-decay-every epochs (ImageNet: 0.94).")
-@click.option("--lr-decay-every", type=int, default=2, show_default=True)
-@click.option("--augment", type=click.Choice(["none", "crop", "flip", "crop+flip"]), default="none", show_default=True)
-@click.option("--weights", type=click.Path(exists=True), default=None,
-              help="Initial weights: an enspipe run/checkpoint or a torchvision/timm state dict (.safetensors, .pth).")
-@click.option("--new-head", is_flag=True, help="Load --weights except the classifier head, which starts fresh "
-              "(fine-tune on another number of classes).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader worker processes.")
-@DEVICE
-@click.option("--resume", is_flag=True, help="Continue a killed run from its last epoch checkpoint.")
-@click.option("--log-every", type=click.IntRange(min=1), default=20, show_default=True, help="Batches per metrics.jsonl line.")
-@click.option("--record-indices", is_flag=True, hidden=True, help="Save each rank's sample order per epoch.")
-@click.option("--adv-loss", type=click.Choice(["replace", "paired"]), default="replace", show_default=True,
-              help="replace: adversarial examples replace --adv-fraction of each batch (the paper's ImageNet "
-                   "setup); paired: they come in addition to the whole clean batch (the reference code's "
-                   "MNIST loss, with --adv-fraction 1).")
-@click.option("--adv-weight", type=float, default=1.0, show_default=True,
-              help="lambda of Kurakin et al.'s loss (sum clean + lambda * sum adv) / (n_clean + lambda * n_adv) "
-                   "(ImageNet: 0.3).")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="Weight decay, not on biases and norm weights [0].")
-@click.option("--schedule", type=click.Choice(["step", "cosine"]), default=None,
-              help="step: lr x --lr-decay every --lr-decay-every epochs; cosine: to 0 over the epochs [step].")
-@click.option("--warmup-epochs", type=click.IntRange(min=0), default=None, help="Epochs of linear lr warmup [0].")
-@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=None, metavar="K",
-              help="Keep only the last K epoch checkpoints [all].")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-              help="bf16/fp16: autocast (fp16 with a grad scaler), channels_last on CUDA [fp32].")
-@click.option("--val-limit", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Each epoch, record clean and FGSM error on N held-out test samples in metrics.jsonl.")
-@click.option("--log", type=click.Choice(["csv", "tensorboard"]), multiple=True,
-              help="Also log metrics to metrics.csv or TensorBoard (repeatable).")
-def train(out, resume, **kw) -> None:
-    """Train a model: clean, online adversarial (adv) or ensemble adversarial (ens-adv)."""
-    from enspipe.config import OptionError, flag_of
-    from enspipe.train import TrainConfig, train as run_train
+# --- The other commands ---------------------------------------------------------------------
 
-    kw["shards"] = tuple(kw["shards"])
-    # Knobs left out take TrainConfig's defaults (declared there once).
-    kw = {k: v for k, v in kw.items() if v is not None}
-    try:
-        cfg = TrainConfig(**kw)
-    except OptionError as e:  # name the field as the user typed it
-        raise click.UsageError(e.render(flag_of(TrainConfig, e.field))) from None
-    result = run_train(cfg, out, resume=resume)
-    click.echo(str(result.run_dir))
+DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 
 
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-@cli.command()
-@click.option("--model", "models", multiple=True, required=True, help="A run dir or checkpoint (repeat for several targets).")
-@click.option("--dataset", default="digits", show_default=True)
-@click.option("--split", default="test", show_default=True)
-@DATA_ROOT
-@LIMIT
-@IMAGE_SIZE
-@click.option("--attacks", default="fgsm", show_default=True,
-              help="Comma list of fgsm, step_ll, rand_fgsm, rand_step_ll, iter_fgsm, iter_ll, pgd, pgd_cw.")
-@click.option("--eps", type=EPS, default="0.3", show_default=True)
-@click.option("--sources", multiple=True, help="Holdout model(s) whose attacks transfer to the targets (black-box).")
-@click.option("--ensemble-source", is_flag=True, help="Also attack with the ensemble of all --sources.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@DEVICE
-@click.option("--out", required=True, type=click.Path(), help="Directory (or .json path) for results.")
-@click.option("--attack-option", "attack_options", multiple=True, metavar="ATTACK.KEY=VALUE",
-              help="Set one parameter of one attack, e.g. rand_fgsm.alpha=0.05, pgd_cw.kappa=50, "
-                   "pgd.steps=100 (repeatable).")
-def evaluate(models, attacks, sources, out, **kw) -> None:
-    """Clean, white-box and black-box (transfer) error of trained models."""
-    from enspipe.config import OptionError, flag_of
-    from enspipe.evaluate import EvalConfig, evaluate as run_eval
-
-    try:
-        cfg = EvalConfig(models=tuple(models), attacks=_csv(attacks), sources=tuple(sources), **kw)
-    except OptionError as e:  # name the field as the user typed it
-        raise click.UsageError(e.render(flag_of(EvalConfig, e.field))) from None
-    res = run_eval(cfg, out)
-    for name, m in res["models"].items():
-        line = [f"{name}: clean {100 * m['clean']['error']:.1f}%"]
-        line += [f"{a} {100 * r['error']:.1f}%" for a, r in m["whitebox"].items()]
-        if m["blackbox_max"] is not None:
-            line.append(f"black-box max {100 * m['blackbox_max']:.1f}%")
-        click.echo("  ".join(line), err=True)
-    click.echo(res["path"])
-
-
-@cli.command()
-@click.option("--model", required=True, help="Static model: a run dir / checkpoint, or a name with --weights/--pretrained.")
-@click.option("--weights", type=click.Path(), default=None)
-@click.option("--pretrained", is_flag=True, help="Load hub weights (needs the network).")
-@click.option("--dataset", default="digits", show_default=True)
-@DATA_ROOT
-@click.option("--split", default="train", show_default=True)
-@LIMIT
-@IMAGE_SIZE
-@click.option("--attack", "attack", default="step_ll", show_default=True, help="fgsm, step_ll, or both: step_ll,fgsm.")
-@click.option("--label", type=click.Choice(["pred", "true"]), default="pred", show_default=True,
-              help="Label the FGSM direction uses (pred avoids label leaking).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store ROOT; the store path is derived under it.")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "wds", "both"]), default="zarr", show_default=True)
-@click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@DEVICE
-@click.option("--workers", type=int, default=None, help="Start a local dask cluster of N worker processes.")
-@click.option("--scheduler", default=None, help="Address of an existing dask scheduler (tcp://host:port).")
-@click.option("--loader-workers", type=click.IntRange(min=0), default=None,
-              help="Processes that decode images ahead of the compute (default: from the cores; 0: in-process).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16: autocast (channels_last on CUDA); a store of its own beside the fp32 one.")
-@click.option("--wds-images", type=click.Choice(["source", "none"]), default="source", show_default=True,
-              help="wds stores: carry each image as the source encoded it, or none.")
-def precompute(attack, **kw) -> None:
-    """Compute a static model's adversarial directions over a dataset into stores."""
-    from enspipe.precompute import PrecomputeConfig, precompute as run_pre
-
-    cfg = PrecomputeConfig(attacks=_csv(attack), **kw)
-    for line in run_pre(cfg):
-        click.echo(str(line))
-
-
-@cli.command()
+@cli.command(context_settings=_SETTINGS, epilog=_examples(
+    "enspipe verify stores/mnist-train/D-0123456789ab/fgsm-pred-0123456789abcdef.zarr",
+    "enspipe verify STORE --recompute 16 --device cpu"))
 @click.argument("store", type=click.Path())
 @click.option("--recompute", type=click.IntRange(min=0), default=0, help="Recompute K random samples with the model and compare.")
 @click.option("--model", default=None, help="The static model, for --recompute (default: the path recorded in the manifest).")
@@ -223,19 +259,30 @@ def verify(store, recompute, model, data_root, device) -> None:
                + (f", {recompute} samples recomputed" if recompute else "") + ")")
 
 
-@cli.command(name="ls")
-@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@cli.command(name="ls", context_settings=_SETTINGS, epilog=_examples(
+    "enspipe ls stores", "enspipe ls runs/quickstart      # a job's output folder: its models and stores",
+    "enspipe ls . --json"))
+@click.argument("root", type=click.Path(exists=True, file_okay=False), default=".")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def ls_cmd(root, as_json) -> None:
-    """List the stores under ROOT."""
+    """List the runs (model folders) and stores under ROOT."""
     from dataclasses import asdict
 
+    from enspipe.runs import list_runs
     from enspipe.stores import list_stores
 
-    infos = list_stores(root)
+    runs, infos = list_runs(root), list_stores(root)
     if as_json:
-        click.echo(json.dumps([{**asdict(i), "path": str(i.path)} for i in infos], indent=2))
+        click.echo(json.dumps([{"kind": "run", **asdict(r), "path": str(r.path)} for r in runs]
+                              + [{"kind": "store", **asdict(i), "path": str(i.path)} for i in infos], indent=2))
         return
+    if runs:
+        click.echo(f"{'run: model':<18} {'dataset':<18} {'mode':<8} {'epochs':>6} {'size':>9} path")
+        for r in runs:
+            click.echo(f"{r.model or '?':<18.18} {r.dataset or '-':<18.18} {r.mode or '-':<8} "
+                       f"{r.epochs_done if r.epochs_done is not None else '-':>6} {_size(r.bytes_on_disk):>9} "
+                       f"{r.path}" + (f"  ({r.problem})" if r.problem else ""))
+        click.echo("")
     head = f"{'dataset':<18} {'model':<16} {'attack':<12} {'N':>7} {'size':>9} {'bits/el':>7} {'status':<10} path"
     click.echo(head)
     for i in infos:
@@ -250,28 +297,8 @@ def ls_cmd(root, as_json) -> None:
                    + (f"  ({i.problem})" if i.problem else ""))
 
 
-@cli.command()
-@click.option("--model", "models", multiple=True, required=True, help="A run dir (repeat to compare models).")
-@click.option("--other", default=None, help="Another model whose adversarial direction spans the loss surface (Figures 1, 4, 5).")
-@click.option("--dataset", default="digits", show_default=True)
-@click.option("--split", default="test", show_default=True)
-@DATA_ROOT
-@click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True, help="Test samples to measure on.")
-@IMAGE_SIZE
-@click.option("--eps", type=EPS, default="0.3", show_default=True)
-@DEVICE
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-def diagnose(models, other, dataset, split, data_root, limit, image_size, eps, device, out) -> None:
-    """Gradient-masking evidence: approximation ratio, cosine, loss surfaces, adversarial subspaces."""
-    from enspipe.diagnostics import run_diagnose
-    from enspipe.evaluate import model_label
-
-    path = run_diagnose({model_label(m): m for m in models}, other=other, dataset=dataset, data_root=data_root,
-                        limit=limit, eps=eps, out_dir=out, device=device, image_size=image_size, split=split)
-    click.echo(str(path))
-
-
-@cli.command()
+@cli.command(context_settings=_SETTINGS, epilog=_examples(
+    "enspipe report runs/quickstart", "enspipe report runs/mnist_table8 --paper mnist --title 'Table 8'"))
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--paper", type=click.Choice(["mnist", "imagenet"]), default=None,
               help="Print the paper's numbers beside ours.")
@@ -283,11 +310,17 @@ def report(directory, paper, title) -> None:
     click.echo(str(write_report(directory, paper=paper, title=title)))
 
 
-@cli.command()
+CACHE = click.option("--cache", type=click.Path(file_okay=False), default=None,
+                     help="Step cache shared between jobs [$ENSPIPE_CACHE or ~/.cache/enspipe].")
+
+
+@cli.command(context_settings=_SETTINGS, epilog=_examples(
+    "enspipe run jobs/quickstart.toml --out runs/quickstart",
+    "enspipe run jobs/mnist_table8.toml --dry-run      # the plan: which steps run, which are reused"))
 @click.argument("job", type=click.Path())
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Job outputs [runs/<job name>].")
-@click.option("--cache", type=click.Path(file_okay=False), default=None,
-              help="Step cache shared between jobs [$ENSPIPE_CACHE or ~/.cache/enspipe].")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Job outputs, as real files [runs/<job name>].")
+@CACHE
 @click.option("--dry-run", is_flag=True, help="Print the plan and what would be reused; run nothing.")
 @DEVICE
 def run(job, out, cache, dry_run, device) -> None:
@@ -299,7 +332,45 @@ def run(job, out, cache, dry_run, device) -> None:
         click.echo(res["report"])
 
 
-def _size(n: int) -> str:
+@cli.group(context_settings=_SETTINGS, epilog=_examples("enspipe cache ls", "enspipe cache gc --dry-run"))
+def cache() -> None:
+    """The step cache that jobs share: list it, remove what no job output uses."""
+
+
+@cache.command(name="ls", context_settings=_SETTINGS, epilog=_examples(
+    "enspipe cache ls", "enspipe cache ls --cache /scratch/enspipe-cache"))
+@CACHE
+def cache_ls(cache) -> None:
+    """List the cached steps: size, and which job outputs (--out folders) use them."""
+    from enspipe.jobcache import cache_entries, default_cache
+
+    root = cache or default_cache()
+    entries = cache_entries(root)
+    click.echo(f"{'status':<8} {'step':<32} {'key':<12} {'size':>9} used by")
+    for e in entries:
+        click.echo(f"{e.status:<8} {e.kind + '.' + e.name:<32.32} {e.key[:12]:<12} {_size(e.bytes_on_disk):>9} "
+                   + (", ".join(e.jobs) or "-"))
+    click.echo(f"{len(entries)} cached steps, {_size(sum(e.bytes_on_disk for e in entries))} in {root}", err=True)
+
+
+@cache.command(name="gc", context_settings=_SETTINGS, epilog=_examples(
+    "enspipe cache gc --dry-run", "enspipe cache gc --cache /scratch/enspipe-cache"))
+@CACHE
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+def cache_gc(cache, dry_run) -> None:
+    """Remove the cached steps that no existing job output uses and no running job holds."""
+    from enspipe.jobcache import default_cache, gc
+
+    root = cache or default_cache()
+    removed = gc(root, dry_run=dry_run)
+    for e in removed:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {e.kind}.{e.name} {e.key[:12]} "
+                   f"({_size(e.bytes_on_disk)})")
+    click.echo(f"{'would free' if dry_run else 'freed'} {_size(sum(e.bytes_on_disk for e in removed))} in {root}",
+               err=True)
+
+
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -307,15 +378,64 @@ def _size(n: int) -> str:
     return str(n)
 
 
+# --- Entry point ----------------------------------------------------------------------------
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like SIGINT's KeyboardInterrupt so that every cleanup runs the same way
+    (and a forked worker that inherits the handler stops as quietly as on SIGINT)."""
+
+
+_signal_seen: list[int] = []
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Any:
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != main_pid:  # a forked worker: die as SIGTERM would make it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        _signal_seen.append(signum)
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(args: list[str]) -> str:
+    """One line: what was interrupted, and the command that resumes it."""
+    name = "SIGTERM" if signal.SIGTERM in _signal_seen else "SIGINT"
+    command = next((a for a in args if not a.startswith("-")), None)
+    again = ["enspipe", *args]
+    if command == "train" and "--resume" not in args:
+        again.append("--resume")
+    if command in ("train", "precompute", "run"):
+        return f"enspipe: {command} interrupted ({name}); resume with: {shlex.join(again)}"
+    return f"enspipe: {command or 'enspipe'} interrupted ({name})"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    _signal_seen.clear()
+    _speaking[0] = None
     try:
-        cli.main(args=argv, prog_name="enspipe", standalone_mode=False)
+        with _sigterm_as_interrupt():
+            cli.main(args=args, prog_name="enspipe", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("enspipe: interrupted", err=True)
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo(_interrupted(args), err=True)
+        sys.exit(143 if signal.SIGTERM in _signal_seen else 130)
     except click.ClickException as e:
         msg = e.format_message().replace("\n", " ")
         ctx = getattr(e, "ctx", None)
@@ -323,12 +443,9 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"enspipe{where}: error: {msg}", err=True)
         sys.exit(e.exit_code)
     except EnspipeError as e:
-        click.echo(f"enspipe: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        click.echo(f"enspipe: error: {_message(e)}", err=True)
         sys.exit(1)
     except OSError as e:
         # A full disk, a permission denied, a path that is a file: the user's environment.
         click.echo(f"enspipe: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("enspipe: interrupted", err=True)
-        sys.exit(130)

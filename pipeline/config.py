@@ -9,22 +9,36 @@ A stage's config class declares its fields with `option(...)` metadata. From tho
   - `job_keys(cls)` is what a job spec accepts for a step of that kind.
 Stages speak in field names (`OptionError("adv_fraction", "must be in (0, 1], not 1.5")`); the
 CLI shows a field as its flag (`--adv-fraction must be ...`), a job spec as its key
-(`models.A.adv_fraction must be ...`), so the library never speaks the CLI's language.
+(`models.A.adv_fraction must be ...`), so the library never speaks the CLI's language. Any
+message may also *mention* another field in backticks (`` `weights` ``): `speak` shows each
+mention the same way (a flag on the command line, a key in a job spec).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import re
 import types
 import typing
+import warnings
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Callable, Literal, Mapping
 
-from enspipe.errors import ConfigError
+from enspipe.errors import ConfigError, EnspipeError
 
-__all__ = ["Option", "OptionError", "click_options", "config_defaults", "config_to_dict", "flag_of",
-           "job_keys", "option", "parse_config", "check"]
+__all__ = ["Option", "OptionError", "check", "click_options", "config_defaults", "config_to_dict", "flag_of",
+           "job_keys", "normalize", "option", "parse_config", "read_toml", "renamed", "runtime_fields",
+           "speak", "toml_line"]
+
+_MENTION = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def speak(text: str, name_of: Callable[[str], str] | None = None) -> str:
+    """`text` with every mentioned field (`` `data_root` ``) shown as `name_of(field)` would
+    show it (`--data-root` on the command line, `data.data_root` in a job spec)."""
+    return _MENTION.sub(lambda m: (name_of or (lambda f: f))(m.group(1)), text)
 
 
 class OptionError(ConfigError):
@@ -34,9 +48,10 @@ class OptionError(ConfigError):
         super().__init__(f"{field} {problem}")
         self.field, self.problem = field, problem
 
-    def render(self, name: str) -> str:
-        """The message with the field shown as the user typed it (a flag or a job key)."""
-        return f"{name} {self.problem}"
+    def render(self, name: str, name_of: Callable[[str], str] | None = None) -> str:
+        """The message with the field shown as the user typed it (a flag or a job key), and
+        the fields the problem mentions shown by `name_of`."""
+        return f"{name} {speak(self.problem, name_of)}"
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,11 @@ class Option:
     parse: Callable[[Any], Any] | None = None  # str -> value (e.g. eps "16/256"); also used on job values
     metavar: str | None = None
     minimum: float | None = None         # inclusive lower bound checked by parse_config / the CLI
+    hidden: bool = False                 # a flag kept out of --help (internal / audit switches)
+    sep: str | None = None               # list fields: the CLI also splits each value on sep ("fgsm,pgd")
+    path: str | None = None              # the CLI checks the path: "dir" (not a file), "existing", "any"
+    runtime: bool = False                # how a run goes (worker counts, a scheduler, logs), never what it
+                                         # computes: a job step's cache key and a resume's check leave it out
 
 
 def option(default: Any = MISSING, *, help: str = "", default_factory: Any = MISSING, **kw: Any) -> Any:
@@ -101,6 +121,40 @@ def job_keys(cls: type) -> set[str]:
     return {f.name for f in fields(cls) if _opt(f).job}
 
 
+def runtime_fields(cls: type) -> set[str]:
+    """The fields declared `runtime=True`: how a run goes, not what it computes (a job step's
+    cache key and a resumed run's identity check leave them out)."""
+    return {f.name for f in fields(cls) if _opt(f).runtime}
+
+
+def renamed(**old_to_new: str) -> Callable[[type], type]:
+    """Class decorator: fields renamed for one vocabulary keep their old names for a release.
+    `Cls(old=...)` warns (DeprecationWarning) and sets the new field; `obj.old` reads it;
+    `parse_config` maps old keys of a saved config (config.json) to the new ones."""
+    def decorate(cls: type) -> type:
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            for old, new in old_to_new.items():
+                if old in kw:
+                    warnings.warn(f"{cls.__name__}({old}=...) is deprecated: use {new}=", DeprecationWarning,
+                                  stacklevel=2)
+                    if new in kw:
+                        raise TypeError(f"{cls.__name__}() got both {old}= and its new name {new}=")
+                    kw[new] = kw.pop(old)
+            init(self, *args, **kw)
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        for old, new in old_to_new.items():
+            setattr(cls, old, property(lambda self, _n=new: getattr(self, _n),
+                                       doc=f"Deprecated name of `{new}`."))
+        cls.__renamed__ = {**getattr(cls, "__renamed__", {}), **old_to_new}  # type: ignore[attr-defined]
+        return cls
+
+    return decorate
+
+
 # --- types -------------------------------------------------------------------------------
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -136,7 +190,13 @@ def _coerce(name: str, tp: Any, value: Any, opt: Option) -> Any:
             return None
         raise OptionError(name, f"must be {_type_name(tp)}, not empty")
     if opt.parse is not None and isinstance(value, str):
-        return opt.parse(value)
+        try:
+            return opt.parse(value)
+        except OptionError:
+            raise
+        except EnspipeError as e:  # the parser's own error: the field's problem
+            problem = str(e)
+            raise OptionError(name, problem[len(name) + 1:] if problem.startswith(name + " ") else problem) from None
     origin = typing.get_origin(base)
     ok: bool
     if origin is tuple:
@@ -177,7 +237,9 @@ def parse_config(cls: type, table: Mapping[str, Any], **extra: Any) -> Any:
     known = {f.name: f for f in fields(cls)}
     hints = _hints(cls)
     values: dict[str, Any] = {}
+    old_names = getattr(cls, "__renamed__", {})
     for key, value in {**table, **extra}.items():
+        key = old_names.get(key, key)
         if key not in known:
             raise OptionError(key, f"is not an option (known: {', '.join(sorted(job_keys(cls)))})")
         values[key] = _coerce(key, hints[key], value, _opt(known[key]))
@@ -189,6 +251,25 @@ def parse_config(cls: type, table: Mapping[str, Any], **extra: Any) -> Any:
 
 
 # --- checks stages use in __post_init__ ----------------------------------------------------
+
+def normalize(cfg: Any, *, paths: tuple[str, ...] = (), path_lists: tuple[str, ...] = ()) -> None:
+    """In a frozen config's __post_init__: path fields accept str or os.PathLike and keep str
+    (lists of them a tuple of str; one bare string is refused), and a field with a parser
+    given text (eps "16/256") keeps the parsed value, so a config compares, hashes and saves
+    as JSON the same however it was written."""
+    for name in path_lists:
+        value = getattr(cfg, name)
+        if isinstance(value, (str, os.PathLike)):
+            raise OptionError(name, "must be a list of paths or names, not one string")
+        object.__setattr__(cfg, name, tuple(os.fspath(v) for v in value))
+    for name in paths:
+        if isinstance(getattr(cfg, name), os.PathLike):
+            object.__setattr__(cfg, name, os.fspath(getattr(cfg, name)))
+    for f in fields(cfg):
+        parse = _opt(f).parse
+        if parse is not None and isinstance(getattr(cfg, f.name), str):
+            object.__setattr__(cfg, f.name, _coerce(f.name, str, getattr(cfg, f.name), _opt(f)))
+
 
 def check(cond: bool, field: str, problem: str) -> None:
     """Raise OptionError(field, problem) unless cond."""
@@ -212,13 +293,17 @@ def check_fraction(value: float, field: str, *, low_open: bool = True) -> None:
 # --- the command line --------------------------------------------------------------------
 
 def click_options(cls: type, *, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
-                  defaults: Mapping[str, Any] | None = None) -> Callable[[Callable], Callable]:
+                  defaults: Mapping[str, Any] | None = None, require: bool = True,
+                  required: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     """Decorator adding one click option per field of `cls` (in field order), derived from the
-    field's type, default and `Option`. Tuple fields are repeatable; bools are flags."""
+    field's type, default and `Option`. Tuple fields are repeatable (and split on `sep`);
+    bools are flags. `require=False` leaves required fields to `parse_config` (a command
+    that also reads a config file); `required` names optional fields the command requires."""
     import click
 
     hints = _hints(cls)
     overrides = dict(defaults or {})
+    required_ = set(required)
 
     def decorate(fn: Callable) -> Callable:
         for f in reversed(fields(cls)):
@@ -227,18 +312,23 @@ def click_options(cls: type, *, skip: tuple[str, ...] = (), only: tuple[str, ...
                 continue
             base, optional = _split_optional(hints[f.name])
             default = overrides.get(f.name, f.default if f.default is not MISSING else None)
-            required = f.default is MISSING and f.default_factory is MISSING and f.name not in overrides  # type: ignore[misc]
-            kw: dict[str, Any] = {"help": opt.help, "required": required}
+            required = require and (f.name in required_ or f.default is MISSING and f.default_factory is MISSING
+                                     and f.name not in overrides)  # type: ignore[misc]
+            kw: dict[str, Any] = {"help": opt.help, "required": required, "hidden": opt.hidden}
             if opt.metavar:
                 kw["metavar"] = opt.metavar
             if typing.get_origin(base) is tuple:
                 kw.update(multiple=True, default=tuple(default or ()))
+                if opt.sep:
+                    kw["callback"] = functools.partial(_split_values, opt.sep)
             elif base is bool:
                 kw.update(is_flag=True, default=bool(default))
             else:
                 choices = opt.choices or (typing.get_args(base) if typing.get_origin(base) is Literal else None)
                 if opt.parse is not None:
                     kw["type"] = _ParsedType(opt.parse, opt.metavar or f.name.upper())
+                elif opt.path is not None:
+                    kw["type"] = click.Path(file_okay=opt.path != "dir", exists=opt.path == "existing")
                 elif choices:
                     kw["type"] = click.Choice(list(choices))
                 elif base is int:
@@ -254,6 +344,11 @@ def click_options(cls: type, *, skip: tuple[str, ...] = (), only: tuple[str, ...
     return decorate
 
 
+def _split_values(sep: str, ctx: Any, param: Any, value: tuple[str, ...]) -> tuple[str, ...]:
+    """`--attacks fgsm,pgd --attacks iter_ll` -> ("fgsm", "pgd", "iter_ll")."""
+    return tuple(v.strip() for item in value for v in str(item).split(sep) if v.strip())
+
+
 class _ParsedType:
     """A click ParamType from a parse function (e.g. eps '16/256' -> 0.0625)."""
 
@@ -266,9 +361,73 @@ class _ParsedType:
                     return value
                 try:
                     return parse(value)
-                except ConfigError as e:
+                except EnspipeError as e:
                     self.fail(str(getattr(e, "problem", e)), param, ctx)
 
         t = Parsed()
         t.name = name
         return t
+
+
+# --- TOML files: line numbers for messages --------------------------------------------------
+
+def toml_line(text: str, table: str | tuple[str, ...] | None, key: str | None = None) -> int | None:
+    """The line where `[table]` (or `key` inside it; `table=None`: a top-level key) is
+    written, for messages that say file:line. A table given as a tuple of its parts may
+    hold names with dots (`("models", "v1.2")` is `[models."v1.2"]`)."""
+    lines = text.splitlines()
+    key_re = re.compile(r"^\s*" + re.escape(key) + r"\s*=") if key else None
+    if table is None:
+        for j, line in enumerate(lines):
+            if line.lstrip().startswith("["):
+                break
+            if key_re and key_re.match(line):
+                return j + 1
+        return None
+    parts = [re.escape(p) for p in (table.split(".") if isinstance(table, str) else table)]
+    quoted = [r"(?:" + p + r'|"' + p + r'"|\'' + p + r"\')" for p in parts]
+    header = re.compile(r"^\s*\[\s*" + r"\s*\.\s*".join(quoted) + r"\s*\]\s*(#.*)?$")
+    for i, line in enumerate(lines):
+        if header.match(line):
+            if key_re is None:
+                return i + 1
+            for j in range(i + 1, len(lines)):
+                if lines[j].lstrip().startswith("["):
+                    break
+                if key_re.match(lines[j]):
+                    return j + 1
+            return i + 1
+    return None
+
+
+def read_toml(cls: type, path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML file of `cls`'s fields (top-level keys: those the command line offers), e.g.
+    `train --config FILE.toml`.
+    Unknown keys and wrong types are ConfigErrors naming FILE:LINE and the key; the values
+    are returned for `parse_config` (so that flags can override them first)."""
+    import tomllib
+
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+        table = tomllib.loads(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    known = {f.name: f for f in fields(cls)}
+    hints = _hints(cls)
+    old_names = getattr(cls, "__renamed__", {})
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = old_names.get(key, key)
+        try:
+            if name not in known or not _opt(known[name]).cli:
+                allowed = sorted(f.name for f in fields(cls) if _opt(f).cli)
+                raise OptionError(key, f"is not an option (known: {', '.join(allowed)})")
+            out[name] = _coerce(key, hints[name], value, _opt(known[name]))
+        except OptionError as e:
+            line = toml_line(text, None, key)
+            raise ConfigError(f"{path}:{line}: {e}" if line else f"{path}: {e}") from None
+    return out

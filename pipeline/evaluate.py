@@ -15,59 +15,81 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from enspipe import attacks
-from enspipe.config import OptionError, option
+from enspipe._callable import callable_stage
+from enspipe.attacks import parse_eps
+from enspipe.config import OptionError, check, check_fraction, config_to_dict, normalize, option
 from enspipe.data import create_dataset
-from enspipe.errors import AttackError, ConfigError
-from enspipe.models import BINARIZED_MASKED_PREFIX, BINARIZED_PREFIX, load_model_for
+from enspipe.errors import AttackError
+from enspipe.models import BINARIZED_MASKED_PREFIX, BINARIZED_PREFIX, check_weights, load_model_for
+from enspipe.naming import model_label, unique_labels
 from enspipe.paths import check_output
 from enspipe.runtime import log_line, progress, resolve_device, versions, write_json
 from enspipe.stats import wilson_interval
 
-__all__ = ["EvalConfig", "evaluate", "model_label", "wilson_interval"]
+__all__ = ["EvalConfig", "evaluate", "model_label", "unique_labels", "wilson_interval"]
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What to evaluate; saved beside the results."""
+    """What to evaluate and where the results go; saved beside the results.
 
-    models: tuple[str, ...]
-    dataset: str = "digits"
-    split: str = "test"
-    data_root: str | None = None
-    limit: int | None = None
-    image_size: int | None = None
-    attacks: tuple[str, ...] = ("fgsm",)
-    eps: float = 0.3
-    sources: tuple[str, ...] = ()
-    ensemble_source: bool = False
-    batch_size: int = 256
-    seed: int = 0
-    device: str = "auto"
-    names: dict[str, str] = field(default_factory=dict)  # model spec -> name shown in tables
+    Each field is a flag of `enspipe evaluate` and (where a job can set it) a key of a job
+    spec's `[evaluate.NAME]` table, with the default and help declared here once."""
+
+    models: tuple[str, ...] = option(flag="--model", metavar="MODEL", job=False,
+                                     help="A target: a run dir or checkpoint, or an architecture with --weights / "
+                                     "--pretrained (repeat for several targets).")
+    dataset: str = option("digits", job=False, help="digits, mnist, cifar10, imagefolder:PATH or wds:PATTERN.")
+    split: str = option("test", job=False, help="The dataset split to evaluate on.")
+    data_root: str | None = option(None, path="dir", job=False,
+                                   help="Where datasets live (else $ENSPIPE_DATA, else ~/.cache/enspipe/data).")
+    limit: int | None = option(None, minimum=1, help="Use only the first N samples of the canonical order.")
+    image_size: int | None = option(None, minimum=8, job=False,
+                                    help="Resize (imagefolder: resize + center-crop) images to this square size.")
+    attacks: tuple[str, ...] = option(("fgsm",), sep=",", metavar="ATTACKS",
+                                      help="Comma list (or repeat) of " + ", ".join(attacks.ATTACKS) + ".")
+    eps: float = option(0.3, parse=parse_eps, metavar="EPS", help="l-inf budget: 0.3 or 16/256.")
+    sources: tuple[str, ...] = option((), metavar="MODEL", help="Holdout model(s) whose attacks transfer to the "
+                                      "targets (black-box).")
+    ensemble_source: bool = option(False, help="Also attack with the ensemble of all --sources.")
+    batch_size: int = option(256, minimum=1, help="Samples per batch.")
+    seed: int = option(0, help="Seed of the random attacks' noise.")
+    device: str = option("auto", job=False, help="auto, cpu or cuda[:N].")
+    names: dict[str, str] = option(default_factory=dict, cli=False, job=False,
+                                   help="model spec -> name shown in tables")
+    weights: str | None = option(None, path="existing", job=False,
+                                 help="Weights of the one model given as a bare architecture name.")
+    pretrained: bool = option(False, job=False, help="Hub weights for every model given as a bare architecture "
+                              "name (offline: from the hub cache).")
+    binarized: tuple[str, ...] = option((), metavar="MODEL", help="Also evaluate this model behind input "
+                                        "binarization (Appendix C.1's gradient-masking baseline; repeat).")
+    out: str | None = option(None, path="any", job=False, help="Directory (or .json path) for results.json.")
+    binarized_masked: tuple[str, ...] = option((), metavar="MODEL", help="Also evaluate this model behind input "
+                                               "binarization with its true zero gradient (the masking diagnostic; repeat).")
     attack_options: tuple[str, ...] = option(
         (), flag="--attack-option", metavar="ATTACK.KEY=VALUE",
         help="Set one parameter of one attack, e.g. rand_fgsm.alpha=0.05, pgd_cw.kappa=50, "
              "pgd.steps=100 (repeatable; defaults: the paper's, else the reference code's).")
 
     def __post_init__(self) -> None:
-        if not self.models:
-            raise ConfigError("evaluate needs at least one --model")
+        normalize(self, paths=("out", "weights", "data_root"), path_lists=("models", "sources", "binarized", "binarized_masked"))
+        check(bool(self.models or self.binarized or self.binarized_masked), "models", "needs at least one target")
         for a in self.attacks:
-            if a not in attacks.ATTACKS:
-                raise ConfigError(f"unknown attack {a!r}: use one of {', '.join(attacks.ATTACKS)}")
-        if not (0 < self.eps <= 1) or math.isnan(self.eps):
-            raise ConfigError(f"--eps must be in (0, 1], not {self.eps}")
-        if self.ensemble_source and len(self.sources) < 2:
-            raise ConfigError("--ensemble-source needs at least two --sources")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, not {self.batch_size}")
+            check(a in attacks.ATTACKS, "attacks", f"names an unknown attack {a!r}: use one of "
+                  f"{', '.join(attacks.ATTACKS)}")
+        check_fraction(self.eps, "eps")
+        check(not self.ensemble_source or len(self.sources) >= 2, "ensemble_source", "needs at least two `sources`")
+        check(self.batch_size >= 1, "batch_size", f"must be at least 1, not {self.batch_size}")
+        check(self.weights is None or not self.pretrained, "weights",
+              "and `pretrained` exclude each other: pass one source of weights")
         object.__setattr__(self, "attack_options", tuple(self.attack_options))
         self.options()  # checked now: a bad option fails before any model is loaded
 
@@ -84,10 +106,9 @@ class EvalConfig:
         return {a: attacks.attack_params(a, eps=self.eps, **opts.get(a, {})) for a in self.attacks}
 
 
-def model_label(spec: str) -> str:
-    """A short name for a model given as a run dir or checkpoint path."""
-    p = Path(spec)
-    return p.name if p.is_dir() else (p.parent.name if p.suffix in (".json", ".safetensors") else spec)
+def _unwrapped(spec: str) -> str:
+    """The model spec behind a binarization prefix."""
+    return spec.removeprefix(BINARIZED_MASKED_PREFIX).removeprefix(BINARIZED_PREFIX)
 
 
 class _Counter:
@@ -113,24 +134,42 @@ class _Counter:
 
 
 def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Run the evaluation; write `results.json` into `out` (a directory or a .json path)."""
+    """Run the evaluation; return the results and, when `cfg.out` is set, write them to
+    `results.json` there (a directory, or a .json path) and add its "path".
+    `evaluate(cfg, out)` is the deprecated form of `evaluate(replace(cfg, out=out))`."""
     if out is not None:
-        check_output(out)  # never inside a store
+        warnings.warn("evaluate(cfg, out) is deprecated: put it in the config, evaluate(EvalConfig(..., out=out))",
+                      DeprecationWarning, stacklevel=2)
+        cfg = replace(cfg, out=os.fspath(out))
+    if cfg.out is not None:
+        check_output(cfg.out)  # never inside a store
+    target_specs = [*cfg.models, *(BINARIZED_PREFIX + s for s in cfg.binarized),
+                    *(BINARIZED_MASKED_PREFIX + s for s in cfg.binarized_masked)]
+    bare = check_weights({"models": cfg.models, "binarized": cfg.binarized, "binarized_masked": cfg.binarized_masked,
+                          "sources": cfg.sources}, weights=cfg.weights, pretrained=cfg.pretrained)
     device = resolve_device(cfg.device)
     data = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
                           image_size=cfg.image_size)
+    # Two runs in folders of the same name (seed0/C, seed1/C) get the path suffix that tells them apart.
+    labels = unique_labels(_unwrapped(s) for s in [*target_specs, *cfg.sources])
 
     def label(spec: str) -> str:
         if spec in cfg.names:
             return cfg.names[spec]
         # Appendix C.1's input-binarization baseline: attacked through it (BPDA), or masked.
-        for prefix, tag in ((BINARIZED_PREFIX, "+binarized"), (BINARIZED_MASKED_PREFIX, "+binarized-masked")):
+        for prefix, tag in ((BINARIZED_MASKED_PREFIX, "+binarized-masked"), (BINARIZED_PREFIX, "+binarized")):
             if spec.startswith(prefix):
-                return model_label(spec.removeprefix(prefix)) + tag
-        return model_label(spec)
+                return labels[spec.removeprefix(prefix)] + tag
+        return labels[spec]
 
-    targets = {label(s): load_model_for(s, data, device) for s in cfg.models}
-    sources = {label(s): load_model_for(s, data, device) for s in cfg.sources}
+    def load(spec: str) -> torch.nn.Module:
+        named = _unwrapped(spec) in bare
+        return load_model_for(spec, data, device, weights=cfg.weights if named else None,
+                              pretrained=cfg.pretrained and named)
+
+    targets = {label(s): load(s) for s in target_specs}
+    specs = dict(zip(targets, target_specs))
+    sources = {label(s): load(s) for s in cfg.sources}
     if cfg.ensemble_source:
         sources["ensemble(" + "+".join(sources) + ")"] = attacks.Ensemble(list(sources.values())).eval()
     topk = data.num_classes > 10
@@ -170,26 +209,27 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
         log_line(f"evaluate {a}: {len(data)} samples in {spent[a]:.1f} s; white-box error {errors}"
                  + (f"; transferred from {len(sources)} source(s)" if sources else ""))
 
-    results: dict[str, Any] = {"config": {**asdict(cfg), "models": list(cfg.models), "sources": list(cfg.sources),
-                                          "attacks": list(cfg.attacks), "attack_options": list(cfg.attack_options)},
-                               "attack_params": params,
-                               "dataset": data.identity(), "versions": versions(), "models": {}}
+    results: dict[str, Any] = {"config": config_to_dict(cfg), "attack_params": params, "dataset": data.identity(),
+                               "versions": versions(), "models": {}}
     for t in targets:
         bb = {s: {a: black[t][s][a].result() for a in cfg.attacks} for s in sources}
         # A source that is the target itself is a white-box attack (the transfer matrix's
         # diagonal), not a black-box one.
         flat = [r["error"] for s, per in bb.items() if s != t for r in per.values()]
         results["models"][t] = {
-            "spec": cfg.models[list(targets).index(t)],
+            "spec": specs[t],
             "clean": clean[t].result(),
             "whitebox": {a: white[t][a].result() for a in cfg.attacks},
             "blackbox": bb,
             "blackbox_max": max(flat) if flat else None,
             "blackbox_avg": sum(flat) / len(flat) if flat else None,
         }
-    if out is not None:
-        path = Path(out)
+    if cfg.out is not None:
+        path = Path(cfg.out)
         path = path if path.suffix == ".json" else path / "results.json"
         write_json(path, results)
         results["path"] = str(path)
     return results
+
+
+callable_stage(__name__)  # `enspipe.evaluate(cfg)` is evaluate(cfg)

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_target", "atomic_write", "atomic_write_json", "is_temporary", "naming", "process_umask"]
+__all__ = ["atomic_target", "atomic_write", "atomic_write_json", "dir_bytes", "is_temporary", "naming", "process_umask"]
 
 
 def process_umask() -> int:
@@ -33,6 +33,16 @@ def process_umask() -> int:
 
 
 _UMASK = process_umask()
+
+
+def dir_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the files under path (links not followed; a file hard-linked twice counts twice)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
 
 
 def is_temporary(name: str) -> bool:

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -234,10 +235,13 @@ def _torchvision_net(name: str, num_classes: int, pretrained: bool) -> tuple[nn.
             "classification model (e.g. resnet50), or timm:NAME"
         )
     if pretrained:
-        if not _network_reachable("download.pytorch.org"):
+        # Offline, torchvision loads the weights from its hub cache (TORCH_HOME) if they are there.
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        if not cached.exists() and not _network_reachable("download.pytorch.org"):
             raise ModelError(
-                f"--pretrained needs the network to download {name}'s weights; "
-                "pass --weights PATH to a local checkpoint instead"
+                f"`pretrained`: torchvision weights for {name} are not in the torch hub cache {cached.parent} "
+                "and there is no network; set TORCH_HOME to a cache that holds them, or pass `weights` FILE"
             )
         if num_classes != 1000:
             raise ModelError(f"pretrained {name} has 1000 classes, not {num_classes}")
@@ -254,22 +258,37 @@ def _torchvision_net(name: str, num_classes: int, pretrained: bool) -> tuple[nn.
     return net, (3, size, size)
 
 
+def _hub_offline() -> None:
+    """No network: the Hugging Face hub must answer from its cache at once instead of retrying
+    for ~40 s (NOTES.md). It reads HF_HUB_OFFLINE when it is imported, so the variable is set
+    before timm imports it; if it is imported already, its constant is set too."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+
+
 def _timm_net(name: str, num_classes: int, in_chans: int, pretrained: bool):
+    told = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = pretrained and not told and not _network_reachable("huggingface.co")
+    if offline:
+        _hub_offline()
     import timm
 
     base = name.split(".")[0]
     if not timm.is_model(base):
         raise ModelError(f"unknown timm model {name!r} (see timm.list_models())")
-    if pretrained and not _network_reachable("huggingface.co"):
-        # Fail fast: timm would retry the hub for ~40 s before giving up (NOTES.md).
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         net = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans)
     except Exception as e:  # hub errors come in many types; all mean "no weights here"
         if pretrained:
+            from huggingface_hub import constants
+
+            why = ("and there is no network" if offline else "and HF_HUB_OFFLINE is set" if told
+                   else f"({type(e).__name__})")
             raise ModelError(
-                f"--pretrained could not load timm weights for {name!r} ({type(e).__name__}); "
-                "offline, pass --weights PATH to a local checkpoint instead"
+                f"`pretrained`: timm weights for {name!r} are not in the hub cache {constants.HF_HUB_CACHE} {why}; "
+                "set HF_HOME (or HF_HUB_CACHE) to a cache that holds them, or pass `weights` FILE"
             ) from None
         raise
     cfg = net.pretrained_cfg
@@ -302,7 +321,7 @@ def is_model_path(spec: str, *, weights_given: bool = False) -> bool:
     if weights_given:
         return False
     kind = "folder" if os.path.isdir(spec) else "file"
-    raise ModelError(f"--model {spec} is ambiguous: the architecture {spec}, or the {kind} ./{spec} in "
+    raise ModelError(f"`model` {spec} is ambiguous: the architecture {spec}, or the {kind} ./{spec} in "
                      f"{os.getcwd()}; write ./{spec} for the {kind}, or run elsewhere for the architecture")
 
 
@@ -321,6 +340,43 @@ def check_model_name(name: str) -> None:
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ModelError(f"unknown model {name!r}: use one of {', '.join(MNIST_ARCHS)}, a torchvision "
                          "classification model (e.g. resnet50), or timm:NAME")
+
+
+def is_architecture(spec: str | os.PathLike, *, weights_given: bool = False) -> bool:
+    """Does `spec` (or "binarized:SPEC") name a registry architecture, whose weights must
+    come from elsewhere, rather than a run dir or checkpoint? A path is written like one
+    (a '/', a leading '.', a .json / .safetensors name) or is no registered name; a registry
+    name that is also a file or folder here is ambiguous (`is_model_path` raises) unless
+    weights are given, which only an architecture takes."""
+    spec = os.fspath(spec).removeprefix(BINARIZED_MASKED_PREFIX).removeprefix(BINARIZED_PREFIX)
+    if spec.endswith((".json", ".safetensors")) or is_model_path(spec, weights_given=weights_given):
+        return False
+    try:
+        check_model_name(spec)
+    except ModelError:
+        return False
+    return True
+
+
+def check_weights(specs: dict[str, tuple[str, ...]], *, weights: str | None, pretrained: bool) -> set[str]:
+    """The models of `specs` ({config field: specs}) named as bare architectures, which
+    `weights` (one of them) or `pretrained` (all) must give weights: evaluating or diagnosing
+    an architecture's random initial weights would print meaningless numbers with exit 0."""
+    from enspipe.config import OptionError
+
+    given = weights is not None or pretrained
+    bare = {field: [s for s in group if is_architecture(s, weights_given=given)] for field, group in specs.items()}
+    names = list(dict.fromkeys(s.removeprefix(BINARIZED_MASKED_PREFIX).removeprefix(BINARIZED_PREFIX)
+                               for group in bare.values() for s in group))
+    if names and weights is None and not pretrained:
+        field = next(f for f, group in bare.items() if group)
+        raise OptionError(field, f"{names[0]} is an architecture name, whose weights would be random: pass "
+                          "`weights` FILE or `pretrained`, or name a run dir or checkpoint")
+    if weights is not None and len(names) != 1:
+        raise OptionError("weights", "gives the weights of the one model named as an architecture, but "
+                          + (f"{len(names)} are: {', '.join(names)}" if names else "every model is a run dir "
+                             "or checkpoint"))
+    return set(names)
 
 
 def create_model(
@@ -514,7 +570,7 @@ def load_weights(model: EnsModel, path: str | os.PathLike, *, new_head: bool = F
             raise ModelError(
                 f"checkpoint {path} is for {other.name} with {other.num_classes} classes, "
                 f"not {model.config.name} with {model.config.num_classes}"
-                + ("; to fine-tune it with a fresh head pass --new-head" if other.name == model.config.name else "")
+                + ("; to fine-tune it with a fresh head pass `new_head`" if other.name == model.config.name else "")
             )
     # A safetensors file's tensor shapes come from its header: they are checked against the
     # model before a byte of tensor data is read (a hostile header may claim terabytes).
@@ -547,7 +603,7 @@ def load_weights(model: EnsModel, path: str | os.PathLike, *, new_head: bool = F
         hint = ""
         if reshaped and not missing and not unexpected and set(reshaped) <= head:
             hint = (f"; only the classifier head differs: to fine-tune these weights on "
-                    f"{model.config.num_classes} classes with a fresh head pass --new-head")
+                    f"{model.config.num_classes} classes with a fresh head pass `new_head`")
         elif not new_head:
             hint = "; the file is for another architecture, number of classes or input size"
         raise ModelError(f"weights in {weights} do not fit {model.config.name} with "
@@ -598,7 +654,8 @@ def load_model(path: str | os.PathLike) -> EnsModel:
     """Rebuild a model from `model.json` + `model.safetensors` (a run dir or either file)."""
     weights, meta_path = _checkpoint_files(path)
     if meta_path is None:
-        raise ModelError(f"{path} has no model.json beside it; use --model NAME --weights {path}")
+        raise ModelError(f"{path} has no model.json beside it; name the architecture as `model` and pass "
+                         f"`weights` {path}")
     meta = _read_meta(meta_path)
     cfg = ModelConfig.from_dict(meta["config"])
     # An MNIST net's parameters grow with its input size: count them before building it.

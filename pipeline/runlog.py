@@ -38,7 +38,7 @@ def check_sinks(sinks: tuple[str, ...]) -> None:
             import tensorboard  # noqa: F401
         except ImportError:
             raise OptionError("log", "tensorboard needs the tensorboard package (pip install tensorboard); "
-                                     "--log csv works without it") from None
+                                     "`log` csv works without it") from None
 
 
 def _csv_rows(rec: dict[str, Any]) -> list[tuple[Any, ...]]:

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator, TypeVar
 import numpy as np
 import torch
 
-from enspipe.errors import ConfigError
+from enspipe.config import OptionError
 
 T = TypeVar("T")
 
@@ -23,11 +23,11 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {spec} was asked for but this machine has no CUDA GPU")
+        raise OptionError("device", f"{spec} was asked for but this machine has no CUDA GPU")
     try:
         return torch.device(spec)
     except RuntimeError:
-        raise ConfigError(f"unknown device {spec!r}: use auto, cpu or cuda[:N]") from None
+        raise OptionError("device", f"{spec!r} is no device: use auto, cpu or cuda[:N]") from None
 
 
 def seed_everything(seed: int) -> None:

@@ -33,7 +33,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +42,20 @@ import numpy as np
 import torch
 
 from enspipe import attacks, losses
-from enspipe.config import check, option
+from enspipe._callable import callable_stage
+from enspipe.attacks import parse_eps
+from enspipe.config import (
+    OptionError,
+    check,
+    check_fraction,
+    config_defaults,
+    config_to_dict,
+    normalize,
+    option,
+    parse_config,
+    renamed,
+    runtime_fields,
+)
 from enspipe.data import SampleSource, create_dataset
 from enspipe.errors import ConfigError, EnspipeError, StoreError
 from enspipe.fileio import atomic_target
@@ -57,43 +71,66 @@ from enspipe.trainkit import (AutocastModel, CheckpointWriter, FrozenModel, Wind
 MODES = ("clean", "adv", "ens-adv")
 OPTIMIZERS = {"adam": 1e-3, "rmsprop": 0.045, "sgd": 0.01}  # default learning rates (paper / reference code)
 PRECISIONS = ("fp32", "bf16", "fp16")
-# Options that say how a run is carried out or watched, not what it trains: a resumed run may change them.
-RUNTIME_OPTIONS = ("device", "workers", "keep_checkpoints", "val_limit", "log")
 
 
+# Fields that say where and how a run goes, not what it computes: a resumed run may change
+# them (config.json's other fields must match). The rest are declared `runtime=True`.
+NOT_IDENTITY = ("device", "out", "resume")
+
+
+@renamed(workers="loader_workers")
 @dataclass(frozen=True)
 class TrainConfig:
-    """A training run, fully resolved; saved as `config.json` beside the weights."""
+    """A training run, fully resolved; saved as `config.json` beside the weights.
 
-    model: str
-    dataset: str = "digits"
-    split: str = "train"
-    data_root: str | None = None
-    limit: int | None = None
-    image_size: int | None = None  # resize (and center-crop) the data to this square size
-    mode: str = "clean"
-    shards: tuple[str, ...] = ()
-    attack: str | None = None      # the stores' attack (ens-adv), else fgsm; the model attacks itself with it
-    eps: float = 0.3
-    eps_dist: str = "fixed"        # fixed | truncnorm (Kurakin: |N(0, eps/2)| truncated to [0, eps])
-    adv_fraction: float = 0.5
-    epochs: int = 6
-    batch_size: int = 64
-    optimizer: str = "adam"
-    lr: float | None = None
-    lr_decay: float = 1.0          # multiply lr by this every `lr_decay_every` epochs
-    lr_decay_every: int = 2
-    augment: str = "none"          # none | crop | flip | crop+flip (applied to image and direction alike)
-    crop_padding: int = 2
-    seed: int = 0
-    block_size: int = 256
-    buffer_blocks: int = 8
-    workers: int = 0
-    device: str = "auto"
-    weights: str | None = None     # initial weights
-    new_head: bool = False         # load `weights` except the classifier head (another number of classes)
-    log_every: int = 20
-    record_indices: bool = False   # write each rank's sample order per epoch (audits, DDP tests)
+    Each field is a flag of `enspipe train` (`--adv-fraction`) and a key of a job spec's
+    `[models.NAME]` table (`adv_fraction`), with the default and help declared here once."""
+
+    model: str = option(help="Architecture (A, B, B*, C, C-code, D, resnet50, timm:NAME) or a run dir / "
+                        "checkpoint to start from.", job=False)
+    dataset: str = option("digits", help="digits, mnist, cifar10, imagefolder:PATH or wds:PATTERN.", job=False)
+    split: str = option("train", help="The dataset split to train on.", job=False)
+    data_root: str | None = option(None, path="dir", job=False,
+                                   help="Where datasets live (else $ENSPIPE_DATA, else ~/.cache/enspipe/data).")
+    limit: int | None = option(None, minimum=1, job=False, help="Use only the first N samples of the canonical order.")
+    image_size: int | None = option(None, minimum=8, job=False,
+                                    help="Resize (imagefolder: resize + center-crop) images to this square size.")
+    mode: str = option("clean", choices=MODES, help="clean, online single-step adversarial (adv), or ensemble "
+                       "adversarial from precomputed stores (ens-adv).")
+    shards: tuple[str, ...] = option((), metavar="STORE", help="A precomputed store (repeat for several static "
+                                     "models). ens-adv only.")
+    attack: str | None = option(None, choices=("fgsm", "step_ll"), help="Single-step attack of the training-time "
+                                "examples [default: the stores' own (ens-adv), else fgsm].")
+    eps: float = option(0.3, parse=parse_eps, metavar="EPS", help="l-inf budget: 0.3 or 16/256.")
+    eps_dist: str = option("fixed", choices=("fixed", "truncnorm"), help="truncnorm draws eps per example from "
+                           "|N(0, eps/2)| truncated to [0, eps] (Kurakin et al.).")
+    adv_fraction: float = option(0.5, help="Share of each batch replaced by adversarial examples.")
+    epochs: int = option(6, help="Epochs to train.")
+    batch_size: int = option(64, help="Samples per batch.")
+    optimizer: str = option("adam", choices=tuple(OPTIMIZERS), help="adam, rmsprop (the paper's ImageNet "
+                            "setup) or sgd (momentum 0.9).")
+    lr: float | None = option(None, help="Learning rate [adam 1e-3, rmsprop 0.045, sgd 0.01].")
+    lr_decay: float = option(1.0, help="Multiply lr by this every --lr-decay-every epochs (ImageNet: 0.94).")
+    lr_decay_every: int = option(2, help="Epochs between two lr decays.")
+    augment: str = option("none", choices=("none", "crop", "flip", "crop+flip"),
+                          help="Random crops / flips, applied to the image and its direction alike.")
+    crop_padding: int = option(2, minimum=0, help="Zero padding (pixels) around the image for random crops.")
+    seed: int = option(0, help="Seed of the data order, source draws, eps draws and initialisation.")
+    block_size: int = option(256, help="Samples per contiguous read from the data and the stores.")
+    buffer_blocks: int = option(8, help="Blocks shuffled together in memory.")
+    loader_workers: int = option(0, minimum=0, runtime=True, help="DataLoader worker processes that read, decode and "
+                                 "augment batches ahead of the step.")
+    device: str = option("auto", job=False, help="auto, cpu or cuda[:N].")
+    weights: str | None = option(None, path="existing", help="Initial weights: an enspipe run/checkpoint or a "
+                                 "torchvision/timm state dict (.safetensors, .pth).")
+    new_head: bool = option(False, help="Load --weights except the classifier head, which starts fresh "
+                            "(fine-tune on another number of classes).")
+    log_every: int = option(20, minimum=1, help="Batches per metrics.jsonl line.")
+    record_indices: bool = option(False, hidden=True, help="Save each rank's sample order per epoch (audits).")
+    pretrained: bool = option(False, help="Start from the architecture's hub weights (torchvision / timm; "
+                              "offline: from the hub cache).")
+    out: str | None = option(None, path="dir", job=False, help="Run directory to create (or continue with --resume).")
+    resume: bool = option(False, job=False, help="Continue a killed run from its last epoch checkpoint.")
     adv_loss: str = option("replace", choices=losses.ADV_LOSSES, help=(
         "replace: adversarial examples replace --adv-fraction of each batch (the paper's ImageNet "
         "setup); paired: they come in addition to the whole clean batch (the reference code's "
@@ -106,50 +143,40 @@ class TrainConfig:
     schedule: str = option("step", choices=SCHEDULES,
                            help="step: lr x lr_decay every lr_decay_every epochs; cosine: to 0 over the epochs.")
     warmup_epochs: int = option(0, minimum=0, help="Epochs of linear lr warmup (per batch) before the schedule.")
-    keep_checkpoints: int | None = option(None, minimum=1, metavar="K", help="Keep only the last K epoch checkpoints (default: all).")
+    keep_checkpoints: int | None = option(None, minimum=1, metavar="K", runtime=True, help="Keep only the last K epoch checkpoints (default: all).")
     precision: str = option("fp32", choices=PRECISIONS,
                             help="bf16/fp16: autocast (fp16 with a grad scaler), channels_last on CUDA.")
-    val_limit: int | None = option(None, minimum=1, metavar="N", help="Each epoch, clean and FGSM error on N held-out test samples.")
-    log: tuple[str, ...] = option((), metavar="csv|tensorboard", help="Also log metrics to csv (metrics.csv) or tensorboard (repeatable).")
+    val_limit: int | None = option(None, minimum=1, metavar="N", runtime=True, help="Each epoch, clean and FGSM error on N held-out test samples.")
+    log: tuple[str, ...] = option((), sep=",", metavar="csv|tensorboard", runtime=True, help="Also log metrics to csv (metrics.csv) or tensorboard (repeatable).")
 
     def __post_init__(self) -> None:
         # Paths are accepted as str or PathLike (precompute() returns Paths); stored as str.
-        if isinstance(self.shards, (str, os.PathLike)):
-            raise ConfigError("shards must be a list of store paths, not one string")
-        object.__setattr__(self, "shards", tuple(os.fspath(s) for s in self.shards))
-        if any(not s.strip() for s in self.shards):
-            raise ConfigError("--shards needs a store path, got an empty one")
-        if self.mode not in MODES:
-            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        if self.mode == "ens-adv" and not self.shards:
-            raise ConfigError("--mode ens-adv needs at least one --shards STORE (the static models' directions)")
-        if self.mode != "ens-adv" and self.shards:
-            raise ConfigError(f"--shards is only used by --mode ens-adv, not {self.mode}")
-        if self.attack not in (None, "fgsm", "step_ll"):
-            raise ConfigError(f"--attack must be fgsm or step_ll, not {self.attack!r}")
-        if self.new_head and self.weights is None:
-            raise ConfigError("--new-head fits a fresh classifier head to --weights; pass --weights FILE")
-        if not (0.0 < self.adv_fraction <= 1.0) or math.isnan(self.adv_fraction):
-            raise ConfigError(f"--adv-fraction must be in (0, 1], not {self.adv_fraction}")
-        if not (0.0 < self.eps <= 1.0) or math.isnan(self.eps):
-            raise ConfigError(f"--eps must be in (0, 1], not {self.eps}")
-        if self.eps_dist not in ("fixed", "truncnorm"):
-            raise ConfigError(f"--eps-dist must be fixed or truncnorm, not {self.eps_dist!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
-        if self.augment not in ("none", "crop", "flip", "crop+flip"):
-            raise ConfigError(f"--augment must be none, crop, flip or crop+flip, not {self.augment!r}")
+        normalize(self, paths=("model", "out", "weights", "data_root"), path_lists=("shards",))
+        check(all(s.strip() for s in self.shards), "shards", "needs a store path, got an empty one")
+        check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, not {self.mode!r}")
+        check(not (self.mode == "ens-adv" and not self.shards), "mode",
+              "ens-adv needs at least one `shards` STORE (the static models' directions)")
+        check(self.mode == "ens-adv" or not self.shards, "shards", f"is only used by `mode` ens-adv, not {self.mode}")
+        check(self.attack in (None, "fgsm", "step_ll"), "attack", f"must be fgsm or step_ll, not {self.attack!r}")
+        check(not self.new_head or self.weights is not None, "new_head",
+              "fits a fresh classifier head to `weights`; pass `weights` FILE")
+        check(self.weights is None or not self.pretrained, "weights",
+              "and `pretrained` exclude each other: pass one source of weights")
+        check_fraction(self.adv_fraction, "adv_fraction")
+        check_fraction(self.eps, "eps")
+        check(self.eps_dist in ("fixed", "truncnorm"), "eps_dist", f"must be fixed or truncnorm, not {self.eps_dist!r}")
+        check(self.optimizer in OPTIMIZERS, "optimizer",
+              f"must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        check(self.augment in ("none", "crop", "flip", "crop+flip"), "augment",
+              f"must be none, crop, flip or crop+flip, not {self.augment!r}")
         for name in ("epochs", "batch_size", "block_size", "buffer_blocks", "log_every", "lr_decay_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be 0 or more, not {self.workers}")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"--lr must be a positive number, not {self.lr}")
-        if not (0 < self.lr_decay <= 1):
-            raise ConfigError(f"--lr-decay must be in (0, 1], not {self.lr_decay}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit must be at least 1, not {self.limit}")
+            check(getattr(self, name) >= 1, name, f"must be at least 1, not {getattr(self, name)}")
+        check(self.loader_workers >= 0, "loader_workers", f"must be 0 or more, not {self.loader_workers}")
+        check(self.crop_padding >= 0, "crop_padding", f"must be 0 or more, not {self.crop_padding}")
+        check(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), "lr",
+              f"must be a positive number, not {self.lr}")
+        check(0 < self.lr_decay <= 1, "lr_decay", f"must be in (0, 1], not {self.lr_decay}")
+        check(self.limit is None or self.limit >= 1, "limit", f"must be at least 1, not {self.limit}")
         losses.check_adv_loss(self.adv_loss, self.adv_weight)
         object.__setattr__(self, "log", tuple(self.log))
         check(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "weight_decay",
@@ -157,7 +184,7 @@ class TrainConfig:
         check(self.schedule in SCHEDULES, "schedule", f"must be step or cosine, not {self.schedule!r}")
         check(self.warmup_epochs >= 0, "warmup_epochs", f"must be 0 or more, not {self.warmup_epochs}")
         check(self.schedule != "cosine" or self.warmup_epochs < self.epochs, "warmup_epochs",
-              f"must be fewer than --epochs ({self.epochs}) with the cosine schedule, not {self.warmup_epochs}")
+              f"must be fewer than `epochs` ({self.epochs}) with the cosine schedule, not {self.warmup_epochs}")
         check(self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints",
               f"must be at least 1, not {self.keep_checkpoints}")
         check(self.precision in PRECISIONS, "precision", f"must be fp32, bf16 or fp16, not {self.precision!r}")
@@ -170,24 +197,18 @@ class TrainConfig:
         return self.lr if self.lr is not None else OPTIMIZERS[self.optimizer]
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["shards"], d["log"] = list(self.shards), list(self.log)
-        return d
+        """The run's configuration as config.json records it; where it lives (`out`) is the
+        run dir's own path, recorded beside it as `run_dir`."""
+        return {k: v for k, v in config_to_dict(self).items() if k != "out"}
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+        return config_defaults(cls)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        d = dict(d)
-        d["shards"] = tuple(d.get("shards", ()))
-        d["log"] = tuple(d.get("log", ()))
-        return cls(**d)
+        """A config from its `to_dict()` (config.json), old field names included."""
+        return parse_config(cls, d)
 
 
 # --- The batch stream ---------------------------------------------------------------------
@@ -266,7 +287,7 @@ def adversarial_inputs(model: torch.nn.Module, batch: dict[str, Any], cfg: Train
 
 StreamFactory = Callable[[SampleSource, TrainConfig, int, int, int], torch.utils.data.IterableDataset]
 """(dataset, cfg, epoch, rank, world) -> the epoch's batches for this rank, as BatchStream yields them.
-With cfg.workers > 0 every epoch's stream is made when training starts (the loader's workers
+With cfg.loader_workers > 0 every epoch's stream is made when training starts (the loader's workers
 read them in turn); with 0, each when its epoch starts."""
 AdversarialFn = Callable[[torch.nn.Module, dict[str, Any], TrainConfig, torch.device],
                          tuple[torch.Tensor, torch.Tensor, bool]]
@@ -286,13 +307,13 @@ def batch_stream(dataset: SampleSource, cfg: TrainConfig, epoch: int, rank: int 
 def batch_loader(stream: torch.utils.data.IterableDataset, cfg: TrainConfig,
                  device: torch.device) -> torch.utils.data.DataLoader:
     """The DataLoader train() reads its batches through: the stream yields whole batches,
-    `cfg.workers` processes build them ahead of the step into pinned memory (CUDA). train()
+    `cfg.loader_workers` processes build them ahead of the step into pinned memory (CUDA). train()
     iterates it once over all its epochs, so its workers persist across epochs. The loader
     seeds its workers from its own generator: making one never draws from the training RNG,
     so a resumed run (which makes its loader at another epoch) keeps the RNG stream."""
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.loader_workers,
                                        pin_memory=device.type == "cuda", persistent_workers=False,
-                                       prefetch_factor=4 if cfg.workers else None,
+                                       prefetch_factor=4 if cfg.loader_workers else None,
                                        generator=torch.Generator().manual_seed(cfg.seed))
 
 
@@ -325,8 +346,8 @@ def resolve_attack(shards: tuple[str, ...], attack: str | None) -> str:
         which = ", ".join(f"{p} holds {a}" for p, a in held.items())
         raise StoreError(f"the stores hold directions of different attacks ({which}); train on stores of one attack")
     if attack is not None and kinds and attack != kinds[0]:
-        raise StoreError(f"--attack {attack} conflicts with the stores, which hold {kinds[0]} directions "
-                         f"({next(iter(held))}); leave --attack out to train with {kinds[0]}, or precompute "
+        raise StoreError(f"`attack` {attack} conflicts with the stores, which hold {kinds[0]} directions "
+                         f"({next(iter(held))}); leave `attack` out to train with {kinds[0]}, or precompute "
                          f"{attack} directions")
     return attack or (kinds[0] if kinds else "fgsm")
 
@@ -358,13 +379,15 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("epoch-*.pt"))
 
 
-def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
+def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, *, resume: bool | None = None,
           stream_factory: StreamFactory | None = None, on_metrics: MetricsFn | None = None,
           adversarial: AdversarialFn | None = None) -> TrainResult:
-    """Train `cfg.model` on `cfg.dataset` into `run_dir` (see the module docstring).
+    """Train `cfg.model` on `cfg.dataset` into the run directory `cfg.out` (see the module
+    docstring); `cfg.resume` continues a killed run. `train(cfg, run_dir, resume=...)` is the
+    deprecated form of `train(replace(cfg, out=run_dir, resume=...))`.
 
     `resume` continues the run from its last epoch checkpoint, with the same configuration
-    except the runtime options (RUNTIME_OPTIONS) and `epochs`: a larger `epochs` extends a
+    except the runtime options (`config.runtime_fields`) and `epochs`: a larger `epochs` extends a
     finished run (see `enspipe.schedule` for what the schedule then does).
 
     The seams (none of them is recorded in config.json, so a resumed run may differ in them):
@@ -375,7 +398,14 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
       adversarial(model, batch, cfg, device) -> (x, y, online) makes a batch's training
           inputs (default `adversarial_inputs`).
     """
-    run_dir = Path(run_dir)
+    if run_dir is not None or resume is not None:
+        warnings.warn("train(cfg, run_dir, resume=...) is deprecated: put them in the config, "
+                      "train(TrainConfig(..., out=run_dir, resume=...))", DeprecationWarning, stacklevel=2)
+        cfg = replace(cfg, **({} if run_dir is None else {"out": os.fspath(run_dir)}),
+                      **({} if resume is None else {"resume": resume}))
+    if cfg.out is None:
+        raise OptionError("out", "is required: the run directory to write")
+    run_dir = Path(cfg.out)
     check_output(run_dir)  # never inside a store
     rank, world, local_rank = _distributed()
     device = resolve_device(cfg.device)
@@ -387,7 +417,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(cfg, run_dir, resume=resume, rank=rank, world=world, device=device,
+        return _train(cfg, run_dir, resume=cfg.resume, rank=rank, world=world, device=device,
                       stream_factory=stream_factory or batch_stream, on_metrics=on_metrics,
                       adversarial=adversarial or adversarial_inputs)
     finally:
@@ -398,15 +428,17 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
 
 def _resume_history(cfg: TrainConfig, config_path: Path, run_dir: Path) -> list[dict[str, int]]:
-    """Refuse to resume with another configuration; return the run's epochs history."""
+    """Refuse to resume with another configuration; return the run's epochs history. Runtime
+    options and `epochs` may differ: a larger `epochs` extends a finished run."""
     saved = read_json(config_path)
     # Options added since the run was started compare at their defaults.
     old = {**TrainConfig.defaults(), **saved.get("train", {})}
-    mine = {k: v for k, v in cfg.to_dict().items() if k not in (*RUNTIME_OPTIONS, "epochs")}
+    skip = (*NOT_IDENTITY, *runtime_fields(TrainConfig), "epochs")
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in skip}
     diff = [k for k, v in mine.items() if old.get(k) != v]
     if diff:
-        raise ConfigError(f"--resume: {run_dir} was trained with another configuration "
-                          f"(differs in: {', '.join(diff)})")
+        raise OptionError("resume", f"{run_dir} was trained with another configuration "
+                          f"(differs in: {', '.join(f'`{k}`' for k in diff)})")
     return saved.get("epochs_history") or [{"epochs": old["epochs"], "from_epoch": 0}]
 
 
@@ -425,7 +457,7 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
     if resume:
         history = _resume_history(cfg, config_path, run_dir)
     elif config_path.exists() and _checkpoints(run_dir):
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        raise ConfigError(f"{run_dir} already holds a run; pass `resume` to continue it or choose another `out`")
 
     dataset = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
                              image_size=cfg.image_size)
@@ -433,9 +465,10 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
     val = (create_dataset(cfg.dataset, split="test", limit=cfg.val_limit, data_root=cfg.data_root,
                           image_size=cfg.image_size) if cfg.val_limit else None)
     seed_everything(cfg.seed)
-    model = load_model_for(cfg.model, dataset, device, weights=cfg.weights, new_head=cfg.new_head).train()
+    model = load_model_for(cfg.model, dataset, device, weights=cfg.weights, pretrained=cfg.pretrained,
+                           new_head=cfg.new_head).train()
     if not isinstance(model, EnsModel):  # "binarized:SPEC" is an evaluation baseline, not a trainable model
-        raise ConfigError(f"--model {cfg.model} cannot be trained; name a model, run dir or checkpoint")
+        raise OptionError("model", f"{cfg.model} cannot be trained; name a model, run dir or checkpoint")
     if channels_last(cfg.precision, device):
         model = model.to(memory_format=torch.channels_last)
     optimizer = _make_optimizer(cfg, model)
@@ -447,7 +480,7 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
         try:
             state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated file, or a pickle that weights_only refuses
-            raise EnspipeError(f"--resume: checkpoint {ckpts[-1]} is unreadable ({type(e).__name__}); "
+            raise EnspipeError(f"`resume`: checkpoint {ckpts[-1]} is unreadable ({type(e).__name__}); "
                                "delete it to resume from the one before") from None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -458,7 +491,7 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
     if start_epoch > cfg.epochs:
-        raise ConfigError(f"--resume: {run_dir} has {start_epoch} epochs done, more than --epochs {cfg.epochs}")
+        raise OptionError("epochs", f"{cfg.epochs} is fewer than the {start_epoch} epochs {run_dir} has done")
     if resume and start_epoch == cfg.epochs and rank == 0:
         # Killed between the last checkpoint and its model files: write them from it.
         _save_final(run_dir, model, dataset, cfg, start_epoch - 1)
@@ -485,11 +518,11 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
     schedule = dict(schedule=cfg.schedule, batches=nbatches, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                     lr_decay=cfg.lr_decay, lr_decay_every=cfg.lr_decay_every)
     # The epochs' batches: read, shuffled, source-drawn and augmented ahead of the step (in
-    # cfg.workers processes that live for the whole run) in an order fixed by (seed, epoch,
+    # cfg.loader_workers processes that live for the whole run) in an order fixed by (seed, epoch,
     # rank), so that a resumed run replays exactly what an uninterrupted one would have.
     epochs = epoch_batches(lambda e: stream_factory(dataset, cfg, e, rank, world),
                            lambda stream: batch_loader(stream, cfg, device),
-                           range(start_epoch, cfg.epochs), cfg.workers, per_rank)
+                           range(start_epoch, cfg.epochs), cfg.loader_workers, per_rank)
     ended = None  # when the previous epoch's work was done: its boundary is the time to this epoch's first batch
     try:
         for epoch, batches in epochs:
@@ -578,7 +611,7 @@ def _flush(window: Window, epoch: int, step: int, lr: float, run_dir: Path, writ
         raise EnspipeError(
             f"loss became {bad['loss']} at epoch {epoch + 1} step {bad['step']}; stopping "
             + (f"(last good checkpoint: {last[-1]})" if last else "(no checkpoint yet)")
-            + "; try a lower --lr")
+            + "; try a lower `lr`")
     return rec
 
 
@@ -606,7 +639,7 @@ def _batches_per_rank(n: int, cfg: TrainConfig, world: int) -> int:
     if min(counts) == 0:
         raise ConfigError(f"{n} samples over {world} ranks leave a rank without a full batch of {cfg.batch_size}")
     # Each DataLoader worker drops its own partial batch: up to one batch per extra worker.
-    return max(1, min(counts) - max(cfg.workers - 1, 0))
+    return max(1, min(counts) - max(cfg.loader_workers - 1, 0))
 
 
 def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -647,7 +680,7 @@ def _checkpoint_job(run_dir: Path, model: EnsModel, optimizer: torch.optim.Optim
             # torch reports a failed write (e.g. a full disk) as RuntimeError: free the space,
             # keep the previous checkpoint, and say what happened in one line.
             raise EnspipeError(f"could not write checkpoint {path} ({str(e).splitlines()[0]}); "
-                               "free space and re-run with --resume") from None
+                               "free space and re-run with `resume`") from None
         _save_final(run_dir, frozen, dataset, cfg, epoch)  # type: ignore[arg-type]
         prune_checkpoints(_checkpoints(run_dir), cfg.keep_checkpoints)
 
@@ -658,3 +691,6 @@ def _save_final(run_dir: Path, model: EnsModel, dataset: SampleSource, cfg: Trai
     save_model(model, run_dir, classes=list(dataset.classes), provenance={
         "trained_by": "enspipe train", "mode": cfg.mode, "epochs_done": epoch + 1,
         "dataset": dataset.identity(), "shards": list(cfg.shards), "seed": cfg.seed})
+
+
+callable_stage(__name__)  # `enspipe.train(cfg)` is train(cfg)

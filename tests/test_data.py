@@ -329,7 +329,7 @@ def test_imagefolder(tmp_path):
     default = create_dataset(f"imagefolder:{tmp_path / 'flat'}", split="train", limit=2)
     assert default.geometry.shape == (3, 224, 224) and "resize256:center-crop224" in default.geometry.preprocess
     assert len(default) == 2 and default.fingerprint != src.fingerprint
-    with pytest.raises(DataError, match="no train/, val/ or test/ folder.*--split train"):
+    with pytest.raises(DataError, match="no train/, val/ or test/ folder.*`split` train"):
         create_dataset(f"imagefolder:{tmp_path / 'flat'}", split="test")  # it would be the training images
     # content changes are seen through size and mtime
     before = src.fingerprint

@@ -277,7 +277,7 @@ def test_weights_of_another_head_fail_in_one_line_and_load_with_new_head(tmp_pat
         create_model("resnet18", num_classes=3, weights=tmp_path / "imagenet.safetensors")
     msg = str(e.value)
     assert "\n" not in msg
-    assert "fc.weight is 1000x512 in the file but 3x512 in the model" in msg and "--new-head" in msg
+    assert "fc.weight is 1000x512 in the file but 3x512 in the model" in msg and "`new_head`" in msg
     model = create_model("resnet18", num_classes=3, weights=tmp_path / "imagenet.safetensors", new_head=True)
     own = model.net.state_dict()
     assert own["fc.weight"].shape == (3, 512)
@@ -285,7 +285,7 @@ def test_weights_of_another_head_fail_in_one_line_and_load_with_new_head(tmp_pat
     # Weights of another architecture are not a head problem: no --new-head hint.
     with pytest.raises(ModelError, match="another architecture") as e:
         create_model("resnet34", num_classes=1000, weights=tmp_path / "imagenet.safetensors")
-    assert "--new-head" not in str(e.value)
+    assert "new_head" not in str(e.value)
 
 
 def test_new_head_through_the_cli_fine_tunes(folder, tmp_path):
@@ -348,7 +348,7 @@ def test_a_store_written_before_the_fix_is_reused(tmp_path):
     save_model(model, tmp_path / "D")
     before = {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(root.rglob("*"))}
     r = _cli("precompute", "--model", tmp_path / "D", "--dataset", LEGACY_STORE["dataset"],
-             "--limit", LEGACY_STORE["limit"], "--attack", "step_ll", "--shard-size", LEGACY_STORE["shard_size"],
+             "--limit", LEGACY_STORE["limit"], "--attacks", "step_ll", "--shard-size", LEGACY_STORE["shard_size"],
              "--batch-size", LEGACY_STORE["batch_size"], "--device", "cpu", "--out", root)
     (path,) = r.stdout.split()
     assert r.stderr.splitlines() == [f"reused {path}"]

@@ -8,6 +8,7 @@ import torch
 
 from enspipe import jobs
 from enspipe.jobs import load_job
+from enspipe.jobspec import resolved
 
 SPEC = Path(__file__).resolve().parents[1] / "jobs" / "imagenet_v3_ens3.toml"
 
@@ -42,7 +43,7 @@ def test_every_static_and_holdout_model_builds_offline(job):
     torch.manual_seed(0)
     x = torch.rand(1, 3, 299, 299)
     for step in _published(job):
-        model = jobs.published_model(jobs._resolved(job, step), pretrained=False).eval()
+        model = jobs.published_model(resolved(job, step), pretrained=False).eval()
         assert tuple(model.config.input_size) == (3, 299, 299), step.name
         with torch.no_grad():
             assert model(x).shape == (1, 1000), step.name

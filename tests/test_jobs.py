@@ -68,7 +68,7 @@ def test_shipped_specs_validate_and_dry_run(spec, tmp_path):
 
 @pytest.mark.parametrize("edit, message, line", [
     (lambda t: t.replace("seed = 1", "seed = 1\nwarmup = 3"), "unknown key 'warmup'", 17),
-    (lambda t: t.replace("seed = 1", 'seed = "one"'), "seed must be int", 16),
+    (lambda t: t.replace("seed = 1", 'seed = "one"'), "models.static.seed must be an integer", 16),
     (lambda t: t.replace('stores = ["static_fgsm"]', 'stores = ["nope"]'), "no [stores.nope]", 30),
     (lambda t: t.replace('model = "static"', 'model = "ghost"'), "no [models.ghost]", 19),
     (lambda t: t.replace('attacks = ["fgsm"]', 'attacks = ["fgsn"]'), "unknown attack", 35),

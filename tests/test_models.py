@@ -127,7 +127,7 @@ def test_pretrained_offline_fails_fast_and_clearly(monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(socket, "create_connection", offline)  # the machine is offline
-    with pytest.raises(ModelError, match="--weights"):
+    with pytest.raises(ModelError, match="`weights`"):
         create_model("resnet18", num_classes=1000, pretrained=True)
     with pytest.raises(ModelError, match="no hub weights"):
         create_model("A", pretrained=True)

@@ -107,7 +107,7 @@ def test_stores_round_trip_the_attacks_exactly(digits_static, digits_stores):
 def test_second_run_reuses_and_writes_nothing(digits_static, digits_stores):
     root, paths = digits_stores
     before = _snapshot(root)
-    res = _cli("precompute", "--model", digits_static, "--out", root, "--attack", "step_ll,fgsm",
+    res = _cli("precompute", "--model", digits_static, "--out", root, "--attacks", "step_ll,fgsm",
                "--format", "both", "--shard-size", 512, "--batch-size", 128, "--device", "cpu")
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == [str(p) for p in paths]
@@ -263,10 +263,10 @@ def test_bad_input_is_one_line_and_no_complete_store(digits_static, tmp_path):
     root = tmp_path / "root"
     base = ["precompute", "--model", digits_static, "--shard-size", 512, "--device", "cpu"]
     cases = {
-        "unknown attack": [*base, "--out", root, "--attack", "step_ll,pgd"],
+        "unknown attack": [*base, "--out", root, "--attacks", "step_ll,pgd"],
         "root under a file": [*base, "--out", afile / "stores"],
         "weights of another architecture": ["precompute", "--model", "D", "--weights", other, "--out", root],
-        "no workers": [*base, "--out", root, "--workers", 0],
+        "no workers": [*base, "--out", root, "--dask-workers", 0],
         "unreachable scheduler": [*base, "--out", root, "--scheduler", f"tcp://127.0.0.1:{_free_port()}"],
     }
     env = {**os.environ, "ENSPIPE_PROGRESS": "0"}
@@ -274,7 +274,7 @@ def test_bad_input_is_one_line_and_no_complete_store(digits_static, tmp_path):
     procs = {name: subprocess.Popen([sys.executable, "-m", "enspipe", *map(str, a)], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=env) for name, a in cases.items()}
     expected = {"unknown attack": "pgd", "root under a file": "afile", "weights of another architecture": "for A",
-                "no workers": "--workers", "unreachable scheduler": "scheduler"}
+                "no workers": "--dask-workers", "unreachable scheduler": "scheduler"}
     for name, p in procs.items():
         out, err = p.communicate(timeout=120)
         lines = err.splitlines()
@@ -286,9 +286,9 @@ def test_bad_input_is_one_line_and_no_complete_store(digits_static, tmp_path):
 
 
 @pytest.mark.parametrize("kw, word", [
-    ({"attacks": ()}, "--attack"), ({"attacks": ("fgsm", "fgsm")}, "twice"), ({"label": "ll"}, "--label"),
-    ({"fmt": "hdf5"}, "--format"), ({"shard_size": 0}, "--shard-size"), ({"workers": -1}, "--workers"),
-    ({"workers": 2, "scheduler": "tcp://x:1"}, "only one"), ({"weights": "w", "pretrained": True}, "exclude"),
+    ({"attacks": ()}, "attacks"), ({"attacks": ("fgsm", "fgsm")}, "twice"), ({"label": "ll"}, "label"),
+    ({"format": "hdf5"}, "format"), ({"shard_size": 0}, "shard_size"), ({"dask_workers": -1}, "dask_workers"),
+    ({"dask_workers": 2, "scheduler": "tcp://x:1"}, "only one"), ({"weights": "w", "pretrained": True}, "exclude"),
 ])
 def test_config_errors_are_one_sentence(kw, word):
     with pytest.raises(ConfigError, match=word):

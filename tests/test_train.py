@@ -133,7 +133,7 @@ def test_mismatched_store_is_refused_before_training(digits_static, tmp_path):
 
 
 def test_store_of_another_attack_is_refused(two_stores, tmp_path):
-    with pytest.raises(StoreError, match="--attack step_ll conflicts with the stores, which hold fgsm directions"):
+    with pytest.raises(StoreError, match="`attack` step_ll conflicts with the stores, which hold fgsm directions"):
         train(TrainConfig(model="D", dataset="digits", mode="ens-adv", attack="step_ll",
                           shards=(str(two_stores[0]),), epochs=1, device="cpu"), tmp_path / "run")
     assert not (tmp_path / "run").exists()

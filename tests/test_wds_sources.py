@@ -4,7 +4,6 @@ with the source's bytes; a forged member above `limits.max_image_bytes` is still
 from its header, before it is read."""
 from __future__ import annotations
 
-import hashlib
 import io
 
 import numpy as np

@@ -108,7 +108,7 @@ def open_cifar10(arg: str | None, *, split: str, limit: int | None, image_size: 
                         host=CIFAR10_HOST, blocker=blocker)
         if not all(p.is_file() for p in files):
             raise DataError(f"CIFAR-10 not found: expected {', '.join(missing)} in {folder} "
-                            f"(set --data-root or ENSPIPE_DATA); {why}")
+                            f"(set `data_root` or ENSPIPE_DATA); {why}")
     classes = _class_names(folder)
     size, geometry = _native_geometry(3, 32, image_size, "cifar10-batches")
     pixels, labels = _cifar10_arrays(tuple(files), _stamp(*files), size)

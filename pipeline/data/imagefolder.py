@@ -36,7 +36,7 @@ def _imagefolder_split_dirs(root: Path, split: str) -> tuple[Path, list[Path]]:
         if split != "train":
             # Serving PATH as the test split too would evaluate on the training images.
             raise DataError(f"imagefolder: {root} has no train/, val/ or test/ folder, so it has no "
-                            f"'{split}' split; pass --split train to use its images anyway")
+                            f"'{split}' split; pass `split` train to use its images anyway")
         return root, [root]  # no split folders: PATH is the training split
     wanted = ["train"] if split == "train" else ["val", "test"]
     for name in wanted:

@@ -81,7 +81,7 @@ def open_mnist(arg: str | None, *, split: str, limit: int | None, image_size: in
         found = _find_idx_files(raw_dir, split)
         if None in found:
             raise DataError(f"MNIST not found: expected {' and '.join(missing)} in {raw_dir} "
-                            f"(set --data-root or ENSPIPE_DATA); {why}")
+                            f"(set `data_root` or ENSPIPE_DATA); {why}")
     images, labels = found
     size, geometry = _native_geometry(1, 28, image_size, "mnist-idx")
     pixels, y = _mnist_arrays(images, labels, _stamp(images, labels), size)

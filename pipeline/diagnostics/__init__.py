@@ -4,7 +4,7 @@
                loss surface (Figures 1, 4, 5)
     hadamard   regular Hadamard matrices and the gradient-aligned adversarial subspaces of
                Appendix E (Lemma 7, Figure 2)
-    stage      `diagnose` / `run_diagnose`: all of the above for several models, written
+    stage      `diagnose` / `run_diagnose(DiagnoseConfig)`: all of the above for several models, written
                to `diagnostics.json` + PNG figures
 
 The figures are drawn by `enspipe.plots`; `Binarized` (Appendix C.1, a gradient-masking
@@ -29,11 +29,12 @@ from enspipe.diagnostics.measures import (
     loss_surface,
     perturbation_cosine,
 )
-from enspipe.diagnostics.stage import DIAGNOSTICS_FORMAT, diagnose, run_diagnose
+from enspipe.diagnostics.stage import DIAGNOSTICS_FORMAT, DiagnoseConfig, diagnose, run_diagnose
 from enspipe.plots import plot_loss_surface, plot_subspace
 
 __all__ = [
     "DIAGNOSTICS_FORMAT",
+    "DiagnoseConfig",
     "ITERATIVE",
     "SINGLE_STEP",
     "SUBSPACE_KS",

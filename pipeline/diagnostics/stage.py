@@ -1,14 +1,17 @@
 """The `diagnose` stage: every gradient-masking measurement for several models, written
 to `diagnostics.json` plus PNG figures (`enspipe.plots`).
 
-`diagnose` works on models and tensors in memory; `run_diagnose` is the CLI / job entry
-point that loads models from specs (`enspipe.models.load_model_for`, so "binarized:SPEC"
-works too) and the first test samples of a dataset. Both put the models in eval mode.
+`diagnose` works on models and tensors in memory; `run_diagnose(DiagnoseConfig)` is the stage
+(`enspipe.diagnose`, the CLI and the job runner call it) that loads models from specs
+(`enspipe.models.load_model_for`, so "binarized:SPEC" works too) and the first samples of
+a dataset's test split. Both put the models in eval mode.
 """
 from __future__ import annotations
 
 import os
 import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -27,10 +30,12 @@ from enspipe.diagnostics.measures import (
     input_gradient_norm,
     loss_surface,
 )
+from enspipe.config import OptionError, check, check_fraction, config_to_dict, normalize, option
 from enspipe.errors import ConfigError
+from enspipe.naming import unique_labels
 from enspipe.plots import plot_loss_surface, plot_subspace
 
-__all__ = ["DIAGNOSTICS_FORMAT", "diagnose", "run_diagnose"]
+__all__ = ["DIAGNOSTICS_FORMAT", "DiagnoseConfig", "diagnose", "run_diagnose"]
 
 DIAGNOSTICS_FORMAT = "enspipe-diagnostics/1"
 
@@ -137,34 +142,124 @@ def diagnose(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, *, eps: floa
     return {**report, "path": str(path)}
 
 
-def run_diagnose(models: Mapping[str, str | nn.Module], *, other: str | nn.Module | None = None,
-                 dataset: str = "digits", data_root: str | None = None, limit: int | None = 500,
-                 eps: float | str = 0.3, out_dir: str | os.PathLike, device: str = "auto",
-                 split: str = "test", image_size: int | None = None, **options: Any) -> Path:
-    """The CLI/job entry point: load the models and the first `limit` test samples, run
-    `diagnose`, return the path of `diagnostics.json`. `options` go to `diagnose`."""
+@dataclass(frozen=True)
+class DiagnoseConfig:
+    """What to diagnose and where the results go; saved in `diagnostics.json`.
+
+    Each field is a flag of `enspipe diagnose` and (where a job can set it) a key of a job
+    spec's `[diagnose.NAME]` table, with the default and help declared here once."""
+
+    models: tuple[str, ...] = option(flag="--model", metavar="MODEL",
+                                     help="A run dir or checkpoint, or an architecture with --weights / "
+                                     "--pretrained (repeat to compare models).")
+    other: str | None = option(None, metavar="MODEL", help="Another model whose adversarial direction spans the "
+                               "loss surface (Figures 1, 4, 5) [default: the next --model; with one model a "
+                               "random sign vector].")
+    dataset: str = option("digits", job=False, help="digits, mnist, cifar10, imagefolder:PATH or wds:PATTERN.")
+    split: str = option("test", job=False, help="The dataset split to measure on.")
+    data_root: str | None = option(None, path="dir", job=False,
+                                   help="Where datasets live (else $ENSPIPE_DATA, else ~/.cache/enspipe/data).")
+    limit: int | None = option(500, minimum=1, help="Samples to measure on (the first N of the split).")
+    image_size: int | None = option(None, minimum=8, job=False,
+                                    help="Resize (imagefolder: resize + center-crop) images to this square size.")
+    eps: float = option(0.3, parse=attacks.parse_eps, metavar="EPS", help="l-inf budget: 0.3 or 16/256.")
+    single: str = option("fgsm", choices=attacks.SINGLE_STEP, help="The single-step attack of the approximation "
+                         "ratio and cosine (Table 6).")
+    iterative: str = option("pgd", choices=attacks.ITERATIVE, help="The iterative attack it is compared with.")
+    steps: int = option(40, minimum=1, help="Iterations of the iterative attack.")
+    grid: int = option(21, minimum=2, help="Points per axis of the loss surface.")
+    surface_points: int = option(3, minimum=1, help="Samples whose loss surface is drawn.")
+    subspace_points: int | None = option(None, minimum=0, help="Samples the adversarial subspace is counted on "
+                                         "(Appendix E; 0 skips it) [default: all].")
+    seed: int = option(0, help="Seed of the random start and the random directions.")
+    batch_size: int = option(256, minimum=1, help="Samples per forward/backward pass.")
+    device: str = option("auto", job=False, help="auto, cpu or cuda[:N].")
+    weights: str | None = option(None, path="existing", job=False,
+                                 help="Weights of the one model given as a bare architecture name.")
+    pretrained: bool = option(False, job=False, help="Hub weights for every model given as a bare architecture "
+                              "name (offline: from the hub cache).")
+    out: str | None = option(None, path="dir", job=False, help="Directory for diagnostics.json and the figures.")
+    names: dict[str, str] = option(default_factory=dict, cli=False, job=False,
+                                   help="model spec -> name shown in diagnostics.json and the figures")
+
+    def __post_init__(self) -> None:
+        normalize(self, paths=("other", "out", "weights", "data_root"), path_lists=("models",))
+        check(bool(self.models), "models", "needs at least one model")
+        check_fraction(self.eps, "eps")
+        check(self.single in attacks.SINGLE_STEP, "single",
+              f"must be one of {', '.join(attacks.SINGLE_STEP)}, not {self.single!r}")
+        check(self.iterative in attacks.ITERATIVE, "iterative",
+              f"must be one of {', '.join(attacks.ITERATIVE)}, not {self.iterative!r}")
+        for name in ("steps", "surface_points", "batch_size", "limit"):
+            value = getattr(self, name)
+            check(value is None and name == "limit" or isinstance(value, int) and value >= 1, name,
+                  f"must be at least 1, not {value!r}")
+        check(self.grid >= 2, "grid", f"must be at least 2, not {self.grid}")
+        check(self.subspace_points is None or self.subspace_points >= 0, "subspace_points",
+              f"must be 0 or more, not {self.subspace_points}")
+        check(self.weights is None or not self.pretrained, "weights",
+              "and `pretrained` exclude each other: pass one source of weights")
+
+
+_OLD_KEYWORDS = {"out_dir": "out"}  # run_diagnose's keyword -> DiagnoseConfig field
+
+
+def run_diagnose(cfg: DiagnoseConfig | Mapping[str, str | nn.Module], **old: Any) -> Any:
+    """The diagnose stage: load `cfg.models` (named by `enspipe.naming.unique_labels`) and the
+    first `cfg.limit` samples of the split, run `diagnose`, write `diagnostics.json` and the
+    figures into `cfg.out`; return the JSON content plus its "path".
+
+    The deprecated form `run_diagnose({name: spec or module}, other=..., out_dir=..., **options)`
+    still works for one release and returns the path of `diagnostics.json`."""
+    if isinstance(cfg, DiagnoseConfig):
+        if old:
+            raise TypeError(f"run_diagnose(cfg) takes no keywords; got {', '.join(old)}")
+        labels = {**unique_labels(cfg.models), **cfg.names}
+        return _run(cfg, {labels[m]: m for m in cfg.models}, cfg.other)
+    warnings.warn("run_diagnose(models, other=..., out_dir=..., ...) is deprecated: pass a DiagnoseConfig",
+                  DeprecationWarning, stacklevel=2)
+    named: Mapping[str, str | nn.Module] = cfg
+    other = old.pop("other", None)
+    fields_ = {_OLD_KEYWORDS.get(k, k): v for k, v in old.items()}
+    config = DiagnoseConfig(models=tuple(s for s in named.values() if isinstance(s, str)) or ("module",),
+                            other=other if isinstance(other, str) else None, **fields_)
+    return Path(_run(config, named, other)["path"])
+
+
+def _run(cfg: DiagnoseConfig, named: Mapping[str, str | nn.Module], other: str | nn.Module | None) -> dict[str, Any]:
     from enspipe.data import create_dataset
-    from enspipe.models import load_model_for
+    from enspipe.models import check_weights, load_model_for
     from enspipe.paths import check_output
     from enspipe.runtime import resolve_device
 
-    check_output(out_dir)  # never inside a store
-    eps = attacks.parse_eps(eps) if isinstance(eps, str) else float(eps)
-    dev = resolve_device(device)
-    data = create_dataset(dataset, split=split, limit=limit, data_root=data_root, image_size=image_size)
+    if cfg.out is None:
+        raise OptionError("out", "is required: the directory for diagnostics.json")
+    check_output(cfg.out)  # never inside a store
+    specs = {"models": tuple(s for s in named.values() if isinstance(s, str)),
+             "other": (other,) if isinstance(other, str) else ()}
+    bare = check_weights(specs, weights=cfg.weights, pretrained=cfg.pretrained)
+    dev = resolve_device(cfg.device)
+    data = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
+                          image_size=cfg.image_size)
 
     def load(spec: str | nn.Module) -> nn.Module:
         # A model passed in (not a spec) is used as it is, on the device, in eval mode.
-        return spec.to(dev).eval() if isinstance(spec, nn.Module) else load_model_for(spec, data, dev)
+        if isinstance(spec, nn.Module):
+            return spec.to(dev).eval()
+        named_arch = spec in bare
+        return load_model_for(spec, data, dev, weights=cfg.weights if named_arch else None,
+                              pretrained=cfg.pretrained and named_arch)
 
-    loaded = {name: load(spec) for name, spec in models.items()}
+    loaded = {name: load(spec) for name, spec in named.items()}
     other_model = load(other) if other is not None else None
     x = data.images(slice(0, len(data))).to(dev)
     y = torch.as_tensor(data.labels, device=dev)
     meta = {"dataset": data.identity(),
-            "model_specs": {n: s if isinstance(s, str) else type(s).__name__ for n, s in models.items()},
-            "other_spec": other if isinstance(other, str) or other is None else type(other).__name__}
-    other_name = (Path(other).name or other) if isinstance(other, str) else "other"
-    res = diagnose(loaded, x, y, eps=eps, other=other_model, other_name=other_name, out_dir=out_dir, meta=meta,
-                   **options)
-    return Path(res["path"])
+            "model_specs": {n: s if isinstance(s, str) else type(s).__name__ for n, s in named.items()},
+            "other_spec": other if isinstance(other, str) or other is None else type(other).__name__,
+            "config": config_to_dict(cfg)}
+    other_name = (cfg.names.get(other) or Path(other).name or other) if isinstance(other, str) else "other"
+    return diagnose(loaded, x, y, eps=cfg.eps, other=other_model, other_name=other_name, out_dir=cfg.out,
+                    meta=meta, single=cfg.single, iterative=cfg.iterative, steps=cfg.steps, grid=cfg.grid,
+                    surface_points=cfg.surface_points, subspace_points=cfg.subspace_points, seed=cfg.seed,
+                    batch_size=cfg.batch_size)

@@ -31,7 +31,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from enspipe.errors import ConfigError
+from enspipe._callable import callable_stage
+from enspipe.config import OptionError
 
 from .compute import (
     InputBatch,
@@ -111,8 +112,8 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
     model_is_path = is_model_path(cfg.model, weights_given=cfg.weights is not None or cfg.pretrained)
     if cfg.weights is None and not cfg.pretrained and not model_is_path:
         # An architecture name alone would be a randomly initialised "static" model.
-        raise ConfigError(f"--model {cfg.model} is no run directory or checkpoint; an architecture name "
-                          "needs --weights CHECKPOINT or --pretrained")
+        raise OptionError("model", f"{cfg.model} is no run directory or checkpoint; an architecture name "
+                          "needs `weights` CHECKPOINT or `pretrained`")
     check_root(cfg.out)
     check_store_root(cfg.out)
     with contextlib.ExitStack() as stack:
@@ -145,3 +146,6 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
         for path in job.stores:
             open_writer(path).finalize()
     return plan.paths
+
+
+callable_stage(__name__)  # `enspipe.precompute(cfg)` is precompute(cfg)

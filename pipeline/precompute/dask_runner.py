@@ -45,13 +45,13 @@ def local_client(cfg: PrecomputeConfig, device: torch.device, stack: contextlib.
     import torch
 
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    n = cfg.workers
+    n = cfg.dask_workers
     if n is None and gpus > 1:
         n = gpus
     if n is None:
         return None
     if gpus and n > gpus:
-        raise ConfigError(f"--workers {n} asks for more GPU workers than the {gpus} GPU(s) here")
+        raise ConfigError(f"`dask_workers` {n} asks for more GPU workers than the {gpus} GPU(s) here")
     return _local_cluster(n, gpus, stack)
 
 

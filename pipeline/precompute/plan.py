@@ -169,7 +169,7 @@ def plan_stores(cfg: PrecomputeConfig, dataset, model, sha: str, device: torch.d
         identity = store_identity(dataset, model, sha, attack, cfg.label, cfg.precision)
         todo: list[str] = []
         batch_size = cfg.batch_size
-        for fmt in FORMATS[cfg.fmt]:
+        for fmt in FORMATS[cfg.format]:
             path = store_path(Path(cfg.out).absolute(), identity, fmt)
             plan.paths.append(path)
             manifest = existing_manifest(path)

@@ -37,7 +37,7 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
     recorded, config = extra.get("model", {}), extra.get("config", {})
     spec = model or recorded.get("spec")
     if not spec:
-        raise ConfigError(f"store {store} records no model; pass --model")
+        raise ConfigError(f"store {store} records no model; pass `model`")
     weights = None if model else recorded.get("weights")
     pretrained = False if model else bool(recorded.get("pretrained", False))
     if "dataset" not in config:

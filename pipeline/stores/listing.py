@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from enspipe.errors import StoreError
+from enspipe.fileio import dir_bytes
 
 from .manifest import MANIFEST_NAME, done_records, read_manifest
 
@@ -34,22 +35,11 @@ class StoreInfo:
     problem: str | None = None
 
 
-def _dir_bytes(path: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def store_info(path: str | os.PathLike) -> StoreInfo:
     """Summary of one store; never raises for a damaged store (reports `problem`)."""
     path = Path(path)
     fmt = path.suffix.lstrip(".")
-    size = _dir_bytes(path)
+    size = dir_bytes(path)
     try:
         m = read_manifest(path)
     except StoreError as exc:

@@ -433,7 +433,7 @@ def _source_member(ext: str, s: int, j: int) -> str:
     ext = ext.lower()
     if ext not in SOURCE_EXTS:
         raise StoreError(f"shard {s}: sample {j}'s source image has extension {ext!r}; wds stores carry "
-                         f"{', '.join(SOURCE_EXTS)} as is (pass --wds-images none to leave images out).")
+                         f"{', '.join(SOURCE_EXTS)} as is (pass `wds_images` none to leave images out).")
     return SOURCE_PREFIX + ext
 
 

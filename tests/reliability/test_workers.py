@@ -16,13 +16,13 @@ from .sweep import TALLY, full_sweep
 
 @pytest.fixture(scope="module")
 def dask_worker_killed(digits_static, ref, tmp_path_factory):
-    """`precompute --workers 2` with one dask worker process SIGKILLed in the middle of a shard.
+    """`precompute --dask-workers 2` with one dask worker process SIGKILLed in the middle of a shard.
     Returns (the finished process's stdout, stderr, records written at the kill)."""
     import psutil
 
     work = tmp_path_factory.mktemp("dask")
     root = work / "root"
-    proc = spawn(*precompute_args(digits_static, root, "both", "--workers", 2), log=work / "dask.log")
+    proc = spawn(*precompute_args(digits_static, root, "both", "--dask-workers", 2), log=work / "dask.log")
     deadline = time.monotonic() + 400
     victim = None
     while victim is None:
@@ -65,7 +65,7 @@ def test_a_dask_worker_death_is_visible_in_the_log(dask_worker_killed):
 
 @full_sweep
 def test_a_dask_run_ends_without_a_traceback(dask_worker_killed):
-    """Promise 3/5: a successful `precompute --workers` run prints no traceback, even after a
+    """Promise 3/5: a successful `precompute --dask-workers` run prints no traceback, even after a
     worker died."""
     rc, out, err, at_kill = dask_worker_killed
     assert rc == 0 and "Traceback" not in err and "CRITICAL" not in err, err
