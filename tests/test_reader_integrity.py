@@ -117,29 +117,57 @@ def test_a_flipped_byte_in_any_zarr_shard_file_is_an_error_from_read(stores, tmp
         assert open_store(store).read(0, 128)["label"].shape == (128,)
 
 
+def _count_hashes(monkeypatch, store: Path) -> list[str]:
+    """The files of `store` hashed from now on, relative to it (a list that grows)."""
+    from enspipe.stores import manifest
+
+    hashed: list[str] = []
+    real = manifest.sha256_file
+
+    def sha256_file(p):
+        hashed.append(Path(p).resolve().relative_to(store.resolve()).as_posix())
+        return real(p)
+
+    monkeypatch.setattr(manifest, "sha256_file", sha256_file)
+    return hashed
+
+
 def test_zarr_reader_hashes_each_shard_file_once_per_version(stores, tmp_path, monkeypatch):
     """The trainer reads a shard block by block: each shard file is hashed on its first read
     only (the hot path stays fast), and again after it is replaced -- a replaced file with
     other bytes is then refused."""
-    from enspipe.stores import zarr_store
-
     store = _copy(stores["zarr"], tmp_path)
-    hashed: list[str] = []
-    real = zarr_store.sha256_file
-    monkeypatch.setattr(zarr_store, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    hashed = _count_hashes(monkeypatch, store)
     r = open_store(store)
     for a in range(0, N, 16):
         r.read_directions(a, min(N, a + 16))
     open_store(store).read_directions(0, N)  # another reader in this process: nothing re-hashed
-    assert sorted(hashed) == ["0", "0", "0"]  # direction/c/{0,1,2}/0/0/0, once each
+    assert sorted(hashed) == [f"direction/c/{s}/0/0/0" for s in range(3)]  # once each
     r.read(0, 10)
-    assert len(hashed) == 5  # logits/c/0/0 and label/c/0 on their first read
+    assert hashed[3:] == ["logits/c/0/0", "label/c/0"]  # on their first read
     # A file replaced (new inode) is hashed again; here by shard 0's bytes: refused.
     replacement = store / "direction" / "c" / "1" / "0" / "0" / "0.new"
     shutil.copyfile(store / "direction/c/0/0/0/0", replacement)
     os.replace(replacement, store / "direction/c/1/0/0/0")
     with pytest.raises(StoreError, match="shard 1: checksum mismatch in file direction/c/1/0/0/0"):
         r.read_directions(128, 256)
+
+
+def test_verify_always_hashes_and_readers_reuse_its_checks(stores, tmp_path, monkeypatch):
+    """verify re-hashes every file each time, even one rewritten in place with its size and
+    mtime restored; a reader trusts the checks verify made in this process, so the trainer
+    (which verifies its stores before training) hashes nothing twice while it trains."""
+    store = _copy(stores["zarr"], tmp_path)
+    hashed = _count_hashes(monkeypatch, store)
+    assert verify_store(store).ok and len(hashed) == 3 * 4  # 3 shards x (3 arrays + keys)
+    open_store(store).read(0, N)
+    assert len(hashed) == 12
+    f = store / "direction/c/1/0/0/0"
+    st = f.stat()
+    _flip(f, st.st_size // 2)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    report = verify_store(store)
+    assert "shard 1: checksum mismatch in file direction/c/1/0/0/0" in report.problems, report
 
 
 def test_check_keys_names_the_shard_of_other_samples(stores):
@@ -185,6 +213,19 @@ def _train_on(store: Path, run: Path) -> None:
 
     train(TrainConfig(model="D", dataset="digits", limit=256, mode="ens-adv", shards=(str(store),), epochs=1,
                       device="cpu"), run)
+
+
+def test_training_hashes_each_file_once(digits_stores, tmp_path, monkeypatch):
+    """The trainer's hot path stays fast: a 2-epoch ens-adv run on a zarr store hashes each
+    of its files once, in the check before training, and none while it reads them."""
+    from enspipe.train import TrainConfig, train
+
+    store = _copy(digits_stores[".zarr"], tmp_path)
+    hashed = _count_hashes(monkeypatch, store)
+    train(TrainConfig(model="D", dataset="digits", limit=256, mode="ens-adv", shards=(str(store),), epochs=2,
+                      device="cpu", log_every=1000), tmp_path / "run")
+    files = [rel for rec in open_store(store).records.values() for rel in rec["files"]]
+    assert sorted(hashed) == sorted(files) and len(files) == 16
 
 
 def test_a_zarr_shard_copied_over_another_is_refused_when_read_for_training(digits_stores, tmp_path):

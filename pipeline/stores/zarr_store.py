@@ -31,7 +31,7 @@ from zarr.codecs import BloscCodec
 from enspipe.errors import StoreError
 
 from .base import StoreReader, StoreWriter, directions_valid
-from .manifest import schema_errors, sha256_file, shard_range, write_json_atomic
+from .manifest import schema_errors, sha256_matches, shard_range, write_json_atomic
 
 ARRAYS = ("direction", "logits", "label")
 KEYS_DIR = "keys"
@@ -160,34 +160,23 @@ class ZarrWriter(StoreWriter):
         return files, {"direction_bytes": (self.path / files[0]).stat().st_size}
 
 
-# Files whose sha256 this process has checked, by (path, device, inode, size, mtime, sha256).
-# zarr reads a shard file chunk by chunk, by byte range, and only the shard index carries a
-# checksum (CRC32C): a flipped byte inside a compressed chunk decodes silently into other
-# values (measured: 35 of 60 single-byte flips in a direction shard file, 56 of 60 in a
-# logits one). So the reader hashes each shard file on its first read, and again only when
-# it is replaced (another inode) or rewritten (another mtime). Bounded: an ImageNet store
-# has a few thousand shard files.
-_VERIFIED: OrderedDict[tuple, None] = OrderedDict()
-_VERIFIED_MAX = 1 << 16
-
-
 def check_file_once(root: Path, rel: str, meta: dict, s: int) -> None:
     """Raise StoreError unless file `rel` of shard s holds the bytes its completion record's
-    `meta` ({"sha256", "bytes"}) describes; hashed once per process and file version."""
+    `meta` ({"sha256", "bytes"}) describes; hashed once per process and file version.
+
+    zarr reads a shard file chunk by chunk, by byte range, and only the shard index carries a
+    checksum (CRC32C): a flipped byte inside a compressed chunk decodes silently into other
+    values (measured: 35 of 60 single-byte flips in a direction shard file, 56 of 60 in a
+    logits one).
+    """
     p = root / rel
     try:
-        st = p.stat()
+        ok = p.stat().st_size == meta["bytes"] and sha256_matches(p, meta["sha256"], trust_checked=True)
     except FileNotFoundError:
         raise StoreError(f"shard {s}: missing file {rel} in store {root}.") from None
-    key = (str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, meta["sha256"])
-    if key in _VERIFIED:
-        return
-    if st.st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+    if not ok:
         raise StoreError(f"shard {s}: checksum mismatch in file {rel} of store {root}; "
                          "the store is damaged (run enspipe verify).")
-    _VERIFIED[key] = None
-    while len(_VERIFIED) > _VERIFIED_MAX:
-        _VERIFIED.popitem(last=False)
 
 
 class ZarrReader(StoreReader):
