@@ -19,6 +19,9 @@ One test module per promise:
   5. Workers dying      test_workers.py: a dask worker killed mid-shard (full sweep).
   6. Disk full          test_disk_full.py: a size-limited tmpfs (or a simulated ENOSPC): a
                         clear error, then resume.
+  7. Tampering          test_tampering.py: a zarr shard copied over another, records
+                        re-hashed: the trainer's keys check refuses it, `verify --recompute`
+                        names its samples (the threat model: checksums catch rot and accidents).
 
 The harness lives beside them: sweep.py (the CI subset / full sweep split and the counts),
 processes.py (running enspipe as real processes, forked from zygote.py), faults.py (exact
