@@ -9,6 +9,8 @@ numbers it prints and writes checked against values computed here:
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from enspipe.cli import main
 from enspipe.data import create_dataset
 from enspipe.models import load_model
+from oracles import fgsm_here
 
 CLASSES = 12
 SIZE = 12  # --image-size: resize to round(12 / 0.875) = 14, center-crop 12
@@ -35,13 +38,6 @@ def run_cli(capsys, *args) -> tuple[str, str]:
         err = capsys.readouterr().err
         pytest.fail(f"enspipe {' '.join(map(str, args))} exited {e.code}: {err[-2000:]}")
     return capsys.readouterr()
-
-
-def fgsm_here(model, x, y, eps: float) -> torch.Tensor:
-    """clip(x + eps * sign(grad_x CE(h(x), y)), 0, 1), written out."""
-    xg = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
-    return torch.clamp(x + eps * torch.sign(grad), 0.0, 1.0)
 
 
 def pct(v: float) -> str:
@@ -77,7 +73,7 @@ class Binarized(torch.nn.Module):
 @pytest.fixture(scope="module")
 def twelve(tmp_path_factory) -> dict[str, Path]:
     """train/ (5 per class) and val/ (3 per class) of 12 classes of 16x16 PNGs, each class its
-    own colour; two models trained on it through the CLI (the second with RMSProp and lr decay)."""
+    own colour."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("twelve")
@@ -97,15 +93,27 @@ def _data(twelve) -> list:
     return ["--dataset", twelve["dataset"], "--image-size", SIZE, "--device", "cpu"]
 
 
-def test_train_rmsprop_with_lr_decay(twelve, capsys):
+@pytest.fixture(scope="module")
+def twelve_runs(twelve) -> dict[str, Path]:
+    """Two models trained on the 12 classes through the CLI: a (Adam, 4 epochs) and b
+    (`--optimizer rmsprop --lr-decay 0.5 --lr-decay-every 1`, 3 epochs)."""
+    runs = {"a": twelve["root"] / "a", "b": twelve["root"] / "b"}
+    flags = {"a": ["--epochs", 4, "--seed", 0],
+             "b": ["--epochs", 3, "--seed", 1, "--optimizer", "rmsprop", "--lr-decay", 0.5, "--lr-decay-every", 1]}
+    for name, out in runs.items():
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            main([str(a) for a in ["train", "--model", "D", *_data(twelve), "--batch-size", 16, "--log-every", 1000,
+                                   *flags[name], "--out", out]])
+        assert printed.getvalue().strip() == str(out)
+    return runs
+
+
+def test_train_rmsprop_with_lr_decay(twelve_runs):
     """`--optimizer rmsprop --lr-decay 0.5 --lr-decay-every 1`: RMSProp with the reference
     settings (decay 0.9, eps 1.0) at its default lr 0.045, halved after every epoch, as the
     metrics and the checkpoint record it."""
-    out = twelve["root"] / "b"
-    stdout, _ = run_cli(capsys, "train", "--model", "D", *_data(twelve), "--epochs", 3, "--batch-size", 16,
-                        "--optimizer", "rmsprop", "--lr-decay", 0.5, "--lr-decay-every", 1, "--seed", 1,
-                        "--log-every", 1000, "--out", out)
-    assert stdout.strip() == str(out)
+    out = twelve_runs["b"]
     cfg = json.loads((out / "config.json").read_text())["train"]
     assert (cfg["optimizer"], cfg["lr"], cfg["lr_decay"], cfg["lr_decay_every"]) == ("rmsprop", None, 0.5, 1)
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
@@ -116,19 +124,6 @@ def test_train_rmsprop_with_lr_decay(twelve, capsys):
     assert (group["alpha"], group["eps"], group["lr"]) == (0.9, 1.0, pytest.approx(0.045 / 8))
     assert all(set(s) >= {"square_avg", "step"} for s in state["state"].values())
     assert all(float(s["step"]) == 12 for s in state["state"].values())
-
-
-@pytest.fixture(scope="module")
-def twelve_runs(twelve) -> dict[str, Path]:
-    """Model a (adam) and model b (rmsprop, as the test above trains it) on the 12 classes."""
-    from enspipe.train import TrainConfig, train
-
-    runs = {"a": twelve["root"] / "a", "b": twelve["root"] / "b2"}
-    common = dict(model="D", dataset=twelve["dataset"], image_size=SIZE, batch_size=16, log_every=1000,
-                  device="cpu")
-    train(TrainConfig(epochs=4, seed=0, **common), runs["a"])
-    train(TrainConfig(epochs=3, seed=1, optimizer="rmsprop", lr_decay=0.5, lr_decay_every=1, **common), runs["b"])
-    return runs
 
 
 def test_train_weights_starts_from_them(twelve, twelve_runs, capsys):
@@ -210,7 +205,7 @@ def test_evaluate_top5_binarized_and_ensemble_source(twelve, twelve_runs, capsys
         def forward(self, v):
             return (ma(v) + mb(v)) / 2
 
-    x_adv = {"a": fgsm_here(ma, x, y, 0.1), "b2": fgsm_here(mb, x, y, 0.1), "ensemble(a+b2)": fgsm_here(Mean(), x, y, 0.1)}
+    x_adv = {s: fgsm_here(m, x, y, 0.1)[0] for s, m in (("a", ma), ("b", mb), ("ensemble(a+b)", Mean()))}
     targets = {"a": ma, "a+binarized": Binarized(ma)}
     assert set(res["models"]) == set(targets)
     for t, net in targets.items():
@@ -227,7 +222,7 @@ def test_evaluate_top5_binarized_and_ensemble_source(twelve, twelve_runs, capsys
                         f"  black-box max {100 * m['blackbox_max']:.1f}%")
     assert res["models"]["a+binarized"]["whitebox"]["fgsm"]["errors"] == res["models"]["a+binarized"]["clean"]["errors"]
     assert res["models"]["a"]["blackbox_max"] == max(res["models"]["a"]["blackbox"][s]["fgsm"]["error"]
-                                                     for s in ("b2", "ensemble(a+b2)"))
+                                                     for s in ("b", "ensemble(a+b)"))
 
 
 # --- digits: diagnose --other, report --title --paper -----------------------------------------------

@@ -13,26 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from enspipe.data import create_dataset
 from enspipe.models import load_model
 from enspipe.train import SELF, BatchStream, TrainConfig, adversarial_inputs, train
+from oracles import fgsm_here
 
 EPS = 0.3
-
-
-def fgsm_here(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None,
-              eps: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clip(x + eps * sign(grad_x CE(h(x), y)), 0, 1), the labels used); y None: argmax h(x).
-    eps is a number or one per example."""
-    xg = x.detach().clone().requires_grad_(True)
-    logits = model(xg)
-    labels = logits.detach().argmax(1) if y is None else y
-    (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), xg)
-    eps = torch.as_tensor(eps, dtype=x.dtype)
-    eps = eps.view(-1, *[1] * (x.dim() - 1)) if eps.dim() else eps
-    return torch.clamp(x + eps * torch.sign(grad), 0.0, 1.0), labels
 
 
 # --- The training-time attack on the model itself ------------------------------------------------

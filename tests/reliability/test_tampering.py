@@ -8,8 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
-from enspipe.stores.manifest import file_record
-
+from .forge import forge_checksums
 from .processes import enspipe, error_line
 from .reference import LIMIT, SHARD, Ref
 from .sweep import TALLY
@@ -28,11 +27,7 @@ def _shard_copied_over(ref: Ref, dest: Path, *, keys: bool) -> Path:
     if keys:
         doc = json.loads((store / "keys/000001.json").read_text())
         (store / "keys/000001.json").write_text(json.dumps({**doc, "shard": 1, "start": SHARD}))
-    manifest = json.loads((store / "manifest.json").read_text())
-    rec = manifest["shards"]["000001"]
-    rec["files"] = {rel: file_record(store, rel) for rel in rec["files"]}
-    (store / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    (store / "shards" / "000001.json").write_text(json.dumps(rec, indent=1))
+    forge_checksums(store, 1)
     return store
 
 
