@@ -15,7 +15,7 @@ import pytest
 
 from enspipe.errors import StoreError
 from enspipe.stores import StoreIdentity, create_store, open_store, store_path, verify_store
-from enspipe.stores.manifest import file_record
+from reliability.forge import flip, forge_checksums
 
 N, SHARD = 300, 128  # shards of 128, 128, 44; zarr chunks of 128
 
@@ -52,13 +52,6 @@ def _copy(store: Path, dest: Path) -> Path:
     return dest / store.name
 
 
-def _flip(path: Path, offset: int) -> None:
-    """One flipped byte: the file keeps its size, so only a checksum can tell."""
-    raw = bytearray(path.read_bytes())
-    raw[offset] ^= 0x10
-    path.write_bytes(bytes(raw))
-
-
 def _reads(store: Path) -> dict[str, object]:
     """What each read of shard 1's samples [128, 256) gives: its value, or the StoreError."""
     out: dict[str, object] = {}
@@ -84,7 +77,7 @@ def test_a_flipped_byte_in_any_wds_member_is_an_error_from_read(stores, tmp_path
         work = tmp_path / m.name
         work.mkdir()
         store = _copy(stores["wds"], work)
-        _flip(store / tar.name, m.offset_data + m.size // 2)
+        flip(store / tar.name, m.offset_data + m.size // 2)
         reader = open_store(store)
         for name, got in _reads(store).items():
             assert isinstance(got, StoreError), (m.name, name)
@@ -104,7 +97,7 @@ def test_a_flipped_byte_in_any_zarr_shard_file_is_an_error_from_read(stores, tmp
     size = (stores["zarr"] / rel).stat().st_size
     for k, offset in enumerate((3, size // 3, size // 2, size - 5)):
         store = _copy(stores["zarr"], tmp_path / f"{k}")
-        _flip(store / rel, offset)
+        flip(store / rel, offset)
         got = _reads(store)
         touched = {"keys"} if rel.startswith("keys") else {"read", "read_indices"} | (
             {"read_directions"} if rel.startswith("direction") else set())
@@ -164,7 +157,7 @@ def test_verify_always_hashes_and_readers_reuse_its_checks(stores, tmp_path, mon
     assert len(hashed) == 12
     f = store / "direction/c/1/0/0/0"
     st = f.stat()
-    _flip(f, st.st_size // 2)
+    flip(f, st.st_size // 2)
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     report = verify_store(store)
     assert "shard 1: checksum mismatch in file direction/c/1/0/0/0" in report.problems, report
@@ -197,15 +190,6 @@ def digits_stores(digits_static, tmp_path_factory) -> dict[str, Path]:
     paths = precompute(PrecomputeConfig(model=str(digits_static), out=str(tmp_path_factory.mktemp("stores")),
                                         limit=256, attacks=("fgsm",), fmt="both", shard_size=64, device="cpu"))
     return {p.suffix: p for p in paths}
-
-
-def _rehash(store: Path, s: int) -> None:
-    """What someone rewriting a store would do: record shard s's files as they are now."""
-    manifest = json.loads((store / "manifest.json").read_text())
-    rec = manifest["shards"][f"{s:06d}"]
-    rec["files"] = {rel: file_record(store, rel) for rel in rec["files"]}
-    (store / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    (store / "shards" / f"{s:06d}.json").write_text(json.dumps(rec, indent=1))
 
 
 def _train_on(store: Path, run: Path) -> None:
@@ -245,7 +229,7 @@ def test_a_zarr_shard_copied_over_another_is_refused_when_read_for_training(digi
         if rehash:
             doc = json.loads((store / "keys/000001.json").read_text())
             (store / "keys/000001.json").write_text(json.dumps({**doc, "shard": 1, "start": 64}))
-            _rehash(store, 1)
+            forge_checksums(store, 1)
             assert verify_store(store).ok
             np.testing.assert_array_equal(open_store(store).read(64, 128)["direction"],
                                           open_store(src).read(0, 64)["direction"])
@@ -264,7 +248,7 @@ def test_a_wds_tar_copied_over_another_is_refused_even_with_records_rehashed(dig
     refused by the reader itself."""
     store = _copy(digits_stores[".wds"], tmp_path)
     shutil.copyfile(store / "shard-000000.tar", store / "shard-000001.tar")
-    _rehash(store, 1)
+    forge_checksums(store, 1)
     with pytest.raises(StoreError, match="shard-000001.tar holds 64 samples that are not samples 64..127"):
         open_store(store).read_directions(64, 128)
     assert not verify_store(store).ok
