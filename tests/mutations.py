@@ -141,6 +141,11 @@ MUTATIONS = [
              '_os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")',
              "pass",
              ("tests/test_regressions.py::test_matrix_products_do_not_depend_on_the_thread_count",)),
+    Mutation("mnist-missing-skips", "the MNIST fixture skips when the files are missing (CI green without its data)",
+             "tests/conftest.py",
+             '    if os.environ.get("ENSPIPE_TEST_MNIST") == "skip":\n',
+             "    if True:\n",
+             ("tests/test_suite_setup.py::test_a_missing_mnist_fails_unless_skipping_is_asked_for",)),
     # --- Readers verify what they read (issue 18) and bind shards to samples (issue 12, item 10) ---
     Mutation("zarr-reader-skips-checksum", "the zarr reader decodes shard files without checking their sha256",
              "pipeline/stores/zarr_store.py",
