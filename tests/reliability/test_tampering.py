@@ -3,18 +3,14 @@ accidents, the dataset keys bind every zarr shard to its samples, and a store so
 (records re-hashed) is `enspipe verify --recompute K`'s to catch."""
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
 
-from .forge import forge_checksums
+from .forge import forge_checksums, zarr_shard_copied_over
 from .processes import enspipe, error_line
 from .reference import LIMIT, SHARD, Ref
 from .sweep import TALLY
-
-ARRAYS = ("direction/c/{}/0/0/0", "logits/c/{}/0", "label/c/{}")
-
 
 def _shard_copied_over(ref: Ref, dest: Path, *, keys: bool) -> Path:
     """A copy of the reference zarr store whose shard 0 files were copied over shard 1's, the
@@ -22,11 +18,7 @@ def _shard_copied_over(ref: Ref, dest: Path, *, keys: bool) -> Path:
     records re-hashed: valid data of the wrong samples, every checksum matching."""
     store = dest / ref.paths[".zarr"].name
     shutil.copytree(ref.paths[".zarr"], store)
-    for rel in ARRAYS + (("keys/{:06d}.json",) if keys else ()):
-        shutil.copyfile(store / rel.format(0), store / rel.format(1))
-    if keys:
-        doc = json.loads((store / "keys/000001.json").read_text())
-        (store / "keys/000001.json").write_text(json.dumps({**doc, "shard": 1, "start": SHARD}))
+    zarr_shard_copied_over(store, 0, 1, keys=keys)
     forge_checksums(store, 1)
     return store
 
