@@ -7,16 +7,44 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# shared/ lies beside the checkout (read-only) on developer machines and in CI.
-MNIST_ROOT = Path(os.environ.get("ENSPIPE_TEST_MNIST", REPO.parent / "shared" / "data"))
+MNIST_RAW = Path("MNIST") / "raw"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--data-root", default=None,
+                     help="Where the MNIST tests find MNIST/raw (as enspipe's --data-root).")
+
+
+def mnist_candidates(data_root: str | None) -> list[Path]:
+    """Where the MNIST tests look, in order: the product's own order (--data-root, then
+    $ENSPIPE_DATA), then shared/ beside the checkout (developer machines and CI), then
+    $ENSPIPE_TEST_MNIST."""
+    found = [data_root, os.environ.get("ENSPIPE_DATA"), REPO.parent / "shared" / "data",
+             os.environ.get("ENSPIPE_TEST_MNIST")]
+    return [Path(p).expanduser() for p in found if p and p != "skip"]
+
+
+def has_mnist(root: Path) -> bool:
+    """Both splits' files, extracted or gzipped, as enspipe's MNIST reader accepts them."""
+    raw = root / MNIST_RAW
+    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    return all((raw / stem).is_file() or (raw / f"{stem}.gz").is_file() for stem in stems)
 
 
 @pytest.fixture(scope="session")
-def mnist_root() -> Path:
-    """A data root holding MNIST/raw/*.gz (read-only); skips when the files are absent."""
-    if not (MNIST_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"real MNIST files not found under {MNIST_ROOT} (set ENSPIPE_TEST_MNIST)")
-    return MNIST_ROOT
+def mnist_root(request: pytest.FixtureRequest) -> Path:
+    """A data root holding MNIST/raw/*.gz (read-only). Missing files fail the test: CI has
+    shared/data beside the checkout, so a skip there would hide a broken setup. Only
+    ENSPIPE_TEST_MNIST=skip turns the failure into a skip, on a machine without MNIST."""
+    candidates = mnist_candidates(request.config.getoption("--data-root"))
+    for root in candidates:
+        if has_mnist(root):
+            return root
+    where = ", ".join(map(str, candidates)) or "nowhere"
+    if os.environ.get("ENSPIPE_TEST_MNIST") == "skip":
+        pytest.skip(f"real MNIST files not found (looked in {where}); ENSPIPE_TEST_MNIST=skip")
+    pytest.fail(f"real MNIST files ({MNIST_RAW}/*-ubyte[.gz]) not found in {where}: pass --data-root, set ENSPIPE_DATA or "
+                "ENSPIPE_TEST_MNIST, or set ENSPIPE_TEST_MNIST=skip to skip the MNIST tests", pytrace=False)
 
 
 def _train(tmp_path_factory, name: str, **kw) -> Path:

@@ -307,6 +307,30 @@ class StoreReader(_StoreFiles):
     def _keys(self, start: int, stop: int) -> list[str]:
         raise NotImplementedError
 
+    def check_keys(self, start: int, stop: int, expected: Sequence[str]) -> None:
+        """Raise StoreError unless samples [start, stop) are the samples `expected` names
+        (their dataset keys, in order), naming the first shard that holds other samples.
+
+        This binds each shard's payload to its samples: a store made for other data, or a
+        shard copied over another one with its keys, is refused. Cheap next to reading the
+        directions (zarr reads one small keys file per shard).
+        """
+        start, stop = self._check_range(start, stop)
+        if len(expected) != stop - start:
+            raise StoreError(f"check_keys: {len(expected)} keys given for the {stop - start} samples "
+                             f"[{start}, {stop}) of store {self.path}.")
+        for s, rows in self._spans(start, stop):
+            first = s * self.shard_size
+            got = self._keys(first + rows.start, first + rows.stop)
+            want = list(expected[first + rows.start - start:first + rows.stop - start])
+            if got != want:
+                j = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+                raise StoreError(
+                    f"shard {s} of store {self.path} holds other samples than the dataset: sample "
+                    f"{first + rows.start + j} is {got[j]!r} in the store but {want[j]!r} in the data (a shard "
+                    "copied over another, or a store of other data); re-run precompute for this store."
+                )
+
     def check_compatible(
         self,
         *,

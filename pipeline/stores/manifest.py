@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -238,6 +239,33 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# sha256 checks this process has passed, by (path, device, inode, size, mtime, sha256). A
+# reader whose library reads a file by byte ranges (zarr) checks the file on its first read
+# and trusts it afterwards until it is replaced (another inode) or rewritten (another
+# mtime): the trainer reads a shard block by block. verify's deep check, which the trainer
+# runs before training, records its matches here too, so training hashes nothing twice (its
+# DataLoader workers fork from the process that verified). Bounded: an ImageNet store has a
+# few thousand shard files.
+_VERIFIED: OrderedDict[tuple, None] = OrderedDict()
+_VERIFIED_MAX = 1 << 16
+
+
+def sha256_matches(path: Path, sha256: str, *, trust_checked: bool = False) -> bool:
+    """True when the file's sha256 is `sha256` (FileNotFoundError when it is missing). A match
+    is remembered for this process; `trust_checked` answers from that memory without hashing
+    the same file version again (readers), else the file is always hashed (verify)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, sha256)
+    if trust_checked and key in _VERIFIED:
+        return True
+    if sha256_file(path) != sha256:
+        return False
+    _VERIFIED[key] = None
+    while len(_VERIFIED) > _VERIFIED_MAX:
+        _VERIFIED.popitem(last=False)
+    return True
+
+
 def file_record(root: Path, rel: str) -> dict:
     """{"sha256", "bytes"} of a shard file as it is on disk now."""
     p = root / rel
@@ -377,7 +405,7 @@ def record_problems(path: Path, manifest: dict, s: int, rec: Any, *, deep: bool 
             continue
         if size != meta["bytes"]:
             yield f"shard {s}: file {rel} is {size} bytes but was written with {meta['bytes']} (truncated or replaced)"
-        elif deep and sha256_file(p) != meta["sha256"]:
+        elif deep and not sha256_matches(p, meta["sha256"]):
             yield f"shard {s}: checksum mismatch in file {rel}"
 
 

@@ -23,6 +23,9 @@ One test module per promise:
                         paths: one line naming the file and the bound, peak RSS below 1 GiB,
                         nothing changed outside --out; symlink loops, name resolution, a full
                         disk naming the file, the umask's modes.
+  8. Tampering          test_tampering.py: a zarr shard copied over another, records
+                        re-hashed: the trainer's keys check refuses it, `verify --recompute`
+                        names its samples (the threat model: checksums catch rot and accidents).
 
 The harness lives beside them: sweep.py (the CI subset / full sweep split and the counts),
 processes.py (running enspipe as real processes, forked from zygote.py), faults.py (exact

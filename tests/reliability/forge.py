@@ -113,6 +113,22 @@ def keys_swapped(store: Path, scratch: Path) -> None:
     p.write_text(json.dumps(doc, sort_keys=True) + "\n")
 
 
+ZARR_SHARD_FILES = ("direction/c/{}/0/0/0", "logits/c/{}/0", "label/c/{}")
+
+
+def zarr_shard_copied_over(store: Path, src: int, dst: int, *, keys: bool) -> None:
+    """Shard src's array files of a zarr store copied over shard dst's: valid data of the
+    wrong samples. With `keys`, its keys file too, its shard fields edited to pass for dst's.
+    The records are left alone (forge_checksums(store, dst) is a rewriter's next step)."""
+    for rel in ZARR_SHARD_FILES:
+        shutil.copyfile(store / rel.format(src), store / rel.format(dst))
+    if keys:
+        dst_keys = store / "keys" / f"{dst:06d}.json"
+        start = json.loads(dst_keys.read_text())["start"]
+        doc = json.loads((store / "keys" / f"{src:06d}.json").read_text())
+        dst_keys.write_text(json.dumps({**doc, "shard": dst, "start": start}))
+
+
 def pickle_member(ext: str) -> Callable[[Path], tuple[tarfile.TarInfo, bytes]]:
     def make(scratch: Path):
         payload = Pwn(scratch / f"PWNED-{ext}")

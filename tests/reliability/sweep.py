@@ -17,10 +17,20 @@ import pytest
 FULL = os.environ.get("ENSPIPE_SWEEP", "") == "full"
 
 
+FULL_ONLY = [pytest.mark.skipif(not FULL, reason="full sweep only: set ENSPIPE_SWEEP=full (RELIABILITY.md)"),
+             pytest.mark.slow]
+
+
 def full_sweep(fn):
     """Only in the full sweep (ENSPIPE_SWEEP=full); the default CI run skips it."""
-    fn = pytest.mark.skipif(not FULL, reason="full sweep only: set ENSPIPE_SWEEP=full (RELIABILITY.md)")(fn)
-    return pytest.mark.slow(fn)
+    for mark in FULL_ONLY:
+        fn = mark(fn)
+    return fn
+
+
+def full_sweep_case(value, *, ci: bool = False):
+    """One case of a parametrized test: in the CI subset when `ci`, else full sweep only."""
+    return pytest.param(value, marks=() if ci else FULL_ONLY)
 
 
 TALLY: collections.Counter = collections.Counter()

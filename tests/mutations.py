@@ -1,0 +1,323 @@
+#!/usr/bin/env python
+"""Mutation check: plant small real bugs, one at a time, in a scratch copy of the repository
+and check that the tests named beside each one catch it ("killed").
+
+    python tests/mutations.py                 # every mutation, one after another; exit 1 if any survives
+    python tests/mutations.py --list          # the table, without running anything
+    python tests/mutations.py label-leak ...  # only these mutations
+    python tests/mutations.py --jobs 2        # two mutations at a time (on a quiet machine)
+
+Each mutation is a file, an exact text that must occur once in it, its replacement, and the
+tests that must fail once it is applied. The repository is copied (without .git and caches)
+to a temporary folder per mutation and made importable as `enspipe` the way `.shim` does
+(`.shim/enspipe -> ../pipeline`, PYTHONPATH=.shim), so the shared virtual environment's
+editable install is never touched; pytest then runs only the mutation's tests there
+(`-x`: the first failure is enough). A mutation is killed when pytest exits 1 (tests
+failed); 0 means it survived; anything else (an unknown test, a crash) is an error. Before
+the mutations, the union of their tests runs once on an unmutated copy: a test that fails
+there would kill every mutation for nothing (`--no-baseline` skips that run).
+
+MKL_CBWR is removed from the tests' environment so that they see enspipe's own setting.
+OMP_NUM_THREADS defaults to 1 (other work shares the machine), except where a mutation's
+tests need threads of their own (they set them).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    bug: str                 # the bug, in words
+    file: str                # relative to the repository root
+    old: str                 # must occur exactly once in `file`
+    new: str
+    tests: tuple[str, ...]   # pytest node ids (relative to the repository root) that must catch it
+
+
+ORACLES = "tests/test_oracles.py"
+INTEGRITY = "tests/test_reader_integrity.py"
+
+MUTATIONS = [
+    # --- The table of issue 18: bugs the suite did not catch before it ---
+    Mutation("label-leak", "the training-time attack on the model itself uses the true label (label leaking)",
+             "pipeline/train.py",
+             'd, _, _ = attacks.direction(model, x[:n_adv], attack=cfg.attack, label="pred")',
+             'd, _, _ = attacks.direction(model, x[:n_adv], y[:n_adv], attack=cfg.attack, label="true")',
+             (f"{ORACLES}::test_online_half_is_fgsm_on_the_models_own_prediction",)),
+    Mutation("online-perturbation-zeroed", "the online perturbation is zero: `adv` mode is clean training",
+             "pipeline/train.py",
+             'd, _, _ = attacks.direction(model, x[:n_adv], attack=cfg.attack, label="pred")',
+             "d = torch.zeros_like(x[:n_adv])",
+             (f"{ORACLES}::test_online_half_is_fgsm_on_the_models_own_prediction",
+              f"{ORACLES}::test_training_learns_and_adversarial_training_resists_fgsm")),
+    Mutation("evaluate-counts-correct", "evaluate counts correct predictions as errors",
+             "pipeline/evaluate.py",
+             "self.top1 += int((logits.argmax(1) != y).sum())",
+             "self.top1 += int((logits.argmax(1) == y).sum())",
+             (f"{ORACLES}::test_evaluate_counts_equal_a_closed_form_fgsm",
+              "tests/test_cli_e2e.py::test_evaluate_top5_binarized_and_ensemble_source")),
+    Mutation("wilson-z-1", "the Wilson interval with z = 1 (a 68% interval labelled 95%)",
+             "pipeline/stats.py",
+             "def wilson_interval(errors: int, n: int, z: float = Z95)",
+             "def wilson_interval(errors: int, n: int, z: float = 1.0)",
+             (f"{ORACLES}::test_wilson_interval_known_values",)),
+    Mutation("truncnorm-ignored", "--eps-dist truncnorm ignored (a constant eps)",
+             "pipeline/train.py",
+             "_draw_eps(rng, n_adv, cfg.eps, cfg.eps_dist)",
+             '_draw_eps(rng, n_adv, cfg.eps, "fixed")',
+             (f"{ORACLES}::test_eps_truncnorm_follows_its_distribution",)),
+    Mutation("wds-reader-skips-sha256", "the WebDataset reader skips its sha256 check",
+             "pipeline/stores/wds_store.py",
+             "    if hashlib.sha256(data).hexdigest() != want:",
+             "    if False:",
+             (f"{INTEGRITY}::test_a_flipped_byte_in_any_wds_member_is_an_error_from_read",)),
+    Mutation("training-ascends-the-loss", "training ascends the loss",
+             "pipeline/train.py",
+             "                loss.backward()",
+             "                (-loss).backward()",
+             (f"{ORACLES}::test_training_learns_and_adversarial_training_resists_fgsm",)),
+    # --- The table of issue 18: bugs the suite already caught ---
+    Mutation("step-ll-sign-flipped", "Step-LL climbs towards the least-likely class's loss (sign flipped)",
+             "pipeline/attacks.py",
+             'return (d.neg_() if target == "ll" else d), logits, labels',
+             "return d, logits, labels",
+             ("tests/test_attacks.py::test_step_ll_equals_its_closed_form",)),
+    Mutation("no-clip", "x_adv not clipped to [0, 1]",
+             "pipeline/attacks.py",
+             "return (x + eps * d.to(x.dtype)).clamp_(0.0, 1.0)",
+             "return x + eps * d.to(x.dtype)",
+             ("tests/test_attacks.py::test_every_attack_respects_the_eps_ball_and_the_pixel_range",)),
+    Mutation("ens-adv-static-only", "ens-adv draws only static sources, never the model itself",
+             "pipeline/train.py",
+             "int(rng.integers(0, nsources))",
+             "int(rng.integers(1, nsources))",
+             ("tests/test_train.py::test_ens_adv_draws_sources_uniformly",)),
+    Mutation("ranks-overlap", "every DDP rank reads the same blocks",
+             "pipeline/sampling.py",
+             "mine = perm[rank::world_size]",
+             "mine = perm[::world_size]",
+             ("tests/test_sampling.py::test_block_order",)),
+    Mutation("optimizer-state-not-restored", "--resume does not restore the optimizer state",
+             "pipeline/train.py",
+             '        optimizer.load_state_dict(state["optimizer"])\n',
+             "        pass  # the optimizer starts afresh\n",
+             ("tests/test_train.py::test_killed_run_resumes_to_the_same_weights",)),
+    Mutation("complete-before-every-shard", "finalize marks a store complete with shards missing",
+             "pipeline/stores/base.py",
+             "        if missing:\n",
+             "        if False:\n",
+             ("tests/test_stores.py::test_incomplete_store_refused",)),
+    Mutation("verify-skips-deep-checksum", "verify skips its deep checksum",
+             "pipeline/stores/manifest.py",
+             'elif deep and not sha256_matches(p, meta["sha256"]):',
+             "elif False:",
+             ("tests/test_stores.py::test_verify_finds_damaged_shards",)),
+    # --- Bugs fixed in the session of issue 18 ---
+    Mutation("batchnorm-0dim-hash", "weights_sha256 views a 0-dim tensor (BatchNorm's counter) as bytes",
+             "pipeline/models.py",
+             "t.reshape(-1).view(torch.uint8)",
+             "t.view(torch.uint8)",
+             ("tests/test_regressions.py::test_batchnorm_models_hash_every_tensor",)),
+    Mutation("train-ignores-stores-attack", "train uses FGSM whatever attack its stores hold",
+             "pipeline/train.py",
+             'return attack or (kinds[0] if kinds else "fgsm")',
+             'return attack or "fgsm"',
+             ("tests/test_every_model.py::test_stores_of_two_attacks_and_a_conflicting_attack_are_refused",)),
+    Mutation("mkl-strict-mode-removed", "MKL's strict reproducibility mode is not set (results depend on threads)",
+             "pipeline/__init__.py",
+             '_os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")',
+             "pass",
+             ("tests/test_regressions.py::test_matrix_products_do_not_depend_on_the_thread_count",)),
+    Mutation("mnist-missing-skips", "the MNIST fixture skips when the files are missing (CI green without its data)",
+             "tests/conftest.py",
+             '    if os.environ.get("ENSPIPE_TEST_MNIST") == "skip":\n',
+             "    if True:\n",
+             ("tests/test_suite_setup.py::test_a_missing_mnist_fails_unless_skipping_is_asked_for",)),
+    # --- Readers verify what they read (issue 18) and bind shards to samples (issue 12, item 10) ---
+    Mutation("zarr-reader-skips-checksum", "the zarr reader decodes shard files without checking their sha256",
+             "pipeline/stores/zarr_store.py",
+             'ok = p.stat().st_size == meta["bytes"] and sha256_matches(p, meta["sha256"], trust_checked=True)',
+             "ok = True",
+             (f"{INTEGRITY}::test_a_flipped_byte_in_any_zarr_shard_file_is_an_error_from_read",)),
+    Mutation("verify-trusts-memory", "verify answers from the process's memory of earlier checks",
+             "pipeline/stores/manifest.py",
+             "    if trust_checked and key in _VERIFIED:",
+             "    if key in _VERIFIED:",
+             (f"{INTEGRITY}::test_verify_always_hashes_and_readers_reuse_its_checks",)),
+    Mutation("reader-rehashes-every-read", "the zarr reader hashes a shard file on every read (a slow hot path)",
+             "pipeline/stores/zarr_store.py",
+             'sha256_matches(p, meta["sha256"], trust_checked=True)',
+             'sha256_matches(p, meta["sha256"])',
+             (f"{INTEGRITY}::test_zarr_reader_hashes_each_shard_file_once_per_version",)),
+    Mutation("zarr-keys-file-unchecked", "the zarr reader parses a keys file without checking its sha256",
+             "pipeline/stores/zarr_store.py",
+             "if raw is not None and sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:",
+             "if False:",
+             (f"{INTEGRITY}::test_a_flipped_byte_in_any_zarr_shard_file_is_an_error_from_read",)),
+    Mutation("check-keys-compares-nothing", "check_keys accepts any keys",
+             "pipeline/stores/base.py",
+             "            if got != want:\n",
+             "            if False:\n",
+             (f"{INTEGRITY}::test_check_keys_names_the_shard_of_other_samples",)),
+    Mutation("trainer-skips-keys", "the trainer's store check does not compare the stores' keys with the data",
+             "pipeline/train.py",
+             "        reader.check_keys(0, len(dataset), dataset.keys)\n",
+             "        pass\n",
+             (f"{INTEGRITY}::test_a_zarr_shard_copied_over_another_is_refused_when_read_for_training",)),
+]
+
+# Not copied: at the root, version control, environments and outputs; anywhere, caches.
+TOP_LEVEL_SKIP = {".git", ".venv", ".shim", "build", "dist", "runs", "out", "stores", ".enspipe-cache", ".benchmarks"}
+ANYWHERE_SKIP = shutil.ignore_patterns("__pycache__", ".pytest_cache", "*.egg-info")
+
+
+def _ignore(folder: str, names: list[str]) -> set[str]:
+    skip = set(ANYWHERE_SKIP(folder, names))
+    return skip | (TOP_LEVEL_SKIP & set(names)) if Path(folder) == REPO else skip
+
+
+def problems(mutations: list[Mutation], repo: Path = REPO) -> list[str]:
+    """Why a mutation cannot be applied to `repo` as written (empty when every one can)."""
+    out = []
+    names = [m.name for m in mutations]
+    out += [f"{n}: listed twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    for m in mutations:
+        path = repo / m.file
+        count = path.read_text("utf-8").count(m.old) if path.is_file() else -1
+        if count != 1:
+            out.append(f"{m.name}: {m.file} " + ("does not exist" if count < 0 else f"holds the old text {count} times"))
+        for t in m.tests:
+            file, _, func = t.partition("::")
+            if not (repo / file).is_file() or f"def {func.split('[')[0]}(" not in (repo / file).read_text("utf-8"):
+                out.append(f"{m.name}: test {t} not found")
+    return out
+
+
+def scratch_copy(dest: Path) -> Path:
+    """The repository copied to `dest`, importable as enspipe through dest/.shim."""
+    shutil.copytree(REPO, dest, ignore=_ignore, symlinks=True)
+    (dest / ".shim").mkdir()
+    (dest / ".shim" / "enspipe").symlink_to(Path("..") / "pipeline")
+    return dest
+
+
+def test_env(copy: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    env.update(PYTHONPATH=str(copy / ".shim"), ENSPIPE_PROGRESS="0")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def imports_from(copy: Path) -> list[str]:
+    """enspipe's modules that the copy's environment imports from anywhere but the copy (the
+    shared environment's editable install points elsewhere): must be none."""
+    code = ("import pkgutil, importlib, enspipe\n"
+            "for m in pkgutil.walk_packages(enspipe.__path__, 'enspipe.'):\n"
+            "    print(m.name, importlib.util.find_spec(m.name).origin)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=copy, env=test_env(copy), capture_output=True, text=True,
+                       timeout=120, check=True)
+    root = str(copy.resolve())
+    return [ln for ln in r.stdout.splitlines() if not ln.split(" ", 1)[1].startswith(root)]
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], *, exitfirst: bool, timeout: float) -> tuple[int, str, float]:
+    env = test_env(copy)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(copy),
+           *(["-x"] if exitfirst else []), *tests]
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, out = r.returncode, r.stdout + r.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, out = -1, f"timed out after {timeout:.0f} s\n{e.stdout or ''}"
+    return rc, out, time.perf_counter() - t0
+
+
+def run_mutation(m: Mutation, work: Path, timeout: float) -> tuple[str, float, str]:
+    """(killed | survived | error, seconds, pytest's last lines)."""
+    copy = scratch_copy(work / m.name)
+    try:
+        path = copy / m.file
+        path.write_text(path.read_text("utf-8").replace(m.old, m.new, 1), "utf-8")
+        rc, out, seconds = run_tests(copy, m.tests, exitfirst=True, timeout=timeout)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    verdict = {1: "killed", 0: "survived"}.get(rc, "error")
+    return verdict, seconds, "\n".join(out.strip().splitlines()[-15:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", help="run only these mutations (default: all)")
+    ap.add_argument("--list", action="store_true", help="print the table and exit")
+    ap.add_argument("--jobs", type=int, default=1, help="mutations run at once (default 1)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the run of the tests on an unmutated copy")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (default 900)")
+    args = ap.parse_args(argv)
+
+    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTATIONS}
+    if unknown:
+        ap.error(f"unknown mutation(s): {', '.join(sorted(unknown))}")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:<30} {m.file:<32} {m.bug}\n{'':<30} tests: {', '.join(m.tests)}")
+        return 0
+    bad = problems(chosen)
+    if bad:
+        print("cannot apply the mutations as listed:\n  " + "\n  ".join(bad), file=sys.stderr)
+        return 2
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="enspipe-mutations-") as tmp:
+        work = Path(tmp)
+        if not args.no_baseline:
+            tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+            copy = scratch_copy(work / "baseline")
+            elsewhere = imports_from(copy)
+            if elsewhere:
+                print("the scratch copy imports enspipe modules from elsewhere:\n  " + "\n  ".join(elsewhere),
+                      file=sys.stderr)
+                return 2
+            rc, out, seconds = run_tests(copy, tests, exitfirst=False, timeout=args.timeout)
+            shutil.rmtree(copy, ignore_errors=True)
+            print(f"baseline: {len(tests)} tests on the unmutated copy {'pass' if rc == 0 else 'FAIL'} "
+                  f"({seconds:.0f} s)", flush=True)
+            if rc != 0:
+                print(out[-5000:], file=sys.stderr)
+                return 2
+        results: dict[str, tuple[str, float, str]] = {}
+
+        def one(m: Mutation) -> None:
+            results[m.name] = run_mutation(m, work, args.timeout)
+            verdict, seconds, _ = results[m.name]
+            print(f"{m.name:<30} {verdict:<9} {seconds:6.1f} s  {m.bug}", flush=True)
+
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            list(pool.map(one, chosen))
+
+    killed = [m for m in chosen if results[m.name][0] == "killed"]
+    for m in chosen:
+        verdict, _, tail = results[m.name]
+        if verdict != "killed":
+            print(f"\n--- {m.name}: {verdict} ({m.file}); pytest's last lines:\n{tail}", file=sys.stderr)
+    print(f"\n{len(killed)} of {len(chosen)} mutations killed in {time.perf_counter() - start:.0f} s")
+    return 0 if len(killed) == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
