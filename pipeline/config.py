@@ -1,5 +1,8 @@
 """Configuration: frozen dataclasses are the one source of every option, default and help text.
 
+(Over 400 lines on purpose: field -> flag -> job key, and strict parsing from the command
+line, TOML files and config.json, are one contract and stay in one file.)
+
 A stage's config class declares its fields with `option(...)` metadata. From those fields
   - `parse_config(cls, table)` builds an instance strictly from a mapping (a TOML table, a
     config.json): an unknown key or a value of the wrong type is an `OptionError` naming the

@@ -1,5 +1,8 @@
 """Markdown tables and PNG figures from `evaluate`'s results and `diagnose`'s diagnostics.
 
+(Over 400 lines on purpose: every table form of the paper and its figures read the same
+result files through one set of cell, interval and ordering helpers.)
+
 `write_report(run_dir)` finds every `results.json`, `diagnostics.json` and training run's
 `metrics.jsonl` (per-epoch table, loss / accuracy / validation curves: `enspipe.curves`)
 under run_dir and writes `report.md` beside PNG figures. The tables take the paper's forms:

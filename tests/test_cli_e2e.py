@@ -121,7 +121,8 @@ def test_train_rmsprop_with_lr_decay(twelve_runs):
     assert [r["lr"] for r in recs] == pytest.approx([0.045, 0.0225, 0.01125], rel=1e-12)
     state = torch.load(out / "checkpoints" / "epoch-0002.pt", weights_only=True)["optimizer"]
     (group,) = state["param_groups"]
-    assert (group["alpha"], group["eps"], group["lr"]) == (0.9, 1.0, pytest.approx(0.045 / 8))
+    # The lr is set before each step from (epoch, batch): the checkpoint holds the last step's.
+    assert (group["alpha"], group["eps"], group["lr"]) == (0.9, 1.0, pytest.approx(0.045 / 4))
     assert all(set(s) >= {"square_avg", "step"} for s in state["state"].values())
     assert all(float(s["step"]) == 12 for s in state["state"].values())
 
@@ -185,13 +186,13 @@ def test_precompute_label_true_and_ls_json(twelve, twelve_runs, capsys):
 
 def test_evaluate_top5_binarized_and_ensemble_source(twelve, twelve_runs, capsys):
     """`evaluate` on the 12-class set: top-1 and top-5 errors (K > 10) of a target and of its
-    `binarized:` baseline, clean, white-box and transferred from each source and from
+    `binarized-masked:` baseline, clean, white-box and transferred from each source and from
     `--ensemble-source` (the mean of the sources' logits), equal the counts made here; the
-    binarized target's white-box FGSM does not move (zero input gradient), so it equals its
-    clean error; the line printed per target carries the same numbers."""
+    masked binarized target's white-box FGSM does not move (its true zero input gradient), so it
+    equals its clean error; the line printed per target carries the same numbers."""
     a, b = str(twelve_runs["a"]), str(twelve_runs["b"])
     out = twelve["root"] / "results"
-    stdout, stderr = run_cli(capsys, "evaluate", "--model", a, "--model", f"binarized:{a}", "--sources", a,
+    stdout, stderr = run_cli(capsys, "evaluate", "--model", a, "--model", f"binarized-masked:{a}", "--sources", a,
                              "--sources", b, "--ensemble-source", *_data(twelve), "--attacks", "fgsm", "--eps", 0.1,
                              "--out", out)
     assert stdout.strip() == str(out / "results.json")
@@ -206,11 +207,11 @@ def test_evaluate_top5_binarized_and_ensemble_source(twelve, twelve_runs, capsys
             return (ma(v) + mb(v)) / 2
 
     x_adv = {s: fgsm_here(m, x, y, 0.1)[0] for s, m in (("a", ma), ("b", mb), ("ensemble(a+b)", Mean()))}
-    targets = {"a": ma, "a+binarized": Binarized(ma)}
+    targets = {"a": ma, "a+binarized-masked": Binarized(ma)}
     assert set(res["models"]) == set(targets)
     for t, net in targets.items():
         m = res["models"][t]
-        wb = x if t == "a+binarized" else x_adv["a"]  # no gradient: FGSM leaves x where it is
+        wb = x if t == "a+binarized-masked" else x_adv["a"]  # no gradient: FGSM leaves x where it is
         cells = [(m["clean"], x), (m["whitebox"]["fgsm"], wb)] + [(m["blackbox"][s]["fgsm"], xa) for s, xa in x_adv.items()]
         for cell, inputs in cells:
             top1, top5 = errors_here(net, inputs, y)
@@ -220,7 +221,7 @@ def test_evaluate_top5_binarized_and_ensemble_source(twelve, twelve_runs, capsys
         line = next(ln for ln in stderr.splitlines() if ln.startswith(f"{t}: "))
         assert line == (f"{t}: clean {100 * m['clean']['error']:.1f}%  fgsm {100 * m['whitebox']['fgsm']['error']:.1f}%"
                         f"  black-box max {100 * m['blackbox_max']:.1f}%")
-    assert res["models"]["a+binarized"]["whitebox"]["fgsm"]["errors"] == res["models"]["a+binarized"]["clean"]["errors"]
+    assert res["models"]["a+binarized-masked"]["whitebox"]["fgsm"]["errors"] == res["models"]["a+binarized-masked"]["clean"]["errors"]
     assert res["models"]["a"]["blackbox_max"] == max(res["models"]["a"]["blackbox"][s]["fgsm"]["error"]
                                                      for s in ("b", "ensemble(a+b)"))
 

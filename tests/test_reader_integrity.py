@@ -232,7 +232,7 @@ def test_a_zarr_shard_copied_over_another_is_refused_when_read_for_training(digi
                                           open_store(src).read(0, 64)["direction"])
             message = r"shard 1 of store .* holds other samples than the dataset: sample 64 is 'digits-train-000000'"
         else:  # shard 0's files have other sizes than shard 1's: refused at open, or else at read
-            with pytest.raises(StoreError, match="shard 1: (checksum mismatch in )?file direction/c/1/0/0/0"):
+            with pytest.raises(StoreError, match="shard 1: (checksum mismatch in )?file (direction/c/1/0/0/0|keys/000001.json)"):
                 open_store(store).read_directions(64, 128)
             message = "shard 1: (checksum mismatch in )?file "
         with pytest.raises(EnspipeError, match=message):

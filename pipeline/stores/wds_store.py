@@ -252,6 +252,16 @@ def _check_member(tar: Path, m: tarfile.TarInfo) -> tuple[str, str]:
     return key, ext
 
 
+def _bounded_member(tar: Path, m: tarfile.TarInfo, bounds: dict[str, int]) -> tuple[str, str]:
+    """`_check_member`, and its size (from its header) within the store's bound for it."""
+    key, ext = _check_member(tar, m)
+    problem = tarsafe.check_member_size(m, member_bound(bounds, ext))
+    if problem:
+        raise StoreError(f"tar {tar} member {m.name!r} is {problem} for this store's geometry; "
+                         "the shard is refused unread.")
+    return key, ext
+
+
 _valid_ext_sets: dict[tuple[frozenset[str], str], str | None] = {}
 
 
@@ -288,11 +298,7 @@ def decode_tar(data: bytes, tar: Path, manifest: dict, s: int, *, with_images: b
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
             for m in tf:
-                key, ext = _check_member(tar, m)
-                problem = tarsafe.check_member_size(m, member_bound(bounds, ext))
-                if problem:
-                    raise StoreError(f"tar {tar} member {m.name!r} is {problem} for this store's geometry; "
-                                     "the shard is refused.")
+                key, ext = _bounded_member(tar, m, bounds)
                 samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
     except tarfile.TarError as exc:
         raise StoreError(f"tar {tar} cannot be read: {exc}.") from None
@@ -384,11 +390,7 @@ def _check_headers(tar: Path, manifest: dict) -> None:
             f.seek(0)
             with tarfile.open(fileobj=f, mode="r:") as tf:
                 for m in tf:
-                    _, ext = _check_member(tar, m)
-                    problem = tarsafe.check_member_size(m, member_bound(bounds, ext))
-                    if problem:
-                        raise StoreError(f"tar {tar} member {m.name!r} is {problem} for this store's geometry; "
-                                         "the shard is refused unread.")
+                    _bounded_member(tar, m, bounds)
     except tarfile.TarError as exc:
         raise StoreError(f"tar {tar} cannot be read: {exc}.") from None
 
