@@ -378,6 +378,9 @@ def check_source_image(data: bytes) -> None:
         im.verify()
 
 
+_HEADERS_CHECKED: set[tuple[str, int, int, int]] = set()  # tars whose headers passed, by identity
+
+
 def _check_headers(tar: Path, manifest: dict) -> None:
     """Every member of `tar` safe and within its bound, from the headers alone (tarfile seeks
     over member data; pax and GNU long-name members are capped by `tarsafe` first)."""
@@ -399,13 +402,18 @@ def read_shard_bytes(path: Path, manifest: dict, s: int, record: dict) -> bytes:
     """The tar's bytes, checked against the shard's sha256 (cheap next to decoding)."""
     tar = path / tar_name(s)
     try:
-        if (size := tar.stat().st_size) > max_tar_bytes(manifest, s):
+        st = tar.stat()
+        if st.st_size > max_tar_bytes(manifest, s):
             # Larger than pixels at this geometry allow: only source images may make it so.
-            # Every member's header is checked before a byte of data is read.
-            if size > (cap := max_tar_bytes(manifest, s, sources=True)):
-                raise StoreError(f"shard {s}: file {tar_name(s)} of store {path} is {size} bytes, more than its "
-                                 f"samples can take at this geometry ({cap}); refused unread.")
-            _check_headers(tar, manifest)
+            # Every member's header is checked before a byte of data is read, once per file
+            # per process (a store of source JPEGs is re-read every epoch).
+            if st.st_size > (cap := max_tar_bytes(manifest, s, sources=True)):
+                raise StoreError(f"shard {s}: file {tar_name(s)} of store {path} is {st.st_size} bytes, more than "
+                                 f"its samples can take at this geometry ({cap}); refused unread.")
+            seen = (str(tar), st.st_ino, st.st_size, st.st_mtime_ns)
+            if seen not in _HEADERS_CHECKED:
+                _check_headers(tar, manifest)
+                _HEADERS_CHECKED.add(seen)
         data = tar.read_bytes()
     except FileNotFoundError:
         raise StoreError(f"shard {s}: missing file {tar_name(s)} in store {path}.") from None
