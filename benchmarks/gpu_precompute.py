@@ -118,10 +118,12 @@ def bare_rate(model, x_u8, device, *, precision: str, deterministic: bool, batch
     import torch
     import torch.nn.functional as F
 
-    from enspipe.precompute.compute import _deterministic, prepare_model, uses_channels_last
+    from enspipe.precision import Precision
+    from enspipe.precompute.compute import _deterministic
 
-    prepare_model(model, precision, device)
-    cl = uses_channels_last(precision, device)
+    prec = Precision.resolve(precision, device)
+    prec.prepare_model(model)
+    cl = prec.channels_last
     x_all = x_u8.to(device).float().div_(255)
     if cl:
         x_all = x_all.contiguous(memory_format=torch.channels_last)
@@ -209,7 +211,8 @@ def measure(opts, env: dict[str, Any]) -> dict[str, Any]:
 
     from enspipe.data import create_dataset
     from enspipe.models import load_model
-    from enspipe.precompute import PrecomputeConfig, check_precision
+    from enspipe.precision import Precision
+    from enspipe.precompute import PrecomputeConfig
     from enspipe.precompute.loader import default_workers
 
     log: Callable[[str], None] = env["log"]
@@ -230,7 +233,7 @@ def measure(opts, env: dict[str, Any]) -> dict[str, Any]:
                                  run_dir=run_dir, log=log)
 
     try:
-        check_precision("bf16", device)
+        Precision.resolve("bf16", device, strict=True)
         precisions = ("fp32", "bf16")
     except Exception as e:  # a device without bf16: measured in fp32 only, and said so
         precisions = ("fp32",)

@@ -65,12 +65,11 @@ from enspipe.runlog import LOG_SINKS, RunLog, check_sinks
 from enspipe.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
 from enspipe.schedule import SCHEDULES, learning_rate, param_groups, set_learning_rate
 from enspipe.stream import SELF, SourceBatches
-from enspipe.trainkit import (AutocastModel, CheckpointWriter, FrozenModel, Window, autocast, channels_last,
-                              epoch_batches, memory_format, prune_checkpoints, snapshot, validate)
+from enspipe.precision import PRECISIONS, Precision
+from enspipe.trainkit import CheckpointWriter, FrozenModel, Window, epoch_batches, prune_checkpoints, snapshot, validate
 
 MODES = ("clean", "adv", "ens-adv")
 OPTIMIZERS = {"adam": 1e-3, "rmsprop": 0.045, "sgd": 0.01}  # default learning rates (paper / reference code)
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 # Fields that say where and how a run goes, not what it computes: a resumed run may change
@@ -263,7 +262,8 @@ def adversarial_inputs(model: torch.nn.Module, batch: dict[str, Any], cfg: Train
     """The inputs the step trains on: the first n_adv samples replaced by x_adv.
 
     Returns (x, y, online) where `online` says whether the model itself was attacked."""
-    x = memory_format(batch["x"].to(device, non_blocking=True).float().div_(255.0), cfg.precision, device)
+    precision = Precision.resolve(cfg.precision, device)  # cached: the same object every batch
+    x = precision.memory_format(batch["x"].to(device, non_blocking=True).float().div_(255.0))
     y = batch["y"].to(device, non_blocking=True)
     n_adv = batch["n_adv"]
     if n_adv == 0:
@@ -272,7 +272,7 @@ def adversarial_inputs(model: torch.nn.Module, batch: dict[str, Any], cfg: Train
     if batch["source"] == SELF:
         # Online pass on the model being trained, in its training mode as the reference
         # code did (B's input dropout then diversifies the perturbations, Appendix C.2).
-        d, _, _ = attacks.direction(AutocastModel.wrap(model, cfg.precision, device), x[:n_adv], attack=cfg.attack, label="pred")
+        d, _, _ = attacks.direction(precision.wrap(model), x[:n_adv], attack=cfg.attack, label="pred")
     else:
         d = batch["d"].to(device, non_blocking=True)
     x_adv = attacks.apply_direction(x[:n_adv], d, eps)
@@ -472,11 +472,12 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                            new_head=cfg.new_head).train()
     if not isinstance(model, EnsModel):  # "binarized:SPEC" is an evaluation baseline, not a trainable model
         raise OptionError("model", f"{cfg.model} cannot be trained; name a model, run dir or checkpoint")
-    if channels_last(cfg.precision, device):
+    precision = Precision.resolve(cfg.precision, device)
+    if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _make_optimizer(cfg, model)
     # fp16 needs loss scaling (its gradients underflow); bf16 has fp32's range and does not.
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    scaler = precision.grad_scaler()
 
     start_epoch, step = 0, 0
     if resume and (ckpts := _checkpoints(run_dir)):
@@ -487,7 +488,7 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                                "delete it to resume from the one before") from None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and "scaler" in state:
+        if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
@@ -547,22 +548,18 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                 # The inputs: a share of the batch replaced by x_adv, from a stored direction or,
                 # when the model itself is the drawn source, from an online pass.
                 x, y, online = adversarial(model, batch, cfg, device)
-                x = memory_format(x, cfg.precision, device)
+                x = precision.memory_format(x)
                 # Forward at the run's precision, the loss in fp32. A non-finite loss is caught at
                 # the next metrics line (no host sync per step), before any checkpoint holds it.
-                with autocast(cfg.precision, device):
+                with precision.autocast():
                     logits = net(x).float()
                     # Inside autocast: the paired loss runs a second (clean) forward pass.
                     loss = losses.training_loss(model, logits, y, batch, cfg)
                 # Backward and step (fp16: through the grad scaler).
                 optimizer.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    optimizer.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 step += 1
                 # Bookkeeping, on the device: a metrics record every log_every steps.
                 window.add(batch, loss, logits, y, online, step)
@@ -589,7 +586,7 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
             ended = time.perf_counter()  # the device is drained (the flush read it): from here it waits
             summary = _epoch_summary(records)
             if val is not None and rank == 0:
-                v = validate(model, val, eps=cfg.eps, device=device, forward=lambda m: AutocastModel.wrap(m, cfg.precision, device))
+                v = validate(model, val, eps=cfg.eps, device=device, precision=precision)
                 log.write({"kind": "val", "epoch": epoch + 1, "step": step, **v})
                 summary.update(val_clean_error=round(v["clean_error"], 4), val_fgsm_error=round(v["fgsm_error"], 4))
             epochs_bar.update(1, **summary)
@@ -656,7 +653,7 @@ def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
 
 
 def _checkpoint_job(run_dir: Path, model: EnsModel, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, epoch: int, step: int, dataset: SampleSource,
+                    scaler: Any, epoch: int, step: int, dataset: SampleSource,
                     cfg: TrainConfig, device: torch.device) -> Callable[[], None]:
     """Copy this moment's state (the live tensors change as soon as the next epoch starts) and
     return the job that writes it: the epoch checkpoint, then the model files beside it."""
@@ -668,7 +665,7 @@ def _checkpoint_job(run_dir: Path, model: EnsModel, optimizer: torch.optim.Optim
         "epoch": epoch,
         "step": step,
     }
-    if scaler is not None:
+    if scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(device)

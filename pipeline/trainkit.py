@@ -4,7 +4,6 @@ the device, checkpoints written in the background, the held-out validation.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from pathlib import Path
@@ -13,44 +12,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from enspipe.errors import EnspipeError
+from enspipe.precision import Precision
 
-__all__ = ["AutocastModel", "CheckpointWriter", "EpochChain", "FrozenModel", "Window", "autocast", "channels_last",
-           "epoch_batches", "memory_format", "prune_checkpoints", "snapshot", "validate"]
-
-
-# --- precision --------------------------------------------------------------------------------
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The forward passes' autocast for a run's precision (nothing for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def channels_last(precision: str, device: torch.device) -> bool:
-    # Tensor cores read NHWC: channels_last with reduced precision is what CUDA users run.
-    return device.type == "cuda" and precision != "fp32"
-
-
-def memory_format(x: torch.Tensor, precision: str, device: torch.device) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and channels_last(precision, device) else x
-
-
-class AutocastModel:
-    """A model under a precision's autocast, returning fp32 logits. The attacks switch autocast
-    off (an fp16 gradient could underflow); a model called through this wrapper switches it
-    back on for its own forward, so the online pass runs at the run's precision."""
-
-    def __init__(self, model: torch.nn.Module, precision: str, device: torch.device):
-        self.model, self.precision, self.device = model, precision, device
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with autocast(self.precision, self.device):
-            return self.model(x).float()
-
-    @classmethod
-    def wrap(cls, model: torch.nn.Module, precision: str, device: torch.device) -> Any:
-        return model if precision == "fp32" else cls(model, precision, device)
+__all__ = ["CheckpointWriter", "EpochChain", "FrozenModel", "Window", "epoch_batches", "prune_checkpoints", "snapshot",
+           "validate"]
 
 
 # --- epochs of batches ----------------------------------------------------------------------
@@ -267,14 +232,15 @@ def prune_checkpoints(checkpoints: list[Path], keep: int | None) -> None:
 # --- held-out validation ------------------------------------------------------------------
 
 def validate(model: torch.nn.Module, data: Any, *, eps: float, device: torch.device, batch_size: int = 256,
-             forward: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> dict[str, Any]:
+             precision: Precision | None = None) -> dict[str, Any]:
     """Clean and white-box FGSM error (true labels, as `evaluate`) of `model` on `data`, in eval
-    mode; the model's mode is restored. No random numbers are drawn, so training is unchanged."""
+    mode, its forward passes at the run's `precision` (default fp32); the model's mode is
+    restored. No random numbers are drawn, so training is unchanged."""
     from enspipe import attacks
 
     was_training = model.training
     model.eval()
-    net = forward(model) if forward is not None else model
+    net = precision.wrap(model) if precision is not None else model
     t0 = time.perf_counter()
     wrong = torch.zeros(2, device=device)
     try:

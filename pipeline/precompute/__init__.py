@@ -33,10 +33,10 @@ from pathlib import Path
 
 from enspipe._callable import callable_stage
 from enspipe.config import OptionError
+from enspipe.precision import Precision
 
 from .compute import (
     InputBatch,
-    check_precision,
     compute_batch,
     compute_shard,
     run_in_process,
@@ -81,7 +81,6 @@ __all__ = [
     "ShardEnd",
     "ShardJob",
     "ShardSink",
-    "check_precision",
     "compute_batch",
     "compute_shard",
     "plan_stores",
@@ -108,7 +107,7 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
 
     device = resolve_device(cfg.device)
     if not cfg.scheduler:  # an existing cluster's workers choose their own device
-        check_precision(cfg.precision, device)
+        Precision.resolve(cfg.precision, device, strict=True)  # fails before any work
     model_is_path = is_model_path(cfg.model, weights_given=cfg.weights is not None or cfg.pretrained)
     if cfg.weights is None and not cfg.pretrained and not model_is_path:
         # An architecture name alone would be a randomly initialised "static" model.

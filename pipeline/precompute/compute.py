@@ -25,8 +25,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from enspipe.config import OptionError
 from enspipe.errors import EnspipeError
+from enspipe.precision import Precision
 
 from .loader import ChunkLoader, batch_spans, chunk_size, default_workers, gather, spans_of, to_device
 from .plan import ShardJob, _open_inputs
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 __all__ = [
     "InputBatch",
     "batch_containing",
-    "check_precision",
     "compute_batch",
     "compute_shard",
     "run_in_process",
@@ -62,50 +61,6 @@ def batch_containing(i: int, *, shard_size: int, batch_size: int, num_samples: i
     shard_start = i // shard_size * shard_size
     b = shard_start + (i - shard_start) // batch_size * batch_size
     return b, min(b + batch_size, shard_start + shard_size, num_samples)
-
-
-# --- Precision ------------------------------------------------------------------------------------
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """OptionError when `device` cannot compute in `precision` natively."""
-    import torch
-
-    if precision == "fp32":
-        return
-    if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported(including_emulation=False)
-        why = f"{torch.cuda.get_device_name(device)} has no bf16 tensor cores" if not ok else ""
-    elif device.type == "cpu":
-        ok = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        why = "this CPU has no native bf16 (AVX512-BF16 or AMX)" if not ok else ""
-    else:
-        ok = torch.amp.is_autocast_available(device.type)
-        why = f"torch has no autocast for {device.type}" if not ok else ""
-    if not ok:
-        raise OptionError("precision", f"bf16 cannot run on device {device}: {why}; use fp32")
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    import torch
-
-    return torch.bfloat16 if precision == "bf16" else None
-
-
-def uses_channels_last(precision: str, device: torch.device) -> bool:
-    # channels_last is what makes bf16 convolutions fast on tensor cores; on the CPU it does not pay.
-    return precision == "bf16" and device.type == "cuda"
-
-
-def prepare_model(model: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
-    """The model in the memory format of `precision` on `device` (fp32 keeps the default format,
-    so an fp32 store's bytes do not depend on a bf16 job run before it in the same process)."""
-    import torch
-
-    fmt = torch.channels_last if uses_channels_last(precision, device) else torch.contiguous_format
-    if getattr(model, "_enspipe_memory_format", torch.contiguous_format) != fmt:
-        model.to(memory_format=fmt)
-        model._enspipe_memory_format = fmt
-    return model
 
 
 # --- The compute ------------------------------------------------------------------------------------
@@ -136,13 +91,13 @@ class _HostCopy:
         return host, done.synchronize
 
 
-def compute_batch(model: torch.nn.Module, batch: InputBatch, job: ShardJob,
+def compute_batch(model: torch.nn.Module, batch: InputBatch, job: ShardJob, precision: Precision,
                   host_copy: Callable | None = None) -> BatchDone:
     """The attack's direction (int8, on the device), logits and label of one batch, in the job's precision."""
     from enspipe import attacks
 
     d, logits, labels = attacks.direction(model, batch.x, batch.y, attack=job.attack, label=job.label,
-                                          autocast=autocast_dtype(job.precision))
+                                          autocast=precision.autocast_dtype)
     ready = None
     if host_copy is not None:
         (d, logits, labels), ready = host_copy(d, logits, labels)
@@ -200,19 +155,20 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
         chunk = chunk_size(units[0][0].batch_size, loader.workers)
         chunks = loader([span for key in batches.values() for span in spans_of(key, chunk)])
         host_copy = _HostCopy(device)
+        # Resolved once per stream (a store's bytes need the device's native kernels: strict).
+        precisions = {job.precision: Precision.resolve(job.precision, device, strict=True) for job, *_ in todo}
         for job, s, writers, start, stop in todo:
-            check_precision(job.precision, device)
-            prepare_model(model, job.precision, device)
-            channels_last = uses_channels_last(job.precision, device)
+            precision = precisions[job.precision]
+            precision.prepare_model(model)
             wds = any(w.fmt == "wds" for w in writers)  # wds keeps the clean image and true label beside d
             sink.put(ShardBegin(s, start, stop, writers, keys=dataset.keys[start:stop],
                                 images=_clean_images(dataset, start, stop) if wds and job.wds_images == "source"
                                 else None,
                                 true_label=dataset.labels[start:stop] if wds else None))
             for b, e in batches[s, id(job)]:
-                x = to_device(gather(chunks, e - b), device, channels_last=channels_last)
+                x = to_device(gather(chunks, e - b), device, channels_last=precision.channels_last)
                 y = torch.from_numpy(dataset.labels[b:e]).to(device) if job.label == "true" else None
-                sink.put(compute_batch(model, InputBatch(b - start, x, y), job, host_copy))
+                sink.put(compute_batch(model, InputBatch(b - start, x, y), job, precision, host_copy))
             sink.put(ShardEnd(s))
             if done is not None:
                 done(1)

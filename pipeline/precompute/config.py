@@ -5,13 +5,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from enspipe.config import OptionError, check, config_to_dict, normalize, option, renamed
+from enspipe.precision import STORE_PRECISIONS as PRECISIONS
 
 __all__ = ["ATTACKS", "FORMATS", "LABEL_MODES", "PRECISIONS", "WDS_IMAGES", "PrecomputeConfig"]
 
 ATTACKS = ("fgsm", "step_ll")
 LABEL_MODES = ("pred", "true")
 FORMATS = {"zarr": ("zarr",), "wds": ("wds",), "both": ("zarr", "wds")}  # `format` -> store formats
-PRECISIONS = ("fp32", "bf16")
 WDS_IMAGES = ("source", "none")
 
 

@@ -7,8 +7,9 @@ import numpy as np
 
 from enspipe.errors import ConfigError, StoreError
 
-from .compute import (_deterministic, autocast_dtype, batch_containing, check_precision, prepare_model,
-                      uses_channels_last)
+from enspipe.precision import Precision
+
+from .compute import _deterministic, batch_containing
 from .plan import store_precision
 
 __all__ = ["recompute_check"]
@@ -48,11 +49,10 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
     if dataset.fingerprint != ident.dataset["fingerprint"]:
         return [f"the dataset {config['dataset']} found now has another fingerprint than the store's"]
     dev = resolve_device(device)
-    precision = store_precision(ident)
-    check_precision(precision, dev)
+    precision = Precision.resolve(store_precision(ident), dev, strict=True)
     net = load_model_for(spec, dataset, dev, weights=weights,
                          pretrained=pretrained).requires_grad_(False)
-    prepare_model(net, precision, dev)
+    precision.prepare_model(net)
     if weights_sha256(net) != ident.weights_sha256:
         return [f"model {spec} has other weights (sha256 {weights_sha256(net)[:12]}..) than the store's "
                 f"({ident.weights_sha256[:12]}..)"]
@@ -65,12 +65,10 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
     stored_keys = [reader.keys(int(i), int(i) + 1)[0] for i in idx]
 
     def run(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x = dataset.images(indices).to(dev)
-        if uses_channels_last(precision, dev):
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = precision.memory_format(dataset.images(indices).to(dev))
         y = torch.from_numpy(dataset.labels[indices]).to(dev) if label == "true" else None
         d, logits, labels = attacks.direction(net, x, y, attack=ident.attack, label=label,
-                                              autocast=autocast_dtype(precision))
+                                              autocast=precision.autocast_dtype)
         return d.cpu().numpy(), logits.float().cpu().numpy().astype(np.float16), labels.cpu().numpy()
 
     def matches(row: int, d: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> bool:
