@@ -37,12 +37,14 @@ import contextlib
 import inspect
 import math
 import numbers
-from typing import Callable, Iterator, Literal, Sequence, Union
+from typing import Callable, Iterator, Literal, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from enspipe.attack_records import (ATTACK_RECORDS, RECORDS, AttackRecord, _number, _parse_fraction, attack_names,
+                                    parse_eps, record)
 from enspipe.errors import AttackError
 
 Label = Literal["true", "pred"]
@@ -78,32 +80,6 @@ def _as_model(model: Model) -> nn.Module:
 
 # ----------------------------------------------------------------------------------------
 # parameter checks (also run by create_attack, so a bad job spec fails before any compute)
-
-
-def _number(value: object) -> float | None:
-    """A plain real number as float, or None (bools and strings are not numbers here)."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
-        return None
-    if isinstance(value, Tensor) and value.numel() != 1:
-        return None
-    return float(value)
-
-
-def _parse_fraction(text: str) -> float | None:
-    """"0.3" or "16/256" as float, or None when it is neither."""
-    try:
-        nums = [float(part) for part in text.strip().split("/")]
-        return nums[0] if len(nums) == 1 else nums[0] / nums[1] if len(nums) == 2 else None
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def parse_eps(text: str | float) -> float:
-    """An eps from a config or the command line: "0.3", "16/256" or 0.3, in (0, 1]."""
-    value = _parse_fraction(text) if isinstance(text, str) else _number(text)
-    if value is None or not math.isfinite(value) or not 0.0 < value <= 1.0:
-        raise AttackError(f"eps must be a number in (0, 1] such as 0.3 or 16/256, got {text!r}.")
-    return value
 
 
 def _check_eps(eps: object) -> float:
@@ -333,7 +309,7 @@ def direction(
     x: Tensor,
     y: Tensor | None = None,
     *,
-    attack: Literal["fgsm", "step_ll"],
+    attack: str,
     label: Label = "true",
     autocast: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -344,12 +320,13 @@ def direction(
     `autocast` (e.g. torch.bfloat16) runs the forward and backward under autocast to that dtype;
     the default is full precision. The sign is narrowed to int8 on x's device.
     """
-    _check_choice("attack", attack, ("fgsm", "step_ll"))
-    target: _Target = "ll" if attack == "step_ll" else _target(label)
+    _check_choice("attack", attack, STORABLE)
+    rec = ATTACK_RECORDS[attack]
+    target: _Target = "ll" if rec.label == "least-likely" else _target(label)
     model = _as_model(model)
     x, y = _prepare(x, y, target)
     with _attack_mode(x, autocast):
-        d, logits, labels = _sign_direction(model, x, y, target)
+        d, logits, labels = _resolve(rec.direction)(model, x, y, target)
     return d.to(torch.int8), logits, labels
 
 
@@ -574,27 +551,78 @@ def pgd_cw(
 # registry: the one way stages call an attack by name
 
 
-# Each attack's defaults are its function's keyword defaults, and its docstring says where
-# each comes from: the paper where it states a value, else the reference code
-# (ftramer/ensemble-adv-training), else Madry et al. for PGD. `create_attack` resolves them
-# (`attack_params`) and runs the attack with every parameter explicit, so what a stage
-# records is exactly what ran.
-ATTACKS: dict[str, Callable[..., Tensor]] = {
-    "fgsm": fgsm,
-    "step_ll": step_ll,
-    "rand_fgsm": rand_fgsm,
-    "rand_step_ll": rand_step_ll,
-    "iter_fgsm": iter_fgsm,
-    "iter_ll": iter_ll,
-    "pgd": pgd,
-    "pgd_cw": pgd_cw,
-}
-SINGLE_STEP = ("fgsm", "step_ll", "rand_fgsm", "rand_step_ll")  # one gradient; no `steps`
-ITERATIVE = ("iter_fgsm", "iter_ll", "pgd", "pgd_cw")          # take `steps`
-RANDOM = ("rand_fgsm", "rand_step_ll", "pgd", "pgd_cw")         # draw noise: `seed` applies
+# Each attack is a function above and a record in `enspipe.attack_records` (kind, randomness,
+# label rule, how alpha resolves, whether a store can hold it, display name); this module reads
+# the records and names no attack itself. Each attack's defaults are its function's keyword
+# defaults, and its docstring says where each comes from: the paper where it states a value,
+# else the reference code (ftramer/ensemble-adv-training), else Madry et al. for PGD.
+# `create_attack` resolves them (`attack_params`) and runs the attack with every parameter
+# explicit, so what a stage records is exactly what ran.
+
+
+def _resolve(ref: str) -> Callable[..., Tensor]:
+    """A record's function: a name in this module, or "module:function"."""
+    if ":" in ref:
+        import importlib
+
+        module, _, fn = ref.partition(":")
+        return getattr(importlib.import_module(module), fn)
+    return globals()[ref]
+
+
+def _stored_step(rec: AttackRecord) -> Callable[..., Tensor]:
+    """The attack of a storable record without a function of its own: x + eps * its direction,
+    clipped (what training with its store applies)."""
+    def run(model: Model, x: Tensor, y: Tensor | None, label: object, eps: object,
+            return_direction: bool) -> Tensor | tuple[Tensor, Tensor]:
+        eps = _check_eps(eps)
+        target: _Target = "ll" if rec.label == "least-likely" else _target(label)
+        model = _as_model(model)
+        x, y = _prepare(x, y, target)
+        with _attack_mode(x):
+            d, _, _ = _resolve(rec.direction)(model, x, y, target)  # type: ignore[arg-type]
+        x_adv = apply_direction(x, d, eps)
+        return (x_adv, d.to(torch.int8)) if return_direction else x_adv
+
+    if rec.label == "least-likely":
+        def attack(model: Model, x: Tensor, y: Tensor | None = None, *, eps: float,
+                   return_direction: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+            return run(model, x, y, "pred", eps, return_direction)
+    else:
+        def attack(model: Model, x: Tensor, y: Tensor | None = None, *, eps: float,  # type: ignore[misc]
+                   label: Label = "true", return_direction: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+            return run(model, x, y, label, eps, return_direction)
+    attack.__name__ = attack.__qualname__ = rec.name
+    attack.__doc__ = f"{rec.display}: clip(x + eps * d, 0, 1), d its stored direction ({rec.direction})."
+    return attack
+
+
+class _Functions(Mapping):
+    """{name: attack function}, read from the records when asked (so a record and its function
+    may be declared in either order)."""
+
+    def __getitem__(self, name: str) -> Callable[..., Tensor]:
+        rec = ATTACK_RECORDS[name]
+        return _resolve(rec.function) if rec.function is not None else _stored_step(rec)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(ATTACK_RECORDS)
+
+    def __len__(self) -> int:
+        return len(ATTACK_RECORDS)
+
+
+ATTACKS: Mapping[str, Callable[..., Tensor]] = _Functions()
+SINGLE_STEP = attack_names(kind="single-step")  # one gradient; no `steps`
+ITERATIVE = attack_names(kind="iterative")      # take `steps`
+RANDOM = attack_names(random=True)              # draw noise: `seed` applies
+STORABLE = attack_names(storable=True)          # a precompute store can hold their directions
 # Not per-attack options: eps is one budget for every attack of an evaluation, and the noise
 # comes from the stage's seed.
 _NOT_OPTIONS = ("eps", "generator")
+_ALPHA = {"random": lambda eps, steps, alpha: _rand_alpha(eps, alpha),
+          "iterative": lambda eps, steps, alpha: _iter_alpha(eps, steps, alpha),
+          "pgd": lambda eps, steps, alpha: _pgd_alpha(eps, steps, alpha)}
 
 
 def _keywords(name: str) -> list[str]:
@@ -615,22 +643,20 @@ def _validate(name: str, params: dict) -> None:
     if "loss" in params:
         _check_choice("loss", params["loss"], ("ce", "cw"))
     if "kappa" in params:
-        _pgd_kappa(params.get("loss", "cw" if name == "pgd_cw" else "ce"), params["kappa"])
+        _pgd_kappa(params.get("loss", _default(name, "loss") if "loss" in _keywords(name) else "cw"), params["kappa"])
     if "generator" in params:
         _check_generator(params["generator"])
     if "random_start" in params and not isinstance(params["random_start"], bool):
         raise AttackError(f"random_start must be true or false, got {params['random_start']!r}.")
-    if name in ("rand_fgsm", "rand_step_ll"):
-        _rand_alpha(eps, params.get("alpha"))
-    elif name in ITERATIVE:
-        steps = _check_steps(params.get("steps", _default(name, "steps")))
-        (_iter_alpha if name.startswith("iter") else _pgd_alpha)(eps, steps, params.get("alpha"))
+    rec = ATTACK_RECORDS[name]
+    steps = _check_steps(params.get("steps", _default(name, "steps"))) if "steps" in _keywords(name) else 1
+    if rec.alpha is not None:
+        _ALPHA[rec.alpha](eps, steps, params.get("alpha"))
 
 
 def _parse_params(name: str, params: dict[str, object]) -> dict[str, object]:
     """`params` checked against attack `name`: known keys, eps present, fractions parsed."""
-    if name not in ATTACKS:
-        raise AttackError(f"unknown attack {name!r}; known attacks are {', '.join(ATTACKS)}.")
+    record(name)  # an unknown name: AttackError naming the known ones
     known = _keywords(name)
     for key in params:
         if key not in known:
@@ -665,12 +691,10 @@ def attack_params(name: str, **params: object) -> dict[str, object]:
         if key != "generator":
             out[key] = params.get(key, _default(name, key))
     eps = _check_eps(out["eps"])
-    if name in ("rand_fgsm", "rand_step_ll"):
-        out["alpha"] = _rand_alpha(eps, out["alpha"])
-    elif name in ("iter_fgsm", "iter_ll"):
-        out["alpha"] = _iter_alpha(eps, int(out["steps"]), out["alpha"])  # type: ignore[arg-type]
-    elif name in ("pgd", "pgd_cw"):
-        out["alpha"] = _pgd_alpha(eps, int(out["steps"]), out["alpha"])  # type: ignore[arg-type]
+    rec = ATTACK_RECORDS[name]
+    if rec.alpha is not None:
+        out["alpha"] = _ALPHA[rec.alpha](eps, int(out.get("steps", 1)), out["alpha"])  # type: ignore[arg-type]
+    if "kappa" in out:
         kappa = _pgd_kappa(str(out.get("loss", "cw")), out["kappa"])
         if kappa is None:
             del out["kappa"]  # the CE loss has no confidence
@@ -693,7 +717,7 @@ class Attack:
 
     def __call__(self, model: Model, x: Tensor, y: Tensor | None = None) -> Tensor:
         extra: dict[str, object] = {}
-        if self.name in RANDOM:
+        if ATTACK_RECORDS[self.name].random:
             if self._generator is not None:
                 extra["generator"] = self._generator
             elif isinstance(self.seed, torch.Generator):
@@ -786,8 +810,8 @@ def parse_attack_options(items: Sequence[str], *, eps: float | str = 0.3,
         attack, key = attack.strip(), key.strip()
         if not eq or not dot or not attack or not key or not value.strip():
             raise AttackError(f"attack option {text!r} must read ATTACK.KEY=VALUE, e.g. rand_fgsm.alpha=0.05.")
-        if attack not in ATTACKS:
-            raise AttackError(f"{text}: unknown attack {attack!r}; known attacks are {', '.join(ATTACKS)}.")
+        if attack not in ATTACK_RECORDS:
+            raise AttackError(f"{text}: unknown attack {attack!r}; known attacks are {', '.join(ATTACK_RECORDS)}.")
         if attacks is not None and attack not in attacks:
             raise AttackError(f"{text}: {attack} is not among the attacks evaluated ({', '.join(attacks)}).")
         names = option_names(attack)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from enspipe import curves, plots
+from enspipe.attack_records import RECORDS, attack_names
 from enspipe.errors import ConfigError
 from enspipe.fileio import atomic_write
 from enspipe.paper import PAPER, Paper, paper_value, resolve_paper
@@ -46,11 +47,10 @@ __all__ = ["ATTACK_NAMES", "PAPER", "diagnostics_markdown", "markdown_tables", "
 
 CI = tuple[float, float]
 
-SINGLE_STEP_WHITEBOX = ("fgsm", "step_ll")  # Table 8 shows FGSM, Table 4 Step-LL
-ATTACK_NAMES = {
-    "fgsm": "FGSM", "step_ll": "Step-LL", "rand_fgsm": "R+FGSM", "rand_step_ll": "R+Step-LL",
-    "iter_fgsm": "I-FGSM", "iter_ll": "Iter-LL", "pgd": "PGD", "pgd_cw": "PGD (CW loss)",
-}
+# The summary's white-box columns: the deterministic single-step attacks (Table 8 shows FGSM,
+# Table 4 Step-LL). Names and display names come from the attack records.
+SINGLE_STEP_WHITEBOX = attack_names(kind="single-step", random=False)
+ATTACK_NAMES = {r.name: r.display for r in RECORDS}
 
 # --- reading the results -----------------------------------------------------------------
 

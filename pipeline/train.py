@@ -43,7 +43,7 @@ import torch
 
 from enspipe import attacks, losses
 from enspipe._callable import callable_stage
-from enspipe.attacks import parse_eps
+from enspipe.attack_records import attack_names, parse_eps
 from enspipe.config import (
     OptionError,
     check,
@@ -69,6 +69,7 @@ from enspipe.precision import PRECISIONS, Precision
 from enspipe.trainkit import CheckpointWriter, FrozenModel, Window, epoch_batches, prune_checkpoints, snapshot, validate
 
 MODES = ("clean", "adv", "ens-adv")
+STORABLE = attack_names(storable=True)  # the attacks a run can train with: online, or read from stores
 OPTIMIZERS = {"adam": 1e-3, "rmsprop": 0.045, "sgd": 0.01}  # default learning rates (paper / reference code)
 
 
@@ -98,7 +99,7 @@ class TrainConfig:
                        "adversarial from precomputed stores (ens-adv).")
     shards: tuple[str, ...] = option((), metavar="STORE", help="A precomputed store (repeat for several static "
                                      "models). ens-adv only.")
-    attack: str | None = option(None, choices=("fgsm", "step_ll"), help="Single-step attack of the training-time "
+    attack: str | None = option(None, choices=STORABLE, help="Single-step attack of the training-time "
                                 "examples [default: the stores' own (ens-adv), else fgsm].")
     eps: float = option(0.3, parse=parse_eps, metavar="EPS", help="l-inf budget: 0.3 or 16/256.")
     eps_dist: str = option("fixed", choices=("fixed", "truncnorm"), help="truncnorm draws eps per example from "
@@ -156,7 +157,8 @@ class TrainConfig:
         check(not (self.mode == "ens-adv" and not self.shards), "mode",
               "ens-adv needs at least one `shards` STORE (the static models' directions)")
         check(self.mode == "ens-adv" or not self.shards, "shards", f"is only used by `mode` ens-adv, not {self.mode}")
-        check(self.attack in (None, "fgsm", "step_ll"), "attack", f"must be fgsm or step_ll, not {self.attack!r}")
+        check(self.attack is None or self.attack in STORABLE, "attack",
+              f"must be one of {', '.join(STORABLE)}, not {self.attack!r}")
         check(not self.new_head or self.weights is not None, "new_head",
               "fits a fresh classifier head to `weights`; pass `weights` FILE")
         check(self.weights is None or not self.pretrained, "weights",

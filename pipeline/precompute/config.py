@@ -4,12 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from enspipe.attack_records import attack_names
 from enspipe.config import OptionError, check, config_to_dict, normalize, option, renamed
 from enspipe.precision import STORE_PRECISIONS as PRECISIONS
 
 __all__ = ["ATTACKS", "FORMATS", "LABEL_MODES", "PRECISIONS", "WDS_IMAGES", "PrecomputeConfig"]
 
-ATTACKS = ("fgsm", "step_ll")
+ATTACKS = attack_names(storable=True)  # what a store can hold: read from the attack records
 LABEL_MODES = ("pred", "true")
 FORMATS = {"zarr": ("zarr",), "wds": ("wds",), "both": ("zarr", "wds")}  # `format` -> store formats
 WDS_IMAGES = ("source", "none")
@@ -38,8 +39,9 @@ class PrecomputeConfig:
     limit: int | None = option(None, minimum=1, job=False, help="Use only the first N samples of the canonical order.")
     image_size: int | None = option(None, minimum=8, job=False,
                                     help="Resize (imagefolder: resize + center-crop) images to this square size.")
-    attacks: tuple[str, ...] = option(("step_ll",), sep=",", metavar="ATTACKS",
-                                      help="fgsm, step_ll, or both as a comma list (each gets its own store).")
+    attacks: tuple[str, ...] = option(("step_ll",), sep=",", metavar="ATTACKS", choices=ATTACKS,
+                                      help=f"{', '.join(ATTACKS)}, or several as a comma list (each gets its own "
+                                      "store).")
     label: str = option("pred", choices=LABEL_MODES,
                         help="Label the FGSM direction uses (pred avoids label leaking).")
     format: str = option("zarr", choices=tuple(FORMATS), help="Store format: zarr, wds (WebDataset tars) or both.")
@@ -67,7 +69,7 @@ class PrecomputeConfig:
         check(bool(names), "attacks", f"must name at least one of {', '.join(ATTACKS)}")
         for a in names:
             check(a in ATTACKS, "attacks", f"names an unknown attack {a!r}: precompute stores "
-                  f"{' and '.join(ATTACKS)} directions")
+                  f"{', '.join(ATTACKS)} directions")
         check(len(set(names)) == len(names), "attacks", f"lists an attack twice: {','.join(names)}")
         check(self.label in LABEL_MODES, "label", f"must be pred or true, not {self.label!r}")
         check(self.format in FORMATS, "format", f"must be zarr, wds or both, not {self.format!r}")

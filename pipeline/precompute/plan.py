@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from enspipe.attack_records import record
 from enspipe.errors import ModelError, StoreError
 
 from .config import FORMATS, PrecomputeConfig
@@ -76,14 +77,14 @@ def absolute_if_path(spec: str | None) -> str | None:
 # --- Identity ----------------------------------------------------------------------------------
 
 def _label_mode(attack: str, label: str) -> str:
-    # Step-LL's target is the least-likely class of the model's own prediction whatever
-    # --label says, so its stores are named "pred" and --label cannot split them in two.
-    return "pred" if attack == "step_ll" else label
+    # A least-likely attack (Step-LL) targets the least-likely class of the model's own
+    # prediction whatever --label says, so its stores are named "pred" and --label cannot
+    # split them in two: the attack's record says which rule it follows.
+    return record(attack).label_mode(label)
 
 
 def _attack_params(attack: str, label: str, precision: str = "fp32") -> dict[str, Any]:
-    params = ({"loss": "ce", "target": "least_likely", "direction": "-sign(grad)"} if attack == "step_ll"
-              else {"loss": "ce", "target": f"{label}_label", "direction": "sign(grad)"})
+    params: dict[str, Any] = record(attack).store_params(label)
     # fp32 is the absence of the key: every store written before precisions existed is fp32 and
     # keeps its identity (and so its path); other precisions are stores of their own.
     if precision != "fp32":

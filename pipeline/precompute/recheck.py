@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from enspipe.attack_records import record
 from enspipe.errors import ConfigError, StoreError
 
 from enspipe.precision import Precision
@@ -56,7 +57,7 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
     if weights_sha256(net) != ident.weights_sha256:
         return [f"model {spec} has other weights (sha256 {weights_sha256(net)[:12]}..) than the store's "
                 f"({ident.weights_sha256[:12]}..)"]
-    label = config.get("label", "pred") if ident.attack == "fgsm" else "pred"
+    label = config.get("label", "pred") if record(ident.attack).label == "given" else "pred"
     batch_size = int(config.get("batch_size", 256))
 
     n = len(dataset)
