@@ -30,13 +30,13 @@ _os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 # are modules that can be called as their stage (enspipe._callable).
 _LAZY = {
     "train": ("enspipe.train", None),
-    "TrainConfig": ("enspipe.train", "TrainConfig"),
+    "TrainConfig": ("enspipe.configs.train", "TrainConfig"),
     "precompute": ("enspipe.precompute", None),
     "PrecomputeConfig": ("enspipe.precompute", "PrecomputeConfig"),
     "evaluate": ("enspipe.evaluate", None),
-    "EvalConfig": ("enspipe.evaluate", "EvalConfig"),
+    "EvalConfig": ("enspipe.configs.evaluate", "EvalConfig"),
     "diagnose": ("enspipe.diagnostics.stage", "run_diagnose"),
-    "DiagnoseConfig": ("enspipe.diagnostics.stage", "DiagnoseConfig"),
+    "DiagnoseConfig": ("enspipe.configs.diagnose", "DiagnoseConfig"),
     "run_job": ("enspipe.jobs", "run_job"),
 }
 

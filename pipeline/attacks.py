@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from enspipe.attack_records import (ATTACK_RECORDS, RECORDS, AttackRecord, _number, _parse_fraction, attack_names,
-                                    parse_eps, record)
+from enspipe.attack_records import (ATTACK_RECORDS, AttackRecord, _number, _parse_fraction, attack_names, parse_eps,
+                                    record)
 from enspipe.errors import AttackError
 
 Label = Literal["true", "pred"]

@@ -31,9 +31,9 @@ from typing import Any, Callable, Literal, Mapping
 
 from enspipe.errors import ConfigError, EnspipeError
 
-__all__ = ["Option", "OptionError", "check", "click_options", "config_defaults", "config_to_dict", "flag_of",
-           "job_keys", "normalize", "option", "parse_config", "read_toml", "renamed", "runtime_fields",
-           "speak", "toml_line"]
+__all__ = ["Option", "OptionError", "check", "check_declared", "click_options", "config_defaults", "config_to_dict",
+           "flag_of", "help_text", "job_keys", "normalize", "option", "parse_config", "read_toml", "renamed",
+           "runtime_fields", "speak", "toml_line"]
 
 _MENTION = re.compile(r"`([a-z][a-z0-9_]*)`")
 
@@ -61,14 +61,14 @@ class OptionError(ConfigError):
 class Option:
     """How a config field appears outside Python."""
 
-    help: str = ""
+    help: str | Callable[[], str] = ""   # a callable is read when --help is made (names from a registry)
     flag: str | None = None              # the CLI flag if not --field-name
     cli: bool = True                     # offered on the command line
     job: bool = True                     # accepted in a job spec's step table
-    choices: tuple[str, ...] | None = None
+    choices: tuple[str, ...] | None = None  # enforced by check_declared (each item of a list field)
     parse: Callable[[Any], Any] | None = None  # str -> value (e.g. eps "16/256"); also used on job values
     metavar: str | None = None
-    minimum: float | None = None         # inclusive lower bound checked by parse_config / the CLI
+    minimum: float | None = None         # inclusive lower bound, enforced by check_declared
     hidden: bool = False                 # a flag kept out of --help (internal / audit switches)
     sep: str | None = None               # list fields: the CLI also splits each value on sep ("fgsm,pgd")
     path: str | None = None              # the CLI checks the path: "dir" (not a file), "existing", "any"
@@ -274,6 +274,36 @@ def normalize(cfg: Any, *, paths: tuple[str, ...] = (), path_lists: tuple[str, .
             object.__setattr__(cfg, f.name, _coerce(f.name, str, getattr(cfg, f.name), _opt(f)))
 
 
+def check_declared(cfg: Any) -> None:
+    """In a config's __post_init__: every field's declared `choices` (each item of a list field)
+    and `minimum` (None passes: it means "unset" for an optional field), as OptionErrors naming
+    the field. The class's own checks then keep only what no single declaration says."""
+    for f in fields(cfg):
+        opt, value = _opt(f), getattr(cfg, f.name)
+        if value is None:
+            continue
+        if opt.choices is not None:
+            if isinstance(value, (tuple, list)):  # a list field: each item ("attacks": an unknown attack)
+                for item in value:
+                    if item not in opt.choices:
+                        raise OptionError(f.name, f"names an unknown {f.name.removesuffix('s')} {item!r}: use one "
+                                          f"of {', '.join(opt.choices)}")
+            elif value not in opt.choices:
+                raise OptionError(f.name, f"must be one of {', '.join(opt.choices)}, not {value!r}")
+        if opt.minimum is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise OptionError(f.name, f"must be a number, not {value!r}")
+            if value < opt.minimum:
+                low = int(opt.minimum) if float(opt.minimum).is_integer() else opt.minimum
+                bound = f"{low} or more" if low == 0 else f"at least {low}"
+                raise OptionError(f.name, f"must be {bound}, not {value!r}")
+
+
+def help_text(opt: Option) -> str:
+    """The option's help (a callable help is asked now)."""
+    return opt.help() if callable(opt.help) else opt.help
+
+
 def check(cond: bool, field: str, problem: str) -> None:
     """Raise OptionError(field, problem) unless cond."""
     if not cond:
@@ -317,7 +347,7 @@ def click_options(cls: type, *, skip: tuple[str, ...] = (), only: tuple[str, ...
             default = overrides.get(f.name, f.default if f.default is not MISSING else None)
             required = require and (f.name in required_ or f.default is MISSING and f.default_factory is MISSING
                                      and f.name not in overrides)  # type: ignore[misc]
-            kw: dict[str, Any] = {"help": opt.help, "required": required, "hidden": opt.hidden}
+            kw: dict[str, Any] = {"help": help_text(opt), "required": required, "hidden": opt.hidden}
             if opt.metavar:
                 kw["metavar"] = opt.metavar
             if typing.get_origin(base) is tuple:
@@ -334,10 +364,10 @@ def click_options(cls: type, *, skip: tuple[str, ...] = (), only: tuple[str, ...
                     kw["type"] = click.Path(file_okay=opt.path != "dir", exists=opt.path == "existing")
                 elif choices:
                     kw["type"] = click.Choice(list(choices))
-                elif base is int:
-                    kw["type"] = click.IntRange(min=int(opt.minimum)) if opt.minimum is not None else int
-                elif base is float:
-                    kw["type"] = click.FloatRange(min=opt.minimum) if opt.minimum is not None else float
+                elif base in (int, float):
+                    # No click range: `minimum` is the config's check_declared, which says it the
+                    # same way to the command line, a job spec and the API.
+                    kw["type"] = base
                 if not required:  # click >= 8.3 takes an explicit None as a default given
                     kw["default"] = default
                 kw["show_default"] = default is not None

@@ -16,7 +16,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,9 @@ import torch
 
 from enspipe import attacks
 from enspipe._callable import callable_stage
-from enspipe.attacks import parse_eps
-from enspipe.config import OptionError, check, check_fraction, config_to_dict, normalize, option
+from enspipe.config import config_to_dict
+from enspipe.configs.evaluate import EvalConfig
 from enspipe.data import create_dataset
-from enspipe.errors import AttackError
 from enspipe.models import BINARIZED_MASKED_PREFIX, BINARIZED_PREFIX, check_weights, load_model_for
 from enspipe.naming import model_label, unique_labels
 from enspipe.paths import check_output
@@ -35,75 +34,6 @@ from enspipe.runtime import log_line, progress, resolve_device, versions, write_
 from enspipe.stats import wilson_interval
 
 __all__ = ["EvalConfig", "evaluate", "model_label", "unique_labels", "wilson_interval"]
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What to evaluate and where the results go; saved beside the results.
-
-    Each field is a flag of `enspipe evaluate` and (where a job can set it) a key of a job
-    spec's `[evaluate.NAME]` table, with the default and help declared here once."""
-
-    models: tuple[str, ...] = option(flag="--model", metavar="MODEL", job=False,
-                                     help="A target: a run dir or checkpoint, or an architecture with --weights / "
-                                     "--pretrained (repeat for several targets).")
-    dataset: str = option("digits", job=False, help="digits, mnist, cifar10, imagefolder:PATH or wds:PATTERN.")
-    split: str = option("test", job=False, help="The dataset split to evaluate on.")
-    data_root: str | None = option(None, path="dir", job=False,
-                                   help="Where datasets live (else $ENSPIPE_DATA, else ~/.cache/enspipe/data).")
-    limit: int | None = option(None, minimum=1, help="Use only the first N samples of the canonical order.")
-    image_size: int | None = option(None, minimum=8, job=False,
-                                    help="Resize (imagefolder: resize + center-crop) images to this square size.")
-    attacks: tuple[str, ...] = option(("fgsm",), sep=",", metavar="ATTACKS",
-                                      help="Comma list (or repeat) of " + ", ".join(attacks.ATTACKS) + ".")
-    eps: float = option(0.3, parse=parse_eps, metavar="EPS", help="l-inf budget: 0.3 or 16/256.")
-    sources: tuple[str, ...] = option((), metavar="MODEL", help="Holdout model(s) whose attacks transfer to the "
-                                      "targets (black-box).")
-    ensemble_source: bool = option(False, help="Also attack with the ensemble of all --sources.")
-    batch_size: int = option(256, minimum=1, help="Samples per batch.")
-    seed: int = option(0, help="Seed of the random attacks' noise.")
-    device: str = option("auto", job=False, help="auto, cpu or cuda[:N].")
-    names: dict[str, str] = option(default_factory=dict, cli=False, job=False,
-                                   help="model spec -> name shown in tables")
-    weights: str | None = option(None, path="existing", job=False,
-                                 help="Weights of the one model given as a bare architecture name.")
-    pretrained: bool = option(False, job=False, help="Hub weights for every model given as a bare architecture "
-                              "name (offline: from the hub cache).")
-    binarized: tuple[str, ...] = option((), metavar="MODEL", help="Also evaluate this model behind input "
-                                        "binarization (Appendix C.1's gradient-masking baseline; repeat).")
-    out: str | None = option(None, path="any", job=False, help="Directory (or .json path) for results.json.")
-    binarized_masked: tuple[str, ...] = option((), metavar="MODEL", help="Also evaluate this model behind input "
-                                               "binarization with its true zero gradient (the masking diagnostic; repeat).")
-    attack_options: tuple[str, ...] = option(
-        (), flag="--attack-option", metavar="ATTACK.KEY=VALUE",
-        help="Set one parameter of one attack, e.g. rand_fgsm.alpha=0.05, pgd_cw.kappa=50, "
-             "pgd.steps=100 (repeatable; defaults: the paper's, else the reference code's).")
-
-    def __post_init__(self) -> None:
-        normalize(self, paths=("out", "weights", "data_root"), path_lists=("models", "sources", "binarized", "binarized_masked"))
-        check(bool(self.models or self.binarized or self.binarized_masked), "models", "needs at least one target")
-        for a in self.attacks:
-            check(a in attacks.ATTACKS, "attacks", f"names an unknown attack {a!r}: use one of "
-                  f"{', '.join(attacks.ATTACKS)}")
-        check_fraction(self.eps, "eps")
-        check(not self.ensemble_source or len(self.sources) >= 2, "ensemble_source", "needs at least two `sources`")
-        check(self.batch_size >= 1, "batch_size", f"must be at least 1, not {self.batch_size}")
-        check(self.weights is None or not self.pretrained, "weights",
-              "and `pretrained` exclude each other: pass one source of weights")
-        object.__setattr__(self, "attack_options", tuple(self.attack_options))
-        self.options()  # checked now: a bad option fails before any model is loaded
-
-    def options(self) -> dict[str, dict[str, Any]]:
-        """{attack: {parameter: value}} from `attack_options`, each checked by its attack."""
-        try:
-            return attacks.parse_attack_options(self.attack_options, eps=self.eps, attacks=self.attacks)
-        except AttackError as e:
-            raise OptionError("attack_options", str(e)) from None
-
-    def attack_params(self) -> dict[str, dict[str, Any]]:
-        """Every parameter each attack runs with (its defaults resolved), as results.json records."""
-        opts = self.options()
-        return {a: attacks.attack_params(a, eps=self.eps, **opts.get(a, {})) for a in self.attacks}
 
 
 def _unwrapped(spec: str) -> str:

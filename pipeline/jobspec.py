@@ -54,10 +54,11 @@ ALIASES: dict[str, dict[str, str]] = {"models": {"stores": "shards", "workers": 
 
 def step_configs() -> dict[str, type]:
     """The config class of each step kind."""
-    from enspipe.diagnostics.stage import DiagnoseConfig
-    from enspipe.evaluate import EvalConfig
+    # The torch-free config modules: reading a job's options imports no stage.
+    from enspipe.configs.diagnose import DiagnoseConfig
+    from enspipe.configs.evaluate import EvalConfig
+    from enspipe.configs.train import TrainConfig
     from enspipe.precompute.config import PrecomputeConfig
-    from enspipe.train import TrainConfig
 
     return {"models": TrainConfig, "stores": PrecomputeConfig, "evaluate": EvalConfig, "diagnose": DiagnoseConfig}
 

@@ -34,7 +34,7 @@ from enspipe.config import OptionError
 
 __all__ = ["ADV_LOSSES", "adversarial_loss", "check_adv_loss", "training_loss"]
 
-ADV_LOSSES = ("replace", "paired")
+from enspipe.configs.train import ADV_LOSSES  # noqa: E402 -- the vocabulary is the config's (torch-free)
 
 
 def check_adv_loss(adv_loss: object, adv_weight: object) -> None:

@@ -29,7 +29,7 @@ import torch
 
 __all__ = ["SCHEDULES", "learning_rate", "param_groups", "set_learning_rate"]
 
-SCHEDULES = ("step", "cosine")
+from enspipe.configs.train import SCHEDULES  # noqa: E402 -- the vocabulary is the config's (torch-free)
 
 
 def learning_rate(base: float, *, schedule: str, epoch: int, batch: int, batches: int, epochs: int,

@@ -43,173 +43,24 @@ import torch
 
 from enspipe import attacks, losses
 from enspipe._callable import callable_stage
-from enspipe.attack_records import attack_names, parse_eps
-from enspipe.config import (
-    OptionError,
-    check,
-    check_fraction,
-    config_defaults,
-    config_to_dict,
-    normalize,
-    option,
-    parse_config,
-    renamed,
-    runtime_fields,
-)
+from enspipe.attack_records import parse_eps  # noqa: F401 -- `enspipe.train.parse_eps`, as before
+from enspipe.config import OptionError, runtime_fields
+from enspipe.configs.train import MODES, OPTIMIZERS, STORABLE, TrainConfig  # noqa: F401 -- re-exported
 from enspipe.data import SampleSource, create_dataset
 from enspipe.errors import ConfigError, EnspipeError, StoreError
 from enspipe.fileio import atomic_target
 from enspipe.models import EnsModel, load_model_for, save_model
 from enspipe.paths import check_output
-from enspipe.runlog import LOG_SINKS, RunLog, check_sinks
+from enspipe.runlog import RunLog, check_sinks
 from enspipe.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
-from enspipe.schedule import SCHEDULES, learning_rate, param_groups, set_learning_rate
+from enspipe.schedule import learning_rate, param_groups, set_learning_rate
+from enspipe.precision import PRECISIONS, Precision  # noqa: F401 -- `enspipe.train.PRECISIONS`, as before
 from enspipe.stream import SELF, SourceBatches
-from enspipe.precision import PRECISIONS, Precision
 from enspipe.trainkit import CheckpointWriter, FrozenModel, Window, epoch_batches, prune_checkpoints, snapshot, validate
-
-MODES = ("clean", "adv", "ens-adv")
-STORABLE = attack_names(storable=True)  # the attacks a run can train with: online, or read from stores
-OPTIMIZERS = {"adam": 1e-3, "rmsprop": 0.045, "sgd": 0.01}  # default learning rates (paper / reference code)
-
 
 # Fields that say where and how a run goes, not what it computes: a resumed run may change
 # them (config.json's other fields must match). The rest are declared `runtime=True`.
 NOT_IDENTITY = ("device", "out", "resume")
-
-
-@renamed(workers="loader_workers")
-@dataclass(frozen=True)
-class TrainConfig:
-    """A training run, fully resolved; saved as `config.json` beside the weights.
-
-    Each field is a flag of `enspipe train` (`--adv-fraction`) and a key of a job spec's
-    `[models.NAME]` table (`adv_fraction`), with the default and help declared here once."""
-
-    model: str = option(help="Architecture (A, B, B*, C, C-code, D, resnet50, timm:NAME) or a run dir / "
-                        "checkpoint to start from.", job=False)
-    dataset: str = option("digits", help="digits, mnist, cifar10, imagefolder:PATH or wds:PATTERN.", job=False)
-    split: str = option("train", help="The dataset split to train on.", job=False)
-    data_root: str | None = option(None, path="dir", job=False,
-                                   help="Where datasets live (else $ENSPIPE_DATA, else ~/.cache/enspipe/data).")
-    limit: int | None = option(None, minimum=1, job=False, help="Use only the first N samples of the canonical order.")
-    image_size: int | None = option(None, minimum=8, job=False,
-                                    help="Resize (imagefolder: resize + center-crop) images to this square size.")
-    mode: str = option("clean", choices=MODES, help="clean, online single-step adversarial (adv), or ensemble "
-                       "adversarial from precomputed stores (ens-adv).")
-    shards: tuple[str, ...] = option((), metavar="STORE", help="A precomputed store (repeat for several static "
-                                     "models). ens-adv only.")
-    attack: str | None = option(None, choices=STORABLE, help="Single-step attack of the training-time "
-                                "examples [default: the stores' own (ens-adv), else fgsm].")
-    eps: float = option(0.3, parse=parse_eps, metavar="EPS", help="l-inf budget: 0.3 or 16/256.")
-    eps_dist: str = option("fixed", choices=("fixed", "truncnorm"), help="truncnorm draws eps per example from "
-                           "|N(0, eps/2)| truncated to [0, eps] (Kurakin et al.).")
-    adv_fraction: float = option(0.5, help="Share of each batch replaced by adversarial examples.")
-    epochs: int = option(6, help="Epochs to train.")
-    batch_size: int = option(64, help="Samples per batch.")
-    optimizer: str = option("adam", choices=tuple(OPTIMIZERS), help="adam, rmsprop (the paper's ImageNet "
-                            "setup) or sgd (momentum 0.9).")
-    lr: float | None = option(None, help="Learning rate [adam 1e-3, rmsprop 0.045, sgd 0.01].")
-    lr_decay: float = option(1.0, help="Multiply lr by this every --lr-decay-every epochs (ImageNet: 0.94).")
-    lr_decay_every: int = option(2, help="Epochs between two lr decays.")
-    augment: str = option("none", choices=("none", "crop", "flip", "crop+flip"),
-                          help="Random crops / flips, applied to the image and its direction alike.")
-    crop_padding: int = option(2, minimum=0, help="Zero padding (pixels) around the image for random crops.")
-    seed: int = option(0, help="Seed of the data order, source draws, eps draws and initialisation.")
-    block_size: int = option(256, help="Samples per contiguous read from the data and the stores.")
-    buffer_blocks: int = option(8, help="Blocks shuffled together in memory.")
-    loader_workers: int = option(0, minimum=0, runtime=True, help="DataLoader worker processes that read, decode and "
-                                 "augment batches ahead of the step.")
-    device: str = option("auto", job=False, help="auto, cpu or cuda[:N].")
-    weights: str | None = option(None, path="existing", help="Initial weights: an enspipe run/checkpoint or a "
-                                 "torchvision/timm state dict (.safetensors, .pth).")
-    new_head: bool = option(False, help="Load --weights except the classifier head, which starts fresh "
-                            "(fine-tune on another number of classes).")
-    log_every: int = option(20, minimum=1, help="Batches per metrics.jsonl line.")
-    record_indices: bool = option(False, hidden=True, help="Save each rank's sample order per epoch (audits).")
-    pretrained: bool = option(False, help="Start from the architecture's hub weights (torchvision / timm; "
-                              "offline: from the hub cache).")
-    out: str | None = option(None, path="dir", job=False, help="Run directory to create (or continue with --resume).")
-    resume: bool = option(False, job=False, help="Continue a killed run from its last epoch checkpoint.")
-    adv_loss: str = option("replace", choices=losses.ADV_LOSSES, help=(
-        "replace: adversarial examples replace --adv-fraction of each batch (the paper's ImageNet "
-        "setup); paired: they come in addition to the whole clean batch (the reference code's "
-        "MNIST loss with --adv-fraction 1)."))
-    adv_weight: float = option(1.0, help=(
-        "lambda of Kurakin et al.'s loss (sum clean + lambda * sum adv) / (n_clean + lambda * n_adv); "
-        "1 weighs every example alike (ImageNet: 0.3)."))
-    # Issues 14 and 17: optimisation knobs, precision, validation and where metrics go.
-    weight_decay: float = option(0.0, minimum=0, help="Weight decay (not on biases and norm weights, as timm); 0: none.")
-    schedule: str = option("step", choices=SCHEDULES,
-                           help="step: lr x lr_decay every lr_decay_every epochs; cosine: to 0 over the epochs.")
-    warmup_epochs: int = option(0, minimum=0, help="Epochs of linear lr warmup (per batch) before the schedule.")
-    keep_checkpoints: int | None = option(None, minimum=1, metavar="K", runtime=True, help="Keep only the last K epoch checkpoints (default: all).")
-    precision: str = option("fp32", choices=PRECISIONS,
-                            help="bf16/fp16: autocast (fp16 with a grad scaler), channels_last on CUDA.")
-    val_limit: int | None = option(None, minimum=1, metavar="N", runtime=True, help="Each epoch, clean and FGSM error on N held-out test samples.")
-    log: tuple[str, ...] = option((), sep=",", metavar="csv|tensorboard", runtime=True, help="Also log metrics to csv (metrics.csv) or tensorboard (repeatable).")
-
-    def __post_init__(self) -> None:
-        # Paths are accepted as str or PathLike (precompute() returns Paths); stored as str.
-        normalize(self, paths=("model", "out", "weights", "data_root"), path_lists=("shards",))
-        check(all(s.strip() for s in self.shards), "shards", "needs a store path, got an empty one")
-        check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, not {self.mode!r}")
-        check(not (self.mode == "ens-adv" and not self.shards), "mode",
-              "ens-adv needs at least one `shards` STORE (the static models' directions)")
-        check(self.mode == "ens-adv" or not self.shards, "shards", f"is only used by `mode` ens-adv, not {self.mode}")
-        check(self.attack is None or self.attack in STORABLE, "attack",
-              f"must be one of {', '.join(STORABLE)}, not {self.attack!r}")
-        check(not self.new_head or self.weights is not None, "new_head",
-              "fits a fresh classifier head to `weights`; pass `weights` FILE")
-        check(self.weights is None or not self.pretrained, "weights",
-              "and `pretrained` exclude each other: pass one source of weights")
-        check_fraction(self.adv_fraction, "adv_fraction")
-        check_fraction(self.eps, "eps")
-        check(self.eps_dist in ("fixed", "truncnorm"), "eps_dist", f"must be fixed or truncnorm, not {self.eps_dist!r}")
-        check(self.optimizer in OPTIMIZERS, "optimizer",
-              f"must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
-        check(self.augment in ("none", "crop", "flip", "crop+flip"), "augment",
-              f"must be none, crop, flip or crop+flip, not {self.augment!r}")
-        for name in ("epochs", "batch_size", "block_size", "buffer_blocks", "log_every", "lr_decay_every"):
-            check(getattr(self, name) >= 1, name, f"must be at least 1, not {getattr(self, name)}")
-        check(self.loader_workers >= 0, "loader_workers", f"must be 0 or more, not {self.loader_workers}")
-        check(self.crop_padding >= 0, "crop_padding", f"must be 0 or more, not {self.crop_padding}")
-        check(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), "lr",
-              f"must be a positive number, not {self.lr}")
-        check(0 < self.lr_decay <= 1, "lr_decay", f"must be in (0, 1], not {self.lr_decay}")
-        check(self.limit is None or self.limit >= 1, "limit", f"must be at least 1, not {self.limit}")
-        losses.check_adv_loss(self.adv_loss, self.adv_weight)
-        object.__setattr__(self, "log", tuple(self.log))
-        check(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "weight_decay",
-              f"must be 0 or more, not {self.weight_decay}")
-        check(self.schedule in SCHEDULES, "schedule", f"must be step or cosine, not {self.schedule!r}")
-        check(self.warmup_epochs >= 0, "warmup_epochs", f"must be 0 or more, not {self.warmup_epochs}")
-        check(self.schedule != "cosine" or self.warmup_epochs < self.epochs, "warmup_epochs",
-              f"must be fewer than `epochs` ({self.epochs}) with the cosine schedule, not {self.warmup_epochs}")
-        check(self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints",
-              f"must be at least 1, not {self.keep_checkpoints}")
-        check(self.precision in PRECISIONS, "precision", f"must be fp32, bf16 or fp16, not {self.precision!r}")
-        check(self.val_limit is None or self.val_limit >= 1, "val_limit", f"must be at least 1, not {self.val_limit}")
-        for sink in self.log:
-            check(sink in LOG_SINKS, "log", f"must be csv or tensorboard, not {sink!r}")
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else OPTIMIZERS[self.optimizer]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The run's configuration as config.json records it; where it lives (`out`) is the
-        run dir's own path, recorded beside it as `run_dir`."""
-        return {k: v for k, v in config_to_dict(self).items() if k != "out"}
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return config_defaults(cls)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """A config from its `to_dict()` (config.json), old field names included."""
-        return parse_config(cls, d)
 
 
 # --- The batch stream ---------------------------------------------------------------------

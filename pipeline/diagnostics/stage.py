@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,7 +29,8 @@ from enspipe.diagnostics.measures import (
     input_gradient_norm,
     loss_surface,
 )
-from enspipe.config import OptionError, check, check_fraction, config_to_dict, normalize, option
+from enspipe.config import OptionError, config_to_dict
+from enspipe.configs.diagnose import DiagnoseConfig
 from enspipe.errors import ConfigError
 from enspipe.naming import unique_labels
 from enspipe.plots import plot_loss_surface, plot_subspace
@@ -140,65 +140,6 @@ def diagnose(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, *, eps: floa
         report["figures"]["subspace"] = "subspace.png"
     path = write_json(out / "diagnostics.json", report)
     return {**report, "path": str(path)}
-
-
-@dataclass(frozen=True)
-class DiagnoseConfig:
-    """What to diagnose and where the results go; saved in `diagnostics.json`.
-
-    Each field is a flag of `enspipe diagnose` and (where a job can set it) a key of a job
-    spec's `[diagnose.NAME]` table, with the default and help declared here once."""
-
-    models: tuple[str, ...] = option(flag="--model", metavar="MODEL",
-                                     help="A run dir or checkpoint, or an architecture with --weights / "
-                                     "--pretrained (repeat to compare models).")
-    other: str | None = option(None, metavar="MODEL", help="Another model whose adversarial direction spans the "
-                               "loss surface (Figures 1, 4, 5) [default: the next --model; with one model a "
-                               "random sign vector].")
-    dataset: str = option("digits", job=False, help="digits, mnist, cifar10, imagefolder:PATH or wds:PATTERN.")
-    split: str = option("test", job=False, help="The dataset split to measure on.")
-    data_root: str | None = option(None, path="dir", job=False,
-                                   help="Where datasets live (else $ENSPIPE_DATA, else ~/.cache/enspipe/data).")
-    limit: int | None = option(500, minimum=1, help="Samples to measure on (the first N of the split).")
-    image_size: int | None = option(None, minimum=8, job=False,
-                                    help="Resize (imagefolder: resize + center-crop) images to this square size.")
-    eps: float = option(0.3, parse=attacks.parse_eps, metavar="EPS", help="l-inf budget: 0.3 or 16/256.")
-    single: str = option("fgsm", choices=attacks.SINGLE_STEP, help="The single-step attack of the approximation "
-                         "ratio and cosine (Table 6).")
-    iterative: str = option("pgd", choices=attacks.ITERATIVE, help="The iterative attack it is compared with.")
-    steps: int = option(40, minimum=1, help="Iterations of the iterative attack.")
-    grid: int = option(21, minimum=2, help="Points per axis of the loss surface.")
-    surface_points: int = option(3, minimum=1, help="Samples whose loss surface is drawn.")
-    subspace_points: int | None = option(None, minimum=0, help="Samples the adversarial subspace is counted on "
-                                         "(Appendix E; 0 skips it) [default: all].")
-    seed: int = option(0, help="Seed of the random start and the random directions.")
-    batch_size: int = option(256, minimum=1, help="Samples per forward/backward pass.")
-    device: str = option("auto", job=False, help="auto, cpu or cuda[:N].")
-    weights: str | None = option(None, path="existing", job=False,
-                                 help="Weights of the one model given as a bare architecture name.")
-    pretrained: bool = option(False, job=False, help="Hub weights for every model given as a bare architecture "
-                              "name (offline: from the hub cache).")
-    out: str | None = option(None, path="dir", job=False, help="Directory for diagnostics.json and the figures.")
-    names: dict[str, str] = option(default_factory=dict, cli=False, job=False,
-                                   help="model spec -> name shown in diagnostics.json and the figures")
-
-    def __post_init__(self) -> None:
-        normalize(self, paths=("other", "out", "weights", "data_root"), path_lists=("models",))
-        check(bool(self.models), "models", "needs at least one model")
-        check_fraction(self.eps, "eps")
-        check(self.single in attacks.SINGLE_STEP, "single",
-              f"must be one of {', '.join(attacks.SINGLE_STEP)}, not {self.single!r}")
-        check(self.iterative in attacks.ITERATIVE, "iterative",
-              f"must be one of {', '.join(attacks.ITERATIVE)}, not {self.iterative!r}")
-        for name in ("steps", "surface_points", "batch_size", "limit"):
-            value = getattr(self, name)
-            check(value is None and name == "limit" or isinstance(value, int) and value >= 1, name,
-                  f"must be at least 1, not {value!r}")
-        check(self.grid >= 2, "grid", f"must be at least 2, not {self.grid}")
-        check(self.subspace_points is None or self.subspace_points >= 0, "subspace_points",
-              f"must be 0 or more, not {self.subspace_points}")
-        check(self.weights is None or not self.pretrained, "weights",
-              "and `pretrained` exclude each other: pass one source of weights")
 
 
 _OLD_KEYWORDS = {"out_dir": "out"}  # run_diagnose's keyword -> DiagnoseConfig field

@@ -1,0 +1,66 @@
+"""The field groups every stage config shares, declared once: data, weights, device, eps.
+
+Each function returns one `option(...)` field; a stage config lists them in its own order (the
+order of its flags) and passes what differs (a split's default, whether a job may set it). The
+dataset help names the data registry's sources, asked when --help is made (`enspipe.data`
+imports torch; a config module must not).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from enspipe.attack_records import parse_eps
+from enspipe.config import option
+
+__all__ = ["data_root", "dataset", "device", "eps", "image_size", "limit", "pretrained", "split", "weights"]
+
+
+def _sources() -> str:
+    from enspipe.data import KNOWN_SOURCES
+
+    return ", ".join(KNOWN_SOURCES[:-1]) + " or " + KNOWN_SOURCES[-1]
+
+
+# --- data --------------------------------------------------------------------------------
+
+def dataset(**kw: Any) -> Any:
+    return option("digits", job=False, help=lambda: _sources() + ".", **kw)
+
+
+def split(default: str, what: str) -> Any:
+    return option(default, job=False, help=f"The dataset split {what}.")
+
+
+def data_root() -> Any:
+    return option(None, path="dir", job=False,
+                  help="Where datasets live (else $ENSPIPE_DATA, else ~/.cache/enspipe/data).")
+
+
+def limit(default: int | None = None, *, job: bool = False,
+          help: str = "Use only the first N samples of the canonical order.") -> Any:
+    return option(default, minimum=1, job=job, help=help)
+
+
+def image_size() -> Any:
+    return option(None, minimum=8, job=False,
+                  help="Resize (imagefolder: resize + center-crop) images to this square size.")
+
+
+# --- weights -----------------------------------------------------------------------------
+
+def weights(help: str, *, job: bool = False) -> Any:
+    return option(None, path="existing", job=job, help=help)
+
+
+def pretrained(help: str, *, job: bool = False) -> Any:
+    return option(False, job=job, help=help)
+
+
+# --- where it runs and the budget ----------------------------------------------------------
+
+def device() -> Any:
+    return option("auto", job=False, help="auto, cpu or cuda[:N].")
+
+
+def eps(default: float = 0.3) -> Any:
+    return option(default, parse=parse_eps, metavar="EPS", help="l-inf budget: 0.3 or 16/256.")
