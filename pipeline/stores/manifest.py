@@ -24,6 +24,7 @@ from typing import Any, Iterator, Literal
 
 from enspipe.errors import StoreError
 from enspipe.fileio import atomic_write_json
+from enspipe.limits import current_limits
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -316,6 +317,11 @@ def manifest_problems(manifest: Any) -> list[str]:
     if errors:
         return errors
     m = manifest
+    # Before anything loops over the shards (verify, the reader, a resumed precompute): a
+    # forged manifest claiming 10^9 shards is refused here, not iterated.
+    too_many = current_limits().above("max_shards", m["num_shards"], " shards")
+    if too_many:
+        return [f"num_shards is {too_many}"]
     try:
         identity = StoreIdentity.from_dict(m["identity"])
     except StoreError as exc:
