@@ -230,6 +230,8 @@ def read_json(path: Path, what: str) -> Any:
         raise StoreError(f"{what} {path} does not exist.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StoreError(f"{what} {path} cannot be read: {exc}.") from None
+    except RecursionError:  # json's parser on thousands of nested brackets
+        raise StoreError(f"{what} {path} cannot be read: nested too deeply.") from None
 
 
 def sha256_file(path: Path) -> str:
@@ -424,7 +426,7 @@ def read_record(path: Path, s: int) -> Any:
     """The parsed JSON of shard s's completion record file, unchecked; None when absent or unparsable."""
     try:
         return json.loads(record_path(path, s).read_text("utf-8"))
-    except (OSError, ValueError):  # ValueError: bad UTF-8 or bad JSON
+    except (OSError, ValueError, RecursionError):  # bad UTF-8, bad JSON, nested too deeply
         return None
 
 
