@@ -26,7 +26,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     for line in text.splitlines():
         try:
             rec = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(rec, dict) and "step" in rec:
             out.append(rec)

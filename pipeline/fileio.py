@@ -18,7 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_target", "atomic_write", "atomic_write_json", "dir_bytes", "is_temporary", "naming", "process_umask"]
+__all__ = ["atomic_target", "atomic_write", "atomic_write_json", "dir_bytes", "is_temporary", "naming", "parse_json",
+           "process_umask", "read_text_file"]
 
 
 def process_umask() -> int:
@@ -101,3 +102,37 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=not strict,
                       default=None if strict else str)
     return atomic_write(path, text + "\n")
+
+
+def read_text_file(path: str | os.PathLike, *, limit: int | None = None) -> str:
+    """A small text file (a job spec), refused in one line naming it when it is larger than
+    `limit` bytes (default: the metadata cap) or not UTF-8 text, before it is read whole."""
+    from enspipe.errors import ConfigError
+    from enspipe.limits import current_limits
+
+    path = Path(path)
+    cap = current_limits().max_metadata_bytes if limit is None else limit
+    with open(path, "rb") as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise ConfigError(f"{path}: larger than the limit of {cap} bytes (raise it with ENSPIPE_MAX_METADATA_BYTES)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def parse_json(text: str | bytes, path: str | os.PathLike, error: type[Exception] | None = None) -> Any:
+    """json.loads that fails with one line naming `path`: truncated or malformed JSON, and
+    JSON nested so deeply that Python's parser runs out of recursion (a RecursionError, which
+    json raises for a few thousand nested brackets), are `error` (default ConfigError)."""
+    if error is None:
+        from enspipe.errors import ConfigError as error
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise error(f"{path}: nested too deeply to be read as JSON") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except ValueError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None

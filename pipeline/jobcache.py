@@ -156,6 +156,15 @@ def is_cache_link(path: Path, cache: Path) -> bool:
     return any(_inside(t, cache) for t in (Path(os.path.abspath(target)), path.parent / target))
 
 
+def _remove_stale_temporaries(dest: Path) -> None:
+    """The `.NAME.*.tmp` folders an interrupted publish of `dest` left beside it. Only one
+    process publishes into a job folder at a time (register_job's lock), so none is live."""
+    with contextlib.suppress(OSError):
+        for p in dest.parent.iterdir():
+            if p.name.startswith(f".{dest.name}.") and p.name.endswith(".tmp") and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def publish(src: str | os.PathLike, out: Path, rel: str, *, key: str, link: bool, cache: Path) -> Path:
     """Publish the cached output `src` at `out/rel` as real files (see the module docstring).
     An existing `out/rel` is replaced only if enspipe published it (or it is a symlink into
@@ -163,15 +172,22 @@ def publish(src: str | os.PathLike, out: Path, rel: str, *, key: str, link: bool
     src, dest = Path(src), out / rel
     book = _published(out)
     entry = book.get(rel)
+    # A step whose publishing was interrupted (killed between the rename and the final
+    # record) is recorded as `publishing`: the folder is enspipe's, and published again.
     if dest.is_symlink():
         if not is_cache_link(dest, cache) and entry is None:
             raise ConfigError(f"{dest} exists and was not written by enspipe; move it away or choose another `out`")
     elif dest.exists():
         if entry is None:
             raise ConfigError(f"{dest} exists and was not written by enspipe; move it away or choose another `out`")
-        if entry.get("key") == key:
+        if entry.get("key") == key and not entry.get("publishing"):
             return dest  # already published
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(dest)
+    # Intent first: once the record says enspipe is publishing `rel`, whatever a kill leaves
+    # at `dest` (the new folder, or none) is recognised as enspipe's by the next run.
+    book[rel] = {"key": key, "source": str(src), "publishing": True}
+    atomic_write_json(out / PUBLISHED, book)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes 0700; a job folder is as shareable as any other
     try:

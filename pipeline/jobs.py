@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from enspipe.config import config_defaults, runtime_fields
+from enspipe.errors import ConfigError
 from enspipe.jobcache import default_cache, is_cache_link, publish, register_job, step_lock
 from enspipe.jobspec import (
     STEP_KINDS,
@@ -98,8 +99,19 @@ def plan(job: Job, cache: Path) -> list[tuple[Step, str]]:
     out = []
     for step in job.steps:
         rec = _record_path(cache, step)
-        out.append((step, "reuse" if rec.exists() and _outputs_exist(json.loads(rec.read_text())) else "run"))
+        out.append((step, "reuse" if rec.exists() and _outputs_exist(_read_record(rec)) else "run"))
     return out
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """A cached step's record; a damaged one (truncated, nested too deeply, not an object) is
+    one line naming it, to delete so the step runs again."""
+    from enspipe.fileio import parse_json
+
+    record = parse_json(path.read_bytes(), path)
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}: not a step record (a JSON object); delete it to run the step again")
+    return record
 
 
 def _outputs_exist(record: dict[str, Any]) -> bool:
@@ -171,7 +183,7 @@ def _run_or_reuse(job: Job, step: Step, done: dict[str, dict], cache: Path, devi
 
     rec_path = _record_path(cache, step)
     if rec_path.exists():
-        record = json.loads(rec_path.read_text())
+        record = _read_record(rec_path)
         if _outputs_exist(record):
             log(f"reused {step.id} ({step.key[:12]})")
             return record

@@ -8,6 +8,7 @@ The format is described in `enspipe.jobs`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Any, Callable
 
 from enspipe.config import Option, OptionError, job_keys, parse_config, speak, toml_line
 from enspipe.errors import ConfigError, EnspipeError
+from enspipe.fileio import read_text_file
 from enspipe.naming import check_name
 
 __all__ = ["ALIASES", "STEP_KINDS", "STRUCTURE", "Job", "Step", "defaults_keys", "load_job", "resolved",
@@ -101,29 +103,55 @@ class Job:
 
 # --- Parsing ------------------------------------------------------------------------------
 
-class _Spec:
-    """The merged TOML of a spec and its includes, with the text kept for line numbers."""
+# Distinct files one job spec may include (itself excluded): far above any real layering of
+# shared defaults, and a bound on the work a hostile include graph can ask for.
+MAX_INCLUDES = 256
 
-    def __init__(self, path: Path, stack: tuple[Path, ...] = ()):
+
+class _Spec:
+    """The merged TOML of a spec and its includes, with the text kept for line numbers.
+
+    Each file is parsed once per `load_job` (`parsed`, by resolved path): a file included
+    along many paths (a diamond) is merged from its one parse, so the work is linear in the
+    number of files, not in the number of include paths (2^24 parses for 24 stacked diamonds)."""
+
+    def __init__(self, path: Path, stack: tuple[Path, ...] = (), parsed: dict[Path, _Spec | None] | None = None):
         path = path.resolve()
+        parsed = {} if parsed is None else parsed
         if path in stack:
             chain = " -> ".join(p.name for p in (*stack, path))
             raise ConfigError(f"{stack[-1]}: include loop: {chain}")
+        if len(parsed) > MAX_INCLUDES:
+            raise ConfigError(f"{stack[0]}: includes more than {MAX_INCLUDES} files")
+        parsed[path] = None  # started (counted by the cap); the parse itself once it is done
         if not path.is_file():
             where = f"{stack[-1]}: " if stack else ""
             raise ConfigError(f"{where}job spec {path} does not exist")
         self.path = path
-        self.text = path.read_text()
+        self.text = read_text_file(path)
         try:
             raw = tomllib.loads(self.text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to parse") from None
+        if not isinstance(raw.get("job", {}), dict):
+            raise ConfigError(f"{path}: [job] must be a table")
         self.sources: dict[tuple[str, ...], Path] = {}   # table -> the file that defines it
         merged: dict[str, Any] = {}
         includes = raw.get("job", {}).get("include", [])
         if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
             raise ConfigError(self.where(("job",), "include") + "include must be a list of paths")
-        self.children = [_Spec(path.parent / inc, (*stack, path)) for inc in includes]
+        self.children = []
+        for inc in includes:
+            child = (path.parent / inc).resolve()
+            if child in stack or child == path:
+                chain = " -> ".join(p.name for p in (*stack, path, child))
+                raise ConfigError(f"{path}: include loop: {chain}")
+            # Parsed already (so its own includes hold no loop: one through this stack would
+            # have been found while parsing it), or parsed now.
+            self.children.append(parsed.get(child) or _Spec(child, (*stack, path), parsed))
+        parsed[path] = self
         for child in self.children:
             _merge(merged, child.raw)
             self.sources.update(child.sources)
@@ -148,7 +176,9 @@ def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
         if isinstance(v, dict) and isinstance(into.get(k), dict):
             _merge(into[k], v)
         else:
-            into[k] = v
+            # A copy: a file parsed once may be merged into many includers, and a later merge
+            # into this table must not change that file's own tables.
+            into[k] = copy.deepcopy(v)
 
 
 def _check_table(spec: _Spec, table: tuple[str, ...], values: Any, schema: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ class Limits:
     max_image_bytes: int = option(64 << 20, help="Bytes of one image file or image tar member.")
     max_image_pixels: int = option(1 << 26, help="Pixels (width x height) of one image, checked before decoding.")
     max_label_bytes: int = option(32, help="Bytes of a label (.cls) or index tar member.")
+    max_shards: int = option(1 << 20, help="Shards a store's manifest may claim (checked before any per-shard loop).")
     max_metadata_bytes: int = option(16 << 20, help="Bytes of a model.json, a safetensors header, a store "
                                      "key member or a tar's own metadata (a pax header, a long name).")
 

@@ -545,6 +545,8 @@ def _safetensors_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
                 raise ModelError(f"{weights} is not a readable safetensors file (its header claims {above})")
             header = json.loads(f.read(n))
         return {k: tuple(int(x) for x in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except RecursionError:  # json's parser on a header of thousands of nested brackets
+        raise ModelError(f"{weights} is not a readable safetensors file (its header is nested too deeply)") from None
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise ModelError(f"{weights} is not a readable safetensors file ({type(e).__name__}: {e})") from None
 
@@ -626,6 +628,8 @@ def _read_meta(meta_path: Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"{meta_path} is not readable JSON ({e})") from None
+    except RecursionError:  # json's parser on thousands of nested brackets
+        raise ModelError(f"{meta_path} is not readable JSON (nested too deeply)") from None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or "config" not in meta:
         raise ModelError(f"{meta_path} is not an enspipe model description ({CHECKPOINT_FORMAT})")
     try:

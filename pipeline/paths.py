@@ -42,7 +42,7 @@ def _json_marker(path: Path) -> dict | None:
         if path.stat().st_size > _MARKER_BYTES:
             return None
         doc = json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
 

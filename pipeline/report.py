@@ -386,7 +386,7 @@ def _find(run_dir: Path, name: str) -> list[Path]:
 def _read(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

@@ -47,6 +47,8 @@ def run_info(path: str | os.PathLike) -> RunInfo:
                        prov.get("epochs_done"), size)
     except (OSError, ValueError, AttributeError) as e:
         return RunInfo(path, None, None, None, None, None, size, f"model.json cannot be read ({e})")
+    except RecursionError:  # json's parser on thousands of nested brackets
+        return RunInfo(path, None, None, None, None, None, size, "model.json cannot be read (nested too deeply)")
 
 
 def list_runs(root: str | os.PathLike) -> list[RunInfo]:

@@ -179,7 +179,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file enspipe wrote (a run's config.json): truncated, malformed or deeply nested
+    content is one line naming the file (a ConfigError), not a traceback."""
+    from enspipe.fileio import parse_json
+
+    path = Path(path)
+    return parse_json(path.read_bytes(), path)
 
 
 def versions() -> dict[str, str]:

@@ -287,6 +287,8 @@ def _resume_history(cfg: TrainConfig, config_path: Path, run_dir: Path) -> list[
     """Refuse to resume with another configuration; return the run's epochs history. Runtime
     options and `epochs` may differ: a larger `epochs` extends a finished run."""
     saved = read_json(config_path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("train", {}), dict):
+        raise ConfigError(f"{config_path}: not an enspipe run configuration (delete the run folder or choose another `out`)")
     # Options added since the run was started compare at their defaults.
     old = {**TrainConfig.defaults(), **saved.get("train", {})}
     skip = (*NOT_IDENTITY, *runtime_fields(TrainConfig), "epochs")

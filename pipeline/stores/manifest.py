@@ -24,6 +24,7 @@ from typing import Any, Iterator, Literal
 
 from enspipe.errors import StoreError
 from enspipe.fileio import atomic_write_json
+from enspipe.limits import current_limits
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -229,6 +230,8 @@ def read_json(path: Path, what: str) -> Any:
         raise StoreError(f"{what} {path} does not exist.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StoreError(f"{what} {path} cannot be read: {exc}.") from None
+    except RecursionError:  # json's parser on thousands of nested brackets
+        raise StoreError(f"{what} {path} cannot be read: nested too deeply.") from None
 
 
 def sha256_file(path: Path) -> str:
@@ -316,6 +319,11 @@ def manifest_problems(manifest: Any) -> list[str]:
     if errors:
         return errors
     m = manifest
+    # Before anything loops over the shards (verify, the reader, a resumed precompute): a
+    # forged manifest claiming 10^9 shards is refused here, not iterated.
+    too_many = current_limits().above("max_shards", m["num_shards"], " shards")
+    if too_many:
+        return [f"num_shards is {too_many}"]
     try:
         identity = StoreIdentity.from_dict(m["identity"])
     except StoreError as exc:
@@ -418,7 +426,7 @@ def read_record(path: Path, s: int) -> Any:
     """The parsed JSON of shard s's completion record file, unchecked; None when absent or unparsable."""
     try:
         return json.loads(record_path(path, s).read_text("utf-8"))
-    except (OSError, ValueError):  # ValueError: bad UTF-8 or bad JSON
+    except (OSError, ValueError, RecursionError):  # bad UTF-8, bad JSON, nested too deeply
         return None
 
 

@@ -234,7 +234,7 @@ def read_keys(path: Path, manifest: dict, s: int, *, sha256: str | None = None) 
         doc = json.loads(raw)
         keys = doc["keys"]
         ok = doc["shard"] == s and doc["start"] == start and len(keys) == stop - start
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         ok = False
     if not ok or not all(isinstance(k, str) for k in keys):
         raise StoreError(f"shard {s}: keys file {rel} of store {path} is unreadable or wrong.")
