@@ -1,12 +1,27 @@
-"""The trainer's sampler: which contiguous sample blocks each rank reads, in which order.
+"""The reader's sample order: which samples each rank reads, and which batches they form.
 
-The trainer reads the clean data and every perturbation store with the same blocks (they
-are joined by sample index), so one block order serves all of them. Contiguous blocks
-because stores read fast in blocks and slowly per sample (NOTES: ~26k samples/s with
-256-sample blocks, ~600/s with single samples); shuffle the blocks, then within a batch.
-Depends on numpy only: the stores do not know their reader's order.
+Two layers, both numpy only (the stores do not know their reader's order):
+
+- `block_order`: the rank's contiguous (start, stop) blocks in a shuffled order. Contiguous
+  because stores read fast in blocks and slowly per sample (NOTES: ~26k samples/s with
+  256-sample blocks, ~600/s with single samples).
+- `epoch_plan`: the rank's whole epoch as *units* of work. A unit is a window of
+  `buffer_blocks` consecutive blocks of that order (read whole, each block carrying its drawn
+  source), shuffled in memory and cut into whole batches; what a window cannot fill into a
+  whole batch of its source goes to the epoch's tail, merged and cut into batches at the end.
+  The plan depends on (seed, epoch, rank, world, sizes) and never on how many loader workers
+  execute it: workers take units round robin, and every batch carries its number `seq` in the
+  rank's epoch, so any worker count yields the same batches (issue 25 item 3), and the trainer
+  puts them back in `seq` order.
+
+Class mixing is not this module's job: a block is as mixed as the canonical order it is cut
+from, and the file-based sources hold class-interleaved orders (`enspipe.data.base.class_interleaved`),
+so every block of 256 samples spreads over the classes as the whole data set does.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -14,7 +29,7 @@ import numpy as np
 # ConfigError would name the cause better and is left for a change that may alter behaviour.
 from enspipe.errors import StoreError
 
-__all__ = ["block_order"]
+__all__ = ["PlannedBatch", "Unit", "block_order", "epoch_plan", "rank_blocks"]
 
 
 def block_order(
@@ -50,3 +65,85 @@ def block_order(
     if drop_last:
         mine = mine[: nblocks // world_size]
     return [(int(b) * block_size, min(num_samples, (int(b) + 1) * block_size)) for b in mine]
+
+
+def rank_blocks(num_samples: int, block_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                shuffle: bool = True) -> list[tuple[int, int]]:
+    """The rank's blocks of an epoch: `block_order`'s, or in file order without shuffle."""
+    if shuffle:
+        return block_order(num_samples, block_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    nblocks = -(-num_samples // block_size)
+    return [(b * block_size, min(num_samples, (b + 1) * block_size)) for b in range(rank, nblocks, world_size)]
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One batch of the plan: its number in the rank's epoch, its source, its samples in order."""
+
+    seq: int
+    source: int
+    index: np.ndarray  # int64 sample indices
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one loader worker does in one go: read `blocks` (start, stop, source) whole, then
+    serve `batches` from them. A tail unit reads no block: its samples are read by index."""
+
+    blocks: tuple[tuple[int, int, int], ...]
+    batches: tuple[PlannedBatch, ...]
+
+
+def epoch_plan(num_samples: int, *, batch_size: int, block_size: int, buffer_blocks: int, seed: int, epoch: int,
+               rank: int = 0, world_size: int = 1, sources: Sequence[int] = (0,), shuffle: bool = True,
+               drop_last: bool = False) -> list[Unit]:
+    """The rank's epoch as units (see the module doc), batches numbered 0, 1, ... in unit order.
+
+    Sources are drawn per block, balanced over the rank's blocks (each source gets floor or ceil
+    of nblocks / nsources), so a block reads one store only; a batch holds samples of one source,
+    from the blocks of its window that drew it. Every sample of the rank is in exactly one batch;
+    only the last batch of the epoch may be partial (`drop_last` drops it).
+    """
+    if batch_size < 1 or buffer_blocks < 1:
+        raise StoreError(f"epoch_plan needs batch_size >= 1 and buffer_blocks >= 1, got {batch_size}, {buffer_blocks}.")
+    blocks = rank_blocks(num_samples, block_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                         shuffle=shuffle)
+    sources = [int(s) for s in sources]
+    if len(sources) > 1:
+        rng = np.random.default_rng([seed, epoch, rank, 0x50C])
+        drawn = rng.permutation(np.resize(rng.permutation(sources), len(blocks)))
+    else:
+        drawn = np.full(len(blocks), sources[0])
+    units: list[Unit] = []
+    tail: list[np.ndarray] = []
+    seq = 0
+    for w, at in enumerate(range(0, len(blocks), buffer_blocks)):
+        window = [(s, e, int(src)) for (s, e), src in zip(blocks[at:at + buffer_blocks], drawn[at:at + buffer_blocks])]
+        rng = np.random.default_rng([seed, epoch, rank, w, 0x817])
+        cut: list[tuple[int, np.ndarray]] = []
+        for src in sources:
+            idx = [np.arange(s, e, dtype=np.int64) for s, e, t in window if t == src]
+            if not idx:
+                continue
+            pool = np.concatenate(idx)
+            if shuffle:
+                pool = rng.permutation(pool)
+            full = len(pool) - len(pool) % batch_size
+            cut += [(src, pool[i:i + batch_size]) for i in range(0, full, batch_size)]
+            if full < len(pool):
+                tail.append(pool[full:])
+        if shuffle:  # the sources' batches interleave
+            cut = [cut[i] for i in rng.permutation(len(cut))]
+        units.append(Unit(tuple(window), tuple(PlannedBatch(seq + k, s, ix) for k, (s, ix) in enumerate(cut))))
+        seq += len(cut)
+    if tail:  # what no window filled: merged over the epoch, each batch's source drawn uniformly
+        rest = np.concatenate(tail)
+        rng = np.random.default_rng([seed, epoch, rank, 0x7A1])
+        if shuffle:
+            rest = rng.permutation(rest)
+        stop = len(rest) - len(rest) % batch_size if drop_last else len(rest)
+        for i in range(0, stop, batch_size):
+            src = sources[int(rng.integers(len(sources)))] if shuffle else sources[0]
+            units.append(Unit((), (PlannedBatch(seq, src, rest[i:i + batch_size]),)))
+            seq += 1
+    return units

@@ -13,22 +13,27 @@ loop of your own (plain PyTorch, Lightning, ...) uses to consume the stores:
 
 Why a stream and not a map-style Dataset: stores read fast in contiguous blocks and slowly
 per sample (NOTES: ~26k samples/s with 256-sample blocks, ~600/s one by one; a map-style
-wrapper over `open_store` measured 299 samples/s). So the stream reads contiguous blocks in a
-shuffled block order (`enspipe.sampling.block_order`), the same blocks from the dataset and
-from every store, into a rolling shuffle buffer of `buffer_blocks` blocks in memory
-(`ShuffleBuffer`: reads spread evenly, no burst of reads per buffer). Blocks are split
-between DDP ranks (`torch.distributed` when initialised, else `rank`/`world_size`) and then
-between DataLoader workers, so every sample is read once per epoch by exactly one worker of
-one rank. Random crops and flips (`augment`) move an image and its K directions alike.
+wrapper over `open_store` measured 299 samples/s). So the stream follows `enspipe.sampling.epoch_plan`:
+contiguous blocks in a shuffled block order, the same blocks from the dataset and from every
+store, read a window of `buffer_blocks` blocks at a time, shuffled in memory and cut into
+whole batches. Blocks are split between DDP ranks (`torch.distributed` when initialised, else
+`rank`/`world_size`); windows are dealt round robin to DataLoader workers, so every sample is
+read once per epoch by exactly one worker of one rank, and the batches (each numbered `seq`
+in the rank's epoch) are the same whatever the number of workers. Random crops and flips
+(`augment`) move an image and its K directions alike.
+
+Batches mix classes because the blocks do: the sources' canonical order spreads the classes
+(`enspipe.data.base.class_interleaved` for the class-grouped file layouts), so the stream needs
+no per-sample reads to mix them.
 
 `batch_size=N` makes the stream yield whole batches (use `DataLoader(stream, batch_size=None)`):
-no per-sample collation, the fast path. The order depends only on (seed, epoch, rank,
-worker), so a resumed run replays it.
+no per-sample collation, the fast path. The batches depend only on (seed, epoch, rank), so a
+resumed run replays them.
 
 `SourceBatches` is the trainer's form (§4.2): batches whose adversarial source is drawn from
 {the model itself} + the K stores. The source is drawn per block before anything is read,
 balanced over the epoch, so each block reads only its drawn store's directions (a batch uses
-at most one store) and the share of batches of each source is 1/(K+1) up to a block's worth.
+one store) and the share of batches of each source is 1/(K+1) up to a block's worth.
 """
 from __future__ import annotations
 
@@ -40,10 +45,10 @@ import torch
 
 from enspipe.data import SampleSource
 from enspipe.errors import ConfigError
-from enspipe.sampling import block_order
+from enspipe.sampling import PlannedBatch, Unit, epoch_plan, rank_blocks
 
-__all__ = ["AUGMENTS", "DirectionStream", "SELF", "ShuffleBuffer", "SourceBatches", "apply_augment",
-           "augment_params", "rank_and_world", "worker_blocks"]
+__all__ = ["AUGMENTS", "DirectionStream", "SELF", "SourceBatches", "apply_augment", "augment_params",
+           "rank_and_world"]
 
 AUGMENTS = ("none", "crop", "flip", "crop+flip")
 SELF = 0  # source id of the model being trained; store k has source id k + 1
@@ -72,7 +77,8 @@ def apply_augment(a: np.ndarray, params: np.ndarray, pad: int) -> np.ndarray:
     return out
 
 
-# --- which blocks this reader reads -----------------------------------------------------------
+
+# --- which samples this reader reads ---------------------------------------------------------
 
 def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """The DDP rank and world size: given ones, else torch.distributed's when initialised."""
@@ -87,79 +93,31 @@ def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tu
     return 0, 1
 
 
-def worker_blocks(num_samples: int, block_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                  worker: int = 0, workers: int = 1, shuffle: bool = True) -> list[tuple[int, int]]:
-    """The (start, stop) blocks one DataLoader worker of one rank reads in an epoch, in order:
-    the rank's blocks (`block_order`) dealt round-robin to its workers."""
-    if shuffle:
-        blocks = block_order(num_samples, block_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
-    else:
-        nblocks = -(-num_samples // block_size)
-        blocks = [(b * block_size, min(num_samples, (b + 1) * block_size)) for b in range(rank, nblocks, world_size)]
-    return blocks[worker::workers]
-
-
 def _worker() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-class ShuffleBuffer:
-    """A rolling shuffle buffer of samples (a dict of equal-length arrays): blocks go in as they
-    are read, random batches come out once it holds `fill` samples beyond the batch.
-
-    Rolling rather than read-a-buffer-then-serve: a worker reads one block, serves what it
-    can, reads the next, so its reads spread evenly over the epoch instead of arriving in
-    bursts that leave the GPU waiting (and the next epoch's first batch needs one block, not
-    a whole buffer). The buffer fills up gradually at an epoch's start (`ready` asks for half
-    of what was read so far, up to `fill`), as webdataset's shuffle(bufsize, initial) does.
-    A batch taken out leaves its holes filled from the end (O(batch) copies, not O(buffer)).
-    """
-
-    def __init__(self, shuffle: bool = True):
-        self.shuffle, self.arrays, self.n, self.read = shuffle, {}, 0, 0
-
-    def add(self, part: dict[str, np.ndarray]) -> None:
-        m = len(part["index"])
-        for key, v in part.items():
-            a = self.arrays.get(key)
-            if a is None or len(a) < self.n + m:
-                grown = np.empty((max(2 * (0 if a is None else len(a)), self.n + m), *v.shape[1:]), v.dtype)
-                if a is not None:
-                    grown[:self.n] = a[:self.n]
-                self.arrays[key] = a = grown
-            a[self.n:self.n + m] = v
-        self.n += m
-        self.read += m
-
-    def ready(self, k: int, fill: int) -> bool:
-        return self.n >= k + min(fill, self.read // 2)
-
-    def take(self, k: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """k samples: at random positions (shuffle), else the k oldest."""
-        n, k = self.n, min(k, self.n)
-        sel = np.sort(rng.choice(n, k, replace=False)) if self.shuffle else np.arange(k)
-        out = {key: a[sel] for key, a in self.arrays.items()}
-        if self.shuffle:  # the survivors among the last k rows move into the holes below n - k
-            tail = np.setdiff1d(np.arange(n - k, n), sel, assume_unique=True)
-            holes = sel[sel < n - k]
-            for a in self.arrays.values():
-                a[holes] = a[tail]
-        else:
-            for a in self.arrays.values():
-                a[:n - k] = a[k:n].copy()
-        self.n -= k
-        return out
+def _rows(blocks: Sequence[tuple[int, int]], index: np.ndarray) -> np.ndarray:
+    """Rows of `index` in the concatenation of the contiguous `blocks` (each index in one)."""
+    starts = np.array([s for s, _ in blocks], dtype=np.int64)
+    offsets = np.cumsum([0] + [e - s for s, e in blocks])[:-1]
+    by_start = np.argsort(starts)
+    j = by_start[np.searchsorted(starts[by_start], index, side="right") - 1]
+    return offsets[j] + index - starts[j]
 
 
 class DirectionStream(torch.utils.data.IterableDataset):
     """Samples of `dataset` with the directions of every store in `stores` (see the module doc).
 
     Per sample: {"index": int, "x": uint8 [C,H,W], "y": int, "d": int8 [K,C,H,W]} (K = len(stores),
-    store order); with `batch_size`, the same keys batched ([B], [B,C,H,W], [B], [B,K,C,H,W]).
-    Every store is checked against the dataset (fingerprint, geometry, N) when the stream is
-    made; readers are opened in the process that iterates (file handles do not cross processes).
+    store order); with `batch_size`, the same keys batched ([B], [B,C,H,W], [B], [B,K,C,H,W]) and
+    "seq", the batch's number in the rank's epoch. Every store is checked against the dataset
+    (fingerprint, geometry, N) when the stream is made; readers are opened in the process that
+    iterates (file handles do not cross processes).
     """
+
+    SAMPLE_UNIT = 64  # samples shuffled out at a time when yielding single samples
 
     def __init__(self, dataset: SampleSource, stores: Sequence[str | os.PathLike] = (), *,
                  batch_size: int | None = None, shuffle: bool = True, seed: int = 0, epoch: int = 0,
@@ -182,9 +140,11 @@ class DirectionStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank_and_world(rank, world_size)
         self.drop_last = drop_last
         if check:
+            from enspipe.data.base import superseded_fingerprints
+
             for reader in self._readers():
                 reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,
-                                        num_samples=len(dataset))
+                                        num_samples=len(dataset), superseded=superseded_fingerprints(dataset))
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch of the next pass (its block order, shuffle and augmentation). Call it before
@@ -194,60 +154,73 @@ class DirectionStream(torch.utils.data.IterableDataset):
     @property
     def num_samples(self) -> int:
         """Samples this rank reads per epoch (all of its blocks)."""
-        return sum(e - s for s, e in worker_blocks(len(self.dataset), self.block_size, seed=self.seed,
-                                                   epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-                                                   shuffle=self.shuffle))
+        return sum(e - s for s, e in rank_blocks(len(self.dataset), self.block_size, seed=self.seed, epoch=self.epoch,
+                                                  rank=self.rank, world_size=self.world_size, shuffle=self.shuffle))
+
+    @property
+    def plan_sources(self) -> list[int]:
+        """The sources a block is drawn from: one here (every block reads every store)."""
+        return [0]
+
+    def plan(self) -> list[Unit]:
+        """The rank's epoch as `enspipe.sampling.epoch_plan` units (the same in every worker)."""
+        return epoch_plan(len(self.dataset), batch_size=self.batch_size or self.SAMPLE_UNIT,
+                          block_size=self.block_size, buffer_blocks=self.buffer_blocks, seed=self.seed,
+                          epoch=self.epoch, rank=self.rank, world_size=self.world_size, sources=self.plan_sources,
+                          shuffle=self.shuffle, drop_last=self.drop_last and self.batch_size is not None)
 
     def _readers(self) -> list[Any]:
         from enspipe.stores import open_store
 
         return [open_store(p) for p in self.stores]
 
-    def _blocks(self, worker: int, workers: int) -> list[tuple[int, int]]:
-        return worker_blocks(len(self.dataset), self.block_size, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                             world_size=self.world_size, worker=worker, workers=workers, shuffle=self.shuffle)
-
-    def _rng(self, worker: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, self.rank, worker, 0x5EED])
-
-    def _images(self, group: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
-        index = np.concatenate([np.arange(s, e) for s, e in group])
-        x = np.concatenate([self.dataset.images_uint8(slice(s, e)) for s, e in group])
-        return {"index": index, "x": x, "y": self.dataset.labels[index]}
-
-    @property
-    def fill(self) -> int:
-        """Samples the shuffle buffer holds beyond the batch it serves (buffer_blocks blocks)."""
-        return self.buffer_blocks * self.block_size
-
-    def _block(self, readers: list[Any], start: int, stop: int) -> dict[str, np.ndarray]:
-        part = self._images([(start, stop)])
-        C, H, W = self.dataset.geometry.shape
-        d = np.empty((stop - start, len(readers), C, H, W), np.int8)
-        for k, r in enumerate(readers):
-            d[:, k] = r.read_directions(start, stop)
-        part["d"] = d
-        return part
+    def _batch_rng(self, seq: int) -> np.random.Generator:
+        # Per batch, so augmentation and eps draws do not depend on which worker made the batch.
+        return np.random.default_rng([self.seed, self.epoch, self.rank, seq, 0xA06])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, nworkers = _worker()
         readers = self._readers()
-        rng = self._rng(wid)
-        unit = self.batch_size or 64  # samples taken out at a time (yielded one by one without batch_size)
-        buf = ShuffleBuffer(self.shuffle)
-        for start, stop in self._blocks(wid, nworkers):
-            buf.add(self._block(readers, start, stop))
-            while buf.ready(unit, self.fill):
-                yield from self._emit(buf.take(unit, rng), rng)
-        while buf.n:  # the epoch's end: what the buffer holds, in random order
-            if self.batch_size is not None and self.drop_last and buf.n < self.batch_size:
-                return
-            yield from self._emit(buf.take(unit, rng), rng)
+        for u, unit in enumerate(self.plan()):
+            if u % nworkers == wid:
+                yield from self._unit(unit, readers)
 
-    def _emit(self, part: dict[str, np.ndarray], rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-        part = self._augmented(part, rng)
+    def _unit(self, unit: Unit, readers: list[Any]) -> Iterator[dict[str, Any]]:
+        if not unit.blocks:  # the epoch's tail: samples read by index
+            for b in unit.batches:
+                yield from self._emit(b, self._scattered(b, readers))
+            return
+        spans = [(s, e) for s, e, _ in unit.blocks]
+        window = self._window(unit, readers)
+        for b in unit.batches:
+            rows = _rows(spans, b.index)
+            yield from self._emit(b, {k: v[rows] for k, v in window.items()})
+
+    def _window(self, unit: Unit, readers: list[Any]) -> dict[str, np.ndarray]:
+        index = np.concatenate([np.arange(s, e) for s, e, _ in unit.blocks])
+        C, H, W = self.dataset.geometry.shape
+        d = np.empty((len(index), len(readers), C, H, W), np.int8)
+        at = 0
+        for s, e, _ in unit.blocks:
+            for k, r in enumerate(readers):
+                d[at:at + e - s, k] = r.read_directions(s, e)
+            at += e - s
+        return {"index": index, "x": self._images(unit.blocks), "y": self.dataset.labels[index], "d": d}
+
+    def _images(self, blocks: Sequence[tuple[int, int, int]]) -> np.ndarray:
+        return np.concatenate([self.dataset.images_uint8(slice(s, e)) for s, e, _ in blocks])
+
+    def _scattered(self, b: PlannedBatch, readers: list[Any]) -> dict[str, np.ndarray]:
+        C, H, W = self.dataset.geometry.shape
+        d = np.empty((len(b.index), len(readers), C, H, W), np.int8)
+        for k, r in enumerate(readers):
+            d[:, k] = r.read_indices(b.index)["direction"]
+        return {"index": b.index, "x": self.dataset.images_uint8(b.index), "y": self.dataset.labels[b.index], "d": d}
+
+    def _emit(self, b: PlannedBatch, part: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+        part = self._augmented(part, self._batch_rng(b.seq))
         if self.batch_size is not None:
-            yield self._tensors(part)
+            yield {**self._tensors(part), "seq": b.seq}
         else:
             yield from self._samples(part)
 
@@ -275,19 +248,17 @@ class DirectionStream(torch.utils.data.IterableDataset):
 class SourceBatches(DirectionStream):
     """Batches whose adversarial source is drawn from {the model itself (SELF)} + the K stores.
 
-    Each block's source is drawn before it is read: a balanced draw over this rank's blocks of
-    the epoch (every source gets floor or ceil of nblocks / nsources blocks, in random order),
-    so a batch's source is uniform and the share of each source is 1/nsources up to a block.
-    A block of a store reads that store's directions only; a SELF block reads none (the model's
-    direction is made online). Each source has its own rolling shuffle buffer (together as
-    large as DirectionStream's one) and a batch is taken from one of them, so the order of
-    sources follows the shuffled blocks. At the end the buffers' full batches come out in
-    random order, then their leftovers merged into batches whose source is drawn uniformly
-    (their few missing directions read by index).
+    Each block's source is drawn before it is read (`epoch_plan`: balanced over this rank's
+    blocks of the epoch, every source gets floor or ceil of nblocks / nsources blocks, in random
+    order), so a batch's source is uniform and the share of each source is 1/nsources up to a
+    block. A block of a store reads that store's directions only; a SELF block reads none (the
+    model's direction is made online). A batch is cut from its window's blocks of one source;
+    the epoch's tail (what no window filled) is merged into batches whose source is drawn
+    uniformly, their directions read by index.
 
-    Yields {"index", "x", "y", "source": int, "d": int8 [n_d, C,H,W] of the drawn store (None
-    for SELF), "aug": the crop/flip params (or None)}; `n_d` is `adv_rows(n)` (the whole batch
-    by default): only the rows a step perturbs are copied and augmented.
+    Yields {"index", "x", "y", "seq", "source": int, "d": int8 [n_d, C,H,W] of the drawn store
+    (None for SELF), "aug": the crop/flip params (or None)}; `n_d` is `adv_rows(n)` (the whole
+    batch by default): only the rows a step perturbs are copied and augmented.
     """
 
     def __init__(self, dataset: SampleSource, stores: Sequence[str | os.PathLike] = (), *, batch_size: int,
@@ -301,71 +272,49 @@ class SourceBatches(DirectionStream):
     def sources(self) -> list[int]:
         return ([SELF] if self.include_self else []) + [k + 1 for k in range(len(self.stores))]
 
+    @property
+    def plan_sources(self) -> list[int]:
+        return self.sources
+
     def adv_rows(self, n: int) -> int:
         """How many leading rows of an n-sample batch need the source's direction."""
         return n
 
     def block_sources(self) -> np.ndarray:
         """The drawn source of each of this rank's blocks of the epoch (in block_order's order)."""
-        nblocks = len(self._blocks(0, 1))
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, 0x50C])
-        src = np.asarray(self.sources)
-        return rng.permutation(np.resize(rng.permutation(src), nblocks))
+        return np.array([src for unit in self.plan() for _, _, src in unit.blocks], dtype=np.int64)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        wid, nworkers = _worker()
-        readers = self._readers()
-        rng = self._rng(wid)
-        bs = self.batch_size
-        # One shuffle buffer per source, together as large as DirectionStream's one.
-        fill = max(bs, self.fill // len(self.sources))
-        pools = {s: ShuffleBuffer(self.shuffle) for s in self.sources}
-        for (start, stop), s in zip(self._blocks(wid, nworkers), self.block_sources()[wid::nworkers].tolist()):
-            part = self._images([(start, stop)])
-            if s != SELF:
-                part["d"] = self._read_block(readers[s - 1], start, stop)
-            pools[s].add(part)
-            while pools[s].ready(bs, fill):
-                yield self._source_batch(s, pools[s].take(bs, rng), rng)
-        # The epoch's end: the pools' full batches in random order, then their leftovers merged.
-        while full := [s for s in self.sources if pools[s].n >= bs]:
-            s = full[int(rng.integers(len(full)))] if self.shuffle else full[0]
-            yield self._source_batch(s, pools[s].take(bs, rng), rng)
-        yield from self._leftovers({s: p.take(p.n, rng) for s, p in pools.items() if p.n}, readers, rng)
+    def _unit(self, unit: Unit, readers: list[Any]) -> Iterator[dict[str, Any]]:
+        if not unit.blocks:  # the epoch's tail: samples read by index, the drawn store's rows only
+            for b in unit.batches:
+                part = {"index": b.index, "x": self.dataset.images_uint8(b.index), "y": self.dataset.labels[b.index]}
+                if b.source != SELF:
+                    rows = b.index[:self.adv_rows(len(b.index))]
+                    part["d"] = self._read_rows(readers[b.source - 1], rows.tolist())
+                yield self._source_batch(b.source, part, self._batch_rng(b.seq), seq=b.seq)
+            return
+        spans = [(s, e) for s, e, _ in unit.blocks]
+        x, index = self._images(unit.blocks), np.concatenate([np.arange(s, e) for s, e in spans])
+        # Directions of the store blocks only, each from its drawn store.
+        read = [(s, e, src) for s, e, src in unit.blocks if src != SELF]
+        d = np.concatenate([self._read_block(readers[src - 1], s, e) for s, e, src in read]) if read else None
+        for b in unit.batches:
+            rows = _rows(spans, b.index)
+            part = {"index": index[rows], "x": x[rows], "y": self.dataset.labels[b.index]}
+            if b.source != SELF:
+                part["d"] = d[_rows([(s, e) for s, e, _ in read], b.index[:self.adv_rows(len(b.index))])]
+            yield self._source_batch(b.source, part, self._batch_rng(b.seq), seq=b.seq)
 
     def _read_block(self, reader: Any, start: int, stop: int) -> np.ndarray:
         """A store's directions of samples [start, stop) (a subclass may stand in for the read)."""
         return reader.read_directions(start, stop)
 
     def _read_rows(self, reader: Any, indices: list[int]) -> np.ndarray:
-        """A store's directions of scattered samples (the end of an epoch's merged leftovers)."""
+        """A store's directions of scattered samples (the epoch's tail)."""
         return reader.read_indices(indices)["direction"]
 
-    def _leftovers(self, pools: dict[int, dict[str, np.ndarray]], readers: list[Any],
-                   rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-        parts = [dict(p, src=np.full(len(p["index"]), s)) for s, p in sorted(pools.items()) if len(p["index"])]
-        if not parts:
-            return
-        keys = ("index", "x", "y", "src")
-        rest = {k: np.concatenate([p[k] for p in parts]) for k in keys}
-        perm = rng.permutation(len(rest["index"])) if self.shuffle else np.arange(len(rest["index"]))
-        rest = {k: v[perm] for k, v in rest.items()}
-        have = {s: dict(zip(p["index"].tolist(), p["d"])) for s, p in pools.items() if "d" in p}
-        n = len(rest["index"])
-        stop = n - n % self.batch_size if self.drop_last else n
-        for b in range(0, stop, self.batch_size):
-            part = {k: v[b:b + self.batch_size] for k, v in rest.items()}
-            s = int(rng.choice(self.sources))
-            if s != SELF:
-                rows = part["index"][:self.adv_rows(len(part["index"]))]
-                missing = [i for i in rows.tolist() if i not in have.get(s, {})]
-                fetched = dict(zip(missing, self._read_rows(readers[s - 1], missing))) if missing else {}
-                got = {**have.get(s, {}), **fetched}
-                part["d"] = np.stack([got[i] for i in rows.tolist()])
-            del part["src"]
-            yield self._source_batch(s, part, rng)
-
-    def _source_batch(self, source: int, part: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
+    def _source_batch(self, source: int, part: dict[str, np.ndarray], rng: np.random.Generator, *,
+                      seq: int = 0) -> dict[str, Any]:
         n = len(part["index"])
         x = part["x"]
         d = part["d"][:self.adv_rows(n)] if source != SELF else None
@@ -378,6 +327,7 @@ class SourceBatches(DirectionStream):
         return {"index": torch.from_numpy(part["index"].astype(np.int64)),
                 "x": torch.from_numpy(np.ascontiguousarray(x)),
                 "y": torch.from_numpy(part["y"].astype(np.int64)),
+                "seq": int(seq),
                 "source": int(source),
                 "d": torch.from_numpy(np.ascontiguousarray(d)) if d is not None else None,
                 "aug": torch.from_numpy(aug) if aug is not None else None}

@@ -102,8 +102,9 @@ class BatchStream(SourceBatches):
     def adv_rows(self, n: int) -> int:
         return 0 if self.cfg.mode == "clean" else max(1, int(round(self.cfg.adv_fraction * n)))
 
-    def _source_batch(self, source: int, part: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
-        batch = super()._source_batch(source, part, rng)
+    def _source_batch(self, source: int, part: dict[str, np.ndarray], rng: np.random.Generator,
+                      **kw: Any) -> dict[str, Any]:
+        batch = super()._source_batch(source, part, rng, **kw)
         n_adv = self.adv_rows(len(batch["index"]))
         batch["n_adv"] = n_adv
         batch["eps"] = torch.from_numpy(_draw_eps(rng, n_adv, self.cfg.eps, self.cfg.eps_dist))
@@ -222,7 +223,8 @@ def _check_stores(dataset: SampleSource, paths: tuple[str, ...]) -> list[dict[st
                              + "; run enspipe verify for details")
         reader = open_store(p)
         reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,
-                                num_samples=len(dataset), num_classes=dataset.num_classes)
+                                num_samples=len(dataset), num_classes=dataset.num_classes,
+                                superseded=dataset.superseded)
         # The checksums above sit beside the data they cover; the keys bind every shard to its
         # samples (a zarr shard copied over another, records and all, still fails here).
         reader.check_keys(0, len(dataset), dataset.keys)
@@ -489,12 +491,12 @@ def _batches_per_rank(n: int, cfg: TrainConfig, world: int) -> int:
     for epoch in range(cfg.epochs):
         for r in range(world):
             blocks = block_ranges(n, cfg.block_size, seed=cfg.seed, epoch=epoch, rank=r, world_size=world)
-            # Leftovers carry across a rank's buffers, so only the rank's total matters.
+            # Leftovers are merged over the rank's epoch (enspipe.sampling.epoch_plan), whatever
+            # the loader workers, so only the rank's total matters.
             counts.append(sum(e - s for s, e in blocks) // cfg.batch_size)
     if min(counts) == 0:
         raise ConfigError(f"{n} samples over {world} ranks leave a rank without a full batch of {cfg.batch_size}")
-    # Each DataLoader worker drops its own partial batch: up to one batch per extra worker.
-    return max(1, min(counts) - max(cfg.loader_workers - 1, 0))
+    return min(counts)
 
 
 def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

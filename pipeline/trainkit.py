@@ -37,20 +37,31 @@ class EpochChain(torch.utils.data.IterableDataset):
         for k, stream in enumerate(self.streams):
             e, n = self.first_epoch + k, 0
             for batch in stream:
-                yield {**batch, "_epoch": e, "_worker": wid, "_seq": n}
+                # A stream that numbers its batches (SourceBatches' `seq`, the same whatever the
+                # worker count) is put back in that order; any other in the DataLoader's.
+                yield {**batch, "_epoch": e, "_worker": wid, "_seq": batch.get("seq", n), "_numbered": "seq" in batch}
                 n += 1
             yield {"_epoch": e, "_worker": wid, "_end": n}
 
 
 class _Reorder:
-    """Takes a tagged multi-epoch stream apart into epochs, each in canonical order: round robin
-    over the workers by batch number, skipping a worker once its epoch is done (a DataLoader's
-    order). Batches that arrive early (a fast worker already in the next epoch) wait here."""
+    """Takes a tagged multi-epoch stream apart into epochs, each in canonical order: the batches'
+    own numbers where the stream gives them (`seq`), else round robin over the workers by batch
+    number, skipping a worker once its epoch is done (a DataLoader's order). Batches that arrive
+    early (a fast worker already in the next epoch or window) wait here."""
 
     def __init__(self, it: Iterator[dict[str, Any]], workers: int):
         self.it, self.workers = it, workers
         self.pending: dict[tuple[int, int, int], dict[str, Any]] = {}
         self.ends: dict[tuple[int, int], int] = {}
+        self.numbered: set[int] = set()  # epochs whose batches carry their own numbers
+
+    def _first(self, e: int) -> bool:
+        """Pull until the epoch's first item is here (a batch, or every worker's end), so the
+        epoch is known to be numbered or not."""
+        while not any(k[0] == e for k in self.pending) and not self._ended(e):
+            self._pull()
+        return e in self.numbered
 
     def _pull(self) -> None:
         item = next(self.it, None)
@@ -59,10 +70,37 @@ class _Reorder:
         e, w = item.pop("_epoch"), item.pop("_worker")
         if "_end" in item:
             self.ends[(e, w)] = item["_end"]
+        elif item.pop("_numbered"):
+            self.numbered.add(e)
+            self.pending[(e, item.pop("_seq"), 0)] = item
         else:
             self.pending[(e, item.pop("_seq"), w)] = item
 
     def epoch(self, e: int, limit: int | None) -> Iterator[dict[str, Any]]:
+        """The epoch's batches: in their own order where the stream numbers them (`seq`: the
+        same batches in the same order whatever the worker count), else the DataLoader's."""
+        yield from (self._numbered(e, limit) if self._first(e) else self._round_robin(e, limit))
+
+    def _ended(self, e: int) -> bool:
+        return all((e, w) in self.ends for w in range(self.workers))
+
+    def _numbered(self, e: int, limit: int | None) -> Iterator[dict[str, Any]]:
+        taken, seq = 0, 0
+        while True:
+            while (e, seq, 0) not in self.pending and not self._ended(e):
+                self._pull()
+            batch = self.pending.pop((e, seq, 0), None)
+            if batch is None:
+                break
+            seq += 1
+            if limit is None or taken < limit:  # DDP: every rank takes the same count
+                taken += 1
+                yield batch
+        for w in range(self.workers):
+            self.ends.pop((e, w), None)
+        self.numbered.discard(e)
+
+    def _round_robin(self, e: int, limit: int | None) -> Iterator[dict[str, Any]]:
         taken, seq = 0, 0
         while True:
             live = False

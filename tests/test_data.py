@@ -16,6 +16,7 @@ import torch
 
 from enspipe import data
 from enspipe.data import Geometry, create_dataset, resolve_data_root
+from enspipe.data.base import class_interleaved
 from enspipe.errors import DataError, EnspipeError
 
 
@@ -319,10 +320,11 @@ def test_imagefolder(tmp_path):
     colours = make_image_tree(tmp_path / "flat")
     src = create_dataset(f"imagefolder:{tmp_path / 'flat'}", image_size=16)
     assert src.classes == ("ant", "bee", "cat") and len(src) == 9
-    assert src.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert src.labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2]  # classes interleaved (issue 22)
     assert src.geometry == Geometry(3, 16, 16, "rgb:resize18:center-crop16:bilinear:uint8")
     assert src.name == f"imagefolder:{(tmp_path / 'flat').resolve()}"
-    assert src.keys[0] == "ant_IMG_0_PNG" and src.keys[1] == "ant_IMG_2_PNG" and src.keys[2] == "ant_img_1_png"
+    assert src.keys[0] == "ant_IMG_0_PNG" and src.keys[3] == "ant_IMG_2_PNG" and src.keys[6] == "ant_img_1_png"
+    assert src.keys[1] == "bee_IMG_0_PNG" and src.order == "class-interleaved"
     check_common(src, n_check=9)
     for i, rel in enumerate(src._files):  # the pixels are the file's solid colour
         assert (src.images_uint8([i])[0].reshape(3, -1).T == colours[rel]).all()
@@ -382,9 +384,11 @@ def test_wds_round_trip_exact_pixels(tmp_path):
     pattern = str(tmp_path / "rgb" / "train-{000000..000001}.tar")
     src = create_dataset(f"wds:{pattern}")
     assert len(src) == 10 and src.geometry == Geometry(3, 12, 10, "wds:rgb:uint8")
-    assert np.array_equal(src.images_uint8(slice(None)), np.stack(images))
-    assert src.labels.tolist() == labels and src.num_classes == max(labels) + 1
-    assert src.keys[0] == "s0_sample000" and src.keys[-1] == "s1_sample004"
+    order = class_interleaved(labels)  # the tars' samples, classes interleaved (issue 22)
+    assert np.array_equal(src.images_uint8(slice(None)), np.stack(images)[order])
+    assert src.labels.tolist() == np.asarray(labels)[order].tolist() and src.num_classes == max(labels) + 1
+    keys = [f"s{i // 5}_sample{i % 5:03d}" for i in range(10)]
+    assert src.keys == [keys[i] for i in order]
     check_common(src, n_check=10)
     again = create_dataset(f"wds:{pattern}")
     assert again.fingerprint == src.fingerprint
@@ -393,9 +397,10 @@ def test_wds_round_trip_exact_pixels(tmp_path):
     assert resized.geometry.shape == (3, 8, 8) and resized.fingerprint != src.fingerprint
     check_common(resized)
     # a single shard, grayscale
-    gimages, _ = write_shards(tmp_path / "gray", n_shards=1, gray=True)
+    gimages, glabels = write_shards(tmp_path / "gray", n_shards=1, gray=True)
     g = create_dataset(f"wds:{tmp_path / 'gray' / 'train-000000.tar'}")
-    assert g.geometry.shape == (1, 12, 10) and np.array_equal(g.images_uint8(slice(None)), np.stack(gimages))
+    gorder = class_interleaved(glabels)
+    assert g.geometry.shape == (1, 12, 10) and np.array_equal(g.images_uint8(slice(None)), np.stack(gimages)[gorder])
 
 
 def test_wds_refuses_pickles_and_never_unpickles(tmp_path):
@@ -439,7 +444,7 @@ def test_wds_bad_shards(tmp_path):
     _tar(tmp_path / "mixed.tar", [("a.png", img), ("a.cls", b"1"),
                                   ("b.png", png_bytes(np.zeros((5, 4), np.uint8))), ("b.cls", b"0")])
     mixed = create_dataset(f"wds:{tmp_path / 'mixed.tar'}")
-    with pytest.raises(DataError, match="sample 'b' is 4x5"):
+    with pytest.raises(DataError, match="sample 'a' is 4x4, the first sample is 4x5"):  # b (class 0) comes first
         mixed.images(slice(None))
     assert create_dataset(f"wds:{tmp_path / 'mixed.tar'}", image_size=4).images(slice(None)).shape == (2, 1, 4, 4)
     with pytest.raises(DataError, match="does not exist"):

@@ -214,21 +214,20 @@ def test_the_decoders_refuse_pickles_and_need_a_shape(tmp_path):
     assert "needs the store" in why(e.value)
 
 
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_the_shuffle_buffer_gives_every_sample_back_once(shuffle):
-    from enspipe.stream import ShuffleBuffer
+def test_the_batches_are_the_same_whatever_the_loader_workers(stores, ds):
+    """Issue 25 item 3: windows of blocks are dealt to workers whole, so 0, 2 and 3 workers give
+    the same batches (numbered by `seq`), and every batch is whole but the epoch's last."""
+    def batches(workers: int) -> dict[int, dict]:
+        stream = DirectionStream(ds, stores, batch_size=48, block_size=64, buffer_blocks=2, augment="crop+flip", seed=4)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+        return {int(b["seq"]): b for b in loader}
 
-    rng = np.random.default_rng(0)
-    buf = ShuffleBuffer(shuffle)
-    out = []
-    for start in range(0, 1000, 100):
-        idx = np.arange(start, start + 100)
-        buf.add({"index": idx, "x": np.repeat(idx[:, None], 3, axis=1)})
-        while buf.ready(32, fill=150):
-            part = buf.take(32, rng)
-            assert (part["x"] == part["index"][:, None]).all()  # rows stay whole
-            out += part["index"].tolist()
-        assert buf.n <= 32 + 150 + 100
-    out += buf.take(buf.n, rng)["index"].tolist()
-    assert sorted(out) == list(range(1000)) and buf.n == 0
-    assert (out == sorted(out)) == (not shuffle)
+    ref = batches(0)
+    assert sorted(ref) == list(range(len(ref))) == list(range(-(-LIMIT // 48)))
+    assert [len(ref[k]["index"]) for k in ref] == [48] * (LIMIT // 48) + [LIMIT % 48]
+    for workers in (2, 3):
+        got = batches(workers)
+        assert sorted(got) == sorted(ref)
+        for k, b in ref.items():
+            for key in ("index", "x", "y", "d"):
+                assert torch.equal(got[k][key], b[key]), (workers, k, key)

@@ -158,9 +158,10 @@ def test_persistent_workers_replay_the_data_order_of_a_resumed_run(tmp_path):
         name = f"rank0-epoch{epoch:04d}.npy"
         order = np.load(tmp_path / "full" / "indices" / name)
         np.testing.assert_array_equal(np.load(run / "indices" / name), order)
-        # ... and it is the order a fresh loader of that epoch's stream gives.
+        # ... and it is the order of the batches' numbers (`seq`) a fresh loader of that epoch's stream gives.
         loader = torch.utils.data.DataLoader(batch_stream(ds, cfg, epoch), batch_size=None, num_workers=2)
-        np.testing.assert_array_equal(torch.cat([b["index"] for b in loader]).numpy(), order)
+        np.testing.assert_array_equal(torch.cat([b["index"] for b in sorted(loader, key=lambda b: b["seq"])]).numpy(),
+                                      order)
     _same_weights(tmp_path / "full", run)
 
 

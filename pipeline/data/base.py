@@ -51,13 +51,16 @@ class Geometry:
 
 def _fingerprint(*, source: str, split: str, limit: int | None, geometry: Geometry,
                  classes: Sequence[str], keys: Sequence[str], labels: np.ndarray,
-                 content: Iterable[Any]) -> str:
+                 content: Iterable[Any], order: str | None = None) -> str:
     """sha256 over header JSON, keys, labels and content; stable across processes and
-    machines (no Python hash(), fixed byte order, length-prefixed parts)."""
+    machines (no Python hash(), fixed byte order, length-prefixed parts). `order` names a
+    sample order other than the source's own (the header of a source without one is as before)."""
     h = hashlib.sha256()
     header = {"fingerprint_version": 1, "source": source, "split": split,
               "num_samples": len(keys), "limit": limit, "geometry": geometry.to_dict(),
               "classes": list(classes)}
+    if order is not None:
+        header["order"] = order
     parts = [json.dumps(header, sort_keys=True, separators=(",", ":")).encode(),
              "\n".join(keys).encode(),
              np.ascontiguousarray(labels, dtype="<i8").tobytes()]
@@ -67,6 +70,48 @@ def _fingerprint(*, source: str, split: str, limit: int | None, geometry: Geomet
     for chunk in content:  # pixel bytes or per-sample metadata records
         h.update(chunk)
     return h.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# the sample order of class-grouped layouts (issue 22)
+
+CLASS_INTERLEAVED = "class-interleaved"
+
+
+def class_interleaved(labels: np.ndarray | Sequence[int]) -> np.ndarray:
+    """The canonical order of a source whose files are grouped by class (an ImageFolder is
+    1,000 folders of ~1,281 images): the permutation `p` such that `files[p]` spreads every
+    class evenly over the whole order.
+
+    The j-th of a class's n_c samples (in its file order) goes to key (j + 1/2) / n_c; samples
+    are sorted by key, then label, then file position. With equal classes this is a round
+    robin over the classes; with unequal ones every class keeps its share in every stretch of
+    the order, so a contiguous block of 256 samples holds the classes as the whole data set
+    does, and the block reader (`enspipe.sampling`) mixes classes without per-sample reads.
+    A prefix of the order (`limit`) is a class-stratified subset. Integer keys would need
+    fractions; float (2j + 1) / (2 n_c) is a correctly rounded quotient of exact integers, so
+    it is the same on every machine.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    by_class = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels)
+    rank_in_class = np.empty(n, dtype=np.int64)
+    rank_in_class[by_class] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+    key = (2 * rank_in_class + 1) / (2 * counts[labels])
+    return np.lexsort((np.arange(n), labels, key))
+
+
+def superseded_fingerprints(dataset: Any) -> dict[str, str]:
+    """Fingerprints a store of this data may carry from an older sample order -> why it cannot
+    be read; stores check them so that such a store is refused with a line that says what to do."""
+    return dict(getattr(dataset, "superseded", None) or {})
+
+
+SUPERSEDED_FILE_ORDER = ("it was written in the class-sorted file order that enspipe used before samples "
+                         "were class-interleaved; recompute it with `enspipe precompute`")
 
 
 # -----------------------------------------------------------------------------
@@ -83,6 +128,8 @@ class SampleSource(Dataset):
     keys: list[str]
     labels: np.ndarray  # int64 [N]
     fingerprint: str
+    order: str | None = None  # CLASS_INTERLEAVED where the canonical order is not the file order
+    superseded: dict[str, str] | None = None  # older fingerprints of these samples -> why not to read them
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -111,9 +158,12 @@ class SampleSource(Dataset):
         return torch.from_numpy(self.images_uint8(indices)).to(torch.float32).div_(255)
 
     def identity(self) -> dict:
-        return {"source": self.name, "split": self.split, "num_samples": len(self),
-                "limit": self.limit, "geometry": self.geometry.to_dict(),
-                "fingerprint": self.fingerprint, "num_classes": self.num_classes}
+        ident = {"source": self.name, "split": self.split, "num_samples": len(self),
+                 "limit": self.limit, "geometry": self.geometry.to_dict(),
+                 "fingerprint": self.fingerprint, "num_classes": self.num_classes}
+        if self.order is not None:  # only where there is one: other sources' identities stay as they were
+            ident["order"] = self.order
+        return ident
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.name!r}, split={self.split!r}, N={len(self)}, "

@@ -2,7 +2,8 @@
 
 The fingerprint's content is per-file size and mtime (the images may be far too many to
 read at load time), and the source kind stands in for the path, so a copy that keeps
-mtimes (rsync -a) keeps its fingerprint.
+mtimes (rsync -a) keeps its fingerprint. Samples are class-interleaved (issue 22): a store
+written under the old class-sorted order is refused with a line that says to recompute it.
 
 Symbolic links are followed (datasets are often assembled from links), but never around a
 loop: a link to a folder that contains it (`a/up -> ..`) would repeat the tree forever and
@@ -21,7 +22,8 @@ import numpy as np
 from enspipe.errors import DataError
 from enspipe.limits import current_limits
 
-from .base import Geometry, LazySource, SampleSource, _fingerprint, _sanitise_keys
+from .base import (CLASS_INTERLEAVED, SUPERSEDED_FILE_ORDER, Geometry, LazySource, SampleSource, _fingerprint,
+                   _sanitise_keys, class_interleaved)
 
 IMAGEFOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGEFOLDER_RESIZE, IMAGEFOLDER_CROP = 256, 224  # the standard ImageNet eval transform
@@ -118,7 +120,8 @@ def _image_files(top: Path, folder: Path) -> list[str]:
 
 
 def _stratified(files: list[list[str]], limit: int) -> list[list[str]]:
-    """The first `limit` files of a round-robin over classes in class order, each class's
+    """The subset `limit` kept before samples were class-interleaved (only the superseded
+    fingerprint of stores written then needs it): the first `limit` files of a round-robin over classes in class order, each class's
     files in their sorted order: --limit 20 of 10 classes is 2 per class (a class with fewer
     files than its share gives its turns to the others)."""
     take = [0] * len(files)
@@ -137,10 +140,12 @@ def _stratified(files: list[list[str]], limit: int) -> list[list[str]]:
 
 class ImageFolderSource(LazySource):
     """Class folders of images: classes are the sorted folder names, files are walked in
-    sorted order (hidden files skipped: macOS '._x.jpg' files are not images). Each image
+    sorted order (hidden files skipped: macOS '._x.jpg' files are not images), and the canonical
+    order interleaves the classes (`class_interleaved`: ImageNet's 1,000 folders would otherwise
+    make every 256-sample block one class). Each image
     is decoded to RGB, its shorter side resized to `resize` (bilinear, antialiased) and
     center-cropped to `crop`, with torchvision's functions, as ImageNet evaluation does.
-    `limit` keeps a class-stratified subset (`_stratified`), in the canonical order."""
+    `limit` keeps the first samples of that order: a class-stratified subset."""
 
     def __init__(self, path: Path, split: str, limit: int | None, image_size: int | None):
         root = path.expanduser().resolve()
@@ -159,32 +164,46 @@ class ImageFolderSource(LazySource):
         if not any(per_class):
             raise DataError(f"imagefolder: no images ({', '.join(IMAGEFOLDER_EXTENSIONS)}) "
                             f"under {folder}")
-        if limit is not None:
-            per_class = _stratified(per_class, limit)
-        files = [f for names in per_class for f in names]
-        labels = [label for label, names in enumerate(per_class) for _ in names]
+        # The canonical order interleaves the classes (issue 22; `class_interleaved`), so that
+        # contiguous blocks of it mix classes; `limit` keeps its first samples.
+        by_class = [f for names in per_class for f in names]
+        by_class_labels = np.asarray([label for label, names in enumerate(per_class) for _ in names], dtype=np.int64)
+        order = class_interleaved(by_class_labels)[:limit]
+        files = [by_class[i] for i in order]
         self.name, self.split, self.limit = f"imagefolder:{root}", split, limit
         self.folder = folder
         self._files = [f.replace(os.sep, "/") for f in files]
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labels = by_class_labels[order]
         self.keys = _sanitise_keys(self._files)
         self.geometry = Geometry(3, self.crop, self.crop,
                                  f"rgb:resize{self.resize}:center-crop{self.crop}:bilinear:uint8")
         self._limits = current_limits()
+        self.order = CLASS_INTERLEAVED
+        records: dict[str, bytes] = {}
         self.fingerprint = _fingerprint(
-            source="imagefolder", split=split, limit=limit, geometry=self.geometry,
-            classes=self.classes, keys=self.keys, labels=self.labels, content=self._file_records())
+            source="imagefolder", split=split, limit=limit, geometry=self.geometry, classes=self.classes,
+            keys=self.keys, labels=self.labels, content=self._file_records(self._files, records), order=self.order)
+        # What a store written under the old class-sorted order carries: refused with a line that says so.
+        old = _stratified(per_class, limit) if limit is not None else per_class
+        old_files = [f.replace(os.sep, "/") for names in old for f in names]
+        self.superseded = {_fingerprint(
+            source="imagefolder", split=split, limit=limit, geometry=self.geometry, classes=self.classes,
+            keys=_sanitise_keys(old_files), labels=np.asarray([c for c, names in enumerate(old) for _ in names],
+                                                             dtype=np.int64),
+            content=self._file_records(old_files, records)): SUPERSEDED_FILE_ORDER}
 
-    def _file_records(self):
-        """size:mtime per file (see the module docstring); a file above the size cap is refused
-        here, before anything reads it."""
+    def _file_records(self, files: list[str], seen: dict[str, bytes]):
+        """size:mtime per file (see the module docstring), each file stat'ed once (`seen`); a file
+        above the size cap is refused here, before anything reads it."""
         cap = self._limits.max_image_bytes
-        for f in self._files:
-            st = os.stat(self.folder / f)
-            if st.st_size > cap:
-                above = self._limits.above("max_image_bytes", st.st_size, " bytes")
-                raise DataError(f"imagefolder: {self.folder / f} is {above}; refused unread")
-            yield f"{st.st_size}:{st.st_mtime_ns}\n".encode()
+        for f in files:
+            if f not in seen:
+                st = os.stat(self.folder / f)
+                if st.st_size > cap:
+                    above = self._limits.above("max_image_bytes", st.st_size, " bytes")
+                    raise DataError(f"imagefolder: {self.folder / f} is {above}; refused unread")
+                seen[f] = f"{st.st_size}:{st.st_mtime_ns}\n".encode()
+            yield seen[f]
 
     def encoded_image(self, i: int) -> tuple[str, bytes]:
         path = self.folder / self._files[i]

@@ -21,7 +21,8 @@ from enspipe import tarsafe
 from enspipe.errors import DataError
 from enspipe.limits import Limits, current_limits, env_name
 
-from .base import Geometry, LazySource, SampleSource, _fingerprint, _sanitise_keys, _stamp
+from .base import (CLASS_INTERLEAVED, SUPERSEDED_FILE_ORDER, Geometry, LazySource, SampleSource, _fingerprint,
+                   _sanitise_keys, _stamp, class_interleaved)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -135,7 +136,8 @@ def _wds_index(shards: tuple[Path, ...], stamp: tuple, limits: Limits) -> dict:
 
 
 class WebDatasetSource(LazySource):
-    """Samples of WebDataset shards in shard order, then tar order. A member file ending
+    """Samples of WebDataset shards, class-interleaved (`class_interleaved`) over their shard,
+    then tar order. A member file ending
     in a pickle extension (`tarsafe.PICKLE_EXTENSIONS`) makes the whole source a DataError.
     Geometry is the first image's (mode L -> 1 channel, anything else -> RGB); every other
     image must match it, which is checked as it is decoded (DataError naming the key).
@@ -146,8 +148,12 @@ class WebDatasetSource(LazySource):
         self._limits = current_limits()
         index = _wds_index(tuple(self._shards), _stamp(*self._shards), self._limits)
         keys, labels, members = index["keys"], index["labels"], index["members"]
-        if limit is not None:
-            keys, labels, members = keys[:limit], labels[:limit], members[:limit]
+        # Class-interleaved, as imagefolder (issue 22): tars written class by class would
+        # otherwise make every block one class; a shuffled set stays shuffled within classes.
+        order = class_interleaved(labels)[:limit]
+        file_order = (keys[:limit], labels[:limit], members[:limit])  # the superseded order's samples
+        keys, labels, members = [keys[i] for i in order], labels[order], [members[i] for i in order]
+        self.order = CLASS_INTERLEAVED
         self.name = f"wds:{os.path.abspath(os.path.expanduser(pattern))}"
         self.split, self.limit = split, limit
         self._members = members
@@ -169,7 +175,13 @@ class WebDatasetSource(LazySource):
         self.fingerprint = _fingerprint(
             source="wds", split=split, limit=limit, geometry=self.geometry,
             classes=self.classes, keys=self.keys, labels=self.labels,
-            content=(f"{ext}:{size}:{mtime}\n".encode() for _, _, size, ext, mtime in members))
+            content=(f"{ext}:{size}:{mtime}\n".encode() for _, _, size, ext, mtime in members), order=self.order)
+        old_keys, old_labels, old_members = file_order
+        self.superseded = {_fingerprint(
+            source="wds", split=split, limit=limit, geometry=self.geometry, classes=self.classes,
+            keys=_sanitise_keys(old_keys), labels=np.asarray(old_labels, dtype=np.int64),
+            content=(f"{ext}:{size}:{mtime}\n".encode() for _, _, size, ext, mtime in old_members)
+        ): SUPERSEDED_FILE_ORDER}
 
     def _member_bytes(self, i: int) -> bytes:
         shard_no, offset, size, _, _ = self._members[i]

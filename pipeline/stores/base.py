@@ -9,7 +9,7 @@ sample range touches (`shard_spans`) and which direction values are valid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Protocol, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -338,10 +338,15 @@ class StoreReader(_StoreFiles):
         geometry: tuple[int, int, int] | Sequence[int],
         num_samples: int,
         num_classes: int | None = None,
+        superseded: Mapping[str, str] | None = None,
     ) -> None:
-        """Raise StoreError naming the first field where the store does not fit the training data."""
+        """Raise StoreError naming the first field where the store does not fit the training data.
+        `superseded`: fingerprints of the same data in an older sample order -> why such a store is refused."""
         ident = self.identity
         have_fp = str(ident.dataset["fingerprint"])
+        if have_fp != str(fingerprint) and have_fp in (superseded or {}):
+            raise StoreError(f"store {self.path} was made for this dataset, but {superseded[have_fp]} "
+                             "(field: dataset.fingerprint).")
         if have_fp != str(fingerprint):
             raise StoreError(
                 f"store {self.path} was made for dataset fingerprint {have_fp[:12]}.. but the training "
