@@ -73,3 +73,64 @@ def digits_static2(tmp_path_factory) -> Path:
     """A second static model (architecture B*, another seed) trained clean on digits."""
     return _train(tmp_path_factory, "static-Bstar", model="B*", dataset="digits", epochs=2, seed=2,
                   device="cpu", log_every=1000)
+
+
+@pytest.fixture(scope="session")
+def bench_gpu_small(tmp_path_factory):
+    """One `benchmarks/bench_gpu.py --small --part all` run (both halves on the CPU), shared by
+    the tests that read its results (test_bench_gpu*.py, the benchmark smoke test): one run of
+    its data, models and stores instead of one per test. Returns (out dir, the finished process)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("bench-gpu-small")
+    env = {**os.environ, "ENSPIPE_PROGRESS": "0"}
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--small", "--part", "all",
+                        "--out", str(out)], capture_output=True, text=True, timeout=1200, env=env, cwd=out)
+    return out, r
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_policy():
+    """The suite's one-thread policy (above) holds after every test: a test or fixture that
+    changes torch's thread count must put it back, or every later test in the process runs
+    under its setting (two session fixtures once left it at 2 for the rest of the suite)."""
+    yield
+    import sys
+
+    torch = sys.modules.get("torch")
+    want = os.environ.get("OMP_NUM_THREADS", "")
+    if torch is None or not want.isdigit():
+        return
+    got = torch.get_num_threads()
+    if got != int(want):
+        torch.set_num_threads(int(want))
+        pytest.fail(f"torch.set_num_threads({got}) was left set by this test or a fixture it set up; "
+                    f"the suite runs at OMP_NUM_THREADS={want}: restore it", pytrace=False)
+
+
+_SMOKE_LINES: list[str] = []
+
+
+@pytest.fixture
+def smoke_log():
+    """Adds one line to the session summary's "benchmark smoke runs" section (shown even when
+    every test passes: the CI log's record of each benchmark's smoke run)."""
+    return _SMOKE_LINES.append
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if _SMOKE_LINES:
+        terminalreporter.section("benchmark smoke runs")
+        for line in _SMOKE_LINES:
+            terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """End the zygote that command-line tests outside tests/reliability may have started
+    (reliability.processes.run_cli); its own package fixture ends it after those tests."""
+    import sys
+
+    processes = sys.modules.get("reliability.processes")
+    if processes is not None:
+        processes.shutdown()

@@ -177,6 +177,13 @@ MUTATIONS = [
              "        reader.check_keys(0, len(dataset), dataset.keys)\n",
              "        pass\n",
              (f"{INTEGRITY}::test_a_zarr_shard_copied_over_another_is_refused_when_read_for_training",)),
+    # --- Issue 27's blind spot: training under torchrun without gradient synchronisation ---
+    Mutation("ddp-unwrapped", "under torchrun the model is not wrapped in DistributedDataParallel: the ranks never "
+             "synchronise their gradients",
+             "pipeline/train.py",
+             "net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == \"cuda\" else None)",
+             "net = model",
+             ("tests/test_ddp.py::test_two_gloo_ranks_train_the_same_weights_as_one_process_on_the_global_batches",)),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.

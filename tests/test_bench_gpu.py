@@ -3,19 +3,13 @@ and records every field the GPU run reports (no timing is asserted: this machine
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_bench_gpu_small_precompute(tmp_path):
-    out = tmp_path / "out"
-    env = {**os.environ, "ENSPIPE_PROGRESS": "0"}
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--small", "--part", "precompute",
-                        "--out", str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+def test_bench_gpu_small_precompute(bench_gpu_small):
+    out, r = bench_gpu_small  # one --small --part all run, shared with test_bench_gpu_train.py (conftest.py)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads((out / "bench_gpu.json").read_text())
     assert doc["small"] and doc["machine"]["device"] == "cpu" and doc["data"]["images"] == 64

@@ -3,18 +3,13 @@ writes every field the GPU run will fill (no timing is asserted: this checks the
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_train_small_writes_its_results(tmp_path):
-    env = {**os.environ, "ENSPIPE_PROGRESS": "0"}
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--part", "train", "--small",
-                        "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+def test_gpu_train_small_writes_its_results(bench_gpu_small):
+    tmp_path, r = bench_gpu_small  # one --small --part all run, shared with test_bench_gpu.py (conftest.py)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads((tmp_path / "gpu_train.json").read_text())
     assert doc["errors"] == [] and doc["settings"]["small"] and doc["machine"]["nproc"] >= 1

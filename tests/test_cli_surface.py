@@ -190,29 +190,33 @@ def test_train_reads_a_config_file_and_flags_override_it(tmp_path):
 ])
 def test_pretrained_offline_fails_fast_naming_the_cache(tmp_path, argv, cache_var):
     """No network and an empty hub cache: one line naming the cache and the variable to set,
-    in seconds (timm would retry the hub for ~40 s). The clock starts after torch is imported
-    (seconds of a loaded machine's start-up that say nothing about the hub); timm and the hub
-    are imported inside, after enspipe finds no network."""
+    after one connection attempt (enspipe's probe), not after the hub's retries (timm would
+    retry for ~40 s). Counted, not timed: a wall-clock bound fails on a loaded machine. Every
+    way out is refused and counted: socket.create_connection (the probe, httpx) and
+    socket.connect (urllib3/requests); timm and the hub are imported inside."""
     env = {**ENV, "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": ""}
-    offline = ("import socket, sys, time\n"
+    offline = ("import socket, sys\n"
                "import torch, torchvision\n"
                "assert 'huggingface_hub' not in sys.modules\n"
-               "def refuse(*a, **k): raise OSError('network is unreachable')\n"
+               "tries = []\n"
+               "def refuse(*a, **k):\n"
+               "    tries.append(a[-1])\n"
+               "    raise OSError('network is unreachable')\n"
                "socket.create_connection = refuse\n"
+               "socket.socket.connect = refuse\n"
                "from enspipe.cli import main\n"
-               "t0 = time.monotonic()\n"
                "try:\n"
                "    main(sys.argv[1:])\n"
                "finally:\n"
-               "    print(f'took {time.monotonic() - t0:.2f}', file=sys.stdout)\n")
+               "    print(f'connection attempts {len(tries)}', file=sys.stdout)\n")
     args = [a.format(tmp=tmp_path) for a in argv] + ["--device", "cpu"]
-    r = subprocess.run([sys.executable, "-c", offline, *args], capture_output=True, text=True, env=env, timeout=180)
-    took = float(r.stdout.split()[-1])
+    r = subprocess.run([sys.executable, "-c", offline, *args], capture_output=True, text=True, env=env, timeout=600)
+    tries = int(r.stdout.split()[-1])
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1, r.stderr
     assert lines[0].startswith("enspipe: error: --pretrained: ") and cache_var in lines[0], lines[0]
     assert str(tmp_path / ("hf" if cache_var == "HF_HOME" else "torch")) in lines[0] and "--weights" in lines[0]
-    assert took < 15, f"took {took:.1f} s"
+    assert tries <= 1, f"{tries} connection attempts: something retried after the probe found no network"
 
 
 # --- Signals: real processes ------------------------------------------------------------------
@@ -222,12 +226,12 @@ def test_a_signal_stops_train_with_the_command_that_resumes_it(tmp_path, sig, co
     run = tmp_path / "run"
     args = ["train", "--model", "D", "--dataset", "digits", "--epochs", "200", "--device", "cpu", "--out", str(run)]
     p = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # an event wait: the cap is only for a hang
     while not (run / "metrics.jsonl").exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert p.poll() is None, p.communicate()[1]
     p.send_signal(sig)
-    out, err = p.communicate(timeout=60)
+    out, err = p.communicate(timeout=600)  # far above a loaded machine's need: a hang, not a slow stop
     lines = [ln for ln in err.splitlines() if ln.strip()]
     name = "SIGTERM" if sig == signal.SIGTERM else "SIGINT"
     assert p.returncode == code, err
@@ -240,13 +244,13 @@ def test_sigterm_stops_precompute_with_the_same_command(tmp_path, digits_static2
             "--limit", "6144", "--shard-size", "256", "--batch-size", "64", "--device", "cpu",
             "--out", str(tmp_path / "stores")]
     p = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # an event wait: the cap is only for a hang
     while not list((tmp_path / "stores").glob("*/*/*.zarr/shards/*.json")) and p.poll() is None \
             and time.monotonic() < deadline:
         time.sleep(0.02)
     assert p.poll() is None, p.communicate()[1]
     p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
+    _, err = p.communicate(timeout=600)  # far above a loaded machine's need: a hang, not a slow stop
     assert p.returncode == 143, err
     last = [ln for ln in err.splitlines() if ln.strip()][-1]
     assert last == f"enspipe: precompute interrupted (SIGTERM); resume with: enspipe {' '.join(args)}"

@@ -58,7 +58,7 @@ def _train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.
 @pytest.fixture(scope="session")
 def mlp(digits16) -> nn.Module:
     """A small ReLU network: nonlinear, so a single step is not the optimum."""
-    torch.set_num_threads(2)
+    # On the suite's one thread (conftest.py): this fixture once set two for the rest of the process.
     torch.manual_seed(0)
     x, y = digits16
     net = _train(nn.Sequential(nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10)), x[:1500], y[:1500], 10)

@@ -17,14 +17,18 @@ from .sweep import TALLY
 
 @dataclass(frozen=True)
 class Kill:
-    """Where a run is killed: an exact point (a faults.py spec), or a moment: `delay`
+    """Where a run is killed: an exact point (a faults.py spec), a moment: `delay`
     seconds after `started` says the run began its work (the timing of imports and of a
-    loaded machine varies far more than the work itself)."""
+    loaded machine varies far more than the work itself), or an event: as soon as `when()`
+    is seen true (e.g. the k-th shard record on disk), wherever the run is by then. An event
+    is independent of the machine's load, so work is always left after it; moments are for
+    the full sweep's random kills."""
 
     name: str
     fault: str | None = None
     delay: float | None = None
     started: Callable[[Path, int], bool] | None = None
+    when: Callable[[], bool] | None = None
 
 
 def run_killed(args, kill: Kill, work: Path) -> tuple[bool, str]:
@@ -35,7 +39,14 @@ def run_killed(args, kill: Kill, work: Path) -> tuple[bool, str]:
     t0_ns = time.time_ns()
     proc = spawn(*args, faults=(kill.fault,) if kill.fault else (), env=env, log=log)
     try:
-        if kill.delay is not None:
+        if kill.when is not None:
+            while not kill.when() and proc.poll() is None:
+                time.sleep(0.002)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return True, outputs(proc)[1]
+        elif kill.delay is not None:
             while kill.started is not None and not kill.started(log, t0_ns) and proc.poll() is None:
                 time.sleep(0.002)
             try:
