@@ -322,12 +322,15 @@ CACHE = click.option("--cache", type=click.Path(file_okay=False), default=None,
               help="Job outputs, as real files [runs/<job name>].")
 @CACHE
 @click.option("--dry-run", is_flag=True, help="Print the plan and what would be reused; run nothing.")
+@click.option("--set", "params", multiple=True, metavar="NAME=VALUE",
+              help="Set a parameter the spec declares in [params] (repeatable), e.g. --set imagenet=/data/in1k.")
 @DEVICE
-def run(job, out, cache, dry_run, device) -> None:
+def run(job, out, cache, dry_run, params, device) -> None:
     """Run a job spec (jobs/*.toml) as a graph of cached steps."""
+    from enspipe.jobparams import parse_set
     from enspipe.jobs import run_job
 
-    res = run_job(job, out=out, cache=cache, dry_run=dry_run, device=device)
+    res = run_job(job, out=out, cache=cache, dry_run=dry_run, device=device, params=parse_set(params))
     if not dry_run:
         click.echo(res["report"])
 

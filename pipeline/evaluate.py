@@ -24,9 +24,10 @@ import torch
 
 from enspipe import attacks
 from enspipe._callable import callable_stage
-from enspipe.config import config_to_dict
+from enspipe.config import OptionError, config_to_dict
 from enspipe.configs.evaluate import EvalConfig
 from enspipe.data import create_dataset
+from enspipe.errors import StoreError
 from enspipe.models import BINARIZED_MASKED_PREFIX, BINARIZED_PREFIX, check_weights, load_model_for
 from enspipe.naming import model_label, unique_labels
 from enspipe.paths import check_output
@@ -106,6 +107,17 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
     clean = {t: _Counter(topk) for t in targets}
     white = {t: {a: _Counter(topk) for a in cfg.attacks} for t in targets}
     black = {t: {s: {a: _Counter(topk) for a in cfg.attacks} for s in sources} for t in targets}
+    stored = _stored_sources(cfg, data)  # {source name: (reader, attack, record)}
+    own = _stored_sources(cfg, data, whitebox=True)
+    for s in own:
+        if s not in targets:
+            raise OptionError("whitebox_stores", f"holds the directions of {s}, which is no target")
+    for s, (_, a, _) in stored.items():
+        for t in targets:
+            black[t].setdefault(s, {})[a] = _Counter(topk)
+    for s, (_, a, _) in [*stored.items(), *own.items()]:
+        if s in targets:  # the target's own directions: its white-box attack (Table 1's diagonal)
+            white[s].setdefault(a, _Counter(topk))
 
     params = cfg.attack_params()
     nb = math.ceil(len(data) / cfg.batch_size)
@@ -119,6 +131,18 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
         with torch.no_grad():
             for t, m in targets.items():
                 clean[t].add(m(x), y)
+            for s, (reader, a, _) in stored.items():
+                d = torch.from_numpy(reader.read_directions(sl.start, sl.stop)).to(device=device, dtype=x.dtype)
+                x_adv = attacks.apply_direction(x, d, cfg.eps)
+                for t, m in targets.items():
+                    logits = m(x_adv)
+                    black[t][s][a].add(logits, y)
+                    if s == t:
+                        white[t][a].add(logits, y)
+            for s, (reader, a, _) in own.items():
+                if s not in stored:  # else counted above
+                    d = torch.from_numpy(reader.read_directions(sl.start, sl.stop)).to(device=device, dtype=x.dtype)
+                    white[s][a].add(targets[s](attacks.apply_direction(x, d, cfg.eps)), y)
         for a in cfg.attacks:
             bar.set_postfix(attack=a)
             started = time.perf_counter()
@@ -139,17 +163,20 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
         log_line(f"evaluate {a}: {len(data)} samples in {spent[a]:.1f} s; white-box error {errors}"
                  + (f"; transferred from {len(sources)} source(s)" if sources else ""))
 
+    for s, (_, a, _) in [*stored.items(), *own.items()]:
+        params.setdefault(a, attacks.attack_params(a, eps=cfg.eps))
     results: dict[str, Any] = {"config": config_to_dict(cfg), "attack_params": params, "dataset": data.identity(),
-                               "versions": versions(), "models": {}}
+                               "versions": versions(), "models": {},
+                               "stores": {s: rec for s, (_, _, rec) in [*own.items(), *stored.items()]}}
     for t in targets:
-        bb = {s: {a: black[t][s][a].result() for a in cfg.attacks} for s in sources}
+        bb = {s: {a: c.result() for a, c in per.items()} for s, per in black[t].items()}
         # A source that is the target itself is a white-box attack (the transfer matrix's
         # diagonal), not a black-box one.
         flat = [r["error"] for s, per in bb.items() if s != t for r in per.values()]
         results["models"][t] = {
             "spec": specs[t],
             "clean": clean[t].result(),
-            "whitebox": {a: white[t][a].result() for a in cfg.attacks},
+            "whitebox": {a: c.result() for a, c in white[t].items()},
             "blackbox": bb,
             "blackbox_max": max(flat) if flat else None,
             "blackbox_avg": sum(flat) / len(flat) if flat else None,
@@ -160,6 +187,31 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
         write_json(path, results)
         results["path"] = str(path)
     return results
+
+
+def _stored_sources(cfg: EvalConfig, data: Any, *, whitebox: bool = False) -> dict[str, tuple[Any, str, dict[str, Any]]]:
+    """The `source_stores` (`whitebox_stores`), each checked against the evaluation data before any work (the
+    same checks as training's: checksums, identity, and the keys that bind each sample),
+    named by `names` (a job: the store's model step) or else by the store's model."""
+    from enspipe.stores import open_store, verify_store
+
+    out: dict[str, tuple[Any, str, dict[str, Any]]] = {}
+    field_name = "whitebox_stores" if whitebox else "source_stores"
+    for p in getattr(cfg, field_name):
+        if not Path(p).exists():
+            raise OptionError(field_name, f"names {p}, which does not exist")
+        report = verify_store(p)
+        if not report.ok:
+            raise StoreError(f"store {p} failed verification: {report.problems[0]}; run enspipe verify for details")
+        reader = open_store(p)
+        reader.check_compatible(fingerprint=data.fingerprint, geometry=data.geometry.shape,
+                                num_samples=len(data), num_classes=data.num_classes)
+        reader.check_keys(0, len(data), data.keys)
+        ident = reader.identity
+        name = cfg.names.get(p) or ident.model_name
+        out[name] = (reader, ident.attack, {"path": str(p), "model": ident.model_name, "attack": ident.attack,
+                                            "weights_sha256": ident.weights_sha256})
+    return out
 
 
 callable_stage(__name__)  # `enspipe.evaluate(cfg)` is evaluate(cfg)

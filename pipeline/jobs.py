@@ -13,6 +13,11 @@ and a report:
                      field;  [evaluate.NAME.options] rand_fgsm = { alpha = 0.05 }  (attack_options)
     [diagnose.NAME]  models, other = MODEL STEPS, + any DiagnoseConfig field
     [report]         paper (a key of enspipe.report's paper tables), title
+    [params]         NAME = default; "${NAME}" in any value; `enspipe run --set NAME=VALUE`
+                     (`enspipe.jobparams`: local paths such as a dataset folder or weight files)
+    [models.NAME] train = false, weights = FILE: a static model used as given (a local state dict)
+    [stores.NAME] split = "test": directions of the evaluation images; [evaluate.NAME] stores =
+                     [STORE STEPS]: those directions as black-box sources (Table 1's reuse)
 
 A step's keys are its stage's config fields (`enspipe.config`): the same names, types and
 defaults as the command line's flags (`adv_fraction` is `--adv-fraction`), except where the
@@ -121,10 +126,12 @@ def _outputs_exist(record: dict[str, Any]) -> bool:
 # --- Running ------------------------------------------------------------------------------
 
 def run_job(path: str | os.PathLike, *, out: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
-            dry_run: bool = False, device: str = "auto", log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run (or with dry_run only plan) a job spec; return {step id: status/outputs}."""
+            dry_run: bool = False, device: str = "auto", log: Callable[[str], None] | None = None,
+            params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or with dry_run only plan) a job spec; return {step id: status/outputs}.
+    `params` overrides the spec's `[params]` (`enspipe run --set`)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    job = load_job(path)
+    job = load_job(path, params)
     cache = Path(cache) if cache else default_cache()
     out_dir = Path(out) if out else Path("runs") / job.name
     steps = plan(job, cache)
@@ -221,10 +228,11 @@ def _run_model(job: Job, step: Step, done: dict[str, dict], cache: Path, device:
     o = resolved(job, step)
     run_dir = cache / "runs" / f"{step.name}-{step.key[:16]}"
     if not o.get("train", not o.get("pretrained", False)):
-        # A static model used as published (hub weights): saved once as a checkpoint.
+        # A static model used as published (hub weights, or a local `weights` file): saved once as a checkpoint.
         from enspipe.models import save_model
 
-        save_model(published_model(o), run_dir, provenance={"pretrained": True})
+        save_model(published_model(o), run_dir,
+                   provenance={"weights": o["weights"]} if o.get("weights") else {"pretrained": True})
         return {"run": str(run_dir)}
     from enspipe.train import train
 
@@ -240,7 +248,8 @@ def published_model(o: dict[str, Any], *, pretrained: bool = True) -> Any:
     from enspipe.models import create_model
 
     size = o.get("image_size")
-    return create_model(o["arch"], num_classes=1000, pretrained=pretrained,
+    weights = o.get("weights")  # a local state dict (timm / torchvision layout) instead of the hub's
+    return create_model(o["arch"], num_classes=1000, pretrained=pretrained and not weights, weights=weights,
                         input_size=(3, size, size) if size else None)
 
 

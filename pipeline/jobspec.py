@@ -41,8 +41,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
 STRUCTURE: dict[str, dict[str, tuple[str | None, type, str | None]]] = {
     "models": {"arch": ("model", str, None), "shards": ("shards", list, "stores"), "train": (None, bool, None),
                "description": (None, str, None)},
-    "stores": {"model": ("model", str, "models"), "description": (None, str, None)},
+    "stores": {"model": ("model", str, "models"), "description": (None, str, None),
+               # "test": directions of the evaluation images (the paper's Table 1), limited by test_limit
+               "split": ("split", str, None)},
     "evaluate": {"targets": ("models", list, "models"), "sources": ("sources", list, "models"),
+                 "stores": ("source_stores", list, "stores"),  # stored directions as black-box sources
+                 "own_stores": ("whitebox_stores", list, "stores"),  # a target's own: white-box only
                  "binarized": ("binarized", list, "models"),
                  "binarized_masked": ("binarized_masked", list, "models"),
                  # [evaluate.NAME.options] rand_fgsm = { alpha = 0.05 }: `attack_options` as a table
@@ -227,10 +231,13 @@ def _canonical(spec: _Spec, table: tuple[str, ...], kind: str, values: Any,
     return out, written
 
 
-def load_job(path: str | os.PathLike) -> Job:
-    """Parse and validate a job spec (and its includes); resolve the step graph."""
+def load_job(path: str | os.PathLike, params: dict[str, Any] | None = None) -> Job:
+    """Parse and validate a job spec (and its includes); resolve the step graph. `params`
+    overrides the spec's `[params]` (`enspipe.jobparams`)."""
+    from enspipe.jobparams import substitute
+
     spec = _Spec(Path(path))
-    raw = dict(spec.raw)
+    raw = substitute(spec.raw, params, spec.where)
     tables: dict[str, dict[str, Any]] = {}
     for table in raw:
         if table not in SCHEMA and table not in STEP_KINDS and table != "defaults":
@@ -308,8 +315,9 @@ def _validate(spec: _Spec, job: Job, step: Step) -> None:
                 check_model_name(o["arch"])
             except EnspipeError as e:
                 raise OptionError("model", f"is no architecture: {e}") from None
-            if not o.get("train", not o.get("pretrained", False)) and not o.get("pretrained", False):
-                raise OptionError("train", "= false uses a model as published: it needs pretrained = true")
+            if not o.get("train", not o.get("pretrained", False)) and not (o.get("pretrained") or o.get("weights")):
+                raise OptionError("train", "= false uses a model as given: it needs pretrained = true "
+                                  "or weights = FILE")
         if step.kind == "stores":
             if o.get("format", "zarr") == "both":
                 raise OptionError("format", "must be zarr or wds: a store step makes one store")
@@ -374,7 +382,9 @@ def resolved(job: Job, step: Step) -> dict[str, Any]:
         o["image_size"] = data["image_size"]
     o["dataset"] = data["dataset"]
     o["data_root"] = data.get("data_root")
-    if step.kind in ("models", "stores"):
+    if step.kind == "stores" and o.get("split", "train") != "train":
+        o["limit"] = budget.get("test_limit", data.get("test_limit"))
+    elif step.kind in ("models", "stores"):
         o["limit"] = budget.get("limit", data.get("train_limit"))
         if step.kind == "models" and "epochs" in budget:
             o["epochs"] = budget["epochs"]
@@ -412,13 +422,16 @@ def step_config(job: Job, step: Step, *, outputs: Callable[[str, str], str] | No
     if step.kind == "stores":
         table["out"] = out or "<cache>/stores"
     if step.kind in ("evaluate", "diagnose") and outputs is not None:
-        table["names"] = _names(step, ref)  # the spec's model names in tables, not cache paths
+        table["names"] = _names(job, step, ref)  # the spec's model names in tables, not cache paths
     return parse_config(step_configs()[step.kind], table)
 
 
-def _names(step: Step, ref: Callable[[str, str], str]) -> dict[str, str]:
-    """Readable model names in tables: the spec's model names instead of cache paths."""
+def _names(job: Job, step: Step, ref: Callable[[str, str], str]) -> dict[str, str]:
+    """Readable model names in tables: the spec's model names instead of cache paths (a
+    store stands for the model it was computed on: Table 1's source columns)."""
     names = {}
+    for n in [*step.options.get("stores", []), *step.options.get("own_stores", [])] if step.kind == "evaluate" else []:
+        names[ref("stores", n)] = next(s.options["model"] for s in job.steps if s.id == f"stores.{n}")
     for key in ("targets", "sources", "binarized", "binarized_masked", "models", "other"):
         value = step.options.get(key, [])
         for n in [value] if isinstance(value, str) else value:

@@ -50,13 +50,23 @@ class EvalConfig:
     out: str | None = option(None, path="any", job=False, help="Directory (or .json path) for results.json.")
     binarized_masked: tuple[str, ...] = option((), metavar="MODEL", help="Also evaluate this model behind input "
                                                "binarization with its true zero gradient (the masking diagnostic; repeat).")
+    source_stores: tuple[str, ...] = option(
+        (), flag="--source-store", metavar="STORE",
+        help="A precomputed direction store of the evaluation images (precompute --split test) whose "
+             "directions, x + eps * d, transfer to the targets (black-box; white-box where the store's "
+             "model is a target of the same name): Table 1's sources, computed once (repeat).")
+    whitebox_stores: tuple[str, ...] = option(
+        (), flag="--whitebox-store", metavar="STORE",
+        help="A direction store of a target's own model (named as that target): its white-box attack "
+             "only, never transferred (Table 2's and Table 4's white-box Step-LL from Table 1's stores).")
     attack_options: tuple[str, ...] = option(
         (), flag="--attack-option", metavar="ATTACK.KEY=VALUE",
         help="Set one parameter of one attack, e.g. rand_fgsm.alpha=0.05, pgd_cw.kappa=50, "
              "pgd.steps=100 (repeatable; defaults: the paper's, else the reference code's).")
 
     def __post_init__(self) -> None:
-        normalize(self, paths=("out", "weights", "data_root"), path_lists=("models", "sources", "binarized", "binarized_masked"))
+        normalize(self, paths=("out", "weights", "data_root"), path_lists=("models", "sources", "binarized", "binarized_masked",
+                                                                          "source_stores", "whitebox_stores"))
         check_declared(self)  # every field's choices and minimum; below, what no one field declares
         check(bool(self.models or self.binarized or self.binarized_masked), "models", "needs at least one target")
         check_fraction(self.eps, "eps")
