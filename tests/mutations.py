@@ -177,6 +177,11 @@ MUTATIONS = [
              "        reader.check_keys(0, len(dataset), dataset.keys)\n",
              "        pass\n",
              (f"{INTEGRITY}::test_a_zarr_shard_copied_over_another_is_refused_when_read_for_training",)),
+    Mutation("store-reopened-per-worker", "the stream reopens every store by path in every loader worker",
+             "pipeline/stream.py",
+             "        return [open_store(p) if h is None else h.for_this_process() for p, h in zip(self.stores, self._handles)]\n",
+             "        return [open_store(p) for p in self.stores]\n",
+             ("tests/test_store_formats.py::test_a_training_run_reads_each_store_manifest_once",)),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.

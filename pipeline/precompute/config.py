@@ -5,12 +5,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from enspipe.config import OptionError, check, config_to_dict, normalize, option, renamed
+from enspipe.stores.registry import FORMATS as STORE_FORMATS
 
 __all__ = ["ATTACKS", "FORMATS", "LABEL_MODES", "PRECISIONS", "WDS_IMAGES", "PrecomputeConfig"]
 
 ATTACKS = ("fgsm", "step_ll")
 LABEL_MODES = ("pred", "true")
-FORMATS = {"zarr": ("zarr",), "wds": ("wds",), "both": ("zarr", "wds")}  # `format` -> store formats
+# `format` -> store formats: each registered store format, and "both" (zarr and wds at once).
+FORMATS = {**{f: (f,) for f in STORE_FORMATS}, "both": ("zarr", "wds")}
 PRECISIONS = ("fp32", "bf16")
 WDS_IMAGES = ("source", "none")
 
