@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 from enspipe.errors import ConfigError
 from enspipe.fileio import atomic_write_json, dir_bytes, process_umask
+from enspipe.stores.registry import format_of
 
 __all__ = ["CacheEntry", "cache_entries", "default_cache", "gc", "is_cache_link", "publish", "register_job", "step_lock"]
 
@@ -292,7 +293,7 @@ def _stores_under(root: Path) -> list[Path]:
     for dirpath, dirnames, _ in os.walk(root):
         keep = []
         for d in dirnames:
-            if d.endswith((".zarr", ".wds")):
+            if format_of(d) is not None:
                 found.append(Path(dirpath) / d)
             elif not d.startswith("."):
                 keep.append(d)

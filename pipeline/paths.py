@@ -8,8 +8,8 @@ written into it would travel with every copy of the run. The stages call these c
 before they write anything.
 
 Both checks walk up from the output path (symlinks resolved), so a path inside a store at any
-depth is caught, and look only at marker files: a store is a `*.zarr` / `*.wds` folder with a
-`manifest.json` (or any zarr hierarchy: a folder with `zarr.json`), a run is a folder whose
+depth is caught, and look only at marker files: a store is a folder named with a store format's suffix
+(`stores.registry`: `*.zarr`, `*.wds`) holding a `manifest.json` (or any zarr hierarchy: a folder with `zarr.json`), a run is a folder whose
 `config.json` records a training run or whose `model.json` describes an enspipe model.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from enspipe.errors import ConfigError
+from enspipe.stores.registry import format_of
 
 __all__ = ["check_output", "check_store_root", "enclosing_run", "enclosing_store", "is_run_dir", "is_store_dir"]
 
@@ -32,8 +33,8 @@ def _up(path: str | os.PathLike) -> list[Path]:
 
 
 def is_store_dir(p: Path) -> bool:
-    """An enspipe store (`*.zarr`/`*.wds` with a manifest) or any zarr hierarchy."""
-    return ((p.suffix in (".zarr", ".wds") and (p / "manifest.json").is_file())
+    """An enspipe store (a folder with a store format's suffix and a manifest) or any zarr hierarchy."""
+    return ((format_of(p) is not None and (p / "manifest.json").is_file())
             or (p / "zarr.json").is_file() or (p / ".zgroup").is_file() or (p / ".zarray").is_file())
 
 

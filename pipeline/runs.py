@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from enspipe.fileio import dir_bytes
+from enspipe.stores.registry import format_of
 
 __all__ = ["RunInfo", "list_runs", "run_info"]
 
@@ -60,5 +61,5 @@ def list_runs(root: str | os.PathLike) -> list[RunInfo]:
             found.append(run_info(dirpath))
             dirnames[:] = []  # a run's checkpoints/ and indices/ hold no runs
             continue
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not d.endswith((".zarr", ".wds")))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and format_of(d) is None)
     return sorted(found, key=lambda i: str(i.path))

@@ -45,7 +45,12 @@ import torch
 
 from enspipe.data import SampleSource
 from enspipe.errors import ConfigError
+<<<<<<< HEAD
 from enspipe.sampling import PlannedBatch, Unit, epoch_plan, rank_blocks
+=======
+from enspipe.sampling import block_order
+from enspipe.stores import StoreReader
+>>>>>>> h27store
 
 __all__ = ["AUGMENTS", "DirectionStream", "SELF", "SourceBatches", "apply_augment", "augment_params",
            "rank_and_world"]
@@ -111,6 +116,7 @@ class DirectionStream(torch.utils.data.IterableDataset):
     """Samples of `dataset` with the directions of every store in `stores` (see the module doc).
 
     Per sample: {"index": int, "x": uint8 [C,H,W], "y": int, "d": int8 [K,C,H,W]} (K = len(stores),
+<<<<<<< HEAD
     store order); with `batch_size`, the same keys batched ([B], [B,C,H,W], [B], [B,K,C,H,W]) and
     "seq", the batch's number in the rank's epoch. Every store is checked against the dataset
     (fingerprint, geometry, N) when the stream is made; readers are opened in the process that
@@ -120,11 +126,21 @@ class DirectionStream(torch.utils.data.IterableDataset):
     SAMPLE_UNIT = 64  # samples shuffled out at a time when yielding single samples
 
     def __init__(self, dataset: SampleSource, stores: Sequence[str | os.PathLike] = (), *,
+=======
+    store order); with `batch_size`, the same keys batched ([B], [B,C,H,W], [B], [B,K,C,H,W]).
+    Every store is checked against the dataset (fingerprint, geometry, N) when the stream is
+    made; readers are opened in the process that iterates (file handles do not cross processes).
+    A store may be given as a path or as an open reader (`open_store`'s handle): a reader's
+    validated manifest is reused, in loader workers too, so each store is opened once per run.
+    """
+
+    def __init__(self, dataset: SampleSource, stores: Sequence[str | os.PathLike | StoreReader] = (), *,
+>>>>>>> h27store
                  batch_size: int | None = None, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                  block_size: int = 256, buffer_blocks: int = 8, augment: str = "none", crop_padding: int = 2,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                  check: bool = True):
-        if isinstance(stores, (str, os.PathLike)):
+        if isinstance(stores, (str, os.PathLike, StoreReader)):
             raise ConfigError("stores must be a list of store paths, not one path")
         if augment not in AUGMENTS:
             raise ConfigError(f"augment must be one of {', '.join(AUGMENTS)}, not {augment!r}")
@@ -133,16 +149,22 @@ class DirectionStream(torch.utils.data.IterableDataset):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be at least 1, not {value!r}")
         self.dataset = dataset
-        self.stores = tuple(os.fspath(s) for s in stores)
+        self._handles = [s if isinstance(s, StoreReader) else None for s in stores]
+        self.stores = tuple(os.fspath(s.path if isinstance(s, StoreReader) else s) for s in stores)
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, epoch
         self.block_size, self.buffer_blocks = block_size, buffer_blocks
         self.augment, self.crop_padding = augment, crop_padding
         self.rank, self.world_size = rank_and_world(rank, world_size)
         self.drop_last = drop_last
         if check:
+<<<<<<< HEAD
             from enspipe.data.base import superseded_fingerprints
 
             for reader in self._readers():
+=======
+            self._handles = self._readers()  # opened here once; the iterating processes reuse them
+            for reader in self._handles:
+>>>>>>> h27store
                 reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,
                                         num_samples=len(dataset), superseded=superseded_fingerprints(dataset))
 
@@ -172,7 +194,7 @@ class DirectionStream(torch.utils.data.IterableDataset):
     def _readers(self) -> list[Any]:
         from enspipe.stores import open_store
 
-        return [open_store(p) for p in self.stores]
+        return [open_store(p) if h is None else h.for_this_process() for p, h in zip(self.stores, self._handles)]
 
     def _batch_rng(self, seq: int) -> np.random.Generator:
         # Per batch, so augmentation and eps draws do not depend on which worker made the batch.
@@ -261,7 +283,7 @@ class SourceBatches(DirectionStream):
     batch by default): only the rows a step perturbs are copied and augmented.
     """
 
-    def __init__(self, dataset: SampleSource, stores: Sequence[str | os.PathLike] = (), *, batch_size: int,
+    def __init__(self, dataset: SampleSource, stores: Sequence[str | os.PathLike | StoreReader] = (), *, batch_size: int,
                  include_self: bool = True, **kw: Any):
         super().__init__(dataset, stores, batch_size=batch_size, **kw)
         self.include_self = include_self

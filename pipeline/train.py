@@ -30,13 +30,14 @@ with a grad scaler) and, on CUDA, in channels_last.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -53,8 +54,13 @@ from enspipe.models import EnsModel, load_model_for, save_model
 from enspipe.paths import check_output
 from enspipe.runlog import RunLog, check_sinks
 from enspipe.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
+<<<<<<< HEAD
 from enspipe.schedule import learning_rate, param_groups, set_learning_rate
 from enspipe.precision import PRECISIONS, Precision  # noqa: F401 -- `enspipe.train.PRECISIONS`, as before
+=======
+from enspipe.schedule import SCHEDULES, learning_rate, param_groups, set_learning_rate
+from enspipe.stores import StoreReader
+>>>>>>> h27store
 from enspipe.stream import SELF, SourceBatches
 from enspipe.trainkit import CheckpointWriter, FrozenModel, Window, epoch_batches, prune_checkpoints, snapshot, validate
 
@@ -151,11 +157,12 @@ MetricsFn = Callable[[dict[str, Any]], None]
 
 
 def batch_stream(dataset: SampleSource, cfg: TrainConfig, epoch: int, rank: int = 0,
-                 world: int = 1) -> BatchStream:
-    """train()'s default StreamFactory: the BatchStream over `cfg.shards`. Under DDP every
-    rank must take the same number of steps, so only full batches are yielded there."""
-    return BatchStream(dataset, cfg.shards, cfg, epoch=epoch, rank=rank, world_size=world,
-                       full_batches_only=world > 1)
+                 world: int = 1, *, stores: Sequence[StoreReader] | None = None) -> BatchStream:
+    """train()'s default StreamFactory: the BatchStream over `cfg.shards` (or over `stores`, the
+    run's open readers of them, as train() passes). Under DDP every rank must take the same
+    number of steps, so only full batches are yielded there."""
+    return BatchStream(dataset, cfg.shards if stores is None else tuple(stores), cfg, epoch=epoch, rank=rank,
+                       world_size=world, full_batches_only=world > 1)
 
 
 def batch_loader(stream: torch.utils.data.IterableDataset, cfg: TrainConfig,
@@ -185,16 +192,24 @@ def _distributed() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def resolve_attack(shards: tuple[str, ...], attack: str | None) -> str:
-    """The attack a run trains with: `attack` if given, else the stores' own (they must all
-    hold the same one), else FGSM. A given attack that the stores do not hold is an error."""
+def open_stores(shards: Sequence[str | StoreReader]) -> list[StoreReader]:
+    """Each store of a run opened once (its manifest read and schema-checked once); the handles
+    are passed on to the attack resolution, the checks and every epoch's stream."""
     from enspipe.stores import open_store
 
-    held: dict[str, str] = {}
     for p in shards:
-        if not Path(p).exists():
+        if not isinstance(p, StoreReader) and not Path(p).exists():
             raise EnspipeError(f"store {p} does not exist")
-        held[p] = open_store(p).identity.attack
+    return [open_store(p) for p in shards]
+
+
+def resolve_attack(shards: Sequence[str | StoreReader], attack: str | None) -> str:
+    """The attack a run trains with: `attack` if given, else the stores' own (they must all
+    hold the same one), else FGSM. A given attack that the stores do not hold is an error.
+    `shards`: store paths, or the readers `open_stores` made."""
+    held: dict[str, str] = {}
+    for r in open_stores(shards):
+        held[str(r.path)] = r.identity.attack
     kinds = sorted(set(held.values()))
     if len(kinds) > 1:
         which = ", ".join(f"{p} holds {a}" for p, a in held.items())
@@ -206,22 +221,20 @@ def resolve_attack(shards: tuple[str, ...], attack: str | None) -> str:
     return attack or (kinds[0] if kinds else "fgsm")
 
 
-def _check_stores(dataset: SampleSource, paths: tuple[str, ...]) -> list[dict[str, Any]]:
+def _check_stores(dataset: SampleSource, paths: Sequence[str | StoreReader]) -> list[dict[str, Any]]:
     """Refuse, before training starts, any store that does not match the training data."""
-    from enspipe.stores import open_store, verify_store
+    from enspipe.stores import verify_store
 
     out = []
-    for p in paths:
-        if not Path(p).exists():
-            raise EnspipeError(f"store {p} does not exist")
+    for reader in open_stores(paths):
+        p = reader.path
         # Every checksum is checked before training starts (one read of the store): a
         # corrupt store must never feed wrong directions silently.
-        report = verify_store(p)
+        report = verify_store(reader)
         if not report.ok:
             raise StoreError(f"store {p} failed verification: {report.problems[0]}"
                              + (f" (and {len(report.problems) - 1} more problems)" if len(report.problems) > 1 else "")
                              + "; run enspipe verify for details")
-        reader = open_store(p)
         reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,
                                 num_samples=len(dataset), num_classes=dataset.num_classes,
                                 superseded=dataset.superseded)
@@ -307,7 +320,8 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
     config_path = run_dir / "config.json"
     # Resolved before anything else: config.json records the attack actually used, and a
     # resumed run compares resolved configurations.
-    cfg = replace(cfg, attack=resolve_attack(cfg.shards, cfg.attack))
+    readers = open_stores(cfg.shards)  # each store opened once for the run, then passed on
+    cfg = replace(cfg, attack=resolve_attack(readers, cfg.attack))
     check_sinks(cfg.log)
     if resume and not config_path.exists():
         # Killed before it wrote anything: re-running with --resume starts it (so a requeue
@@ -321,7 +335,9 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
 
     dataset = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
                              image_size=cfg.image_size)
-    stores = _check_stores(dataset, cfg.shards)
+    stores = _check_stores(dataset, readers)
+    if stream_factory is batch_stream:
+        stream_factory = functools.partial(batch_stream, stores=readers)
     val = (create_dataset(cfg.dataset, split="test", limit=cfg.val_limit, data_root=cfg.data_root,
                           image_size=cfg.image_size) if cfg.val_limit else None)
     seed_everything(cfg.seed)

@@ -184,6 +184,11 @@ MUTATIONS = [
              "net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == \"cuda\" else None)",
              "net = model",
              ("tests/test_ddp.py::test_two_gloo_ranks_train_the_same_weights_as_one_process_on_the_global_batches",)),
+    Mutation("store-reopened-per-worker", "the stream reopens every store by path in every loader worker",
+             "pipeline/stream.py",
+             "        return [open_store(p) if h is None else h.for_this_process() for p, h in zip(self.stores, self._handles)]\n",
+             "        return [open_store(p) for p in self.stores]\n",
+             ("tests/test_store_formats.py::test_a_training_run_reads_each_store_manifest_once",)),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.

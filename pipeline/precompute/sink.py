@@ -103,13 +103,13 @@ class _ShardBuffer:
         """The whole shard, to every store that lacks it."""
         b = self.begin
         pixels = files = None
-        if b.images is not None and any(w.fmt == "wds" for w in b.writers):
+        if b.images is not None and any(w.keeps_clean_images for w in b.writers):
             pixels, files = b.images()
         for w in b.writers:
-            wds = w.fmt == "wds"  # wds keeps the clean image and true label beside d
+            keep = w.keeps_clean_images  # the format stores the clean image and true label beside d
             w.write_shard(b.shard, direction=self.direction, logits=self.logits, label=self.label,
-                          keys=b.keys, images=pixels if wds else None, image_files=files if wds else None,
-                          true_label=b.true_label if wds else None)
+                          keys=b.keys, images=pixels if keep else None, image_files=files if keep else None,
+                          true_label=b.true_label if keep else None)
 
 
 class ShardSink:

@@ -7,7 +7,8 @@ label mode, geometry), per sample `i` in `[0, N)`: the direction `d` int8 [C,H,W
 joined by the sample index. This package stores numpy arrays and knows neither.
 
 Formats (see storage_schemas/*.json for the exact layouts), one backend module each,
-registered in `BACKENDS` and loaded when a store of that format is first opened:
+declared once in `registry` (name = folder suffix, capabilities) and loaded when a store of
+that format is first opened:
   - ``zarr``: zarr v3 arrays `direction`, `logits`, `label`, sharded by `shard_size`
     samples, blosc(zstd, bit-shuffle) chunks; dataset keys in `keys/NNNNNN.json`.
   - ``wds``: one WebDataset tar per shard with per-sample members (clean image too).
@@ -22,8 +23,8 @@ Readers refuse incomplete stores.
         a, b = w.shard_range(s)
         w.write_shard(s, direction=..., logits=..., label=..., keys=..., images=None)
     w.finalize()
-    r = open_store(path)
-    batch = r.read(a, b)                  # contiguous, chunk_samples-aligned blocks are fast
+    r = open_store(path)                  # the store's handle: pass it on (verify_store(r),
+    batch = r.read(a, b)                  # DirectionStream([r])) rather than reopening the path
 
 A producer decides "reuse, resume or create?" with `existing_manifest(path)`: None where
 no store exists yet, else the store's validated manifest (`complete`, `extra`, ...).

@@ -8,6 +8,7 @@ sample range touches (`shard_spans`) and which direction values are valid
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping, Protocol, Sequence
 
@@ -28,6 +29,7 @@ from .manifest import (
     write_json_atomic,
     write_manifest,
 )
+from .registry import store_format
 
 __all__ = ["Backend", "StoreReader", "StoreWriter", "directions_valid", "shard_spans"]
 
@@ -67,6 +69,12 @@ class _StoreFiles:
         self.chunk_samples: int = manifest["chunk_samples"]
         self.geometry = self.identity.geometry
         self.num_classes = self.identity.num_classes
+
+    @property
+    def keeps_clean_images(self) -> bool:
+        """Whether this format stores the clean image and true label beside the directions
+        (declared by the format's `registry.StoreFormat`, not by the callers)."""
+        return store_format(self.fmt).keeps_clean_images
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r})"
@@ -221,9 +229,27 @@ class StoreReader(_StoreFiles):
         self.complete: bool = manifest["complete"]
         self.records = records
         self._done = set(records)
+        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return self.num_samples
+
+    # A reader is the store's handle for a whole run: `open_store` reads and schema-checks the
+    # manifest once, and the handle is passed on (verify, the trainer's checks, every epoch's
+    # stream and its loader workers) instead of each of them opening the path again.
+
+    def reopened(self) -> StoreReader:
+        """A new reader of the same store from this one's validated manifest and records: for
+        another process (a forked loader worker must not use its parent's open files)."""
+        return type(self)(self.path, self.manifest, self.records)
+
+    def for_this_process(self) -> StoreReader:
+        """This reader in the process that opened it, else `reopened()` (no manifest re-read)."""
+        return self if self._pid == os.getpid() else self.reopened()
+
+    def __reduce__(self) -> tuple:
+        # Pickled (spawned loader workers, dask) as what it was opened from, never its open files.
+        return type(self), (self.path, self.manifest, self.records)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, N={self.num_samples})"

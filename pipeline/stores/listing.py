@@ -11,6 +11,7 @@ from enspipe.errors import StoreError
 from enspipe.fileio import dir_bytes
 
 from .manifest import MANIFEST_NAME, done_records, read_manifest
+from .registry import format_of
 
 __all__ = ["StoreInfo", "list_stores", "store_info"]
 
@@ -38,7 +39,7 @@ class StoreInfo:
 def store_info(path: str | os.PathLike) -> StoreInfo:
     """Summary of one store; never raises for a damaged store (reports `problem`)."""
     path = Path(path)
-    fmt = path.suffix.lstrip(".")
+    fmt = format_of(path) or path.suffix.lstrip(".")
     size = dir_bytes(path)
     try:
         m = read_manifest(path)
@@ -66,7 +67,7 @@ def store_info(path: str | os.PathLike) -> StoreInfo:
 
 
 def list_stores(root: str | os.PathLike) -> list[StoreInfo]:
-    """Every store (a `*.zarr` or `*.wds` directory with a manifest) under root, by path."""
+    """Every store (a folder with a store format's suffix, `*.zarr`, `*.wds`, and a manifest) under root, by path."""
     found = []
     for dirpath, dirnames, _ in os.walk(root):
         keep = []
@@ -74,7 +75,7 @@ def list_stores(root: str | os.PathLike) -> list[StoreInfo]:
             if d.startswith("."):
                 continue  # temporary directories of create_store
             full = Path(dirpath) / d
-            if full.suffix in (".zarr", ".wds") and (full / MANIFEST_NAME).is_file():
+            if format_of(d) is not None and (full / MANIFEST_NAME).is_file():
                 found.append(store_info(full))
             else:
                 keep.append(d)

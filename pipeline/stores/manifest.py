@@ -20,19 +20,20 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 from enspipe.errors import StoreError
 from enspipe.fileio import atomic_write_json
 from enspipe.limits import current_limits
 
+from .registry import FORMATS
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 RECORDS_DIR = "shards"
-FORMATS = ("zarr", "wds")
 LABEL_MODES = ("true", "pred")
 
-Format = Literal["zarr", "wds"]
+Format = str  # one of FORMATS (registry.py declares the formats; a Literal would repeat them)
 
 
 # --------------------------------------------------------------------------- identity

@@ -103,12 +103,17 @@ def open_writer(path: str | os.PathLike) -> StoreWriter:
     return get_backend(manifest["format"]).Writer(Path(path), manifest)
 
 
-def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False) -> StoreReader:
+def open_store(path: str | os.PathLike | StoreReader, *, allow_incomplete: bool = False) -> StoreReader:
     """Open a store for reading after validating its manifest and (cheaply) its shard files.
 
     Incomplete stores are refused unless `allow_incomplete`, in which case only the done
-    shards can be read. Full checksums are `verify_store`'s job.
+    shards can be read. Full checksums are `verify_store`'s job. Given a reader (a store
+    opened earlier in this run), returns it as it is: a store is opened once and passed on.
     """
+    if isinstance(path, StoreReader):
+        if not (path.complete or allow_incomplete):  # opened with allow_incomplete by someone else
+            raise StoreError(f"store {path.path} is incomplete; re-run precompute to finish it.")
+        return path
     path = Path(path)
     manifest = read_manifest(path)
     records = done_records(path, manifest)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from enspipe.errors import StoreError
 
+from .base import StoreReader
 from .manifest import RECORDS_DIR, read_manifest, read_record, record_problems
 from .registry import get_backend
 
@@ -31,13 +32,20 @@ class VerifyReport:
         return "\n".join([head, *(f"  - {p}" for p in self.problems)])
 
 
-def verify_store(path: str | os.PathLike, *, deep: bool = True) -> VerifyReport:
-    """Check a store; `deep` also hashes every file and decodes every shard. Never raises for a bad store."""
-    path = Path(path)
-    try:
-        manifest = read_manifest(path)
-    except StoreError as exc:
-        return VerifyReport(False, [f"manifest: {exc}"], 0)
+def verify_store(path: str | os.PathLike | StoreReader, *, deep: bool = True) -> VerifyReport:
+    """Check a store; `deep` also hashes every file and decodes every shard. Never raises for a bad store.
+
+    Given a reader (`open_store`'s handle), its manifest, read and schema-checked when it was
+    opened, is used instead of reading it again; everything else is checked as for a path.
+    """
+    if isinstance(path, StoreReader):
+        path, manifest = path.path, path.manifest
+    else:
+        path = Path(path)
+        try:
+            manifest = read_manifest(path)
+        except StoreError as exc:
+            return VerifyReport(False, [f"manifest: {exc}"], 0)
     backend = get_backend(manifest["format"])
     problems = list(backend.store_problems(path, manifest))
     complete = manifest["complete"]
