@@ -45,12 +45,8 @@ import torch
 
 from enspipe.data import SampleSource
 from enspipe.errors import ConfigError
-<<<<<<< HEAD
 from enspipe.sampling import PlannedBatch, Unit, epoch_plan, rank_blocks
-=======
-from enspipe.sampling import block_order
 from enspipe.stores import StoreReader
->>>>>>> h27store
 
 __all__ = ["AUGMENTS", "DirectionStream", "SELF", "SourceBatches", "apply_augment", "augment_params",
            "rank_and_world"]
@@ -116,26 +112,17 @@ class DirectionStream(torch.utils.data.IterableDataset):
     """Samples of `dataset` with the directions of every store in `stores` (see the module doc).
 
     Per sample: {"index": int, "x": uint8 [C,H,W], "y": int, "d": int8 [K,C,H,W]} (K = len(stores),
-<<<<<<< HEAD
     store order); with `batch_size`, the same keys batched ([B], [B,C,H,W], [B], [B,K,C,H,W]) and
     "seq", the batch's number in the rank's epoch. Every store is checked against the dataset
     (fingerprint, geometry, N) when the stream is made; readers are opened in the process that
     iterates (file handles do not cross processes).
-    """
-
-    SAMPLE_UNIT = 64  # samples shuffled out at a time when yielding single samples
-
-    def __init__(self, dataset: SampleSource, stores: Sequence[str | os.PathLike] = (), *,
-=======
-    store order); with `batch_size`, the same keys batched ([B], [B,C,H,W], [B], [B,K,C,H,W]).
-    Every store is checked against the dataset (fingerprint, geometry, N) when the stream is
-    made; readers are opened in the process that iterates (file handles do not cross processes).
     A store may be given as a path or as an open reader (`open_store`'s handle): a reader's
     validated manifest is reused, in loader workers too, so each store is opened once per run.
     """
 
+    SAMPLE_UNIT = 64  # samples shuffled out at a time when yielding single samples
+
     def __init__(self, dataset: SampleSource, stores: Sequence[str | os.PathLike | StoreReader] = (), *,
->>>>>>> h27store
                  batch_size: int | None = None, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                  block_size: int = 256, buffer_blocks: int = 8, augment: str = "none", crop_padding: int = 2,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
@@ -157,14 +144,10 @@ class DirectionStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank_and_world(rank, world_size)
         self.drop_last = drop_last
         if check:
-<<<<<<< HEAD
             from enspipe.data.base import superseded_fingerprints
 
-            for reader in self._readers():
-=======
             self._handles = self._readers()  # opened here once; the iterating processes reuse them
             for reader in self._handles:
->>>>>>> h27store
                 reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,
                                         num_samples=len(dataset), superseded=superseded_fingerprints(dataset))
 

@@ -54,13 +54,9 @@ from enspipe.models import EnsModel, load_model_for, save_model
 from enspipe.paths import check_output
 from enspipe.runlog import RunLog, check_sinks
 from enspipe.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
-<<<<<<< HEAD
 from enspipe.schedule import learning_rate, param_groups, set_learning_rate
 from enspipe.precision import PRECISIONS, Precision  # noqa: F401 -- `enspipe.train.PRECISIONS`, as before
-=======
-from enspipe.schedule import SCHEDULES, learning_rate, param_groups, set_learning_rate
 from enspipe.stores import StoreReader
->>>>>>> h27store
 from enspipe.stream import SELF, SourceBatches
 from enspipe.trainkit import CheckpointWriter, FrozenModel, Window, epoch_batches, prune_checkpoints, snapshot, validate
 

@@ -158,16 +158,9 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
         # Resolved once per stream (a store's bytes need the device's native kernels: strict).
         precisions = {job.precision: Precision.resolve(job.precision, device, strict=True) for job, *_ in todo}
         for job, s, writers, start, stop in todo:
-<<<<<<< HEAD
             precision = precisions[job.precision]
             precision.prepare_model(model)
-            wds = any(w.fmt == "wds" for w in writers)  # wds keeps the clean image and true label beside d
-=======
-            check_precision(job.precision, device)
-            prepare_model(model, job.precision, device)
-            channels_last = uses_channels_last(job.precision, device)
             keep = any(w.keeps_clean_images for w in writers)  # a format that stores the clean image + true label
->>>>>>> h27store
             sink.put(ShardBegin(s, start, stop, writers, keys=dataset.keys[start:stop],
                                 images=_clean_images(dataset, start, stop) if keep and job.wds_images == "source"
                                 else None,

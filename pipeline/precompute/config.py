@@ -4,27 +4,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-<<<<<<< HEAD
 from enspipe.attack_records import attack_names
 from enspipe.config import check, check_declared, config_to_dict, normalize, option, renamed
 from enspipe.configs import fields
 from enspipe.precision import STORE_PRECISIONS as PRECISIONS
-=======
-from enspipe.config import OptionError, check, config_to_dict, normalize, option, renamed
 from enspipe.stores.registry import FORMATS as STORE_FORMATS
->>>>>>> h27store
 
 __all__ = ["ATTACKS", "FORMATS", "LABEL_MODES", "PRECISIONS", "WDS_IMAGES", "PrecomputeConfig"]
 
 ATTACKS = attack_names(storable=True)  # what a store can hold: read from the attack records
 LABEL_MODES = ("pred", "true")
-<<<<<<< HEAD
-FORMATS = {"zarr": ("zarr",), "wds": ("wds",), "both": ("zarr", "wds")}  # `format` -> store formats
-=======
 # `format` -> store formats: each registered store format, and "both" (zarr and wds at once).
 FORMATS = {**{f: (f,) for f in STORE_FORMATS}, "both": ("zarr", "wds")}
-PRECISIONS = ("fp32", "bf16")
->>>>>>> h27store
 WDS_IMAGES = ("source", "none")
 
 
