@@ -726,6 +726,10 @@ class Attack:
                 extra["generator"] = torch.Generator().manual_seed(int(self.seed))
         return ATTACKS[self.name](model, x, y, **self.params, **extra)
 
+    def with_seed(self, seed: int | torch.Generator | None) -> Attack:
+        """The same attack (parameters as resolved, not parsed again) drawing its noise from `seed`."""
+        return Attack(self.name, self.params, seed=seed)
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"Attack({self.name!r}, {args})"

@@ -120,6 +120,8 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
             white[s].setdefault(a, _Counter(topk))
 
     params = cfg.attack_params()
+    # Each attack built (its parameters parsed and checked) once; per batch only its seed changes.
+    built = {a: attacks.create_attack(a, **params[a]) for a in cfg.attacks}
     nb = math.ceil(len(data) / cfg.batch_size)
     # Progress: a bar naming the attack on a terminal; in a log, a line every 30 s and one per attack.
     spent = dict.fromkeys(cfg.attacks, 0.0)
@@ -147,7 +149,7 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
             bar.set_postfix(attack=a)
             started = time.perf_counter()
             # Seeded per batch, fresh on every call: every target and source draws the same noise.
-            attack = attacks.create_attack(a, seed=cfg.seed * 1_000_003 + b, **params[a])
+            attack = built[a].with_seed(cfg.seed * 1_000_003 + b)
             for t, m in targets.items():
                 x_adv = attack(m, x, y)
                 with torch.no_grad():

@@ -1,7 +1,10 @@
 """Training: clean, online single-step adversarial, and ensemble adversarial (§3.4, §4.2).
 
-(Over 400 lines on purpose: the run's configuration, its batches and the one training loop
-read best together; the loop's machinery lives in `enspipe.trainkit`.)
+(Over 400 lines on purpose: a run's batches, its preparation and the one training loop read
+best together; the configuration is `enspipe.configs.train`, the loop's machinery `enspipe.trainkit`.)
+
+A run is `prepare_run` (the attack resolved, data and stores verified, model, optimizer and grad
+scaler made or restored, config.json written: a `Prepared`) and then `_train`'s one loop.
 
 One loop serves the three modes. Per batch an adversarial *source* is drawn:
   clean    no source; the batch is trained as is.
@@ -311,8 +314,34 @@ def _resume_history(cfg: TrainConfig, config_path: Path, run_dir: Path) -> list[
     return saved.get("epochs_history") or [{"epochs": old["epochs"], "from_epoch": 0}]
 
 
-def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: int, device: torch.device,
-           stream_factory: StreamFactory, on_metrics: MetricsFn | None, adversarial: AdversarialFn) -> TrainResult:
+@dataclass
+class Prepared:
+    """A run ready for its loop: what `prepare_run` resolved, loaded and restored."""
+
+    cfg: TrainConfig                  # with the attack resolved (config.json records it)
+    run_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    precision: Precision
+    dataset: SampleSource
+    val: SampleSource | None          # the held-out samples of `val_limit`
+    model: EnsModel
+    net: torch.nn.Module              # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: Any                       # Precision.grad_scaler(): a no-op unless fp16
+    start_epoch: int
+    step: int
+    nbatches: int                     # batches per epoch on this rank
+    per_rank: int | None              # under DDP: the steps every rank takes per epoch
+    schedule: dict[str, Any]          # learning_rate()'s keywords
+
+
+def prepare_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: int,
+                device: torch.device) -> Prepared:
+    """Everything before the first step: the attack resolved, a resume checked, the data and the
+    stores verified, the model, optimizer and grad scaler made (and restored from the last
+    checkpoint), config.json written."""
     config_path = run_dir / "config.json"
     # Resolved before anything else: config.json records the attack actually used, and a
     # resumed run compares resolved configurations.
@@ -380,28 +409,36 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    per_rank = _batches_per_rank(len(dataset), cfg, world) if world > 1 else None
+    nbatches = per_rank or math.ceil(len(dataset) / world / cfg.batch_size)
+    schedule = dict(schedule=cfg.schedule, batches=nbatches, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                    lr_decay=cfg.lr_decay, lr_decay_every=cfg.lr_decay_every)
+    return Prepared(cfg, run_dir, rank, world, device, precision, dataset, val, model, net, optimizer, scaler,
+                    start_epoch, step, nbatches, per_rank, schedule)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: int, device: torch.device,
+           stream_factory: StreamFactory, on_metrics: MetricsFn | None, adversarial: AdversarialFn) -> TrainResult:
+    r = prepare_run(cfg, run_dir, resume=resume, rank=rank, world=world, device=device)
+    cfg, model, net, optimizer, scaler, precision, step = r.cfg, r.model, r.net, r.optimizer, r.scaler, r.precision, r.step
     # Records after the checkpoint's step were made by a killed run; they are made again.
     log = RunLog(run_dir, sinks=cfg.log, write=rank == 0, resume_step=step, on_metrics=on_metrics)
     writer = CheckpointWriter()
-    per_rank = _batches_per_rank(len(dataset), cfg, world) if world > 1 else None
-    nbatches = per_rank or math.ceil(len(dataset) / world / cfg.batch_size)
-    epochs_bar = progress(total=cfg.epochs, initial=start_epoch, desc=f"train {run_dir.name}", unit="epoch",
+    epochs_bar = progress(total=cfg.epochs, initial=r.start_epoch, desc=f"train {run_dir.name}", unit="epoch",
                           bar=False, disable=None if rank == 0 else True)
     totals = {"online_passes": 0, "batches": 0, "samples": 0}
-    schedule = dict(schedule=cfg.schedule, batches=nbatches, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-                    lr_decay=cfg.lr_decay, lr_decay_every=cfg.lr_decay_every)
     # The epochs' batches: read, shuffled, source-drawn and augmented ahead of the step (in
     # cfg.loader_workers processes that live for the whole run) in an order fixed by (seed, epoch,
     # rank), so that a resumed run replays exactly what an uninterrupted one would have.
-    epochs = epoch_batches(lambda e: stream_factory(dataset, cfg, e, rank, world),
+    epochs = epoch_batches(lambda e: stream_factory(r.dataset, cfg, e, rank, world),
                            lambda stream: batch_loader(stream, cfg, device),
-                           range(start_epoch, cfg.epochs), cfg.loader_workers, per_rank)
+                           range(r.start_epoch, cfg.epochs), cfg.loader_workers, r.per_rank)
     ended = None  # when the previous epoch's work was done: its boundary is the time to this epoch's first batch
     try:
         for epoch, batches in epochs:
             window = Window(1 + len(cfg.shards), device)
             model.train()
-            bar = progress(total=nbatches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", lines=False,
+            bar = progress(total=r.nbatches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", lines=False,
                            leave=True, disable=None if rank == 0 else True)
             order: list[torch.Tensor] = []
             records: list[dict[str, Any]] = []
@@ -412,7 +449,7 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                     window.boundary = time.perf_counter() - ended
                 if cfg.record_indices:
                     order.append(batch["index"])
-                lr = learning_rate(cfg.learning_rate, epoch=epoch, batch=i, **schedule)
+                lr = learning_rate(cfg.learning_rate, epoch=epoch, batch=i, **r.schedule)
                 set_learning_rate(optimizer, lr)
                 # The inputs: a share of the batch replaced by x_adv, from a stored direction or,
                 # when the model itself is the drawn source, from an online pass.
@@ -454,13 +491,13 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                 log.write(records[-1])
             ended = time.perf_counter()  # the device is drained (the flush read it): from here it waits
             summary = _epoch_summary(records)
-            if val is not None and rank == 0:
-                v = validate(model, val, eps=cfg.eps, device=device, precision=precision)
+            if r.val is not None and rank == 0:
+                v = validate(model, r.val, eps=cfg.eps, device=device, precision=precision)
                 log.write({"kind": "val", "epoch": epoch + 1, "step": step, **v})
                 summary.update(val_clean_error=round(v["clean_error"], 4), val_fgsm_error=round(v["fgsm_error"], 4))
             epochs_bar.update(1, **summary)
             if rank == 0:
-                writer.submit(_checkpoint_job(run_dir, model, optimizer, scaler, epoch, step, dataset, cfg, device))
+                writer.submit(_checkpoint_job(run_dir, model, optimizer, scaler, epoch, step, r.dataset, cfg, device))
         writer.wait()
     finally:
         writer.close()

@@ -215,3 +215,34 @@ def test_evaluate_names_the_two_binarized_readings(digits_static, tmp_path):
     bpda, masked = res["models"][f"{name}+binarized"], res["models"][f"{name}+binarized-masked"]
     assert masked["whitebox"]["iter_fgsm"]["error"] == masked["clean"]["error"]
     assert bpda["whitebox"]["iter_fgsm"]["error"] > bpda["clean"]["error"]
+
+
+def test_evaluate_builds_each_attack_once_not_per_batch(digits_static, monkeypatch):
+    """Parsing an attack's parameters happens once per evaluation: four batches parse exactly as
+    often as one (the count of one batch is the oracle), and the seeded noise still differs
+    per batch, as before (a random attack's errors over 4 batches equal those of its 4 batches
+    evaluated with their own seeds)."""
+    calls = []
+    real = attacks._parse_params
+    monkeypatch.setattr(attacks, "_parse_params", lambda name, params: calls.append(name) or real(name, params))
+
+    def run(batch_size: int) -> tuple[int, dict]:
+        calls.clear()
+        res = evaluate(EvalConfig(models=(str(digits_static),), limit=LIMIT, batch_size=batch_size,
+                                  attacks=("fgsm", "rand_fgsm"), device="cpu"))
+        return len(calls), res["models"]
+
+    one, _ = run(LIMIT)
+    four, models = run(LIMIT // 4)
+    assert four == one and one > 0
+    (wb,) = [m["whitebox"] for m in models.values()]
+    model = load_model_for(str(digits_static), create_dataset("digits", limit=1), torch.device("cpu"))
+    data = create_dataset("digits", split="test", limit=LIMIT)
+    errors = 0
+    for b in range(4):  # seed * 1_000_003 + b with seed 0: batch b's own generator
+        sl = slice(b * LIMIT // 4, (b + 1) * LIMIT // 4)
+        x, y = data.images(sl), torch.as_tensor(data.labels[sl])
+        x_adv = attacks.rand_fgsm(model, x, y, eps=0.3, generator=torch.Generator().manual_seed(b))
+        with torch.no_grad():
+            errors += int((model(x_adv).argmax(1) != y).sum())
+    assert wb["rand_fgsm"]["errors"] == errors
