@@ -434,6 +434,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
+        # A signal to the whole process group (scancel, a container stop) also ended the
+        # DataLoader workers; torch's SIGCHLD handler would report each as a traceback while
+        # the loader is torn down after this line. They were told to stop: let them go quietly.
+        with contextlib.suppress(ValueError, AttributeError):
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         click.echo(_interrupted(args), err=True)
         sys.exit(143 if signal.SIGTERM in _signal_seen else 130)
     except click.ClickException as e:
