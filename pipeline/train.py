@@ -60,7 +60,7 @@ from enspipe.data import SampleSource, create_dataset
 from enspipe.errors import ConfigError, EnspipeError, StoreError
 from enspipe.fileio import atomic_target, hold_folder, release_folder
 from enspipe.models import EnsModel, load_model_for, save_model
-from enspipe.paths import check_output
+from enspipe.paths import check_output, check_outside_dataset
 from enspipe.runlog import LOG_SINKS, RunLog, check_sinks
 from enspipe.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
 from enspipe.schedule import SCHEDULES, learning_rate, param_groups, set_learning_rate
@@ -410,6 +410,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, *, resume:
         raise OptionError("out", "is required: the run directory to write")
     run_dir = Path(cfg.out)
     check_output(run_dir)  # never inside a store
+    check_outside_dataset(run_dir, cfg.dataset)  # nor inside the image folder it trains on
     rank, world, local_rank = _distributed()
     device = resolve_device(cfg.device)
     if world > 1:
