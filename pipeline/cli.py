@@ -54,8 +54,23 @@ def _message(e: EnspipeError) -> str:
 
     if isinstance(e, OptionError):
         return e.render(_flag(e.field), _flag).splitlines()[0]
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = _unwrap_worker(e, str(e))
+    text = text.splitlines()[0] if text else type(e).__name__
     return speak(text, _flag)
+
+
+def _unwrap_worker(e: Exception, text: str) -> str:
+    """A DataLoader worker's error as torch re-raises it ("Caught DataError in DataLoader
+    worker process 0.", then the worker's traceback) is the worker's own message again,
+    which names the file (the traceback ends in 'enspipe.errors.DataError: MESSAGE')."""
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return text
+    head = f"{type(e).__module__}.{type(e).__qualname__}: "
+    lines = text.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith(head):
+            return "\n".join([lines[i][len(head):], *lines[i + 1:]])
+    return text
 
 
 # --- Stage commands built from their config classes -----------------------------------------
