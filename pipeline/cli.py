@@ -54,8 +54,23 @@ def _message(e: EnspipeError) -> str:
 
     if isinstance(e, OptionError):
         return e.render(_flag(e.field), _flag).splitlines()[0]
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = _unwrap_worker(e, str(e))
+    text = text.splitlines()[0] if text else type(e).__name__
     return speak(text, _flag)
+
+
+def _unwrap_worker(e: Exception, text: str) -> str:
+    """A DataLoader worker's error as torch re-raises it ("Caught DataError in DataLoader
+    worker process 0.", then the worker's traceback) is the worker's own message again,
+    which names the file (the traceback ends in 'enspipe.errors.DataError: MESSAGE')."""
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return text
+    head = f"{type(e).__module__}.{type(e).__qualname__}: "
+    lines = text.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith(head):
+            return "\n".join([lines[i][len(head):], *lines[i + 1:]])
+    return text
 
 
 # --- Stage commands built from their config classes -----------------------------------------
@@ -437,6 +452,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
+        # A signal to the whole process group (scancel, a container stop) also ended the
+        # DataLoader workers; torch's SIGCHLD handler would report each as a traceback while
+        # the loader is torn down after this line. They were told to stop: let them go quietly.
+        with contextlib.suppress(ValueError, AttributeError):
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         click.echo(_interrupted(args), err=True)
         sys.exit(143 if signal.SIGTERM in _signal_seen else 130)
     except click.ClickException as e:

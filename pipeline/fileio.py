@@ -18,8 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_target", "atomic_write", "atomic_write_json", "dir_bytes", "is_temporary", "naming", "parse_json",
-           "process_umask", "read_text_file"]
+__all__ = ["atomic_target", "atomic_write", "atomic_write_json", "dir_bytes", "hold_folder", "is_temporary", "naming",
+           "parse_json", "process_umask", "read_text_file", "release_folder"]
 
 
 def process_umask() -> int:
@@ -136,3 +136,66 @@ def parse_json(text: str | bytes, path: str | os.PathLike, error: type[Exception
         raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except ValueError as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+
+
+# --- One writer per folder --------------------------------------------------------------------
+
+FOLDER_LOCK = ".enspipe.lock"  # in the folder it guards; hidden, and never a result file
+_held_folders: dict[str, Any] = {}  # resolved folder -> the open lock file (its flock is held)
+
+
+def hold_folder(folder: str | os.PathLike, *, what: str, field: str) -> None:
+    """Take an exclusive flock on FOLDER/.enspipe.lock for this process, until
+    `release_folder` (or the process dies: the OS drops the lock, so a SIGKILLed run never
+    blocks its resume). Holding it already is fine. Another process holding it is one line
+    (a ConfigError naming `field`, the option that chose the folder) and nothing is written.
+    The folder must exist."""
+    import fcntl
+
+    from enspipe.errors import ConfigError
+
+    key = os.path.realpath(folder)
+    if key in _held_folders:
+        return
+    path = Path(folder) / FOLDER_LOCK
+    while True:
+        try:
+            f = open(path, "a+")
+        except OSError:
+            # A folder this user cannot write: flock needs only a readable file, and where
+            # there is none the command fails on its own first write, naming the file.
+            try:
+                f = open(path)
+            except OSError:
+                return
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read(64).strip()
+            f.close()
+            raise ConfigError(f"{folder} is in use by another {what}{f' (pid {holder})' if holder.isdigit() else ''}; "
+                              f"wait for it to end or choose another `{field}`") from None
+        try:
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # its holder removed the file we locked as it ended: lock the new one
+    with contextlib.suppress(OSError):  # the holder's pid, for the refusal's line
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+    _held_folders[key] = f
+
+
+def release_folder(folder: str | os.PathLike) -> None:
+    """Drop this process's lock on `folder` (if held) and remove its file, so a finished
+    folder holds only results (a killed process leaves the file; the next one reuses it)."""
+    key = os.path.realpath(folder)
+    f = _held_folders.pop(key, None)
+    if f is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(key, FOLDER_LOCK))  # while held: see hold_folder's inode check
+        f.close()  # closing the last descriptor releases the flock

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from enspipe.errors import ConfigError
-from enspipe.fileio import atomic_write_json, dir_bytes, process_umask
+from enspipe.fileio import FOLDER_LOCK, atomic_write_json, dir_bytes, process_umask
 from enspipe.stores.registry import format_of
 
 __all__ = ["CacheEntry", "cache_entries", "default_cache", "gc", "is_cache_link", "publish", "register_job", "step_lock"]
@@ -135,8 +135,8 @@ def _copy_tree(src: Path, dest: Path, *, link: bool) -> None:
         dirnames[:] = [d for d in dirnames if not (d.startswith(".") and d.endswith(".tmp"))]
         (dest / rel).mkdir(parents=True, exist_ok=True)
         for name in files:
-            if name.startswith(".") and name.endswith(".tmp"):
-                continue  # a writer's temporary
+            if (name.startswith(".") and name.endswith(".tmp")) or name == FOLDER_LOCK:
+                continue  # a writer's temporary; the lock of the run that wrote the folder
             s, d = Path(dirpath) / name, dest / rel / name
             if can_link and not s.is_symlink():
                 try:

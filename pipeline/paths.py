@@ -21,7 +21,7 @@ from pathlib import Path
 from enspipe.errors import ConfigError
 from enspipe.stores.registry import format_of
 
-__all__ = ["check_output", "check_store_root", "enclosing_run", "enclosing_store", "is_run_dir", "is_store_dir"]
+__all__ = ["check_output", "check_outside_dataset", "check_store_root", "enclosing_run", "enclosing_store", "is_run_dir", "is_store_dir"]
 
 _MARKER_BYTES = 1 << 20  # a run's config.json / model.json is a few KiB; larger is no marker
 
@@ -82,3 +82,18 @@ def check_store_root(path: str | os.PathLike, *, flag: str = "--out") -> None:
     if run is not None:
         raise ConfigError(f"{flag} {path} is inside the training run {run}: stores go under a ROOT of "
                           "their own, not in a run's folder")
+
+
+def check_outside_dataset(path: str | os.PathLike, dataset: str, *, field: str = "out") -> None:
+    """Refuse an output inside the folder of an `imagefolder:PATH` dataset (one line naming
+    both): its folders (a run's checkpoints/, a ROOT's stores) would be listed as classes of
+    that dataset, shifting its labels and changing its fingerprint under what was just written."""
+    from enspipe.config import OptionError
+
+    kind, _, arg = str(dataset).partition(":")
+    if kind != "imagefolder" or not arg:
+        return
+    root, out = Path(arg).resolve(), Path(path).resolve()
+    if out == root or root in out.parents:
+        raise OptionError(field, f"{path} is inside the image folder {arg} of `dataset`: its folders would be "
+                          "read as classes of that dataset; choose a folder outside it")

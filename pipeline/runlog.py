@@ -7,7 +7,8 @@
 
 On `--resume` the run continues from its last checkpoint, so whatever was logged after that
 checkpoint's step is cut: metrics.jsonl keeps only records up to the step (no step appears
-twice), metrics.csv is rewritten from it, and TensorBoard purges the later events.
+twice), metrics.csv is rewritten from it (and kept up, even when the resume does not ask for csv), and
+TensorBoard purges the later events.
 """
 from __future__ import annotations
 
@@ -68,7 +69,10 @@ class RunLog:
             return
         kept = cut_metrics(run_dir, resume_step) if resume_step is not None else None
         self._jsonl = open(run_dir / "metrics.jsonl", "a")
-        if "csv" in sinks:
+        # A run resumed without `log` csv whose earlier attempt kept a metrics.csv keeps it
+        # too (cut to the checkpoint and continued, like metrics.jsonl): never a stale file
+        # holding rows of steps that were redone.
+        if "csv" in sinks or (resume_step is not None and (run_dir / "metrics.csv").exists()):
             path = run_dir / "metrics.csv"
             if kept is not None or not path.exists():  # (re)made from the records kept
                 buf = io.StringIO()

@@ -52,9 +52,9 @@ from enspipe.config import OptionError, runtime_fields
 from enspipe.configs.train import MODES, OPTIMIZERS, STORABLE, TrainConfig  # noqa: F401 -- re-exported
 from enspipe.data import SampleSource, create_dataset
 from enspipe.errors import ConfigError, EnspipeError, StoreError
-from enspipe.fileio import atomic_target
+from enspipe.fileio import atomic_target, hold_folder, release_folder
 from enspipe.models import EnsModel, load_model_for, save_model
-from enspipe.paths import check_output
+from enspipe.paths import check_output, check_outside_dataset
 from enspipe.runlog import RunLog, check_sinks
 from enspipe.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
 from enspipe.schedule import learning_rate, param_groups, set_learning_rate
@@ -277,6 +277,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, *, resume:
         raise OptionError("out", "is required: the run directory to write")
     run_dir = Path(cfg.out)
     check_output(run_dir)  # never inside a store
+    check_outside_dataset(run_dir, cfg.dataset)  # nor inside the image folder it trains on
     rank, world, local_rank = _distributed()
     device = resolve_device(cfg.device)
     if world > 1:
@@ -287,10 +288,15 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, *, resume:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
+        if rank == 0 and run_dir.is_dir():
+            # One train per run folder (issue 25): refused before anything there is read or
+            # written; a folder that does not exist yet is locked as _train creates it.
+            hold_folder(run_dir, what="train", field="out")
         return _train(cfg, run_dir, resume=cfg.resume, rank=rank, world=world, device=device,
                       stream_factory=stream_factory or batch_stream, on_metrics=on_metrics,
                       adversarial=adversarial or adversarial_inputs)
     finally:
+        release_folder(run_dir)
         if world > 1:
             import torch.distributed as dist
 
@@ -401,6 +407,7 @@ def prepare_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, wor
         history = [*history, {"epochs": cfg.epochs, "from_epoch": start_epoch}]
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        hold_folder(run_dir, what="train", field="out")  # before config.json replaces another run's
         write_json(config_path, {"train": cfg.to_dict(), "run_dir": str(run_dir), "world_size": world,
                                  "device": str(device), "dataset": dataset.identity(), "stores": stores,
                                  "model": model.config.to_dict(), "versions": versions(),

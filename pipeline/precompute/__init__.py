@@ -103,7 +103,7 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
     from enspipe.stores import create_store, open_writer
 
     from enspipe.models import is_model_path
-    from enspipe.paths import check_store_root
+    from enspipe.paths import check_outside_dataset, check_store_root
 
     device = resolve_device(cfg.device)
     if not cfg.scheduler:  # an existing cluster's workers choose their own device
@@ -115,6 +115,7 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
                           "needs `weights` CHECKPOINT or `pretrained`")
     check_root(cfg.out)
     check_store_root(cfg.out)
+    check_outside_dataset(cfg.out, cfg.dataset)  # a store's folders would be classes of the dataset
     with contextlib.ExitStack() as stack:
         # An existing scheduler is reached first (it is cheap), so an unreachable one fails
         # in seconds; a local cluster is only started when there is work for it.
