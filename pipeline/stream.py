@@ -118,6 +118,12 @@ class DirectionStream(torch.utils.data.IterableDataset):
     iterates (file handles do not cross processes).
     A store may be given as a path or as an open reader (`open_store`'s handle): a reader's
     validated manifest is reused, in loader workers too, so each store is opened once per run.
+
+    `sources` (with `batch_size`): draw each block's source from these ids, 0 for none (the
+    model being trained, SELF) and k for store k-1, balanced over the epoch; a batch then holds
+    one source's samples and reads that store only (a loop that uses one store per batch reads
+    one store, not K). It yields "source" and "d" int8 [B,C,H,W] of the drawn store (None for 0)
+    instead of every store's directions; this is `SourceBatches`, the trainer's form.
     """
 
     SAMPLE_UNIT = 64  # samples shuffled out at a time when yielding single samples
@@ -126,9 +132,17 @@ class DirectionStream(torch.utils.data.IterableDataset):
                  batch_size: int | None = None, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                  block_size: int = 256, buffer_blocks: int = 8, augment: str = "none", crop_padding: int = 2,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
-                 check: bool = True):
+                 check: bool = True, sources: Sequence[int] | None = None):
         if isinstance(stores, (str, os.PathLike, StoreReader)):
             raise ConfigError("stores must be a list of store paths, not one path")
+        if sources is not None:
+            sources = [int(k) for k in sources]
+            if batch_size is None:
+                raise ConfigError("sources needs batch_size: a drawn source is a batch's")
+            if not sources or len(set(sources)) != len(sources) or not all(0 <= k <= len(stores) for k in sources):
+                raise ConfigError(f"sources must be distinct ids in [0, {len(stores)}] (0: none, k: store k-1), "
+                                  f"not {sources!r}")
+        self.draw = sources
         if augment not in AUGMENTS:
             raise ConfigError(f"augment must be one of {', '.join(AUGMENTS)}, not {augment!r}")
         for name, value in (("block_size", block_size), ("buffer_blocks", buffer_blocks),
@@ -164,8 +178,12 @@ class DirectionStream(torch.utils.data.IterableDataset):
 
     @property
     def plan_sources(self) -> list[int]:
-        """The sources a block is drawn from: one here (every block reads every store)."""
-        return [0]
+        """The sources a block is drawn from (without `sources`: one, every block reads every store)."""
+        return [0] if self.draw is None else self.draw
+
+    def adv_rows(self, n: int) -> int:
+        """How many leading rows of an n-sample batch need the drawn source's direction."""
+        return n
 
     def plan(self) -> list[Unit]:
         """The rank's epoch as `enspipe.sampling.epoch_plan` units (the same in every worker)."""
@@ -191,6 +209,9 @@ class DirectionStream(torch.utils.data.IterableDataset):
                 yield from self._unit(unit, readers)
 
     def _unit(self, unit: Unit, readers: list[Any]) -> Iterator[dict[str, Any]]:
+        if self.draw is not None:
+            yield from self._drawn_unit(unit, readers)
+            return
         if not unit.blocks:  # the epoch's tail: samples read by index
             for b in unit.batches:
                 yield from self._emit(b, self._scattered(b, readers))
@@ -200,6 +221,54 @@ class DirectionStream(torch.utils.data.IterableDataset):
         for b in unit.batches:
             rows = _rows(spans, b.index)
             yield from self._emit(b, {k: v[rows] for k, v in window.items()})
+
+    def _drawn_unit(self, unit: Unit, readers: list[Any]) -> Iterator[dict[str, Any]]:
+        if not unit.blocks:  # the epoch's tail: samples read by index, the drawn store's rows only
+            for b in unit.batches:
+                part = {"index": b.index, "x": self.dataset.images_uint8(b.index), "y": self.dataset.labels[b.index]}
+                if b.source != SELF:
+                    rows = b.index[:self.adv_rows(len(b.index))]
+                    part["d"] = self._read_rows(readers[b.source - 1], rows.tolist())
+                yield self._source_batch(b.source, part, self._batch_rng(b.seq), seq=b.seq)
+            return
+        spans = [(s, e) for s, e, _ in unit.blocks]
+        x, index = self._images(unit.blocks), np.concatenate([np.arange(s, e) for s, e in spans])
+        # Directions of the store blocks only, each from its drawn store.
+        read = [(s, e, src) for s, e, src in unit.blocks if src != SELF]
+        d = np.concatenate([self._read_block(readers[src - 1], s, e) for s, e, src in read]) if read else None
+        for b in unit.batches:
+            rows = _rows(spans, b.index)
+            part = {"index": index[rows], "x": x[rows], "y": self.dataset.labels[b.index]}
+            if b.source != SELF:
+                part["d"] = d[_rows([(s, e) for s, e, _ in read], b.index[:self.adv_rows(len(b.index))])]
+            yield self._source_batch(b.source, part, self._batch_rng(b.seq), seq=b.seq)
+
+    def _read_block(self, reader: Any, start: int, stop: int) -> np.ndarray:
+        """A store's directions of samples [start, stop) (a subclass may stand in for the read)."""
+        return reader.read_directions(start, stop)
+
+    def _read_rows(self, reader: Any, indices: list[int]) -> np.ndarray:
+        """A store's directions of scattered samples (the epoch's tail)."""
+        return reader.read_indices(indices)["direction"]
+
+    def _source_batch(self, source: int, part: dict[str, np.ndarray], rng: np.random.Generator, *,
+                      seq: int = 0) -> dict[str, Any]:
+        n = len(part["index"])
+        x = part["x"]
+        d = part["d"][:self.adv_rows(n)] if source != SELF else None
+        aug = None
+        if self.augment != "none":
+            aug = augment_params(rng, n, self.augment, self.crop_padding)
+            x = apply_augment(x, aug, self.crop_padding)
+            if d is not None:
+                d = apply_augment(d, aug[:len(d)], self.crop_padding)
+        return {"index": torch.from_numpy(part["index"].astype(np.int64)),
+                "x": torch.from_numpy(np.ascontiguousarray(x)),
+                "y": torch.from_numpy(part["y"].astype(np.int64)),
+                "seq": int(seq),
+                "source": int(source),
+                "d": torch.from_numpy(np.ascontiguousarray(d)) if d is not None else None,
+                "aug": torch.from_numpy(aug) if aug is not None else None}
 
     def _window(self, unit: Unit, readers: list[Any]) -> dict[str, np.ndarray]:
         index = np.concatenate([np.arange(s, e) for s, e, _ in unit.blocks])
@@ -268,71 +337,16 @@ class SourceBatches(DirectionStream):
 
     def __init__(self, dataset: SampleSource, stores: Sequence[str | os.PathLike | StoreReader] = (), *, batch_size: int,
                  include_self: bool = True, **kw: Any):
-        super().__init__(dataset, stores, batch_size=batch_size, **kw)
-        self.include_self = include_self
-        if not include_self and not self.stores:
+        if not include_self and not stores:
             raise ConfigError("SourceBatches needs a store when the model itself is not a source")
+        self.include_self = include_self
+        super().__init__(dataset, stores, batch_size=batch_size,
+                         sources=([SELF] if include_self else []) + [k + 1 for k in range(len(stores))], **kw)
 
     @property
     def sources(self) -> list[int]:
-        return ([SELF] if self.include_self else []) + [k + 1 for k in range(len(self.stores))]
-
-    @property
-    def plan_sources(self) -> list[int]:
-        return self.sources
-
-    def adv_rows(self, n: int) -> int:
-        """How many leading rows of an n-sample batch need the source's direction."""
-        return n
+        return list(self.draw)
 
     def block_sources(self) -> np.ndarray:
         """The drawn source of each of this rank's blocks of the epoch (in block_order's order)."""
         return np.array([src for unit in self.plan() for _, _, src in unit.blocks], dtype=np.int64)
-
-    def _unit(self, unit: Unit, readers: list[Any]) -> Iterator[dict[str, Any]]:
-        if not unit.blocks:  # the epoch's tail: samples read by index, the drawn store's rows only
-            for b in unit.batches:
-                part = {"index": b.index, "x": self.dataset.images_uint8(b.index), "y": self.dataset.labels[b.index]}
-                if b.source != SELF:
-                    rows = b.index[:self.adv_rows(len(b.index))]
-                    part["d"] = self._read_rows(readers[b.source - 1], rows.tolist())
-                yield self._source_batch(b.source, part, self._batch_rng(b.seq), seq=b.seq)
-            return
-        spans = [(s, e) for s, e, _ in unit.blocks]
-        x, index = self._images(unit.blocks), np.concatenate([np.arange(s, e) for s, e in spans])
-        # Directions of the store blocks only, each from its drawn store.
-        read = [(s, e, src) for s, e, src in unit.blocks if src != SELF]
-        d = np.concatenate([self._read_block(readers[src - 1], s, e) for s, e, src in read]) if read else None
-        for b in unit.batches:
-            rows = _rows(spans, b.index)
-            part = {"index": index[rows], "x": x[rows], "y": self.dataset.labels[b.index]}
-            if b.source != SELF:
-                part["d"] = d[_rows([(s, e) for s, e, _ in read], b.index[:self.adv_rows(len(b.index))])]
-            yield self._source_batch(b.source, part, self._batch_rng(b.seq), seq=b.seq)
-
-    def _read_block(self, reader: Any, start: int, stop: int) -> np.ndarray:
-        """A store's directions of samples [start, stop) (a subclass may stand in for the read)."""
-        return reader.read_directions(start, stop)
-
-    def _read_rows(self, reader: Any, indices: list[int]) -> np.ndarray:
-        """A store's directions of scattered samples (the epoch's tail)."""
-        return reader.read_indices(indices)["direction"]
-
-    def _source_batch(self, source: int, part: dict[str, np.ndarray], rng: np.random.Generator, *,
-                      seq: int = 0) -> dict[str, Any]:
-        n = len(part["index"])
-        x = part["x"]
-        d = part["d"][:self.adv_rows(n)] if source != SELF else None
-        aug = None
-        if self.augment != "none":
-            aug = augment_params(rng, n, self.augment, self.crop_padding)
-            x = apply_augment(x, aug, self.crop_padding)
-            if d is not None:
-                d = apply_augment(d, aug[:len(d)], self.crop_padding)
-        return {"index": torch.from_numpy(part["index"].astype(np.int64)),
-                "x": torch.from_numpy(np.ascontiguousarray(x)),
-                "y": torch.from_numpy(part["y"].astype(np.int64)),
-                "seq": int(seq),
-                "source": int(source),
-                "d": torch.from_numpy(np.ascontiguousarray(d)) if d is not None else None,
-                "aug": torch.from_numpy(aug) if aug is not None else None}

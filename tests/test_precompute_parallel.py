@@ -96,7 +96,8 @@ def test_loader_worker_error_is_the_original_one_line(tmp_path, jpegs):
 
     broken = tmp_path / "broken"
     shutil.copytree(jpegs, broken)
-    victim = sorted((broken / "train").rglob("*.JPEG"))[5]
+    before = create_dataset(f"imagefolder:{broken}", image_size=SIZE)
+    victim = before.folder / before._files[5]  # sample 5 of the canonical (class-interleaved) order
     victim.write_bytes(b"not a jpeg")
     ds = create_dataset(f"imagefolder:{broken}", image_size=SIZE)
     with ChunkLoader(ds, 2) as loader, pytest.raises(DataError, match="cannot decode image") as e:

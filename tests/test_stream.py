@@ -112,20 +112,17 @@ def test_a_plain_training_loop_on_the_stream(stores, ds):
     torch.manual_seed(0)
     model = create_model("D", num_classes=10, input_size=(1, 28, 28))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    stream = DirectionStream(ds, stores, batch_size=64, seed=0)
+    stream = DirectionStream(ds, stores, batch_size=64, seed=0, sources=range(1 + len(stores)))
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
-    rng = np.random.default_rng(0)
     losses = []
     for epoch in range(2):
         stream.set_epoch(epoch)
         for b in loader:
-            x, y = b["x"].float() / 255, b["y"]
-            k = int(rng.integers(0, 1 + b["d"].shape[1]))   # the source: the model itself or a store
-            half = len(x) // 2
-            if k == 0:
+            x, y, half = b["x"].float() / 255, b["y"], len(b["y"]) // 2
+            if b["source"] == 0:   # the model itself: an online pass, with its predicted label
                 d, _, _ = attacks.direction(model, x[:half], attack="fgsm", label="pred")
-            else:
-                d = b["d"][:half, k - 1]
+            else:                  # store source-1: its directions, read from that store only
+                d = b["d"][:half]
             x = torch.cat([attacks.apply_direction(x[:half], d, 0.3), x[half:]])
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
@@ -134,6 +131,38 @@ def test_a_plain_training_loop_on_the_stream(stores, ds):
             losses.append(loss.item())
     assert len(losses) == 2 * int(np.ceil(LIMIT / 64)) and all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_drawn_sources_read_one_store_per_batch(stores, ds, monkeypatch):
+    """Issue 26 item 3: with `sources`, a batch carries its drawn store's directions (read whole
+    from that store, compared here), and an epoch reads about N*K/(K+1) directions, not N*K."""
+    from enspipe.stores import StoreReader
+
+    want = _directions(stores)
+    reads = {"n": 0}
+    original = StoreReader.read_directions
+
+    def counting(self, start, stop):
+        reads["n"] += stop - start
+        return original(self, start, stop)
+
+    monkeypatch.setattr(StoreReader, "read_directions", counting)
+    stream = DirectionStream(ds, stores, batch_size=32, block_size=64, seed=3, sources=[0, 1, 2])
+    seen, drawn = [], set()
+    for b in stream:
+        idx = b["index"].numpy()
+        seen += idx.tolist()
+        drawn.add(b["source"])
+        if b["source"] == 0:
+            assert b["d"] is None
+        else:
+            np.testing.assert_array_equal(b["d"].numpy(), want[idx, b["source"] - 1])
+    assert sorted(seen) == list(range(LIMIT)) and drawn == {0, 1, 2}
+    assert reads["n"] <= LIMIT * 2 / 3 + 2 * 64  # two of three sources read, up to a block's worth
+    with pytest.raises(ConfigError, match="sources needs batch_size"):
+        DirectionStream(ds, stores, sources=[0, 1])
+    with pytest.raises(ConfigError, match=r"sources must be distinct ids in \[0, 2\]"):
+        DirectionStream(ds, stores, batch_size=8, sources=[0, 3])
 
 
 def test_a_stream_refuses_stores_of_other_data(stores):
