@@ -3,6 +3,7 @@
     pip install adversarial-robustness-toolbox && pip install --no-deps torchattacks
     python benchmarks/bench_peers.py --quick                 # a few minutes on 2 CPU cores
     python benchmarks/bench_peers.py --full --device cuda    # GPU machine sizes
+    python benchmarks/bench_peers.py --smoke --parts 4       # seconds: the test suite's check (figures meaningless)
 
 (torchattacks 3.5.1 pins requests~=2.25.1 but never imports it: --no-deps keeps pip from
 downgrading requests/idna/urllib3 under everything else; see BENCHMARKS.md `## peers`.)
@@ -93,6 +94,11 @@ class Sizes:
 QUICK = Sizes(name="quick", n_train=1024, n_test=500, epochs=1, rounds=3, setup_limit=1024, setup_epochs=1,
               memory_ns=(1024, 4096, 16384), memory_steps=34, memory_art_steps=1, attack_batch=64, attack_rounds=6,
               store_n=2048, store_read_n=1024, store_rounds=2, resnet_batch=4, resnet_steps=2)
+# The test suite's smoke run (tests/test_benchmarks_smoke.py): every code path of the chosen
+# parts at the smallest sizes that still run them; its figures mean nothing.
+SMOKE = Sizes(name="smoke", n_train=128, n_test=64, epochs=1, rounds=1, setup_limit=128, setup_epochs=1,
+              memory_ns=(128, 256), memory_steps=2, memory_art_steps=1, attack_batch=16, attack_rounds=1,
+              store_n=64, store_read_n=32, store_rounds=1, resnet_batch=1, resnet_steps=1)
 FULL = Sizes(name="full", n_train=60000, n_test=10000, epochs=1, rounds=3, setup_limit=60000, setup_epochs=3,
              memory_ns=(10000, 30000, 60000), memory_steps=None, memory_art_steps=None, attack_batch=256,
              attack_rounds=10, store_n=8192, store_read_n=None, store_rounds=3, resnet_batch=128, resnet_steps=20)
@@ -656,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="CPU sizes, a few minutes on 2 cores (default)")
     size.add_argument("--full", action="store_true", help="GPU machine sizes (60k MNIST, full epochs)")
+    size.add_argument("--smoke", action="store_true",
+                      help="the smallest sizes that run every code path (the test suite's check; figures meaningless)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads for every contender (default: torch's own, one per core). "
@@ -684,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--threads must be at least 1")
         THREADS = args.threads
         torch.set_num_threads(args.threads)  # parts 3 and 4 run in this process
-    sizes = FULL if args.full else QUICK
+    sizes = FULL if args.full else SMOKE if args.smoke else QUICK
     device = resolve_device(args.device)
     parts = {int(p) for p in args.parts.split(",") if p.strip()}
     keep = args.workdir is not None

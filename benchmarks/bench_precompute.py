@@ -17,7 +17,7 @@ with a Step-LL store of the paper's architecture B, trained briefly first (1 epo
                  thread), zarr and wds: samples / wall time of the whole call (store
                  creation, compute, writing, and the finalize that re-hashes every file).
                  Target: zarr with overlap / bare >= 0.85.
-  2 workers      `precompute(workers=2)`: a dask LocalCluster of 2 single-threaded worker
+  2 workers      `precompute(dask_workers=2)`: a dask LocalCluster of 2 single-threaded worker
                  processes against in-process (2 torch threads). End to end (cluster start-up
                  and each worker loading data and model included), and steady state: shards
                  completed per second between the workers' first and last shard, read from
@@ -67,11 +67,12 @@ log = logger("bench_precompute")
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="4,096 images, 2 rounds (about 3 minutes on 2 idle cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="4,096 images, 2 rounds (about 3 minutes on 2 idle cores); --limit/--rounds still apply")
     p.add_argument("--data-root", default=os.environ.get("ENSPIPE_TEST_MNIST", str(REPO.parent / "shared" / "data")))
-    p.add_argument("--limit", type=int, default=16384, help="MNIST training images to precompute over")
+    p.add_argument("--limit", type=int, default=None, help="MNIST training images to precompute over (16384; quick: 4096)")
     p.add_argument("--train-limit", type=int, default=4096, help="images B is trained on (1 epoch)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (3; quick: 2)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=512)
     p.add_argument("--workers", type=int, default=2)
@@ -80,8 +81,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str]:
     p.add_argument("--no-md", dest="update_md", action="store_false", help="do not rewrite BENCHMARKS.md")
     argv = sys.argv[1:] if argv is None else argv
     opts = p.parse_args(argv)
-    if opts.quick:
-        opts.limit, opts.rounds = 4096, 2
+    # --quick picks the sizes that are not given: an explicit --limit/--rounds wins (the test
+    # suite's smoke run is --quick at a few hundred images).
+    opts.limit = opts.limit if opts.limit is not None else 4096 if opts.quick else 16384
+    opts.rounds = opts.rounds if opts.rounds is not None else 2 if opts.quick else 3
     return opts, command_line("bench_precompute.py", argv)
 
 
@@ -131,12 +134,13 @@ def measure(opts: argparse.Namespace, work: Path) -> dict[str, Any]:
         wall["bare"].append(w)
         cpu["bare"].append(c)
         for name, (fmt, overlap) in RUNS.items():
-            w, c, stores[name] = run_precompute(PrecomputeConfig(**base, out=str(work / name), fmt=fmt),
+            w, c, stores[name] = run_precompute(PrecomputeConfig(**base, out=str(work / name), format=fmt),
                                                 overlap=overlap)
             wall[name].append(w)
             cpu[name].append(c)
     log(f"precompute on {opts.workers} dask workers")
-    dask_s, _, stores["dask"] = run_precompute(PrecomputeConfig(**base, out=str(work / "dask"), workers=opts.workers))
+    dask_s, _, stores["dask"] = run_precompute(PrecomputeConfig(**base, out=str(work / "dask"),
+                                                                  dask_workers=opts.workers))
 
     a, b = open_store(stores["zarr"]).read(0, opts.limit), open_store(stores["dask"]).read(0, opts.limit)
     return {

@@ -241,7 +241,7 @@ def base_config(opts: Options, **changes: Any) -> TrainConfig:
     """The one training configuration every measurement shares; only `changes` differ."""
     cfg = TrainConfig(model=opts.arch, dataset="mnist", data_root=opts.data_root, limit=opts.limit,
                       attack="fgsm", eps=0.3, batch_size=opts.batch_size, epochs=1, seed=0, device="cpu",
-                      workers=0)
+                      loader_workers=0)
     return replace(cfg, **changes)
 
 
@@ -253,7 +253,7 @@ def prepare(opts: Options, work: Path) -> Setup:
         log(f"training static model {arch} ({opts.static_epochs} clean epoch(s) on {opts.limit} samples)")
         train_s[arch] = train_clean(run_dir, arch, data_root=opts.data_root, limit=opts.limit,
                                     epochs=opts.static_epochs, seed=100 + k, batch_size=opts.batch_size,
-                                    device="cpu", workers=0)
+                                    device="cpu", loader_workers=0)
         log(f"precomputing {arch}'s FGSM directions")
         # A fresh store root per benchmark run, so precompute computes instead of reusing.
         t0 = time.perf_counter()
@@ -297,7 +297,7 @@ def batch_costs(opts: Options, setup: Setup, static: StaticModels) -> dict[str, 
 def reader_throughput(opts: Options, setup: Setup, workers: int) -> dict[str, Any]:
     """Samples/s of the ens-adv BatchStream with both stores, iterated through a DataLoader
     exactly as train() builds it (a fresh loader per epoch), with no training step."""
-    cfg = base_config(opts, mode="ens-adv", shards=tuple(map(str, setup.stores)), workers=workers)
+    cfg = base_config(opts, mode="ens-adv", shards=tuple(map(str, setup.stores)), loader_workers=workers)
     rates: list[float] = []
     spent, epoch = 0.0, 0
     while (spent < opts.reader_seconds or epoch < 2) and epoch < 100:

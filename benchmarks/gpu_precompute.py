@@ -256,9 +256,10 @@ def measure(opts, env: dict[str, Any]) -> dict[str, Any]:
                 batch_size=c["batch_size"], device=str(device))
     # Untimed: CUDA, cuDNN and the pinned-memory cache warm up here, not in the first measured run.
     timed_precompute(PrecomputeConfig(**base, limit=c["shard_size"], out=str(work / "warmup")))
-    runs = {"zarr_fp32": dict(fmt="zarr"), "wds_fp32": dict(fmt="wds"), "dask_zarr_fp32": dict(fmt="zarr", workers=1)}
+    runs = {"zarr_fp32": dict(format="zarr"), "wds_fp32": dict(format="wds"),
+            "dask_zarr_fp32": dict(format="zarr", dask_workers=1)}
     if "bf16" in precisions:
-        runs["zarr_bf16"] = dict(fmt="zarr", precision="bf16")
+        runs["zarr_bf16"] = dict(format="zarr", precision="bf16")
     res["precompute"] = {}
     for name, kw in runs.items():
         r = timed_precompute(PrecomputeConfig(**base, **kw, out=str(work / name)))

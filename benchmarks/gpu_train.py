@@ -200,7 +200,7 @@ def enspipe_run(name: str, model_name: str, mode: str, precision: str, dataset_s
     cfg = TrainConfig(model=model_name, dataset=dataset_spec, image_size=s["image_size"], mode=mode,
                       shards=tuple(stores) if mode == "ens-adv" else (), attack="fgsm", eps=16 / 256,
                       epochs=s["epochs"], batch_size=s["batch_size"], optimizer="sgd", lr=0.01,
-                      workers=s["workers"], device=s["device"], log_every=s["log_every"], precision=precision,
+                      loader_workers=s["workers"], device=s["device"], log_every=s["log_every"], precision=precision,
                       keep_checkpoints=1)
     run_dir = work / f"{model_name}-{name}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a rerun into the same --out measures afresh
@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         cfg = TrainConfig(model=s["models"][0], dataset=spec, image_size=s["image_size"], mode=mode,
                           shards=tuple(stores) if mode == "ens-adv" else (), attack="fgsm",
-                          batch_size=s["batch_size"], workers=s["workers"], device=s["device"])
+                          batch_size=s["batch_size"], loader_workers=s["workers"], device=s["device"])
         doc[kind] = _guard(doc, kind, lambda: loader_rate(dataset, cfg, device))
         _log(f"{kind}: {doc[kind] and round(doc[kind]['img_per_s'])} img/s")
 

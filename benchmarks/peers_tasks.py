@@ -135,7 +135,7 @@ def task_precompute(a: dict[str, Any]) -> dict[str, Any]:
     t0, c0 = time.perf_counter(), time.process_time()
     for static in a["statics"]:
         paths += [str(p) for p in precompute_fgsm(static, a["out"], data_root=a["data_root"], limit=a["limit"],
-                                                  fmt=a.get("fmt", "zarr"), batch_size=a["batch_size"],
+                                                  format=a.get("fmt", "zarr"), batch_size=a["batch_size"],
                                                   device=a["device"])]
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "stores": paths, "rss_imports_mb": rss_imports,
