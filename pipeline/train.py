@@ -107,6 +107,9 @@ class TrainConfig:
     adv_fraction: float = option(0.5, help="Share of each batch replaced by adversarial examples.")
     epochs: int = option(6, help="Epochs to train.")
     batch_size: int = option(64, help="Samples per batch.")
+    grad_accum: int = option(1, minimum=1, help="Batches whose gradients add up before one optimizer step: an "
+                             "effective batch of batch_size x grad_accum on one device (the paper's ImageNet runs "
+                             "stepped on 50 replicas x 16).")
     optimizer: str = option("adam", choices=tuple(OPTIMIZERS), help="adam, rmsprop (the paper's ImageNet "
                             "setup) or sgd (momentum 0.9).")
     lr: float | None = option(None, help="Learning rate [adam 1e-3, rmsprop 0.045, sgd 0.01].")
@@ -169,7 +172,7 @@ class TrainConfig:
               f"must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         check(self.augment in ("none", "crop", "flip", "crop+flip"), "augment",
               f"must be none, crop, flip or crop+flip, not {self.augment!r}")
-        for name in ("epochs", "batch_size", "block_size", "buffer_blocks", "log_every", "lr_decay_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "block_size", "buffer_blocks", "log_every", "lr_decay_every"):
             check(getattr(self, name) >= 1, name, f"must be at least 1, not {getattr(self, name)}")
         check(self.loader_workers >= 0, "loader_workers", f"must be 0 or more, not {self.loader_workers}")
         check(self.crop_padding >= 0, "crop_padding", f"must be 0 or more, not {self.crop_padding}")
@@ -554,15 +557,22 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                     logits = net(x).float()
                     # Inside autocast: the paired loss runs a second (clean) forward pass.
                     loss = losses.training_loss(model, logits, y, batch, cfg)
-                # Backward and step (fp16: through the grad scaler).
-                optimizer.zero_grad(set_to_none=True)
+                # Backward and step (fp16: through the grad scaler). With grad_accum, the gradients of
+                # grad_accum batches add up (each loss / grad_accum: the mean over the effective batch)
+                # and one step follows them, or the epoch's last batch.
+                if i % cfg.grad_accum == 0:
+                    optimizer.zero_grad(set_to_none=True)
+                scaled = loss / cfg.grad_accum if cfg.grad_accum > 1 else loss
+                stepping = (i + 1) % cfg.grad_accum == 0 or i + 1 == nbatches
                 if scaler is None:
-                    loss.backward()
-                    optimizer.step()
+                    scaled.backward()
+                    if stepping:
+                        optimizer.step()
                 else:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
+                    scaler.scale(scaled).backward()
+                    if stepping:
+                        scaler.step(optimizer)
+                        scaler.update()
                 step += 1
                 # Bookkeeping, on the device: a metrics record every log_every steps.
                 window.add(batch, loss, logits, y, online, step)
