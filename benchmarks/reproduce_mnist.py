@@ -82,7 +82,11 @@ def _read(path: Path | None) -> dict | None:
 
 
 def outputs_from_folders(t7_dir: Path, t8_dir: Path) -> dict[str, dict | None]:
-    """Results of two `enspipe run --out` folders (published copies: evaluate/NAME/results.json)."""
+    """Results of two `enspipe run --out` folders (published copies: evaluate/NAME/results.json),
+    or of a folder of raw results as `run --out` writes them (table7.json, table6.json, table8.json)."""
+    if (t7_dir / "table7.json").is_file() or (t8_dir / "table8.json").is_file():
+        return {name: _read((t8_dir if name == "table8" else t7_dir) / f"{name}.json")
+                for name in ("table7", "table6", "table8")}
     return {"table7": _read(t7_dir / "evaluate" / "table7" / "results.json"),
             "table6": _read(t7_dir / "diagnose" / "table6" / "diagnostics.json"),
             "table8": _read(t8_dir / "evaluate" / "table8" / "results.json")}
@@ -129,8 +133,15 @@ def _paper(model: str, metric: str) -> float | None:
     return paper_value(PAPER["mnist"], paper_name(model), metric)
 
 
-def _p(v: float | None) -> str:
-    return "-" if v is None else f"{v:g}"
+def _p(v: float | None, model: str = "") -> str:
+    """The paper's number; ‡ on model C's family (departure 3: the paper's C numbers are its
+    code's C, another network than Table 5's C measured here)."""
+    return "-" if v is None else f"{v:g}" + ("‡" if model.startswith("C") else "")
+
+
+C_NOTE = ("‡ The paper's numbers for C look like its reference code's C (enspipe `C-code`: ReLU, no "
+          "pooling), not Table 5's C (Tanh, max-pooling) measured here: those cells compare two networks "
+          "(departure 3).")
 
 
 def scale(res: dict | None) -> str:
@@ -159,7 +170,7 @@ def table6(diag: dict) -> list[str]:
     out = ["| model | ours: FGSM loss / PGD loss (%) | paper (%) |", "|---|---|---|"]
     for name, m in diag["models"].items():
         out.append(f"| {name} | {100 * m['approximation_ratio']['ratio']:.0f} | "
-                   f"{_p(_paper(name, 'approximation_ratio'))} |")
+                   f"{_p(_paper(name, 'approximation_ratio'), name)} |")
     return out
 
 
@@ -168,12 +179,12 @@ def table7(res: dict) -> list[str]:
     out = [head, "|" + "---|" * (5 + len(ARCHS))]
     for name, m in res["models"].items():
         wb = m["whitebox"]
-        cells = [pct(m["clean"]), f"{pct(wb.get('fgsm'))} ({_p(_paper(name, 'whitebox:fgsm'))})",
-                 f"{pct(wb.get('rand_fgsm'))} ({_p(_paper(name, 'whitebox:rand_fgsm'))})", pct(wb.get("iter_fgsm"))]
+        cells = [pct(m["clean"]), f"{pct(wb.get('fgsm'))} ({_p(_paper(name, 'whitebox:fgsm'), name)})",
+                 f"{pct(wb.get('rand_fgsm'))} ({_p(_paper(name, 'whitebox:rand_fgsm'), name)})", pct(wb.get("iter_fgsm"))]
         for s in ARCHS:
             mark = "†" if s == name else ""
             theirs = _paper(name, f"transfer:fgsm:{paper_name(s)}")
-            cells.append(f"{pct(m['blackbox'].get(s, {}).get('fgsm'))}{mark} ({_p(theirs)})")
+            cells.append(f"{pct(m['blackbox'].get(s, {}).get('fgsm'))}{mark} ({_p(theirs, name)})")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out
 
@@ -182,7 +193,7 @@ def table8(res: dict) -> list[str]:
     out = ["| model | clean | white-box FGSM | max black-box | avg black-box | paper: clean / FGSM / max / avg |",
            "|---|---|---|---|---|---|"]
     for name, m in res["models"].items():
-        theirs = " / ".join(_p(_paper(name, k)) for k in ("clean", "whitebox:fgsm", "blackbox_max", "blackbox_avg"))
+        theirs = " / ".join(_p(_paper(name, k), name) for k in ("clean", "whitebox:fgsm", "blackbox_max", "blackbox_avg"))
         out.append(f"| {name} | {ci(m['clean'])} | {ci(m['whitebox']['fgsm'])} | {ci(max_blackbox(m))} | "
                    f"{pct(m['blackbox_avg'])} | {theirs} |")
     return out
@@ -342,6 +353,7 @@ def markdown(outputs: dict[str, dict | None], *, title: str = "") -> str:
               "† = white-box)", ""] + (table7(t7) if t7 else ["not run"]) + [""]
     lines += ["### Table 8: ensemble adversarial training, error % [95% CI] (max black-box: the strongest of "
               "the 12 transferred attacks)", ""] + (table8(t8) if t8 else ["not run"]) + [""]
+    lines += [C_NOTE, ""]
     lines += ["### Claims", ""]
     for c in claims(t7, diag, t8):
         paper_check = {True: "passes", False: "FAILS", None: "n/a (one number)"}[c["paper_numbers_pass"]]

@@ -468,11 +468,15 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                     logits = net(x).float()
                     # Inside autocast: the paired loss runs a second (clean) forward pass.
                     loss = losses.training_loss(model, logits, y, batch, cfg)
-                # Backward and step (fp16: through the grad scaler).
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                # Backward and step (fp16: through the grad scaler, a no-op otherwise). With
+                # grad_accum, the gradients of grad_accum batches add up (each loss / grad_accum: the
+                # mean over the effective batch) and one step follows them, or the epoch's last batch.
+                if i % cfg.grad_accum == 0:
+                    optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
+                if (i + 1) % cfg.grad_accum == 0 or i + 1 == r.nbatches:
+                    scaler.step(optimizer)
+                    scaler.update()
                 step += 1
                 # Bookkeeping, on the device: a metrics record every log_every steps.
                 window.add(batch, loss, logits, y, online, step)

@@ -31,6 +31,9 @@ def test_the_spec_is_table_3_and_4(job):
     for name in ("v3adv", "v3adv_ens3"):
         o = steps[f"models.{name}"].options
         assert (o["adv_loss"], o["adv_weight"], o["adv_fraction"]) == ("replace", 0.3, 0.5)  # Kurakin et al.
+    # The paper's global batch on one device: replicas' batch x 50 replicas (§4.2; Kurakin et al.)
+    assert steps["models.v3adv_ens3"].options["batch_size"] * steps["models.v3adv_ens3"].options["grad_accum"] == 800
+    assert steps["models.v3adv"].options["batch_size"] * steps["models.v3adv"].options["grad_accum"] == 1600
     statics = {s.name for s in _published(job)}
     assert statics == {"static_v3", "static_resnet_v2_50", "holdout_v4", "holdout_resnet_v1_50",
                        "holdout_resnet_v2_101"}

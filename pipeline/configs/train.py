@@ -60,6 +60,9 @@ class TrainConfig:
     adv_fraction: float = option(0.5, help="Share of each batch replaced by adversarial examples.")
     epochs: int = option(6, minimum=1, help="Epochs to train.")
     batch_size: int = option(64, minimum=1, help="Samples per batch.")
+    grad_accum: int = option(1, minimum=1, help="Batches whose gradients add up before one optimizer step: an "
+                             "effective batch of batch_size x grad_accum on one device (the paper's ImageNet runs "
+                             "stepped on 50 replicas x 16).")
     optimizer: str = option("adam", choices=tuple(OPTIMIZERS), help="adam, rmsprop (the paper's ImageNet "
                             "setup) or sgd (momentum 0.9).")
     lr: float | None = option(None, help="Learning rate [adam 1e-3, rmsprop 0.045, sgd 0.01].")
