@@ -341,6 +341,7 @@ class Prepared:
     nbatches: int                     # batches per epoch on this rank
     per_rank: int | None              # under DDP: the steps every rank takes per epoch
     schedule: dict[str, Any]          # learning_rate()'s keywords
+    readers: list[StoreReader]        # the run's stores, each opened and verified once
 
 
 def prepare_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: int,
@@ -367,8 +368,6 @@ def prepare_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, wor
     dataset = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
                              image_size=cfg.image_size)
     stores = _check_stores(dataset, readers)
-    if stream_factory is batch_stream:
-        stream_factory = functools.partial(batch_stream, stores=readers)
     val = (create_dataset(cfg.dataset, split="test", limit=cfg.val_limit, data_root=cfg.data_root,
                           image_size=cfg.image_size) if cfg.val_limit else None)
     seed_everything(cfg.seed)
@@ -421,13 +420,15 @@ def prepare_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, wor
     schedule = dict(schedule=cfg.schedule, batches=nbatches, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                     lr_decay=cfg.lr_decay, lr_decay_every=cfg.lr_decay_every)
     return Prepared(cfg, run_dir, rank, world, device, precision, dataset, val, model, net, optimizer, scaler,
-                    start_epoch, step, nbatches, per_rank, schedule)
+                    start_epoch, step, nbatches, per_rank, schedule, readers)
 
 
 def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: int, device: torch.device,
            stream_factory: StreamFactory, on_metrics: MetricsFn | None, adversarial: AdversarialFn) -> TrainResult:
     r = prepare_run(cfg, run_dir, resume=resume, rank=rank, world=world, device=device)
     cfg, model, net, optimizer, scaler, precision, step = r.cfg, r.model, r.net, r.optimizer, r.scaler, r.precision, r.step
+    if stream_factory is batch_stream:  # the stores prepare_run opened, not opened again by path
+        stream_factory = functools.partial(batch_stream, stores=r.readers)
     # Records after the checkpoint's step were made by a killed run; they are made again.
     log = RunLog(run_dir, sinks=cfg.log, write=rank == 0, resume_step=step, on_metrics=on_metrics)
     writer = CheckpointWriter()
