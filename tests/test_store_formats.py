@@ -85,6 +85,10 @@ def _scratch_package(dest: Path) -> Path:
     shutil.copytree(REPO / "pipeline", dest / "pipeline", symlinks=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "storage_schemas", dest / "storage_schemas", ignore=shutil.ignore_patterns("__pycache__"))
+    # As installed, the schemas are the subpackage `enspipe.storage_schemas`; without this link the
+    # copy would import the installed (unedited) schemas through the editable install's finder.
+    if not (dest / "pipeline" / "storage_schemas").exists():
+        os.symlink("../storage_schemas", dest / "pipeline" / "storage_schemas")
     (dest / ".shim").mkdir()
     os.symlink("../pipeline", dest / ".shim" / "enspipe")
     return dest / ".shim"
