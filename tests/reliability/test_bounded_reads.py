@@ -31,6 +31,7 @@ from enspipe.stores.wds_store import sample_key
 from .forge import forge_checksums, member, tar_members, write_tar
 from .processes import ENV, REPO, enspipe, error_line
 from .reference import train_args
+from .sweep import full_sweep_case
 
 
 def _claim_shards(store: Path, num_shards: int, *, complete: bool) -> None:
@@ -114,7 +115,7 @@ print(report)
 """
 
 
-@pytest.mark.parametrize("claim", ["no sources", "sources claimed"])
+@pytest.mark.parametrize("claim", [full_sweep_case("no sources", ci=True), full_sweep_case("sources claimed")])
 def test_verify_of_a_forged_sparse_tar_stays_small(ref, tmp_path, claim):
     store = tmp_path / ref.paths[".wds"].name
     shutil.copytree(ref.paths[".wds"], store)
