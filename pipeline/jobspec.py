@@ -1,4 +1,6 @@
 """Job specs: parsing a TOML file of experiments into a graph of steps, each with its config.
+(Over 400 lines: parsing, strict checks and the step configs of a spec decide together what a
+spec means.)
 
 `load_job` merges a spec and its includes, checks every table strictly (unknown keys, wrong
 types, dangling references, names that are not safe as paths: errors naming FILE:LINE and
@@ -107,17 +109,12 @@ class Job:
 
 # --- Parsing ------------------------------------------------------------------------------
 
-# Distinct files one job spec may include (itself excluded): far above any real layering of
-# shared defaults, and a bound on the work a hostile include graph can ask for.
-MAX_INCLUDES = 256
+MAX_INCLUDES = 256  # files one spec may include: far above real layering, a bound on hostile graphs
 
 
 class _Spec:
-    """The merged TOML of a spec and its includes, with the text kept for line numbers.
-
-    Each file is parsed once per `load_job` (`parsed`, by resolved path): a file included
-    along many paths (a diamond) is merged from its one parse, so the work is linear in the
-    number of files, not in the number of include paths (2^24 parses for 24 stacked diamonds)."""
+    """The merged TOML of a spec and its includes, with the text kept for line numbers. Each
+    file is parsed once (`parsed`, by path): linear in files, not in include paths (a diamond)."""
 
     def __init__(self, path: Path, stack: tuple[Path, ...] = (), parsed: dict[Path, _Spec | None] | None = None):
         path = path.resolve()
@@ -146,15 +143,10 @@ class _Spec:
         includes = raw.get("job", {}).get("include", [])
         if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
             raise ConfigError(self.where(("job",), "include") + "include must be a list of paths")
-        self.children = []
-        for inc in includes:
-            child = (path.parent / inc).resolve()
-            if child in stack or child == path:
-                chain = " -> ".join(p.name for p in (*stack, path, child))
-                raise ConfigError(f"{path}: include loop: {chain}")
-            # Parsed already (so its own includes hold no loop: one through this stack would
-            # have been found while parsing it), or parsed now.
-            self.children.append(parsed.get(child) or _Spec(child, (*stack, path), parsed))
+        # A file parsed already has no loop in its own includes (one through this stack would
+        # have been found while parsing it); one still being parsed is on the stack: a loop.
+        self.children = [parsed.get((path.parent / inc).resolve()) or _Spec(path.parent / inc, (*stack, path), parsed)
+                         for inc in includes]
         parsed[path] = self
         for child in self.children:
             _merge(merged, child.raw)
@@ -180,9 +172,7 @@ def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
         if isinstance(v, dict) and isinstance(into.get(k), dict):
             _merge(into[k], v)
         else:
-            # A copy: a file parsed once may be merged into many includers, and a later merge
-            # into this table must not change that file's own tables.
-            into[k] = copy.deepcopy(v)
+            into[k] = copy.deepcopy(v)  # a file parsed once is merged into many includers
 
 
 def _check_table(spec: _Spec, table: tuple[str, ...], values: Any, schema: dict[str, Any]) -> dict[str, Any]:

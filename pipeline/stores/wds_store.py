@@ -45,7 +45,7 @@ import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -252,9 +252,20 @@ def _check_member(tar: Path, m: tarfile.TarInfo) -> tuple[str, str]:
     return key, ext
 
 
-def _bounded_member(tar: Path, m: tarfile.TarInfo, bounds: dict[str, int]) -> tuple[str, str]:
-    """`_check_member`, and its size (from its header) within the store's bound for it."""
+def carries_sources(record: dict) -> bool:
+    """May shard `record`'s tar hold source-encoded images (`.src.<ext>`, up to
+    limits.max_image_bytes each)? Only if its writer said so: `source_images` (records since
+    issue 25), else `images` (older records, which did not tell pixels from sources)."""
+    return bool(record.get("source_images", record.get("images", False)))
+
+
+def _bounded_member(tar: Path, m: tarfile.TarInfo, bounds: dict[str, int], sources: bool = True) -> tuple[str, str]:
+    """`_check_member`, and its size (from its header) within the store's bound for it; a
+    source image in a shard that carries none is refused from its header."""
     key, ext = _check_member(tar, m)
+    if ext.startswith(SOURCE_PREFIX) and not sources:
+        raise StoreError(f"tar {tar} member {m.name!r} is a source image, but this shard's record says it carries "
+                         "none; the shard is refused unread.")
     problem = tarsafe.check_member_size(m, member_bound(bounds, ext))
     if problem:
         raise StoreError(f"tar {tar} member {m.name!r} is {problem} for this store's geometry; "
@@ -280,12 +291,16 @@ def _image_member(members: dict[str, bytes]) -> str | None:
     return next((e for e in members if e in ("png", "npy") or e.startswith(SOURCE_PREFIX)), None)
 
 
-def decode_tar(data: bytes, tar: Path, manifest: dict, s: int, *, with_images: bool = False) -> dict[str, Any]:
-    """Decode shard s from the tar's bytes into arrays; StoreError on anything unexpected.
+def decode_tar(data: bytes | BinaryIO, tar: Path, manifest: dict, s: int, *, with_images: bool = False,
+               sources: bool = True, keep_sources: bool = True) -> dict[str, Any]:
+    """Decode shard s from the tar (its bytes, or an open file read member by member) into
+    arrays; StoreError on anything unexpected, a member name given twice included.
 
     Pixel images (`.png`/`.npy`) are only decoded `with_images` (PNG decoding dominates
     otherwise); source-encoded images (`.src.<ext>`) are returned as (ext, bytes) in
-    `image_files`, and only checked to open `with_images`.
+    `image_files`, and only checked to open `with_images`; `sources` False refuses them.
+    Without `keep_sources` (verify) each is checked as it is read and then dropped, so at most
+    one member is held at a time, whatever the tar's size.
     """
     start, stop = shard_range(manifest, s)
     n = stop - start
@@ -296,10 +311,18 @@ def decode_tar(data: bytes, tar: Path, manifest: dict, s: int, *, with_images: b
     samples: OrderedDict[str, dict[str, bytes]] = OrderedDict()
     bounds = member_bounds(manifest)
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+        fileobj = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+        with tarfile.open(fileobj=fileobj, mode="r:") as tf:
             for m in tf:
-                key, ext = _bounded_member(tar, m, bounds)
-                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
+                key, ext = _bounded_member(tar, m, bounds, sources)
+                sample = samples.setdefault(key, {})
+                if ext in sample:  # tar keeps both; one would silently shadow the other
+                    raise StoreError(f"tar {tar} holds the member {m.name!r} twice; the shard is refused.")
+                payload = tf.extractfile(m).read()
+                if ext.startswith(SOURCE_PREFIX) and not keep_sources:
+                    _checked_source(tar, m.name, payload, with_images)
+                    payload = b""  # checked; not held while the rest is read
+                sample[ext] = payload
     except tarfile.TarError as exc:
         raise StoreError(f"tar {tar} cannot be read: {exc}.") from None
 
@@ -343,7 +366,7 @@ def decode_tar(data: bytes, tar: Path, manifest: dict, s: int, *, with_images: b
                 true_labels.append(int(members["cls"].decode("ascii")))
             field = _image_member(members) or "image"
             if field.startswith(SOURCE_PREFIX):
-                if with_images:
+                if with_images and keep_sources:
                     check_source_image(members[field])
                 files.append((field[len(SOURCE_PREFIX):], members[field]))
             elif field != "image":
@@ -370,6 +393,15 @@ def decode_tar(data: bytes, tar: Path, manifest: dict, s: int, *, with_images: b
     return out
 
 
+def _checked_source(tar: Path, name: str, data: bytes, with_images: bool) -> None:
+    if not with_images:
+        return
+    try:
+        check_source_image(data)
+    except Exception as exc:  # PIL raises its own types
+        raise StoreError(f"tar {tar} member {name} cannot be decoded: {exc}.") from None
+
+
 def check_source_image(data: bytes) -> None:
     """The source-encoded image opens as an image (PIL checks the header and structure)."""
     from PIL import Image
@@ -381,7 +413,7 @@ def check_source_image(data: bytes) -> None:
 _HEADERS_CHECKED: set[tuple[str, int, int, int]] = set()  # tars whose headers passed, by identity
 
 
-def _check_headers(tar: Path, manifest: dict) -> None:
+def _check_headers(tar: Path, manifest: dict, sources: bool = True) -> None:
     """Every member of `tar` safe and within its bound, from the headers alone (tarfile seeks
     over member data; pax and GNU long-name members are capped by `tarsafe` first)."""
     bounds = member_bounds(manifest)
@@ -393,34 +425,50 @@ def _check_headers(tar: Path, manifest: dict) -> None:
             f.seek(0)
             with tarfile.open(fileobj=f, mode="r:") as tf:
                 for m in tf:
-                    _bounded_member(tar, m, bounds)
+                    _bounded_member(tar, m, bounds, sources)
     except tarfile.TarError as exc:
         raise StoreError(f"tar {tar} cannot be read: {exc}.") from None
 
 
-def read_shard_bytes(path: Path, manifest: dict, s: int, record: dict) -> bytes:
-    """The tar's bytes, checked against the shard's sha256 (cheap next to decoding)."""
+_CHUNK = 1 << 20  # bytes hashed at a time
+
+
+def _checked_tar(path: Path, manifest: dict, s: int, record: dict, *, keep: bool) -> bytes | None:
+    """Check shard s's tar against its bounds and its sha256, reading it in chunks; return
+    its bytes if `keep` (the reader decodes them), else None (verify re-reads member by
+    member, never holding the whole tar)."""
     tar = path / tar_name(s)
+    sources = carries_sources(record)
     try:
         st = tar.stat()
         if st.st_size > max_tar_bytes(manifest, s):
-            # Larger than pixels at this geometry allow: only source images may make it so.
-            # Every member's header is checked before a byte of data is read, once per file
-            # per process (a store of source JPEGs is re-read every epoch).
-            if st.st_size > (cap := max_tar_bytes(manifest, s, sources=True)):
+            # Larger than pixels at this geometry allow: only source images may make it so,
+            # and only in a shard that carries them. Every member's header is checked before
+            # a byte of data is read, once per file per process (a store of source JPEGs is
+            # re-read every epoch).
+            if st.st_size > (cap := max_tar_bytes(manifest, s, sources=sources)):
                 raise StoreError(f"shard {s}: file {tar_name(s)} of store {path} is {st.st_size} bytes, more than "
                                  f"its samples can take at this geometry ({cap}); refused unread.")
             seen = (str(tar), st.st_ino, st.st_size, st.st_mtime_ns)
             if seen not in _HEADERS_CHECKED:
-                _check_headers(tar, manifest)
+                _check_headers(tar, manifest, sources)
                 _HEADERS_CHECKED.add(seen)
-        data = tar.read_bytes()
+        digest, data = hashlib.sha256(), bytearray() if keep else None
+        with open(tar, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+                if data is not None:
+                    data += chunk
     except FileNotFoundError:
         raise StoreError(f"shard {s}: missing file {tar_name(s)} in store {path}.") from None
-    want = record["files"][tar_name(s)]["sha256"]
-    if hashlib.sha256(data).hexdigest() != want:
+    if digest.hexdigest() != record["files"][tar_name(s)]["sha256"]:
         raise StoreError(f"shard {s}: checksum mismatch in file {tar_name(s)} of store {path}.")
-    return data
+    return None if data is None else bytes(data)
+
+
+def read_shard_bytes(path: Path, manifest: dict, s: int, record: dict) -> bytes:
+    """The tar's bytes, checked against its bounds and the shard's sha256."""
+    return _checked_tar(path, manifest, s, record, keep=True)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- writer / reader
@@ -461,7 +509,8 @@ class WdsWriter(StoreWriter):
         members = [m for part, _ in parts for m in part]
         write_tar(self.path / tar_name(s), members)
         images = a["images"] is not None or a["image_files"] is not None
-        return [tar_name(s)], {"direction_bytes": sum(nbytes for _, nbytes in parts), "images": images}
+        return [tar_name(s)], {"direction_bytes": sum(nbytes for _, nbytes in parts), "images": images,
+                               "source_images": a["image_files"] is not None}
 
     def _encode(self, s: int, start: int, lo: int, hi: int, a: dict[str, Any]) -> tuple[list[tuple[str, bytes]], int]:
         """The members of samples [lo, hi) of the shard, and their direction bytes."""
@@ -505,7 +554,7 @@ class WdsReader(StoreReader):
             self._cache.move_to_end(s)
             return self._cache[s]
         data = read_shard_bytes(self.path, self.manifest, s, self.records[s])
-        decoded = decode_tar(data, self.path / tar_name(s), self.manifest, s)
+        decoded = decode_tar(data, self.path / tar_name(s), self.manifest, s, sources=carries_sources(self.records[s]))
         self._cache[s] = decoded
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)
@@ -556,7 +605,8 @@ class WdsReader(StoreReader):
         start, stop = self._check_range(start, stop)
         for s, rows in self._spans(start, stop):
             data = read_shard_bytes(self.path, self.manifest, s, self.records[s])
-            yield s, rows, decode_tar(data, self.path / tar_name(s), self.manifest, s, with_images=with_images)
+            yield s, rows, decode_tar(data, self.path / tar_name(s), self.manifest, s, with_images=with_images,
+                                      sources=carries_sources(self.records[s]))
 
 
 def store_problems(path: Path, manifest: dict) -> list[str]:
@@ -564,8 +614,13 @@ def store_problems(path: Path, manifest: dict) -> list[str]:
 
 
 def check_shard(path: Path, manifest: dict, s: int, record: dict) -> None:
-    """Decode all of shard s; raises on any problem (used by verify)."""
-    decode_tar(read_shard_bytes(path, manifest, s, record), path / tar_name(s), manifest, s, with_images=True)
+    """Decode all of shard s; raises on any problem (used by verify). The tar is hashed in
+    chunks and then decoded from the file member by member, source images checked and
+    dropped as they are read: a forged tar of gigabytes is never held whole."""
+    _checked_tar(path, manifest, s, record, keep=False)
+    with open(path / tar_name(s), "rb") as f:
+        decode_tar(f, path / tar_name(s), manifest, s, with_images=True, sources=carries_sources(record),
+                   keep_sources=False)
 
 
 # The classes of the Backend protocol (base.Backend), which open.py instantiates.

@@ -26,6 +26,12 @@ One test module per promise:
   8. Tampering          test_tampering.py: a zarr shard copied over another, records
                         re-hashed: the trainer's keys check refuses it, `verify --recompute`
                         names its samples (the threat model: checksums catch rot and accidents).
+  9. Jobs, run folders  test_job_publish.py, test_run_folder.py, test_out_in_dataset.py,
+                        test_loader_errors.py (issue 25): a kill inside publish, two trains on
+                        one --out, SIGTERM to a process group, outputs inside an image folder.
+ 10. Bounded metadata   test_bounded_reads.py, test_job_includes.py, test_malformed_files.py
+                        (issue 25): 10^9-shard manifests, forged sparse tars, include diamonds,
+                        deep or truncated JSON/TOML.
 
 The harness lives beside them: sweep.py (the CI subset / full sweep split and the counts),
 processes.py (running enspipe as real processes, forked from zygote.py), faults.py (exact
