@@ -168,3 +168,46 @@ def test_class_interleaved_spreads_unequal_classes_evenly():
     # within a class, the file order is kept
     for c in range(5):
         assert np.all(np.diff(order[out == c]) > 0)
+
+
+# --- an ImageFolder store written under the old class-sorted order -------------------------------
+
+def _legacy_imagefolder(tmp_path):
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+    from legacy_imagefolder import IMAGE_SIZE, stamp
+
+    root = tmp_path / "legacy"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "legacy_imagefolder", root)
+    stamp(root / "data")
+    (store,) = root.glob("stores/*/*/*.zarr")
+    return root / "data", store, IMAGE_SIZE
+
+
+def test_an_imagefolder_store_of_the_old_order_is_refused_in_one_line(tmp_path):
+    """tests/fixtures/legacy_imagefolder: a store written by the package before issue 22 (its
+    fingerprint is the old code's own, the oracle). It is refused, never read in the new order,
+    by DirectionStream and by `enspipe train`, in one line that says to recompute it."""
+    import subprocess
+    import sys
+
+    from enspipe.data import create_dataset
+    from enspipe.errors import StoreError
+    from enspipe.stores import open_store
+
+    data, store, size = _legacy_imagefolder(tmp_path)
+    ds = create_dataset(f"imagefolder:{data}", image_size=size)
+    old_fp = open_store(store).identity.dataset["fingerprint"]
+    assert ds.fingerprint != old_fp and old_fp in ds.superseded  # the same files, the old order
+    assert ds.identity()["order"] == "class-interleaved"
+    with pytest.raises(StoreError, match="class-sorted file order.*recompute it with `enspipe precompute`"):
+        DirectionStream(ds, [store])
+    r = subprocess.run([sys.executable, "-m", "enspipe", "train", "--model", "D", "--dataset", f"imagefolder:{data}",
+                        "--image-size", str(size), "--mode", "ens-adv", "--shards", str(store), "--epochs", "1",
+                        "--device", "cpu", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=900)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "recompute it with `enspipe precompute`" in lines[0], r.stderr

@@ -13,6 +13,10 @@ Sources (DESIGN §2), one module each, opened by `create_dataset` through `SOURC
     imagefolder:PATH    class folders (ImageNet layout), decoded lazily (imagefolder.py)
     wds:PATTERN         WebDataset tar shards (image + .cls), read by seeking (wds.py)
 
+The canonical order is the files' own for the in-memory sources (already mixed), and
+class-interleaved for imagefolder and wds (`base.class_interleaved`: their files are often
+grouped by class, and the block reader mixes classes only if the order does; issue 22).
+
 The fingerprint is the sha256 of a canonical JSON header (source, split, N, limit,
 geometry, classes), the keys, the labels and the content. Content is the pixel bytes for
 the in-memory sources (digits, mnist, cifar10); for the lazy sources, which may be far
