@@ -75,12 +75,12 @@ class EvalConfig:
     binarized_masked: tuple[str, ...] = option((), metavar="MODEL", help="Also evaluate this model behind input "
                                                "binarization with its true zero gradient (the masking diagnostic; repeat).")
     source_stores: tuple[str, ...] = option(
-        (), flag="--source-store", metavar="STORE",
+        (), flag="--source-store", metavar="STORE", job=False,
         help="A precomputed direction store of the evaluation images (precompute --split test) whose "
              "directions, x + eps * d, transfer to the targets (black-box; white-box where the store's "
              "model is a target of the same name): Table 1's sources, computed once (repeat).")
     whitebox_stores: tuple[str, ...] = option(
-        (), flag="--whitebox-store", metavar="STORE",
+        (), flag="--whitebox-store", metavar="STORE", job=False,
         help="A direction store of a target's own model (named as that target): its white-box attack "
              "only, never transferred (Table 2's and Table 4's white-box Step-LL from Table 1's stores).")
     attack_options: tuple[str, ...] = option(
@@ -269,7 +269,8 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
     return results
 
 
-def _stored_sources(cfg: EvalConfig, data: Any, *, whitebox: bool = False) -> dict[str, tuple[Any, str, dict[str, Any]]]:
+def _stored_sources(cfg: EvalConfig, data: Any, *,
+                    whitebox: bool = False) -> dict[str, tuple[Any, str, dict[str, Any]]]:
     """The `source_stores` (`whitebox_stores`), each checked against the evaluation data before any work (the
     same checks as training's: checksums, identity, and the keys that bind each sample),
     named by `names` (a job: the store's model step) or else by the store's model."""

@@ -34,7 +34,8 @@ class PrecomputeConfig:
     dataset: str = option("digits", job=False, help="digits, mnist, cifar10, imagefolder:PATH or wds:PATTERN.")
     data_root: str | None = option(None, path="dir", job=False,
                                    help="Where datasets live (else $ENSPIPE_DATA, else ~/.cache/enspipe/data).")
-    split: str = option("train", job=False, help="The dataset split to compute directions over.")
+    split: str = option("train", help="The dataset split to compute directions over (test: the evaluation "
+                        "images, whose stores evaluate reads as sources).")
     limit: int | None = option(None, minimum=1, job=False, help="Use only the first N samples of the canonical order.")
     image_size: int | None = option(None, minimum=8, job=False,
                                     help="Resize (imagefolder: resize + center-crop) images to this square size.")
