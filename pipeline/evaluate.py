@@ -191,7 +191,8 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
     return results
 
 
-def _stored_sources(cfg: EvalConfig, data: Any, *, whitebox: bool = False) -> dict[str, tuple[Any, str, dict[str, Any]]]:
+def _stored_sources(cfg: EvalConfig, data: Any, *,
+                    whitebox: bool = False) -> dict[str, tuple[Any, str, dict[str, Any]]]:
     """The `source_stores` (`whitebox_stores`), each checked against the evaluation data before any work (the
     same checks as training's: checksums, identity, and the keys that bind each sample),
     named by `names` (a job: the store's model step) or else by the store's model."""

@@ -7,6 +7,9 @@ types, dangling references, names that are not safe as paths: errors naming FILE
 the key) and builds each step's stage config with placeholders for the outputs of the steps it
 uses, so a bad value fails before any work. `step_config` builds the same config for the run.
 The format is described in `enspipe.jobs`.
+
+(Over 400 lines on purpose: one strict reader of the spec format, its tables, references and
+each step's config, so that every error names the file, line and key the same way.)
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Any, Callable
 from enspipe.config import Option, OptionError, job_keys, parse_config, speak, toml_line
 from enspipe.errors import ConfigError, EnspipeError
 from enspipe.fileio import read_text_file
+from enspipe.jobparams import substitute
 from enspipe.naming import check_name
 
 __all__ = ["ALIASES", "STEP_KINDS", "STRUCTURE", "Job", "Step", "defaults_keys", "load_job", "resolved",
@@ -43,12 +47,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
 STRUCTURE: dict[str, dict[str, tuple[str | None, type, str | None]]] = {
     "models": {"arch": ("model", str, None), "shards": ("shards", list, "stores"), "train": (None, bool, None),
                "description": (None, str, None)},
-    "stores": {"model": ("model", str, "models"), "description": (None, str, None),
-               # "test": directions of the evaluation images (the paper's Table 1), limited by test_limit
-               "split": ("split", str, None)},
+    "stores": {"model": ("model", str, "models"), "description": (None, str, None)},
     "evaluate": {"targets": ("models", list, "models"), "sources": ("sources", list, "models"),
-                 "stores": ("source_stores", list, "stores"),  # stored directions as black-box sources
-                 "own_stores": ("whitebox_stores", list, "stores"),  # a target's own: white-box only
+                 "stores": ("source_stores", list, "stores"), "own_stores": ("whitebox_stores", list, "stores"),
                  "binarized": ("binarized", list, "models"),
                  "binarized_masked": ("binarized_masked", list, "models"),
                  # [evaluate.NAME.options] rand_fgsm = { alpha = 0.05 }: `attack_options` as a table
@@ -222,10 +223,7 @@ def _canonical(spec: _Spec, table: tuple[str, ...], kind: str, values: Any,
 
 
 def load_job(path: str | os.PathLike, params: dict[str, Any] | None = None) -> Job:
-    """Parse and validate a job spec (and its includes); resolve the step graph. `params`
-    overrides the spec's `[params]` (`enspipe.jobparams`)."""
-    from enspipe.jobparams import substitute
-
+    """Parse and validate a job spec (and its includes, its `[params]` set by `params`); resolve the step graph."""
     spec = _Spec(Path(path))
     raw = substitute(spec.raw, params, spec.where)
     tables: dict[str, dict[str, Any]] = {}
@@ -306,8 +304,7 @@ def _validate(spec: _Spec, job: Job, step: Step) -> None:
             except EnspipeError as e:
                 raise OptionError("model", f"is no architecture: {e}") from None
             if not o.get("train", not o.get("pretrained", False)) and not (o.get("pretrained") or o.get("weights")):
-                raise OptionError("train", "= false uses a model as given: it needs pretrained = true "
-                                  "or weights = FILE")
+                raise OptionError("train", "= false uses a model as given: needs pretrained = true or weights = FILE")
         if step.kind == "stores":
             if o.get("format", "zarr") == "both":
                 raise OptionError("format", "must be zarr or wds: a store step makes one store")
@@ -417,8 +414,7 @@ def step_config(job: Job, step: Step, *, outputs: Callable[[str, str], str] | No
 
 
 def _names(job: Job, step: Step, ref: Callable[[str, str], str]) -> dict[str, str]:
-    """Readable model names in tables: the spec's model names instead of cache paths (a
-    store stands for the model it was computed on: Table 1's source columns)."""
+    """Readable model names in tables: the spec's model names instead of cache paths (a store: its model's)."""
     names = {}
     for n in [*step.options.get("stores", []), *step.options.get("own_stores", [])] if step.kind == "evaluate" else []:
         names[ref("stores", n)] = next(s.options["model"] for s in job.steps if s.id == f"stores.{n}")

@@ -26,17 +26,19 @@ ENV = {**os.environ, "ENSPIPE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 SURFACE = {
     "train": ("models", {"--model", "--dataset", "--split", "--data-root", "--limit", "--image-size", "--device",
                          "--out", "--resume", "--config"}, {"arch", "train", "description"}),
-    "precompute": ("stores", {"--weights", "--pretrained", "--dataset", "--split", "--data-root", "--limit",
+    "precompute": ("stores", {"--weights", "--pretrained", "--dataset", "--data-root", "--limit",
                               "--image-size", "--device", "--out"}, {"description"}),
     "evaluate": ("evaluate", {"--model", "--weights", "--pretrained", "--dataset", "--split", "--data-root",
-                              "--image-size", "--device", "--out"}, {"targets", "options", "description"}),
+                              "--image-size", "--device", "--out", "--source-store", "--whitebox-store"},
+                 {"targets", "options", "description", "stores", "own_stores"}),
     "diagnose": ("diagnose", {"--weights", "--pretrained", "--dataset", "--split", "--data-root", "--image-size",
                               "--device", "--out"}, {"description"}),
 }
 
 
 # Repeatable flags named for one value that fill a tuple field (`--model A --model B`).
-SINGULAR = {("--model", "models"), ("--attack-option", "attack_options")}
+SINGULAR = {("--model", "models"), ("--attack-option", "attack_options"), ("--source-store", "source_stores"),
+            ("--whitebox-store", "whitebox_stores")}
 
 
 def _command(name: str) -> click.Command:

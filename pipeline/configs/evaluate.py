@@ -51,12 +51,12 @@ class EvalConfig:
     binarized_masked: tuple[str, ...] = option((), metavar="MODEL", help="Also evaluate this model behind input "
                                                "binarization with its true zero gradient (the masking diagnostic; repeat).")
     source_stores: tuple[str, ...] = option(
-        (), flag="--source-store", metavar="STORE",
+        (), flag="--source-store", metavar="STORE", job=False,
         help="A precomputed direction store of the evaluation images (precompute --split test) whose "
              "directions, x + eps * d, transfer to the targets (black-box; white-box where the store's "
              "model is a target of the same name): Table 1's sources, computed once (repeat).")
     whitebox_stores: tuple[str, ...] = option(
-        (), flag="--whitebox-store", metavar="STORE",
+        (), flag="--whitebox-store", metavar="STORE", job=False,
         help="A direction store of a target's own model (named as that target): its white-box attack "
              "only, never transferred (Table 2's and Table 4's white-box Step-LL from Table 1's stores).")
     attack_options: tuple[str, ...] = option(

@@ -27,8 +27,8 @@ def dataset(**kw: Any) -> Any:
     return option("digits", job=False, help=lambda: _sources() + ".", **kw)
 
 
-def split(default: str, what: str) -> Any:
-    return option(default, job=False, help=f"The dataset split {what}.")
+def split(default: str, what: str, *, job: bool = False) -> Any:
+    return option(default, job=job, help=f"The dataset split {what}.")
 
 
 def data_root() -> Any:

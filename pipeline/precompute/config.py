@@ -35,7 +35,8 @@ class PrecomputeConfig:
     pretrained: bool = fields.pretrained("Hub weights for an architecture name (offline: from the hub cache).")
     dataset: str = fields.dataset()
     data_root: str | None = fields.data_root()
-    split: str = fields.split("train", "to compute directions over")
+    split: str = fields.split("train", "to compute directions over (test: the evaluation images, whose stores "
+                              "evaluate reads as sources)", job=True)
     limit: int | None = fields.limit()
     image_size: int | None = fields.image_size()
     attacks: tuple[str, ...] = option(("step_ll",), sep=",", metavar="ATTACKS", choices=ATTACKS,
