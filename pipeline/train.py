@@ -66,6 +66,7 @@ from enspipe.runlog import LOG_SINKS, RunLog, check_sinks
 from enspipe.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
 from enspipe.schedule import SCHEDULES, learning_rate, param_groups, set_learning_rate
 from enspipe.stores import StoreReader
+from enspipe.stores.remote import is_url, local_path
 from enspipe.stream import SELF, SourceBatches
 from enspipe.trainkit import (AutocastModel, CheckpointWriter, FrozenModel, Window, autocast, channels_last,
                               epoch_batches, memory_format, prune_checkpoints, snapshot, validate)
@@ -340,7 +341,7 @@ def open_stores(shards: Sequence[str | StoreReader]) -> list[StoreReader]:
     from enspipe.stores import open_store
 
     for p in shards:
-        if not isinstance(p, StoreReader) and not Path(p).exists():
+        if not isinstance(p, StoreReader) and not is_url(p) and not Path(local_path(p)).exists():
             raise EnspipeError(f"store {p} does not exist")
     return [open_store(p) for p in shards]
 
