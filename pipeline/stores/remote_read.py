@@ -8,7 +8,9 @@ import fcntl
 import hashlib
 import os
 import shutil
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -48,8 +50,9 @@ class RemoteSource:
         finally:
             os.close(fd)
 
-    def _cached(self, keep: set[str], names: set[str]) -> None:
-        """Evict least recently used shard files until the cap leaves room (exclusive lock held)."""
+    def _cached(self, keep: set[str], names: set[str], cap: int) -> None:
+        """Evict least recently used shard files (of `names`, not `keep`) until at most `cap`
+        bytes remain (exclusive lock held)."""
         files = []
         for rel in names:
             p = self.mirror / rel
@@ -58,7 +61,7 @@ class RemoteSource:
                 files.append((st.st_atime, st.st_size, rel))
         total = sum(size for _, size, _ in files)
         for _, size, rel in sorted(files):
-            if total <= self.cap_bytes:
+            if total <= cap:
                 break
             if rel in keep:
                 continue
@@ -77,20 +80,19 @@ class RemoteSource:
         if missing:
             need = sum(want[rel]["bytes"] for rel in missing)
             with self._lock(fcntl.LOCK_EX):
-                budget = self.cap_bytes
-                self.cap_bytes = max(0, budget - need)
-                try:
-                    self._cached(set(want), every)
-                finally:
-                    self.cap_bytes = budget
+                self._cached(set(want), every, max(0, self.cap_bytes - need))
         with self._lock(fcntl.LOCK_SH):
+            missing = [rel for rel in sorted(want) if not (self.mirror / rel).is_file()]
+            if missing:  # a shard's objects (zarr: one per array + keys) fetched concurrently
+                with ThreadPoolExecutor(min(8, len(missing))) as pool:
+                    list(pool.map(lambda rel: self._fetch(rel, want[rel], self.mirror / rel), missing))
             for rel, meta in sorted(want.items()):
                 p = self.mirror / rel
-                if not p.is_file():
-                    self._fetch(rel, meta, p)
+                if rel in missing:
                     note_verified(p, meta["sha256"])
-                st = p.stat()
-                os.utime(p, ns=(max(st.st_atime_ns, st.st_mtime_ns) + 1, st.st_mtime_ns))  # LRU: atime
+                # LRU order by atime, set explicitly (mounts may not update it); mtime is kept,
+                # so the sha256 memory of this file version stays valid.
+                os.utime(p, ns=(time.time_ns(), p.stat().st_mtime_ns))
             yield
 
     def _fetch(self, rel: str, meta: dict, dest: Path) -> None:
