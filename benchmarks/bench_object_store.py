@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shard-size", type=int, default=1024)
+    ap.add_argument("--formats", default="zarr,wds", help="comma-separated store formats to measure")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     from enspipe.data import create_dataset
@@ -111,7 +112,7 @@ def main() -> None:
         bucket = f"bench{uuid.uuid4().hex[:8]}"
         s3fs.S3FileSystem(endpoint_url=endpoint).mkdir(bucket)
         rows = {}
-        for fmt in ("zarr", "wds"):
+        for fmt in args.formats.split(","):
             local = _build(str(work / "local"), dataset, fmt, args.shard_size)
             url = _build(f"s3://{bucket}/stores", dataset, fmt, args.shard_size)
             times: dict[str, list[float]] = {"local": [], "s3 first": [], "s3 cached": []}

@@ -88,7 +88,8 @@ def create_store(
 
 def _create_remote(url: str, identity: StoreIdentity, fmt: str, shard_size: int, extra: dict | None,
                    backend: Any) -> StoreWriter:
-    from .remote import RemoteWriter, create_remote, existing_remote_manifest
+    from .remote import existing_remote_manifest
+    from .remote_write import RemoteWriter, create_remote
 
     if existing_remote_manifest(url) is None:
         manifest = new_manifest(identity, fmt, shard_size, backend.chunk_samples_for(shard_size, identity.geometry),
@@ -115,10 +116,10 @@ def _reopen(path: Path | str, identity: StoreIdentity, fmt: str, shard_size: int
 
 def open_writer(path: str | os.PathLike) -> StoreWriter:
     """Reopen an existing store to write shards (worker processes): reads, never writes, metadata.
-    A store URL gets a `remote.RemoteWriter` (same interface; shards uploaded whole, record last)."""
+    A store URL gets a `remote_write.RemoteWriter` (same interface; shards uploaded whole, record last)."""
     path = local_path(path)
     if is_url(path):
-        from .remote import RemoteWriter
+        from .remote_write import RemoteWriter
 
         return RemoteWriter(path)
     manifest = read_manifest(Path(path))

@@ -5,20 +5,21 @@ A store URL names the same layout as a local store folder, object for file. The 
 promises hold because every write is a whole object and every read is a whole object checked
 against its sha256:
 
-- Writing (`RemoteWriter`, in precompute's process or on any dask worker): the backend writes a
-  shard into a private local staging folder exactly as it writes a local store, then each of the
-  shard's files is uploaded as one object (a PUT is atomic: an object is visible only complete),
-  then its completion record `shards/NNNNNN.json`, last. A killed upload leaves no record, so the
-  shard is pending and rewritten on resume; finished shards are skipped (`pending_shards` lists
-  the records once). Two writers of one shard upload identical bytes. `finalize` checks every
-  record's objects by size and writes the manifest last.
-- Reading (`open_remote`): the manifest and the format's small metadata objects are mirrored
-  into `cache_dir`, and the backend's own reader runs on that mirror. Before a read touches a
-  shard, its objects are downloaded whole, their sha256 checked against the record (a corrupt or
-  half-written object is refused naming the URL), and kept: a second epoch reads them from disk.
-  The cache is capped (`cache_bytes`): least recently used shard files are evicted, under an
-  exclusive lock that waits for reads in progress (which hold a shared lock), so a file is never
-  removed under a reader in another process (loader workers share the cache).
+- Writing (`remote_write.RemoteWriter`, in precompute's process or on any dask worker): the
+  backend writes a shard into a private local staging folder exactly as it writes a local
+  store, then each of the shard's files is uploaded as one object (a PUT is atomic: an object is
+  visible only complete), then its completion record `shards/NNNNNN.json`, last. A killed upload
+  leaves no record, so the shard is pending and rewritten on resume; finished shards are skipped.
+  Two writers of one shard upload identical bytes. `finalize` checks every record's objects by
+  size and writes the manifest last.
+- Reading (`remote_read.open_remote`): the manifest is read and checked, the format's metadata
+  (zarr.json, ...) is made locally from it in a mirror folder under `cache_dir`, and the
+  backend's own reader runs on that mirror. Before a read touches a shard, its objects are
+  downloaded whole, their sha256 checked against the record (a corrupt or half-written object
+  is refused naming the URL), and kept: a second epoch reads them from disk. The cache is
+  capped (`cache_bytes`): least recently used shard files are evicted under an exclusive lock
+  that waits for reads in progress (they hold a shared lock), so a file is never removed under
+  a reader in another process (loader workers and ranks of one machine share the cache).
   Whole objects, not zarr's byte ranges (zarr.storage.FsspecStore): a zarr shard's chunks carry
   no checksum (zarr_store.check_file_once), so only a whole object's sha256 can be checked.
 
@@ -32,15 +33,12 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from enspipe.errors import StoreError
 
-__all__ = ["Remote", "RemoteWriter", "cache_settings", "check_remote_root", "is_url", "join", "local_path",
-           "open_remote"]
+__all__ = ["Remote", "cache_settings", "check_remote_root", "is_url", "join", "local_path", "open_remote"]
 
 MANIFEST = "manifest.json"
 RECORDS = "shards"
@@ -159,6 +157,14 @@ class Remote:
         with _calling(join(self.url, rel), "read"):
             self.fs.get_file(self._p(rel), str(local))
 
+    def size(self, rel: str) -> int | None:
+        """Bytes of one object, None when there is none."""
+        with _calling(join(self.url, rel), "reach"):
+            try:
+                return int(self.fs.info(self._p(rel))["size"])
+            except FileNotFoundError:
+                return None
+
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """{relative name: bytes} of every object under the store (or under `prefix` in it)."""
         base = self._p(prefix)
@@ -222,14 +228,14 @@ def existing_remote_manifest(url: str) -> dict | None:
     return read_remote_manifest(url) if Remote(url).exists(MANIFEST) else None
 
 
-def _records(r: Remote, manifest: dict) -> dict[int, dict]:
+def _records(r: Remote, manifest: dict, sizes: dict[str, int] | None = None) -> dict[int, dict]:
     """The valid completion records: the manifest's once complete, else the record objects whose
-    shard objects all exist with their recorded sizes (one listing of the store)."""
+    shard objects all exist with their recorded sizes (one listing of the store, or `sizes`)."""
     from .manifest import schema_errors, shard_range
 
     if manifest["complete"]:
         return {int(k): v for k, v in manifest["shards"].items()}
-    sizes = r.sizes()
+    sizes = r.sizes() if sizes is None else sizes
     out = {}
     for name in sorted(sizes):
         m = re.fullmatch(rf"{RECORDS}/(\d{{6}})\.json", name)
@@ -254,141 +260,6 @@ def _size_problems(sizes: dict[str, int], rec: dict, s: int) -> Iterator[str]:
             yield f"shard {s}: missing object {rel}"
         elif have != meta["bytes"]:
             yield f"shard {s}: object {rel} is {have} bytes but was written with {meta['bytes']} (truncated or replaced)"
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def create_remote(url: str, manifest: dict, backend: Any) -> None:
-    """Upload a new store's layout (built locally by the backend) and then its initial manifest.
-    Concurrent creators upload the same layout; the store's identity is the same either way."""
-    from .manifest import write_manifest
-
-    r = Remote(url)
-    with tempfile.TemporaryDirectory(prefix="enspipe-layout-") as tmp:
-        root = Path(tmp) / "store"
-        root.mkdir()
-        (root / RECORDS).mkdir()
-        backend.create_layout(root, manifest)
-        for f in sorted(p for p in root.rglob("*") if p.is_file()):
-            r.put_file(f, f.relative_to(root).as_posix())
-        write_manifest(root, manifest)  # validated here
-        r.put_bytes(MANIFEST, (root / MANIFEST).read_bytes())
-
-
-class RemoteWriter:
-    """`StoreWriter`'s interface for a store URL: shards written locally, uploaded whole, record last."""
-
-    def __init__(self, url: str, manifest: dict | None = None) -> None:
-        from .base import _StoreFiles
-        from .registry import get_backend
-
-        self.url = url.rstrip("/")
-        self._remote = Remote(self.url)
-        manifest = manifest if manifest is not None else read_remote_manifest(self.url)
-        self._files = _StoreFiles(Path("."), manifest)
-        self.fmt = manifest["format"]
-        self._backend = get_backend(self.fmt)
-        self._staging: Path | None = None
-        self._local = None
-        for name in ("identity", "num_samples", "num_shards", "shard_size", "chunk_samples", "geometry",
-                     "num_classes"):
-            setattr(self, name, getattr(self._files, name))
-        self._done: dict[int, dict] | None = None
-
-    @property
-    def path(self) -> str:
-        return self.url
-
-    @property
-    def manifest(self) -> dict:
-        return self._files.manifest
-
-    @property
-    def keeps_clean_images(self) -> bool:
-        from .registry import store_format
-
-        return store_format(self.fmt).keeps_clean_images
-
-    def __reduce__(self) -> tuple:
-        return RemoteWriter, (self.url, self.manifest)
-
-    def shard_range(self, s: int) -> tuple[int, int]:
-        from .manifest import shard_range
-
-        if not isinstance(s, int) or not 0 <= s < self.num_shards:
-            raise StoreError(f"shard {s} is out of range for store {self.url} ({self.num_shards} shards).")
-        return shard_range(self.manifest, s)
-
-    def _records(self) -> dict[int, dict]:
-        if self._done is None:
-            self._done = _records(self._remote, {**self.manifest, "complete": False})
-        return self._done
-
-    def shard_done(self, s: int) -> bool:
-        self.shard_range(s)
-        return int(s) in self._records()
-
-    def pending_shards(self) -> list[int]:
-        done = self._records()
-        return [s for s in range(self.num_shards) if s not in done]
-
-    def _local_writer(self):
-        if self._local is None:
-            from .manifest import write_manifest
-
-            # Private to this process: a dask worker on another machine has its own.
-            self._staging = Path(tempfile.mkdtemp(prefix="enspipe-staging-")) / f"store.{self.fmt}"
-            self._staging.mkdir()
-            (self._staging / RECORDS).mkdir()
-            self._backend.create_layout(self._staging, self.manifest)
-            write_manifest(self._staging, self.manifest)
-            self._local = self._backend.Writer(self._staging, self.manifest)
-        return self._local
-
-    def write_shard(self, s: int, **arrays: Any) -> dict:
-        """Write shard s locally (the backend's checks and bytes), upload each file whole, then its record."""
-        local = self._local_writer()
-        rec = local.write_shard(s, **arrays)
-        try:
-            for rel in sorted(rec["files"]):
-                self._remote.put_file(self._staging / rel, rel)
-            self._remote.put_bytes(f"{RECORDS}/{s:06d}.json", _dump(rec, 1))
-        finally:
-            for rel in rec["files"]:
-                with contextlib.suppress(OSError):
-                    os.remove(self._staging / rel)  # keep the staging folder small
-        if self._done is not None:
-            self._done[int(s)] = rec
-        return rec
-
-    def finalize(self, *, verify: bool = True) -> dict:
-        """Every shard's record and objects present (sizes; the sha256 are checked on every read),
-        then the complete manifest, written last. Idempotent."""
-        from .manifest import now_utc
-
-        self._done = None
-        records = self._records()
-        missing = [s for s in range(self.num_shards) if s not in records]
-        if missing:
-            raise StoreError(f"cannot finalize store {self.url}: {len(missing)} of {self.num_shards} shards are not "
-                             f"written (first: shard {missing[0]}); re-run precompute to finish them.")
-        current = read_remote_manifest(self.url)
-        shards = {f"{s:06d}": rec for s, rec in sorted(records.items())}
-        if current["complete"] and current["shards"] == shards:
-            self._files.manifest = current
-            return current
-        manifest = {**current, "shards": shards, "complete": True, "finalized_at": now_utc()}
-        from .manifest import check_manifest
-
-        check_manifest(manifest, f"store {self.url}")
-        self._remote.put_bytes(MANIFEST, _dump(manifest, 2))
-        self._files.manifest = manifest
-        return manifest
-
-    def __del__(self) -> None:
-        if self._staging is not None:
-            shutil.rmtree(self._staging.parent, ignore_errors=True)
 
 
 def open_remote(url: str, **kw: Any):

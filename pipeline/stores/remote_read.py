@@ -165,11 +165,14 @@ def open_remote(url: str, *, allow_incomplete: bool = False, cache_dir: str | os
 
 def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
     """(problems, shards checked) of a store URL or of a reader `open_remote` made. Deep: every
-    object is downloaded again (not taken from the cache), sha256-checked and decoded."""
+    object sha256-checked and decoded; for a URL (`enspipe verify`) downloaded again, not taken
+    from the cache; for a reader (the trainer's check) cached copies, checked when they were
+    downloaded, are kept, so the ranks on one node share one download."""
     from .manifest import RECORDS_DIR, sha256_matches
     from .registry import get_backend
 
-    if isinstance(target, str):
+    fresh = isinstance(target, str)
+    if fresh:
         try:
             manifest = read_remote_manifest(target)
         except StoreError as exc:
@@ -201,8 +204,8 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
         found = list(_size_problems(sizes, rec, s))
         if not found and deep:
             src = reader.source
-            with src._lock(fcntl.LOCK_EX):
-                for rel in rec["files"]:
+            with src._lock(fcntl.LOCK_EX) if fresh else contextlib.nullcontext():
+                for rel in rec["files"] if fresh else ():
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(src.mirror / rel)  # verify what is stored now, not the cache
             try:
