@@ -277,16 +277,21 @@ def verify(store, recompute, model, data_root, device) -> None:
 @cli.command(name="ls", context_settings=_SETTINGS, epilog=_examples(
     "enspipe ls stores", "enspipe ls runs/quickstart      # a job's output folder: its models and stores",
     "enspipe ls . --json"))
-@click.argument("root", type=click.Path(exists=True, file_okay=False), default=".")
+@click.argument("root", default=".")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def ls_cmd(root, as_json) -> None:
-    """List the runs (model folders) and stores under ROOT."""
+    """List the runs (model folders) and stores under ROOT (a folder, or a URL such as s3://bucket/prefix)."""
     from dataclasses import asdict
 
     from enspipe.runs import list_runs
     from enspipe.stores import list_stores
+    from enspipe.stores.remote import is_url, local_path
 
-    runs, infos = list_runs(root), list_stores(root)
+    if not is_url(root):  # object storage holds stores only; runs are local folders
+        root = local_path(root)
+        if not os.path.isdir(root):
+            raise click.BadParameter(f"Directory {root!r} does not exist.", param_hint="'ROOT'")
+    runs, infos = ([] if is_url(root) else list_runs(root)), list_stores(root)
     if as_json:
         click.echo(json.dumps([{"kind": "run", **asdict(r), "path": str(r.path)} for r in runs]
                               + [{"kind": "store", **asdict(i), "path": str(i.path)} for i in infos], indent=2))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from enspipe.errors import ConfigError
 from enspipe.stores.registry import format_of
+from enspipe.stores.remote import is_url, local_path
 
 __all__ = ["check_output", "check_outside_dataset", "check_store_root", "enclosing_run", "enclosing_store", "is_run_dir", "is_store_dir"]
 
@@ -76,7 +77,12 @@ def check_output(path: str | os.PathLike, *, flag: str = "--out") -> None:
 
 
 def check_store_root(path: str | os.PathLike, *, flag: str = "--out") -> None:
-    """Refuse a store ROOT inside a store or inside a training run (ConfigError, one line)."""
+    """Refuse a store ROOT inside a store or inside a training run (ConfigError, one line).
+    A URL root is not checked: object storage holds no training runs, and a store's prefix is
+    never a root because store names end in a format suffix that `store_path` adds."""
+    if is_url(path):
+        return
+    path = local_path(path)
     check_output(path, flag=flag)
     run = enclosing_run(path)
     if run is not None:

@@ -60,6 +60,7 @@ from enspipe.runtime import progress, read_json, resolve_device, seed_everything
 from enspipe.schedule import learning_rate, param_groups, set_learning_rate
 from enspipe.precision import PRECISIONS, Precision  # noqa: F401 -- `enspipe.train.PRECISIONS`, as before
 from enspipe.stores import StoreReader
+from enspipe.stores.remote import is_url, local_path
 from enspipe.stream import SELF, SourceBatches
 from enspipe.trainkit import CheckpointWriter, FrozenModel, Window, epoch_batches, prune_checkpoints, snapshot, validate
 
@@ -197,7 +198,7 @@ def open_stores(shards: Sequence[str | StoreReader]) -> list[StoreReader]:
     from enspipe.stores import open_store
 
     for p in shards:
-        if not isinstance(p, StoreReader) and not Path(p).exists():
+        if not isinstance(p, StoreReader) and not is_url(p) and not Path(local_path(p)).exists():
             raise EnspipeError(f"store {p} does not exist")
     return [open_store(p) for p in shards]
 

@@ -189,6 +189,16 @@ MUTATIONS = [
              "        return [open_store(p) if h is None else h.for_this_process() for p, h in zip(self.stores, self._handles)]\n",
              "        return [open_store(p) for p in self.stores]\n",
              ("tests/test_store_formats.py::test_a_training_run_reads_each_store_manifest_once",)),
+    Mutation("remote-download-unhashed", "a shard object downloaded from object storage is kept without its sha256 check",
+             "pipeline/stores/remote_read.py",
+             '            if tmp.stat().st_size != meta["bytes"] or h.hexdigest() != meta["sha256"]:\n',
+             '            if tmp.stat().st_size != meta["bytes"]:\n',
+             ("tests/test_object_store.py::test_a_corrupted_object_is_refused_on_read_and_named_by_verify",)),
+    Mutation("remote-cache-unbounded", "the object-store cache never evicts",
+             "pipeline/stores/remote_read.py",
+             "        total = sum(size for _, size, _ in files)\n",
+             "        total = sum(size for _, size, _ in files)\n        return\n",
+             ("tests/test_object_store.py::test_a_second_epoch_reads_from_the_cache_and_the_cache_keeps_its_cap",)),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.

@@ -171,7 +171,7 @@ def plan_stores(cfg: PrecomputeConfig, dataset, model, sha: str, device: torch.d
         todo: list[str] = []
         batch_size = cfg.batch_size
         for fmt in FORMATS[cfg.format]:
-            path = store_path(Path(cfg.out).absolute(), identity, fmt)
+            path = store_path(store_root(cfg.out), identity, fmt)
             plan.paths.append(path)
             manifest = existing_manifest(path)
             if manifest is not None and manifest["complete"]:
@@ -203,7 +203,7 @@ def manifest_extra(cfg: PrecomputeConfig, job: ShardJob, device: torch.device) -
 
     # Paths made absolute and the dataset's canonical name, so `verify --recompute` can rebuild it.
     config = {**cfg.to_dict(), "attacks": [job.attack], "batch_size": job.batch_size, "dataset": job.dataset,
-              "data_root": job.data_root, "out": str(Path(cfg.out).absolute())}
+              "data_root": job.data_root, "out": str(store_root(cfg.out))}
     return {
         "producer": "enspipe precompute",
         "versions": versions(),
@@ -223,8 +223,22 @@ def pending_shards(job: ShardJob) -> list[int]:
 
 # --- The store root -----------------------------------------------------------------------------
 
+def store_root(out: str) -> Path | str:
+    """`out` as stores are named under it: a local folder made absolute, a store URL as it is."""
+    from enspipe.stores.remote import is_url, local_path
+
+    return out if is_url(out) else Path(local_path(out)).absolute()
+
+
 def check_root(root: str) -> None:
-    """Fail before any work when ROOT cannot be created or written; creates nothing."""
+    """Fail before any work when ROOT cannot be created or written; creates nothing. A URL root:
+    its bucket must exist and answer (one line naming the URL otherwise)."""
+    from enspipe.stores.remote import check_remote_root, is_url, local_path
+
+    if is_url(root):
+        check_remote_root(root)
+        return
+    root = local_path(root)
     p = Path(root).absolute()
     existing = next(q for q in (p, *p.parents) if q.exists())
     if not existing.is_dir():
@@ -234,6 +248,11 @@ def check_root(root: str) -> None:
 
 
 def create_root(root: str) -> None:
+    from enspipe.stores.remote import is_url, local_path
+
+    if is_url(root):
+        return  # object storage has no folders to make
+    root = local_path(root)
     try:
         Path(root).mkdir(parents=True, exist_ok=True)
     except OSError as e:

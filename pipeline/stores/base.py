@@ -1,5 +1,8 @@
 """What every backend builds on: the writer and reader base classes and the backend protocol.
 
+(Over 400 lines on purpose: the writer's and the reader's shared rules are one contract, read
+together; splitting them would put the shard-range and value rules in two places.)
+
 A backend module (`zarr_store`, `wds_store`) subclasses `StoreWriter` / `StoreReader` for its
 payload and provides the four layout functions of `Backend`; the registry
 (`registry.BACKENDS`) loads it by format. The shared rules live here once: which shards a
@@ -8,6 +11,7 @@ sample range touches (`shard_spans`) and which direction values are valid
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping, Protocol, Sequence
@@ -230,6 +234,9 @@ class StoreReader(_StoreFiles):
         self.records = records
         self._done = set(records)
         self._pid = os.getpid()
+        # Where the shard files come from when they are not local: a remote.RemoteSource for a
+        # store URL (this reader then runs on its local mirror), None for a local store.
+        self.source: Any = None
 
     def __len__(self) -> int:
         return self.num_samples
@@ -241,7 +248,7 @@ class StoreReader(_StoreFiles):
     def reopened(self) -> StoreReader:
         """A new reader of the same store from this one's validated manifest and records: for
         another process (a forked loader worker must not use its parent's open files)."""
-        return type(self)(self.path, self.manifest, self.records)
+        return _rebuild(type(self), self.path, self.manifest, self.records, self.source)
 
     def for_this_process(self) -> StoreReader:
         """This reader in the process that opened it, else `reopened()` (no manifest re-read)."""
@@ -249,7 +256,14 @@ class StoreReader(_StoreFiles):
 
     def __reduce__(self) -> tuple:
         # Pickled (spawned loader workers, dask) as what it was opened from, never its open files.
-        return type(self), (self.path, self.manifest, self.records)
+        return _rebuild, (type(self), self.path, self.manifest, self.records, self.source)
+
+    def _local(self, start: int, stop: int) -> contextlib.AbstractContextManager:
+        """The shard files that samples [start, stop) need, present for the duration (a store URL's
+        are fetched whole and sha256-checked into the size-capped cache; local stores: nothing)."""
+        if self.source is None:
+            return contextlib.nullcontext()
+        return self.source.local(self.records, [s for s, _ in self._spans(start, stop)], self.records)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, N={self.num_samples})"
@@ -280,7 +294,8 @@ class StoreReader(_StoreFiles):
         start, stop = self._check_range(start, stop)
         if start == stop:
             return self._empty(0)
-        return self._read(start, stop)
+        with self._local(start, stop):
+            return self._read(start, stop)
 
     def _read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -290,7 +305,8 @@ class StoreReader(_StoreFiles):
         start, stop = self._check_range(start, stop)
         if start == stop:
             return self._empty(0)["direction"]
-        d = self._read_directions(start, stop)
+        with self._local(start, stop):
+            d = self._read_directions(start, stop)
         # Cheap value check on the hot path: a damaged chunk whose checksum was forged
         # still cannot smuggle values outside {-1, 0, 1} into training.
         if not directions_valid(d):
@@ -328,7 +344,10 @@ class StoreReader(_StoreFiles):
     def keys(self, start: int, stop: int) -> list[str]:
         """The dataset keys of samples [start, stop) (a sanity check for the join by index)."""
         start, stop = self._check_range(start, stop)
-        return self._keys(start, stop) if start < stop else []
+        if start == stop:
+            return []
+        with self._local(start, stop):
+            return self._keys(start, stop)
 
     def _keys(self, start: int, stop: int) -> list[str]:
         raise NotImplementedError
@@ -347,7 +366,8 @@ class StoreReader(_StoreFiles):
                              f"[{start}, {stop}) of store {self.path}.")
         for s, rows in self._spans(start, stop):
             first = s * self.shard_size
-            got = self._keys(first + rows.start, first + rows.stop)
+            with self._local(first + rows.start, first + rows.stop):
+                got = self._keys(first + rows.start, first + rows.stop)
             want = list(expected[first + rows.start - start:first + rows.stop - start])
             if got != want:
                 j = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
@@ -394,6 +414,12 @@ class StoreReader(_StoreFiles):
                 f"store {self.path} was made for {ident.num_classes} classes but the model has "
                 f"{num_classes} (field: num_classes)."
             )
+
+
+def _rebuild(cls: type, path: Path, manifest: dict, records: dict, source: Any) -> StoreReader:
+    reader = cls(path, manifest, records)
+    reader.source = source
+    return reader
 
 
 # --------------------------------------------------------------------------- backend protocol

@@ -12,6 +12,7 @@ from enspipe.fileio import dir_bytes
 
 from .manifest import MANIFEST_NAME, done_records, read_manifest
 from .registry import format_of
+from .remote import is_url, local_path
 
 __all__ = ["StoreInfo", "list_stores", "store_info"]
 
@@ -20,7 +21,7 @@ __all__ = ["StoreInfo", "list_stores", "store_info"]
 class StoreInfo:
     """One line of `list_stores`. `problem` is set (and most fields None) for unreadable stores."""
 
-    path: Path
+    path: Path | str  # a store URL stays a str
     fmt: str
     dataset_source: str | None
     dataset_split: str | None
@@ -37,16 +38,25 @@ class StoreInfo:
 
 
 def store_info(path: str | os.PathLike) -> StoreInfo:
-    """Summary of one store; never raises for a damaged store (reports `problem`)."""
-    path = Path(path)
-    fmt = format_of(path) or path.suffix.lstrip(".")
-    size = dir_bytes(path)
+    """Summary of one store (a folder or a store URL); never raises for a damaged store (reports `problem`)."""
+    path = local_path(path)
+    remote = is_url(path)
+    if not remote:
+        path = Path(path)
+    fmt = format_of(path) or Path(str(path)).suffix.lstrip(".")
+    size = 0 if remote else dir_bytes(path)
     try:
-        m = read_manifest(path)
+        if remote:
+            from .remote_read import remote_info
+
+            got = remote_info(path)
+            m, records, size = got["manifest"], got["records"], got["bytes"]
+        else:
+            m = read_manifest(path)
+            records = done_records(path, m)
     except StoreError as exc:
         return StoreInfo(path, fmt, None, None, None, None, None, None, size, None, False, 0, None, str(exc))
     ident = m["identity"]
-    records = done_records(path, m)
     elements = sum((r["stop"] - r["start"]) for r in records.values()) * int(np.prod(ident["geometry"]))
     bpe = sum(r["direction_bytes"] for r in records.values()) * 8 / elements if elements else None
     return StoreInfo(
@@ -67,7 +77,13 @@ def store_info(path: str | os.PathLike) -> StoreInfo:
 
 
 def list_stores(root: str | os.PathLike) -> list[StoreInfo]:
-    """Every store (a folder with a store format's suffix, `*.zarr`, `*.wds`, and a manifest) under root, by path."""
+    """Every store (a folder with a store format's suffix, `*.zarr`, `*.wds`, and a manifest) under root, by path.
+    A root URL (`s3://bucket/prefix`) lists the store URLs under it."""
+    root = local_path(root)
+    if is_url(root):
+        from .remote_read import find_remote_stores
+
+        return [store_info(u) for u in find_remote_stores(root)]
     found = []
     for dirpath, dirnames, _ in os.walk(root):
         keep = []

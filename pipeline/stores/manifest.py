@@ -27,6 +27,7 @@ from enspipe.fileio import atomic_write_json
 from enspipe.limits import current_limits
 
 from .registry import FORMATS
+from .remote import is_url, local_path
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -149,11 +150,12 @@ def slug(text: str, max_len: int = 80) -> str:
     return s or "x"
 
 
-def store_path(root: str | os.PathLike, identity: StoreIdentity, fmt: Format) -> Path:
+def store_path(root: str | os.PathLike, identity: StoreIdentity, fmt: Format) -> Path | str:
     """Where the store of `identity` lives under `root`; derived only from identities.
 
     `root/{source}-{split}/{model}-{weights[:12]}/{attack}-{label_mode}-{key[:16]}.{fmt}`.
-    The slugs are for people; the 16 hex digits of the identity hash make it unique.
+    The slugs are for people; the 16 hex digits of the identity hash make it unique. A URL
+    root (`s3://bucket/prefix`) gives a URL (str), a local root a Path.
     """
     if fmt not in FORMATS:
         raise StoreError(f"store format must be one of {FORMATS}, got {fmt!r}.")
@@ -161,7 +163,9 @@ def store_path(root: str | os.PathLike, identity: StoreIdentity, fmt: Format) ->
     dataset_slug = slug(f"{ds['source']}-{ds['split']}")
     model_slug = slug(f"{identity.model_name}-{identity.weights_sha256[:12]}")
     name = f"{slug(identity.attack)}-{identity.label_mode}-{identity.key()[:16]}.{fmt}"
-    return Path(root) / dataset_slug / model_slug / name
+    if is_url(root):
+        return "/".join([str(root).rstrip("/"), dataset_slug, model_slug, name])
+    return Path(local_path(root)) / dataset_slug / model_slug / name
 
 
 # --------------------------------------------------------------------------- schemas
@@ -270,6 +274,15 @@ def sha256_matches(path: Path, sha256: str, *, trust_checked: bool = False) -> b
     return True
 
 
+def note_verified(path: Path, sha256: str) -> None:
+    """Remember that the file at `path` (as it is now) was just hashed to `sha256` by its writer
+    or downloader, so a reader does not hash it again (see `sha256_matches`)."""
+    st = os.stat(path)
+    _VERIFIED[(os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, sha256)] = None
+    while len(_VERIFIED) > _VERIFIED_MAX:
+        _VERIFIED.popitem(last=False)
+
+
 def file_record(root: Path, rel: str) -> dict:
     """{"sha256", "bytes"} of a shard file as it is on disk now."""
     p = root / rel
@@ -359,6 +372,11 @@ def existing_manifest(path: str | os.PathLike) -> dict | None:
     a manifest that exists but is invalid raises StoreError, as `read_manifest` does.
     This is how a producer asks "reuse, resume or create?" without opening the store.
     """
+    path = local_path(path)
+    if is_url(path):
+        from .remote import existing_remote_manifest
+
+        return existing_remote_manifest(path)
     return read_manifest(Path(path)) if (Path(path) / MANIFEST_NAME).is_file() else None
 
 

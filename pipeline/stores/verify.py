@@ -17,6 +17,7 @@ from enspipe.errors import StoreError
 from .base import StoreReader
 from .manifest import RECORDS_DIR, read_manifest, read_record, record_problems
 from .registry import get_backend
+from .remote import is_url, local_path
 
 __all__ = ["VerifyReport", "verify_store"]
 
@@ -38,6 +39,12 @@ def verify_store(path: str | os.PathLike | StoreReader, *, deep: bool = True) ->
     Given a reader (`open_store`'s handle), its manifest, read and schema-checked when it was
     opened, is used instead of reading it again; everything else is checked as for a path.
     """
+    target = local_path(path)
+    if is_url(target) or (isinstance(target, StoreReader) and target.source is not None):
+        from .remote_read import verify_remote
+
+        problems, checked = verify_remote(target, deep)
+        return VerifyReport(not problems, problems, checked)
     if isinstance(path, StoreReader):
         path, manifest = path.path, path.manifest
     else:

@@ -1,0 +1,148 @@
+"""Benchmark: DirectionStream read throughput from a local S3 server vs local disk (issue 23).
+
+    python benchmarks/bench_object_store.py --quick              # digits (1,500 samples), 3 rounds
+    python benchmarks/bench_object_store.py --dataset mnist --data-root DIR --rounds 3
+
+Starts moto's standalone S3 server on 127.0.0.1 (`pip install -e '.[s3]'`), writes one zarr and
+one wds store of random sign directions (the worst case for compression) for the dataset's
+samples, byte-identical on local disk and in the bucket, then reads each with `DirectionStream`
+(one process, no loader workers, batch 256, shuffled blocks; each store opened once before the
+timed epochs, as train() does) and reports samples/s of the epoch's iteration:
+
+  local        the store on local disk;
+  s3 first     the store URL with an empty cache: every shard object downloaded whole,
+               sha256-checked, then read (what a first epoch costs);
+  s3 cached    the same URL again with the cache the first epoch left (a second epoch).
+
+Rounds are interleaved (local, s3 first, s3 cached per round, per format) and the median of
+each is reported with the ratio to local. Loopback only: a real object store adds latency.
+Prints a markdown table and writes OUT/bench_object_store.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+
+def _server() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=5).read()
+            return proc, url
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("moto server did not start")
+
+
+def _build(root: str, dataset, fmt: str, shard_size: int):
+    from enspipe.stores import StoreIdentity, create_store, store_path
+
+    ident = StoreIdentity(dataset=dataset.identity(), geometry=dataset.geometry.shape,
+                          preprocess=dataset.geometry.preprocess, num_classes=dataset.num_classes,
+                          model_name="bench", weights_sha256="0" * 64, attack="fgsm", attack_params={},
+                          label_mode="pred")
+    path = store_path(root, ident, fmt)
+    w = create_store(path, ident, fmt=fmt, shard_size=shard_size)
+    rng = np.random.default_rng(0)
+    n = len(dataset)
+    for s in w.pending_shards():
+        lo, hi = w.shard_range(s)
+        w.write_shard(s, direction=rng.integers(-1, 2, (hi - lo, *dataset.geometry.shape)).astype(np.int8),
+                      logits=np.zeros((hi - lo, dataset.num_classes), np.float16),
+                      label=dataset.labels[lo:hi].astype(np.int64), keys=list(dataset.keys[lo:hi]))
+    w.finalize()
+    assert n == w.num_samples
+    return path
+
+
+def _epoch(dataset, reader, epoch: int) -> float:
+    """One epoch over a store already opened (as train() opens each store once per run)."""
+    from enspipe.stream import DirectionStream
+
+    stream = DirectionStream(dataset, [reader], batch_size=256, seed=0, epoch=epoch, check=False)
+    t = time.perf_counter()
+    n = sum(len(b["index"]) for b in stream)
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="digits, 3 rounds")
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shard-size", type=int, default=1024)
+    ap.add_argument("--formats", default="zarr,wds", help="comma-separated store formats to measure")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    from enspipe.data import create_dataset
+    from enspipe.stores import open_store
+
+    dataset = create_dataset(args.dataset, split="train", limit=args.limit, data_root=args.data_root)
+    proc, endpoint = _server()
+    work = Path(tempfile.mkdtemp(prefix="bench-s3-"))
+    try:
+        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                          AWS_DEFAULT_REGION="us-east-1")
+        import s3fs
+
+        bucket = f"bench{uuid.uuid4().hex[:8]}"
+        s3fs.S3FileSystem(endpoint_url=endpoint).mkdir(bucket)
+        rows = {}
+        for fmt in args.formats.split(","):
+            local = _build(str(work / "local"), dataset, fmt, args.shard_size)
+            url = _build(f"s3://{bucket}/stores", dataset, fmt, args.shard_size)
+            times: dict[str, list[float]] = {"local": [], "s3 first": [], "s3 cached": []}
+            for r in range(args.rounds):
+                times["local"].append(_epoch(dataset, open_store(local), 0))
+                cache = work / f"cache-{fmt}-{r}"
+                remote = open_store(url, cache_dir=cache)  # manifest and listing: not timed
+                times["s3 first"].append(_epoch(dataset, remote, 0))
+                # A new reader on the cache the first epoch left (no shard decoded in memory), as
+                # a loader worker's reader of the next epoch.
+                times["s3 cached"].append(_epoch(dataset, remote.reopened(), 1))
+                shutil.rmtree(cache, ignore_errors=True)
+            rows[fmt] = {k: statistics.median(v) for k, v in times.items()}
+    finally:
+        proc.terminate()
+        shutil.rmtree(work, ignore_errors=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    lines = [f"DirectionStream, {args.dataset} ({len(dataset)} samples, {'x'.join(map(str, dataset.geometry.shape))}), "
+             f"one process, batch 256, median of {args.rounds} interleaved rounds; moto S3 on loopback; "
+             f"{platform.node()} {os.cpu_count()} cores, {stamp}", "",
+             "| format | local samples/s | S3 first epoch | ratio | S3 cached epoch | ratio |", "|---|---|---|---|---|---|"]
+    for fmt, r in rows.items():
+        lines.append(f"| {fmt} | {r['local']:,.0f} | {r['s3 first']:,.0f} | {r['s3 first'] / r['local']:.2f}x | "
+                     f"{r['s3 cached']:,.0f} | {r['s3 cached'] / r['local']:.2f}x |")
+    print("\n".join(lines))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_object_store.json").write_text(json.dumps({"date": stamp, "dataset": args.dataset,
+                                                             "n": len(dataset), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

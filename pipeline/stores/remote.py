@@ -1,0 +1,269 @@
+"""Stores on object storage (`s3://`, `gs://`, ... through fsspec): written whole-object, read
+through a size-capped local cache.
+
+A store URL names the same layout as a local store folder, object for file. The store's
+promises hold because every write is a whole object and every read is a whole object checked
+against its sha256:
+
+- Writing (`remote_write.RemoteWriter`, in precompute's process or on any dask worker): the
+  backend writes a shard into a private local staging folder exactly as it writes a local
+  store, then each of the shard's files is uploaded as one object (a PUT is atomic: an object is
+  visible only complete), then its completion record `shards/NNNNNN.json`, last. A killed upload
+  leaves no record, so the shard is pending and rewritten on resume; finished shards are skipped.
+  Two writers of one shard upload identical bytes. `finalize` checks every record's objects by
+  size and writes the manifest last.
+- Reading (`remote_read.open_remote`): the manifest is read and checked, the format's metadata
+  (zarr.json, ...) is made locally from it in a mirror folder under `cache_dir`, and the
+  backend's own reader runs on that mirror. Before a read touches a shard, its objects are
+  downloaded whole, their sha256 checked against the record (a corrupt or half-written object
+  is refused naming the URL), and kept: a second epoch reads them from disk. The cache is
+  capped (`cache_bytes`): least recently used shard files are evicted under an exclusive lock
+  that waits for reads in progress (they hold a shared lock), so a file is never removed under
+  a reader in another process (loader workers and ranks of one machine share the cache).
+  Whole objects, not zarr's byte ranges (zarr.storage.FsspecStore): a zarr shard's chunks carry
+  no checksum (zarr_store.check_file_once), so only a whole object's sha256 can be checked.
+
+Endpoint and credentials: fsspec's configuration and the usual environment (`AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, ...). Every remote call has a bounded timeout (`ENSPIPE_REMOTE_TIMEOUT`
+seconds, default 10, few retries); every failure is one StoreError line naming the URL.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from enspipe.errors import StoreError
+
+__all__ = ["Remote", "cache_settings", "check_remote_root", "is_url", "join", "local_path", "open_remote"]
+
+MANIFEST = "manifest.json"
+RECORDS = "shards"
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(x: Any) -> bool:
+    """A store URL on a remote filesystem (`file://` URLs are local paths: see `local_path`)."""
+    return isinstance(x, str) and bool(_URL.match(x)) and not x.startswith("file://")
+
+
+def local_path(x: Any) -> Any:
+    """`file:///a/b` -> `/a/b`; anything else unchanged."""
+    return x[len("file://"):] if isinstance(x, str) and x.startswith("file://") else x
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def cache_settings() -> tuple[Path, int]:
+    """Where remote stores are cached and how many bytes of shard files at most (environment:
+    ENSPIPE_STORE_CACHE, default ~/.cache/enspipe/stores; ENSPIPE_STORE_CACHE_BYTES, default 20 GiB)."""
+    root = os.environ.get("ENSPIPE_STORE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "enspipe", "stores")
+    cap = os.environ.get("ENSPIPE_STORE_CACHE_BYTES", str(20 << 30))
+    try:
+        cap_bytes = int(cap)
+    except ValueError:
+        raise StoreError(f"ENSPIPE_STORE_CACHE_BYTES must be a number of bytes, not {cap!r}") from None
+    return Path(root), cap_bytes
+
+
+# --------------------------------------------------------------------------- the filesystem
+
+
+def _timeout() -> float:
+    return float(os.environ.get("ENSPIPE_REMOTE_TIMEOUT", "10"))
+
+
+def _fs(url: str):
+    """(fsspec filesystem, path inside it) of a URL, with bounded timeouts and retries."""
+    protocol = url.split("://", 1)[0].lower()
+    try:
+        import fsspec
+    except ImportError:
+        raise StoreError(f"{url}: store URLs need fsspec (pip install 'enspipe[s3]')") from None
+    opts: dict[str, Any] = {}
+    if protocol in ("s3", "s3a"):
+        t = _timeout()
+        opts = {"config_kwargs": {"connect_timeout": t, "read_timeout": t,
+                                  "retries": {"max_attempts": 2, "mode": "standard"}}}
+        if os.environ.get("AWS_ENDPOINT_URL"):
+            opts["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    try:
+        return fsspec.core.url_to_fs(url, **opts)
+    except ImportError as e:
+        raise StoreError(f"{url}: no filesystem for {protocol}:// is installed ({e}); "
+                         f"pip install the fsspec backend (s3fs for s3://, gcsfs for gs://)") from None
+    except Exception as e:
+        raise StoreError(f"{url}: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+@contextlib.contextmanager
+def _calling(url: str, doing: str) -> Iterator[None]:
+    """Any failure of a remote call -> one StoreError line naming the URL and what to check."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except FileNotFoundError as e:
+        raise StoreError(f"cannot {doing} {url}: not found ({_one_line(e)}); check the bucket and prefix") from None
+    except PermissionError as e:
+        raise StoreError(f"cannot {doing} {url}: permission denied ({_one_line(e)}); check the credentials "
+                         "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the fsspec config) and the bucket's policy") from None
+    except Exception as e:  # botocore/aiohttp/... errors: one line, never a traceback
+        name = type(e).__name__
+        hint = ("set credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the fsspec config)"
+                if "Credential" in name or "credential" in str(e)
+                else "check the endpoint (AWS_ENDPOINT_URL), the network and the credentials")
+        raise StoreError(f"cannot {doing} {url}: {name}: {_one_line(e)}; {hint}") from None
+
+
+class Remote:
+    """One store URL and its filesystem: whole-object reads, writes and listings."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.fs, self.root = _fs(self.url)
+        self.root = self.root.rstrip("/")
+
+    def _p(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def cat(self, rel: str) -> bytes:
+        with _calling(join(self.url, rel), "read"):
+            return self.fs.cat_file(self._p(rel))
+
+    def exists(self, rel: str) -> bool:
+        with _calling(join(self.url, rel), "reach"):
+            return self.fs.exists(self._p(rel))
+
+    def put_bytes(self, rel: str, data: bytes) -> None:
+        with _calling(join(self.url, rel), "write"):
+            self.fs.pipe_file(self._p(rel), data)
+
+    def put_file(self, local: Path, rel: str) -> None:
+        with _calling(join(self.url, rel), "write"):
+            self.fs.put_file(str(local), self._p(rel))
+
+    def get_file(self, rel: str, local: Path) -> None:
+        with _calling(join(self.url, rel), "read"):
+            self.fs.get_file(self._p(rel), str(local))
+
+    def size(self, rel: str) -> int | None:
+        """Bytes of one object, None when there is none."""
+        with _calling(join(self.url, rel), "reach"):
+            try:
+                return int(self.fs.info(self._p(rel))["size"])
+            except FileNotFoundError:
+                return None
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """{relative name: bytes} of every object under the store (or under `prefix` in it)."""
+        base = self._p(prefix)
+        with _calling(join(self.url, prefix), "list"):
+            try:
+                found = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                return {}
+        self.fs.invalidate_cache()
+        out = {}
+        for name, info in found.items():
+            name = name.rstrip("/")
+            if name.startswith(self.root + "/"):
+                out[name[len(self.root) + 1:]] = int(info.get("size") or 0)
+        return out
+
+    def json(self, rel: str, what: str) -> Any:
+        try:
+            raw = self.cat(rel)
+        except StoreError as e:
+            if "not found" in str(e):
+                raise StoreError(f"{what} {join(self.url, rel)} does not exist.") from None
+            raise
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise StoreError(f"{what} {join(self.url, rel)} cannot be read: {e}.") from None
+
+
+def _dump(doc: Any, indent: int | None) -> bytes:
+    return json.dumps(doc, indent=indent, sort_keys=True, allow_nan=False).encode("utf-8")
+
+
+def check_remote_root(url: str) -> None:
+    """Fail fast (one line) when a store ROOT URL's bucket cannot be reached or does not exist."""
+    r = Remote(url)
+    bucket = r.root.split("/", 1)[0]
+    with _calling(url, "reach"):
+        if not r.fs.exists(bucket):
+            raise StoreError(f"cannot use {url}: the bucket {bucket} does not exist (or is not visible with "
+                             "these credentials); create it first")
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def read_remote_manifest(url: str) -> dict:
+    from .manifest import check_manifest
+
+    r = Remote(url)
+    if not r.exists(MANIFEST):
+        if r.sizes():
+            raise StoreError(f"{url} exists but is not an enspipe store (no {MANIFEST}).")
+        raise StoreError(f"store {url} does not exist.")
+    manifest = r.json(MANIFEST, "store manifest")
+    check_manifest(manifest, f"store {url}")
+    return manifest
+
+
+def existing_remote_manifest(url: str) -> dict | None:
+    return read_remote_manifest(url) if Remote(url).exists(MANIFEST) else None
+
+
+def _records(r: Remote, manifest: dict, sizes: dict[str, int] | None = None) -> dict[int, dict]:
+    """The valid completion records: the manifest's once complete, else the record objects whose
+    shard objects all exist with their recorded sizes (one listing of the store, or `sizes`)."""
+    from .manifest import schema_errors, shard_range
+
+    if manifest["complete"]:
+        return {int(k): v for k, v in manifest["shards"].items()}
+    sizes = r.sizes() if sizes is None else sizes
+    out = {}
+    for name in sorted(sizes):
+        m = re.fullmatch(rf"{RECORDS}/(\d{{6}})\.json", name)
+        if not m:
+            continue
+        s = int(m.group(1))
+        try:
+            rec = json.loads(r.cat(name))
+        except (StoreError, ValueError):
+            continue
+        if (s < manifest["num_shards"] and not schema_errors(rec, "manifest.v1.json", ref="shard_record")
+                and rec["shard"] == s and (rec["start"], rec["stop"]) == shard_range(manifest, s)
+                and all(sizes.get(rel) == meta["bytes"] for rel, meta in rec["files"].items())):
+            out[s] = rec
+    return out
+
+
+def _size_problems(sizes: dict[str, int], rec: dict, s: int) -> Iterator[str]:
+    for rel, meta in sorted(rec["files"].items()):
+        have = sizes.get(rel)
+        if have is None:
+            yield f"shard {s}: missing object {rel}"
+        elif have != meta["bytes"]:
+            yield f"shard {s}: object {rel} is {have} bytes but was written with {meta['bytes']} (truncated or replaced)"
+
+
+def open_remote(url: str, **kw: Any):
+    """The backend's reader of a store URL on its local cache (see `remote_read.open_remote`)."""
+    from .remote_read import open_remote as _open
+
+    return _open(url, **kw)
