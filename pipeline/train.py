@@ -143,7 +143,7 @@ class TrainConfig:
     schedule: str = option("step", choices=SCHEDULES,
                            help="step: lr x lr_decay every lr_decay_every epochs; cosine: to 0 over the epochs.")
     warmup_epochs: int = option(0, minimum=0, help="Epochs of linear lr warmup (per batch) before the schedule.")
-    keep_checkpoints: int | None = option(None, minimum=1, metavar="K", runtime=True, help="Keep only the last K epoch checkpoints (default: all).")
+    keep_checkpoints: int | None = option(1, minimum=1, metavar="K", runtime=True, help="Keep only the last K epoch checkpoints (the last is what --resume reads; the final weights are model.safetensors beside them, always kept); a large K keeps them all.")
     precision: str = option("fp32", choices=PRECISIONS,
                             help="bf16/fp16: autocast (fp16 with a grad scaler), channels_last on CUDA.")
     val_limit: int | None = option(None, minimum=1, metavar="N", runtime=True, help="Each epoch, clean and FGSM error on N held-out test samples.")
@@ -369,7 +369,8 @@ def _check_stores(dataset: SampleSource, paths: tuple[str, ...]) -> list[dict[st
                              + "; run enspipe verify for details")
         reader = open_store(p)
         reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,
-                                num_samples=len(dataset), num_classes=dataset.num_classes)
+                                num_samples=len(dataset), num_classes=dataset.num_classes,
+                                dataset=dataset.identity())
         # The checksums above sit beside the data they cover; the keys bind every shard to its
         # samples (a zarr shard copied over another, records and all, still fails here).
         reader.check_keys(0, len(dataset), dataset.keys)
