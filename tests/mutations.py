@@ -177,6 +177,21 @@ MUTATIONS = [
              "        reader.check_keys(0, len(dataset), dataset.keys)\n",
              "        pass\n",
              (f"{INTEGRITY}::test_a_zarr_shard_copied_over_another_is_refused_when_read_for_training",)),
+    Mutation("mnist-net-left-in-eval", "create_model hands the MNIST layers back in eval mode (dropout off in a plain loop)",
+             "pipeline/models.py",
+             "    probe.train()\n",
+             "    pass\n",
+             ("tests/test_readme.py::test_a_created_model_is_in_train_mode",)),
+    Mutation("empty-class-silent", "an empty class folder silently becomes an extra class",
+             "pipeline/data/imagefolder.py",
+             "        _check_empty_classes(self.classes, per_class, folder, split_dirs)\n",
+             "        pass\n",
+             ("tests/test_first_hour.py::test_an_empty_class_folder_is_refused_not_a_silent_class",)),
+    Mutation("two-writers-one-store", "a second precompute of a store being written does not wait for it",
+             "pipeline/precompute/plan.py",
+             "                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n",
+             "                pass\n",
+             ("tests/test_first_hour.py::test_a_second_precompute_waits_for_the_store_being_written",)),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.
