@@ -7,7 +7,8 @@ The stage commands (train, precompute, evaluate, diagnose) take their options fr
 config class (`enspipe.config.click_options`): every field is a flag, with its default and
 help, and the stage's errors name fields, which are shown here as flags. Those commands are
 built when first used, because their config classes live beside torch-importing code; the
-command list and `enspipe --help` stay fast.
+command list and `enspipe --help` stay fast, and a stage's `--help` text is kept in the cache
+after its first showing (`_cached_help`), so later ones import no torch.
 
 Results go to stdout (paths, tables); progress and messages to stderr. A user error
 (`EnspipeError`, a bad option, an OS error such as a full disk) is one line on stderr
@@ -493,11 +494,11 @@ def main(argv: list[str] | None = None) -> None:
     _signal_seen.clear()
     _speaking[0] = None
     if _cached_help(args):
-        return
+        sys.exit(0)  # as click's own --help exits
     try:
         if len(args) == 2 and args[0] in _Group.lazy and args[1] in _SETTINGS["help_option_names"]:
             _keep_help(args)
-            return
+            sys.exit(0)
         with _sigterm_as_interrupt():
             cli.main(args=args, prog_name="enspipe", standalone_mode=False)
     except click.exceptions.Exit as e:
