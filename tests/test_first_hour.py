@@ -186,6 +186,13 @@ def test_a_1000_class_head_over_3_classes_names_a_command_that_exists(tmp_path):
     (store,) = precompute(PrecomputeConfig(model=str(run.run_dir), dataset=ds, image_size=32, attacks=("step_ll",),
                                            device="cpu", out=str(tmp_path / "stores")))
     assert store.exists()
+    # `verify --recompute` after an image was re-saved: the problem says what differs, not two hashes.
+    from enspipe.precompute import recompute_check
+
+    assert recompute_check(str(store), k=2, device="cpu") == []
+    os.utime(data / "bee" / "img1.png", ns=(10**18, 10**18))
+    (problem,) = recompute_check(str(store), k=2, device="cpu")
+    assert "an image file changed" in problem and "field: dataset.fingerprint" in problem, problem
 
 
 def test_the_head_mismatch_is_a_model_error_with_the_counts():
