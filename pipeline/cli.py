@@ -7,7 +7,8 @@ The stage commands (train, precompute, evaluate, diagnose) take their options fr
 config class (`enspipe.config.click_options`): every field is a flag, with its default and
 help, and the stage's errors name fields, which are shown here as flags. Those commands are
 built when first used, because their config classes live beside torch-importing code; the
-command list and `enspipe --help` stay fast.
+command list and `enspipe --help` stay fast, and a stage's `--help` text is kept in the cache
+after its first showing (`_cached_help`), so later ones import no torch.
 
 Results go to stdout (paths, tables); progress and messages to stderr. A user error
 (`EnspipeError`, a bad option, an OS error such as a full disk) is one line on stderr
@@ -446,12 +447,81 @@ def _interrupted(args: list[str]) -> str:
     return f"enspipe: {command or 'enspipe'} interrupted ({name})"
 
 
+# --- `enspipe STAGE --help` without torch ------------------------------------------------------
+
+def _help_key(command: str) -> str:
+    """What a stage command's help text depends on: enspipe's sources (path, size, mtime of every
+    module: a changed field changes it), the versions of Python and click, the text width."""
+    import hashlib
+    import shutil
+
+    import enspipe
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256(f"{command}|{enspipe.__version__}|{sys.version}|{click.__version__}|"
+                       f"{shutil.get_terminal_size().columns}".encode())
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames.sort()
+        for name in sorted(f for f in files if f.endswith(".py")):
+            st = os.stat(os.path.join(dirpath, name))
+            h.update(f"{os.path.relpath(os.path.join(dirpath, name), root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _help_file(command: str) -> str:
+    from enspipe.jobcache import default_cache
+
+    return os.path.join(default_cache(), "help", f"{command}-{_help_key(command)}.txt")
+
+
+def _cached_help(args: list[str]) -> bool:
+    """`enspipe STAGE --help`: a stage command is built from its config class, which lives beside
+    torch-importing code (seconds to import, more on a busy machine). Its help text depends only
+    on enspipe's sources, so the first call's text is kept in the cache (`ENSPIPE_CACHE/help/`,
+    keyed by those sources) and later calls print it without importing torch. True when printed."""
+    if len(args) != 2 or args[0] not in _Group.lazy or args[1] not in _SETTINGS["help_option_names"]:
+        return False
+    try:
+        path = _help_file(args[0])
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, ImportError):
+        return False
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return True
+
+
+def _keep_help(args: list[str]) -> None:
+    """Run `enspipe STAGE --help` the slow way and keep its text for `_cached_help` (best effort:
+    a read-only cache only costs the next call its torch import)."""
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            cli.main(args=args, prog_name="enspipe", standalone_mode=False)
+        except click.exceptions.Exit:
+            pass
+    text = out.getvalue()
+    sys.stdout.write(text)
+    with contextlib.suppress(OSError, ImportError):
+        from enspipe.fileio import atomic_write
+
+        atomic_write(_help_file(args[0]), text)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     _signal_seen.clear()
     _speaking[0] = None
+    if _cached_help(args):
+        sys.exit(0)  # as click's own --help exits
     try:
+        if len(args) == 2 and args[0] in _Group.lazy and args[1] in _SETTINGS["help_option_names"]:
+            _keep_help(args)
+            sys.exit(0)
         with _sigterm_as_interrupt():
             cli.main(args=args, prog_name="enspipe", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -31,7 +31,7 @@ from enspipe.errors import StoreError
 from enspipe.models import BINARIZED_MASKED_PREFIX, BINARIZED_PREFIX, check_weights, load_model_for
 from enspipe.naming import model_label, unique_labels
 from enspipe.paths import check_output
-from enspipe.runtime import log_line, progress, resolve_device, versions, write_json
+from enspipe.runtime import _progress_mode, log_line, progress, resolve_device, versions, write_json
 from enspipe.stats import wilson_interval
 
 __all__ = ["EvalConfig", "evaluate", "model_label", "unique_labels", "wilson_interval"]
@@ -126,7 +126,13 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
     # Progress: a bar naming the attack on a terminal; in a log, a line every 30 s and one per attack.
     spent = dict.fromkeys(cfg.attacks, 0.0)
     bar = progress(range(nb), desc="evaluate", unit="batch", min_interval=30)
+    # In a log, a line when the work starts and one after the first batch (its rate and ETA), so a
+    # redirected evaluate says at once what it does and how long it will take.
+    log_line(f"evaluate: {len(data)} samples in {nb} batch(es) of {cfg.batch_size}; {len(targets)} model(s), "
+             f"{len(sources)} source(s), attacks {', '.join(cfg.attacks)}")
     for b in bar:
+        if b == 1 and _progress_mode() == "lines":
+            log_line(bar.line())
         sl = slice(b * cfg.batch_size, min(len(data), (b + 1) * cfg.batch_size))
         x = data.images(sl).to(device)
         y = torch.as_tensor(data.labels[sl], device=device)

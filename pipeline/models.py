@@ -178,8 +178,12 @@ def _mnist_net(name: str, in_chans: int, size: int, num_classes: int) -> nn.Modu
         raise ModelError(f"unknown MNIST architecture {name!r}")
 
     layers: list[nn.Module] = [*body, nn.Flatten()]
+    # The shape probe runs in eval mode and hands the layers back in train mode: a new module
+    # trains (torch's convention), so a plain loop's dropout is on without a train() call.
+    probe = nn.Sequential(*layers).eval()
     with torch.no_grad():
-        flat = nn.Sequential(*layers).eval()(torch.zeros(1, in_chans, size, size)).shape[1]
+        flat = probe(torch.zeros(1, in_chans, size, size)).shape[1]
+    probe.train()
     if head_hidden == -1:  # D: fully connected only
         width = flat
         for _ in range(4):
@@ -244,7 +248,8 @@ def _torchvision_net(name: str, num_classes: int, pretrained: bool) -> tuple[nn.
                 "and there is no network; set TORCH_HOME to a cache that holds them, or pass `weights` FILE"
             )
         if num_classes != 1000:
-            raise ModelError(f"pretrained {name} has 1000 classes, not {num_classes}")
+            raise HeadMismatch(f"pretrained {name} has 1000 classes, not {num_classes}", weights="",
+                               model_classes=num_classes, file_classes=1000)
         # No aux/init kwargs here: torchvision refuses them beside hub weights.
         net = torchvision.models.get_model(name, weights="DEFAULT")
     else:
@@ -555,6 +560,15 @@ def _some(names: list[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+class HeadMismatch(ModelError):
+    """Weights that fit the architecture except its classifier head (another number of classes).
+    A stage that cannot take a fresh head (precompute, evaluate) says what to do instead."""
+
+    def __init__(self, message: str, *, weights: str, model_classes: int, file_classes: int):
+        super().__init__(message)
+        self.weights, self.model_classes, self.file_classes = weights, model_classes, file_classes
+
+
 def load_weights(model: EnsModel, path: str | os.PathLike, *, new_head: bool = False) -> EnsModel:
     """Load a checkpoint into `model`; a checkpoint of another architecture is a ModelError.
 
@@ -606,6 +620,10 @@ def load_weights(model: EnsModel, path: str | os.PathLike, *, new_head: bool = F
         if reshaped and not missing and not unexpected and set(reshaped) <= head:
             hint = (f"; only the classifier head differs: to fine-tune these weights on "
                     f"{model.config.num_classes} classes with a fresh head pass `new_head`")
+            raise HeadMismatch(f"weights in {weights} do not fit {model.config.name} with "
+                               f"{model.config.num_classes} classes: {'; '.join(parts)}{hint}",
+                               weights=str(weights), model_classes=model.config.num_classes,
+                               file_classes=max(shapes[k][0] for k in reshaped if shapes[k]))
         elif not new_head:
             hint = "; the file is for another architecture, number of classes or input size"
         raise ModelError(f"weights in {weights} do not fit {model.config.name} with "

@@ -41,7 +41,7 @@ from enspipe.fileio import atomic_write
 from enspipe.paper import PAPER, Paper, paper_value, resolve_paper
 from enspipe.stats import wilson_interval
 
-__all__ = ["ATTACK_NAMES", "PAPER", "diagnostics_markdown", "markdown_tables", "plot_transfer_heatmap",
+__all__ = ["ATTACK_NAMES", "PAPER", "diagnostics_markdown", "headline", "markdown_tables", "plot_transfer_heatmap",
            "resolve_paper", "summary_table", "tied_best", "transfer_matrix", "transfer_table",
            "whitebox_table", "write_report"]
 
@@ -296,19 +296,47 @@ def markdown_tables(results: Mapping[str, Any], paper: Paper | None = None, *,
                  "with the target's name is white-box and left out; the average's interval is the "
                  "mean of the entries' bounds).\n\n" + summary_table(results, paper, groups))
     tops = [False, True] if _has_top5(results) else [False]
+    models = list(results.get("models", {}))
     if _attack_order(results, "whitebox"):
         for top5 in tops:
             tag = " (top-5)" if top5 else ""
-            parts.append(f"#### White-box error{tag} (Tables 2 / 7)\n\nStrongest attack per model in bold; "
-                         "the paper's value in parentheses.\n\n" + whitebox_table(results, paper, top5))
+            keys = [f"whitebox:{a}" + ("_top5" if top5 else "") for a in _attack_order(results, "whitebox")]
+            parts.append(f"#### White-box error{tag} (Tables 2 / 7)\n\nStrongest attack per model in bold"
+                         f"{_paper_note(paper, models, keys)}.\n\n" + whitebox_table(results, paper, top5))
     for attack in _attack_order(results, "blackbox"):
         for top5 in tops:
             tag = " (top-5)" if top5 else ""
+            keys = [k + ("_top5" if top5 else "") for k in
+                    (f"whitebox:{attack}", *(f"transfer:{attack}:{s}" for s in _sources(results)))]
             parts.append(f"#### Transfer: {ATTACK_NAMES.get(attack, attack)}{tag} (Table 1)\n\n"
                          "Rows are targets, columns sources; † white-box (the source is the target); "
-                         "strongest attack per target in bold; the paper's value in parentheses.\n\n"
+                         f"strongest attack per target in bold{_paper_note(paper, models, keys)}.\n\n"
                          + transfer_table(results, attack, paper, top5))
     return "\n\n".join(parts) + "\n"
+
+
+def _paper_note(paper: Paper | None, models: Sequence[str], keys: Sequence[str]) -> str:
+    """"; the paper's value in parentheses" when the table shows at least one, else nothing: a
+    caption promises no paper value it does not show."""
+    shown = any(paper_value(paper, t, k) is not None for t in models for k in keys)
+    return "; the paper's value in parentheses" if shown else ""
+
+
+def headline(results: Mapping[str, Any], where: str) -> str:
+    """The evaluation's headline, one row per model: clean error, the strongest white-box attack
+    and its error, the worst transferred attack's error (%, the tables below have the intervals)."""
+    rows = []
+    for t, m in (results.get("models") or {}).items():
+        white = {a: _value(e) for a, e in (m.get("whitebox") or {}).items()}
+        white = {a: v for a, v in white.items() if v is not None}
+        top = max(white, key=white.get) if white else None
+        rows.append([t, _pct(_value(m.get("clean"))),
+                     f"{_pct(white[top])} ({ATTACK_NAMES.get(top, top)})" if top else "–",
+                     _pct(m.get("blackbox_max"))])
+    if not rows:
+        return ""
+    return (f"Error rates in % ({where}): clean, under the strongest white-box attack, and under the worst "
+            "transferred one.\n\n" + _table(["Model", "clean", "white-box (strongest)", "black-box (max)"], rows))
 
 
 # --- figures --------------------------------------------------------------------------------
@@ -418,6 +446,11 @@ def write_report(run_dir: str | os.PathLike, *, paper: str | Paper | None = None
     runs = _find(run_dir, "metrics.jsonl")
     if not results_files and not diag_files and not runs:
         parts.append("No results.json, diagnostics.json or metrics.jsonl found under this directory.")
+    # The report opens with its headline numbers; the details (training, tables, figures) follow.
+    heads = [h for path in results_files if isinstance(res := _read(path), dict) and isinstance(res.get("models"), dict)
+             and (h := headline(res, _where(path.parent, run_dir)))]
+    if heads:
+        parts.append("## Headline\n\n" + "\n\n".join(heads))
     for path in runs:  # training runs: per-epoch table and loss / accuracy / validation curves
         where = _where(path.parent, run_dir)
         parts.append(f"## Training: {where}")

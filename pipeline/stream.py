@@ -163,7 +163,8 @@ class DirectionStream(torch.utils.data.IterableDataset):
             self._handles = self._readers()  # opened here once; the iterating processes reuse them
             for reader in self._handles:
                 reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,
-                                        num_samples=len(dataset), superseded=superseded_fingerprints(dataset))
+                                        num_samples=len(dataset), superseded=superseded_fingerprints(dataset),
+                                        dataset=dataset.identity())
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch of the next pass (its block order, shuffle and augmentation). Call it before

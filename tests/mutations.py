@@ -199,6 +199,21 @@ MUTATIONS = [
              "        total = sum(size for _, size, _ in files)\n",
              "        total = sum(size for _, size, _ in files)\n        return\n",
              ("tests/test_object_store.py::test_a_second_epoch_reads_from_the_cache_and_the_cache_keeps_its_cap",)),
+    Mutation("mnist-net-left-in-eval", "create_model hands the MNIST layers back in eval mode (dropout off in a plain loop)",
+             "pipeline/models.py",
+             "    probe.train()\n",
+             "    pass\n",
+             ("tests/test_readme.py::test_a_created_model_is_in_train_mode",)),
+    Mutation("empty-class-silent", "an empty class folder silently becomes an extra class",
+             "pipeline/data/imagefolder.py",
+             "        _check_empty_classes(self.classes, per_class, folder, split_dirs)\n",
+             "        pass\n",
+             ("tests/test_first_hour.py::test_an_empty_class_folder_is_refused_not_a_silent_class",)),
+    Mutation("two-writers-one-store", "a second precompute of a store being written does not wait for it",
+             "pipeline/precompute/plan.py",
+             "                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n",
+             "                pass\n",
+             ("tests/test_first_hour.py::test_a_second_precompute_waits_for_the_store_being_written",)),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.

@@ -167,7 +167,7 @@ def test_drawn_sources_read_one_store_per_batch(stores, ds, monkeypatch):
 
 def test_a_stream_refuses_stores_of_other_data(stores):
     other = create_dataset("digits", limit=LIMIT - 1)
-    with pytest.raises(StoreError, match="num_samples|fingerprint"):
+    with pytest.raises(StoreError, match=r"limit is 700 but the data.s is 699 \(field: dataset\.limit\)"):
         DirectionStream(other, stores)
     with pytest.raises(ConfigError, match="list of store paths"):
         DirectionStream(other, str(stores[0]))

@@ -54,7 +54,8 @@ def two_stores(digits_static, digits_static2, tmp_path_factory) -> tuple[str, st
 def test_autocast_training_runs_and_resumes_exactly(tmp_path, precision):
     """The online pass and the forward under autocast (fp16 with a grad scaler) train, record
     the precision, and a killed run resumes to the uninterrupted run's weights and metrics."""
-    cfg = TrainConfig(**BASE, limit=320, mode="adv", epochs=3, batch_size=32, log_every=4, precision=precision)
+    cfg = TrainConfig(**BASE, limit=320, mode="adv", epochs=3, batch_size=32, log_every=4, precision=precision,
+                      keep_checkpoints=3)  # every epoch's: _killed_after removes the later ones
     train(cfg, tmp_path / "full")
     assert json.loads((tmp_path / "full" / "config.json").read_text())["train"]["precision"] == precision
     state = torch.load(tmp_path / "full" / "checkpoints" / "epoch-0002.pt", weights_only=True)
@@ -147,7 +148,7 @@ def test_workers_alive_across_epochs_give_each_epoch_a_fresh_loaders_order():
 
 def test_persistent_workers_replay_the_data_order_of_a_resumed_run(tmp_path):
     cfg = TrainConfig(**BASE, limit=600, epochs=3, batch_size=32, block_size=64, workers=2, record_indices=True,
-                      log_every=5)
+                      log_every=5, keep_checkpoints=3)  # every epoch's: _killed_after removes the later ones
     train(cfg, tmp_path / "full")
     run = _killed_after(tmp_path / "full", 1, tmp_path / "killed")
     for f in (run / "indices").glob("*epoch0001.npy"):

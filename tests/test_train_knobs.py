@@ -129,7 +129,7 @@ def test_validation_metrics_appear_every_epoch(tmp_path):
 
 
 def test_csv_log_and_the_metrics_cut_back_on_resume(tmp_path):
-    cfg = TrainConfig(**BASE, epochs=3, log=("csv",), val_limit=32)
+    cfg = TrainConfig(**BASE, epochs=3, log=("csv",), val_limit=32, keep_checkpoints=3)  # every epoch's: a kill is simulated
     train(cfg, tmp_path / "full")
     run = tmp_path / "killed"
     shutil.copytree(tmp_path / "full", run)

@@ -99,7 +99,7 @@ class TrainConfig:
     schedule: str = option("step", choices=SCHEDULES,
                            help="step: lr x lr_decay every lr_decay_every epochs; cosine: to 0 over the epochs.")
     warmup_epochs: int = option(0, minimum=0, help="Epochs of linear lr warmup (per batch) before the schedule.")
-    keep_checkpoints: int | None = option(None, minimum=1, metavar="K", runtime=True, help="Keep only the last K epoch checkpoints (default: all).")
+    keep_checkpoints: int | None = option(1, minimum=1, metavar="K", runtime=True, help="Keep only the last K epoch checkpoints (the last is what --resume reads; the final weights are model.safetensors beside them, always kept); a large K keeps them all.")
     precision: str = option("fp32", choices=PRECISIONS,
                             help="bf16/fp16: autocast (fp16 with a grad scaler), channels_last on CUDA.")
     val_limit: int | None = option(None, minimum=1, metavar="N", runtime=True, help="Each epoch, clean and FGSM error on N held-out test samples.")

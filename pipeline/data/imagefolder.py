@@ -138,6 +138,27 @@ def _stratified(files: list[list[str]], limit: int) -> list[list[str]]:
     return [names[:n] for names, n in zip(files, take)]
 
 
+def _check_empty_classes(classes: tuple[str, ...], per_class: list[list[str]], folder: Path,
+                         split_dirs: list[Path]) -> None:
+    """A class folder without images would be a silent extra class (one more output of every
+    model's head, never seen): refused when no split has images of it; a warning line when
+    only this split lacks them (labels stay shared between splits)."""
+    empty = [c for c, names in zip(classes, per_class) if not names]
+    if not empty:
+        return
+    elsewhere = {c: [d.name for d in split_dirs if d != folder and (d / c).is_dir() and _image_files(d / c, d)]
+                 for c in empty}
+    nowhere = [c for c in empty if not elsewhere[c]]
+    if nowhere:
+        where = " or ".join(str(d / nowhere[0]) for d in split_dirs if (d / nowhere[0]).is_dir()) or str(folder)
+        raise DataError(f"imagefolder: the class folder {where} has no images ({', '.join(IMAGEFOLDER_EXTENSIONS)})"
+                        + (f" (nor have {len(nowhere) - 1} more: {', '.join(nowhere[1:4])})" if len(nowhere) > 1 else "")
+                        + "; it would be an extra class that no sample has: add images or remove the folder")
+    _log.warning("imagefolder: %d class(es) have no images in %s but do in another split (%s), so they keep "
+                 "their labels: %s", len(empty), folder, ", ".join(sorted({s for c in empty for s in elsewhere[c]})),
+                 ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
+
+
 class ImageFolderSource(LazySource):
     """Class folders of images: classes are the sorted folder names, files are walked in
     sorted order (hidden files skipped: macOS '._x.jpg' files are not images), and the canonical
@@ -164,6 +185,7 @@ class ImageFolderSource(LazySource):
         if not any(per_class):
             raise DataError(f"imagefolder: no images ({', '.join(IMAGEFOLDER_EXTENSIONS)}) "
                             f"under {folder}")
+        _check_empty_classes(self.classes, per_class, folder, split_dirs)
         # The canonical order interleaves the classes (issue 22; `class_interleaved`), so that
         # contiguous blocks of it mix classes; `limit` keeps its first samples.
         by_class = [f for names in per_class for f in names]

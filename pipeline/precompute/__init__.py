@@ -34,6 +34,7 @@ from pathlib import Path
 from enspipe._callable import callable_stage
 from enspipe.config import OptionError
 from enspipe.precision import Precision
+from enspipe.errors import ModelError
 
 from .compute import (
     InputBatch,
@@ -60,6 +61,7 @@ from .plan import (
     pending_shards,
     plan_stores,
     store_identity,
+    store_locks,
     store_precision,
 )
 from .sink import BatchDone, CleanImages, ShardBegin, ShardEnd, ShardSink
@@ -102,7 +104,7 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
     from enspipe.runtime import resolve_device
     from enspipe.stores import create_store, open_writer
 
-    from enspipe.models import is_model_path
+    from enspipe.models import HeadMismatch, is_model_path
     from enspipe.paths import check_outside_dataset, check_store_root
 
     device = resolve_device(cfg.device)
@@ -120,14 +122,23 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
         # An existing scheduler is reached first (it is cheap), so an unreachable one fails
         # in seconds; a local cluster is only started when there is work for it.
         client = connect(cfg.scheduler, stack) if cfg.scheduler else None
-        dataset, model, sha = _open_inputs(absolute_if_path(cfg.model) if model_is_path else cfg.model,
-                                           absolute_if_path(cfg.weights),
-                                           cfg.pretrained, cfg.dataset, cfg.split, cfg.limit,
-                                           absolute_if_path(cfg.data_root), device, cfg.image_size)
+        try:
+            dataset, model, sha = _open_inputs(absolute_if_path(cfg.model) if model_is_path else cfg.model,
+                                               absolute_if_path(cfg.weights),
+                                               cfg.pretrained, cfg.dataset, cfg.split, cfg.limit,
+                                               absolute_if_path(cfg.data_root), device, cfg.image_size)
+        except HeadMismatch as e:
+            raise _head_mismatch(cfg, e) from None
         create_root(cfg.out)
         plan = plan_stores(cfg, dataset, model, sha, device)
         if not plan.jobs:
             return plan.paths
+        # One writer per store: a second precompute of a store being written waits for the first,
+        # then plans again (the store may be complete by then: reused, nothing computed twice).
+        if stack.enter_context(store_locks([path for path, _, _ in plan.create])):
+            plan = plan_stores(cfg, dataset, model, sha, device)
+            if not plan.jobs:
+                return plan.paths
         if client is None:
             client = local_client(cfg, device, stack)
         # Every store (all its arrays) is created here, before any task runs.
@@ -142,10 +153,22 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
             run_in_process(units, overlap=overlap)
         else:
             run_on_dask(client, units)
-    for job in plan.jobs:
-        for path in job.stores:
-            open_writer(path).finalize()
+        for job in plan.jobs:  # under the locks: a waiting precompute then finds the stores complete
+            for path in job.stores:
+                open_writer(path).finalize()
     return plan.paths
+
+
+def _head_mismatch(cfg: PrecomputeConfig, e) -> ModelError:
+    """The static model's head predicts other classes than the data has (ImageNet weights over a
+    class subset): its stored labels and logits would be in another label space than the data's,
+    which the trainer joins them with. What exists to do instead: fine-tune it first."""
+    given = f"`weights` {cfg.weights}" if cfg.weights else "`pretrained`"
+    return ModelError(
+        f"{cfg.model} with {given} predicts {e.file_classes} classes but {cfg.dataset} has {e.model_classes}: "
+        f"precompute stores a static model's directions, logits and labels in the data's classes, so it "
+        f"needs a model with {e.model_classes} outputs. Fine-tune one first (`enspipe train` with `model` "
+        f"{cfg.model}, {given}, `new_head` and `dataset` {cfg.dataset}) and precompute that run's folder")
 
 
 callable_stage(__name__)  # `enspipe.precompute(cfg)` is precompute(cfg)

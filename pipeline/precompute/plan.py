@@ -221,6 +221,46 @@ def pending_shards(job: ShardJob) -> list[int]:
     return sorted({s for w in writers for s in w.pending_shards()})
 
 
+# --- One writer per store -----------------------------------------------------------------------
+
+def lock_path(store: Path) -> Path:
+    """The lock of a store: a hidden file beside it, in its parent (the store itself may not exist yet)."""
+    return store.parent / f".{store.name}.lock"
+
+
+@contextlib.contextmanager
+def store_locks(paths: list[Path]):
+    """Hold an exclusive lock on each store (in sorted order, so two precomputes never wait on
+    each other in a cycle) for as long as this precompute writes them. A store another precompute
+    is writing is waited for, with one line saying so. The lock is an flock: the OS releases it
+    when its holder dies, however it dies, so a killed precompute never leaves a store locked.
+    Yields True when some lock had to be waited for (the other writer may have finished the store)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one writer per store is then the user's to keep
+        yield False
+        return
+    waited = False
+    with contextlib.ExitStack() as stack:
+        for store in sorted(set(paths)):
+            lock = lock_path(store)
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            f = stack.enter_context(open(lock, "a+"))
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = (f.read().strip().splitlines() or ["another process"])[-1]  # what its writer wrote
+                log(f"{store}: another precompute ({holder}) is writing this store; waiting for it to finish")
+                fcntl.flock(f, fcntl.LOCK_EX)
+                waited = True
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()}\n")
+            f.flush()
+        yield waited
+
+
 # --- The store root -----------------------------------------------------------------------------
 
 def store_root(out: str) -> Path | str:

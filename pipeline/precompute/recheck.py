@@ -48,7 +48,10 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
                              limit=config.get("limit"), data_root=data_root or config.get("data_root"),
                              image_size=config.get("image_size"))
     if dataset.fingerprint != ident.dataset["fingerprint"]:
-        return [f"the dataset {config['dataset']} found now has another fingerprint than the store's"]
+        from enspipe.stores.base import data_difference
+
+        return [f"the dataset {config['dataset']} found now is not the store's: "
+                f"{data_difference(ident.dataset, dataset.identity())}"]
     dev = resolve_device(device)
     precision = Precision.resolve(store_precision(ident), dev, strict=True)
     net = load_model_for(spec, dataset, dev, weights=weights,

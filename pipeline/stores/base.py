@@ -385,16 +385,23 @@ class StoreReader(_StoreFiles):
         num_samples: int,
         num_classes: int | None = None,
         superseded: Mapping[str, str] | None = None,
+        dataset: Mapping[str, Any] | None = None,
     ) -> None:
         """Raise StoreError naming the first field where the store does not fit the training data.
-        `superseded`: fingerprints of the same data in an older sample order -> why such a store is refused."""
+
+        `superseded`: fingerprints of the same data in an older sample order -> why such a store is
+        refused. `dataset` (the data's `identity()`) lets a fingerprint mismatch name what differs:
+        the source, split, limit, size, geometry or classes, else the files' contents."""
         ident = self.identity
         have_fp = str(ident.dataset["fingerprint"])
         if have_fp != str(fingerprint) and have_fp in (superseded or {}):
             raise StoreError(f"store {self.path} was made for this dataset, but {superseded[have_fp]} "
                              "(field: dataset.fingerprint).")
         if have_fp != str(fingerprint):
+            what = data_difference(ident.dataset, dataset) if dataset is not None else None
             raise StoreError(
+                f"store {self.path} was made for other data: {what}."
+                if what else
                 f"store {self.path} was made for dataset fingerprint {have_fp[:12]}.. but the training "
                 f"data has {str(fingerprint)[:12]}.. (field: dataset.fingerprint)."
             )
@@ -420,6 +427,27 @@ def _rebuild(cls: type, path: Path, manifest: dict, records: dict, source: Any) 
     reader = cls(path, manifest, records)
     reader.source = source
     return reader
+
+
+def data_difference(store: Mapping[str, Any], data: Mapping[str, Any]) -> str:
+    """What differs between the dataset identity a store records and the data's (both as
+    `SampleSource.identity()`), in words, naming the field: the first of source, split, limit,
+    number of samples, geometry and classes that differs, else the contents (same names and
+    order, but a file re-saved, or other pixels)."""
+    def geometry(g: Any) -> str:
+        if isinstance(g, Mapping):
+            shape = "x".join(str(g.get(k)) for k in ("channels", "height", "width") if k in g)
+            return f"{shape} ({g.get('preprocess')})" if g.get("preprocess") else shape
+        return str(g)
+
+    for field, show in (("source", str), ("split", str), ("limit", lambda v: "none" if v is None else str(v)),
+                        ("num_samples", str), ("geometry", geometry), ("num_classes", str)):
+        if field in store and store.get(field) != data.get(field):
+            return (f"its {field} is {show(store.get(field))} but the data's is {show(data.get(field))} "
+                    f"(field: dataset.{field})")
+    return ("the same source, split, limit, size, geometry and classes, but other contents: an image file "
+            "changed (re-saved, or its size or modification time differs), or other labels or pixels "
+            "(field: dataset.fingerprint); re-run precompute for this data")
 
 
 # --------------------------------------------------------------------------- backend protocol

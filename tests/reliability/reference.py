@@ -38,7 +38,8 @@ def train_args(ref: Ref, out: Path, *extra) -> list:
     """ens-adv training of D streaming both reference stores (zarr and wds)."""
     return ["train", "--model", "D", "--dataset", "digits", "--limit", LIMIT, "--epochs", EPOCHS,
             "--batch-size", BATCH, "--mode", "ens-adv", "--attack", "step_ll", "--shards", ref.paths[".zarr"],
-            "--shards", ref.paths[".wds"], "--seed", SEED, "--device", "cpu", "--log-every", 4, "--out", out, *extra]
+            "--shards", ref.paths[".wds"], "--seed", SEED, "--device", "cpu", "--log-every", 4,
+            "--keep-checkpoints", EPOCHS, "--out", out, *extra]  # every epoch's checkpoint: the oracles compare them
 
 
 def train_rerun(ref: Ref, out: Path) -> list:
