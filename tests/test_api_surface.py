@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import enspipe
+from reliability.processes import run_cli
 
 CLI = [sys.executable, "-m", "enspipe"]
 
@@ -81,7 +82,7 @@ def test_the_old_call_forms_still_work_and_warn(digits_static, tmp_path):
     ["diagnose", "--model", "D", "--dataset", "digits", "--limit", "8"],
 ])
 def test_an_architecture_without_weights_is_refused(tmp_path, argv):
-    r = subprocess.run([*CLI, *argv, "--device", "cpu", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    r = run_cli(*argv, "--device", "cpu", "--out", tmp_path / "o")  # forked from the zygote
     assert r.returncode == 1
     assert r.stderr.strip() == ("enspipe: error: --model D is an architecture name, whose weights would be random: "
                                 "pass --weights FILE or --pretrained, or name a run dir or checkpoint")
@@ -101,9 +102,8 @@ def test_an_architecture_with_weights_is_evaluated(digits_static, tmp_path):
 def test_runs_in_folders_of_one_name_get_distinct_names(digits_static, digits_static2, tmp_path):
     for seed, src in (("seed0", digits_static), ("seed1", digits_static2)):
         shutil.copytree(src, tmp_path / seed / "C")
-    r = subprocess.run([*CLI, "evaluate", "--model", str(tmp_path / "seed0" / "C"), "--model",
-                        str(tmp_path / "seed1" / "C"), "--sources", str(tmp_path / "seed1" / "C"), "--limit", "16",
-                        "--device", "cpu", "--out", str(tmp_path / "res")], capture_output=True, text=True)
+    r = run_cli("evaluate", "--model", tmp_path / "seed0" / "C", "--model", tmp_path / "seed1" / "C", "--sources",
+                tmp_path / "seed1" / "C", "--limit", "16", "--device", "cpu", "--out", tmp_path / "res")
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "res" / "results.json").read_text())
     assert set(res["models"]) == {"seed0/C", "seed1/C"}
@@ -122,9 +122,8 @@ def test_runs_in_folders_of_one_name_get_distinct_names(digits_static, digits_st
 def test_diagnose_tells_apart_runs_in_folders_of_one_name(digits_static, digits_static2, tmp_path):
     for seed, src in (("seed0", digits_static), ("seed1", digits_static2)):
         shutil.copytree(src, tmp_path / seed / "C")
-    r = subprocess.run([*CLI, "diagnose", "--model", str(tmp_path / "seed0" / "C"), "--model",
-                        str(tmp_path / "seed1" / "C"), "--limit", "4", "--steps", "2", "--subspace-points", "0",
-                        "--device", "cpu", "--out", str(tmp_path / "diag")], capture_output=True, text=True)
+    r = run_cli("diagnose", "--model", tmp_path / "seed0" / "C", "--model", tmp_path / "seed1" / "C", "--limit", "4",
+                "--steps", "2", "--subspace-points", "0", "--device", "cpu", "--out", tmp_path / "diag")
     assert r.returncode == 0, r.stderr
     diag = json.loads((tmp_path / "diag" / "diagnostics.json").read_text())
     assert set(diag["models"]) == {"seed0/C", "seed1/C"}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from enspipe.data import create_dataset
 from enspipe.errors import AttackError
 from enspipe.evaluate import EvalConfig, evaluate
 from enspipe.models import load_model_for
+from reliability.processes import run_cli  # real processes, forked from the suite's pre-imported zygote
 
 CLI = [sys.executable, "-m", "enspipe"]
 LIMIT = 128
@@ -146,8 +146,7 @@ def test_attack_params_are_the_documented_defaults():
     ("pgd.steps", "must read ATTACK.KEY=VALUE"),
 ])
 def test_a_bad_attack_option_is_one_clear_line(option, message, tmp_path):
-    r = subprocess.run(CLI + ["evaluate", "--model", "D", "--attacks", "fgsm,pgd", "--attack-option", option,
-                              "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    r = run_cli("evaluate", "--model", "D", "--attacks", "fgsm,pgd", "--attack-option", option, "--out", tmp_path / "r")
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr

@@ -17,6 +17,7 @@ import pytest
 
 from enspipe.cli import cli
 from enspipe.config import config_defaults, job_keys
+from reliability.processes import run_cli
 
 CLI = [sys.executable, "-m", "enspipe"]
 ENV = {**os.environ, "ENSPIPE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
@@ -166,21 +167,19 @@ def test_train_reads_a_config_file_and_flags_override_it(tmp_path):
     conf.write_text('model = "D"\ndataset = "digits"\nlimit = 64\nepochs = 3\nbatch_size = 32\ndevice = "cpu"\n'
                     'workers = 0\n')
     run = tmp_path / "run"
-    r = subprocess.run([*CLI, "train", "--config", str(conf), "--epochs", "1", "--out", str(run)],
-                       capture_output=True, text=True, env=ENV)
+    # Real processes, forked from the suite's pre-imported zygote (tests/reliability/zygote.py).
+    r = run_cli("train", "--config", conf, "--epochs", "1", "--out", run, env=ENV)
     assert r.returncode == 0, r.stderr
     saved = json.loads((run / "config.json").read_text())["train"]
     assert (saved["epochs"], saved["limit"], saved["batch_size"], saved["model"]) == (1, 64, 32, "D")
     bad = tmp_path / "bad.toml"
     bad.write_text('model = "D"\n\nwarmup = 3\n')
-    r = subprocess.run([*CLI, "train", "--config", str(bad), "--out", str(tmp_path / "r2")],
-                       capture_output=True, text=True, env=ENV)
+    r = run_cli("train", "--config", bad, "--out", tmp_path / "r2", env=ENV)
     assert r.returncode == 1 and r.stderr.startswith(f"enspipe: error: {bad}:3: warmup is not an option")
     bad.write_text('model = "D"\nepochs = "many"\n')
-    r = subprocess.run([*CLI, "train", "--config", str(bad), "--out", str(tmp_path / "r2")],
-                       capture_output=True, text=True, env=ENV)
+    r = run_cli("train", "--config", bad, "--out", tmp_path / "r2", env=ENV)
     assert r.returncode == 1 and f"{bad}:2: epochs must be an integer, not 'many'" in r.stderr
-    r = subprocess.run([*CLI, "train", "--out", str(tmp_path / "r3")], capture_output=True, text=True, env=ENV)
+    r = run_cli("train", "--out", tmp_path / "r3", env=ENV)
     assert r.returncode == 2 and "Missing option '--model'" in r.stderr
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from enspipe.config import runtime_fields
 from enspipe.jobs import load_job, resolve_keys
+from reliability.processes import run_cli
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipeline"
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
@@ -115,8 +115,7 @@ def test_outputs_on_another_filesystem_are_copies(tmp_path):
         spec = tmp_path / "job.toml"
         spec.write_text(SPEC.format(model_extra="", store_extra=""))
         out, cache = out_root / "out", tmp_path / "cache"
-        r = subprocess.run([*CLI, "run", str(spec), "--out", str(out), "--cache", str(cache), "--device", "cpu"],
-                           capture_output=True, text=True, env=ENV, timeout=600)
+        r = run_cli("run", spec, "--out", out, "--cache", cache, "--device", "cpu", env=ENV, timeout=600)  # forked
         assert r.returncode == 0, r.stderr
         assert not [p for p in out.rglob("*") if p.is_symlink()]
         pairs = [(out / "models" / "static", next((cache / "runs").glob("static-*"))),

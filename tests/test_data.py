@@ -234,7 +234,7 @@ def test_network_probe_is_bounded(monkeypatch):
     monkeypatch.setattr(data.socket, "create_connection", lambda *a, **k: time.sleep(5))
     t = time.monotonic()
     assert data._network_available("example.org", timeout=0.3) is False
-    assert time.monotonic() - t < 1.5
+    assert time.monotonic() - t < 4.5  # bounded below the 5 s hang, far above a loaded machine's 0.3 s
 
 
 # -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 
 from enspipe.errors import ConfigError
 from enspipe.jobs import load_job, resolve_keys
+from reliability.processes import run_cli
 
 CLI = [sys.executable, "-m", "enspipe"]
 ENV = {**os.environ, "ENSPIPE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
@@ -64,7 +65,7 @@ def _write(path: Path, text: str) -> Path:
 
 
 def _enspipe(*args, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=600)
+    r = run_cli(*map(str, args), env=ENV, timeout=600)  # a real process, forked from the pre-imported zygote
     if check:
         assert r.returncode == 0, r.stderr
     return r

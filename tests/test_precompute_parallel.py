@@ -5,7 +5,6 @@ bytes, and bad input in one line."""
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import tarfile
@@ -19,15 +18,15 @@ from enspipe.data import create_dataset
 from enspipe.precompute import PrecomputeConfig, precompute
 from enspipe.precompute.loader import ChunkLoader, batch_spans, chunk_size, spans_of, to_device
 from enspipe.stores import open_store
+from reliability.processes import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # --image-size: resize to round(32 / 0.875) = 37, center-crop 32
 
 
 def _cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ENSPIPE_PROGRESS": "0"}
-    return subprocess.run([sys.executable, "-m", "enspipe", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    # A real enspipe process, forked from the suite's pre-imported zygote (its imports paid once).
+    return run_cli(*map(str, args), timeout=timeout)
 
 
 def _records(path: Path) -> dict:

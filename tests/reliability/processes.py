@@ -155,6 +155,18 @@ def enspipe(*args, faults: tuple[str, ...] = (), timeout: float = 600, cwd: Path
     return done
 
 
+def run_cli(*args, env: dict | None = None, timeout: float = 600, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess:
+    """`python -m enspipe ARGS` for the suite's command-line tests (outside this package too), at
+    a third of the CPU: forked from the zygote, whose imports are paid once per session, unless
+    ENSPIPE_REL_FRESH=1. For tests of what a command does, not of how it starts: a test of what
+    `python -m enspipe` imports, of its start-up time, or of a variable a library reads when it
+    is imported (HF_HOME, TORCH_HOME, OMP_NUM_THREADS) runs a fresh interpreter instead.
+    Returns stdout and stderr as text and the exit status (negative: killed by that signal)."""
+    env = {**os.environ, "ENSPIPE_PROGRESS": "0"} if env is None else env
+    return enspipe(*args, env=env, timeout=timeout, cwd=Path.cwd() if cwd is None else cwd)
+
+
 def _wait4(proc: subprocess.Popen, timeout: float) -> int | None:
     """Wait for a Popen child with wait4 (Popen.wait discards the rusage); its peak RSS in bytes."""
     deadline = time.monotonic() + timeout
