@@ -14,7 +14,6 @@ weight leaves the inputs' gradients zero.)
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,9 +104,7 @@ def runs(fixture):
     cache = root / "cache"
     proc = subprocess.run([sys.executable, "-m", "enspipe", "run", str(JOBS / "imagenet_table1.toml"),
                            "--out", str(root / "t1"), "--cache", str(cache), "--device", "cpu", *_sets(params)],
-                          capture_output=True, text=True, timeout=1800, cwd=root,
-                          env={**os.environ, "PYTHONPATH": str(REPO.parent / REPO.name) + os.pathsep
-                               + os.environ.get("PYTHONPATH", "")})
+                          capture_output=True, text=True, timeout=1800, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stores_after_1 = _zarr_stores(cache)
     logs: dict[str, list[str]] = {}
