@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from enspipe.errors import ConfigError
 from enspipe.jobs import load_job, plan, run_job
+from reliability.processes import outputs, spawn
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "enspipe"]
@@ -133,10 +135,12 @@ def test_two_jobs_sharing_a_cache_build_each_step_once(tmp_path):
     spec = _write(tmp_path, TINY)
     other = _write(tmp_path, TINY.replace('name = "tiny"', 'name = "other"'), "other.toml")
     cache = tmp_path / "cache"
-    procs = [subprocess.Popen(CLI + ["run", str(s), "--cache", str(cache), "--out", str(tmp_path / s.stem),
-                                     "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for s in (spec, other)]
-    logs = [p.communicate(timeout=300)[1] for p in procs]
+    # Two real processes at once, forked from the suite's pre-imported zygote.
+    procs = [spawn("run", s, "--cache", cache, "--out", tmp_path / s.stem, "--device", "cpu", env=dict(os.environ),
+                   log=tmp_path / f"{s.stem}.log", cwd=Path.cwd()) for s in (spec, other)]
+    for p in procs:
+        p.wait(timeout=600)
+    logs = [outputs(p)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs
     ran = [line for log in logs for line in log.splitlines() if line.startswith("running ")]
     assert sorted(ran) == sorted(f"running {s} ..." for s in

@@ -236,7 +236,12 @@ def test_worker_killed_mid_run_still_completes(digits_static, reference_store, t
         deadline = time.monotonic() + 600  # an event wait: the cap is only for a hang
         while time.monotonic() < deadline and not list(tmp_path.glob("*/*/*.zarr/shards/*.json")):
             time.sleep(0.01)
-        victim = next(iter(client.run(os.getpid).values()))
+        # The victim is a worker holding shards now (an event, not a moment): under load the
+        # first worker listed was sometimes between its tasks, and its death cost nothing.
+        pids = client.run(os.getpid)
+        while time.monotonic() < deadline and not (busy := [w for w, t in client.processing().items() if t]):
+            time.sleep(0.01)
+        victim = pids[busy[0]] if busy else next(iter(pids.values()))
         os.kill(victim, signal.SIGKILL)  # the nanny restarts it; dask reruns its task elsewhere
         killed_at = len(list(tmp_path.glob("*/*/*.zarr/shards/*.json")))
         runner.join(timeout=180)

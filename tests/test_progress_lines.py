@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from enspipe.runtime import Progress
+from reliability.processes import run_cli
 
 CLI = [sys.executable, "-m", "enspipe"]
 STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
@@ -20,7 +21,9 @@ def _run(*args, progress: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "ENSPIPE_PROGRESS"}
     if progress is not None:
         env["ENSPIPE_PROGRESS"] = progress
-    r = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    # A real process forked from the suite's pre-imported zygote: the mode is chosen when a
+    # command runs (ENSPIPE_PROGRESS, whether stderr is a terminal), not when enspipe is imported.
+    r = run_cli(*map(str, args), env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return r
 

@@ -17,6 +17,7 @@ from enspipe.config import OptionError
 from enspipe.errors import ConfigError
 from enspipe.schedule import learning_rate
 from enspipe.train import TrainConfig, train
+from reliability.processes import run_cli
 from run_files import metrics as _metrics
 from run_files import same_weights as _same
 from run_files import steady as _steady
@@ -55,10 +56,9 @@ def test_a_finished_run_extended_equals_the_longer_run(tmp_path):
     (weights and metrics), and config.json records the extension."""
     cfg = TrainConfig(**BASE, epochs=2, lr_decay=0.5, lr_decay_every=1)
     train(cfg, tmp_path / "short")
-    r = subprocess.run(CLI + ["train", "--model", "D", "--dataset", "digits", "--device", "cpu", "--seed", "2",
-                              "--limit", "256", "--batch-size", "32", "--log-every", "3", "--lr-decay", "0.5",
-                              "--lr-decay-every", "1", "--epochs", "3", "--resume", "--out", str(tmp_path / "short")],
-                       capture_output=True, text=True)
+    r = run_cli("train", "--model", "D", "--dataset", "digits", "--device", "cpu", "--seed", "2", "--limit", "256",
+                "--batch-size", "32", "--log-every", "3", "--lr-decay", "0.5", "--lr-decay-every", "1", "--epochs", "3",
+                "--resume", "--out", tmp_path / "short")  # forked from the zygote
     assert r.returncode == 0, r.stderr
     train(TrainConfig(**BASE, epochs=3, lr_decay=0.5, lr_decay_every=1), tmp_path / "long")
     assert _same(tmp_path / "short", tmp_path / "long")
@@ -157,8 +157,8 @@ def test_tensorboard_without_its_package_is_one_clear_line(tmp_path):
         pytest.skip("tensorboard is installed here")
     except ImportError:
         pass
-    r = subprocess.run(CLI + ["train", "--model", "D", "--dataset", "digits", "--device", "cpu", "--epochs", "1",
-                              "--log", "tensorboard", "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    r = run_cli("train", "--model", "D", "--dataset", "digits", "--device", "cpu", "--epochs", "1", "--log",
+                "tensorboard", "--out", tmp_path / "r")  # forked from the zygote
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert "pip install tensorboard" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "r").exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import shutil
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from enspipe.stores import open_store, verify_store
 from enspipe.stores.wds_store import (DIRECTION, DIRECTION_V1, decode_direction, decode_directions, encode_direction,
                                       write_tar)
+from reliability.processes import run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LEGACY_WDS_ROOT = FIXTURES / "legacy_wds"
@@ -118,10 +118,9 @@ def test_a_v1_store_is_reused_by_precompute(legacy_wds, tmp_path):
     save_model(deterministic_d(), tmp_path / "D")
     root = legacy_wds.parents[2]
     before = {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(root.rglob("*"))}
-    r = subprocess.run([sys.executable, "-m", "enspipe", "precompute", "--model", str(tmp_path / "D"),
-                        "--dataset", LEGACY_WDS["dataset"], "--limit", str(LEGACY_WDS["limit"]), "--format", "wds",
-                        "--shard-size", str(LEGACY_WDS["shard_size"]), "--batch-size", str(LEGACY_WDS["batch_size"]),
-                        "--device", "cpu", "--out", str(root)], capture_output=True, text=True, timeout=300)
+    r = run_cli("precompute", "--model", tmp_path / "D", "--dataset", LEGACY_WDS["dataset"], "--limit",
+                LEGACY_WDS["limit"], "--format", "wds", "--shard-size", LEGACY_WDS["shard_size"], "--batch-size",
+                LEGACY_WDS["batch_size"], "--device", "cpu", "--out", root)  # forked: zygote
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(legacy_wds)] and r.stderr.splitlines() == [f"reused {legacy_wds}"]
     assert before == {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(root.rglob("*"))}

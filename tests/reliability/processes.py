@@ -4,7 +4,9 @@ process running the real command line.
 In the full sweep each is a fresh `python -m enspipe` interpreter (or faults.py, which
 installs fault hooks and then runs the same CLI). In the CI subset they are forked from
 zygote.py, which has done the ~3.5 s of imports once (ENSPIPE_REL_FRESH=1 turns that off):
-the same code from `enspipe.cli.main` on, at a third of the CPU cost.
+the same code from `enspipe.cli.main` on, at a third of the CPU cost. The command-line tests
+outside this package use the same zygote through `run_cli` (one per pytest session; conftest.py
+ends it).
 """
 from __future__ import annotations
 
