@@ -184,7 +184,7 @@ class DirectionStream(torch.utils.data.IterableDataset):
         if check:
             for reader in self._readers():
                 reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,
-                                        num_samples=len(dataset), dataset=dataset.identity())
+                                        num_samples=len(dataset), dataset=dataset)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch of the next pass (its block order, shuffle and augmentation). Call it before

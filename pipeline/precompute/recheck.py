@@ -49,7 +49,7 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
         from enspipe.stores.base import data_difference
 
         return [f"the dataset {config['dataset']} found now is not the store's: "
-                f"{data_difference(ident.dataset, dataset.identity())}"]
+                f"{data_difference(ident.dataset, dataset, reader.manifest.get('created_at'))}"]
     dev = resolve_device(device)
     precision = store_precision(ident)
     check_precision(precision, dev)
