@@ -164,7 +164,7 @@ class DirectionStream(torch.utils.data.IterableDataset):
             for reader in self._handles:
                 reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,
                                         num_samples=len(dataset), superseded=superseded_fingerprints(dataset),
-                                        dataset=dataset.identity())
+                                        dataset=dataset)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch of the next pass (its block order, shuffle and augmentation). Call it before

@@ -237,7 +237,7 @@ def _check_stores(dataset: SampleSource, paths: Sequence[str | StoreReader]) -> 
                              + "; run enspipe verify for details")
         reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,
                                 num_samples=len(dataset), num_classes=dataset.num_classes,
-                                superseded=dataset.superseded, dataset=dataset.identity())
+                                superseded=dataset.superseded, dataset=dataset)
         # The checksums above sit beside the data they cover; the keys bind every shard to its
         # samples (a zarr shard copied over another, records and all, still fails here).
         reader.check_keys(0, len(dataset), dataset.keys)

@@ -48,12 +48,19 @@ def test_a_store_of_other_data_names_the_field(tmp_path):
     other_size = data_difference(fa.identity(), create_dataset(f"imagefolder:{a}", image_size=24).identity())
     assert other_size.startswith("its geometry is 3x32x32") and "but the data's is 3x24x24" in other_size
     assert other_size.endswith("(field: dataset.geometry)")
-    # A re-saved image: same names, sizes and order, another mtime -> only the contents differ.
-    st = os.stat(a / "dog" / "img1.png")
-    os.utime(a / "dog" / "img1.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    # A re-saved image: same names, sizes and order, another mtime -> only the contents differ,
+    # and the files modified after the store was made are named.
+    from datetime import datetime, timezone
+
+    made = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    later = time.time() + 5
+    os.utime(a / "dog" / "img1.png", (later, later))
     again = create_dataset(f"imagefolder:{a}", image_size=32)
     assert again.fingerprint != fa.fingerprint
     assert "an image file changed" in data_difference(fa.identity(), again.identity())
+    named = data_difference(fa.identity(), again, made)
+    assert named.endswith("modified after the store was made: dog/img1.png (field: dataset.fingerprint); "
+                          "re-run precompute for this data"), named
 
 
 # --- an empty class folder ---------------------------------------------------------------------
@@ -190,9 +197,11 @@ def test_a_1000_class_head_over_3_classes_names_a_command_that_exists(tmp_path):
     from enspipe.precompute import recompute_check
 
     assert recompute_check(str(store), k=2, device="cpu") == []
-    os.utime(data / "bee" / "img1.png", ns=(10**18, 10**18))
+    later = time.time() + 5   # re-saved after the store was made
+    os.utime(data / "bee" / "img1.png", (later, later))
     (problem,) = recompute_check(str(store), k=2, device="cpu")
     assert "an image file changed" in problem and "field: dataset.fingerprint" in problem, problem
+    assert "modified after the store was made: bee/img1.png (field" in problem, problem
 
 
 def test_the_head_mismatch_is_a_model_error_with_the_counts():

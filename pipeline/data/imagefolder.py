@@ -227,6 +227,11 @@ class ImageFolderSource(LazySource):
                 seen[f] = f"{st.st_size}:{st.st_mtime_ns}\n".encode()
             yield seen[f]
 
+    def files_newer_than(self, t: float) -> list[str]:
+        """The images (relative paths) modified after time `t` (seconds since the epoch): what a
+        store made at `t` did not see, named when its fingerprint no longer matches."""
+        return [f for f in self._files if os.stat(self.folder / f).st_mtime > t]
+
     def encoded_image(self, i: int) -> tuple[str, bytes]:
         path = self.folder / self._files[i]
         return path.suffix[1:].lower(), path.read_bytes()

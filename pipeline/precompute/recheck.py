@@ -51,7 +51,7 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
         from enspipe.stores.base import data_difference
 
         return [f"the dataset {config['dataset']} found now is not the store's: "
-                f"{data_difference(ident.dataset, dataset.identity())}"]
+                f"{data_difference(ident.dataset, dataset, reader.manifest.get('created_at'))}"]
     dev = resolve_device(device)
     precision = Precision.resolve(store_precision(ident), dev, strict=True)
     net = load_model_for(spec, dataset, dev, weights=weights,

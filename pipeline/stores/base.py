@@ -385,20 +385,22 @@ class StoreReader(_StoreFiles):
         num_samples: int,
         num_classes: int | None = None,
         superseded: Mapping[str, str] | None = None,
-        dataset: Mapping[str, Any] | None = None,
+        dataset: Any = None,
     ) -> None:
         """Raise StoreError naming the first field where the store does not fit the training data.
 
         `superseded`: fingerprints of the same data in an older sample order -> why such a store is
-        refused. `dataset` (the data's `identity()`) lets a fingerprint mismatch name what differs:
-        the source, split, limit, size, geometry or classes, else the files' contents."""
+        refused. `dataset` (the data source, or its `identity()`) lets a fingerprint mismatch name
+        what differs: the source, split, limit, size, geometry or classes, else the files' contents
+        (naming the files modified since the store was made, for a source that can list them)."""
         ident = self.identity
         have_fp = str(ident.dataset["fingerprint"])
         if have_fp != str(fingerprint) and have_fp in (superseded or {}):
             raise StoreError(f"store {self.path} was made for this dataset, but {superseded[have_fp]} "
                              "(field: dataset.fingerprint).")
         if have_fp != str(fingerprint):
-            what = data_difference(ident.dataset, dataset) if dataset is not None else None
+            what = data_difference(ident.dataset, dataset, self.manifest.get("created_at")) \
+                if dataset is not None else None
             raise StoreError(
                 f"store {self.path} was made for other data: {what}."
                 if what else
@@ -429,11 +431,14 @@ def _rebuild(cls: type, path: Path, manifest: dict, records: dict, source: Any) 
     return reader
 
 
-def data_difference(store: Mapping[str, Any], data: Mapping[str, Any]) -> str:
-    """What differs between the dataset identity a store records and the data's (both as
-    `SampleSource.identity()`), in words, naming the field: the first of source, split, limit,
-    number of samples, geometry and classes that differs, else the contents (same names and
-    order, but a file re-saved, or other pixels)."""
+def data_difference(store: Mapping[str, Any], data: Any, created_at: str | None = None) -> str:
+    """What differs between the dataset identity a store records and the data's (a source or
+    its `identity()`), in words, naming the field: the first of source, split, limit, number of
+    samples, geometry and classes that differs, else the contents (same names and order, but a
+    file re-saved, or other pixels); a source with `files_newer_than(t)` (imagefolder) then
+    names the files modified after the store's `created_at`."""
+    source = data
+    data = data.identity() if hasattr(data, "identity") else data
     def geometry(g: Any) -> str:
         if isinstance(g, Mapping):
             shape = "x".join(str(g.get(k)) for k in ("channels", "height", "width") if k in g)
@@ -445,8 +450,17 @@ def data_difference(store: Mapping[str, Any], data: Mapping[str, Any]) -> str:
         if field in store and store.get(field) != data.get(field):
             return (f"its {field} is {show(store.get(field))} but the data's is {show(data.get(field))} "
                     f"(field: dataset.{field})")
+    newer: list[str] = []
+    if created_at and hasattr(source, "files_newer_than"):
+        from datetime import datetime
+
+        with contextlib.suppress(ValueError, OSError):
+            # created_at has whole seconds: files of the store's own second are not "after" it.
+            newer = list(source.files_newer_than(datetime.fromisoformat(created_at).timestamp() + 1))
+    named = (f"; modified after the store was made: {', '.join(newer[:3])}"
+             + (f" and {len(newer) - 3} more" if len(newer) > 3 else "")) if newer else ""
     return ("the same source, split, limit, size, geometry and classes, but other contents: an image file "
-            "changed (re-saved, or its size or modification time differs), or other labels or pixels "
+            f"changed (re-saved, or its size or modification time differs), or other labels or pixels{named} "
             "(field: dataset.fingerprint); re-run precompute for this data")
 
 
