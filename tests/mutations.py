@@ -192,6 +192,11 @@ MUTATIONS = [
              "        total = sum(size for _, size, _ in files)\n",
              "        total = sum(size for _, size, _ in files)\n        return\n",
              ("tests/test_object_store.py::test_a_second_epoch_reads_from_the_cache_and_the_cache_keeps_its_cap",)),
+    Mutation("remote-cache-unlocked", "the object-store cache evicts without waiting for readers in other processes",
+             "pipeline/stores/remote_read.py",
+             "            fcntl.flock(fd, kind)\n",
+             "            pass\n",
+             ("tests/test_object_store.py::test_loader_workers_share_a_cache_smaller_than_the_store_and_read_every_direction",)),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.
