@@ -214,6 +214,11 @@ MUTATIONS = [
              "                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n",
              "                pass\n",
              ("tests/test_first_hour.py::test_a_second_precompute_waits_for_the_store_being_written",)),
+    Mutation("remote-cache-unlocked", "the object-store cache evicts without waiting for readers in other processes",
+             "pipeline/stores/remote_read.py",
+             "            fcntl.flock(fd, kind)\n",
+             "            pass\n",
+             ("tests/test_object_store.py::test_loader_workers_share_a_cache_smaller_than_the_store_and_read_every_direction",)),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.

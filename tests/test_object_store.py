@@ -319,3 +319,37 @@ def test_precompute_on_dask_to_s3_then_train_is_bit_identical_to_local_disk(s3, 
         return (out / "model.safetensors").read_bytes()
 
     assert train(urls, tmp_path / "from_s3") == train(paths, tmp_path / "from_disk")
+
+
+def test_loader_workers_share_a_cache_smaller_than_the_store_and_read_every_direction(s3, monkeypatch):
+    """Two DataLoader worker processes stream one s3:// store through a cache of about one shard:
+    they evict each other's shards all epoch long, and every sample still carries its own
+    direction (a file removed under a reader would read as zeros or fail)."""
+    import torch
+
+    from enspipe.data import create_dataset
+    from enspipe.stream import DirectionStream
+
+    ds = create_dataset("digits", split="train")
+    n = len(ds)
+    ident = StoreIdentity(dataset=ds.identity(), geometry=ds.geometry.shape, preprocess=ds.geometry.preprocess,
+                          num_classes=ds.num_classes, model_name="m", weights_sha256="ab" * 32, attack="fgsm",
+                          attack_params={}, label_mode="pred")
+    url = store_path(f"s3://{s3['bucket']}/st", ident, "zarr")
+    w = create_store(url, ident, fmt="zarr", shard_size=256)
+    d = np.random.default_rng(1).integers(-1, 2, (n, *ds.geometry.shape)).astype(np.int8)
+    for s in range(w.num_shards):
+        lo, hi = w.shard_range(s)
+        w.write_shard(s, direction=d[lo:hi], logits=np.zeros((hi - lo, ds.num_classes), np.float16),
+                      label=ds.labels[lo:hi].astype(np.int64), keys=list(ds.keys[lo:hi]))
+    w.finalize()
+    r = open_store(url)
+    shard_bytes = max(sum(m["bytes"] for m in rec["files"].values()) for rec in r.records.values())
+    monkeypatch.setenv("ENSPIPE_STORE_CACHE_BYTES", str(shard_bytes + 1))
+    stream = DirectionStream(ds, [url], batch_size=32, block_size=64, seed=3)
+    seen = 0
+    for batch in torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2):
+        idx = batch["index"].numpy()
+        np.testing.assert_array_equal(batch["d"][:, 0].numpy(), d[idx])
+        seen += len(idx)
+    assert seen == n
