@@ -69,6 +69,8 @@ class Option:
     parse: Callable[[Any], Any] | None = None  # str -> value (e.g. eps "16/256"); also used on job values
     metavar: str | None = None
     minimum: float | None = None         # inclusive lower bound, enforced by check_declared
+    above: float | None = None           # exclusive lower bound (0: a positive number)
+    maximum: float | None = None         # inclusive upper bound
     hidden: bool = False                 # a flag kept out of --help (internal / audit switches)
     sep: str | None = None               # list fields: the CLI also splits each value on sep ("fgsm,pgd")
     path: str | None = None              # the CLI checks the path: "dir" (not a file), "existing", "any"
@@ -276,8 +278,8 @@ def normalize(cfg: Any, *, paths: tuple[str, ...] = (), path_lists: tuple[str, .
 
 def check_declared(cfg: Any) -> None:
     """In a config's __post_init__: every field's declared `choices` (each item of a list field)
-    and `minimum` (None passes: it means "unset" for an optional field), as OptionErrors naming
-    the field. The class's own checks then keep only what no single declaration says."""
+    and range (`minimum`, `above`, `maximum`; a bounded number must be finite; None passes: it
+    means "unset" for an optional field), as OptionErrors naming the field. The class's own checks then keep only what no single declaration says."""
     for f in fields(cfg):
         opt, value = _opt(f), getattr(cfg, f.name)
         if value is None:
@@ -290,13 +292,27 @@ def check_declared(cfg: Any) -> None:
                                           f"of {', '.join(opt.choices)}")
             elif value not in opt.choices:
                 raise OptionError(f.name, f"must be one of {', '.join(opt.choices)}, not {value!r}")
-        if opt.minimum is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if opt.minimum is not None or opt.above is not None or opt.maximum is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise OptionError(f.name, f"must be a number, not {value!r}")
-            if value < opt.minimum:
-                low = int(opt.minimum) if float(opt.minimum).is_integer() else opt.minimum
-                bound = f"{low} or more" if low == 0 else f"at least {low}"
-                raise OptionError(f.name, f"must be {bound}, not {value!r}")
+            ok = (math.isfinite(value) and (opt.minimum is None or value >= opt.minimum)
+                  and (opt.above is None or value > opt.above) and (opt.maximum is None or value <= opt.maximum))
+            if not ok:
+                raise OptionError(f.name, f"must be {_bounds(opt)}, not {value!r}")
+
+
+def _bounds(opt: Option) -> str:
+    """The declared range in words: "at least 1", "0 or more", "a positive number", "in (0, 1]"."""
+    def num(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else str(x)
+
+    low = opt.above if opt.above is not None else opt.minimum
+    if opt.maximum is not None:
+        return f"in {'(' if opt.above is not None else '['}{num(low) if low is not None else '-inf'}, {num(opt.maximum)}]"
+    if opt.above is not None:
+        return "a positive number" if opt.above == 0 else f"above {num(opt.above)}"
+    assert opt.minimum is not None
+    return f"{num(opt.minimum)} or more" if opt.minimum == 0 else f"at least {num(opt.minimum)}"
 
 
 def help_text(opt: Option) -> str:

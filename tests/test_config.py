@@ -69,22 +69,28 @@ def test_cli_options_come_from_the_fields():
 
 def test_check_declared_enforces_choices_and_minimum_of_every_field():
     """What option() declares is enforced on every construction path (the API too), each item of
-    a list field against its choices; None (an unset optional field) passes."""
+    a list field against its choices, a bounded number finite; None (an unset optional field) passes."""
     @dataclass(frozen=True)
     class C:
         n: int | None = option(None, minimum=1)
         k: int = option(0, minimum=0)
         x: float = option(0.5, minimum=0.25)
+        f: float = option(0.5, above=0, maximum=1)
+        p: float | None = option(None, above=0)
         mode: str = option("a", choices=("a", "b"))
         attacks: tuple[str, ...] = option(("p",), choices=("p", "q"))
 
         def __post_init__(self):
             check_declared(self)
 
-    assert C(n=None, k=0, x=0.25, mode="b", attacks=("q", "p")) == C(None, 0, 0.25, "b", ("q", "p"))
+    assert C(n=None, k=0, x=0.25, f=1, mode="b", attacks=("q", "p")) == C(None, 0, 0.25, 1, None, "b", ("q", "p"))
     cases = [({"n": 0}, "n", "must be at least 1, not 0"), ({"k": -1}, "k", "must be 0 or more, not -1"),
              ({"x": 0.2}, "x", "must be at least 0.25, not 0.2"), ({"n": "3"}, "n", "must be a number, not '3'"),
-             ({"x": float("nan")}, "x", "must be a number, not nan"), ({"n": True}, "n", "must be a number, not True"),
+             ({"x": float("nan")}, "x", "must be at least 0.25, not nan"),
+             ({"n": True}, "n", "must be a number, not True"),
+             ({"f": 0}, "f", "must be in (0, 1], not 0"), ({"f": 1.5}, "f", "must be in (0, 1], not 1.5"),
+             ({"f": float("inf")}, "f", "must be in (0, 1], not inf"), ({"p": 0.0}, "p", "must be a positive number, not 0.0"),
+             ({"k": float("inf")}, "k", "must be 0 or more, not inf"),
              ({"mode": "c"}, "mode", "must be one of a, b, not 'c'"),
              ({"attacks": ("p", "r")}, "attacks", "names an unknown attack 'r': use one of p, q")]
     for kw, field, problem in cases:
@@ -109,14 +115,15 @@ def test_stage_configs_declare_what_they_check():
         for f in dataclasses.fields(cls):
             opt = _opt(f)
             bad = ("no-such-choice",) if opt.choices and f.name in ("attacks", "log") else \
-                "no-such-choice" if opt.choices else (opt.minimum - 1 if opt.minimum is not None else None)
+                "no-such-choice" if opt.choices else (opt.minimum - 1 if opt.minimum is not None else
+                                                      opt.above if opt.above is not None else None)
             if bad is None:
                 continue
             with pytest.raises(OptionError) as e:
                 cls(**base, **{f.name: bad})
             assert e.value.field == f.name, (name, f.name, str(e.value))
             checked += 1
-    assert checked >= 30  # choices and minimums across the four stage configs
+    assert checked >= 35  # choices and ranges across the four stage configs
 
 
 def test_the_config_modules_do_not_import_torch():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from enspipe.attack_records import attack_names
-from enspipe.config import check, check_declared, check_fraction, normalize, option
+from enspipe.config import check, check_declared, normalize, option
 from enspipe.configs import fields
 
 __all__ = ["DiagnoseConfig"]
@@ -55,6 +55,5 @@ class DiagnoseConfig:
         normalize(self, paths=("other", "out", "weights", "data_root"), path_lists=("models",))
         check_declared(self)  # every field's choices and minimum; below, what no one field declares
         check(bool(self.models), "models", "needs at least one model")
-        check_fraction(self.eps, "eps")
         check(self.weights is None or not self.pretrained, "weights",
               "and `pretrained` exclude each other: pass one source of weights")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from enspipe.attack_records import ATTACK_RECORDS
-from enspipe.config import OptionError, check, check_declared, check_fraction, normalize, option
+from enspipe.config import OptionError, check, check_declared, normalize, option
 from enspipe.configs import fields
 from enspipe.errors import AttackError
 
@@ -69,7 +69,6 @@ class EvalConfig:
                                                                           "source_stores", "whitebox_stores"))
         check_declared(self)  # every field's choices and minimum; below, what no one field declares
         check(bool(self.models or self.binarized or self.binarized_masked), "models", "needs at least one target")
-        check_fraction(self.eps, "eps")
         check(not self.ensemble_source or len(self.sources) >= 2, "ensemble_source", "needs at least two `sources`")
         check(self.weights is None or not self.pretrained, "weights",
               "and `pretrained` exclude each other: pass one source of weights")

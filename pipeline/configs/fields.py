@@ -63,4 +63,4 @@ def device() -> Any:
 
 
 def eps(default: float = 0.3) -> Any:
-    return option(default, parse=parse_eps, metavar="EPS", help="l-inf budget: 0.3 or 16/256.")
+    return option(default, parse=parse_eps, metavar="EPS", above=0, maximum=1, help="l-inf budget: 0.3 or 16/256.")

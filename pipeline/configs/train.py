@@ -2,7 +2,6 @@
 its options without importing the trainer (`enspipe.train` re-exports it)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +9,6 @@ from enspipe.attack_records import attack_names
 from enspipe.config import (
     check,
     check_declared,
-    check_fraction,
     config_defaults,
     config_to_dict,
     normalize,
@@ -57,7 +55,7 @@ class TrainConfig:
     eps: float = fields.eps()
     eps_dist: str = option("fixed", choices=EPS_DISTS, help="truncnorm draws eps per example from "
                            "|N(0, eps/2)| truncated to [0, eps] (Kurakin et al.).")
-    adv_fraction: float = option(0.5, help="Share of each batch replaced by adversarial examples.")
+    adv_fraction: float = option(0.5, above=0, maximum=1, help="Share of each batch replaced by adversarial examples.")
     epochs: int = option(6, minimum=1, help="Epochs to train.")
     batch_size: int = option(64, minimum=1, help="Samples per batch.")
     grad_accum: int = option(1, minimum=1, help="Batches whose gradients add up before one optimizer step: an "
@@ -65,8 +63,8 @@ class TrainConfig:
                              "stepped on 50 replicas x 16).")
     optimizer: str = option("adam", choices=tuple(OPTIMIZERS), help="adam, rmsprop (the paper's ImageNet "
                             "setup) or sgd (momentum 0.9).")
-    lr: float | None = option(None, help="Learning rate [adam 1e-3, rmsprop 0.045, sgd 0.01].")
-    lr_decay: float = option(1.0, help="Multiply lr by this every --lr-decay-every epochs (ImageNet: 0.94).")
+    lr: float | None = option(None, above=0, help="Learning rate [adam 1e-3, rmsprop 0.045, sgd 0.01].")
+    lr_decay: float = option(1.0, above=0, maximum=1, help="Multiply lr by this every --lr-decay-every epochs (ImageNet: 0.94).")
     lr_decay_every: int = option(2, minimum=1, help="Epochs between two lr decays.")
     augment: str = option("none", choices=AUGMENTS,
                           help="Random crops / flips, applied to the image and its direction alike.")
@@ -91,7 +89,7 @@ class TrainConfig:
         "replace: adversarial examples replace --adv-fraction of each batch (the paper's ImageNet "
         "setup); paired: they come in addition to the whole clean batch (the reference code's "
         "MNIST loss with --adv-fraction 1)."))
-    adv_weight: float = option(1.0, help=(
+    adv_weight: float = option(1.0, above=0, help=(
         "lambda of Kurakin et al.'s loss (sum clean + lambda * sum adv) / (n_clean + lambda * n_adv); "
         "1 weighs every example alike (ImageNet: 0.3)."))
     # Issues 14 and 17: optimisation knobs, precision, validation and where metrics go.
@@ -118,15 +116,6 @@ class TrainConfig:
               "fits a fresh classifier head to `weights`; pass `weights` FILE")
         check(self.weights is None or not self.pretrained, "weights",
               "and `pretrained` exclude each other: pass one source of weights")
-        check_fraction(self.adv_fraction, "adv_fraction")
-        check_fraction(self.eps, "eps")
-        check(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), "lr",
-              f"must be a positive number, not {self.lr}")
-        check(0 < self.lr_decay <= 1, "lr_decay", f"must be in (0, 1], not {self.lr_decay}")
-        ok = isinstance(self.adv_weight, (int, float)) and not isinstance(self.adv_weight, bool)
-        check(ok and math.isfinite(self.adv_weight) and self.adv_weight > 0, "adv_weight",
-              f"must be a positive number, not {self.adv_weight!r}")
-        check(math.isfinite(self.weight_decay), "weight_decay", f"must be 0 or more, not {self.weight_decay}")
         check(self.schedule != "cosine" or self.warmup_epochs < self.epochs, "warmup_epochs",
               f"must be fewer than `epochs` ({self.epochs}) with the cosine schedule, not {self.warmup_epochs}")
 
