@@ -137,10 +137,12 @@ def epoch_plan(num_samples: int, *, batch_size: int, block_size: int, buffer_blo
         units.append(Unit(tuple(window), tuple(PlannedBatch(seq + k, s, ix) for k, (s, ix) in enumerate(cut))))
         seq += len(cut)
     if tail:  # what no window filled: merged over the epoch, each batch's source drawn uniformly
+        # In window order, not shuffled again: each piece is already a random part of its window,
+        # and a tail batch then reads its samples from a few neighbouring windows' chunks, not
+        # from chunks all over the store (a batch above a source's share of a window, 512 of
+        # 256-sample blocks say, sends about half the samples here).
         rest = np.concatenate(tail)
         rng = np.random.default_rng([seed, epoch, rank, 0x7A1])
-        if shuffle:
-            rest = rng.permutation(rest)
         stop = len(rest) - len(rest) % batch_size if drop_last else len(rest)
         for i in range(0, stop, batch_size):
             src = sources[int(rng.integers(len(sources)))] if shuffle else sources[0]

@@ -423,7 +423,9 @@ def test_imagefolder_limit_is_class_stratified_and_a_flat_folder_has_no_test_spl
     data = create_dataset(f"imagefolder:{scene.ten}", limit=20, image_size=8)
     assert recorded["num_samples"] == 20 and recorded["fingerprint"] == data.fingerprint
     assert np.bincount(data.labels).tolist() == [2] * 10
-    assert data._files[:4] == ["c0/000.png", "c0/001.png", "c1/000.png", "c1/001.png"]
+    # classes interleaved (issue 22): the first file of each class, then the second of each
+    assert data._files[:4] == ["c0/000.png", "c1/000.png", "c2/000.png", "c3/000.png"]
+    assert data._files[10:12] == ["c0/001.png", "c1/001.png"]
     assert [len(create_dataset(f"imagefolder:{scene.ten}", limit=k, image_size=8).keys) for k in (7, 55)] == [7, 50]
     assert np.bincount(create_dataset(f"imagefolder:{scene.ten}", limit=13, image_size=8).labels).tolist() == \
         [2, 2, 2] + [1] * 7
