@@ -6,9 +6,9 @@ place; the options themselves come from the config classes.)
 The stage commands (train, precompute, evaluate, diagnose) take their options from their
 config class (`enspipe.config.click_options`): every field is a flag, with its default and
 help, and the stage's errors name fields, which are shown here as flags. Those commands are
-built when first used, because their config classes live beside torch-importing code; the
-command list and `enspipe --help` stay fast, and a stage's `--help` text is kept in the cache
-after its first showing (`_cached_help`), so later ones import no torch.
+built when first used, from the torch-free config modules (`enspipe.configs`), and the stage
+itself is imported only when the command runs (`_lazy_stage`): `enspipe train --help` (and
+evaluate's, diagnose's) imports no torch.
 
 Results go to stdout (paths, tables); progress and messages to stderr. A user error
 (`EnspipeError`, a bad option, an OS error such as a full disk) is one line on stderr
@@ -141,11 +141,22 @@ def _stage_command(cls: type, stage: Callable[[Any], Any], show: Callable[[Any],
     return click.command(context_settings=_SETTINGS, help=help, epilog=_examples(*examples))(decorated)
 
 
+def _lazy_stage(module: str, name: str) -> Callable[[Any], Any]:
+    """The stage `module.name`, imported when the command runs: the command itself is built from
+    the torch-free config class, so `enspipe STAGE --help` imports no torch."""
+    def run(cfg: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(cfg)
+
+    return run
+
+
 def _train_command() -> click.Command:
-    from enspipe.train import TrainConfig, train
+    from enspipe.configs.train import TrainConfig
 
     return _stage_command(
-        TrainConfig, train, lambda result: click.echo(str(result.run_dir)),
+        TrainConfig, _lazy_stage("enspipe.train", "train"), lambda result: click.echo(str(result.run_dir)),
         help="Train a model: clean, online adversarial (adv) or ensemble adversarial (ens-adv).",
         examples=("enspipe train --model A --dataset mnist --out runs/A",
                   "enspipe train --model A --dataset mnist --mode ens-adv --shards STORE1 --shards STORE2 "
@@ -179,10 +190,10 @@ def _show_evaluation(res: dict[str, Any]) -> None:
 
 
 def _evaluate_command() -> click.Command:
-    from enspipe.evaluate import EvalConfig, evaluate
+    from enspipe.configs.evaluate import EvalConfig
 
     return _stage_command(
-        EvalConfig, evaluate, _show_evaluation,
+        EvalConfig, _lazy_stage("enspipe.evaluate", "evaluate"), _show_evaluation,
         help="Clean, white-box and black-box (transfer) error of trained or released models.",
         examples=("enspipe evaluate --model runs/A_ens --sources runs/B --dataset mnist --attacks fgsm,pgd "
                   "--out results",
@@ -192,10 +203,10 @@ def _evaluate_command() -> click.Command:
 
 
 def _diagnose_command() -> click.Command:
-    from enspipe.diagnostics import DiagnoseConfig, run_diagnose
+    from enspipe.configs.diagnose import DiagnoseConfig
 
     return _stage_command(
-        DiagnoseConfig, run_diagnose, lambda res: click.echo(str(res["path"])),
+        DiagnoseConfig, _lazy_stage("enspipe.diagnostics", "run_diagnose"), lambda res: click.echo(str(res["path"])),
         help="Gradient-masking evidence: approximation ratio, cosine, loss surfaces, adversarial subspaces.",
         examples=("enspipe diagnose --model runs/A_ens --model runs/A_adv --other runs/B --dataset mnist "
                   "--out diag",
@@ -447,81 +458,12 @@ def _interrupted(args: list[str]) -> str:
     return f"enspipe: {command or 'enspipe'} interrupted ({name})"
 
 
-# --- `enspipe STAGE --help` without torch ------------------------------------------------------
-
-def _help_key(command: str) -> str:
-    """What a stage command's help text depends on: enspipe's sources (path, size, mtime of every
-    module: a changed field changes it), the versions of Python and click, the text width."""
-    import hashlib
-    import shutil
-
-    import enspipe
-
-    root = os.path.dirname(os.path.abspath(__file__))
-    h = hashlib.sha256(f"{command}|{enspipe.__version__}|{sys.version}|{click.__version__}|"
-                       f"{shutil.get_terminal_size().columns}".encode())
-    for dirpath, dirnames, files in os.walk(root):
-        dirnames.sort()
-        for name in sorted(f for f in files if f.endswith(".py")):
-            st = os.stat(os.path.join(dirpath, name))
-            h.update(f"{os.path.relpath(os.path.join(dirpath, name), root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:32]
-
-
-def _help_file(command: str) -> str:
-    from enspipe.jobcache import default_cache
-
-    return os.path.join(default_cache(), "help", f"{command}-{_help_key(command)}.txt")
-
-
-def _cached_help(args: list[str]) -> bool:
-    """`enspipe STAGE --help`: a stage command is built from its config class, which lives beside
-    torch-importing code (seconds to import, more on a busy machine). Its help text depends only
-    on enspipe's sources, so the first call's text is kept in the cache (`ENSPIPE_CACHE/help/`,
-    keyed by those sources) and later calls print it without importing torch. True when printed."""
-    if len(args) != 2 or args[0] not in _Group.lazy or args[1] not in _SETTINGS["help_option_names"]:
-        return False
-    try:
-        path = _help_file(args[0])
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, ImportError):
-        return False
-    sys.stdout.write(text)
-    sys.stdout.flush()
-    return True
-
-
-def _keep_help(args: list[str]) -> None:
-    """Run `enspipe STAGE --help` the slow way and keep its text for `_cached_help` (best effort:
-    a read-only cache only costs the next call its torch import)."""
-    import io
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        try:
-            cli.main(args=args, prog_name="enspipe", standalone_mode=False)
-        except click.exceptions.Exit:
-            pass
-    text = out.getvalue()
-    sys.stdout.write(text)
-    with contextlib.suppress(OSError, ImportError):
-        from enspipe.fileio import atomic_write
-
-        atomic_write(_help_file(args[0]), text)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     _signal_seen.clear()
     _speaking[0] = None
-    if _cached_help(args):
-        sys.exit(0)  # as click's own --help exits
     try:
-        if len(args) == 2 and args[0] in _Group.lazy and args[1] in _SETTINGS["help_option_names"]:
-            _keep_help(args)
-            sys.exit(0)
         with _sigterm_as_interrupt():
             cli.main(args=args, prog_name="enspipe", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -26,7 +26,7 @@ source kind, not their path, so a copy that keeps mtimes (rsync -a) keeps its fi
 """
 from __future__ import annotations
 
-import functools
+import importlib
 import os
 import socket  # noqa: F401 -- `data.socket`: tests stall the probe's connects through it
 from pathlib import Path
@@ -38,13 +38,30 @@ from enspipe import netcheck
 from enspipe.errors import DataError
 from enspipe.netcheck import network_available as _network_available
 
-from .base import (DEFAULT_DATA_ROOT, ArraySource, Geometry, LazySource, Opener, SampleSource,
-                   resolve_data_root)
-from .cifar10 import _cifar10_arrays, open_cifar10  # noqa: F401 -- tests clear its cache
-from .digits import open_digits
-from .imagefolder import ImageFolderSource, open_imagefolder
-from .mnist import open_mnist
-from .wds import WebDatasetSource, open_wds
+# The source modules import torch; this package face does not, so the sources' names (the CLI's
+# `--help`, the torch-free config modules) cost no torch import. Their names are loaded on first use.
+_LAZY = {"DEFAULT_DATA_ROOT": "base", "ArraySource": "base", "Geometry": "base", "LazySource": "base",
+         "Opener": "base", "SampleSource": "base", "resolve_data_root": "base",
+         "ImageFolderSource": "imagefolder", "WebDatasetSource": "wds",
+         "_cifar10_arrays": "cifar10"}  # tests clear its cache
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def _opener(module: str, name: str, **bound: object) -> "Opener":
+    """`module.name`, imported when a source of its kind is first opened."""
+    def open_source(arg: str | None, **kw: object) -> "SampleSource":
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)(arg, **bound, **kw)
+
+    open_source.__qualname__ = open_source.__name__ = name
+    return open_source
 
 __all__ = [
     "DEFAULT_DATA_ROOT",
@@ -83,11 +100,11 @@ class SourceEntry(NamedTuple):
 
 # source kind -> how to open it. A new source is one module and one row here.
 SOURCES: dict[str, SourceEntry] = {
-    "digits": SourceEntry(open_digits),
-    "mnist": SourceEntry(functools.partial(open_mnist, blocker=_download_blocker)),
-    "cifar10": SourceEntry(functools.partial(open_cifar10, blocker=_download_blocker)),
-    "imagefolder": SourceEntry(open_imagefolder, arg="PATH"),
-    "wds": SourceEntry(open_wds, arg="PATTERN"),
+    "digits": SourceEntry(_opener("digits", "open_digits")),
+    "mnist": SourceEntry(_opener("mnist", "open_mnist", blocker=_download_blocker)),
+    "cifar10": SourceEntry(_opener("cifar10", "open_cifar10", blocker=_download_blocker)),
+    "imagefolder": SourceEntry(_opener("imagefolder", "open_imagefolder"), arg="PATH"),
+    "wds": SourceEntry(_opener("wds", "open_wds"), arg="PATTERN"),
 }
 KNOWN_SOURCES = tuple(kind if e.arg is None else f"{kind}:{e.arg}" for kind, e in SOURCES.items())
 
