@@ -315,8 +315,9 @@ def direction(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """What a precompute store keeps: (d int8 in {-1,0,1}, clean logits float32, labels int64).
 
+    `attack` is any storable attack (`STORABLE`: its record names its direction function);
     clip(x + eps*d, 0, 1) == fgsm(model, x, y, eps=eps, label=label) (or step_ll) for every eps.
-    labels are y (label="true"), argmax of the logits (label="pred") or y_LL (step_ll).
+    labels are y (label="true"), argmax of the logits (label="pred") or y_LL (a least-likely attack).
     `autocast` (e.g. torch.bfloat16) runs the forward and backward under autocast to that dtype;
     the default is full precision. The sign is narrowed to int8 on x's device.
     """
