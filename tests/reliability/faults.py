@@ -118,7 +118,9 @@ def install(specs: list[str]) -> None:
 
     def patched_open(file, mode="r", *a, **kw):
         f = real_open(file, mode, *a, **kw)
-        if not isinstance(file, (str, bytes, os.PathLike)) or not any(m in mode for m in "wax+"):
+        # Only files opened to be written anew count: fileio.atomic_target reopens each
+        # temporary "rb+" just to fsync it, which writes nothing and must not take a kill's turn.
+        if not isinstance(file, (str, bytes, os.PathLike)) or not any(m in mode for m in "wax"):
             return f
         path = os.path.abspath(os.fspath(file))
         kill = next((c for c in mid if c.hit(path)), None)
