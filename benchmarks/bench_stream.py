@@ -232,10 +232,12 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--markdown-from", type=Path, help="write BENCHMARKS.md's section from a saved result; measure nothing")
-    ap.add_argument("--quick", action="store_true", help="small stores, one round, 64 px only; writes nothing")
+    ap.add_argument("--quick", action="store_true", help="small stores, one round, 64 px only; writes only --out, "
+                    "when given (never BENCHMARKS.md)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--samples", type=int, default=4096, help="samples per store")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_stream.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="the results JSON [benchmarks/results/bench_stream.json; with --quick: none]")
     args = ap.parse_args(argv)
     if args.markdown_from:
         result = json.loads(args.markdown_from.read_text())
@@ -263,9 +265,11 @@ def main(argv: list[str] | None = None) -> dict:
     result["distinct"] = {"classes": classes, "per_class": per_class, "batch": batch,
                           "iid": iid_distinct(classes, per_class, batch), "rows": distinct(classes, per_class, batch, old)}
     print(json.dumps(result, indent=1, default=str))
+    out = args.out or (None if args.quick else REPO / "benchmarks" / "results" / "bench_stream.json")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1, default=str))
     if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1, default=str))
         update_section(REPO / "BENCHMARKS.md", SECTION, markdown(result))
     return result
 

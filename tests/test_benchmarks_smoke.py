@@ -39,6 +39,10 @@ SMOKE = {
                              "--out", "{out}", "--no-md"], "bench_precompute.json"),
     "bench_peers.py": (["--smoke", "--parts", _peer_parts(), "--threads", "1", "--device", "cpu",
                         "--data-root", "{data}", "--workdir", "{out}", "--json", "{out}/peers.json"], "peers.json"),
+    "bench_stream.py": (["--quick", "--out", "{out}/bench_stream.json"], "bench_stream.json"),
+    # its own S3-compatible server (moto, the `s3` extra) on 127.0.0.1, one round on digits
+    "bench_object_store.py": (["--quick", "--rounds", "1", "--out", "{out}"],
+                              "bench_object_store.json"),
 }
 # Benchmarks whose small mode runs elsewhere in the suite: bench_gpu.py --small --part all (the
 # shared `bench_gpu_small` fixture) runs both of its parts, gpu_precompute.py and gpu_train.py.
