@@ -99,7 +99,7 @@ def _build(ctx: click.Context, cls: type, kw: dict[str, Any], config_file: str |
     """The config from the command's flags (over a --config file's values, over defaults)."""
     from dataclasses import MISSING, fields
 
-    from enspipe.config import parse_config, read_toml
+    from enspipe.config import DeclaredError, parse_config, read_toml
 
     _speaking[0] = cls
     values = dict(kw)
@@ -112,7 +112,10 @@ def _build(ctx: click.Context, cls: type, kw: dict[str, Any], config_file: str |
         if needed and values.get(f.name) in (None, ()):
             param = next(p for p in ctx.command.params if p.name == f.name)
             raise click.MissingParameter(ctx=ctx, param=param)
-    return parse_config(cls, {k: v for k, v in values.items() if v is not None})
+    try:
+        return parse_config(cls, {k: v for k, v in values.items() if v is not None})
+    except DeclaredError as e:  # a flag's value outside its declared choices or range: a usage error
+        raise click.UsageError(_message(e), ctx=ctx) from None
 
 
 def _stage_command(cls: type, stage: Callable[[Any], Any], show: Callable[[Any], None], *, help: str,
@@ -301,8 +304,9 @@ def ls_cmd(root, as_json) -> None:
 
     if not is_url(root):  # object storage holds stores only; runs are local folders
         root = local_path(root)
-        if not os.path.isdir(root):
-            raise click.BadParameter(f"Directory {root!r} does not exist.", param_hint="'ROOT'")
+        if not os.path.isdir(root):  # the words click.Path(exists=True, file_okay=False) would use
+            what = "is a file" if os.path.exists(root) else "does not exist"
+            raise click.BadParameter(f"Directory {root!r} {what}.", param_hint="'ROOT'")
     runs, infos = ([] if is_url(root) else list_runs(root)), list_stores(root)
     if as_json:
         click.echo(json.dumps([{"kind": "run", **asdict(r), "path": str(r.path)} for r in runs]

@@ -31,7 +31,7 @@ from typing import Any, Callable, Literal, Mapping
 
 from enspipe.errors import ConfigError, EnspipeError
 
-__all__ = ["Option", "OptionError", "check", "check_declared", "click_options", "config_defaults", "config_to_dict",
+__all__ = ["DeclaredError", "Option", "OptionError", "check", "check_declared", "click_options", "config_defaults", "config_to_dict",
            "flag_of", "help_text", "job_keys", "normalize", "option", "parse_config", "read_toml", "renamed",
            "runtime_fields", "speak", "toml_line"]
 
@@ -55,6 +55,11 @@ class OptionError(ConfigError):
         """The message with the field shown as the user typed it (a flag or a job key), and
         the fields the problem mentions shown by `name_of`."""
         return f"{name} {speak(self.problem, name_of)}"
+
+
+class DeclaredError(OptionError):
+    """A value outside what its field declares (`choices`, a range): a usage error on the command
+    line (exit 2, as click's own choice and range checks), the same message everywhere else."""
 
 
 @dataclass(frozen=True)
@@ -288,17 +293,17 @@ def check_declared(cfg: Any) -> None:
             if isinstance(value, (tuple, list)):  # a list field: each item ("attacks": an unknown attack)
                 for item in value:
                     if item not in opt.choices:
-                        raise OptionError(f.name, f"names an unknown {f.name.removesuffix('s')} {item!r}: use one "
+                        raise DeclaredError(f.name, f"names an unknown {f.name.removesuffix('s')} {item!r}: use one "
                                           f"of {', '.join(opt.choices)}")
             elif value not in opt.choices:
-                raise OptionError(f.name, f"must be one of {', '.join(opt.choices)}, not {value!r}")
+                raise DeclaredError(f.name, f"must be one of {', '.join(opt.choices)}, not {value!r}")
         if opt.minimum is not None or opt.above is not None or opt.maximum is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise OptionError(f.name, f"must be a number, not {value!r}")
+                raise DeclaredError(f.name, f"must be a number, not {value!r}")
             ok = (math.isfinite(value) and (opt.minimum is None or value >= opt.minimum)
                   and (opt.above is None or value > opt.above) and (opt.maximum is None or value <= opt.maximum))
             if not ok:
-                raise OptionError(f.name, f"must be {_bounds(opt)}, not {value!r}")
+                raise DeclaredError(f.name, f"must be {_bounds(opt)}, not {value!r}")
 
 
 def _bounds(opt: Option) -> str:

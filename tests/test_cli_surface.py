@@ -120,7 +120,8 @@ def test_the_defaults_are_the_configs(tmp_path):
 def test_field_errors_are_shown_as_flags(tmp_path):
     r = subprocess.run([*CLI, "train", "--model", "D", "--mode", "adv", "--adv-fraction", "1.5", "--out",
                         str(tmp_path / "r")], capture_output=True, text=True, env=ENV)
-    assert r.returncode == 1 and r.stderr.strip() == "enspipe: error: --adv-fraction must be in (0, 1], not 1.5"
+    # A value outside the field's declared range is a usage error (exit 2), as click's own checks.
+    assert r.returncode == 2 and r.stderr.strip() == "enspipe train: error: --adv-fraction must be in (0, 1], not 1.5"
     r = subprocess.run([*CLI, "precompute", "--model", "D", "--weights", __file__, "--pretrained", "--out",
                         str(tmp_path / "s")], capture_output=True, text=True, env=ENV)
     assert r.returncode == 1
@@ -146,9 +147,9 @@ def test_deprecated_flags_still_work_with_one_warning_line(tmp_path):
                                      "in-process), not 0"]
     r = subprocess.run([*CLI, "train", "--model", "D", "--workers", "1", "--epochs", "0", "--out",
                         str(tmp_path / "r")], capture_output=True, text=True, env=ENV)
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert r.stderr.splitlines() == ["enspipe: --workers is deprecated: use --loader-workers",
-                                     "enspipe: error: --epochs must be at least 1, not 0"]
+                                     "enspipe train: error: --epochs must be at least 1, not 0"]
     assert "--workers" not in subprocess.run([*CLI, "train", "--help"], capture_output=True, text=True,
                                              env=ENV).stdout.replace("--loader-workers", "")
     # The API's old field names still construct (with a DeprecationWarning) and read.

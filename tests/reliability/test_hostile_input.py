@@ -26,7 +26,8 @@ class Bad:
     id: str
     argv: Callable[[Scene], list]
     words: tuple[str, ...]
-    usage: bool = False          # a click usage error: exit 2 (else 1)
+    usage: bool = False          # a usage error: exit 2 (else 1); a value outside its field's declared
+                                 # choices or range is one (config.DeclaredError), as click's own checks
     uid: int | None = None       # run as this user (root reads chmod-000 files)
     out: bool = False            # the command was asked to write s.out(): it must stay unwritten
     marks: tuple = ()
@@ -56,10 +57,10 @@ BAD = [
     Bad("train: eps nan", lambda s: _train(s, "--eps", "nan"), ("--eps", "nan"), usage=True, out=True),
     Bad("train: eps negative", lambda s: _train(s, "--eps", "-0.1"), ("--eps",), usage=True, out=True),
     Bad("train: epochs not a number", lambda s: _train(s, "--epochs", "many"), ("--epochs",), usage=True, out=True),
-    Bad("train: negative batch size", lambda s: _train(s, "--batch-size", "-5"), ("--batch-size",), out=True),
-    Bad("train: lr nan", lambda s: _train(s, "--lr", "nan"), ("--lr",), out=True),
+    Bad("train: negative batch size", lambda s: _train(s, "--batch-size", "-5"), ("--batch-size",), usage=True, out=True),
+    Bad("train: lr nan", lambda s: _train(s, "--lr", "nan"), ("--lr",), usage=True, out=True),
     Bad("train: adv-fraction nan", lambda s: _train(s, "--mode", "adv", "--adv-fraction", "nan"),
-        ("--adv-fraction",), out=True),
+        ("--adv-fraction",), usage=True, out=True),
     Bad("train: limit 0", lambda s: _train(s, limit=0), ("--limit",), usage=True, out=True),
     Bad("train: --out is a file", lambda s: _train(s, out=s.afile), ("afile.txt", "is a file"), usage=True),
     Bad("train: weights that are a pickle (.pt)", lambda s: _train(s, "--weights", s.evil_pt), ("evil.pt",), out=True),
@@ -83,7 +84,7 @@ BAD = [
     Bad("train: --resume with an unreadable config.json",
         lambda s: _train(s, "--resume", out=s.unreadable_run), ("Permission denied", "config.json"), uid=NOBODY),
     # evaluate
-    Bad("evaluate: unknown attack", lambda s: _evaluate(s, "--attacks", "fgsm,bogus"), ("bogus",), out=True),
+    Bad("evaluate: unknown attack", lambda s: _evaluate(s, "--attacks", "fgsm,bogus"), ("bogus",), usage=True, out=True),
     Bad("evaluate: eps 0", lambda s: _evaluate(s, "--eps", "0"), ("--eps",), usage=True, out=True),
     Bad("evaluate: batch size 0", lambda s: _evaluate(s, "--batch-size", "0"), ("--batch-size",), usage=True,
         out=True),
