@@ -27,7 +27,6 @@ from enspipe._callable import callable_stage
 from enspipe.config import OptionError, config_to_dict
 from enspipe.configs.evaluate import EvalConfig
 from enspipe.data import create_dataset
-from enspipe.errors import StoreError
 from enspipe.models import BINARIZED_MASKED_PREFIX, BINARIZED_PREFIX, check_weights, load_model_for
 from enspipe.naming import model_label, unique_labels
 from enspipe.paths import check_output
@@ -202,20 +201,16 @@ def _stored_sources(cfg: EvalConfig, data: Any, *,
     """The `source_stores` (`whitebox_stores`), each checked against the evaluation data before any work (the
     same checks as training's: checksums, identity, and the keys that bind each sample),
     named by `names` (a job: the store's model step) or else by the store's model."""
-    from enspipe.stores import open_store, verify_store
+    from enspipe.stores import check_against, open_store
+    from enspipe.stores.remote import is_url, local_path
 
     out: dict[str, tuple[Any, str, dict[str, Any]]] = {}
     field_name = "whitebox_stores" if whitebox else "source_stores"
     for p in getattr(cfg, field_name):
-        if not Path(p).exists():
+        if not is_url(p) and not Path(local_path(p)).exists():
             raise OptionError(field_name, f"names {p}, which does not exist")
-        report = verify_store(p)
-        if not report.ok:
-            raise StoreError(f"store {p} failed verification: {report.problems[0]}; run enspipe verify for details")
-        reader = open_store(p)
-        reader.check_compatible(fingerprint=data.fingerprint, geometry=data.geometry.shape,
-                                num_samples=len(data), num_classes=data.num_classes)
-        reader.check_keys(0, len(data), data.keys)
+        reader = open_store(p)  # opened once: verified, checked against the data and read through one handle
+        check_against(reader, data)
         ident = reader.identity
         name = cfg.names.get(p) or ident.model_name
         out[name] = (reader, ident.attack, {"path": str(p), "model": ident.model_name, "attack": ident.attack,

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from enspipe.errors import ConfigError, ModelError
-from enspipe.fileio import atomic_target, atomic_write_json
+from enspipe.fileio import atomic_target, atomic_write_json, parse_json
 from enspipe.limits import Limits, current_limits, env_name
 from enspipe.netcheck import network_available as _network_reachable
 
@@ -643,11 +643,10 @@ def _read_meta(meta_path: Path) -> dict[str, Any]:
     try:
         if (above := limits.above("max_metadata_bytes", meta_path.stat().st_size, " bytes")) is not None:
             raise ModelError(f"{meta_path} is too large for a model description: {above}")
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{meta_path} is not readable JSON ({e})") from None
-    except RecursionError:  # json's parser on thousands of nested brackets
-        raise ModelError(f"{meta_path} is not readable JSON (nested too deeply)") from None
+        text = meta_path.read_bytes()
+    except OSError as e:
+        raise ModelError(f"{meta_path} is not readable ({e.strerror or e})") from None
+    meta = parse_json(text, meta_path, ModelError)  # malformed, truncated or nested too deeply: one line
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or "config" not in meta:
         raise ModelError(f"{meta_path} is not an enspipe model description ({CHECKPOINT_FORMAT})")
     try:

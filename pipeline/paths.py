@@ -96,8 +96,10 @@ def check_outside_dataset(path: str | os.PathLike, dataset: str, *, field: str =
     that dataset, shifting its labels and changing its fingerprint under what was just written."""
     from enspipe.config import OptionError
 
+    from enspipe.stores.remote import is_url
+
     kind, _, arg = str(dataset).partition(":")
-    if kind != "imagefolder" or not arg:
+    if kind != "imagefolder" or not arg or is_url(path):  # an object-store URL is no local folder
         return
     root, out = Path(arg).resolve(), Path(path).resolve()
     if out == root or root in out.parents:

@@ -412,9 +412,12 @@ def _find(run_dir: Path, name: str) -> list[Path]:
 
 
 def _read(path: Path) -> Any:
+    from enspipe.errors import ConfigError
+    from enspipe.fileio import parse_json
+
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+        return parse_json(path.read_bytes(), path)
+    except (OSError, ConfigError):  # a missing or unreadable result file is left out of the report
         return None
 
 

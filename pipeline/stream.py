@@ -158,12 +158,10 @@ class DirectionStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank_and_world(rank, world_size)
         self.drop_last = drop_last
         if check:
-            from enspipe.data.base import superseded_fingerprints
-
             self._handles = self._readers()  # opened here once; the iterating processes reuse them
             for reader in self._handles:
                 reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,
-                                        num_samples=len(dataset), superseded=superseded_fingerprints(dataset),
+                                        num_samples=len(dataset),
                                         dataset=dataset)
 
     def set_epoch(self, epoch: int) -> None:

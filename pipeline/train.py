@@ -223,25 +223,12 @@ def resolve_attack(shards: Sequence[str | StoreReader], attack: str | None) -> s
 
 def _check_stores(dataset: SampleSource, paths: Sequence[str | StoreReader]) -> list[dict[str, Any]]:
     """Refuse, before training starts, any store that does not match the training data."""
-    from enspipe.stores import verify_store
+    from enspipe.stores import check_against
 
     out = []
     for reader in open_stores(paths):
-        p = reader.path
-        # Every checksum is checked before training starts (one read of the store): a
-        # corrupt store must never feed wrong directions silently.
-        report = verify_store(reader)
-        if not report.ok:
-            raise StoreError(f"store {p} failed verification: {report.problems[0]}"
-                             + (f" (and {len(report.problems) - 1} more problems)" if len(report.problems) > 1 else "")
-                             + "; run enspipe verify for details")
-        reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,
-                                num_samples=len(dataset), num_classes=dataset.num_classes,
-                                superseded=dataset.superseded, dataset=dataset)
-        # The checksums above sit beside the data they cover; the keys bind every shard to its
-        # samples (a zarr shard copied over another, records and all, still fails here).
-        reader.check_keys(0, len(dataset), dataset.keys)
-        out.append({"path": str(p), "model": reader.identity.model_name, "attack": reader.identity.attack,
+        check_against(reader, dataset)
+        out.append({"path": str(reader.path), "model": reader.identity.model_name, "attack": reader.identity.attack,
                     "weights_sha256": reader.identity.weights_sha256})
     return out
 

@@ -104,12 +104,6 @@ def class_interleaved(labels: np.ndarray | Sequence[int]) -> np.ndarray:
     return np.lexsort((np.arange(n), labels, key))
 
 
-def superseded_fingerprints(dataset: Any) -> dict[str, str]:
-    """Fingerprints a store of this data may carry from an older sample order -> why it cannot
-    be read; stores check them so that such a store is refused with a line that says what to do."""
-    return dict(getattr(dataset, "superseded", None) or {})
-
-
 SUPERSEDED_FILE_ORDER = ("it was written in the class-sorted file order that enspipe used before samples "
                          "were class-interleaved; recompute it with `enspipe precompute`")
 

@@ -51,7 +51,7 @@ from .manifest import (
 )
 from .open import create_store, open_store, open_writer
 from .registry import BACKENDS, get_backend
-from .verify import VerifyReport, verify_store
+from .verify import VerifyReport, check_against, verify_store
 from .wds_decode import wds_decoders
 
 __all__ = [
@@ -74,6 +74,7 @@ __all__ = [
     "read_manifest",
     "store_info",
     "store_path",
+    "check_against",
     "verify_store",
     "wds_decoders",
 ]

@@ -384,18 +384,19 @@ class StoreReader(_StoreFiles):
         geometry: tuple[int, int, int] | Sequence[int],
         num_samples: int,
         num_classes: int | None = None,
-        superseded: Mapping[str, str] | None = None,
         dataset: Any = None,
     ) -> None:
         """Raise StoreError naming the first field where the store does not fit the training data.
 
-        `superseded`: fingerprints of the same data in an older sample order -> why such a store is
-        refused. `dataset` (the data source, or its `identity()`) lets a fingerprint mismatch name
-        what differs: the source, split, limit, size, geometry or classes, else the files' contents
-        (naming the files modified since the store was made, for a source that can list them)."""
+        `dataset` (the data source, or its `identity()`) lets a fingerprint mismatch say why: a
+        store of the same data in an older sample order (the source's `superseded` fingerprints)
+        is refused with what to do, else the message names what differs: the source, split,
+        limit, size, geometry or classes, else the files' contents (naming the files modified
+        since the store was made, for a source that can list them)."""
         ident = self.identity
         have_fp = str(ident.dataset["fingerprint"])
-        if have_fp != str(fingerprint) and have_fp in (superseded or {}):
+        superseded = getattr(dataset, "superseded", None) or {}
+        if have_fp != str(fingerprint) and have_fp in superseded:
             raise StoreError(f"store {self.path} was made for this dataset, but {superseded[have_fp]} "
                              "(field: dataset.fingerprint).")
         if have_fp != str(fingerprint):

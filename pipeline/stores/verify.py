@@ -19,7 +19,25 @@ from .manifest import RECORDS_DIR, read_manifest, read_record, record_problems
 from .registry import get_backend
 from .remote import is_url, local_path
 
-__all__ = ["VerifyReport", "verify_store"]
+__all__ = ["VerifyReport", "check_against", "verify_store"]
+
+
+def check_against(reader: StoreReader, dataset: object) -> None:
+    """Refuse, before any work reads it, a store that is corrupt or does not hold `dataset`'s
+    samples (a `SampleSource`): every checksum (one read of the store: a corrupt store must never
+    feed wrong directions silently), the identity (fingerprint -- naming what differs --,
+    geometry, N, classes), and the keys that bind each shard to its samples (a zarr shard copied
+    over another, records and all, passes the checksums but fails here). What train and
+    evaluate both do with a store."""
+    report = verify_store(reader)
+    if not report.ok:
+        raise StoreError(f"store {reader.path} failed verification: {report.problems[0]}"
+                         + (f" (and {len(report.problems) - 1} more problems)" if len(report.problems) > 1 else "")
+                         + "; run enspipe verify for details")
+    reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,  # type: ignore[attr-defined]
+                            num_samples=len(dataset), num_classes=dataset.num_classes,  # type: ignore[attr-defined, arg-type]
+                            dataset=dataset)
+    reader.check_keys(0, len(dataset), dataset.keys)  # type: ignore[attr-defined, arg-type]
 
 
 @dataclass

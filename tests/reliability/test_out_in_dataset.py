@@ -71,3 +71,15 @@ def test_precompute_refuses_a_store_root_inside_its_image_folder(data, static, w
 def test_an_out_beside_the_image_folder_is_fine(data, static, tmp_path):
     r = enspipe("precompute", "--model", static, *_data_args(data), "--shard-size", 8, "--out", data.parent / "DATA-stores")
     assert r.returncode == 0, r.stderr
+
+
+def test_an_object_store_root_is_never_inside_a_local_image_folder(tmp_path, monkeypatch):
+    """`precompute --out s3://...` beside `--dataset imagefolder:.`: a URL names no local folder, so
+    it is not refused as inside the image folder (resolved as a path it would be CWD/s3:/...)."""
+    from enspipe.config import OptionError
+    from enspipe.paths import check_outside_dataset
+
+    monkeypatch.chdir(tmp_path)
+    check_outside_dataset("s3://bucket/stores", "imagefolder:.", field="out")
+    with pytest.raises(OptionError):  # the same folder given as a path is refused
+        check_outside_dataset(tmp_path / "stores", "imagefolder:.", field="out")
