@@ -173,9 +173,9 @@ MUTATIONS = [
              "            if False:\n",
              (f"{INTEGRITY}::test_check_keys_names_the_shard_of_other_samples",)),
     Mutation("trainer-skips-keys", "the trainer's store check does not compare the stores' keys with the data",
-             "pipeline/train.py",
-             "        reader.check_keys(0, len(dataset), dataset.keys)\n",
-             "        pass\n",
+             "pipeline/stores/verify.py",
+             "    reader.check_keys(0, len(dataset), dataset.keys)  # type: ignore[attr-defined, arg-type]\n",
+             "    pass\n",
              (f"{INTEGRITY}::test_a_zarr_shard_copied_over_another_is_refused_when_read_for_training",)),
     # --- Issue 27's blind spot: training under torchrun without gradient synchronisation ---
     Mutation("ddp-unwrapped", "under torchrun the model is not wrapped in DistributedDataParallel: the ranks never "
