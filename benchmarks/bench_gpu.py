@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from enspipe.runtime import resolve_device
+    from enspipe.util.runtime import resolve_device
 
     parts = PARTS if opts.part == "all" else (opts.part,)
     mods = {name: load_part(name) for name in parts}

@@ -684,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from enspipe.runtime import resolve_device
+    from enspipe.util.runtime import resolve_device
 
     global THREADS
     if args.threads is not None:

@@ -200,7 +200,7 @@ def task_reference_train(a: dict[str, Any]) -> dict[str, Any]:
     from enspipe import attacks
     from enspipe.data import create_dataset
     from enspipe.models import create_model, load_model, save_model
-    from enspipe.runtime import seed_everything
+    from enspipe.util.runtime import seed_everything
     from enspipe.train import BatchStream, TrainConfig
 
     device = torch.device(a["device"])
@@ -257,7 +257,7 @@ def task_art_train(a: dict[str, Any]) -> dict[str, Any]:
     from art.estimators.classification import PyTorchClassifier
 
     from enspipe.models import create_model, load_model, save_model
-    from enspipe.runtime import seed_everything
+    from enspipe.util.runtime import seed_everything
 
     device = torch.device(a["device"])
     device_type = "gpu" if device.type == "cuda" else "cpu"

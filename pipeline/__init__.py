@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 _os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 # name -> (module, attribute); None: the module itself. `train`, `evaluate` and `precompute`
-# are modules that can be called as their stage (enspipe._callable).
+# are modules that can be called as their stage (enspipe.util._callable).
 _LAZY = {
     "train": ("enspipe.train", None),
     "TrainConfig": ("enspipe.configs.train", "TrainConfig"),

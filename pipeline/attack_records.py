@@ -31,7 +31,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from enspipe.errors import AttackError
+from enspipe.util.errors import AttackError
 
 __all__ = ["ATTACK_RECORDS", "RECORDS", "AttackRecord", "attack_names", "display_name", "parse_eps", "record"]
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from enspipe.attack_records import (ATTACK_RECORDS, AttackRecord, _number, _parse_fraction, attack_names, parse_eps,
                                     record)
-from enspipe.errors import AttackError
+from enspipe.util.errors import AttackError
 
 Label = Literal["true", "pred"]
 Loss = Literal["ce", "cw"]

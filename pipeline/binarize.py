@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 
 __all__ = ["GRADIENTS", "Binarized"]
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import click
 
-from enspipe.errors import EnspipeError
+from enspipe.util.errors import EnspipeError
 
 _SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -63,7 +63,7 @@ def _message(e: EnspipeError) -> str:
 def _unwrap_worker(e: Exception, text: str) -> str:
     """A DataLoader worker's error as torch re-raises it ("Caught DataError in DataLoader
     worker process 0.", then the worker's traceback) is the worker's own message again,
-    which names the file (the traceback ends in 'enspipe.errors.DataError: MESSAGE')."""
+    which names the file (the traceback ends in 'enspipe.util.errors.DataError: MESSAGE')."""
     if not text.startswith("Caught ") or "Original Traceback" not in text:
         return text
     head = f"{type(e).__module__}.{type(e).__qualname__}: "

@@ -29,7 +29,7 @@ import warnings
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Callable, Literal, Mapping
 
-from enspipe.errors import ConfigError, EnspipeError
+from enspipe.util.errors import ConfigError, EnspipeError
 
 __all__ = ["DeclaredError", "Option", "OptionError", "check", "check_declared", "click_options", "config_defaults", "config_to_dict",
            "flag_of", "help_text", "job_keys", "normalize", "option", "parse_config", "read_toml", "renamed",

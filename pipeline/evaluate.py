@@ -23,14 +23,14 @@ from typing import Any
 import torch
 
 from enspipe import attacks
-from enspipe._callable import callable_stage
+from enspipe.util._callable import callable_stage
 from enspipe.config import OptionError, config_to_dict
 from enspipe.configs.evaluate import EvalConfig
 from enspipe.data import create_dataset
 from enspipe.models import BINARIZED_MASKED_PREFIX, BINARIZED_PREFIX, check_weights, load_model_for
-from enspipe.naming import model_label, unique_labels
+from enspipe.util.naming import model_label, unique_labels
 from enspipe.paths import check_output
-from enspipe.runtime import _progress_mode, log_line, progress, resolve_device, versions, write_json
+from enspipe.util.runtime import _progress_mode, log_line, progress, resolve_device, versions, write_json
 from enspipe.stats import wilson_interval
 
 __all__ = ["EvalConfig", "evaluate", "model_label", "unique_labels", "wilson_interval"]

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from enspipe.errors import ConfigError
-from enspipe.fileio import FOLDER_LOCK, atomic_write_json, dir_bytes, process_umask
+from enspipe.util.errors import ConfigError
+from enspipe.util.fileio import FOLDER_LOCK, atomic_write_json, dir_bytes, process_umask
 from enspipe.stores.registry import format_of
 
 __all__ = ["CacheEntry", "cache_entries", "default_cache", "gc", "is_cache_link", "publish", "register_job", "step_lock"]

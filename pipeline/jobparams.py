@@ -22,7 +22,7 @@ import re
 import tomllib
 from typing import Any, Callable, Mapping
 
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 
 __all__ = ["parse_set", "substitute"]
 

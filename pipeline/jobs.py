@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from enspipe.config import config_defaults, runtime_fields
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 from enspipe.jobcache import default_cache, is_cache_link, publish, register_job, step_lock
 from enspipe.jobspec import (
     STEP_KINDS,
@@ -111,7 +111,7 @@ def plan(job: Job, cache: Path) -> list[tuple[Step, str]]:
 def _read_record(path: Path) -> dict[str, Any]:
     """A cached step's record; a damaged one (truncated, nested too deeply, not an object) is
     one line naming it, to delete so the step runs again."""
-    from enspipe.fileio import parse_json
+    from enspipe.util.fileio import parse_json
 
     record = parse_json(path.read_bytes(), path)
     if not isinstance(record, dict):
@@ -143,7 +143,7 @@ def run_job(path: str | os.PathLike, *, out: str | os.PathLike | None = None, ca
     if dry_run:
         return {s.id: {"status": st, "key": s.key} for s, st in steps}
 
-    from enspipe.runtime import write_json
+    from enspipe.util.runtime import write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict[str, Any]] = {}
@@ -186,7 +186,7 @@ def _run_or_reuse(job: Job, step: Step, done: dict[str, dict], cache: Path, devi
                   log: Callable[[str], None]) -> dict[str, Any]:
     """Reuse the step's cached record (re-read under the lock: another job may just have
     written it) or run the step and record its outputs."""
-    from enspipe.runtime import write_json
+    from enspipe.util.runtime import write_json
 
     rec_path = _record_path(cache, step)
     if rec_path.exists():

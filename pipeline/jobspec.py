@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from enspipe.config import Option, OptionError, job_keys, parse_config, speak, toml_line
-from enspipe.errors import ConfigError, EnspipeError
-from enspipe.fileio import read_text_file
+from enspipe.util.errors import ConfigError, EnspipeError
+from enspipe.util.fileio import read_text_file
 from enspipe.jobparams import substitute
-from enspipe.naming import check_name
+from enspipe.util.naming import check_name
 
 __all__ = ["ALIASES", "STEP_KINDS", "STRUCTURE", "Job", "Step", "defaults_keys", "load_job", "resolved",
            "step_config", "step_configs", "step_keys"]

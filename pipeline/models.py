@@ -24,7 +24,7 @@ name that is also a file or folder in the working directory is refused as ambigu
 (`is_model_path`).
 
 Every number a checkpoint's files give (model.json's classes and input size, the parameters
-they imply, the safetensors header's tensor shapes) is checked against `enspipe.limits`
+they imply, the safetensors header's tensor shapes) is checked against `enspipe.util.limits`
 before anything is built or read from it.
 """
 from __future__ import annotations
@@ -43,10 +43,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from enspipe.errors import ConfigError, ModelError
-from enspipe.fileio import atomic_target, atomic_write_json, parse_json
-from enspipe.limits import Limits, current_limits, env_name
-from enspipe.netcheck import network_available as _network_reachable
+from enspipe.util.errors import ConfigError, ModelError
+from enspipe.util.fileio import atomic_target, atomic_write_json, parse_json
+from enspipe.util.limits import Limits, current_limits, env_name
+from enspipe.util.netcheck import network_available as _network_reachable
 
 CHECKPOINT_FORMAT = "enspipe-model/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -86,7 +86,7 @@ class ModelConfig:
 
     def problem(self, limits: Limits | None = None) -> str | None:
         """Why this config (read from a file) must not be built, or None: every number
-        against its cap (`enspipe.limits`), before anything is allocated for it."""
+        against its cap (`enspipe.util.limits`), before anything is allocated for it."""
         lim = limits or current_limits()
         if len(self.input_size) != 3:
             return f"input_size must be [C, H, W], not {list(self.input_size)}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 
 __all__ = ["PAPER", "Paper", "paper_value", "resolve_paper"]
 

@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 from enspipe.stores.registry import format_of
 from enspipe.stores.remote import is_url, local_path
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from enspipe.fileio import atomic_target
+from enspipe.util.fileio import atomic_target
 
 __all__ = ["new_figure", "plot_loss_surface", "plot_subspace", "plot_transfer_heatmap", "save_png"]
 

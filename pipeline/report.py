@@ -36,8 +36,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from enspipe import curves, plots
 from enspipe.attack_records import RECORDS, attack_names
-from enspipe.errors import ConfigError
-from enspipe.fileio import atomic_write
+from enspipe.util.errors import ConfigError
+from enspipe.util.fileio import atomic_write
 from enspipe.paper import PAPER, Paper, paper_value, resolve_paper
 from enspipe.stats import wilson_interval
 
@@ -412,8 +412,8 @@ def _find(run_dir: Path, name: str) -> list[Path]:
 
 
 def _read(path: Path) -> Any:
-    from enspipe.errors import ConfigError
-    from enspipe.fileio import parse_json
+    from enspipe.util.errors import ConfigError
+    from enspipe.util.fileio import parse_json
 
     try:
         return parse_json(path.read_bytes(), path)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from enspipe.config import OptionError
 from enspipe.curves import read_metrics, scalars
-from enspipe.fileio import atomic_write, naming
+from enspipe.util.fileio import atomic_write, naming
 
 __all__ = ["LOG_SINKS", "RunLog", "check_sinks", "cut_metrics"]
 

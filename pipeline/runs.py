@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from enspipe.fileio import dir_bytes
+from enspipe.util.fileio import dir_bytes
 from enspipe.stores.registry import format_of
 
 __all__ = ["RunInfo", "list_runs", "run_info"]

@@ -27,7 +27,7 @@ import numpy as np
 
 # StoreError, as when this sampler lived in enspipe.stores (moved by issue 11 unchanged);
 # ConfigError would name the cause better and is left for a change that may alter behaviour.
-from enspipe.errors import StoreError
+from enspipe.util.errors import StoreError
 
 __all__ = ["PlannedBatch", "Unit", "block_order", "epoch_plan", "rank_blocks"]
 

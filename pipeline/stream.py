@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from enspipe.data import SampleSource
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 from enspipe.sampling import PlannedBatch, Unit, epoch_plan, rank_blocks
 from enspipe.stores import StoreReader
 

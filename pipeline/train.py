@@ -46,17 +46,17 @@ import numpy as np
 import torch
 
 from enspipe import attacks, losses
-from enspipe._callable import callable_stage
+from enspipe.util._callable import callable_stage
 from enspipe.attack_records import parse_eps  # noqa: F401 -- `enspipe.train.parse_eps`, as before
 from enspipe.config import OptionError, runtime_fields
 from enspipe.configs.train import MODES, OPTIMIZERS, STORABLE, TrainConfig  # noqa: F401 -- re-exported
 from enspipe.data import SampleSource, create_dataset
-from enspipe.errors import ConfigError, EnspipeError, StoreError
-from enspipe.fileio import atomic_target, hold_folder, release_folder
+from enspipe.util.errors import ConfigError, EnspipeError, StoreError
+from enspipe.util.fileio import atomic_target, hold_folder, release_folder
 from enspipe.models import EnsModel, load_model_for, save_model
 from enspipe.paths import check_output, check_outside_dataset
 from enspipe.runlog import RunLog, check_sinks
-from enspipe.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
+from enspipe.util.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
 from enspipe.schedule import learning_rate, param_groups, set_learning_rate
 from enspipe.precision import PRECISIONS, Precision  # noqa: F401 -- `enspipe.train.PRECISIONS`, as before
 from enspipe.stores import StoreReader

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from enspipe.errors import EnspipeError
+from enspipe.util.errors import EnspipeError
 from enspipe.precision import Precision
 
 __all__ = ["CheckpointWriter", "EpochChain", "FrozenModel", "Window", "epoch_batches", "prune_checkpoints", "snapshot",

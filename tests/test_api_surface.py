@@ -111,7 +111,7 @@ def test_runs_in_folders_of_one_name_get_distinct_names(digits_static, digits_st
     # the same run is the same name as target and as source: the transfer matrix's diagonal
     assert res["models"]["seed1/C"]["blackbox_max"] is None
 
-    from enspipe.naming import unique_labels
+    from enspipe.util.naming import unique_labels
 
     for d in ("a", "b"):
         (tmp_path / d / "x" / "C").mkdir(parents=True)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from enspipe import attacks
 from enspipe.attacks import attack_params, create_attack, iter_ll, parse_attack_options
 from enspipe.data import create_dataset
-from enspipe.errors import AttackError
+from enspipe.util.errors import AttackError
 from enspipe.evaluate import EvalConfig, evaluate
 from enspipe.models import load_model_for
 from reliability.processes import run_cli  # real processes, forked from the suite's pre-imported zygote
@@ -155,7 +155,7 @@ def test_a_bad_attack_option_is_one_clear_line(option, message, tmp_path):
 
 
 def test_a_job_spec_sets_attack_options_and_a_bad_one_names_its_line(tmp_path):
-    from enspipe.errors import ConfigError
+    from enspipe.util.errors import ConfigError
     from enspipe.jobs import load_job
 
     spec = """

@@ -25,7 +25,7 @@ from enspipe.attacks import (
     rand_step_ll,
     step_ll,
 )
-from enspipe.errors import AttackError, EnspipeError
+from enspipe.util.errors import AttackError, EnspipeError
 
 EPSILONS = [16 / 256, 0.3, 1.0]
 

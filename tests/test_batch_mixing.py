@@ -195,7 +195,7 @@ def test_an_imagefolder_store_of_the_old_order_is_refused_in_one_line(tmp_path):
     import sys
 
     from enspipe.data import create_dataset
-    from enspipe.errors import StoreError
+    from enspipe.util.errors import StoreError
     from enspipe.stores import open_store
 
     data, store, size = _legacy_imagefolder(tmp_path)

@@ -17,7 +17,7 @@ import torch
 from enspipe import data
 from enspipe.data import Geometry, create_dataset, resolve_data_root
 from enspipe.data.base import class_interleaved
-from enspipe.errors import DataError, EnspipeError
+from enspipe.util.errors import DataError, EnspipeError
 
 
 # -----------------------------------------------------------------------------
@@ -455,7 +455,7 @@ def test_wds_bad_shards(tmp_path):
 
 
 def test_wds_reader_and_store_refuse_the_same_pickle_extensions(tmp_path):
-    from enspipe import tarsafe
+    from enspipe.util import tarsafe
     from enspipe.stores.wds_store import FORBIDDEN_EXTS
 
     # one list: the store backend refuses exactly what the dataset reader refuses

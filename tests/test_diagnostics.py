@@ -29,7 +29,7 @@ from enspipe.diagnostics import (
     plot_subspace,
     regular_hadamard,
 )
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

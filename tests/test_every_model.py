@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from enspipe.errors import ModelError
+from enspipe.util.errors import ModelError
 from enspipe.models import create_model, load_model, weights_sha256
 from reliability.processes import run_cli
 
@@ -318,7 +318,7 @@ def test_empty_shards_is_one_line(tmp_path, argv, message):
 
 
 def test_stores_of_two_attacks_and_a_conflicting_attack_are_refused(digits_static, tmp_path):
-    from enspipe.errors import StoreError
+    from enspipe.util.errors import StoreError
     from enspipe.precompute import PrecomputeConfig, precompute
     from enspipe.train import TrainConfig, train
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from enspipe.fileio import atomic_target, atomic_write, atomic_write_json
+from enspipe.util.fileio import atomic_target, atomic_write, atomic_write_json
 
 
 def test_replaces_whole_and_leaves_no_temporary(tmp_path):
@@ -33,7 +33,7 @@ def test_strict_json_refuses_nan(tmp_path):
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_files_get_the_process_umask(tmp_path, umask, mode):
     # A fresh interpreter: the module reads the umask once, at import.
-    code = ("import os, sys; os.umask(int(sys.argv[1], 8)); from enspipe.fileio import atomic_target, atomic_write\n"
+    code = ("import os, sys; os.umask(int(sys.argv[1], 8)); from enspipe.util.fileio import atomic_target, atomic_write\n"
             "atomic_write(sys.argv[2] + '/a', b'x')\n"
             # a writer that creates its file 0600 itself, as safetensors does
             "with atomic_target(sys.argv[2] + '/b') as t: os.close(os.open(t, os.O_WRONLY | os.O_CREAT, 0o600))\n")

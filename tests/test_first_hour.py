@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from enspipe.data import create_dataset
-from enspipe.errors import DataError, ModelError
+from enspipe.util.errors import DataError, ModelError
 from enspipe.stores.base import data_difference
 
 CLI = [sys.executable, "-m", "enspipe"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 from enspipe.jobparams import parse_set
 from enspipe.jobs import load_job, resolve_keys
 

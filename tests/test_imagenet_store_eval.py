@@ -78,7 +78,7 @@ def test_own_store_is_white_box_only(digits_static, digits_static2, stores):
 
 
 def test_a_store_of_other_images_is_refused(digits_static, stores):
-    from enspipe.errors import EnspipeError
+    from enspipe.util.errors import EnspipeError
 
     with pytest.raises(EnspipeError, match=r"samples|fingerprint|field: dataset\.limit"):
         evaluate(EvalConfig(models=(str(digits_static),), dataset="digits", limit=N // 2, attacks=(), eps=EPS,

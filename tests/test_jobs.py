@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 from enspipe.jobs import load_job, plan, run_job
 from reliability.processes import outputs, spawn
 

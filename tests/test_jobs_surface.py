@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 from enspipe.jobs import load_job, resolve_keys
 from reliability.processes import run_cli
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from enspipe import models
-from enspipe.errors import ModelError
+from enspipe.util.errors import ModelError
 from enspipe.models import MNIST_ARCHS, create_model, load_model, save_model, weights_sha256
 
 
@@ -146,7 +146,7 @@ def test_load_model_for_a_dataset(tmp_path):
     from types import SimpleNamespace
 
     from enspipe.binarize import Binarized
-    from enspipe.errors import ConfigError
+    from enspipe.util.errors import ConfigError
     from enspipe.models import EnsModel, load_model_for
 
     def data(num_classes: int, shape: tuple[int, int, int]) -> SimpleNamespace:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enspipe.errors import StoreError
+from enspipe.util.errors import StoreError
 from enspipe.stores import StoreIdentity, create_store, list_stores, open_store, store_path, verify_store
 
 pytest.importorskip("s3fs", reason="object-store tests need pip install -e '.[s3]'")

@@ -17,7 +17,7 @@ import torch
 
 from enspipe import attacks
 from enspipe.data import create_dataset
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 from enspipe.models import load_model
 from enspipe.precompute import PrecomputeConfig, _gpu_worker_specs, precompute
 from enspipe.stores import list_stores, open_store, verify_store

@@ -91,7 +91,7 @@ def test_loader_chunks_keep_batch_boundaries_and_pixels(jpegs):
 def test_loader_worker_error_is_the_original_one_line(tmp_path, jpegs):
     import shutil
 
-    from enspipe.errors import DataError
+    from enspipe.util.errors import DataError
 
     broken = tmp_path / "broken"
     shutil.copytree(jpegs, broken)

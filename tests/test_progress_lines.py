@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from enspipe.runtime import Progress
+from enspipe.util.runtime import Progress
 from reliability.processes import run_cli
 
 CLI = [sys.executable, "-m", "enspipe"]

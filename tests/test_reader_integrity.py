@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enspipe.errors import StoreError
+from enspipe.util.errors import StoreError
 from enspipe.stores import StoreIdentity, create_store, open_store, store_path, verify_store
 from reliability.forge import flip, forge_checksums, zarr_shard_copied_over
 
@@ -219,7 +219,7 @@ def test_a_zarr_shard_copied_over_another_is_refused_when_read_for_training(digi
       the reader returns the data (checksums sit beside the data: they catch rot and accidents,
       not a rewrite), but the trainer's store check compares the keys with the dataset's and
       refuses to start, naming shard 1."""
-    from enspipe.errors import EnspipeError
+    from enspipe.util.errors import EnspipeError
 
     src = digits_stores[".zarr"]
     for rehash in (False, True):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 from enspipe.stats import wilson_interval
 from enspipe.report import (
     PAPER,

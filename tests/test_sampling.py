@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from enspipe.errors import StoreError
+from enspipe.util.errors import StoreError
 from enspipe.sampling import block_order, epoch_plan
 
 

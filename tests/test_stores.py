@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enspipe.errors import StoreError
+from enspipe.util.errors import StoreError
 from enspipe.sampling import block_order
 from enspipe.stores import (
     StoreIdentity,

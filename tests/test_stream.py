@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from enspipe.data import create_dataset
-from enspipe.errors import ConfigError, StoreError
+from enspipe.util.errors import ConfigError, StoreError
 from enspipe.stores import open_store, wds_decoders
 from enspipe.stream import DirectionStream
 

@@ -15,7 +15,7 @@ import torch
 
 from enspipe import attacks
 from enspipe.data import create_dataset
-from enspipe.errors import EnspipeError, StoreError
+from enspipe.util.errors import EnspipeError, StoreError
 from enspipe.models import load_model
 from enspipe.train import SELF, BatchStream, TrainConfig, adversarial_inputs, train
 from reliability.processes import run_cli

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from enspipe.config import OptionError
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 from enspipe.schedule import learning_rate
 from enspipe.train import TrainConfig, train
 from reliability.processes import run_cli

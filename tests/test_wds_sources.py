@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from enspipe.errors import StoreError
+from enspipe.util.errors import StoreError
 from enspipe.stores import StoreIdentity, create_store, open_store, store_path, verify_store
 
 GEOMETRY = (3, 8, 8)   # pixels at this geometry: a PNG of at most ~200 bytes

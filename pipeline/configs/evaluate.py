@@ -9,7 +9,7 @@ from typing import Any
 from enspipe.attack_records import ATTACK_RECORDS
 from enspipe.config import OptionError, check, check_declared, normalize, option
 from enspipe.configs import fields
-from enspipe.errors import AttackError
+from enspipe.util.errors import AttackError
 
 __all__ = ["ATTACKS", "EvalConfig"]
 

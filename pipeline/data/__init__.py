@@ -34,9 +34,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from enspipe import netcheck
-from enspipe.errors import DataError
-from enspipe.netcheck import network_available as _network_available
+from enspipe.util import netcheck
+from enspipe.util.errors import DataError
+from enspipe.util.netcheck import network_available as _network_available
 
 # The source modules import torch; this package face does not, so the sources' names (the CLI's
 # `--help`, the torch-free config modules) cost no torch import. Their names are loaded on first use.

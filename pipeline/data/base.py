@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from enspipe import netcheck
-from enspipe.errors import DataError
+from enspipe.util import netcheck
+from enspipe.util.errors import DataError
 
 DEFAULT_DATA_ROOT = Path("~/.cache/enspipe/data")
 

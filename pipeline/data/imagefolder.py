@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from enspipe.errors import DataError
-from enspipe.limits import current_limits
+from enspipe.util.errors import DataError
+from enspipe.util.limits import current_limits
 
 from .base import (CLASS_INTERLEAVED, SUPERSEDED_FILE_ORDER, Geometry, LazySource, SampleSource, _fingerprint,
                    _sanitise_keys, class_interleaved)

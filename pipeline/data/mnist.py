@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from enspipe import netcheck
-from enspipe.errors import DataError
+from enspipe.util import netcheck
+from enspipe.util.errors import DataError
 
 from .base import (ArraySource, Blocker, SampleSource, _download, _native_geometry, _readonly,
                    _resize_uint8, _stamp, resolve_data_root)

@@ -1,6 +1,6 @@
 """wds:PATTERN — WebDataset tar shards (image + .cls), indexed once and read by seeking to
 each member. Member rules (names, links, refused pickle extensions, sizes) are
-`enspipe.tarsafe`'s; the caps on sizes, labels and pixels are `enspipe.limits`'.
+`enspipe.util.tarsafe`'s; the caps on sizes, labels and pixels are `enspipe.util.limits`'.
 
 The fingerprint's content is per-sample member size and the mtime in its tar header (the
 shards may be far too large to read at load time), and the source kind stands in for the
@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from enspipe import tarsafe
-from enspipe.errors import DataError
-from enspipe.limits import Limits, current_limits, env_name
+from enspipe.util import tarsafe
+from enspipe.util.errors import DataError
+from enspipe.util.limits import Limits, current_limits, env_name
 
 from .base import (CLASS_INTERLEAVED, SUPERSEDED_FILE_ORDER, Geometry, LazySource, SampleSource, _fingerprint,
                    _sanitise_keys, _stamp, class_interleaved)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from enspipe.diagnostics.measures import _as_batch, _input_grad, _labels
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 
 __all__ = ["SUBSPACE_KS", "aligned_subspace", "count_adversarial_directions", "regular_hadamard"]
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from enspipe import attacks
 from enspipe.attacks import ITERATIVE, SINGLE_STEP
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 
 __all__ = ["approximation_ratio", "input_gradient_norm", "loss_surface", "perturbation_cosine"]
 

@@ -31,8 +31,8 @@ from enspipe.diagnostics.measures import (
 )
 from enspipe.config import OptionError, config_to_dict
 from enspipe.configs.diagnose import DiagnoseConfig
-from enspipe.errors import ConfigError
-from enspipe.naming import unique_labels
+from enspipe.util.errors import ConfigError
+from enspipe.util.naming import unique_labels
 from enspipe.plots import plot_loss_surface, plot_subspace
 
 __all__ = ["DIAGNOSTICS_FORMAT", "DiagnoseConfig", "diagnose", "run_diagnose"]
@@ -66,7 +66,7 @@ def diagnose(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, *, eps: floa
     eps * (4, 10, 16)/16, Figure 2's ratios) on the first `subspace_points` points (all by
     default). Models are put in eval mode. Returns the JSON content plus `path`.
     """
-    from enspipe.runtime import progress, versions, write_json
+    from enspipe.util.runtime import progress, versions, write_json
 
     _check_attacks(single, iterative)
     if not models:
@@ -146,7 +146,7 @@ _OLD_KEYWORDS = {"out_dir": "out"}  # run_diagnose's keyword -> DiagnoseConfig f
 
 
 def run_diagnose(cfg: DiagnoseConfig | Mapping[str, str | nn.Module], **old: Any) -> Any:
-    """The diagnose stage: load `cfg.models` (named by `enspipe.naming.unique_labels`) and the
+    """The diagnose stage: load `cfg.models` (named by `enspipe.util.naming.unique_labels`) and the
     first `cfg.limit` samples of the split, run `diagnose`, write `diagnostics.json` and the
     figures into `cfg.out`; return the JSON content plus its "path".
 
@@ -171,7 +171,7 @@ def _run(cfg: DiagnoseConfig, named: Mapping[str, str | nn.Module], other: str |
     from enspipe.data import create_dataset
     from enspipe.models import check_weights, load_model_for
     from enspipe.paths import check_output
-    from enspipe.runtime import resolve_device
+    from enspipe.util.runtime import resolve_device
 
     if cfg.out is None:
         raise OptionError("out", "is required: the directory for diagnostics.json")

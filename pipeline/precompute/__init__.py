@@ -31,10 +31,10 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from enspipe._callable import callable_stage
+from enspipe.util._callable import callable_stage
 from enspipe.config import OptionError
 from enspipe.precision import Precision
-from enspipe.errors import ModelError
+from enspipe.util.errors import ModelError
 
 from .compute import (
     InputBatch,
@@ -101,7 +101,7 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
 
     `overlap=False` writes each shard in the computing thread (for benchmarks only).
     """
-    from enspipe.runtime import resolve_device
+    from enspipe.util.runtime import resolve_device
     from enspipe.stores import create_store, open_writer
 
     from enspipe.models import HeadMismatch, is_model_path

@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from enspipe.errors import EnspipeError
+from enspipe.util.errors import EnspipeError
 from enspipe.precision import Precision
 
 from .loader import ChunkLoader, batch_spans, chunk_size, default_workers, gather, spans_of, to_device
@@ -219,7 +219,7 @@ def run_in_process(units: list[tuple[ShardJob, int]], *, overlap: bool) -> None:
     """Every (job, shard) in this process, writing in a background thread unless `overlap=False`."""
     import torch
 
-    from enspipe.runtime import progress
+    from enspipe.util.runtime import progress
 
     if not units:
         return
@@ -251,7 +251,7 @@ def _worker_loader(dataset, job: ShardJob, device: torch.device) -> ChunkLoader:
 
 def stream_task(units: list[tuple[ShardJob, int]]) -> int:
     """One dask task: compute and write these shards in order, returning once all are written."""
-    from enspipe.runtime import resolve_device
+    from enspipe.util.runtime import resolve_device
 
     job = units[0][0]
     device = resolve_device(job.device)

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Sequence
 
-from enspipe.errors import ConfigError, EnspipeError
+from enspipe.util.errors import ConfigError, EnspipeError
 
 from .compute import stream_task
 from .config import PrecomputeConfig
@@ -163,7 +163,7 @@ def run_on_dask(client, units: list[tuple[ShardJob, int]]) -> None:
     from dask.distributed import as_completed
     from distributed.scheduler import KilledWorker
 
-    from enspipe.runtime import progress
+    from enspipe.util.runtime import progress
 
     threads = _torch_threads(client)
     jobs = {id(job): replace(job, torch_threads=threads) for job, _ in units}

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from enspipe.errors import EnspipeError
+from enspipe.util.errors import EnspipeError
 
 from .plan import log
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from enspipe.attack_records import record
-from enspipe.errors import ModelError, StoreError
+from enspipe.util.errors import ModelError, StoreError
 
 from .config import FORMATS, PrecomputeConfig
 
@@ -199,7 +199,7 @@ def plan_stores(cfg: PrecomputeConfig, dataset, model, sha: str, device: torch.d
 
 def manifest_extra(cfg: PrecomputeConfig, job: ShardJob, device: torch.device) -> dict[str, Any]:
     """What a new store's manifest records of its producer (`verify --recompute` rebuilds from it)."""
-    from enspipe.runtime import versions
+    from enspipe.util.runtime import versions
 
     # Paths made absolute and the dataset's canonical name, so `verify --recompute` can rebuild it.
     config = {**cfg.to_dict(), "attacks": [job.attack], "batch_size": job.batch_size, "dataset": job.dataset,

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from enspipe.attack_records import record
-from enspipe.errors import ConfigError, StoreError
+from enspipe.util.errors import ConfigError, StoreError
 
 from enspipe.precision import Precision
 
@@ -31,7 +31,7 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
     from enspipe import attacks
     from enspipe.data import create_dataset
     from enspipe.models import load_model_for, weights_sha256
-    from enspipe.runtime import resolve_device
+    from enspipe.util.runtime import resolve_device
     from enspipe.stores import open_store
 
     reader = open_store(store)

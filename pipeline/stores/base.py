@@ -18,8 +18,8 @@ from typing import Any, ClassVar, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from enspipe.errors import StoreError
-from enspipe.fileio import naming
+from enspipe.util.errors import StoreError
+from enspipe.util.fileio import naming
 
 from .manifest import (
     StoreIdentity,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from enspipe.errors import StoreError
-from enspipe.fileio import dir_bytes
+from enspipe.util.errors import StoreError
+from enspipe.util.fileio import dir_bytes
 
 from .manifest import MANIFEST_NAME, done_records, read_manifest
 from .registry import format_of

@@ -22,9 +22,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from enspipe.errors import StoreError
-from enspipe.fileio import atomic_write_json
-from enspipe.limits import current_limits
+from enspipe.util.errors import StoreError
+from enspipe.util.fileio import atomic_write_json
+from enspipe.util.limits import current_limits
 
 from .registry import FORMATS
 from .remote import is_url, local_path

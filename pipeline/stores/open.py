@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from enspipe.errors import StoreError
+from enspipe.util.errors import StoreError
 
 from .base import StoreReader, StoreWriter
 from .manifest import (

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from enspipe.errors import StoreError
+from enspipe.util.errors import StoreError
 
 if TYPE_CHECKING:
     from .base import Backend

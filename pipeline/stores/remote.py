@@ -36,7 +36,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from enspipe.errors import StoreError
+from enspipe.util.errors import StoreError
 
 __all__ = ["Remote", "cache_settings", "check_remote_root", "is_url", "join", "local_path", "open_remote"]
 

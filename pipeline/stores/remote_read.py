@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from enspipe.errors import StoreError
+from enspipe.util.errors import StoreError
 
 from .remote import MANIFEST, Remote, _records, _size_problems, cache_settings, join, read_remote_manifest
 

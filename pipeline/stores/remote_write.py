@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from enspipe.errors import StoreError
+from enspipe.util.errors import StoreError
 
 from .remote import MANIFEST, RECORDS, Remote, _dump, _records, read_remote_manifest
 

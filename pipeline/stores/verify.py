@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from enspipe.errors import StoreError
+from enspipe.util.errors import StoreError
 
 from .base import StoreReader
 from .manifest import RECORDS_DIR, read_manifest, read_record, record_problems

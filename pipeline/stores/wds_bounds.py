@@ -5,7 +5,7 @@ size of each member -- a direction's packed bit planes, the logits, a PNG of tha
 pixels, a label -- and of a whole shard's tar is known before a byte is read. The reader
 checks the tar's size and every member's header against these bounds and refuses what is
 larger: a hostile or damaged tar cannot make it read gigabytes (RELIABILITY.md, hostile
-input). Labels and images are also capped by `enspipe.limits`.
+input). Labels and images are also capped by `enspipe.util.limits`.
 
 A layout-v2 store may hold each sample's source image as the source encoded it
 (`.src.<ext>`, e.g. an ImageNet JPEG larger than its pixels at the store's geometry): those
@@ -15,7 +15,7 @@ read (`wds_store.read_shard_bytes`).
 """
 from __future__ import annotations
 
-from enspipe.limits import current_limits
+from enspipe.util.limits import current_limits
 
 from .manifest import shard_range
 
@@ -31,7 +31,7 @@ _IMAGES = ("png", "npy")
 
 def member_bounds(manifest: dict) -> dict[str, int]:
     """The largest size each member of a sample can have, by extension, from the store's
-    geometry and classes (labels and images also by `enspipe.limits`): a member above it is
+    geometry and classes (labels and images also by `enspipe.util.limits`): a member above it is
     refused from its header, before it is read."""
     C, H, W = manifest["identity"]["geometry"]
     K = manifest["identity"]["num_classes"]

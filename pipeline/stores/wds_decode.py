@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from enspipe.errors import StoreError
-from enspipe.tarsafe import PICKLE_EXTENSIONS
+from enspipe.util.errors import StoreError
+from enspipe.util.tarsafe import PICKLE_EXTENSIONS
 
 __all__ = ["wds_decoders"]
 

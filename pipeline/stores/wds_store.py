@@ -49,11 +49,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from enspipe import tarsafe
-from enspipe.errors import StoreError
-from enspipe.fileio import atomic_target
-from enspipe.limits import current_limits
-from enspipe.tarsafe import PICKLE_EXTENSIONS as FORBIDDEN_EXTS
+from enspipe.util import tarsafe
+from enspipe.util.errors import StoreError
+from enspipe.util.fileio import atomic_target
+from enspipe.util.limits import current_limits
+from enspipe.util.tarsafe import PICKLE_EXTENSIONS as FORBIDDEN_EXTS
 
 from .base import StoreReader, StoreWriter
 from .manifest import schema_errors, shard_range

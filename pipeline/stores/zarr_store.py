@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from enspipe.errors import StoreError
+from enspipe.util.errors import StoreError
 
 from .base import StoreReader, StoreWriter, directions_valid
 from .manifest import schema_errors, sha256_matches, shard_range, write_json_atomic

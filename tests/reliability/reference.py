@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from enspipe.errors import StoreError
+from enspipe.util.errors import StoreError
 from enspipe.stores import open_store, verify_store
 from enspipe.stores.manifest import read_manifest
 

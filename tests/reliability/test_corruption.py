@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enspipe.errors import EnspipeError
+from enspipe.util.errors import EnspipeError
 from enspipe.stores import verify_store
 from enspipe.stores.manifest import read_manifest
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from enspipe.errors import StoreError
+from enspipe.util.errors import StoreError
 from enspipe.stores import open_store, verify_store
 
 from . import disk

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from enspipe import jobspec
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 from enspipe.jobs import load_job
 
 from .processes import ENV, REPO

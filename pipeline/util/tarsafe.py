@@ -9,7 +9,7 @@ is merely skipped. Every check is a small function of one member that returns a 
 Sizes are checked from the headers, before a byte of a member is read: `check_member_size`
 for the members a reader reads, and `oversized_metadata` for the members tarfile itself reads
 whole while it lists a tar (pax headers, GNU long names), which no caller could check after
-the fact. The caps come from `enspipe.limits` (or from a store's geometry).
+the fact. The caps come from `enspipe.util.limits` (or from a store's geometry).
 """
 from __future__ import annotations
 

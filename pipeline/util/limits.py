@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass, fields
 
 from enspipe.config import option
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 
 __all__ = ["Limits", "current_limits", "env_name"]
 

@@ -173,7 +173,7 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, d
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write JSON atomically, so a killed process never leaves half a file."""
-    from enspipe.fileio import atomic_write_json
+    from enspipe.util.fileio import atomic_write_json
 
     return atomic_write_json(path, obj)
 
@@ -181,7 +181,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     """A JSON file enspipe wrote (a run's config.json): truncated, malformed or deeply nested
     content is one line naming the file (a ConfigError), not a traceback."""
-    from enspipe.fileio import parse_json
+    from enspipe.util.fileio import parse_json
 
     path = Path(path)
     return parse_json(path.read_bytes(), path)

@@ -107,8 +107,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
 def read_text_file(path: str | os.PathLike, *, limit: int | None = None) -> str:
     """A small text file (a job spec), refused in one line naming it when it is larger than
     `limit` bytes (default: the metadata cap) or not UTF-8 text, before it is read whole."""
-    from enspipe.errors import ConfigError
-    from enspipe.limits import current_limits
+    from enspipe.util.errors import ConfigError
+    from enspipe.util.limits import current_limits
 
     path = Path(path)
     cap = current_limits().max_metadata_bytes if limit is None else limit
@@ -127,7 +127,7 @@ def parse_json(text: str | bytes, path: str | os.PathLike, error: type[Exception
     JSON nested so deeply that Python's parser runs out of recursion (a RecursionError, which
     json raises for a few thousand nested brackets), are `error` (default ConfigError)."""
     if error is None:
-        from enspipe.errors import ConfigError as error
+        from enspipe.util.errors import ConfigError as error
     try:
         return json.loads(text)
     except RecursionError:
@@ -152,7 +152,7 @@ def hold_folder(folder: str | os.PathLike, *, what: str, field: str) -> None:
     The folder must exist."""
     import fcntl
 
-    from enspipe.errors import ConfigError
+    from enspipe.util.errors import ConfigError
 
     key = os.path.realpath(folder)
     if key in _held_folders:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from enspipe.errors import ConfigError
+from enspipe.util.errors import ConfigError
 
 __all__ = ["NAME_PATTERN", "check_name", "model_label", "unique_labels"]
 
