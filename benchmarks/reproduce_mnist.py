@@ -19,7 +19,7 @@ It writes into OUT: reproduction.md (the tables beside the paper's numbers, the 
 their verdicts, the attack settings, the departures), claims.json, table6.json, table7.json,
 table8.json (the raw results), steps.json (every step's seconds) and run.log.
 
-Nothing here is hard-coded but the paper's published numbers (`enspipe.paper.PAPER`) and its
+Nothing here is hard-coded but the paper's published numbers (`enspipe.report.paper.PAPER`) and its
 wording of the claims.
 """
 from __future__ import annotations
@@ -128,7 +128,7 @@ def paper_name(name: str) -> str:
 
 
 def _paper(model: str, metric: str) -> float | None:
-    from enspipe.paper import PAPER, paper_value
+    from enspipe.report.paper import PAPER, paper_value
 
     return paper_value(PAPER["mnist"], paper_name(model), metric)
 
@@ -213,7 +213,7 @@ def attack_settings(*results: dict | None) -> list[str]:
 # --- The claims, posed as the paper poses them ------------------------------------------------
 
 def _wilson(p_percent: float, n: int = N_PAPER) -> dict:
-    from enspipe.stats import wilson_interval
+    from enspipe.report.stats import wilson_interval
 
     k = round(p_percent / 100 * n)
     return {"error": k / n, "ci95": list(wilson_interval(k, n)), "n": n}

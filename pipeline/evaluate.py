@@ -31,7 +31,7 @@ from enspipe.models import BINARIZED_MASKED_PREFIX, BINARIZED_PREFIX, check_weig
 from enspipe.util.naming import model_label, unique_labels
 from enspipe.paths import check_output
 from enspipe.util.runtime import _progress_mode, log_line, progress, resolve_device, versions, write_json
-from enspipe.stats import wilson_interval
+from enspipe.report.stats import wilson_interval
 
 __all__ = ["EvalConfig", "evaluate", "model_label", "unique_labels", "wilson_interval"]
 

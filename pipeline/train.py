@@ -55,7 +55,7 @@ from enspipe.util.errors import ConfigError, EnspipeError, StoreError
 from enspipe.util.fileio import atomic_target, hold_folder, release_folder
 from enspipe.models import EnsModel, load_model_for, save_model
 from enspipe.paths import check_output, check_outside_dataset
-from enspipe.runlog import RunLog, check_sinks
+from enspipe.report.runlog import RunLog, check_sinks
 from enspipe.util.runtime import progress, read_json, resolve_device, seed_everything, versions, write_json
 from enspipe.schedule import learning_rate, param_groups, set_learning_rate
 from enspipe.precision import PRECISIONS, Precision  # noqa: F401 -- `enspipe.train.PRECISIONS`, as before

@@ -70,7 +70,7 @@ MUTATIONS = [
              (f"{ORACLES}::test_evaluate_counts_equal_a_closed_form_fgsm",
               "tests/test_cli_e2e.py::test_evaluate_top5_binarized_and_ensemble_source")),
     Mutation("wilson-z-1", "the Wilson interval with z = 1 (a 68% interval labelled 95%)",
-             "pipeline/stats.py",
+             "pipeline/report/stats.py",
              "def wilson_interval(errors: int, n: int, z: float = Z95)",
              "def wilson_interval(errors: int, n: int, z: float = 1.0)",
              (f"{ORACLES}::test_wilson_interval_known_values",)),

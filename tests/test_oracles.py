@@ -117,7 +117,7 @@ def wilson_here(k: int, n: int) -> tuple[float, float]:
 def test_wilson_interval_known_values():
     """Known 95% Wilson intervals (e.g. Newcombe 1998): 0/10 -> (0, 0.2775), 5/10 ->
     (0.2366, 0.7634), 10/10 -> (0.7225, 1)."""
-    from enspipe.stats import Z95, wilson_interval
+    from enspipe.report.stats import Z95, wilson_interval
 
     assert abs(Z95 - statistics.NormalDist().inv_cdf(0.975)) < 1e-6
     for k, want in ((0, (0.0, 0.2775)), (5, (0.2366, 0.7634)), (10, (0.7225, 1.0))):

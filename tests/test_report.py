@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from enspipe.util.errors import ConfigError
-from enspipe.stats import wilson_interval
+from enspipe.report.stats import wilson_interval
 from enspipe.report import (
     PAPER,
     markdown_tables,
@@ -201,7 +201,7 @@ def test_write_report(results, tmp_path):
 
 
 def test_report_never_imports_torch(results, tmp_path):
-    """The report depends on result files, enspipe.stats and enspipe.plots only: importing
+    """The report depends on result files, enspipe.report.stats and enspipe.report.plots only: importing
     it, and writing a report that redraws every figure, loads no torch."""
     subprocess.run([sys.executable, "-c", "import sys, enspipe.report; assert 'torch' not in sys.modules"],
                    check=True, env=os.environ)

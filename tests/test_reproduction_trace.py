@@ -40,7 +40,7 @@ def _table(block: str) -> list[list[str]]:
 
 
 def _paper(model: str, metric: str) -> float | None:
-    from enspipe.paper import PAPER, paper_value
+    from enspipe.report.paper import PAPER, paper_value
 
     name = model.replace("Bstar", "B*").replace("_adv_ens", "adv-ens").replace("_adv", "adv")
     return paper_value(PAPER["mnist"], name, metric)

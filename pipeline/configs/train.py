@@ -18,7 +18,7 @@ from enspipe.config import (
 )
 from enspipe.configs import fields
 from enspipe.precision import PRECISIONS
-from enspipe.runlog import LOG_SINKS
+from enspipe.report.runlog import LOG_SINKS
 
 __all__ = ["ADV_LOSSES", "AUGMENTS", "EPS_DISTS", "MODES", "OPTIMIZERS", "SCHEDULES", "STORABLE", "TrainConfig"]
 

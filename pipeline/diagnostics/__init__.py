@@ -7,7 +7,7 @@
     stage      `diagnose` / `run_diagnose(DiagnoseConfig)`: all of the above for several models, written
                to `diagnostics.json` + PNG figures
 
-The figures are drawn by `enspipe.plots`; `Binarized` (Appendix C.1, a gradient-masking
+The figures are drawn by `enspipe.report.plots`; `Binarized` (Appendix C.1, a gradient-masking
 baseline) lives in `enspipe.binarize`. Both are re-exported here, as they were imported
 from `enspipe.diagnostics` before it became a package.
 """
@@ -30,7 +30,7 @@ from enspipe.diagnostics.measures import (
     perturbation_cosine,
 )
 from enspipe.diagnostics.stage import DIAGNOSTICS_FORMAT, DiagnoseConfig, diagnose, run_diagnose
-from enspipe.plots import plot_loss_surface, plot_subspace
+from enspipe.report.plots import plot_loss_surface, plot_subspace
 
 __all__ = [
     "DIAGNOSTICS_FORMAT",

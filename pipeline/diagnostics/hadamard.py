@@ -5,7 +5,7 @@
                           found the order-100 Williamson sequences).
 - `aligned_subspace`      Lemma 7: k orthogonal {-1, 0, 1} directions aligned with a gradient.
 - `count_adversarial_directions`   Figure 2: how many of them are adversarial per point,
-                          drawn by `enspipe.plots.plot_subspace`.
+                          drawn by `enspipe.report.plots.plot_subspace`.
 """
 from __future__ import annotations
 

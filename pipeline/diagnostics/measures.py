@@ -10,7 +10,7 @@ ones. The measurements here show it:
 - `perturbation_cosine`   cosine of the single- and multi-step perturbations (§4).
 - `input_gradient_norm`   mean l1 / l2 norm of grad_x L: masking is not a flat loss (§4).
 - `loss_surface`          the loss on x + e1*sign(g) + e2*g_perp (Figures 1, 4, 5), drawn
-                          by `enspipe.plots.plot_loss_surface`.
+                          by `enspipe.report.plots.plot_loss_surface`.
 
 Losses are the cross-entropy with the true label, the loss of the inner maximisation of
 eq. 1, whichever attack produced the point (a Step-LL point is scored on y_true too).

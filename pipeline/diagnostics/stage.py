@@ -1,5 +1,5 @@
 """The `diagnose` stage: every gradient-masking measurement for several models, written
-to `diagnostics.json` plus PNG figures (`enspipe.plots`).
+to `diagnostics.json` plus PNG figures (`enspipe.report.plots`).
 
 `diagnose` works on models and tensors in memory; `run_diagnose(DiagnoseConfig)` is the stage
 (`enspipe.diagnose`, the CLI and the job runner call it) that loads models from specs
@@ -33,7 +33,7 @@ from enspipe.config import OptionError, config_to_dict
 from enspipe.configs.diagnose import DiagnoseConfig
 from enspipe.util.errors import ConfigError
 from enspipe.util.naming import unique_labels
-from enspipe.plots import plot_loss_surface, plot_subspace
+from enspipe.report.plots import plot_loss_surface, plot_subspace
 
 __all__ = ["DIAGNOSTICS_FORMAT", "DiagnoseConfig", "diagnose", "run_diagnose"]
 

@@ -93,7 +93,7 @@ def training_markdown(records: list[dict[str, Any]]) -> str:
 
 def plot_training_curves(records: list[dict[str, Any]], path: str | os.PathLike, *, title: str = "") -> Path:
     """Loss, training accuracy and (when recorded) validation errors against the step."""
-    from enspipe.plots import new_figure, save_png
+    from enspipe.report.plots import new_figure, save_png
 
     train = [r for r in records if not is_val(r)]
     val = [r for r in records if is_val(r)]

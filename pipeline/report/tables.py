@@ -4,7 +4,7 @@
 result files through one set of cell, interval and ordering helpers.)
 
 `write_report(run_dir)` finds every `results.json`, `diagnostics.json` and training run's
-`metrics.jsonl` (per-epoch table, loss / accuracy / validation curves: `enspipe.curves`)
+`metrics.jsonl` (per-epoch table, loss / accuracy / validation curves: `enspipe.report.curves`)
 under run_dir and writes `report.md` beside PNG figures. The tables take the paper's forms:
 
 - transfer matrix (Tables 1, 7, 9): rows targets, columns sources, one per attack; a
@@ -17,9 +17,9 @@ under run_dir and writes `report.md` beside PNG figures. The tables take the pap
 - diagnostics (Table 6, §4, Figure 2): approximation ratio, cosine, gradient norm,
   adversarial-subspace shares, with the figures.
 
-The paper's own numbers (`enspipe.paper.PAPER`, or a dict model -> metric -> value in %)
+The paper's own numbers (`enspipe.report.paper.PAPER`, or a dict model -> metric -> value in %)
 appear beside ours. A report depends on the result files only, read with json, and on
-`enspipe.stats` and `enspipe.plots` (numpy, matplotlib): torch is not imported (a test
+`enspipe.report.stats` and `enspipe.report.plots` (numpy, matplotlib): torch is not imported (a test
 checks it), so a report is quick to write, offline.
 
 (Over 400 lines on purpose: one job, results files to one report.md; the tables are small
@@ -34,12 +34,12 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from enspipe import curves, plots
+from enspipe.report import curves, plots
 from enspipe.attack_records import RECORDS, attack_names
 from enspipe.util.errors import ConfigError
 from enspipe.util.fileio import atomic_write
-from enspipe.paper import PAPER, Paper, paper_value, resolve_paper
-from enspipe.stats import wilson_interval
+from enspipe.report.paper import PAPER, Paper, paper_value, resolve_paper
+from enspipe.report.stats import wilson_interval
 
 __all__ = ["ATTACK_NAMES", "PAPER", "diagnostics_markdown", "headline", "markdown_tables", "plot_transfer_heatmap",
            "resolve_paper", "summary_table", "tied_best", "transfer_matrix", "transfer_table",

@@ -1,6 +1,6 @@
 """Where a training run's metrics records go: metrics.jsonl always, plus optional sinks.
 
-  metrics.jsonl   one JSON record per line (see `enspipe.curves`); the run's record of truth.
+  metrics.jsonl   one JSON record per line (see `enspipe.report.curves`); the run's record of truth.
   csv             metrics.csv, one row per scalar (time, epoch, step, name, value): the shape
                   TensorBoard exports, readable without it (pandas: pivot on name).
   tensorboard     event files under tensorboard/ (needs the optional `tensorboard` package).
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from enspipe.config import OptionError
-from enspipe.curves import read_metrics, scalars
+from enspipe.report.curves import read_metrics, scalars
 from enspipe.util.fileio import atomic_write, naming
 
 __all__ = ["LOG_SINKS", "RunLog", "check_sinks", "cut_metrics"]
