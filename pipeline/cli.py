@@ -298,7 +298,7 @@ def ls_cmd(root, as_json) -> None:
     """List the runs (model folders) and stores under ROOT (a folder, or a URL such as s3://bucket/prefix)."""
     from dataclasses import asdict
 
-    from enspipe.runs import list_runs
+    from enspipe.jobs.runs import list_runs
     from enspipe.stores import list_stores
     from enspipe.stores.remote import is_url, local_path
 
@@ -363,7 +363,7 @@ CACHE = click.option("--cache", type=click.Path(file_okay=False), default=None,
 @DEVICE
 def run(job, out, cache, dry_run, params, device) -> None:
     """Run a job spec (jobs/*.toml) as a graph of cached steps."""
-    from enspipe.jobparams import parse_set
+    from enspipe.jobs.params import parse_set
     from enspipe.jobs import run_job
 
     res = run_job(job, out=out, cache=cache, dry_run=dry_run, device=device, params=parse_set(params))
@@ -381,7 +381,7 @@ def cache() -> None:
 @CACHE
 def cache_ls(cache) -> None:
     """List the cached steps: size, and which job outputs (--out folders) use them."""
-    from enspipe.jobcache import cache_entries, default_cache
+    from enspipe.jobs.cache import cache_entries, default_cache
 
     root = cache or default_cache()
     entries = cache_entries(root)
@@ -398,7 +398,7 @@ def cache_ls(cache) -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
 def cache_gc(cache, dry_run) -> None:
     """Remove the cached steps that no existing job output uses and no running job holds."""
-    from enspipe.jobcache import default_cache, gc
+    from enspipe.jobs.cache import default_cache, gc
 
     root = cache or default_cache()
     removed = gc(root, dry_run=dry_run)

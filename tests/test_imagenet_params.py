@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from enspipe.util.errors import ConfigError
-from enspipe.jobparams import parse_set
+from enspipe.jobs.params import parse_set
 from enspipe.jobs import load_job, resolve_keys
 
 SPEC = """\

@@ -8,7 +8,7 @@ import torch
 
 from enspipe import jobs
 from enspipe.jobs import load_job
-from enspipe.jobspec import resolved
+from enspipe.jobs.spec import resolved
 
 SPEC = Path(__file__).resolve().parents[1] / "jobs" / "imagenet_v3_ens3.toml"
 

@@ -40,8 +40,8 @@ import numpy as np
 import enspipe
 from enspipe.stores import StoreIdentity, create_store, list_stores, open_store, store_path, verify_store
 from enspipe.paths import is_store_dir, check_output
-from enspipe.runs import list_runs
-from enspipe.jobcache import _stores_under
+from enspipe.jobs.runs import list_runs
+from enspipe.jobs.cache import _stores_under
 from enspipe.precompute.config import FORMATS
 
 root = Path(sys.argv[1])

@@ -1,8 +1,8 @@
 """Rewrite references to moved enspipe modules and files: `python tools/rewrite_imports.py MAP FILES...`.
 
 MAP has one move a line, `old new` (blank lines and `#` comments ignored), either dotted module
-names (`enspipe.jobspec enspipe.jobs.spec`) or file paths (`tests/test_x.py tests/train/test_x.py`).
-A module move also moves its file (`pipeline/jobspec.py` -> `pipeline/jobs/spec.py`) unless a
+names (`enspipe.jobs.spec enspipe.jobs.spec`) or file paths (`tests/test_x.py tests/train/test_x.py`).
+A module move also moves its file (`pipeline/jobs/spec.py` -> `pipeline/jobs/spec.py`) unless a
 path line says where it went (a module that became a package: `pipeline/train.py pipeline/train/__init__.py`).
 
 Rewritten, in every FILE given: `import enspipe.x`, `from enspipe.x import ...`, `from enspipe import x`

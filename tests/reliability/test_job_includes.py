@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from enspipe import jobspec
+from enspipe.jobs import spec as jobspec
 from enspipe.util.errors import ConfigError
 from enspipe.jobs import load_job
 

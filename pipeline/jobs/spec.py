@@ -25,7 +25,7 @@ from typing import Any, Callable
 from enspipe.config import Option, OptionError, job_keys, parse_config, speak, toml_line
 from enspipe.util.errors import ConfigError, EnspipeError
 from enspipe.util.fileio import read_text_file
-from enspipe.jobparams import substitute
+from enspipe.jobs.params import substitute
 from enspipe.util.naming import check_name
 
 __all__ = ["ALIASES", "STEP_KINDS", "STRUCTURE", "Job", "Step", "defaults_keys", "load_job", "resolved",

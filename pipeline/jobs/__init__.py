@@ -14,7 +14,7 @@ and a report:
     [diagnose.NAME]  models, other = MODEL STEPS, + any DiagnoseConfig field
     [report]         paper (a key of enspipe.report's paper tables), title
     [params]         NAME = default; "${NAME}" in any value; `enspipe run --set NAME=VALUE`
-                     (`enspipe.jobparams`: local paths such as a dataset folder or weight files)
+                     (`enspipe.jobs.params`: local paths such as a dataset folder or weight files)
     [models.NAME] train = false, weights = FILE: a static model used as given (a local state dict)
     [stores.NAME] split = "test": directions of the evaluation images; [evaluate.NAME] stores =
                      [STORE STEPS]: those directions as black-box sources (Table 1's reuse)
@@ -47,8 +47,8 @@ from typing import Any, Callable
 
 from enspipe.config import config_defaults, runtime_fields
 from enspipe.util.errors import ConfigError
-from enspipe.jobcache import default_cache, is_cache_link, publish, register_job, step_lock
-from enspipe.jobspec import (
+from enspipe.jobs.cache import default_cache, is_cache_link, publish, register_job, step_lock
+from enspipe.jobs.spec import (
     STEP_KINDS,
     STRUCTURE,
     Job,
