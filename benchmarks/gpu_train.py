@@ -176,7 +176,7 @@ def loader_rate(dataset: Any, cfg: Any, device: Any, epochs: int = 2) -> dict[st
     import torch
 
     from enspipe.train import batch_loader, batch_stream
-    from enspipe.trainkit import epoch_batches
+    from enspipe.train.kit import epoch_batches
 
     rates = []
     t0 = time.perf_counter()

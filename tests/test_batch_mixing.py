@@ -24,7 +24,7 @@ from enspipe.data import SampleSource
 from enspipe.data.base import Geometry, class_interleaved
 from enspipe.stream import DirectionStream
 from enspipe.train import BatchStream, TrainConfig, batch_loader
-from enspipe.trainkit import epoch_batches
+from enspipe.train.kit import epoch_batches
 
 K, M = 1000, 64  # classes, samples per class
 

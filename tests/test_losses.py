@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from enspipe.config import OptionError
-from enspipe.losses import training_loss
+from enspipe.train.losses import training_loss
 from enspipe.train import TrainConfig, train
 
 

@@ -13,7 +13,7 @@ import torch
 from enspipe.data import create_dataset
 from enspipe.stores import StoreReader, open_store
 from enspipe.train import SELF, BatchStream, TrainConfig, batch_stream, train
-from enspipe.trainkit import epoch_batches
+from enspipe.train.kit import epoch_batches
 from run_files import metrics as _metrics
 from run_files import same_weights
 from run_files import steady as _steady

@@ -15,7 +15,7 @@ import pytest
 
 from enspipe.config import OptionError
 from enspipe.util.errors import ConfigError
-from enspipe.schedule import learning_rate
+from enspipe.train.schedule import learning_rate
 from enspipe.train import TrainConfig, train
 from reliability.processes import run_cli
 from run_files import metrics as _metrics
@@ -102,7 +102,7 @@ def test_keep_checkpoints_keeps_the_last_k_and_resume_still_works(tmp_path):
 
 def test_weight_decay_spares_biases_and_is_part_of_the_run(tmp_path):
     from enspipe.models import create_model
-    from enspipe.schedule import param_groups
+    from enspipe.train.schedule import param_groups
 
     model = create_model("D", num_classes=10, input_size=(1, 28, 28))
     decay, no_decay = param_groups(model, 0.1)

@@ -3,7 +3,7 @@
 MAP has one move a line, `old new` (blank lines and `#` comments ignored), either dotted module
 names (`enspipe.jobs.spec enspipe.jobs.spec`) or file paths (`tests/test_x.py tests/train/test_x.py`).
 A module move also moves its file (`pipeline/jobs/spec.py` -> `pipeline/jobs/spec.py`) unless a
-path line says where it went (a module that became a package: `pipeline/train.py pipeline/train/__init__.py`).
+path line says where it went (a module that became a package: `pipeline/train/__init__.py pipeline/train/__init__.py`).
 
 Rewritten, in every FILE given: `import enspipe.x`, `from enspipe.x import ...`, `from enspipe import x`
 (split per new parent package), relative imports inside pipeline/ (`from .x import`, `from ..x import`,

@@ -25,8 +25,8 @@ __all__ = ["ADV_LOSSES", "AUGMENTS", "EPS_DISTS", "MODES", "OPTIMIZERS", "SCHEDU
 MODES = ("clean", "adv", "ens-adv")
 STORABLE = attack_names(storable=True)  # the attacks a run can train with: online, or read from stores
 OPTIMIZERS = {"adam": 1e-3, "rmsprop": 0.045, "sgd": 0.01}  # default learning rates (paper / reference code)
-ADV_LOSSES = ("replace", "paired")  # see enspipe.losses
-SCHEDULES = ("step", "cosine")      # see enspipe.schedule
+ADV_LOSSES = ("replace", "paired")  # see enspipe.train.losses
+SCHEDULES = ("step", "cosine")      # see enspipe.train.schedule
 AUGMENTS = ("none", "crop", "flip", "crop+flip")
 EPS_DISTS = ("fixed", "truncnorm")
 
