@@ -47,7 +47,7 @@ def rss_peak_mb() -> float:
 def _import_store_backends() -> None:
     """Import the store backends (zarr, numcodecs) before the baseline RSS is read: the
     trainer imports them lazily, and their code is not memory that grows with the data."""
-    import enspipe.stores.wds_store  # noqa: F401
+    import enspipe.stores.wds.store  # noqa: F401
     import enspipe.stores.zarr_store  # noqa: F401
 
 

@@ -80,7 +80,7 @@ MUTATIONS = [
              '_draw_eps(rng, n_adv, self.cfg.eps, "fixed")',
              (f"{ORACLES}::test_eps_truncnorm_follows_its_distribution",)),
     Mutation("wds-reader-skips-sha256", "the WebDataset reader skips its sha256 check",
-             "pipeline/stores/wds_store.py",
+             "pipeline/stores/wds/store.py",
              '    if digest.hexdigest() != record["files"][tar_name(s)]["sha256"]:',
              "    if False:",
              (f"{INTEGRITY}::test_a_flipped_byte_in_any_wds_member_is_an_error_from_read",)),

@@ -456,7 +456,7 @@ def test_wds_bad_shards(tmp_path):
 
 def test_wds_reader_and_store_refuse_the_same_pickle_extensions(tmp_path):
     from enspipe.util import tarsafe
-    from enspipe.stores.wds_store import FORBIDDEN_EXTS
+    from enspipe.stores.wds.store import FORBIDDEN_EXTS
 
     # one list: the store backend refuses exactly what the dataset reader refuses
     assert FORBIDDEN_EXTS == tarsafe.PICKLE_EXTENSIONS and "pt" in FORBIDDEN_EXTS

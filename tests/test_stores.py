@@ -147,7 +147,7 @@ def test_round_trip(tmp_path, data, fmt):
 def test_wds_tar_is_plain_webdataset(tmp_path, data):
     """The shards are ordinary WebDataset tars: samples group by key, members are the documented ones."""
     wds = pytest.importorskip("webdataset")
-    from enspipe.stores.wds_store import decode_direction
+    from enspipe.stores.wds.store import decode_direction
 
     path, _ = make_store(tmp_path, "wds", data, shards=[1], finalize=False)
     ds = wds.WebDataset(str(path / "shard-000001.tar"), shardshuffle=False, empty_check=False)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from enspipe.stores import open_store, verify_store
-from enspipe.stores.wds_store import (DIRECTION, DIRECTION_V1, decode_direction, decode_directions, encode_direction,
+from enspipe.stores.wds.store import (DIRECTION, DIRECTION_V1, decode_direction, decode_directions, encode_direction,
                                       write_tar)
 from reliability.processes import run_cli
 

@@ -31,8 +31,8 @@ no store exists yet, else the store's validated manifest (`complete`, `extra`, .
 
 The rooms: `manifest` (identity, schemas, manifest and shard records), `base` (writer and
 reader base classes, the `Backend` protocol), `registry` (format -> backend), `open`
-(create / open), `listing` (ls), `verify`; `zarr_store` and `wds_store` are the backends;
-`wds_decode` has the handlers that read a wds store with plain webdataset (`wds_decoders`);
+(create / open), `listing` (ls), `verify`; `zarr_store` and `wds/` (`wds.store`, `wds.bounds`) are the
+backends; `wds.decode` has the handlers that read a wds store with plain webdataset (`wds_decoders`);
 `remote`, `remote_write`, `remote_read`: stores at fsspec URLs (`s3://...`), which `create_store`,
 `open_writer`, `open_store`, `verify_store` and `list_stores` take wherever a path is taken.
 """
@@ -52,7 +52,7 @@ from .manifest import (
 from .open import create_store, open_store, open_writer
 from .registry import BACKENDS, get_backend
 from .verify import VerifyReport, check_against, verify_store
-from .wds_decode import wds_decoders
+from .wds.decode import wds_decoders
 
 __all__ = [
     "BACKENDS",

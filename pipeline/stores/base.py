@@ -3,7 +3,7 @@
 (Over 400 lines on purpose: the writer's and the reader's shared rules are one contract, read
 together; splitting them would put the shard-range and value rules in two places.)
 
-A backend module (`zarr_store`, `wds_store`) subclasses `StoreWriter` / `StoreReader` for its
+A backend module (`zarr_store`, `wds.store`) subclasses `StoreWriter` / `StoreReader` for its
 payload and provides the four layout functions of `Backend`; the registry
 (`registry.BACKENDS`) loads it by format. The shared rules live here once: which shards a
 sample range touches (`shard_spans`) and which direction values are valid

@@ -47,7 +47,7 @@ class StoreFormat:
 _ROWS = (
     StoreFormat("zarr", "zarr_store", keeps_clean_images=False,
                 description="zarr v3 arrays, sharded, read by byte range"),
-    StoreFormat("wds", "wds_store", keeps_clean_images=True,
+    StoreFormat("wds", "wds.store", keeps_clean_images=True,
                 description="one WebDataset tar per shard, clean images and labels beside the directions"),
 )
 _BY_NAME = {f.name: f for f in _ROWS}

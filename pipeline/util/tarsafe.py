@@ -1,7 +1,7 @@
 """The rules a tar member passes before enspipe reads it, shared by every tar reader.
 
 Two readers open tars that may come from elsewhere: the `wds:` dataset source
-(`enspipe.data.wds`) and the WebDataset store backend (`enspipe.stores.wds_store`). Both
+(`enspipe.data.wds`) and the WebDataset store backend (`enspipe.stores.wds.store`). Both
 refuse what these checks find; each keeps its own error type and its own policy for what
 is merely skipped. Every check is a small function of one member that returns a problem
 (a short phrase) or a verdict, so a reader composes the ones it needs in its own order.

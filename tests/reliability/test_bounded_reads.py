@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from enspipe.stores.manifest import StoreIdentity
-from enspipe.stores.wds_store import sample_key
+from enspipe.stores.wds.store import sample_key
 
 from .forge import forge_checksums, member, tar_members, write_tar
 from .processes import ENV, REPO, enspipe, error_line

@@ -49,7 +49,7 @@ def preload() -> None:
     import enspipe.precompute  # noqa: F401
     import enspipe.report  # noqa: F401
     import enspipe.stores.verify  # noqa: F401
-    import enspipe.stores.wds_store  # noqa: F401
+    import enspipe.stores.wds.store  # noqa: F401
     import enspipe.stores.zarr_store  # noqa: F401
     import enspipe.train  # noqa: F401
     from enspipe.stores.manifest import _validator

@@ -44,7 +44,7 @@ def _geometry(store: Any, geometry: Any) -> tuple[int, int, int] | None:
         return None
     if hasattr(store, "geometry"):  # an open StoreReader
         return tuple(store.geometry)
-    from .manifest import read_manifest
+    from enspipe.stores.manifest import read_manifest
 
     return tuple(read_manifest(os.fspath(store))["identity"]["geometry"])
 
@@ -55,7 +55,7 @@ def wds_decoders(store: str | os.PathLike | Any | None = None, *,
 
     `store` is the store's path (or an open reader); `geometry` (C, H, W) may stand in for it.
     Without either, decoding a direction raises (its shape is not in the member)."""
-    from . import wds_store
+    from enspipe.stores.wds import store as wds_store
 
     shape = _geometry(store, geometry)
     # Each direction member name -> its layout's member (v2 and v1 stores are both read), with

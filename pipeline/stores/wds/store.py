@@ -55,9 +55,9 @@ from enspipe.util.fileio import atomic_target
 from enspipe.util.limits import current_limits
 from enspipe.util.tarsafe import PICKLE_EXTENSIONS as FORBIDDEN_EXTS
 
-from .base import StoreReader, StoreWriter
-from .manifest import schema_errors, shard_range
-from .wds_bounds import max_tar_bytes, member_bound, member_bounds
+from enspipe.stores.base import StoreReader, StoreWriter
+from enspipe.stores.manifest import schema_errors, shard_range
+from enspipe.stores.wds.bounds import max_tar_bytes, member_bound, member_bounds
 
 PREFIX = "shard"
 PNG_LEVEL = 6

@@ -11,13 +11,13 @@ A layout-v2 store may hold each sample's source image as the source encoded it
 (`.src.<ext>`, e.g. an ImageNet JPEG larger than its pixels at the store's geometry): those
 members are bounded by `limits.max_image_bytes` only, so a tar above the pixel-only bound
 (`max_tar_bytes(..., sources=False)`) has its headers checked member by member before it is
-read (`wds_store.read_shard_bytes`).
+read (`wds.store.read_shard_bytes`).
 """
 from __future__ import annotations
 
 from enspipe.util.limits import current_limits
 
-from .manifest import shard_range
+from enspipe.stores.manifest import shard_range
 
 __all__ = ["KEY_BYTES", "NPY_HEADER_BYTES", "SOURCE_PREFIX", "max_tar_bytes", "member_bound", "member_bounds"]
 
