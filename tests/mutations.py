@@ -127,7 +127,7 @@ MUTATIONS = [
              ("tests/test_stores.py::test_verify_finds_damaged_shards",)),
     # --- Bugs fixed in the session of issue 18 ---
     Mutation("batchnorm-0dim-hash", "weights_sha256 views a 0-dim tensor (BatchNorm's counter) as bytes",
-             "pipeline/models.py",
+             "pipeline/models/checkpoints.py",
              "t.reshape(-1).view(torch.uint8)",
              "t.view(torch.uint8)",
              ("tests/test_regressions.py::test_batchnorm_models_hash_every_tensor",)),
@@ -200,7 +200,7 @@ MUTATIONS = [
              "        total = sum(size for _, size, _ in files)\n        return\n",
              ("tests/test_object_store.py::test_a_second_epoch_reads_from_the_cache_and_the_cache_keeps_its_cap",)),
     Mutation("mnist-net-left-in-eval", "create_model hands the MNIST layers back in eval mode (dropout off in a plain loop)",
-             "pipeline/models.py",
+             "pipeline/models/mnist.py",
              "    probe.train()\n",
              "    pass\n",
              ("tests/test_readme.py::test_a_created_model_is_in_train_mode",)),

@@ -61,7 +61,7 @@ def test_torchvision_hub_weights_load_through_the_same_path(arch, monkeypatch):
 
     fresh = torchvision.models.get_model(arch, weights=None, **({"init_weights": False} if arch == "inception_v3" else {}))
     state = fresh.state_dict()
-    monkeypatch.setattr("enspipe.models._network_reachable", lambda host: True)
+    monkeypatch.setattr("enspipe.models.hub._network_reachable", lambda host: True)
     monkeypatch.setattr(_api.WeightsEnum, "get_state_dict", lambda self, *a, **k: state)
     model = jobs.published_model({"arch": arch, "image_size": 299}, pretrained=True).eval()
     with torch.no_grad():

@@ -145,7 +145,7 @@ def test_load_model_for_a_dataset(tmp_path):
     against any object with num_classes and geometry.shape, on the device, in eval mode."""
     from types import SimpleNamespace
 
-    from enspipe.binarize import Binarized
+    from enspipe.models.binarize import Binarized
     from enspipe.util.errors import ConfigError
     from enspipe.models import EnsModel, load_model_for
 

@@ -8,11 +8,11 @@
                to `diagnostics.json` + PNG figures
 
 The figures are drawn by `enspipe.report.plots`; `Binarized` (Appendix C.1, a gradient-masking
-baseline) lives in `enspipe.binarize`. Both are re-exported here, as they were imported
+baseline) lives in `enspipe.models.binarize`. Both are re-exported here, as they were imported
 from `enspipe.diagnostics` before it became a package.
 """
 from enspipe.attacks import ITERATIVE, SINGLE_STEP
-from enspipe.binarize import Binarized
+from enspipe.models.binarize import Binarized
 from enspipe.diagnostics.hadamard import (
     _WILLIAMSON_25,
     SUBSPACE_KS,
