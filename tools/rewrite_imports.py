@@ -75,8 +75,7 @@ def absolute_relatives(text: str, module: str, is_package: bool, moved: bool, mo
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
-        print(__doc__.splitlines()[0], file=sys.stderr)
-        return 2
+        return print(__doc__.splitlines()[0], file=sys.stderr) or 2
     modules, paths = read_map(argv[0])
     new_to_old = {new: old for old, new in paths.items()}
     for name in argv[1:]:

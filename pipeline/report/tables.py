@@ -21,9 +21,6 @@ The paper's own numbers (`enspipe.report.paper.PAPER`, or a dict model -> metric
 appear beside ours. A report depends on the result files only, read with json, and on
 `enspipe.report.stats` and `enspipe.report.plots` (numpy, matplotlib): torch is not imported (a test
 checks it), so a report is quick to write, offline.
-
-(Over 400 lines on purpose: one job, results files to one report.md; the tables are small
-functions over the same few readers of results.json.)
 """
 from __future__ import annotations
 
