@@ -94,7 +94,7 @@ class Sizes:
 QUICK = Sizes(name="quick", n_train=1024, n_test=500, epochs=1, rounds=3, setup_limit=1024, setup_epochs=1,
               memory_ns=(1024, 4096, 16384), memory_steps=34, memory_art_steps=1, attack_batch=64, attack_rounds=6,
               store_n=2048, store_read_n=1024, store_rounds=2, resnet_batch=4, resnet_steps=2)
-# The test suite's smoke run (tests/test_benchmarks_smoke.py): every code path of the chosen
+# The test suite's smoke run (tests/bench/test_benchmarks_smoke.py): every code path of the chosen
 # parts at the smallest sizes that still run them; its figures mean nothing.
 SMOKE = Sizes(name="smoke", n_train=128, n_test=64, epochs=1, rounds=1, setup_limit=128, setup_epochs=1,
               memory_ns=(128, 256), memory_steps=2, memory_art_steps=1, attack_batch=16, attack_rounds=1,

@@ -31,7 +31,7 @@ _H4 = np.array([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dty
 # AA^T + BB^T + CC^T + DD^T = 100 I (Williamson matrices) and row sums 5, 5, 5, -5.
 # Found by an exhaustive meet-in-the-middle search over symmetric sequences (792 per row
 # sum; pairs matched on their summed periodic autocorrelations), the same search that
-# `_williamson_search` runs; `tests/test_diagnostics.py` re-checks the matrix they give.
+# `_williamson_search` runs; `tests/diagnostics/test_diagnostics.py` re-checks the matrix they give.
 # (No abelian Menon difference set of order 100 exists (McFarland 1990), hence the array.)
 _WILLIAMSON_25 = (
     "+++-+--+++--++--+++--+-++",

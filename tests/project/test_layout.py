@@ -168,3 +168,30 @@ def test_the_readme_layout_names_what_exists():
     block = _layout_block()
     unnamed = {n for n in present - named if not ("/" in n and f" {n.rsplit('/', 1)[1]}/" in block)}
     assert not unnamed, sorted(unnamed)
+
+
+TESTS = REPO / "tests"
+
+
+def test_tests_sit_in_folders_by_floor_with_unique_names():
+    """Test files live in folders (tests/train/, tests/stores/, ...; tests/reliability is a package)
+    and no two share a basename: the suite imports them by basename from every folder."""
+    at_top = sorted(p.name for p in TESTS.glob("test_*.py"))
+    assert not at_top, at_top
+    names = [p.name for p in TESTS.rglob("test_*.py") if "fixtures" not in p.parts]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+def test_command_line_tests_share_one_runner():
+    """Outside tests/reliability (whose processes.py is the machinery), a test runs `enspipe`
+    through tests/cli_runner.py: no test spells its own `python -m enspipe` or imports the
+    reliability processes directly."""
+    own = []
+    for p in TESTS.rglob("test_*.py"):
+        if "reliability" in p.parts or p == Path(__file__).resolve():
+            continue
+        text = p.read_text()
+        for bad in ('sys.executable, "-m", "enspipe"', "from reliability.processes import"):
+            if bad in text:
+                own.append(f"{p.relative_to(REPO)}: {bad}")
+    assert not own, own
