@@ -81,12 +81,12 @@ def main(argv: list[str]) -> int:
     for name in argv[1:]:
         path = Path(name)
         text = original = path.read_text()
-        rel = path.resolve().relative_to(Path.cwd()).as_posix() if path.is_absolute() else path.as_posix()
+        rel = (path.resolve().relative_to(Path.cwd()) if path.is_absolute() else path).as_posix()
         if rel.startswith("pipeline/") and rel.endswith(".py"):
             old = new_to_old.get(rel, rel)
             dotted = "enspipe." + old[len("pipeline/"):-len(".py")].replace("/", ".")
-            is_package = dotted.endswith(".__init__")
-            text = absolute_relatives(text, dotted.removesuffix(".__init__"), is_package, old != rel, modules)
+            text = absolute_relatives(text, dotted.removesuffix(".__init__"), dotted.endswith(".__init__"),
+                                      old != rel, modules)
         text = split_from_package(text, modules)
         text = sub_all(text, modules, r"(?![\w])")
         text = sub_all(text, paths, r"(?![\w.])")
