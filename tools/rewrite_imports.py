@@ -1,15 +1,15 @@
 """Rewrite references to moved enspipe modules and files: `python tools/rewrite_imports.py MAP FILES...`.
 
-MAP has one move a line, `old new` (blank lines and `#` comments ignored), either dotted module
-names (`enspipe.jobs.spec enspipe.jobs.spec`) or file paths (`tests/test_x.py tests/train/test_x.py`).
-A module move also moves its file (`pipeline/jobs/spec.py` -> `pipeline/jobs/spec.py`) unless a
-path line says where it went (a module that became a package: `pipeline/train/__init__.py pipeline/train/__init__.py`).
+MAP has one move a line, `old new` (blank lines and `#` comments ignored): dotted module names
+(`enspipe.jobspec enspipe.jobs.spec`) or file paths (`tests/test_x.py tests/train/test_x.py`).
+A module's file moves with it (pipeline/jobspec.py -> pipeline/jobs/spec.py) unless a path line
+says where it went (a module become a package: `pipeline/train.py pipeline/train/__init__.py`).
 
 Rewritten, in every FILE given: `import enspipe.x`, `from enspipe.x import ...`, `from enspipe import x`
 (split per new parent package), relative imports inside pipeline/ (`from .x import`, `from ..x import`,
 resolved against the file's old place and written absolute), dotted strings such as monkeypatch
-targets `"enspipe.x.func"`, and file paths such as tests/mutations.py's `pipeline/x.py`. Files are
-rewritten in place; the names of the files changed are printed.
+targets `"enspipe.x.func"`, and file paths such as tests/mutations.py's `pipeline/x.py`. In place;
+prints the files it changed.
 """
 from __future__ import annotations
 
@@ -44,9 +44,7 @@ def split_from_package(text: str, modules: dict[str, str]) -> str:
     def fix(m: re.Match) -> str:
         indent, pkg, names = m.group(1), m.group(2), m.group(3).strip("()")
         groups: dict[str, list[str]] = {}
-        for item in (n.strip() for n in names.replace("\n", " ").split(",")):
-            if not item:
-                continue
+        for item in filter(None, (n.strip() for n in names.replace("\n", " ").split(","))):
             name, _, alias = (p.strip() for p in item.partition(" as "))
             new = modules.get(f"{pkg}.{name}", f"{pkg}.{name}")
             parent, _, last = new.rpartition(".")
