@@ -1,0 +1,127 @@
+"""JPEG decode per core: the PIL path vs the device path's CPU fallback, side by side in one run (issue 26).
+
+    python benchmarks/bench_decode.py            # 256 ImageNet-like JPEGs (448 px -> 256 -> crop 224), 5 rounds
+    python benchmarks/bench_decode.py --quick --no-md --out OUT   # the CI smoke run (seconds)
+
+Sides, each timed in CPU-seconds of this process with one torch thread (images per CPU-second is
+images per core), in interleaved rounds (each round runs every side once over all the images, in
+a rotated order), median and range over the rounds:
+
+  pil          what a loader worker does per image on the PIL path (`decoder` cpu): read the file,
+               PIL decode, resize the shorter side to 256 (bilinear, antialiased), centre-crop 224
+  device_cpu   the device path (`decoder` nvjpeg) with device="cpu": the worker's read + header
+               check, then torchvision.io.decode_jpeg of the batch and the resize / crop on tensors
+  worker_read  the loader worker's share on the device path alone: read the file and check its
+               header (nothing decoded): with a GPU decoding, this is all the CPU does per image
+
+The images are `gpu_data.py`'s (smooth noise, quality 90), at 448 px: ImageNet-like in size and in
+decode cost. No GPU is used: the nvJPEG side is not measured here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, command_line, logger, machine, median, update_section  # noqa: E402
+from gpu_data import make_jpeg_folder  # noqa: E402
+
+log = logger("bench_decode")
+SIDES = ("pil", "device_cpu", "worker_read")
+
+
+def _sides(ds):
+    import torch
+
+    from enspipe.data.decode import decode_batch
+    from enspipe.precompute.loader import encoded_chunk
+
+    n, cpu = len(ds), torch.device("cpu")
+    transform, shape = ds.device_transform(), ds.geometry.shape
+    return {
+        "pil": lambda: ds.images_uint8(slice(0, n)),
+        "device_cpu": lambda: decode_batch([encoded_chunk(ds, range(n))], transform, shape, cpu),
+        "worker_read": lambda: encoded_chunk(ds, range(n)),
+    }
+
+
+def run(images: int, size: int, rounds: int, workdir: Path) -> dict:
+    import torch
+
+    from enspipe.data import create_dataset
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    root = make_jpeg_folder(workdir / f"jpeg{size}", images=images, size=size, classes=4)
+    log(f"{images} JPEGs of {size} px in {time.perf_counter() - t0:.1f} s")
+    ds = create_dataset(f"imagefolder:{root}")  # the ImageNet eval transform: 256, crop 224
+    files = sorted((root / "train").glob("*/*.JPEG"))
+    kb = sum(f.stat().st_size for f in files) / len(files) / 1024
+    sides = _sides(ds)
+    for fn in sides.values():  # warm: imports, the page cache, torchvision's kernels
+        fn()
+    per: dict[str, list[float]] = {s: [] for s in SIDES}
+    for r in range(rounds):
+        order = SIDES[r % len(SIDES):] + SIDES[:r % len(SIDES)]
+        for side in order:
+            c = time.process_time()
+            sides[side]()
+            per[side].append(len(ds) / (time.process_time() - c))
+        log(f"round {r + 1}/{rounds}: " + ", ".join(f"{s} {per[s][-1]:.0f}" for s in SIDES) + " img/CPU-s")
+    out = {s: {"median": median(v), "min": min(v), "max": max(v), "rounds": v} for s, v in per.items()}
+    return {"images": len(ds), "source_px": size, "mean_kib": round(kb, 1), "out_px": ds.geometry.shape[1:],
+            "rounds": rounds, "img_per_cpu_s": out,
+            "ratio_device_cpu_over_pil": median([a / b for a, b in zip(per["device_cpu"], per["pil"])])}
+
+
+def markdown(res: dict, cmd: str, info: dict) -> str:
+    rate = res["img_per_cpu_s"]
+    rows = "\n".join(f"| {s} | {rate[s]['median']:.0f} | {rate[s]['min']:.0f}–{rate[s]['max']:.0f} |" for s in SIDES)
+    return (
+        f"`{cmd}` on {info['cpu']} ({info['nproc']} cores, shared; load at start "
+        f"{', '.join(f'{x:.1f}' for x in info['loadavg_start'])}), torch {info['torch']}, one thread. "
+        f"{res['images']} JPEGs of {res['source_px']} px ({res['mean_kib']} KiB mean, `gpu_data.py`'s), "
+        f"to 3x{res['out_px'][0]}x{res['out_px'][1]} (shorter side 256, centre crop 224); images per CPU-second "
+        f"(= per core), {res['rounds']} interleaved rounds, median and range:\n\n"
+        "| side | img / CPU-s | range |\n|---|---|---|\n" + rows + "\n\n"
+        f"- **device_cpu / pil = {res['ratio_device_cpu_over_pil']:.2f}** (median of the per-round ratios): "
+        "the device path's CPU fallback (torchvision's libjpeg-turbo decode + tensor resize) against the PIL path.\n"
+        "- **worker_read** is what a loader worker does per image when the GPU decodes (`decoder` auto on "
+        "CUDA, or nvjpeg): read the file and parse its header. The nvJPEG decode itself is not measured (no "
+        "GPU in this run).\n"
+        "- pil is the loader worker's whole per-image work on the PIL path (`decoder` cpu, and `auto` "
+        "without CUDA).\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="16 images, 1 round: the CI smoke run")
+    ap.add_argument("--images", type=int, default=None, help="[default: 256; --quick: 16]")
+    ap.add_argument("--size", type=int, default=448, help="source side in pixels")
+    ap.add_argument("--rounds", type=int, default=None, help="[default: 5; --quick: 1]")
+    ap.add_argument("--workdir", default=None, help="where the JPEGs are made [default: a temporary folder]")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder of bench_decode.json")
+    ap.add_argument("--no-md", action="store_true", help="do not update BENCHMARKS.md")
+    a = ap.parse_args(argv)
+    images = a.images or (16 if a.quick else 256)
+    rounds = a.rounds or (1 if a.quick else 5)
+    cmd = command_line("bench_decode.py", argv)
+    info = machine()
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run(images, a.size, rounds, Path(a.workdir or tmp))
+    doc = {"command": cmd, "machine": info, **res}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_decode.json").write_text(json.dumps(doc, indent=1) + "\n")
+    md = markdown(res, cmd, info)
+    print(md)
+    if not a.no_md:
+        update_section(REPO / "BENCHMARKS.md", "JPEG decode per core: PIL vs the device path's CPU fallback", md)
+
+
+if __name__ == "__main__":
+    main()
