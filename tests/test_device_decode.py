@@ -229,3 +229,50 @@ def test_default_loader_workers_leave_a_core_for_the_writer():
     lazy = object.__new__(type("Files", (LazySource,), {}))  # needs_decoding looks at the type only
     assert [default_workers(lazy, c) for c in (1, 2, 3, 16, 64)] == [1, 1, 1, 14, 32]
     assert default_workers(create_dataset("digits"), 16) == 0
+
+
+def test_precompute_through_the_device_path_end_to_end(tmp_path, monkeypatch):
+    """A precompute whose decoder resolves to nvjpeg (as `auto` does on CUDA; here the device path runs
+    on the CPU): the store is another store than the PIL path's (its identity names the decoder), its
+    directions are the attack on the device path's pixels of each batch (computed here from the source
+    without the loader, 2 loader workers in the run), and `verify --recompute` of it passes."""
+    import torch
+
+    from enspipe import attacks
+    from enspipe.data import create_dataset
+    from enspipe.data import decode as decode_mod
+    from enspipe.models import create_model, save_model
+    from enspipe.precompute import PrecomputeConfig, precompute
+    from enspipe.precompute.loader import batch_to_device, encoded_chunk
+    from enspipe.precompute.recheck import recompute_check
+    from enspipe.stores import open_store
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from gpu_data import make_jpeg_folder
+    finally:
+        sys.path.pop(0)
+    jpegs = make_jpeg_folder(tmp_path / "jpegs", images=20, size=48, classes=4, workers=1)
+    torch.manual_seed(3)
+    model = save_model(create_model("C", num_classes=4, input_size=(3, 32, 32)), tmp_path / "C")
+    cfg = dict(model=str(model), dataset=f"imagefolder:{jpegs}", image_size=32, out=str(tmp_path / "s"),
+               shard_size=16, batch_size=8, device="cpu", attacks=("fgsm",), loader_workers=2)
+    (pil,) = precompute(PrecomputeConfig(**cfg))
+    real = decode_mod.resolve_decoder
+    monkeypatch.setattr(decode_mod, "resolve_decoder",
+                        lambda name, device, decodes=True: real(name, "cuda", decodes))  # as on CUDA
+    (dev,) = precompute(PrecomputeConfig(**cfg))
+    assert dev != pil and dev.parent == pil.parent
+    reader = open_store(dev)
+    assert reader.identity.attack_params["decoder"] == "nvjpeg"
+    assert "decoder" not in open_store(pil).identity.attack_params
+    ds = create_dataset(f"imagefolder:{jpegs}", image_size=32)
+    from enspipe.models import load_model_for
+
+    net = load_model_for(str(model), ds, torch.device("cpu")).requires_grad_(False)
+    stored = reader.read_indices(np.arange(len(ds)))["direction"]
+    for b, e in ((0, 8), (8, 16), (16, 20)):  # precompute's batches: shards of 16 in batches of 8
+        x = batch_to_device([encoded_chunk(ds, range(b, e))], torch.device("cpu"), ds)
+        d, _, _ = attacks.direction(net, x, None, attack="fgsm", label="pred")
+        assert np.array_equal(d.numpy(), stored[b:e]), (b, e)
+    assert recompute_check(dev, k=4, seed=0) == []
