@@ -13,6 +13,10 @@ a rotated order), median and range over the rounds:
                check, then torchvision.io.decode_jpeg of the batch and the resize / crop on tensors
   worker_read  the loader worker's share on the device path alone: read the file and check its
                header (nothing decoded): with a GPU decoding, this is all the CPU does per image
+  writer_zarr  the writer's work per sample (the sink thread's `write_shard`): one shard of all the
+  writer_wds   images' directions (3x224x224 i.i.d. random signs: the codecs' worst case), float16
+               logits [1000] and labels, into a new zarr / wds store; the wds store also carries
+               each sample's JPEG as its source encoded it (precompute's default `wds_images`)
 
 The images are `gpu_data.py`'s (smooth noise, quality 90), at 448 px: ImageNet-like in size and in
 decode cost. No GPU is used: the nvJPEG side is not measured here.
@@ -31,10 +35,34 @@ from _common import REPO, command_line, logger, machine, median, update_section 
 from gpu_data import make_jpeg_folder  # noqa: E402
 
 log = logger("bench_decode")
-SIDES = ("pil", "device_cpu", "worker_read")
+SIDES = ("pil", "device_cpu", "worker_read", "writer_zarr", "writer_wds")
 
 
-def _sides(ds):
+def _writer(ds, fmt: str, workdir: Path):
+    """A function writing one shard of all of ds's samples into a new `fmt` store under workdir."""
+    import numpy as np
+
+    from enspipe.stores import StoreIdentity, create_store, open_writer
+
+    n = len(ds)
+    ident = StoreIdentity(dataset={"source": "bench", "split": "train", "num_samples": n, "fingerprint": "bench"},
+                          geometry=ds.geometry.shape, preprocess="bench", num_classes=1000, model_name="bench",
+                          weights_sha256="0" * 64, attack="fgsm", attack_params={}, label_mode="pred")
+    rng = np.random.default_rng(0)
+    d = (rng.integers(0, 2, (n, *ds.geometry.shape), dtype=np.int8) * 2 - 1).astype(np.int8)
+    logits, labels = rng.standard_normal((n, 1000)).astype(np.float16), rng.integers(0, 1000, n)
+    files = [ds.encoded_image(i) for i in range(n)] if fmt == "wds" else None
+    calls = iter(range(10**9))
+
+    def write() -> None:
+        path = workdir / f"w{next(calls)}.{fmt}"
+        create_store(path, ident, fmt=fmt, shard_size=n)
+        open_writer(path).write_shard(0, direction=d, logits=logits, label=labels, keys=ds.keys,
+                                      true_label=labels if fmt == "wds" else None, image_files=files)
+    return write
+
+
+def _sides(ds, workdir: Path):
     import torch
 
     from enspipe.data.decode import decode_batch
@@ -46,6 +74,8 @@ def _sides(ds):
         "pil": lambda: ds.images_uint8(slice(0, n)),
         "device_cpu": lambda: decode_batch([encoded_chunk(ds, range(n))], transform, shape, cpu),
         "worker_read": lambda: encoded_chunk(ds, range(n)),
+        "writer_zarr": _writer(ds, "zarr", workdir),
+        "writer_wds": _writer(ds, "wds", workdir),
     }
 
 
@@ -61,7 +91,8 @@ def run(images: int, size: int, rounds: int, workdir: Path) -> dict:
     ds = create_dataset(f"imagefolder:{root}")  # the ImageNet eval transform: 256, crop 224
     files = sorted((root / "train").glob("*/*.JPEG"))
     kb = sum(f.stat().st_size for f in files) / len(files) / 1024
-    sides = _sides(ds)
+    (workdir / "stores").mkdir(exist_ok=True)
+    sides = _sides(ds, workdir / "stores")
     for fn in sides.values():  # warm: imports, the page cache, torchvision's kernels
         fn()
     per: dict[str, list[float]] = {s: [] for s in SIDES}
@@ -88,13 +119,22 @@ def markdown(res: dict, cmd: str, info: dict) -> str:
         f"to 3x{res['out_px'][0]}x{res['out_px'][1]} (shorter side 256, centre crop 224); images per CPU-second "
         f"(= per core), {res['rounds']} interleaved rounds, median and range:\n\n"
         "| side | img / CPU-s | range |\n|---|---|---|\n" + rows + "\n\n"
+        "Rates per core depend on the files (their size and entropy: these are lighter than ImageNet's ~110 KiB "
+        "JPEGs), so compare the sides of one run with each other, not with figures made on other images.\n\n"
         f"- **device_cpu / pil = {res['ratio_device_cpu_over_pil']:.2f}** (median of the per-round ratios): "
         "the device path's CPU fallback (torchvision's libjpeg-turbo decode + tensor resize) against the PIL path.\n"
         "- **worker_read** is what a loader worker does per image when the GPU decodes (`decoder` auto on "
         "CUDA, or nvjpeg): read the file and parse its header. The nvJPEG decode itself is not measured (no "
         "GPU in this run).\n"
         "- pil is the loader worker's whole per-image work on the PIL path (`decoder` cpu, and `auto` "
-        "without CUDA).\n")
+        "without CUDA).\n"
+        "- **writer_zarr / writer_wds**: the sink thread's CPU per sample (i.i.d. random sign maps, the codecs' "
+        "worst case). This is why precompute's default `loader_workers` is cores - 2 (one core drives the "
+        "compute, one is the writer's): at the rate a GPU host computes (issue 26: ~3,400 img/s for ResNet-50 "
+        "Step-LL) the zarr writer alone needs 3,400 / writer_zarr = "
+        f"{3400 / rate['writer_zarr']['median']:.2f} of a core (wds: {3400 / rate['writer_wds']['median']:.2f}). "
+        "This 2-core machine cannot show the effect on a run (cores - 2 and the old cores - 1 both give 1 "
+        "worker here).\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     md = markdown(res, cmd, info)
     print(md)
     if not a.no_md:
-        update_section(REPO / "BENCHMARKS.md", "JPEG decode per core: PIL vs the device path's CPU fallback", md)
+        update_section(REPO / "BENCHMARKS.md", "JPEG decode per core (PIL vs the device path's CPU fallback) and the writer's core", md)
 
 
 if __name__ == "__main__":
