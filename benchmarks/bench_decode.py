@@ -35,6 +35,7 @@ from _common import REPO, command_line, logger, machine, median, update_section 
 from gpu_data import make_jpeg_folder  # noqa: E402
 
 log = logger("bench_decode")
+HEADING = "JPEG decode per core (PIL vs the device path's CPU fallback) and the writer's core"
 SIDES = ("pil", "device_cpu", "worker_read", "writer_zarr", "writer_wds")
 
 
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     md = markdown(res, cmd, info)
     print(md)
     if not a.no_md:
-        update_section(REPO / "BENCHMARKS.md", "JPEG decode per core (PIL vs the device path's CPU fallback) and the writer's core", md)
+        update_section(REPO / "BENCHMARKS.md", HEADING, md)
 
 
 if __name__ == "__main__":

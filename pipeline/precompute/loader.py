@@ -138,7 +138,9 @@ class _Spans:
 class ChunkLoader:
     """uint8 pixels of any list of spans, in order, decoded by `workers` processes ahead of use
     (0: in the calling thread). Chunks are in pinned memory when `pin` (for fast, non-blocking
-    copies to a GPU). Close it (or use it as a context manager) to stop the worker processes."""
+    copies to a GPU). With `encoded` the workers decode nothing: chunks are `EncodedChunk`s (the
+    files' bytes) for `batch_to_device` to decode on the device. Close it (or use it as a context
+    manager) to stop the worker processes."""
 
     def __init__(self, dataset, workers: int, *, pin: bool = False, encoded: bool = False) -> None:
         self.dataset, self.pin, self.encoded = dataset, pin, encoded
@@ -157,7 +159,8 @@ class ChunkLoader:
             # fork: the dataset (a file list that may hold a million paths) is not pickled per
             # worker, and workers start in milliseconds. They never touch the GPU.
             ctx = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-            self._loader = DataLoader((_Encoded if encoded else _Pixels)(dataset), batch_size=None, sampler=self._spans, num_workers=workers,
+            source = _Encoded(dataset) if encoded else _Pixels(dataset)
+            self._loader = DataLoader(source, batch_size=None, sampler=self._spans, num_workers=workers,
                                       pin_memory=pin, prefetch_factor=PREFETCH_CHUNKS, persistent_workers=True,
                                       multiprocessing_context=ctx)
             for _ in self._loader:  # an empty pass starts the workers now, outside anyone's timing
