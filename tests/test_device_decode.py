@@ -276,3 +276,22 @@ def test_precompute_through_the_device_path_end_to_end(tmp_path, monkeypatch):
         d, _, _ = attacks.direction(net, x, None, attack="fgsm", label="pred")
         assert np.array_equal(d.numpy(), stored[b:e]), (b, e)
     assert recompute_check(dev, k=4, seed=0) == []
+
+
+def test_a_jpeg_that_does_not_decode_is_named_in_one_line(folder):
+    """A JPEG whose header reads well but whose data is cut short passes the worker's check; the
+    batched decode fails, and the line names the file, as the PIL path's does."""
+    import torch
+
+    from enspipe.data import create_dataset
+    from enspipe.errors import DataError
+    from enspipe.precompute.loader import batch_to_device, encoded_chunk
+
+    bad = folder / "c1" / "1.jpg"
+    bad.write_bytes(bad.read_bytes()[:-1500])
+    ds = create_dataset(f"imagefolder:{folder}", image_size=56)
+    with pytest.raises(DataError, match=rf"cannot decode image {bad}: .*truncated") as e:
+        batch_to_device([encoded_chunk(ds, range(len(ds)))], torch.device("cpu"), ds)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match=rf"cannot decode image {bad}: .*truncated"):
+        ds.images_uint8([ds._files.index("c1/1.jpg")])  # the PIL path's line

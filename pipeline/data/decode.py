@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -89,6 +89,7 @@ class EncodedChunk:
     uint8 [C, H, W] pixels the PIL path made of a file the device path does not take."""
 
     items: list[bytes | np.ndarray]
+    indices: list[int] | None = None  # the samples', for naming one that fails to decode
 
     def __len__(self) -> int:
         return len(self.items)
@@ -129,17 +130,38 @@ def _decode_jpegs(data: Sequence[bytes], mode: str, device: torch.device) -> lis
                            device=device)
 
 
+def _undecodable(items: list, jpeg: list[int], indices: list, mode: str, device: torch.device,
+                 error: Callable[[int, str], Exception] | None) -> Exception:
+    """The batch failed to decode: decode its JPEGs one by one to name the first bad one."""
+    for j in jpeg:
+        try:
+            _decode_jpegs([items[j]], mode, device)
+        except RuntimeError as e:
+            reason = str(e).rsplit(", ", 1)[-1].strip()  # "decode_jpeg, FILE.cpp:171, Image is ... truncated"
+            if error is not None and indices[j] is not None:
+                return error(indices[j], reason)
+            return DataError(f"cannot decode a JPEG of this batch: {reason}")
+    return DataError("cannot decode this batch's JPEGs together, though each decodes alone")
+
+
 def decode_batch(chunks: Sequence[EncodedChunk], transform: DeviceTransform, shape: tuple[int, int, int],
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device, error: Callable[[int, str], Exception] | None = None) -> torch.Tensor:
     """uint8 [N, *shape] on `device`: the chunks' JPEGs decoded there in one batch and transformed
-    there, the pixels the workers already made copied in at their places."""
+    there, the pixels the workers already made copied in at their places. A JPEG whose header read
+    well but whose data does not decode raises `error(sample index, reason)` (a DataError naming it,
+    from the source), else a DataError."""
     import torch
 
     items = [it for c in chunks for it in c.items]
+    indices = [i for c in chunks for i in (c.indices or [None] * len(c.items))]
     out = torch.empty((len(items), *shape), dtype=torch.uint8, device=device)
     jpeg = [j for j, it in enumerate(items) if isinstance(it, (bytes, bytearray))]
     if jpeg:
-        for j, img in zip(jpeg, _decode_jpegs([items[j] for j in jpeg], transform.mode, device)):
+        try:
+            decoded = _decode_jpegs([items[j] for j in jpeg], transform.mode, device)
+        except RuntimeError:
+            raise _undecodable(items, jpeg, indices, transform.mode, device, error) from None
+        for j, img in zip(jpeg, decoded):
             img = transform.apply(img)
             if tuple(img.shape) != tuple(shape):  # a bug here, not the user's: say what came out
                 raise RuntimeError(f"device decode made {tuple(img.shape)}, the source's geometry is {shape}")

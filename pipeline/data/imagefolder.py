@@ -251,6 +251,10 @@ class ImageFolderSource(LazySource):
             return None  # `_load` says so, as it always has
         return data if check_jpeg(data, f"imagefolder: {path}", self._limits) else None
 
+    def decode_error(self, i: int, reason: str) -> DataError:
+        """The PIL path's line for image i, which the device decoder could not decode."""
+        return DataError(f"cannot decode image {self.folder / self._files[i]}: {reason}")
+
     def _load(self, i: int) -> np.ndarray:
         from PIL import Image
         from torchvision.transforms import InterpolationMode

@@ -215,6 +215,11 @@ class WebDatasetSource(LazySource):
                             f"the first sample is {w}x{h} (pass an image size to resize all)")
         return data
 
+    def decode_error(self, i: int, reason: str) -> DataError:
+        """The PIL path's line for sample i, whose image the device decoder could not decode."""
+        return DataError(f"wds: cannot decode the image of sample {self._raw_keys[i]!r} "
+                         f"in {self._shards[self._members[i][0]]}: {reason}")
+
     def _decode(self, i: int) -> Image.Image:
         from PIL import Image
 

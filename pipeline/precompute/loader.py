@@ -115,11 +115,12 @@ def encoded_chunk(dataset, indices: Iterable[int]):
     """The `EncodedChunk` of these samples (what `_Encoded` hands over for a span)."""
     from enspipe.data.decode import EncodedChunk
 
+    indices = list(indices)
     items = []
     for i in indices:
         data = dataset.jpeg_bytes(i)
         items.append(data if data is not None else dataset._load(i))
-    return EncodedChunk(items)
+    return EncodedChunk(items, indices)
 
 
 class _Spans:
@@ -245,7 +246,7 @@ def batch_to_device(chunks: Sequence, device: torch.device, dataset=None, *, cha
         return to_device(chunks, device, channels_last=channels_last)
     import torch
 
-    u8 = decode_batch(chunks, dataset.device_transform(), dataset.geometry.shape, device)
+    u8 = decode_batch(chunks, dataset.device_transform(), dataset.geometry.shape, device, dataset.decode_error)
     x = _to_float_table(device)[u8.int()]
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
