@@ -18,8 +18,12 @@ a rotated order), median and range over the rounds:
                logits [1000] and labels, into a new zarr / wds store; the wds store also carries
                each sample's JPEG as its source encoded it (precompute's default `wds_images`)
 
-The images are `gpu_data.py`'s (smooth noise, quality 90), at 448 px: ImageNet-like in size and in
-decode cost. No GPU is used: the nvJPEG side is not measured here.
+  nvjpeg       (with --cuda, on a CUDA machine) the device path's decode on the GPU: the batch's bytes
+               (read beforehand) decoded by one batched nvJPEG call, resized and cropped there,
+               synchronized; its wall-clock rate is the GPU's, its CPU-seconds the driving process's
+
+The images are `gpu_data.py`'s (smooth noise, quality 90), at 448 px: ImageNet-like in size. Each side
+also records its wall-clock rate (on a shared machine, CPU-seconds are the steadier figure).
 """
 from __future__ import annotations
 
@@ -36,7 +40,6 @@ from gpu_data import make_jpeg_folder  # noqa: E402
 
 log = logger("bench_decode")
 HEADING = "JPEG decode per core (PIL vs the device path's CPU fallback) and the writer's core"
-SIDES = ("pil", "device_cpu", "worker_read", "writer_zarr", "writer_wds")
 
 
 def _writer(ds, fmt: str, workdir: Path):
@@ -63,7 +66,7 @@ def _writer(ds, fmt: str, workdir: Path):
     return write
 
 
-def _sides(ds, workdir: Path):
+def _sides(ds, workdir: Path, cuda: bool = False):
     import torch
 
     from enspipe.data.decode import decode_batch
@@ -78,9 +81,17 @@ def _sides(ds, workdir: Path):
         "writer_zarr": _writer(ds, "zarr", workdir),
         "writer_wds": _writer(ds, "wds", workdir),
     }
+    if cuda:
+        gpu, chunk = torch.device("cuda"), encoded_chunk(ds, range(n))
+
+        def nvjpeg() -> None:
+            decode_batch([chunk], transform, shape, gpu)
+            torch.cuda.synchronize(gpu)
+        sides["nvjpeg"] = nvjpeg
+    return sides
 
 
-def run(images: int, size: int, rounds: int, workdir: Path) -> dict:
+def run(images: int, size: int, rounds: int, workdir: Path, cuda: bool = False) -> dict:
     import torch
 
     from enspipe.data import create_dataset
@@ -93,41 +104,49 @@ def run(images: int, size: int, rounds: int, workdir: Path) -> dict:
     files = sorted((root / "train").glob("*/*.JPEG"))
     kb = sum(f.stat().st_size for f in files) / len(files) / 1024
     (workdir / "stores").mkdir(exist_ok=True)
-    sides = _sides(ds, workdir / "stores")
+    sides = _sides(ds, workdir / "stores", cuda)
+    names = tuple(sides)
     for fn in sides.values():  # warm: imports, the page cache, torchvision's kernels
         fn()
-    per: dict[str, list[float]] = {s: [] for s in SIDES}
+    per: dict[str, list[float]] = {s: [] for s in names}
+    wall: dict[str, list[float]] = {s: [] for s in names}
     for r in range(rounds):
-        order = SIDES[r % len(SIDES):] + SIDES[:r % len(SIDES)]
+        order = names[r % len(names):] + names[:r % len(names)]
         for side in order:
-            c = time.process_time()
+            c, w = time.process_time(), time.perf_counter()
             sides[side]()
             per[side].append(len(ds) / (time.process_time() - c))
-        log(f"round {r + 1}/{rounds}: " + ", ".join(f"{s} {per[s][-1]:.0f}" for s in SIDES) + " img/CPU-s")
-    out = {s: {"median": median(v), "min": min(v), "max": max(v), "rounds": v} for s, v in per.items()}
+            wall[side].append(len(ds) / (time.perf_counter() - w))
+        log(f"round {r + 1}/{rounds}: " + ", ".join(f"{s} {per[s][-1]:.0f}" for s in names) + " img/CPU-s")
+
+    def summary(d: dict[str, list[float]]) -> dict:
+        return {s: {"median": median(v), "min": min(v), "max": max(v), "rounds": v} for s, v in d.items()}
     return {"images": len(ds), "source_px": size, "mean_kib": round(kb, 1), "out_px": ds.geometry.shape[1:],
-            "rounds": rounds, "img_per_cpu_s": out,
+            "rounds": rounds, "img_per_cpu_s": summary(per), "img_per_s_wall": summary(wall),
             "ratio_device_cpu_over_pil": median([a / b for a, b in zip(per["device_cpu"], per["pil"])])}
 
 
 def markdown(res: dict, cmd: str, info: dict) -> str:
-    rate = res["img_per_cpu_s"]
-    rows = "\n".join(f"| {s} | {rate[s]['median']:.0f} | {rate[s]['min']:.0f}–{rate[s]['max']:.0f} |" for s in SIDES)
+    rate, wall = res["img_per_cpu_s"], res["img_per_s_wall"]
+    rows = "\n".join(f"| {s} | {rate[s]['median']:.0f} | {rate[s]['min']:.0f}–{rate[s]['max']:.0f} | "
+                     f"{wall[s]['median']:.0f} |" for s in rate)
+    gpu = info.get("gpu")
     return (
         f"`{cmd}` on {info['cpu']} ({info['nproc']} cores, shared; load at start "
         f"{', '.join(f'{x:.1f}' for x in info['loadavg_start'])}), torch {info['torch']}, one thread. "
         f"{res['images']} JPEGs of {res['source_px']} px ({res['mean_kib']} KiB mean, `gpu_data.py`'s), "
         f"to 3x{res['out_px'][0]}x{res['out_px'][1]} (shorter side 256, centre crop 224); images per CPU-second "
         f"(= per core), {res['rounds']} interleaved rounds, median and range:\n\n"
-        "| side | img / CPU-s | range |\n|---|---|---|\n" + rows + "\n\n"
+        "| side | img / CPU-s | range | img / s (wall) |\n|---|---|---|---|\n" + rows + "\n\n"
         "Rates per core depend on the files (their size and entropy: these are lighter than ImageNet's ~110 KiB "
         "JPEGs), so compare the sides of one run with each other, not with figures made on other images.\n\n"
         f"- **device_cpu / pil = {res['ratio_device_cpu_over_pil']:.2f}** (median of the per-round ratios): "
         "the device path's CPU fallback (torchvision's libjpeg-turbo decode + tensor resize) against the PIL path.\n"
         "- **worker_read** is what a loader worker does per image when the GPU decodes (`decoder` auto on "
-        "CUDA, or nvjpeg): read the file and parse its header. The nvJPEG decode itself is not measured (no "
-        "GPU in this run).\n"
-        "- pil is the loader worker's whole per-image work on the PIL path (`decoder` cpu, and `auto` "
+        "CUDA, or nvjpeg): read the file and parse its header. "
+        + (f"nvjpeg: the batched decode + resize/crop on {gpu}.\n" if gpu else
+           "The nvJPEG decode itself is not measured (no GPU in this run; `--cuda` on a GPU machine adds it).\n")
+        + "- pil is the loader worker's whole per-image work on the PIL path (`decoder` cpu, and `auto` "
         "without CUDA).\n"
         "- **writer_zarr / writer_wds**: the sink thread's CPU per sample (i.i.d. random sign maps, the codecs' "
         "worst case). This is why precompute's default `loader_workers` is cores - 2 (one core drives the "
@@ -147,13 +166,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", default=None, help="where the JPEGs are made [default: a temporary folder]")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder of bench_decode.json")
     ap.add_argument("--no-md", action="store_true", help="do not update BENCHMARKS.md")
+    ap.add_argument("--cuda", action="store_true", help="add the nvjpeg side (a CUDA device)")
     a = ap.parse_args(argv)
     images = a.images or (16 if a.quick else 256)
     rounds = a.rounds or (1 if a.quick else 5)
     cmd = command_line("bench_decode.py", argv)
-    info = machine()
+    import torch
+
+    info = machine(torch.device("cuda") if a.cuda else None)
     with tempfile.TemporaryDirectory() as tmp:
-        res = run(images, a.size, rounds, Path(a.workdir or tmp))
+        res = run(images, a.size, rounds, Path(a.workdir or tmp), a.cuda)
     doc = {"command": cmd, "machine": info, **res}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
