@@ -51,6 +51,7 @@ from enspipe.attack_records import parse_eps  # noqa: F401 -- `enspipe.train.par
 from enspipe.config import OptionError, runtime_fields
 from enspipe.configs.train import MODES, OPTIMIZERS, STORABLE, TrainConfig  # noqa: F401 -- re-exported
 from enspipe.data import SampleSource, create_dataset
+from enspipe.data.decode import device_decoder, resolve_decoder
 from enspipe.errors import ConfigError, EnspipeError, StoreError
 from enspipe.fileio import atomic_target, hold_folder, release_folder
 from enspipe.models import EnsModel, load_model_for, save_model
@@ -123,7 +124,13 @@ def adversarial_inputs(model: torch.nn.Module, batch: dict[str, Any], cfg: Train
 
     Returns (x, y, online) where `online` says whether the model itself was attacked."""
     precision = Precision.resolve(cfg.precision, device)  # cached: the same object every batch
-    x = precision.memory_format(batch["x"].to(device, non_blocking=True).float().div_(255.0))
+    if isinstance(batch["x"], torch.Tensor):
+        x = batch["x"].to(device, non_blocking=True)
+    else:  # encoded files (`decoder` on the device: enspipe.device_batches)
+        from enspipe.device_batches import clean_images
+
+        x = clean_images(batch["x"], device, batch.get("aug"), cfg.crop_padding)
+    x = precision.memory_format(x.float().div_(255.0))
     y = batch["y"].to(device, non_blocking=True)
     n_adv = batch["n_adv"]
     if n_adv == 0:
@@ -161,8 +168,11 @@ def batch_stream(dataset: SampleSource, cfg: TrainConfig, epoch: int, rank: int 
     """train()'s default StreamFactory: the BatchStream over `cfg.shards` (or over `stores`, the
     run's open readers of them, as train() passes). Under DDP every rank must take the same
     number of steps, so only full batches are yielded there."""
-    return BatchStream(dataset, cfg.shards if stores is None else tuple(stores), cfg, epoch=epoch, rank=rank,
-                       world_size=world, full_batches_only=world > 1)
+    cls = BatchStream
+    if device_decoder(cfg.decoder, resolve_device(cfg.device), dataset) != "cpu":
+        from enspipe.device_batches import DeviceDecodedBatchStream as cls  # JPEGs decoded in the step
+    return cls(dataset, cfg.shards if stores is None else tuple(stores), cfg, epoch=epoch, rank=rank,
+               world_size=world, full_batches_only=world > 1)
 
 
 def batch_loader(stream: torch.utils.data.IterableDataset, cfg: TrainConfig,
@@ -268,6 +278,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, *, resume:
     check_outside_dataset(run_dir, cfg.dataset)  # nor inside the image folder it trains on
     rank, world, local_rank = _distributed()
     device = resolve_device(cfg.device)
+    resolve_decoder(cfg.decoder, device)  # nvjpeg without CUDA: one line, before any work
     if world > 1:
         import torch.distributed as dist
 

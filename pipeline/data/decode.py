@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -28,8 +28,8 @@ from enspipe.errors import DataError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DECODERS", "DeviceTransform", "EncodedChunk", "check_jpeg", "decode_batch", "decoder_params",
-           "resolve_decoder"]
+__all__ = ["DECODERS", "DeviceTransform", "EncodedChunk", "augment_on_device", "check_jpeg", "decode_batch",
+           "decoder_params", "device_decoder", "encoded_chunk", "resolve_decoder"]
 
 DECODERS = ("auto", "cpu", "nvjpeg")
 JPEG_MODES = ("RGB", "L")  # what decode_jpeg(mode=RGB|GRAY) converts from on every device
@@ -90,6 +90,9 @@ class EncodedChunk:
 
     items: list[bytes | np.ndarray]
     indices: list[int] | None = None  # the samples', for naming one that fails to decode
+    # What to make of them, where the batch travels without its source (the trainer's batches):
+    transform: DeviceTransform | None = None
+    shape: tuple[int, int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -116,6 +119,26 @@ def check_jpeg(data: bytes, what: str, limits) -> tuple[int, int] | None:
     return w, h
 
 
+def encoded_chunk(dataset, indices: Iterable[int]) -> EncodedChunk:
+    """The `EncodedChunk` of these samples of `dataset` (an imagefolder or wds source): each one's
+    JPEG bytes (header checked, nothing decoded), or the PIL path's pixels of a file the device
+    path does not take. What a loader worker does on the device path."""
+    indices = [int(i) for i in indices]
+    items = []
+    for i in indices:
+        data = dataset.jpeg_bytes(i)
+        items.append(data if data is not None else dataset._load(i))
+    return EncodedChunk(items, indices)
+
+
+def device_decoder(name: str, device: Any, dataset) -> str:
+    """`resolve_decoder` for `dataset`: sources that read files and can hand over JPEG bytes decode
+    on the device; sources held as pixels have nothing to decode."""
+    from .base import LazySource
+
+    return resolve_decoder(name, device, isinstance(dataset, LazySource) and hasattr(dataset, "jpeg_bytes"))
+
+
 def _decode_jpegs(data: Sequence[bytes], mode: str, device: torch.device) -> list[torch.Tensor]:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -138,9 +161,10 @@ def _undecodable(items: list, jpeg: list[int], indices: list, mode: str, device:
             _decode_jpegs([items[j]], mode, device)
         except RuntimeError as e:
             reason = str(e).rsplit(", ", 1)[-1].strip()  # "decode_jpeg, FILE.cpp:171, Image is ... truncated"
-            if error is not None and indices[j] is not None:
-                return error(indices[j], reason)
-            return DataError(f"cannot decode a JPEG of this batch: {reason}")
+            if indices[j] is None:
+                return DataError(f"cannot decode a JPEG of this batch: {reason}")
+            return error(indices[j], reason) if error is not None else \
+                DataError(f"cannot decode the JPEG of sample {indices[j]}: {reason}")
     return DataError("cannot decode this batch's JPEGs together, though each decodes alone")
 
 
@@ -169,4 +193,20 @@ def decode_batch(chunks: Sequence[EncodedChunk], transform: DeviceTransform, sha
     for j, it in enumerate(items):
         if not isinstance(it, (bytes, bytearray)):
             out[j].copy_(torch.from_numpy(np.ascontiguousarray(it)))
+    return out
+
+
+def augment_on_device(x: torch.Tensor, aug: torch.Tensor | None, pad: int) -> torch.Tensor:
+    """`enspipe.stream.apply_augment` on a device tensor [n, C, H, W]: per sample (dy, dx, flip), a
+    crop at (dy, dx) of the image zero-padded by `pad`, then a horizontal flip where flip is set."""
+    import torch.nn.functional as F
+
+    if aug is None:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    out = x.new_empty(x.shape)
+    for i, (dy, dx, flip) in enumerate(aug.tolist()):
+        crop = padded[i, :, dy:dy + h, dx:dx + w]
+        out[i] = crop.flip(-1) if flip else crop
     return out

@@ -25,8 +25,9 @@ import math
 import multiprocessing
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
+from enspipe.data.decode import encoded_chunk
 from enspipe.errors import EnspipeError
 
 from .plan import log
@@ -109,18 +110,6 @@ class _Encoded(_Pixels):
             return encoded_chunk(self.dataset, range(*span))
         except EnspipeError as e:
             return _Failure(type(e), str(e))
-
-
-def encoded_chunk(dataset, indices: Iterable[int]):
-    """The `EncodedChunk` of these samples (what `_Encoded` hands over for a span)."""
-    from enspipe.data.decode import EncodedChunk
-
-    indices = list(indices)
-    items = []
-    for i in indices:
-        data = dataset.jpeg_bytes(i)
-        items.append(data if data is not None else dataset._load(i))
-    return EncodedChunk(items, indices)
 
 
 class _Spans:

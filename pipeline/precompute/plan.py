@@ -171,12 +171,10 @@ def plan_stores(cfg: PrecomputeConfig, dataset, model, sha: str, device: torch.d
     """Decide, per (attack, format), whether the store is reused, resumed or created."""
     from enspipe.stores import existing_manifest, open_store, store_path
 
-    from enspipe.data.decode import resolve_decoder
-
-    from .loader import needs_decoding
+    from enspipe.data.decode import device_decoder
 
     plan = Plan()
-    decoder = resolve_decoder(cfg.decoder, device, needs_decoding(dataset) and hasattr(dataset, "jpeg_bytes"))
+    decoder = device_decoder(cfg.decoder, device, dataset)
     for attack in cfg.attacks:
         identity = store_identity(dataset, model, sha, attack, cfg.label, cfg.precision, decoder)
         todo: list[str] = []
