@@ -231,6 +231,11 @@ MUTATIONS = [
              "            img = TF.crop(img, (img.shape[1] - self.crop) // 2 + 1, (img.shape[2] - self.crop) // 2, "
              "self.crop, self.crop)\n",
              ("tests/test_device_decode.py::test_the_device_path_on_cpu_matches_pil_on_imagefolder",)),
+    Mutation("device-step-skips-augment", "the trainer's device decode drops the batch's crops and flips",
+             "pipeline/device_batches.py",
+             "        return augment_on_device(decode_batch([x], x.transform, x.shape, device), aug, crop_padding)\n",
+             "        return decode_batch([x], x.transform, x.shape, device)\n",
+             ("tests/test_device_decode_train.py::test_the_step_decodes_the_streams_batches_as_pil_would",)),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.
