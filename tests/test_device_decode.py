@@ -276,6 +276,11 @@ def test_precompute_through_the_device_path_end_to_end(tmp_path, monkeypatch):
         d, _, _ = attacks.direction(net, x, None, attack="fgsm", label="pred")
         assert np.array_equal(d.numpy(), stored[b:e]), (b, e)
     assert recompute_check(dev, k=4, seed=0) == []
+    monkeypatch.undo()  # a CPU again: the store's decoder is not at hand
+    from enspipe.errors import StoreError
+
+    with pytest.raises(StoreError, match=r"was decoded by nvjpeg: recompute it on a CUDA device"):
+        recompute_check(dev, k=4, seed=0)
 
 
 def test_a_jpeg_that_does_not_decode_is_named_in_one_line(folder):

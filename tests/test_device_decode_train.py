@@ -47,14 +47,30 @@ def test_augment_on_device_is_the_streams_augment():
     assert np.array_equal(got, apply_augment(x, aug, 2))
 
 
-def test_the_step_decodes_the_streams_batches_as_pil_would(jpegs):
+def _wds_of(folder: Path, tar: Path) -> Path:
+    """The folder's JPEGs as one WebDataset shard (image + .cls per sample)."""
+    import io
+    import tarfile
+
+    with tarfile.open(tar, "w") as tf:
+        for i, f in enumerate(sorted(folder.glob("train/*/*.JPEG"))):
+            for name, payload in ((f"s{i:04d}.jpg", f.read_bytes()), (f"s{i:04d}.cls", f.parent.name[-1:].encode())):
+                ti = tarfile.TarInfo(name)
+                ti.size, ti.mtime = len(payload), 1_700_000_000
+                tf.addfile(ti, io.BytesIO(payload))
+    return tar
+
+
+@pytest.mark.parametrize("kind", ["imagefolder", "wds"])
+def test_the_step_decodes_the_streams_batches_as_pil_would(jpegs, tmp_path, kind):
     from enspipe.data import create_dataset
     from enspipe.data.decode import EncodedChunk
     from enspipe.device_batches import DeviceDecodedBatchStream, clean_images
     from enspipe.train import BatchStream, TrainConfig
 
-    ds = create_dataset(f"imagefolder:{jpegs}", image_size=32)
-    cfg = TrainConfig(model="C", dataset=f"imagefolder:{jpegs}", image_size=32, batch_size=5, block_size=8,
+    source = f"imagefolder:{jpegs}" if kind == "imagefolder" else f"wds:{_wds_of(jpegs, tmp_path / 'a.tar')}"
+    ds = create_dataset(source, image_size=32)
+    cfg = TrainConfig(model="C", dataset=source, image_size=32, batch_size=5, block_size=8,
                       augment="crop+flip", crop_padding=3, device="cpu", mode="adv")
     pil = list(BatchStream(ds, (), cfg, epoch=1))
     dev = list(DeviceDecodedBatchStream(ds, (), cfg, epoch=1))

@@ -57,7 +57,12 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
     dev = resolve_device(device)
     precision = Precision.resolve(store_precision(ident), dev, strict=True)
     # A store made by the device decoder is recomputed from that decoder's pixels (nvjpeg: on CUDA only).
-    decoder = resolve_decoder(ident.attack_params.get("decoder", "cpu"), dev)
+    decoder = str(ident.attack_params.get("decoder", "cpu"))
+    try:
+        resolve_decoder(decoder, dev)
+    except ConfigError:
+        raise StoreError(f"store {store} was decoded by {decoder}: recompute it on a CUDA device (`device` cuda)"
+                         ) from None
     net = load_model_for(spec, dataset, dev, weights=weights,
                          pretrained=pretrained).requires_grad_(False)
     precision.prepare_model(net)
