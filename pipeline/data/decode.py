@@ -4,7 +4,10 @@
                    or, for what the device path does not take (PNG, CMYK, ...), the PIL pixels
     compute process: decode_batch(chunk items, transform, device) -> uint8 [N, C, H, W] on the device
 
-`decoder` (a precompute option): `auto` is nvjpeg on a CUDA device and the PIL path elsewhere;
+Precompute runs it per batch (`precompute.loader.batch_to_device`), train in its step
+(`enspipe.device_batches`, where the batch's crops / flips follow on the device too).
+
+`decoder` (a precompute and a train option): `auto` is nvjpeg on a CUDA device and the PIL path elsewhere;
 `cpu` forces the PIL path; `nvjpeg` on a device without CUDA is a one-line error. The decoder is
 part of a store's identity only when it is not the PIL path (`decoder_params`), so every store
 written before decoders existed keeps its key, while nvJPEG's pixels (which differ from PIL's by a
