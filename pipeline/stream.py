@@ -224,7 +224,7 @@ class DirectionStream(torch.utils.data.IterableDataset):
     def _drawn_unit(self, unit: Unit, readers: list[Any]) -> Iterator[dict[str, Any]]:
         if not unit.blocks:  # the epoch's tail: samples read by index, the drawn store's rows only
             for b in unit.batches:
-                part = {"index": b.index, "x": self.dataset.images_uint8(b.index), "y": self.dataset.labels[b.index]}
+                part = {"index": b.index, "x": self._pixels(b.index), "y": self.dataset.labels[b.index]}
                 if b.source != SELF:
                     rows = b.index[:self.adv_rows(len(b.index))]
                     part["d"] = self._read_rows(readers[b.source - 1], rows.tolist())
@@ -258,11 +258,11 @@ class DirectionStream(torch.utils.data.IterableDataset):
         aug = None
         if self.augment != "none":
             aug = augment_params(rng, n, self.augment, self.crop_padding)
-            x = apply_augment(x, aug, self.crop_padding)
+            x = self._augment_images(x, aug)
             if d is not None:
                 d = apply_augment(d, aug[:len(d)], self.crop_padding)
         return {"index": torch.from_numpy(part["index"].astype(np.int64)),
-                "x": torch.from_numpy(np.ascontiguousarray(x)),
+                "x": self._image_tensor(x),
                 "y": torch.from_numpy(part["y"].astype(np.int64)),
                 "seq": int(seq),
                 "source": int(source),
@@ -281,14 +281,26 @@ class DirectionStream(torch.utils.data.IterableDataset):
         return {"index": index, "x": self._images(unit.blocks), "y": self.dataset.labels[index], "d": d}
 
     def _images(self, blocks: Sequence[tuple[int, int, int]]) -> np.ndarray:
-        return np.concatenate([self.dataset.images_uint8(slice(s, e)) for s, e, _ in blocks])
+        return np.concatenate([self._pixels(slice(s, e)) for s, e, _ in blocks])
+
+    # The clean images' three steps, which a stream that decodes on the device replaces
+    # (enspipe.device_batches: encoded files here, decoded and augmented in the step).
+    def _pixels(self, index: Any) -> np.ndarray:
+        """uint8 [n, C, H, W]: the clean images of samples `index` (a slice or indices)."""
+        return self.dataset.images_uint8(index)
+
+    def _augment_images(self, x: np.ndarray, aug: np.ndarray) -> np.ndarray:
+        return apply_augment(x, aug, self.crop_padding)
+
+    def _image_tensor(self, x: np.ndarray) -> Any:
+        return torch.from_numpy(np.ascontiguousarray(x))
 
     def _scattered(self, b: PlannedBatch, readers: list[Any]) -> dict[str, np.ndarray]:
         C, H, W = self.dataset.geometry.shape
         d = np.empty((len(b.index), len(readers), C, H, W), np.int8)
         for k, r in enumerate(readers):
             d[:, k] = r.read_indices(b.index)["direction"]
-        return {"index": b.index, "x": self.dataset.images_uint8(b.index), "y": self.dataset.labels[b.index], "d": d}
+        return {"index": b.index, "x": self._pixels(b.index), "y": self.dataset.labels[b.index], "d": d}
 
     def _emit(self, b: PlannedBatch, part: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
         part = self._augmented(part, self._batch_rng(b.seq))

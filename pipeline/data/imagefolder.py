@@ -24,6 +24,7 @@ from enspipe.util.limits import current_limits
 
 from .base import (CLASS_INTERLEAVED, SUPERSEDED_FILE_ORDER, Geometry, LazySource, SampleSource, _fingerprint,
                    _sanitise_keys, class_interleaved)
+from .decode import DeviceTransform, check_jpeg
 
 IMAGEFOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGEFOLDER_RESIZE, IMAGEFOLDER_CROP = 256, 224  # the standard ImageNet eval transform
@@ -235,6 +236,24 @@ class ImageFolderSource(LazySource):
     def encoded_image(self, i: int) -> tuple[str, bytes]:
         path = self.folder / self._files[i]
         return path.suffix[1:].lower(), path.read_bytes()
+
+    def device_transform(self) -> DeviceTransform:
+        """The PIL path's resize and crop, for the device decode (`enspipe.data.decode`)."""
+        return DeviceTransform("RGB", resize=self.resize, crop=self.crop)
+
+    def jpeg_bytes(self, i: int) -> bytes | None:
+        """Image i's file when the device decode takes it (a JPEG; its header checked, nothing
+        decoded), else None (the PIL path `_load` decodes it)."""
+        path = self.folder / self._files[i]
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None  # `_load` says so, as it always has
+        return data if check_jpeg(data, f"imagefolder: {path}", self._limits) else None
+
+    def decode_error(self, i: int, reason: str) -> DataError:
+        """The PIL path's line for image i, which the device decoder could not decode."""
+        return DataError(f"cannot decode image {self.folder / self._files[i]}: {reason}")
 
     def _load(self, i: int) -> np.ndarray:
         from PIL import Image

@@ -23,6 +23,7 @@ from enspipe.util.limits import Limits, current_limits, env_name
 
 from .base import (CLASS_INTERLEAVED, SUPERSEDED_FILE_ORDER, Geometry, LazySource, SampleSource, _fingerprint,
                    _sanitise_keys, _stamp, class_interleaved)
+from .decode import DeviceTransform, check_jpeg
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -191,6 +192,33 @@ class WebDatasetSource(LazySource):
 
     def encoded_image(self, i: int) -> tuple[str, bytes]:
         return self._members[i][3].lower(), self._member_bytes(i)
+
+    def device_transform(self) -> DeviceTransform:
+        """The PIL path's mode and resize, for the device decode (`enspipe.data.decode`)."""
+        c, h, w = self.geometry.shape
+        return DeviceTransform(self._mode, size=(h, w) if self.image_size else None)
+
+    def jpeg_bytes(self, i: int) -> bytes | None:
+        """Sample i's image member when the device decode takes it (a JPEG; its header checked,
+        nothing decoded), else None (the PIL path `_load` decodes it, or says what is wrong)."""
+        shard_no, _, size, _, _ = self._members[i]
+        data = self._member_bytes(i)
+        if len(data) != size:
+            return None
+        wh = check_jpeg(data, f"wds: the image of sample {self._raw_keys[i]!r} in {self._shards[shard_no]}",
+                        self._limits)
+        if wh is None:
+            return None
+        c, h, w = self.geometry.shape
+        if not self.image_size and wh != (w, h):
+            raise DataError(f"wds: sample {self._raw_keys[i]!r} is {wh[0]}x{wh[1]}, "
+                            f"the first sample is {w}x{h} (pass an image size to resize all)")
+        return data
+
+    def decode_error(self, i: int, reason: str) -> DataError:
+        """The PIL path's line for sample i, whose image the device decoder could not decode."""
+        return DataError(f"wds: cannot decode the image of sample {self._raw_keys[i]!r} "
+                         f"in {self._shards[self._members[i][0]]}: {reason}")
 
     def _decode(self, i: int) -> Image.Image:
         from PIL import Image

@@ -101,6 +101,7 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
 
     `overlap=False` writes each shard in the computing thread (for benchmarks only).
     """
+    from enspipe.data.decode import resolve_decoder
     from enspipe.util.runtime import resolve_device
     from enspipe.stores import create_store, open_writer
 
@@ -110,6 +111,7 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
     device = resolve_device(cfg.device)
     if not cfg.scheduler:  # an existing cluster's workers choose their own device
         Precision.resolve(cfg.precision, device, strict=True)  # fails before any work
+        resolve_decoder(cfg.decoder, device)  # nvjpeg without CUDA: likewise
     model_is_path = is_model_path(cfg.model, weights_given=cfg.weights is not None or cfg.pretrained)
     if cfg.weights is None and not cfg.pretrained and not model_is_path:
         # An architecture name alone would be a randomly initialised "static" model.

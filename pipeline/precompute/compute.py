@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 from enspipe.util.errors import EnspipeError
 from enspipe.precision import Precision
 
-from .loader import ChunkLoader, batch_spans, chunk_size, default_workers, gather, spans_of, to_device
+from .loader import ChunkLoader, batch_spans, batch_to_device, chunk_size, default_workers, gather, spans_of
 from .plan import ShardJob, _open_inputs
 from .sink import BatchDone, ShardBegin, ShardEnd, ShardSink, max_batches_for
 
@@ -166,7 +166,7 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
                                 else None,
                                 true_label=dataset.labels[start:stop] if keep else None))
             for b, e in batches[s, id(job)]:
-                x = to_device(gather(chunks, e - b), device, channels_last=precision.channels_last)
+                x = batch_to_device(gather(chunks, e - b), device, dataset, channels_last=precision.channels_last)
                 y = torch.from_numpy(dataset.labels[b:e]).to(device) if job.label == "true" else None
                 sink.put(compute_batch(model, InputBatch(b - start, x, y), job, precision, host_copy))
             sink.put(ShardEnd(s))
@@ -177,7 +177,7 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
 def open_loader(dataset, job: ShardJob, device: torch.device) -> ChunkLoader:
     """The loader of `job`'s data path: its loader workers, or as many as the cores allow."""
     workers = job.loader_workers if job.loader_workers is not None else default_workers(dataset, job.torch_threads)
-    return ChunkLoader(dataset, workers, pin=device.type == "cuda")
+    return ChunkLoader(dataset, workers, pin=device.type == "cuda", encoded=job.decoder != "cpu")
 
 
 @contextlib.contextmanager
@@ -239,7 +239,7 @@ _WORKER_LOCK = threading.Lock()
 
 def _worker_loader(dataset, job: ShardJob, device: torch.device) -> ChunkLoader:
     """The dask worker process's loader, kept across tasks: its processes are forked once."""
-    key = (dataset.name, dataset.fingerprint, job.loader_workers, job.torch_threads, device.type)
+    key = (dataset.name, dataset.fingerprint, job.loader_workers, job.torch_threads, device.type, job.decoder)
     with _WORKER_LOCK:
         if key not in _WORKER_LOADER:
             for old in _WORKER_LOADER.values():

@@ -1,7 +1,11 @@
 """The batch source: pixels decoded and resized by worker processes, ahead of the compute.
 
     spans (shard-aligned [start, stop) pieces of batches) -> ChunkLoader -> uint8 chunks (pinned)
-        -> DeviceBatch: one batch's chunks copied to the device (non-blocking), then / 255 there
+        -> to_device: one batch's chunks copied to the device (non-blocking), then / 255 there
+
+With the device decoder (`decoder` nvjpeg, `enspipe.data.decode`) the workers only read each
+file's bytes and check its header; the chunks carry those bytes, and `batch_to_device` decodes a
+batch's JPEGs in one nvJPEG call, resizes and crops them on the device, then / 255 as above.
 
 Batch boundaries are precompute's (`batch_spans`: a shard's batches start at its first sample),
 so a shard's directions do not depend on how its pixels were decoded. A batch is cut into
@@ -23,6 +27,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+from enspipe.data.decode import encoded_chunk
 from enspipe.util.errors import EnspipeError
 
 from .plan import log
@@ -30,8 +35,8 @@ from .plan import log
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ChunkLoader", "batch_spans", "chunk_size", "default_workers", "gather", "needs_decoding", "spans_of",
-           "to_device"]
+__all__ = ["ChunkLoader", "batch_spans", "batch_to_device", "chunk_size", "default_workers", "encoded_chunk",
+           "gather", "needs_decoding", "spans_of", "to_device"]
 
 Span = tuple[int, int]
 MAX_WORKERS = 32
@@ -59,11 +64,14 @@ def needs_decoding(dataset) -> bool:
 
 
 def default_workers(dataset, cores: int | None = None) -> int:
-    """Loader workers when the user names none: every core but the driving one's, for sources
-    that decode; none for sources held in memory (slicing them is a copy, not a decode)."""
+    """Loader workers when the user names none, for sources that decode: every core but two, one
+    for the process that drives the compute and one for the sink's thread that writes the
+    shards (it compresses and checksums ~1,600 img/s per core, issue 26: with cores - 1 decoders
+    it would take its time from them); at least one. None for sources held in memory (slicing
+    them is a copy, not a decode)."""
     if not needs_decoding(dataset):
         return 0
-    return max(1, min(MAX_WORKERS, (cores or os.cpu_count() or 2) - 1))
+    return max(1, min(MAX_WORKERS, (cores or os.cpu_count() or 2) - 2))
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,17 @@ class _Pixels:
             return _Failure(type(e), str(e))
 
 
+class _Encoded(_Pixels):
+    """`encoded[(a, b)]`: the span's samples for the device decode (`EncodedChunk`): each JPEG's
+    bytes, read and header-checked, or the PIL path's pixels for a file the device does not take."""
+
+    def __getitem__(self, span: Span):
+        try:
+            return encoded_chunk(self.dataset, range(*span))
+        except EnspipeError as e:
+            return _Failure(type(e), str(e))
+
+
 class _Spans:
     """The sampler: the spans of the current pass, set before each pass starts."""
 
@@ -109,10 +128,12 @@ class _Spans:
 class ChunkLoader:
     """uint8 pixels of any list of spans, in order, decoded by `workers` processes ahead of use
     (0: in the calling thread). Chunks are in pinned memory when `pin` (for fast, non-blocking
-    copies to a GPU). Close it (or use it as a context manager) to stop the worker processes."""
+    copies to a GPU). With `encoded` the workers decode nothing: chunks are `EncodedChunk`s (the
+    files' bytes) for `batch_to_device` to decode on the device. Close it (or use it as a context
+    manager) to stop the worker processes."""
 
-    def __init__(self, dataset, workers: int, *, pin: bool = False) -> None:
-        self.dataset, self.pin = dataset, pin
+    def __init__(self, dataset, workers: int, *, pin: bool = False, encoded: bool = False) -> None:
+        self.dataset, self.pin, self.encoded = dataset, pin, encoded
         if workers and multiprocessing.current_process().daemon:
             # A daemonic process (a dask worker started with the default distributed.worker.daemon)
             # may not start children: decode here rather than fail.
@@ -128,7 +149,8 @@ class ChunkLoader:
             # fork: the dataset (a file list that may hold a million paths) is not pickled per
             # worker, and workers start in milliseconds. They never touch the GPU.
             ctx = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-            self._loader = DataLoader(_Pixels(dataset), batch_size=None, sampler=self._spans, num_workers=workers,
+            source = _Encoded(dataset) if encoded else _Pixels(dataset)
+            self._loader = DataLoader(source, batch_size=None, sampler=self._spans, num_workers=workers,
                                       pin_memory=pin, prefetch_factor=PREFETCH_CHUNKS, persistent_workers=True,
                                       multiprocessing_context=ctx)
             for _ in self._loader:  # an empty pass starts the workers now, outside anyone's timing
@@ -145,6 +167,9 @@ class ChunkLoader:
         import torch
 
         for a, b in spans:
+            if self.encoded:
+                yield encoded_chunk(self.dataset, range(a, b))
+                continue
             t = torch.from_numpy(self.dataset.images_uint8(slice(a, b)))
             yield t.pin_memory() if self.pin else t
 
@@ -196,6 +221,21 @@ def to_device(chunks: Sequence[torch.Tensor], device: torch.device, *, channels_
         for c in chunks:
             u8[off:off + len(c)].copy_(c, non_blocking=True)
             off += len(c)
+    x = _to_float_table(device)[u8.int()]
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def batch_to_device(chunks: Sequence, device: torch.device, dataset=None, *, channels_last: bool = False
+                    ) -> torch.Tensor:
+    """`to_device` of a batch's chunks, which are `EncodedChunk`s when the loader is `encoded`:
+    then its JPEGs are decoded, resized and cropped on `device` first (`dataset` says how)."""
+    from enspipe.data.decode import EncodedChunk, decode_batch
+
+    if not chunks or not isinstance(chunks[0], EncodedChunk):
+        return to_device(chunks, device, channels_last=channels_last)
+    import torch
+
+    u8 = decode_batch(chunks, dataset.device_transform(), dataset.geometry.shape, device, dataset.decode_error)
     x = _to_float_table(device)[u8.int()]
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 

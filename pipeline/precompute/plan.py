@@ -52,6 +52,7 @@ class ShardJob:
     precision: str = "fp32"      # fp32 | bf16 (part of the stores' identity)
     loader_workers: int | None = None  # decoding processes; None: from the cores (loader.default_workers)
     wds_images: str = "source"   # source | none: what wds stores carry beside the directions
+    decoder: str = "cpu"         # cpu (PIL in the loader) | nvjpeg (on the device): resolved, part of the identity
 
 
 @dataclass
@@ -83,12 +84,16 @@ def _label_mode(attack: str, label: str) -> str:
     return record(attack).label_mode(label)
 
 
-def _attack_params(attack: str, label: str, precision: str = "fp32") -> dict[str, Any]:
+def _attack_params(attack: str, label: str, precision: str = "fp32", decoder: str = "cpu") -> dict[str, Any]:
+    from enspipe.data.decode import decoder_params
+
     params: dict[str, Any] = record(attack).store_params(label)
     # fp32 is the absence of the key: every store written before precisions existed is fp32 and
     # keeps its identity (and so its path); other precisions are stores of their own.
     if precision != "fp32":
         params["precision"] = precision
+    # Likewise the decoder: the PIL path ("cpu") made every store before decoders existed.
+    params.update(decoder_params(decoder))
     return params
 
 
@@ -97,14 +102,15 @@ def store_precision(identity: StoreIdentity) -> str:
     return str(identity.attack_params.get("precision", "fp32"))
 
 
-def store_identity(dataset, model, sha: str, attack: str, label: str, precision: str = "fp32") -> StoreIdentity:
-    """The StoreIdentity of (dataset, static model + weights, attack, label mode, precision)."""
+def store_identity(dataset, model, sha: str, attack: str, label: str, precision: str = "fp32",
+                   decoder: str = "cpu") -> StoreIdentity:
+    """The StoreIdentity of (dataset, static model + weights, attack, label mode, precision, decoder)."""
     from enspipe.stores import StoreIdentity
 
     return StoreIdentity(
         dataset=dataset.identity(), geometry=dataset.geometry.shape, preprocess=dataset.geometry.preprocess,
         num_classes=dataset.num_classes, model_name=model.config.name, weights_sha256=sha, attack=attack,
-        attack_params=_attack_params(attack, label, precision), label_mode=_label_mode(attack, label))
+        attack_params=_attack_params(attack, label, precision, decoder), label_mode=_label_mode(attack, label))
 
 
 # --- Inputs: the dataset and the static model, once per process ---------------------------------
@@ -165,9 +171,12 @@ def plan_stores(cfg: PrecomputeConfig, dataset, model, sha: str, device: torch.d
     """Decide, per (attack, format), whether the store is reused, resumed or created."""
     from enspipe.stores import existing_manifest, open_store, store_path
 
+    from enspipe.data.decode import device_decoder
+
     plan = Plan()
+    decoder = device_decoder(cfg.decoder, device, dataset)
     for attack in cfg.attacks:
-        identity = store_identity(dataset, model, sha, attack, cfg.label, cfg.precision)
+        identity = store_identity(dataset, model, sha, attack, cfg.label, cfg.precision, decoder)
         todo: list[str] = []
         batch_size = cfg.batch_size
         for fmt in FORMATS[cfg.format]:
@@ -193,7 +202,8 @@ def plan_stores(cfg: PrecomputeConfig, dataset, model, sha: str, device: torch.d
                 weights_sha256=sha, attack=attack, label=cfg.label, batch_size=batch_size,
                 # Workers of an existing cluster choose their own device from the user's spec.
                 device=cfg.device if cfg.scheduler else str(device), stores=tuple(todo),
-                precision=cfg.precision, loader_workers=cfg.loader_workers, wds_images=cfg.wds_images))
+                precision=cfg.precision, loader_workers=cfg.loader_workers, wds_images=cfg.wds_images,
+                decoder=decoder))
     return plan
 
 

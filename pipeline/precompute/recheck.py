@@ -11,6 +11,7 @@ from enspipe.util.errors import ConfigError, StoreError
 from enspipe.precision import Precision
 
 from .compute import _deterministic, batch_containing
+from .loader import batch_to_device, encoded_chunk
 from .plan import store_precision
 
 __all__ = ["recompute_check"]
@@ -30,6 +31,7 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
 
     from enspipe import attacks
     from enspipe.data import create_dataset
+    from enspipe.data.decode import resolve_decoder
     from enspipe.models import load_model_for, weights_sha256
     from enspipe.util.runtime import resolve_device
     from enspipe.stores import open_store
@@ -54,6 +56,13 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
                 f"{data_difference(ident.dataset, dataset, reader.manifest.get('created_at'))}"]
     dev = resolve_device(device)
     precision = Precision.resolve(store_precision(ident), dev, strict=True)
+    # A store made by the device decoder is recomputed from that decoder's pixels (nvjpeg: on CUDA only).
+    decoder = str(ident.attack_params.get("decoder", "cpu"))
+    try:
+        resolve_decoder(decoder, dev)
+    except ConfigError:
+        raise StoreError(f"store {store} was decoded by {decoder}: recompute it on a CUDA device (`device` cuda)"
+                         ) from None
     net = load_model_for(spec, dataset, dev, weights=weights,
                          pretrained=pretrained).requires_grad_(False)
     precision.prepare_model(net)
@@ -69,7 +78,11 @@ def recompute_check(store: str | os.PathLike, *, k: int, model: str | None = Non
     stored_keys = [reader.keys(int(i), int(i) + 1)[0] for i in idx]
 
     def run(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x = precision.memory_format(dataset.images(indices).to(dev))
+        if decoder == "cpu":
+            x = dataset.images(indices).to(dev)
+        else:
+            x = batch_to_device([encoded_chunk(dataset, (int(i) for i in indices))], dev, dataset)
+        x = precision.memory_format(x)
         y = torch.from_numpy(dataset.labels[indices]).to(dev) if label == "true" else None
         d, logits, labels = attacks.direction(net, x, y, attack=ident.attack, label=label,
                                               autocast=precision.autocast_dtype)

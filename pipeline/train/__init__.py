@@ -51,6 +51,7 @@ from enspipe.attack_records import parse_eps  # noqa: F401 -- `enspipe.train.par
 from enspipe.config import OptionError, runtime_fields
 from enspipe.configs.train import MODES, OPTIMIZERS, STORABLE, TrainConfig  # noqa: F401 -- re-exported
 from enspipe.data import SampleSource, create_dataset
+from enspipe.data.decode import resolve_decoder
 from enspipe.util.errors import ConfigError, EnspipeError, StoreError
 from enspipe.util.fileio import atomic_target, hold_folder, release_folder
 from enspipe.models import EnsModel, load_model_for, save_model
@@ -162,6 +163,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, *, resume:
     check_outside_dataset(run_dir, cfg.dataset)  # nor inside the image folder it trains on
     rank, world, local_rank = _distributed()
     device = resolve_device(cfg.device)
+    resolve_decoder(cfg.decoder, device)  # nvjpeg without CUDA: one line, before any work
     if world > 1:
         import torch.distributed as dist
 

@@ -11,9 +11,11 @@ import torch
 from enspipe import attacks
 from enspipe.configs.train import TrainConfig
 from enspipe.data import SampleSource
+from enspipe.data.decode import device_decoder
 from enspipe.precision import Precision
 from enspipe.stores import StoreReader
 from enspipe.stream import SELF, SourceBatches
+from enspipe.util.runtime import resolve_device
 
 __all__ = ["AdversarialFn", "BatchStream", "MetricsFn", "StreamFactory", "adversarial_inputs", "batch_loader",
            "batch_stream", "block_ranges"]
@@ -73,7 +75,13 @@ def adversarial_inputs(model: torch.nn.Module, batch: dict[str, Any], cfg: Train
 
     Returns (x, y, online) where `online` says whether the model itself was attacked."""
     precision = Precision.resolve(cfg.precision, device)  # cached: the same object every batch
-    x = precision.memory_format(batch["x"].to(device, non_blocking=True).float().div_(255.0))
+    if isinstance(batch["x"], torch.Tensor):
+        x = batch["x"].to(device, non_blocking=True)
+    else:  # encoded files (`decoder` on the device: enspipe.device_batches)
+        from enspipe.device_batches import clean_images
+
+        x = clean_images(batch["x"], device, batch.get("aug"), cfg.crop_padding)
+    x = precision.memory_format(x.float().div_(255.0))
     y = batch["y"].to(device, non_blocking=True)
     n_adv = batch["n_adv"]
     if n_adv == 0:
@@ -111,8 +119,11 @@ def batch_stream(dataset: SampleSource, cfg: TrainConfig, epoch: int, rank: int 
     """train()'s default StreamFactory: the BatchStream over `cfg.shards` (or over `stores`, the
     run's open readers of them, as train() passes). Under DDP every rank must take the same
     number of steps, so only full batches are yielded there."""
-    return BatchStream(dataset, cfg.shards if stores is None else tuple(stores), cfg, epoch=epoch, rank=rank,
-                       world_size=world, full_batches_only=world > 1)
+    cls = BatchStream
+    if device_decoder(cfg.decoder, resolve_device(cfg.device), dataset) != "cpu":
+        from enspipe.device_batches import DeviceDecodedBatchStream as cls  # JPEGs decoded in the step
+    return cls(dataset, cfg.shards if stores is None else tuple(stores), cfg, epoch=epoch, rank=rank,
+               world_size=world, full_batches_only=world > 1)
 
 
 def batch_loader(stream: torch.utils.data.IterableDataset, cfg: TrainConfig,
