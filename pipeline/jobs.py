@@ -53,6 +53,7 @@ from enspipe.jobspec import (
     STRUCTURE,
     Job,
     Step,
+    is_static,
     load_job,
     resolved,
     step_config,
@@ -227,7 +228,7 @@ def _step_outputs(done: dict[str, dict]) -> Callable[[str, str], str]:
 def _run_model(job: Job, step: Step, done: dict[str, dict], cache: Path, device: str) -> dict:
     o = resolved(job, step)
     run_dir = cache / "runs" / f"{step.name}-{step.key[:16]}"
-    if not o.get("train", not o.get("pretrained", False)):
+    if is_static(o):
         # A static model used as published (hub weights, or a local `weights` file): saved once as a checkpoint.
         from enspipe.models import save_model
 

@@ -7,9 +7,6 @@ types, dangling references, names that are not safe as paths: errors naming FILE
 the key) and builds each step's stage config with placeholders for the outputs of the steps it
 uses, so a bad value fails before any work. `step_config` builds the same config for the run.
 The format is described in `enspipe.jobs`.
-
-(Over 400 lines on purpose: one strict reader of the spec format, its tables, references and
-each step's config, so that every error names the file, line and key the same way.)
 """
 from __future__ import annotations
 
@@ -28,7 +25,7 @@ from enspipe.fileio import read_text_file
 from enspipe.jobparams import substitute
 from enspipe.naming import check_name
 
-__all__ = ["ALIASES", "STEP_KINDS", "STRUCTURE", "Job", "Step", "defaults_keys", "load_job", "resolved",
+__all__ = ["ALIASES", "STEP_KINDS", "STRUCTURE", "Job", "Step", "defaults_keys", "is_static", "load_job", "resolved",
            "step_config", "step_configs", "step_keys"]
 
 STEP_KINDS = ("models", "stores", "evaluate", "diagnose")
@@ -75,6 +72,12 @@ def step_configs() -> dict[str, type]:
 def step_keys(kind: str) -> set[str]:
     """Every key a `[KIND.NAME]` table accepts (aliases not included)."""
     return set(STRUCTURE[kind]) | job_keys(step_configs()[kind])
+
+
+def is_static(options: dict[str, Any]) -> bool:
+    """Whether a models step (its options) is a static model used as given, not trained:
+    `train = false`, which a `pretrained = true` step defaults to."""
+    return not options.get("train", not options.get("pretrained", False))
 
 
 def defaults_keys() -> set[str]:
@@ -303,7 +306,7 @@ def _validate(spec: _Spec, job: Job, step: Step) -> None:
                 check_model_name(o["arch"])
             except EnspipeError as e:
                 raise OptionError("model", f"is no architecture: {e}") from None
-            if not o.get("train", not o.get("pretrained", False)) and not (o.get("pretrained") or o.get("weights")):
+            if is_static(o) and not (o.get("pretrained") or o.get("weights")):
                 raise OptionError("train", "= false uses a model as given: needs pretrained = true or weights = FILE")
         if step.kind == "stores":
             if o.get("format", "zarr") == "both":
