@@ -46,7 +46,9 @@ STRUCTURE: dict[str, dict[str, tuple[str | None, type, str | None]]] = {
                "description": (None, str, None)},
     "stores": {"model": ("model", str, "models"), "description": (None, str, None)},
     "evaluate": {"targets": ("models", list, "models"), "sources": ("sources", list, "models"),
-                 "stores": ("source_stores", list, "stores"), "own_stores": ("whitebox_stores", list, "stores"),
+                 # the stores' keys are their fields' names (one name per concept; the old ones: DEPRECATED)
+                 "source_stores": ("source_stores", list, "stores"),
+                 "whitebox_stores": ("whitebox_stores", list, "stores"),
                  "binarized": ("binarized", list, "models"),
                  "binarized_masked": ("binarized_masked", list, "models"),
                  # [evaluate.NAME.options] rand_fgsm = { alpha = 0.05 }: `attack_options` as a table
@@ -56,6 +58,8 @@ STRUCTURE: dict[str, dict[str, tuple[str | None, type, str | None]]] = {
 }
 ALIASES: dict[str, dict[str, str]] = {"models": {"stores": "shards", "workers": "loader_workers"},
                                       "stores": {"attack": "attacks"}, "evaluate": {}, "diagnose": {}}
+# Old keys that still work but say so (one line each, `Job.notes`, printed by `enspipe run`).
+DEPRECATED: dict[str, dict[str, str]] = {"evaluate": {"stores": "source_stores", "own_stores": "whitebox_stores"}}
 
 
 def step_configs() -> dict[str, type]:
@@ -109,6 +113,7 @@ class Job:
     budget: dict[str, Any]
     report: dict[str, Any]
     steps: list[Step]              # topological order
+    notes: list[str] = field(default_factory=list)  # deprecation lines, each naming FILE:LINE
 
 
 # --- Parsing ------------------------------------------------------------------------------
@@ -199,9 +204,10 @@ def _check_table(spec: _Spec, table: tuple[str, ...], values: Any, schema: dict[
 
 
 def _canonical(spec: _Spec, table: tuple[str, ...], kind: str, values: Any,
-               allowed: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
+               allowed: set[str], notes: list[str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """A step table's options under their canonical keys, and each key as it was written.
-    Unknown keys and structure keys of the wrong type are errors naming FILE:LINE."""
+    Unknown keys and structure keys of the wrong type are errors naming FILE:LINE; a
+    deprecated key adds a line to `notes`."""
     name = ".".join(table)
     if not isinstance(values, dict):
         raise ConfigError(spec.where(table) + f"[{name}] must be a table")
@@ -209,6 +215,10 @@ def _canonical(spec: _Spec, table: tuple[str, ...], kind: str, values: Any,
     written: dict[str, str] = {}
     for k, v in values.items():
         key = ALIASES[kind].get(k, k)
+        if k in DEPRECATED.get(kind, {}):
+            key = DEPRECATED[kind][k]
+            if notes is not None:
+                notes.append(spec.where(table, k) + f"{name}.{k} is deprecated: use {key} (the same list)")
         if key not in allowed:
             raise ConfigError(spec.where(table, k) + f"unknown key {k!r} in [{name}] "
                               f"(allowed: {', '.join(sorted(allowed))})")
@@ -246,6 +256,7 @@ def load_job(path: str | os.PathLike, params: dict[str, Any] | None = None) -> J
         raise ConfigError(spec.where(("data",)) + "[data] needs a dataset (e.g. dataset = \"digits\")")
 
     steps: dict[str, Step] = {}
+    notes: list[str] = []
     for kind in STEP_KINDS:
         entries = raw.get(kind, {})
         if not isinstance(entries, dict):
@@ -257,7 +268,7 @@ def load_job(path: str | os.PathLike, params: dict[str, Any] | None = None) -> J
             except ConfigError as e:
                 raise ConfigError(spec.where((kind, name)) + f"[{kind}.{name!r}]: {e}") from None
             table = (kind, name)
-            opts, written = _canonical(spec, table, kind, options, allowed)
+            opts, written = _canonical(spec, table, kind, options, allowed, notes)
             step = Step(kind, name, opts, written=written)
             if kind == "models":
                 step.origin = {k: "defaults" for k in defaults if k not in opts}
@@ -288,7 +299,7 @@ def load_job(path: str | os.PathLike, params: dict[str, Any] | None = None) -> J
                 raise ConfigError(spec.where((step.kind, step.name)) + f"[{step.id}] needs {needed} = "
                                   + ('"NAME"' if needed == "model" else "[...]"))
     job = Job(Path(path), job_name, tables["job"].get("description", ""), tables["data"],
-              tables["budget"], tables["report"], _toposort(spec, steps))
+              tables["budget"], tables["report"], _toposort(spec, steps), notes)
     for step in job.steps:
         _validate(spec, job, step)
     return job
@@ -419,7 +430,7 @@ def step_config(job: Job, step: Step, *, outputs: Callable[[str, str], str] | No
 def _names(job: Job, step: Step, ref: Callable[[str, str], str]) -> dict[str, str]:
     """Readable model names in tables: the spec's model names instead of cache paths (a store: its model's)."""
     names = {}
-    for n in [*step.options.get("stores", []), *step.options.get("own_stores", [])] if step.kind == "evaluate" else []:
+    for n in [*step.options.get("source_stores", []), *step.options.get("whitebox_stores", [])] if step.kind == "evaluate" else []:
         names[ref("stores", n)] = next(s.options["model"] for s in job.steps if s.id == f"stores.{n}")
     for key in ("targets", "sources", "binarized", "binarized_masked", "models", "other"):
         value = step.options.get(key, [])
