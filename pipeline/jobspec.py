@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from enspipe.config import Option, OptionError, job_keys, parse_config, speak, toml_line
+from enspipe.config import Option, OptionError, config_defaults, job_keys, parse_config, speak, toml_line
 from enspipe.errors import ConfigError, EnspipeError
 from enspipe.fileio import read_text_file
 from enspipe.jobparams import substitute
@@ -76,6 +76,11 @@ def step_configs() -> dict[str, type]:
 def step_keys(kind: str) -> set[str]:
     """Every key a `[KIND.NAME]` table accepts (aliases not included)."""
     return set(STRUCTURE[kind]) | job_keys(step_configs()[kind])
+
+
+def _default(kind: str, name: str) -> Any:
+    """The default of field `name` of a `kind` step's config: a key a step leaves out means it."""
+    return config_defaults(step_configs()[kind])[name]
 
 
 def is_static(options: dict[str, Any]) -> bool:
@@ -291,7 +296,7 @@ def load_job(path: str | os.PathLike, params: dict[str, Any] | None = None) -> J
             if target is not None and key in o:
                 for value in (o[key] if want is list else [o[key]]):
                     ref(step, key, target, value)
-        if step.kind == "models" and o.get("mode", "clean") == "ens-adv" and not o.get("shards"):
+        if step.kind == "models" and o.get("mode", _default("models", "mode")) == "ens-adv" and not o.get("shards"):
             raise ConfigError(spec.where((step.kind, step.name), step.written.get("mode", "mode"))
                               + f"{step.id} is ens-adv but lists no shards")
         for needed in {"stores": ("model",), "evaluate": ("targets",), "diagnose": ("models",)}.get(step.kind, ()):
@@ -320,7 +325,7 @@ def _validate(spec: _Spec, job: Job, step: Step) -> None:
             if is_static(o) and not (o.get("pretrained") or o.get("weights")):
                 raise OptionError("train", "= false uses a model as given: needs pretrained = true or weights = FILE")
         if step.kind == "stores":
-            if o.get("format", "zarr") == "both":
+            if o.get("format", _default("stores", "format")) == "both":
                 raise OptionError("format", "must be zarr or wds: a store step makes one store")
             if len(o.get("attacks", ())) > 1:
                 raise OptionError("attacks", "must name one attack: a store step makes one store "
@@ -383,14 +388,14 @@ def resolved(job: Job, step: Step) -> dict[str, Any]:
         o["image_size"] = data["image_size"]
     o["dataset"] = data["dataset"]
     o["data_root"] = data.get("data_root")
-    if step.kind == "stores" and o.get("split", "train") != "train":
+    if step.kind == "stores" and o.get("split", _default("stores", "split")) != "train":
         o["limit"] = budget.get("test_limit", data.get("test_limit"))
     elif step.kind in ("models", "stores"):
         o["limit"] = budget.get("limit", data.get("train_limit"))
         if step.kind == "models" and "epochs" in budget:
             o["epochs"] = budget["epochs"]
         elif step.kind == "models" and "epoch_scale" in budget:
-            o["epochs"] = max(1, math.ceil(o.get("epochs", 6) * budget["epoch_scale"]))
+            o["epochs"] = max(1, math.ceil(o.get("epochs", _default("models", "epochs")) * budget["epoch_scale"]))
     else:
         o["limit"] = o.get("limit", budget.get("test_limit", data.get("test_limit")))
     return o

@@ -81,3 +81,16 @@ def test_a_job_static_step_without_weights_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="models.a.train = false uses a model as given"):
         load_job(spec)
+
+
+def test_a_job_key_left_out_means_the_configs_default(tmp_path, monkeypatch):
+    """[budget] epoch_scale scales the epochs a model step leaves out: TrainConfig's default,
+    read from the field (moved to 9 here: ceil(9 * 0.5) = 5), not a copy of it."""
+    from enspipe.jobspec import load_job, resolved
+
+    spec = tmp_path / "job.toml"
+    spec.write_text('[data]\ndataset = "digits"\n[budget]\nepoch_scale = 0.5\n[models.a]\narch = "A"\n'
+                    '[models.b]\narch = "A"\nepochs = 4\n')
+    monkeypatch.setattr(TrainConfig.__dataclass_fields__["epochs"], "default", 9)
+    job = load_job(spec)
+    assert {s.name: resolved(job, s)["epochs"] for s in job.steps} == {"a": 5, "b": 2}
