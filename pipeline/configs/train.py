@@ -23,6 +23,14 @@ from enspipe.runlog import LOG_SINKS
 __all__ = ["ADV_LOSSES", "AUGMENTS", "EPS_DISTS", "MODES", "OPTIMIZERS", "SCHEDULES", "STORABLE", "TrainConfig"]
 
 MODES = ("clean", "adv", "ens-adv")
+
+
+def _architectures() -> str:
+    """"Architecture (A, B, ..., resnet50, timm:NAME)": the paper's MNIST models from the model
+    registry, asked when --help is made (`enspipe.models` imports torch; a config module must not)."""
+    from enspipe.models import MNIST_ARCHS
+
+    return f"Architecture ({', '.join(MNIST_ARCHS)}, resnet50, timm:NAME)"
 STORABLE = attack_names(storable=True)  # the attacks a run can train with: online, or read from stores
 OPTIMIZERS = {"adam": 1e-3, "rmsprop": 0.045, "sgd": 0.01}  # default learning rates (paper / reference code)
 ADV_LOSSES = ("replace", "paired")  # see enspipe.losses
@@ -39,8 +47,7 @@ class TrainConfig:
     Each field is a flag of `enspipe train` (`--adv-fraction`) and a key of a job spec's
     `[models.NAME]` table (`adv_fraction`), with the default and help declared here once."""
 
-    model: str = option(help="Architecture (A, B, B*, C, C-code, D, resnet50, timm:NAME) or a run dir / "
-                        "checkpoint to start from.", job=False)
+    model: str = option(help=lambda: _architectures() + " or a run dir / checkpoint to start from.", job=False)
     dataset: str = fields.dataset()
     split: str = fields.split("train", "to train on")
     data_root: str | None = fields.data_root()
@@ -63,7 +70,8 @@ class TrainConfig:
                              "stepped on 50 replicas x 16).")
     optimizer: str = option("adam", choices=tuple(OPTIMIZERS), help="adam, rmsprop (the paper's ImageNet "
                             "setup) or sgd (momentum 0.9).")
-    lr: float | None = option(None, above=0, help="Learning rate [adam 1e-3, rmsprop 0.045, sgd 0.01].")
+    lr: float | None = option(None, above=0, help="Learning rate [" + ", ".join(
+        f"{name} {lr:g}" for name, lr in OPTIMIZERS.items()) + "].")  # the defaults, from OPTIMIZERS
     lr_decay: float = option(1.0, above=0, maximum=1, help="Multiply lr by this every --lr-decay-every epochs (ImageNet: 0.94).")
     lr_decay_every: int = option(2, minimum=1, help="Epochs between two lr decays.")
     augment: str = option("none", choices=AUGMENTS,
