@@ -86,7 +86,7 @@ def _default(kind: str, name: str) -> Any:
 def is_static(options: dict[str, Any]) -> bool:
     """Whether a models step (its options) is a static model used as given, not trained:
     `train = false`, which a `pretrained = true` step defaults to."""
-    return not options.get("train", not options.get("pretrained", False))
+    return not options.get("train", not options.get("pretrained", _default("models", "pretrained")))
 
 
 def defaults_keys() -> set[str]:
