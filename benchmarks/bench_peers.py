@@ -3,7 +3,7 @@
     pip install adversarial-robustness-toolbox && pip install --no-deps torchattacks
     python benchmarks/bench_peers.py --quick                 # a few minutes on 2 CPU cores
     python benchmarks/bench_peers.py --full --device cuda    # GPU machine sizes
-    python benchmarks/bench_peers.py --smoke                 # about a minute: the test suite's check (figures meaningless)
+    python benchmarks/bench_peers.py --smoke                 # ~1.5 min: the test suite's check (figures meaningless)
 
 Without ART or torchattacks installed (`--peers auto`, the default) every part still runs
 enspipe's side and leaves the missing peer's rows out, saying so: the suite's smoke run
@@ -735,8 +735,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)  # parts 3 and 4 run in this process
     installed = {m for m in PEER_MODULES if importlib.util.find_spec(m) is not None}
     if args.peers == "all" and installed != set(PEER_MODULES):
-        ap.error("--peers all: not installed: " + ", ".join(PEER_MODULES[m] for m in sorted(set(PEER_MODULES) - installed))
-                 + " (pip install adversarial-robustness-toolbox && pip install --no-deps torchattacks)")
+        missing = ", ".join(PEER_MODULES[m] for m in sorted(set(PEER_MODULES) - installed))
+        ap.error(f"--peers all: not installed: {missing} "
+                 "(pip install adversarial-robustness-toolbox && pip install --no-deps torchattacks)")
     PEERS.clear()
     PEERS.update(installed if args.peers != "none" else set())
     sizes = FULL if args.full else SMOKE if args.smoke else QUICK

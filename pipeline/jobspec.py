@@ -435,7 +435,8 @@ def step_config(job: Job, step: Step, *, outputs: Callable[[str, str], str] | No
 def _names(job: Job, step: Step, ref: Callable[[str, str], str]) -> dict[str, str]:
     """Readable model names in tables: the spec's model names instead of cache paths (a store: its model's)."""
     names = {}
-    for n in [*step.options.get("source_stores", []), *step.options.get("whitebox_stores", [])] if step.kind == "evaluate" else []:
+    stores = [*step.options.get("source_stores", []), *step.options.get("whitebox_stores", [])]
+    for n in stores if step.kind == "evaluate" else []:
         names[ref("stores", n)] = next(s.options["model"] for s in job.steps if s.id == f"stores.{n}")
     for key in ("targets", "sources", "binarized", "binarized_masked", "models", "other"):
         value = step.options.get(key, [])
