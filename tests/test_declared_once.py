@@ -99,7 +99,7 @@ def test_a_job_key_left_out_means_the_configs_default(tmp_path, monkeypatch):
 def test_help_strings_read_the_lists_they_name():
     """`--lr`'s help shows the optimizers' default learning rates (the paper's Adam 1e-3 for
     MNIST, RMSProp 0.045 for Inception; SGD the reference code's 0.01) from OPTIMIZERS, and
-    `--model`'s the paper's MNIST architectures from the model registry."""
+    `--model`'s the model registry's MNIST architectures."""
     import dataclasses
 
     from enspipe.config import _opt, help_text
@@ -107,5 +107,5 @@ def test_help_strings_read_the_lists_they_name():
 
     opts = {f.name: _opt(f) for f in dataclasses.fields(TrainConfig)}
     assert help_text(opts["lr"]) == "Learning rate [adam 0.001, rmsprop 0.045, sgd 0.01]."
-    assert help_text(opts["model"]).startswith("Architecture (A, B, B*, C, C-code, D, resnet50, timm:NAME)")
-    assert MNIST_ARCHS == ("A", "B", "B*", "C", "C-code", "D")
+    # Written out (`--help` must not import torch, which enspipe.models does), kept equal here.
+    assert help_text(opts["model"]).startswith(f"Architecture ({', '.join(MNIST_ARCHS)}, resnet50, timm:NAME)")

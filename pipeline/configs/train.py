@@ -24,13 +24,6 @@ __all__ = ["ADV_LOSSES", "AUGMENTS", "EPS_DISTS", "MODES", "OPTIMIZERS", "SCHEDU
 
 MODES = ("clean", "adv", "ens-adv")
 
-
-def _architectures() -> str:
-    """"Architecture (A, B, ..., resnet50, timm:NAME)": the paper's MNIST models from the model
-    registry, asked when --help is made (`enspipe.models` imports torch; a config module must not)."""
-    from enspipe.models import MNIST_ARCHS
-
-    return f"Architecture ({', '.join(MNIST_ARCHS)}, resnet50, timm:NAME)"
 STORABLE = attack_names(storable=True)  # the attacks a run can train with: online, or read from stores
 OPTIMIZERS = {"adam": 1e-3, "rmsprop": 0.045, "sgd": 0.01}  # default learning rates (paper / reference code)
 ADV_LOSSES = ("replace", "paired")  # see enspipe.losses
@@ -47,7 +40,10 @@ class TrainConfig:
     Each field is a flag of `enspipe train` (`--adv-fraction`) and a key of a job spec's
     `[models.NAME]` table (`adv_fraction`), with the default and help declared here once."""
 
-    model: str = option(help=lambda: _architectures() + " or a run dir / checkpoint to start from.", job=False)
+    # The MNIST names are models.MNIST_ARCHS (a test keeps them equal): enspipe.models imports
+    # torch, which `enspipe train --help` must not.
+    model: str = option(help="Architecture (A, B, B*, C, C-code, D, resnet50, timm:NAME) or a run dir / "
+                        "checkpoint to start from.", job=False)
     dataset: str = fields.dataset()
     split: str = fields.split("train", "to train on")
     data_root: str | None = fields.data_root()
