@@ -3,7 +3,12 @@
     pip install adversarial-robustness-toolbox && pip install --no-deps torchattacks
     python benchmarks/bench_peers.py --quick                 # a few minutes on 2 CPU cores
     python benchmarks/bench_peers.py --full --device cuda    # GPU machine sizes
-    python benchmarks/bench_peers.py --smoke --parts 4       # seconds: the test suite's check (figures meaningless)
+    python benchmarks/bench_peers.py --smoke                 # ~1.5 min: the test suite's check (figures meaningless)
+
+Without ART or torchattacks installed (`--peers auto`, the default) every part still runs
+enspipe's side and leaves the missing peer's rows out, saying so: the suite's smoke run
+keeps parts 1-3 from rotting on a machine without the `bench` extra. `--peers all` refuses
+to start without both.
 
 (torchattacks 3.5.1 pins requests~=2.25.1 but never imports it: --no-deps keeps pip from
 downgrading requests/idna/urllib3 under everything else; see BENCHMARKS.md `## peers`.)
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import importlib.util
 import json
 import os
 import shutil
@@ -95,9 +101,10 @@ QUICK = Sizes(name="quick", n_train=1024, n_test=500, epochs=1, rounds=3, setup_
               memory_ns=(1024, 4096, 16384), memory_steps=34, memory_art_steps=1, attack_batch=64, attack_rounds=6,
               store_n=2048, store_read_n=1024, store_rounds=2, resnet_batch=4, resnet_steps=2)
 # The test suite's smoke run (tests/bench/test_benchmarks_smoke.py): every code path of the chosen
-# parts at the smallest sizes that still run them; its figures mean nothing.
+# parts at the smallest sizes that still run them (one N in part 2: each N is two fresh
+# processes); its figures mean nothing.
 SMOKE = Sizes(name="smoke", n_train=128, n_test=64, epochs=1, rounds=1, setup_limit=128, setup_epochs=1,
-              memory_ns=(128, 256), memory_steps=2, memory_art_steps=1, attack_batch=16, attack_rounds=1,
+              memory_ns=(128,), memory_steps=2, memory_art_steps=1, attack_batch=16, attack_rounds=1,
               store_n=64, store_read_n=32, store_rounds=1, resnet_batch=1, resnet_steps=1)
 FULL = Sizes(name="full", n_train=60000, n_test=10000, epochs=1, rounds=3, setup_limit=60000, setup_epochs=3,
              memory_ns=(10000, 30000, 60000), memory_steps=None, memory_art_steps=None, attack_batch=256,
@@ -148,6 +155,14 @@ def setup_models(work: Path, sizes: Sizes, data_root: str, device: str, tmp: Pat
 # --- part 1: ensemble adversarial training end to end ------------------------------------
 
 CONTENDERS = ("enspipe ens-adv", "enspipe clean", "enspipe adv", "reference pattern", "ART AdversarialTrainer")
+# The peers measured in this run (`--peers`): the import name of each that is installed.
+PEER_MODULES = {"art": "adversarial-robustness-toolbox", "torchattacks": "torchattacks"}
+PEERS: set[str] = set(PEER_MODULES)
+
+
+def contenders() -> tuple[str, ...]:
+    """Part 1's contenders in this run: ART's only when it is measured."""
+    return tuple(c for c in CONTENDERS if c != "ART AdversarialTrainer" or "art" in PEERS)
 
 
 def part1_training(work: Path, sizes: Sizes, data_root: str, device: str, models: dict[str, str],
@@ -155,7 +170,8 @@ def part1_training(work: Path, sizes: Sizes, data_root: str, device: str, models
     statics = [models[k] for k in STATICS]
     common = {"data_root": data_root, "limit": sizes.n_train, "arch": TRAINED, "eps": EPS, "epochs": sizes.epochs,
               "batch_size": BATCH, "seed": 0, "device": device}
-    rows: dict[str, list[dict[str, Any]]] = {c: [] for c in CONTENDERS}
+    active = contenders()
+    rows: dict[str, list[dict[str, Any]]] = {c: [] for c in active}
     precomputes: list[dict[str, Any]] = []
     for r in range(sizes.rounds):
         # A fresh store root per round: precompute finds complete stores and would skip them.
@@ -173,7 +189,7 @@ def part1_training(work: Path, sizes: Sizes, data_root: str, device: str, models
             "reference pattern": ("reference_train", {"statics": statics}),
             "ART AdversarialTrainer": ("art_train", {"statics": statics, "precompute_batch_size": PRECOMPUTE_BATCH}),
         }
-        order = list(CONTENDERS[r % len(CONTENDERS):] + CONTENDERS[:r % len(CONTENDERS)])  # rotate against drift
+        order = list(active[r % len(active):] + active[:r % len(active)])  # rotate against drift
         for name in order:
             task, extra = jobs[name]
             run_dir = runs / name.replace(" ", "_")
@@ -181,7 +197,7 @@ def part1_training(work: Path, sizes: Sizes, data_root: str, device: str, models
             res = run_child(task, {**common, **extra, "run_dir": str(run_dir)}, tmp)
             rows[name].append(res)
             log(f"round {r}: {name}: {res['seconds']:.1f} s, peak RSS {res['rss_peak_mb']:.0f} MiB")
-    quality = evaluate_models({c: rows[c][0]["run_dir"] for c in CONTENDERS}, models["holdout"], sizes, data_root,
+    quality = evaluate_models({c: rows[c][0]["run_dir"] for c in active}, models["holdout"], sizes, data_root,
                               device)
     return {"rows": rows, "precompute": precomputes, "quality": quality, "device": device}
 
@@ -242,10 +258,11 @@ def part2_memory(work: Path, sizes: Sizes, data_root: str, device: str, models: 
                                           "max_steps": sizes.memory_steps, "run_dir": str(run_dir)}, tmp)
         # ART allocates everything N-sized in its precompute, before its first step.
         art = run_child("art_train", {**common, "statics": statics, "precompute_batch_size": PRECOMPUTE_BATCH,
-                                      "max_steps": sizes.memory_art_steps, "run_dir": None}, tmp)
+                                      "max_steps": sizes.memory_art_steps, "run_dir": None}, tmp) \
+            if "art" in PEERS else None
         out.append({"n": n, "precompute": pre, "enspipe": ens, "art": art})
         log(f"memory N={n}: enspipe {ens['rss_peak_mb']:.0f} MiB ({ens['steps']} steps), "
-            f"ART {art['rss_peak_mb']:.0f} MiB ({art['steps']} steps)")
+            + (f"ART {art['rss_peak_mb']:.0f} MiB ({art['steps']} steps)" if art else "ART not measured"))
     return out
 
 
@@ -259,10 +276,9 @@ def part3_attacks(sizes: Sizes, data_root: str, device: str, models: dict[str, s
     mode for both (torchattacks switches to eval itself), eps = 0.3, PGD alpha = 2.5*eps/10
     (enspipe's default, set explicitly on torchattacks), R+FGSM alpha = eps/2 with one
     gradient step (torchattacks' RFGSM is iterative, 10 steps by default: steps=1 is the
-    paper's R+FGSM, eq. 7).
+    paper's R+FGSM, eq. 7). Without torchattacks (`--peers`), enspipe's side alone is timed.
     """
     import torch
-    import torchattacks
 
     from enspipe import attacks as E
     from enspipe.data import create_dataset
@@ -274,28 +290,36 @@ def part3_attacks(sizes: Sizes, data_root: str, device: str, models: dict[str, s
     x, y = data.images(slice(None)).to(dev), torch.as_tensor(data.labels, device=dev)
     alpha_pgd = 2.5 * EPS / 10
 
-    ta_fgsm = torchattacks.FGSM(model, eps=EPS)
-    ta_pgd = torchattacks.PGD(model, eps=EPS, alpha=alpha_pgd, steps=10, random_start=True)
-    ta_rfgsm = torchattacks.RFGSM(model, eps=EPS, alpha=EPS / 2, steps=1)
     gen = torch.Generator().manual_seed(0)
-    pairs: dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor], str]] = {
-        "FGSM": (lambda: E.fgsm(model, x, y, eps=EPS), lambda: ta_fgsm(x, y), "fgsm vs FGSM"),
-        "PGD, 10 steps": (lambda: E.pgd(model, x, y, eps=EPS, steps=10, alpha=alpha_pgd, generator=gen),
-                          lambda: ta_pgd(x, y), "pgd(steps=10) vs PGD(steps=10)"),
-        "R+FGSM": (lambda: E.rand_fgsm(model, x, y, eps=EPS, alpha=EPS / 2, generator=gen), lambda: ta_rfgsm(x, y),
-                   "rand_fgsm vs RFGSM(steps=1)"),
+    ens_fns: dict[str, Callable[[], torch.Tensor]] = {
+        "FGSM": lambda: E.fgsm(model, x, y, eps=EPS),
+        "PGD, 10 steps": lambda: E.pgd(model, x, y, eps=EPS, steps=10, alpha=alpha_pgd, generator=gen),
+        "R+FGSM": lambda: E.rand_fgsm(model, x, y, eps=EPS, alpha=EPS / 2, generator=gen),
     }
-    wall: dict[str, dict[str, list[float]]] = {k: {"enspipe": [], "torchattacks": []} for k in pairs}
-    cpu: dict[str, dict[str, list[float]]] = {k: {"enspipe": [], "torchattacks": []} for k in pairs}
-    for fn_pair in pairs.values():  # warm-up: first-call allocations and lazy inits
-        fn_pair[0]()
-        fn_pair[1]()
+    calls = {"FGSM": "fgsm vs FGSM", "PGD, 10 steps": "pgd(steps=10) vs PGD(steps=10)",
+             "R+FGSM": "rand_fgsm vs RFGSM(steps=1)"}
+    ta_fns: dict[str, Callable[[], torch.Tensor]] = {}
+    if "torchattacks" in PEERS:
+        import torchattacks
+
+        ta_fgsm = torchattacks.FGSM(model, eps=EPS)
+        ta_pgd = torchattacks.PGD(model, eps=EPS, alpha=alpha_pgd, steps=10, random_start=True)
+        ta_rfgsm = torchattacks.RFGSM(model, eps=EPS, alpha=EPS / 2, steps=1)
+        ta_fns = {"FGSM": lambda: ta_fgsm(x, y), "PGD, 10 steps": lambda: ta_pgd(x, y),
+                  "R+FGSM": lambda: ta_rfgsm(x, y)}
+    wall: dict[str, dict[str, list[float]]] = {k: {"enspipe": [], "torchattacks": []} for k in ens_fns}
+    cpu: dict[str, dict[str, list[float]]] = {k: {"enspipe": [], "torchattacks": []} for k in ens_fns}
+    for fn in (*ens_fns.values(), *ta_fns.values()):  # warm-up: first-call allocations and lazy inits
+        fn()
     for _ in range(sizes.attack_rounds):
-        for name, (ens, ta, _) in pairs.items():
+        for name, ens in ens_fns.items():
             # A-B-B-A in every round: a linear drift of the shared machine's load hits both
             # libraries alike. CPU time (all of this process's threads) is recorded beside wall
             # time: it does not count the time the scheduler gives to other users' processes.
-            for lib, fn in (("enspipe", ens), ("torchattacks", ta), ("torchattacks", ta), ("enspipe", ens)):
+            ta = ta_fns.get(name)
+            order = (("enspipe", ens), ("torchattacks", ta), ("torchattacks", ta), ("enspipe", ens)) if ta \
+                else (("enspipe", ens), ("enspipe", ens))
+            for lib, fn in order:
                 sync(dev)
                 t0, c0 = time.perf_counter(), time.process_time()
                 fn()
@@ -308,35 +332,40 @@ def part3_attacks(sizes: Sizes, data_root: str, device: str, models: dict[str, s
     # equal on CPU. PGD's random starts are drawn differently (uniform via rand*2-1 vs
     # uniform_(-eps, eps)), so its agreement is checked with random_start=False on both.
     # The error columns are those of the same compared outputs.
-    outputs: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = {}
-    outputs["FGSM"] = (E.fgsm(model, x, y, eps=EPS), ta_fgsm(x, y), "deterministic")
-    torch.manual_seed(1234)
-    b = ta_rfgsm(x, y)
-    a = E.rand_fgsm(model, x, y, eps=EPS, alpha=EPS / 2, generator=torch.Generator().manual_seed(1234))
-    outputs["R+FGSM"] = (a, b, "same seed" + (" (but CPU noise vs CUDA noise)" if dev.type == "cuda" else ""))
-    a = E.pgd(model, x, y, eps=EPS, steps=10, alpha=alpha_pgd, random_start=False)
-    b = torchattacks.PGD(model, eps=EPS, alpha=alpha_pgd, steps=10, random_start=False)(x, y)
-    outputs["PGD, 10 steps"] = (a, b, "random_start=False on both")
     agree: dict[str, dict[str, Any]] = {}
-    for name, (a, b, how) in outputs.items():
-        agree[name] = _agreement(a, b, how)
-        with torch.no_grad():
-            agree[name]["error_enspipe"] = float((model(a).argmax(1) != y).float().mean())
-            agree[name]["error_torchattacks"] = float((model(b).argmax(1) != y).float().mean())
+    if ta_fns:
+        outputs: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = {}
+        outputs["FGSM"] = (E.fgsm(model, x, y, eps=EPS), ta_fgsm(x, y), "deterministic")
+        torch.manual_seed(1234)
+        b = ta_rfgsm(x, y)
+        a = E.rand_fgsm(model, x, y, eps=EPS, alpha=EPS / 2, generator=torch.Generator().manual_seed(1234))
+        outputs["R+FGSM"] = (a, b, "same seed" + (" (but CPU noise vs CUDA noise)" if dev.type == "cuda" else ""))
+        a = E.pgd(model, x, y, eps=EPS, steps=10, alpha=alpha_pgd, random_start=False)
+        b = torchattacks.PGD(model, eps=EPS, alpha=alpha_pgd, steps=10, random_start=False)(x, y)
+        outputs["PGD, 10 steps"] = (a, b, "random_start=False on both")
+        for name, (a, b, how) in outputs.items():
+            agree[name] = _agreement(a, b, how)
+            with torch.no_grad():
+                agree[name]["error_enspipe"] = float((model(a).argmax(1) != y).float().mean())
+                agree[name]["error_torchattacks"] = float((model(b).argmax(1) != y).float().mean())
 
     rows = []
     n = sizes.attack_batch
-    for name, (_, _, what) in pairs.items():
-        e, t = n / median(wall[name]["enspipe"]), n / median(wall[name]["torchattacks"])
-        ec, tc = n / median(cpu[name]["enspipe"]), n / median(cpu[name]["torchattacks"])
-        spread = max(_rel_iqr(wall[name]["enspipe"]), _rel_iqr(wall[name]["torchattacks"]))
-        rows.append({"attack": name, "calls": what, "enspipe_sps": e, "torchattacks_sps": t, "ratio": e / t,
-                     "spread": spread,
-                     "enspipe_sps_cpu": ec, "torchattacks_sps_cpu": tc, "ratio_cpu": ec / tc,
-                     "target_met": e / t >= 0.95, "target_met_cpu": ec / tc >= 0.95,
-                     "wall": wall[name], "cpu": cpu[name], **agree[name]})
-        log(f"attack {name}: enspipe {e:.0f}/s, torchattacks {t:.0f}/s, ratio {e / t:.3f} (CPU time: {ec / tc:.3f})")
-    return {"batch": n, "model": f"{TRAINED} (static_B)", "rounds": sizes.attack_rounds, "rows": rows}
+    for name, what in calls.items():
+        e, ec = n / median(wall[name]["enspipe"]), n / median(cpu[name]["enspipe"])
+        row: dict[str, Any] = {"attack": name, "calls": what, "enspipe_sps": e, "enspipe_sps_cpu": ec,
+                               "spread": _rel_iqr(wall[name]["enspipe"]), "wall": wall[name], "cpu": cpu[name]}
+        if ta_fns:
+            t, tc = n / median(wall[name]["torchattacks"]), n / median(cpu[name]["torchattacks"])
+            row.update(torchattacks_sps=t, ratio=e / t, torchattacks_sps_cpu=tc, ratio_cpu=ec / tc,
+                       spread=max(row["spread"], _rel_iqr(wall[name]["torchattacks"])),
+                       target_met=e / t >= 0.95, target_met_cpu=ec / tc >= 0.95, **agree[name])
+            log(f"attack {name}: enspipe {e:.0f}/s, torchattacks {t:.0f}/s, ratio {e / t:.3f} (CPU time: {ec / tc:.3f})")
+        else:
+            log(f"attack {name}: enspipe {e:.0f}/s (torchattacks not measured)")
+        rows.append(row)
+    return {"batch": n, "model": f"{TRAINED} (static_B)", "rounds": sizes.attack_rounds, "rows": rows,
+            "torchattacks": bool(ta_fns)}
 
 
 def _rel_iqr(xs: list[float]) -> float:
@@ -468,9 +497,9 @@ def _report_part1(p: dict[str, Any], sizes: dict[str, Any]) -> list[str]:
     cpu = {c: median([r["loop_cpu_seconds"] for r in rs]) / e for c, rs in rows.items()}
     pre = {"wall": median([r["seconds"] for r in p["precompute"]]),
            "cpu": median([r["cpu_seconds"] for r in p["precompute"]])}
-    art = rows["ART AdversarialTrainer"]
+    art = rows.get("ART AdversarialTrainer")  # None: ART not measured (`--peers`)
     art_pre = {"wall": median([r["precompute_seconds"] for r in art]),
-               "cpu": median([r["precompute_cpu_seconds"] for r in art])}
+               "cpu": median([r["precompute_cpu_seconds"] for r in art])} if art else None
     rss = {c: max(r["rss_peak_mb"] for r in rs) for c, rs in rows.items()}
     overhead = median([r["seconds"] - r["loop_seconds"] for c in CONTENDERS if c.startswith("enspipe") for r in rows[c]])
 
@@ -478,7 +507,7 @@ def _report_part1(p: dict[str, Any], sizes: dict[str, Any]) -> list[str]:
         base = (wall if clock == "wall" else cpu)[c]
         if c == "enspipe ens-adv":
             return base + pre[clock] / (k * e)       # the stores are reused by k runs
-        if c == "ART AdversarialTrainer":
+        if c == "ART AdversarialTrainer" and art_pre is not None:
             return base + art_pre[clock] / e         # recomputed in memory by every run
         return base
 
@@ -507,8 +536,9 @@ def _report_part1(p: dict[str, Any], sizes: dict[str, Any]) -> list[str]:
         f"epoch(s) on train[:{sizes['setup_limit']}]); holdout: A (another seed), never seen in training.",
         "",
         f"- enspipe precompute of both stores (zarr, batch {PRECOMPUTE_BATCH}): {fmt_s(pre['wall'])} s wall, "
-        f"{fmt_s(pre['cpu'])} CPU-s, peak RSS {max(r['rss_peak_mb'] for r in p['precompute']):.0f} MiB; ART's "
-        f"in-memory precompute inside every fit(): {fmt_s(art_pre['wall'])} s wall, {fmt_s(art_pre['cpu'])} CPU-s.",
+        f"{fmt_s(pre['cpu'])} CPU-s, peak RSS {max(r['rss_peak_mb'] for r in p['precompute']):.0f} MiB; "
+        + (f"ART's in-memory precompute inside every fit(): {fmt_s(art_pre['wall'])} s wall, "
+           f"{fmt_s(art_pre['cpu'])} CPU-s." if art_pre else "ART not measured (not installed; `--peers`)."),
         f"- 'epoch' is the training loop alone; enspipe's train() adds {fmt_s(overhead)} s per run around it "
         "(dataset fingerprint, store checks, checkpoint), not counted below.",
         "- 'per epoch, k runs' adds the precompute: enspipe's divided by k runs that reuse the stores, ART's paid by "
@@ -519,7 +549,7 @@ def _report_part1(p: dict[str, Any], sizes: dict[str, Any]) -> list[str]:
         "peak RSS MiB (× ens-adv) | clean error | max black-box error, holdout A |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in CONTENDERS:
+    for c in rows:
         vals = [per_epoch(c, k) for k in AMORTISE_RUNS]
         ratios = " / ".join(f"{v / ref[k]:.2f}" for v, k in zip(vals, AMORTISE_RUNS))
         cpu_ratio = per_epoch(c, 1, "cpu") / per_epoch("enspipe ens-adv", 1, "cpu")
@@ -555,19 +585,23 @@ def _report_part2(rows: list[dict[str, Any]], sizes: dict[str, Any], part1: dict
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        e, a = r["enspipe"], r["art"]
-        eg, ag = e["rss_peak_mb"] - e["rss_imports_mb"], a["rss_peak_mb"] - a["rss_imports_mb"]
+        e, a = r["enspipe"], r["art"] or {}  # {}: ART not measured (`--peers`)
+        eg = e["rss_peak_mb"] - e["rss_imports_mb"]
+        ag = a["rss_peak_mb"] - a["rss_imports_mb"] if a else float("nan")
         pre = f"{fmt_s(r['precompute']['seconds'])}"
         if part1 is not None and r["n"] == sizes["n_train"]:
             # The stores of this N were made in part 1 and only found again here: show part 1's time.
             pre = f"{fmt_s(median([p['seconds'] for p in part1['precompute']]))} (part 1)"
-        ratio = f"{ag / eg:.2f}" if eg > 0 else "—"
-        out.append(f"| {r['n']:,} | {e['rss_peak_mb']:.0f} | {eg:.0f} | {a['rss_peak_mb']:.0f} | {ag:.0f} | {ratio} | "
-                   f"{pre} / {fmt_s(a['precompute_seconds'])} |")
+        ratio = f"{ag / eg:.2f}" if eg > 0 and a else "—"
+        art_cols = f"{a['rss_peak_mb']:.0f} | {ag:.0f}" if a else "— | —"
+        out.append(f"| {r['n']:,} | {e['rss_peak_mb']:.0f} | {eg:.0f} | {art_cols} | {ratio} | "
+                   f"{pre} / {fmt_s(a['precompute_seconds']) if a else '—'} |")
     out.append("")
     if len(rows) >= 2:
         ns = np.array([r["n"] for r in rows], dtype=float)
         for who, label in (("enspipe", "enspipe"), ("art", "ART")):
+            if not all(r[who] for r in rows):
+                continue
             ys = np.array([r[who]["rss_peak_mb"] - r[who]["rss_imports_mb"] for r in rows])
             slope, icpt = np.polyfit(ns, ys, 1)
             line = (f"- {label}: growth {ys.min():.0f}–{ys.max():.0f} MiB over N = {int(ns.min()):,}–{int(ns.max()):,}; "
@@ -600,6 +634,10 @@ def _report_part3(p: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in p["rows"]:
+        if "torchattacks_sps" not in r:  # torchattacks not measured (`--peers`)
+            out.append(f"| {r['attack']}: {r['calls']} | {r['enspipe_sps']:.0f} | — | — | — | "
+                       f"±{r['spread'] * 100:.0f}% | — | — | — |")
+            continue
         agree = ("identical (torch.equal)" if r["equal"] else
                  f"max abs diff {r['max_abs_diff']:.2g} in {r['elements_differing']} of {r['elements']} elements") \
             + f"; {r['agreement_how']}"
@@ -673,6 +711,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None,
                     help="keep models, stores and results here (default: a temporary directory, removed)")
     ap.add_argument("--parts", default="1,2,3,4", help="which measurements to run, e.g. 3,4 (default all)")
+    ap.add_argument("--peers", choices=("auto", "all", "none"), default="auto",
+                    help="measure the peers installed (auto, default), both or refuse to start (all), or none: "
+                         "enspipe's side of every part runs regardless")
     ap.add_argument("--markdown", default=None, help="also write the markdown section to this file")
     ap.add_argument("--json", default=None, help="also write the raw results to this file")
     ap.add_argument("--report-from", default=None, metavar="RESULTS_JSON",
@@ -692,6 +733,13 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--threads must be at least 1")
         THREADS = args.threads
         torch.set_num_threads(args.threads)  # parts 3 and 4 run in this process
+    installed = {m for m in PEER_MODULES if importlib.util.find_spec(m) is not None}
+    if args.peers == "all" and installed != set(PEER_MODULES):
+        missing = ", ".join(PEER_MODULES[m] for m in sorted(set(PEER_MODULES) - installed))
+        ap.error(f"--peers all: not installed: {missing} "
+                 "(pip install adversarial-robustness-toolbox && pip install --no-deps torchattacks)")
+    PEERS.clear()
+    PEERS.update(installed if args.peers != "none" else set())
     sizes = FULL if args.full else SMOKE if args.smoke else QUICK
     device = resolve_device(args.device)
     parts = {int(p) for p in args.parts.split(",") if p.strip()}
@@ -704,7 +752,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     res: dict[str, Any] = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "command": command.strip(),
                            "sizes": dataclasses.asdict(sizes), "machine": machine(device, PACKAGES)}
-    log(f"{sizes.name} sizes on {device}; workdir {work}")
+    log(f"{sizes.name} sizes on {device}; workdir {work}; peers measured: "
+        + (", ".join(PEER_MODULES[m] for m in sorted(PEERS)) or "none"))
+    res["peers"] = sorted(PEERS)
     try:
         models = setup_models(work, sizes, args.data_root, str(device), tmp) if parts & {1, 2, 3} else {}
         if 1 in parts:

@@ -170,9 +170,6 @@ class _NoStores:
     def _read_block(self, reader, start, stop):
         return np.zeros((stop - start, 1, 1, 1), np.int8)
 
-    def _read_rows(self, reader, indices):
-        return np.zeros((len(indices), 1, 1, 1), np.int8)
-
 
 def distinct(classes: int, per_class: int, batch: int, old: Any | None) -> list[dict]:
     from enspipe import stream as new

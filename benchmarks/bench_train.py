@@ -183,9 +183,6 @@ class CleanOnlyStream(BatchStream):
         # The online baselines never use batch["d"]: a zero placeholder (no I/O) stands in.
         return np.zeros((stop - start, *self.dataset.geometry.shape), np.int8)
 
-    def _read_rows(self, reader: Any, indices: list[int]) -> np.ndarray:
-        return np.zeros((len(indices), *self.dataset.geometry.shape), np.int8)
-
 
 def clean_only_stream(dataset: SampleSource, cfg: TrainConfig, epoch: int, rank: int, world: int) -> CleanOnlyStream:
     """train()'s `stream_factory` seam for the online baselines (as enspipe.train.batch_stream)."""

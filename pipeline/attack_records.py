@@ -33,7 +33,8 @@ from typing import Mapping
 
 from enspipe.util.errors import AttackError
 
-__all__ = ["ATTACK_RECORDS", "RECORDS", "AttackRecord", "attack_names", "display_name", "parse_eps", "record"]
+__all__ = ["ATTACK_RECORDS", "EPS_ABOVE", "EPS_MAX", "RECORDS", "AttackRecord", "attack_names", "display_name",
+           "eps_number", "parse_eps", "record"]
 
 KINDS = ("single-step", "iterative")
 LABEL_RULES = ("given", "least-likely")
@@ -138,9 +139,24 @@ def _number(value: object) -> float | None:
     return None
 
 
-def parse_eps(text: str | float) -> float:
-    """An eps from a config or the command line: "0.3", "16/256" or 0.3, in (0, 1]."""
+# eps lies in (EPS_ABOVE, EPS_MAX]: pixels are in [0, 1]. Config fields declare this range
+# (`fields.eps`: above=, maximum=) and `check_declared` enforces it; `parse_eps` reads it here.
+EPS_ABOVE, EPS_MAX = 0.0, 1.0
+_EPS_WANTED = "eps must be a number in (0, 1] such as 0.3 or 16/256"
+
+
+def eps_number(text: str | float) -> float:
+    """An eps as written, "0.3", "16/256" or 0.3, as a finite float; its range is not checked
+    here (a config field's declaration checks it, `parse_eps` for everyone else)."""
     value = _parse_fraction(text) if isinstance(text, str) else _number(text)
-    if value is None or not math.isfinite(value) or not 0.0 < value <= 1.0:
-        raise AttackError(f"eps must be a number in (0, 1] such as 0.3 or 16/256, got {text!r}.")
+    if value is None or not math.isfinite(value):
+        raise AttackError(f"{_EPS_WANTED}, got {text!r}.")
+    return value
+
+
+def parse_eps(text: str | float) -> float:
+    """An eps outside a config (an attack's parameters): "0.3", "16/256" or 0.3, in (0, 1]."""
+    value = eps_number(text)
+    if not EPS_ABOVE < value <= EPS_MAX:
+        raise AttackError(f"{_EPS_WANTED}, got {text!r}.")
     return value

@@ -74,8 +74,9 @@ class Precision:
 
     @classmethod
     def resolve(cls, name: str, device: torch.device | str, *, strict: bool = False) -> Precision:
-        """The precision `name` on `device`; OptionError("precision") for an unknown name, and
-        with `strict` for a reduced precision the device cannot compute natively."""
+        """The precision `name` on `device`; with `strict`, OptionError("precision") for a reduced
+        precision the device cannot compute natively. `name` comes from a config field whose
+        declared choices (`PRECISIONS`) `check_declared` already enforced: not checked again."""
         p = _resolve(cls, name, str(device))
         if strict and not p.native:
             raise OptionError("precision", f"{name} cannot run on device {p.device}: {p._why_not()}; use fp32")
@@ -168,8 +169,7 @@ def _resolve(cls: type[Precision], name: str, device: str) -> Precision:
     # The native check is not cached: it asks the device each time (once per run).
     import torch
 
-    if name not in PRECISIONS:
-        raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, not {name!r}")
+    assert name in PRECISIONS, f"{name!r}: a config's declared choices let through no other precision"
     return cls(name, torch.device(device))
 
 

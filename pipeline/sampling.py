@@ -9,6 +9,9 @@ Two layers, both numpy only (the stores do not know their reader's order):
   `buffer_blocks` consecutive blocks of that order (read whole, each block carrying its drawn
   source), shuffled in memory and cut into whole batches; what a window cannot fill into a
   whole batch of its source goes to the epoch's tail, merged and cut into batches at the end.
+  What a window leaves to the tail is the last samples of its blocks of that source (in block
+  order), so the window reads its blocks less those samples and a tail unit reads them, as
+  contiguous ranges: every sample is read once per epoch, never again by index.
   The plan depends on (seed, epoch, rank, world, sizes) and never on how many loader workers
   execute it: workers take units round robin, and every batch carries its number `seq` in the
   rank's epoch, so any worker count yields the same batches (issue 25 item 3), and the trainer
@@ -87,11 +90,14 @@ class PlannedBatch:
 
 @dataclass(frozen=True)
 class Unit:
-    """What one loader worker does in one go: read `blocks` (start, stop, source) whole, then
-    serve `batches` from them. A tail unit reads no block: its samples are read by index."""
+    """What one loader worker does in one go: read the contiguous ranges `reads` (start, stop,
+    source) whole, each once, then serve `batches` from them. `blocks` are the window's blocks
+    as drawn (() for a tail unit); `reads` are those blocks less the samples the window leaves
+    to the tail, and for a tail unit the ranges of its batch's samples, with the batch's source."""
 
     blocks: tuple[tuple[int, int, int], ...]
     batches: tuple[PlannedBatch, ...]
+    reads: tuple[tuple[int, int, int], ...]
 
 
 def epoch_plan(num_samples: int, *, batch_size: int, block_size: int, buffer_blocks: int, seed: int, epoch: int,
@@ -115,37 +121,50 @@ def epoch_plan(num_samples: int, *, batch_size: int, block_size: int, buffer_blo
     else:
         drawn = np.full(len(blocks), sources[0])
     units: list[Unit] = []
-    tail: list[np.ndarray] = []
+    tail: list[tuple[int, int]] = []  # (start, stop) ranges no window filled into a whole batch
     seq = 0
     for w, at in enumerate(range(0, len(blocks), buffer_blocks)):
         window = [(s, e, int(src)) for (s, e), src in zip(blocks[at:at + buffer_blocks], drawn[at:at + buffer_blocks])]
         rng = np.random.default_rng([seed, epoch, rank, w, 0x817])
         cut: list[tuple[int, np.ndarray]] = []
+        kept = {s: e for s, e, _ in window}  # each block's start -> where the window's read stops
         for src in sources:
-            idx = [np.arange(s, e, dtype=np.int64) for s, e, t in window if t == src]
-            if not idx:
+            mine = [(s, e) for s, e, t in window if t == src]
+            if not mine:
                 continue
-            pool = np.concatenate(idx)
+            left = sum(e - s for s, e in mine) % batch_size
+            # The tail takes the source's last `left` samples in block order: contiguous ranges
+            # that the window then does not read (a sample is read once, by one unit).
+            for s, e in reversed(mine):
+                take = min(left, e - s)
+                if take:
+                    tail.append((e - take, e))
+                    kept[s], left = e - take, left - take
+            pool = np.concatenate([np.arange(s, kept[s], dtype=np.int64) for s, _ in mine])
             if shuffle:
                 pool = rng.permutation(pool)
-            full = len(pool) - len(pool) % batch_size
-            cut += [(src, pool[i:i + batch_size]) for i in range(0, full, batch_size)]
-            if full < len(pool):
-                tail.append(pool[full:])
+            cut += [(src, pool[i:i + batch_size]) for i in range(0, len(pool), batch_size)]
         if shuffle:  # the sources' batches interleave
             cut = [cut[i] for i in rng.permutation(len(cut))]
-        units.append(Unit(tuple(window), tuple(PlannedBatch(seq + k, s, ix) for k, (s, ix) in enumerate(cut))))
+        reads = tuple((s, kept[s], t) for s, _, t in window if kept[s] > s)
+        units.append(Unit(tuple(window), tuple(PlannedBatch(seq + k, s, ix) for k, (s, ix) in enumerate(cut)), reads))
         seq += len(cut)
     if tail:  # what no window filled: merged over the epoch, each batch's source drawn uniformly
-        # In window order, not shuffled again: each piece is already a random part of its window,
-        # and a tail batch then reads its samples from a few neighbouring windows' chunks, not
-        # from chunks all over the store (a batch above a source's share of a window, 512 of
-        # 256-sample blocks say, sends about half the samples here).
-        rest = np.concatenate(tail)
+        # In window order: a tail batch reads a few contiguous ranges of neighbouring windows
+        # (each sample's only read), shuffled in memory.
+        rest = np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in tail])
         rng = np.random.default_rng([seed, epoch, rank, 0x7A1])
         stop = len(rest) - len(rest) % batch_size if drop_last else len(rest)
         for i in range(0, stop, batch_size):
             src = sources[int(rng.integers(len(sources)))] if shuffle else sources[0]
-            units.append(Unit((), (PlannedBatch(seq, src, rest[i:i + batch_size]),)))
+            index = rest[i:i + batch_size]
+            units.append(Unit((), (PlannedBatch(seq, src, rng.permutation(index) if shuffle else index),),
+                              tuple((int(s), int(e), src) for s, e in _runs(index))))
             seq += 1
     return units
+
+
+def _runs(index: np.ndarray) -> list[tuple[int, int]]:
+    """The contiguous (start, stop) runs of `index` (ascending within each run), in its order."""
+    cuts = np.flatnonzero(np.diff(index) != 1) + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(index, cuts)]

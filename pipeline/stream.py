@@ -208,32 +208,23 @@ class DirectionStream(torch.utils.data.IterableDataset):
                 yield from self._unit(unit, readers)
 
     def _unit(self, unit: Unit, readers: list[Any]) -> Iterator[dict[str, Any]]:
+        # A window or the epoch's tail alike: its contiguous `reads`, each read once.
+        if not unit.batches:  # a window whose every sample went to the tail
+            return
         if self.draw is not None:
             yield from self._drawn_unit(unit, readers)
             return
-        if not unit.blocks:  # the epoch's tail: samples read by index
-            for b in unit.batches:
-                yield from self._emit(b, self._scattered(b, readers))
-            return
-        spans = [(s, e) for s, e, _ in unit.blocks]
+        spans = [(s, e) for s, e, _ in unit.reads]
         window = self._window(unit, readers)
         for b in unit.batches:
             rows = _rows(spans, b.index)
             yield from self._emit(b, {k: v[rows] for k, v in window.items()})
 
     def _drawn_unit(self, unit: Unit, readers: list[Any]) -> Iterator[dict[str, Any]]:
-        if not unit.blocks:  # the epoch's tail: samples read by index, the drawn store's rows only
-            for b in unit.batches:
-                part = {"index": b.index, "x": self._pixels(b.index), "y": self.dataset.labels[b.index]}
-                if b.source != SELF:
-                    rows = b.index[:self.adv_rows(len(b.index))]
-                    part["d"] = self._read_rows(readers[b.source - 1], rows.tolist())
-                yield self._source_batch(b.source, part, self._batch_rng(b.seq), seq=b.seq)
-            return
-        spans = [(s, e) for s, e, _ in unit.blocks]
-        x, index = self._images(unit.blocks), np.concatenate([np.arange(s, e) for s, e in spans])
-        # Directions of the store blocks only, each from its drawn store.
-        read = [(s, e, src) for s, e, src in unit.blocks if src != SELF]
+        spans = [(s, e) for s, e, _ in unit.reads]
+        x, index = self._images(unit.reads), np.concatenate([np.arange(s, e) for s, e in spans])
+        # Directions of the store ranges only, each from its drawn store.
+        read = [(s, e, src) for s, e, src in unit.reads if src != SELF]
         d = np.concatenate([self._read_block(readers[src - 1], s, e) for s, e, src in read]) if read else None
         for b in unit.batches:
             rows = _rows(spans, b.index)
@@ -245,10 +236,6 @@ class DirectionStream(torch.utils.data.IterableDataset):
     def _read_block(self, reader: Any, start: int, stop: int) -> np.ndarray:
         """A store's directions of samples [start, stop) (a subclass may stand in for the read)."""
         return reader.read_directions(start, stop)
-
-    def _read_rows(self, reader: Any, indices: list[int]) -> np.ndarray:
-        """A store's directions of scattered samples (the epoch's tail)."""
-        return reader.read_indices(indices)["direction"]
 
     def _source_batch(self, source: int, part: dict[str, np.ndarray], rng: np.random.Generator, *,
                       seq: int = 0) -> dict[str, Any]:
@@ -270,15 +257,15 @@ class DirectionStream(torch.utils.data.IterableDataset):
                 "aug": torch.from_numpy(aug) if aug is not None else None}
 
     def _window(self, unit: Unit, readers: list[Any]) -> dict[str, np.ndarray]:
-        index = np.concatenate([np.arange(s, e) for s, e, _ in unit.blocks])
+        index = np.concatenate([np.arange(s, e) for s, e, _ in unit.reads])
         C, H, W = self.dataset.geometry.shape
         d = np.empty((len(index), len(readers), C, H, W), np.int8)
         at = 0
-        for s, e, _ in unit.blocks:
+        for s, e, _ in unit.reads:
             for k, r in enumerate(readers):
                 d[at:at + e - s, k] = r.read_directions(s, e)
             at += e - s
-        return {"index": index, "x": self._images(unit.blocks), "y": self.dataset.labels[index], "d": d}
+        return {"index": index, "x": self._images(unit.reads), "y": self.dataset.labels[index], "d": d}
 
     def _images(self, blocks: Sequence[tuple[int, int, int]]) -> np.ndarray:
         return np.concatenate([self._pixels(slice(s, e)) for s, e, _ in blocks])
@@ -294,13 +281,6 @@ class DirectionStream(torch.utils.data.IterableDataset):
 
     def _image_tensor(self, x: np.ndarray) -> Any:
         return torch.from_numpy(np.ascontiguousarray(x))
-
-    def _scattered(self, b: PlannedBatch, readers: list[Any]) -> dict[str, np.ndarray]:
-        C, H, W = self.dataset.geometry.shape
-        d = np.empty((len(b.index), len(readers), C, H, W), np.int8)
-        for k, r in enumerate(readers):
-            d[:, k] = r.read_indices(b.index)["direction"]
-        return {"index": b.index, "x": self._pixels(b.index), "y": self.dataset.labels[b.index], "d": d}
 
     def _emit(self, b: PlannedBatch, part: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
         part = self._augmented(part, self._batch_rng(b.seq))
@@ -339,7 +319,7 @@ class SourceBatches(DirectionStream):
     block. A block of a store reads that store's directions only; a SELF block reads none (the
     model's direction is made online). A batch is cut from its window's blocks of one source;
     the epoch's tail (what no window filled) is merged into batches whose source is drawn
-    uniformly, their directions read by index.
+    uniformly, their samples read as contiguous ranges (each sample once per epoch).
 
     Yields {"index", "x", "y", "seq", "source": int, "d": int8 [n_d, C,H,W] of the drawn store
     (None for SELF), "aug": the crop/flip params (or None)}; `n_d` is `adv_rows(n)` (the whole

@@ -6,14 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from enspipe.attack_records import ATTACK_RECORDS
+from enspipe.attack_records import attack_names
 from enspipe.config import OptionError, check, check_declared, normalize, option
 from enspipe.configs import fields
 from enspipe.util.errors import AttackError
 
-__all__ = ["ATTACKS", "EvalConfig"]
-
-ATTACKS = tuple(ATTACK_RECORDS)  # every attack evaluates, white-box and black-box
+__all__ = ["EvalConfig"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +29,8 @@ class EvalConfig:
     data_root: str | None = fields.data_root()
     limit: int | None = fields.limit(job=True)
     image_size: int | None = fields.image_size()
-    attacks: tuple[str, ...] = option(("fgsm",), sep=",", metavar="ATTACKS", choices=ATTACKS,
-                                      help="Comma list (or repeat) of " + ", ".join(ATTACKS) + ".")
+    attacks: tuple[str, ...] = option(("fgsm",), sep=",", metavar="ATTACKS", choices=attack_names(),
+                                      help="Comma list (or repeat) of " + ", ".join(attack_names()) + ".")
     eps: float = fields.eps()
     sources: tuple[str, ...] = option((), metavar="MODEL", help="Holdout model(s) whose attacks transfer to the "
                                       "targets (black-box).")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from enspipe.attack_records import parse_eps
+from enspipe.attack_records import EPS_ABOVE, EPS_MAX, eps_number
 from enspipe.config import option
 
 __all__ = ["data_root", "dataset", "device", "eps", "image_size", "limit", "pretrained", "split", "weights"]
@@ -63,4 +63,7 @@ def device() -> Any:
 
 
 def eps(default: float = 0.3) -> Any:
-    return option(default, parse=parse_eps, metavar="EPS", above=0, maximum=1, help="l-inf budget: 0.3 or 16/256.")
+    # The parser reads the syntax only; the range is declared here once and `check_declared`
+    # enforces it, for text ("1.5") and numbers (1.5) alike.
+    return option(default, parse=eps_number, metavar="EPS", above=EPS_ABOVE, maximum=EPS_MAX,
+                  help="l-inf budget: 0.3 or 16/256.")

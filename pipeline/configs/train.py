@@ -24,6 +24,7 @@ from enspipe.report.runlog import LOG_SINKS
 __all__ = ["ADV_LOSSES", "AUGMENTS", "EPS_DISTS", "MODES", "OPTIMIZERS", "SCHEDULES", "STORABLE", "TrainConfig"]
 
 MODES = ("clean", "adv", "ens-adv")
+
 STORABLE = attack_names(storable=True)  # the attacks a run can train with: online, or read from stores
 OPTIMIZERS = {"adam": 1e-3, "rmsprop": 0.045, "sgd": 0.01}  # default learning rates (paper / reference code)
 ADV_LOSSES = ("replace", "paired")  # see enspipe.train.losses
@@ -40,6 +41,8 @@ class TrainConfig:
     Each field is a flag of `enspipe train` (`--adv-fraction`) and a key of a job spec's
     `[models.NAME]` table (`adv_fraction`), with the default and help declared here once."""
 
+    # The MNIST names are models.MNIST_ARCHS (a test keeps them equal): enspipe.models imports
+    # torch, which `enspipe train --help` must not.
     model: str = option(help="Architecture (A, B, B*, C, C-code, D, resnet50, timm:NAME) or a run dir / "
                         "checkpoint to start from.", job=False)
     dataset: str = fields.dataset()
@@ -64,7 +67,8 @@ class TrainConfig:
                              "stepped on 50 replicas x 16).")
     optimizer: str = option("adam", choices=tuple(OPTIMIZERS), help="adam, rmsprop (the paper's ImageNet "
                             "setup) or sgd (momentum 0.9).")
-    lr: float | None = option(None, above=0, help="Learning rate [adam 1e-3, rmsprop 0.045, sgd 0.01].")
+    lr: float | None = option(None, above=0, help="Learning rate [" + ", ".join(
+        f"{name} {lr:g}" for name, lr in OPTIMIZERS.items()) + "].")  # the defaults, from OPTIMIZERS
     lr_decay: float = option(1.0, above=0, maximum=1, help="Multiply lr by this every --lr-decay-every epochs (ImageNet: 0.94).")
     lr_decay_every: int = option(2, minimum=1, help="Epochs between two lr decays.")
     augment: str = option("none", choices=AUGMENTS,

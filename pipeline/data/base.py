@@ -8,6 +8,7 @@ import operator
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -123,7 +124,17 @@ class SampleSource(Dataset):
     labels: np.ndarray  # int64 [N]
     fingerprint: str
     order: str | None = None  # CLASS_INTERLEAVED where the canonical order is not the file order
-    superseded: dict[str, str] | None = None  # older fingerprints of these samples -> why not to read them
+
+    @cached_property
+    def superseded(self) -> dict[str, str]:
+        """Older fingerprints of these samples -> why a store made for one is not read. Computed
+        on first read, which a store check does only when a store's fingerprint does not match
+        (a second pass over every file's record: never paid by a matching store)."""
+        return self._superseded()
+
+    def _superseded(self) -> dict[str, str]:
+        """What `superseded` computes: a source whose canonical order changed overrides it."""
+        return {}
 
     def __len__(self) -> int:
         return len(self.keys)

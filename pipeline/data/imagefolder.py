@@ -202,18 +202,20 @@ class ImageFolderSource(LazySource):
                                  f"rgb:resize{self.resize}:center-crop{self.crop}:bilinear:uint8")
         self._limits = current_limits()
         self.order = CLASS_INTERLEAVED
-        records: dict[str, bytes] = {}
         self.fingerprint = _fingerprint(
             source="imagefolder", split=split, limit=limit, geometry=self.geometry, classes=self.classes,
-            keys=self.keys, labels=self.labels, content=self._file_records(self._files, records), order=self.order)
+            keys=self.keys, labels=self.labels, content=self._file_records(self._files, {}), order=self.order)
+        self._per_class = per_class  # for `superseded`, computed only when a store does not match
+
+    def _superseded(self) -> dict[str, str]:
         # What a store written under the old class-sorted order carries: refused with a line that says so.
-        old = _stratified(per_class, limit) if limit is not None else per_class
+        old = _stratified(self._per_class, self.limit) if self.limit is not None else self._per_class
         old_files = [f.replace(os.sep, "/") for names in old for f in names]
-        self.superseded = {_fingerprint(
-            source="imagefolder", split=split, limit=limit, geometry=self.geometry, classes=self.classes,
+        return {_fingerprint(
+            source="imagefolder", split=self.split, limit=self.limit, geometry=self.geometry, classes=self.classes,
             keys=_sanitise_keys(old_files), labels=np.asarray([c for c, names in enumerate(old) for _ in names],
                                                              dtype=np.int64),
-            content=self._file_records(old_files, records)): SUPERSEDED_FILE_ORDER}
+            content=self._file_records(old_files, {})): SUPERSEDED_FILE_ORDER}
 
     def _file_records(self, files: list[str], seen: dict[str, bytes]):
         """size:mtime per file (see the module docstring), each file stat'ed once (`seen`); a file

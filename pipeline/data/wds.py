@@ -177,9 +177,12 @@ class WebDatasetSource(LazySource):
             source="wds", split=split, limit=limit, geometry=self.geometry,
             classes=self.classes, keys=self.keys, labels=self.labels,
             content=(f"{ext}:{size}:{mtime}\n".encode() for _, _, size, ext, mtime in members), order=self.order)
-        old_keys, old_labels, old_members = file_order
-        self.superseded = {_fingerprint(
-            source="wds", split=split, limit=limit, geometry=self.geometry, classes=self.classes,
+        self._file_order = file_order  # for `superseded`, computed only when a store does not match
+
+    def _superseded(self) -> dict[str, str]:
+        old_keys, old_labels, old_members = self._file_order
+        return {_fingerprint(
+            source="wds", split=self.split, limit=self.limit, geometry=self.geometry, classes=self.classes,
             keys=_sanitise_keys(old_keys), labels=np.asarray(old_labels, dtype=np.int64),
             content=(f"{ext}:{size}:{mtime}\n".encode() for _, _, size, ext, mtime in old_members)
         ): SUPERSEDED_FILE_ORDER}

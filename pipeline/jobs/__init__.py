@@ -16,15 +16,18 @@ and a report:
     [params]         NAME = default; "${NAME}" in any value; `enspipe run --set NAME=VALUE`
                      (`enspipe.jobs.params`: local paths such as a dataset folder or weight files)
     [models.NAME] train = false, weights = FILE: a static model used as given (a local state dict)
-    [stores.NAME] split = "test": directions of the evaluation images; [evaluate.NAME] stores =
-                     [STORE STEPS]: those directions as black-box sources (Table 1's reuse)
+    [stores.NAME] split = "test": directions of the evaluation images; [evaluate.NAME]
+                     source_stores = [STORE STEPS]: those directions as black-box sources
+                     (Table 1's reuse); whitebox_stores = [STORE STEPS]: a target's own
+                     white-box attack only (Table 2's)
 
 A step's keys are its stage's config fields (`enspipe.config`): the same names, types and
 defaults as the command line's flags (`adv_fraction` is `--adv-fraction`), except where the
 job supplies a field itself: the data ([data] / [budget]), the device and the output
 location (`enspipe run --device / --out / --cache`), and the models and stores a step uses,
 which are other steps' names. Old names are accepted as aliases: `stores` for `shards`,
-`workers` for `loader_workers`, `attack` for a store step's one attack.
+`workers` for `loader_workers`, `attack` for a store step's one attack; an evaluate step's
+`stores` / `own_stores` still work with a deprecation line (`source_stores` / `whitebox_stores`).
 
 Every step's key hashes its own resolved options and the keys of the steps it uses, so
 a step whose inputs did not change is reused from the cache (a second run, or another
@@ -53,6 +56,7 @@ from enspipe.jobs.spec import (
     STRUCTURE,
     Job,
     Step,
+    is_static,
     load_job,
     resolved,
     step_config,
@@ -78,6 +82,10 @@ def _key_options(job: Job, step: Step) -> dict[str, Any]:
     o = {k: v for k, v in resolved(job, step).items() if k not in runtime}
     if step.kind == "models" and "shards" in o:
         o["stores"] = o.pop("shards")
+    if step.kind == "evaluate":  # the stores' job keys before they took their fields' names
+        for old, new in (("stores", "source_stores"), ("own_stores", "whitebox_stores")):
+            if new in o:
+                o[old] = o.pop(new)
     if step.kind == "stores":
         # Always hashed: a store step's default attack was fgsm before it became the stages' step_ll.
         o["attack"] = o.pop("attacks", config_defaults(step_configs()["stores"])["attacks"])[0]
@@ -132,6 +140,8 @@ def run_job(path: str | os.PathLike, *, out: str | os.PathLike | None = None, ca
     `params` overrides the spec's `[params]` (`enspipe run --set`)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     job = load_job(path, params)
+    for note in job.notes:
+        log(note)
     cache = Path(cache) if cache else default_cache()
     out_dir = Path(out) if out else Path("runs") / job.name
     steps = plan(job, cache)
@@ -227,7 +237,7 @@ def _step_outputs(done: dict[str, dict]) -> Callable[[str, str], str]:
 def _run_model(job: Job, step: Step, done: dict[str, dict], cache: Path, device: str) -> dict:
     o = resolved(job, step)
     run_dir = cache / "runs" / f"{step.name}-{step.key[:16]}"
-    if not o.get("train", not o.get("pretrained", False)):
+    if is_static(o):
         # A static model used as published (hub weights, or a local `weights` file): saved once as a checkpoint.
         from enspipe.models import save_model
 

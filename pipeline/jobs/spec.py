@@ -7,9 +7,6 @@ types, dangling references, names that are not safe as paths: errors naming FILE
 the key) and builds each step's stage config with placeholders for the outputs of the steps it
 uses, so a bad value fails before any work. `step_config` builds the same config for the run.
 The format is described in `enspipe.jobs`.
-
-(Over 400 lines on purpose: one strict reader of the spec format, its tables, references and
-each step's config, so that every error names the file, line and key the same way.)
 """
 from __future__ import annotations
 
@@ -22,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from enspipe.config import Option, OptionError, job_keys, parse_config, speak, toml_line
+from enspipe.config import Option, OptionError, config_defaults, job_keys, parse_config, speak, toml_line
 from enspipe.util.errors import ConfigError, EnspipeError
 from enspipe.util.fileio import read_text_file
 from enspipe.jobs.params import substitute
 from enspipe.util.naming import check_name
 
-__all__ = ["ALIASES", "STEP_KINDS", "STRUCTURE", "Job", "Step", "defaults_keys", "load_job", "resolved",
+__all__ = ["ALIASES", "STEP_KINDS", "STRUCTURE", "Job", "Step", "defaults_keys", "is_static", "load_job", "resolved",
            "step_config", "step_configs", "step_keys"]
 
 STEP_KINDS = ("models", "stores", "evaluate", "diagnose")
@@ -49,7 +46,9 @@ STRUCTURE: dict[str, dict[str, tuple[str | None, type, str | None]]] = {
                "description": (None, str, None)},
     "stores": {"model": ("model", str, "models"), "description": (None, str, None)},
     "evaluate": {"targets": ("models", list, "models"), "sources": ("sources", list, "models"),
-                 "stores": ("source_stores", list, "stores"), "own_stores": ("whitebox_stores", list, "stores"),
+                 # the stores' keys are their fields' names (one name per concept; the old ones: DEPRECATED)
+                 "source_stores": ("source_stores", list, "stores"),
+                 "whitebox_stores": ("whitebox_stores", list, "stores"),
                  "binarized": ("binarized", list, "models"),
                  "binarized_masked": ("binarized_masked", list, "models"),
                  # [evaluate.NAME.options] rand_fgsm = { alpha = 0.05 }: `attack_options` as a table
@@ -59,6 +58,8 @@ STRUCTURE: dict[str, dict[str, tuple[str | None, type, str | None]]] = {
 }
 ALIASES: dict[str, dict[str, str]] = {"models": {"stores": "shards", "workers": "loader_workers"},
                                       "stores": {"attack": "attacks"}, "evaluate": {}, "diagnose": {}}
+# Old keys that still work but say so (one line each, `Job.notes`, printed by `enspipe run`).
+DEPRECATED: dict[str, dict[str, str]] = {"evaluate": {"stores": "source_stores", "own_stores": "whitebox_stores"}}
 
 
 def step_configs() -> dict[str, type]:
@@ -75,6 +76,17 @@ def step_configs() -> dict[str, type]:
 def step_keys(kind: str) -> set[str]:
     """Every key a `[KIND.NAME]` table accepts (aliases not included)."""
     return set(STRUCTURE[kind]) | job_keys(step_configs()[kind])
+
+
+def _default(kind: str, name: str) -> Any:
+    """The default of field `name` of a `kind` step's config: a key a step leaves out means it."""
+    return config_defaults(step_configs()[kind])[name]
+
+
+def is_static(options: dict[str, Any]) -> bool:
+    """Whether a models step (its options) is a static model used as given, not trained:
+    `train = false`, which a `pretrained = true` step defaults to."""
+    return not options.get("train", not options.get("pretrained", _default("models", "pretrained")))
 
 
 def defaults_keys() -> set[str]:
@@ -106,6 +118,7 @@ class Job:
     budget: dict[str, Any]
     report: dict[str, Any]
     steps: list[Step]              # topological order
+    notes: list[str] = field(default_factory=list)  # deprecation lines, each naming FILE:LINE
 
 
 # --- Parsing ------------------------------------------------------------------------------
@@ -196,9 +209,10 @@ def _check_table(spec: _Spec, table: tuple[str, ...], values: Any, schema: dict[
 
 
 def _canonical(spec: _Spec, table: tuple[str, ...], kind: str, values: Any,
-               allowed: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
+               allowed: set[str], notes: list[str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """A step table's options under their canonical keys, and each key as it was written.
-    Unknown keys and structure keys of the wrong type are errors naming FILE:LINE."""
+    Unknown keys and structure keys of the wrong type are errors naming FILE:LINE; a
+    deprecated key adds a line to `notes`."""
     name = ".".join(table)
     if not isinstance(values, dict):
         raise ConfigError(spec.where(table) + f"[{name}] must be a table")
@@ -206,6 +220,10 @@ def _canonical(spec: _Spec, table: tuple[str, ...], kind: str, values: Any,
     written: dict[str, str] = {}
     for k, v in values.items():
         key = ALIASES[kind].get(k, k)
+        if k in DEPRECATED.get(kind, {}):
+            key = DEPRECATED[kind][k]
+            if notes is not None:
+                notes.append(spec.where(table, k) + f"{name}.{k} is deprecated: use {key} (the same list)")
         if key not in allowed:
             raise ConfigError(spec.where(table, k) + f"unknown key {k!r} in [{name}] "
                               f"(allowed: {', '.join(sorted(allowed))})")
@@ -243,6 +261,7 @@ def load_job(path: str | os.PathLike, params: dict[str, Any] | None = None) -> J
         raise ConfigError(spec.where(("data",)) + "[data] needs a dataset (e.g. dataset = \"digits\")")
 
     steps: dict[str, Step] = {}
+    notes: list[str] = []
     for kind in STEP_KINDS:
         entries = raw.get(kind, {})
         if not isinstance(entries, dict):
@@ -254,7 +273,7 @@ def load_job(path: str | os.PathLike, params: dict[str, Any] | None = None) -> J
             except ConfigError as e:
                 raise ConfigError(spec.where((kind, name)) + f"[{kind}.{name!r}]: {e}") from None
             table = (kind, name)
-            opts, written = _canonical(spec, table, kind, options, allowed)
+            opts, written = _canonical(spec, table, kind, options, allowed, notes)
             step = Step(kind, name, opts, written=written)
             if kind == "models":
                 step.origin = {k: "defaults" for k in defaults if k not in opts}
@@ -277,7 +296,7 @@ def load_job(path: str | os.PathLike, params: dict[str, Any] | None = None) -> J
             if target is not None and key in o:
                 for value in (o[key] if want is list else [o[key]]):
                     ref(step, key, target, value)
-        if step.kind == "models" and o.get("mode", "clean") == "ens-adv" and not o.get("shards"):
+        if step.kind == "models" and o.get("mode", _default("models", "mode")) == "ens-adv" and not o.get("shards"):
             raise ConfigError(spec.where((step.kind, step.name), step.written.get("mode", "mode"))
                               + f"{step.id} is ens-adv but lists no shards")
         for needed in {"stores": ("model",), "evaluate": ("targets",), "diagnose": ("models",)}.get(step.kind, ()):
@@ -285,7 +304,7 @@ def load_job(path: str | os.PathLike, params: dict[str, Any] | None = None) -> J
                 raise ConfigError(spec.where((step.kind, step.name)) + f"[{step.id}] needs {needed} = "
                                   + ('"NAME"' if needed == "model" else "[...]"))
     job = Job(Path(path), job_name, tables["job"].get("description", ""), tables["data"],
-              tables["budget"], tables["report"], _toposort(spec, steps))
+              tables["budget"], tables["report"], _toposort(spec, steps), notes)
     for step in job.steps:
         _validate(spec, job, step)
     return job
@@ -303,10 +322,10 @@ def _validate(spec: _Spec, job: Job, step: Step) -> None:
                 check_model_name(o["arch"])
             except EnspipeError as e:
                 raise OptionError("model", f"is no architecture: {e}") from None
-            if not o.get("train", not o.get("pretrained", False)) and not (o.get("pretrained") or o.get("weights")):
+            if is_static(o) and not (o.get("pretrained") or o.get("weights")):
                 raise OptionError("train", "= false uses a model as given: needs pretrained = true or weights = FILE")
         if step.kind == "stores":
-            if o.get("format", "zarr") == "both":
+            if o.get("format", _default("stores", "format")) == "both":
                 raise OptionError("format", "must be zarr or wds: a store step makes one store")
             if len(o.get("attacks", ())) > 1:
                 raise OptionError("attacks", "must name one attack: a store step makes one store "
@@ -369,14 +388,14 @@ def resolved(job: Job, step: Step) -> dict[str, Any]:
         o["image_size"] = data["image_size"]
     o["dataset"] = data["dataset"]
     o["data_root"] = data.get("data_root")
-    if step.kind == "stores" and o.get("split", "train") != "train":
+    if step.kind == "stores" and o.get("split", _default("stores", "split")) != "train":
         o["limit"] = budget.get("test_limit", data.get("test_limit"))
     elif step.kind in ("models", "stores"):
         o["limit"] = budget.get("limit", data.get("train_limit"))
         if step.kind == "models" and "epochs" in budget:
             o["epochs"] = budget["epochs"]
         elif step.kind == "models" and "epoch_scale" in budget:
-            o["epochs"] = max(1, math.ceil(o.get("epochs", 6) * budget["epoch_scale"]))
+            o["epochs"] = max(1, math.ceil(o.get("epochs", _default("models", "epochs")) * budget["epoch_scale"]))
     else:
         o["limit"] = o.get("limit", budget.get("test_limit", data.get("test_limit")))
     return o
@@ -416,7 +435,8 @@ def step_config(job: Job, step: Step, *, outputs: Callable[[str, str], str] | No
 def _names(job: Job, step: Step, ref: Callable[[str, str], str]) -> dict[str, str]:
     """Readable model names in tables: the spec's model names instead of cache paths (a store: its model's)."""
     names = {}
-    for n in [*step.options.get("stores", []), *step.options.get("own_stores", [])] if step.kind == "evaluate" else []:
+    stores = [*step.options.get("source_stores", []), *step.options.get("whitebox_stores", [])]
+    for n in stores if step.kind == "evaluate" else []:
         names[ref("stores", n)] = next(s.options["model"] for s in job.steps if s.id == f"stores.{n}")
     for key in ("targets", "sources", "binarized", "binarized_masked", "models", "other"):
         value = step.options.get(key, [])

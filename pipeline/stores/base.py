@@ -395,8 +395,9 @@ class StoreReader(_StoreFiles):
         since the store was made, for a source that can list them)."""
         ident = self.identity
         have_fp = str(ident.dataset["fingerprint"])
-        superseded = getattr(dataset, "superseded", None) or {}
-        if have_fp != str(fingerprint) and have_fp in superseded:
+        # Read only on a mismatch: a source computes its superseded fingerprints when first asked.
+        superseded = (getattr(dataset, "superseded", None) or {}) if have_fp != str(fingerprint) else {}
+        if have_fp in superseded:
             raise StoreError(f"store {self.path} was made for this dataset, but {superseded[have_fp]} "
                              "(field: dataset.fingerprint).")
         if have_fp != str(fingerprint):

@@ -31,7 +31,7 @@ SURFACE = {
                               "--image-size", "--device", "--out"}, {"description"}),
     "evaluate": ("evaluate", {"--model", "--weights", "--pretrained", "--dataset", "--split", "--data-root",
                               "--image-size", "--device", "--out", "--source-store", "--whitebox-store"},
-                 {"targets", "options", "description", "stores", "own_stores"}),
+                 {"targets", "options", "description", "source_stores", "whitebox_stores"}),
     "diagnose": ("diagnose", {"--weights", "--pretrained", "--dataset", "--split", "--data-root", "--image-size",
                               "--device", "--out"}, {"description"}),
 }

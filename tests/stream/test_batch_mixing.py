@@ -58,9 +58,6 @@ class LabelsOnlyBatches(BatchStream):
     def _read_block(self, reader, start, stop):
         return np.zeros((stop - start, 1, 1, 1), np.int8)
 
-    def _read_rows(self, reader, indices):
-        return np.zeros((len(indices), 1, 1, 1), np.int8)
-
 
 def iid_distinct(classes: int, per_class: int, batch: int) -> float:
     """E[distinct classes] in `batch` draws without replacement from classes x per_class samples."""
