@@ -271,7 +271,7 @@ class DirectionStream(torch.utils.data.IterableDataset):
         return np.concatenate([self._pixels(slice(s, e)) for s, e, _ in blocks])
 
     # The clean images' three steps, which a stream that decodes on the device replaces
-    # (enspipe.device_batches: encoded files here, decoded and augmented in the step).
+    # (enspipe.train.device_batches: encoded files here, decoded and augmented in the step).
     def _pixels(self, index: Any) -> np.ndarray:
         """uint8 [n, C, H, W]: the clean images of samples `index` (a slice or indices)."""
         return self.dataset.images_uint8(index)

@@ -223,19 +223,19 @@ MUTATIONS = [
              "pipeline/precompute/plan.py",
              "    params.update(decoder_params(decoder))\n",
              "    pass\n",
-             ("tests/test_device_decode.py::test_decoder_resolution_and_the_store_identity",
-              "tests/test_device_decode.py::test_precompute_through_the_device_path_end_to_end")),
+             ("tests/data/test_device_decode.py::test_decoder_resolution_and_the_store_identity",
+              "tests/data/test_device_decode.py::test_precompute_through_the_device_path_end_to_end")),
     Mutation("device-crop-off-centre", "the device decode's centre crop is one row off",
              "pipeline/data/decode.py",
              "            img = TF.center_crop(img, [self.crop, self.crop])\n",
              "            img = TF.crop(img, (img.shape[1] - self.crop) // 2 + 1, (img.shape[2] - self.crop) // 2, "
              "self.crop, self.crop)\n",
-             ("tests/test_device_decode.py::test_the_device_path_on_cpu_matches_pil_on_imagefolder",)),
+             ("tests/data/test_device_decode.py::test_the_device_path_on_cpu_matches_pil_on_imagefolder",)),
     Mutation("device-step-skips-augment", "the trainer's device decode drops the batch's crops and flips",
-             "pipeline/device_batches.py",
+             "pipeline/train/device_batches.py",
              "        return augment_on_device(decode_batch([x], x.transform, x.shape, device), aug, crop_padding)\n",
              "        return decode_batch([x], x.transform, x.shape, device)\n",
-             ("tests/test_device_decode_train.py::test_the_step_decodes_the_streams_batches_as_pil_would",)),
+             ("tests/train/test_device_decode_train.py::test_the_step_decodes_the_streams_batches_as_pil_would",)),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.

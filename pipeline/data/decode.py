@@ -5,7 +5,7 @@
     compute process: decode_batch(chunk items, transform, device) -> uint8 [N, C, H, W] on the device
 
 Precompute runs it per batch (`precompute.loader.batch_to_device`), train in its step
-(`enspipe.device_batches`, where the batch's crops / flips follow on the device too).
+(`enspipe.train.device_batches`, where the batch's crops / flips follow on the device too).
 
 `decoder` (a precompute and a train option): `auto` is nvjpeg on a CUDA device and the PIL path elsewhere;
 `cpu` forces the PIL path; `nvjpeg` on a device without CUDA is a one-line error. The decoder is

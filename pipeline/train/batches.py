@@ -77,8 +77,8 @@ def adversarial_inputs(model: torch.nn.Module, batch: dict[str, Any], cfg: Train
     precision = Precision.resolve(cfg.precision, device)  # cached: the same object every batch
     if isinstance(batch["x"], torch.Tensor):
         x = batch["x"].to(device, non_blocking=True)
-    else:  # encoded files (`decoder` on the device: enspipe.device_batches)
-        from enspipe.device_batches import clean_images
+    else:  # encoded files (`decoder` on the device: enspipe.train.device_batches)
+        from enspipe.train.device_batches import clean_images
 
         x = clean_images(batch["x"], device, batch.get("aug"), cfg.crop_padding)
     x = precision.memory_format(x.float().div_(255.0))
@@ -121,7 +121,7 @@ def batch_stream(dataset: SampleSource, cfg: TrainConfig, epoch: int, rank: int 
     number of steps, so only full batches are yielded there."""
     cls = BatchStream
     if device_decoder(cfg.decoder, resolve_device(cfg.device), dataset) != "cpu":
-        from enspipe.device_batches import DeviceDecodedBatchStream as cls  # JPEGs decoded in the step
+        from enspipe.train.device_batches import DeviceDecodedBatchStream as cls  # JPEGs decoded in the step
     return cls(dataset, cfg.shards if stores is None else tuple(stores), cfg, epoch=epoch, rank=rank,
                world_size=world, full_batches_only=world > 1)
 

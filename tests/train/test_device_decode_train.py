@@ -3,7 +3,7 @@
 No GPU here: the device path runs on the CPU (decode_batch with device="cpu"), selected by making
 `decoder` resolve as it does on CUDA. The oracle of each batch is the PIL stream's batch for the
 same seed and epoch (the stream as it was): the same samples, labels, sources, eps and directions,
-and clean images within the tolerance of tests/test_device_decode.py (mean |diff| < 0.5 levels, none
+and clean images within the tolerance of tests/data/test_device_decode.py (mean |diff| < 0.5 levels, none
 off by more than 4), after the crops and flips, which the step applies on the device.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _wds_of(folder: Path, tar: Path) -> Path:
 def test_the_step_decodes_the_streams_batches_as_pil_would(jpegs, tmp_path, kind):
     from enspipe.data import create_dataset
     from enspipe.data.decode import EncodedChunk
-    from enspipe.device_batches import DeviceDecodedBatchStream, clean_images
+    from enspipe.train.device_batches import DeviceDecodedBatchStream, clean_images
     from enspipe.train import BatchStream, TrainConfig
 
     source = f"imagefolder:{jpegs}" if kind == "imagefolder" else f"wds:{_wds_of(jpegs, tmp_path / 'a.tar')}"
@@ -96,7 +96,7 @@ def test_train_with_the_device_decoder_runs_and_records_it(jpegs, tmp_path, monk
     real = decode_mod.resolve_decoder
     monkeypatch.setattr(decode_mod, "resolve_decoder", lambda name, device, decodes=True: real(name, "cuda", decodes))
     seen = []
-    import enspipe.device_batches as db
+    import enspipe.train.device_batches as db
 
     orig = db.clean_images
     monkeypatch.setattr(db, "clean_images", lambda *a, **k: seen.append(1) or orig(*a, **k))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from enspipe.data.decode import EncodedChunk, augment_on_device, decode_batch, encoded_chunk
-from enspipe.train import BatchStream
+from enspipe.train.batches import BatchStream
 
 __all__ = ["DeviceDecodedBatchStream", "clean_images"]
 
