@@ -12,7 +12,7 @@ from typing import Any
 from enspipe.attack_records import EPS_ABOVE, EPS_MAX, eps_number
 from enspipe.config import option
 
-__all__ = ["data_root", "dataset", "device", "eps", "image_size", "limit", "pretrained", "split", "weights"]
+__all__ = ["DECODERS", "data_root", "dataset", "decoder", "device", "eps", "image_size", "limit", "pretrained", "split", "weights"]
 
 
 def _sources() -> str:
@@ -57,6 +57,16 @@ def pretrained(help: str, *, job: bool = False) -> Any:
 
 
 # --- where it runs and the budget ----------------------------------------------------------
+
+DECODERS = ("auto", "cpu", "nvjpeg")
+
+
+def decoder(what: str, tail: str) -> Any:
+    """How JPEGs of imagefolder/wds data are decoded (precompute and train: one vocabulary)."""
+    return option("auto", choices=DECODERS, help=f"JPEG decode of imagefolder/wds {what}: auto (nvJPEG on a "
+                  "CUDA device, batched, resized and cropped there, the loader workers only reading bytes; PIL "
+                  f"elsewhere), cpu (PIL in the loader workers), or nvjpeg (CUDA only). {tail}")
+
 
 def device() -> Any:
     return option("auto", job=False, help="auto, cpu or cuda[:N].")

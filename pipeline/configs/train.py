@@ -17,7 +17,6 @@ from enspipe.config import (
     renamed,
 )
 from enspipe.configs import fields
-from enspipe.data.decode import DECODERS
 from enspipe.precision import PRECISIONS
 from enspipe.report.runlog import LOG_SINKS
 
@@ -105,10 +104,8 @@ class TrainConfig:
     keep_checkpoints: int | None = option(1, minimum=1, metavar="K", runtime=True, help="Keep only the last K epoch checkpoints (the last is what --resume reads; the final weights are model.safetensors beside them, always kept); a large K keeps them all.")
     precision: str = option("fp32", choices=PRECISIONS,
                             help="bf16/fp16: autocast (fp16 with a grad scaler), channels_last on CUDA.")
-    decoder: str = option("auto", choices=DECODERS, help="JPEG decode of imagefolder/wds training images: auto "
-                          "(on a CUDA device, batched nvJPEG with the resize, crop and augmentation there, the "
-                          "loader workers only reading files; PIL elsewhere), cpu (PIL in the loader workers), or "
-                          "nvjpeg (CUDA only). Validation images are decoded by PIL either way.")
+    decoder: str = fields.decoder("training images", "The batch's augmentation runs on the device "
+                                  "too. Validation images are decoded by PIL either way.")
     val_limit: int | None = option(None, minimum=1, metavar="N", runtime=True, help="Each epoch, clean and FGSM error on N held-out test samples.")
     log: tuple[str, ...] = option((), sep=",", metavar="|".join(LOG_SINKS), choices=LOG_SINKS, runtime=True, help="Also log metrics to csv (metrics.csv) or tensorboard (repeatable).")
 

@@ -15,7 +15,7 @@ few levels: another IDCT, another resize) make stores of their own.
 
 The same code runs with device="cpu" (torchvision's libjpeg-turbo decode on CPU tensors): the
 tests check that path against PIL, and benchmarks/bench_decode.py measures it beside PIL. This
-module imports torch only inside its functions: the config modules read `DECODERS` torch-free.
+module imports torch only inside its functions: `DECODERS` is declared with the option in configs/fields.py.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from enspipe.configs.fields import DECODERS  # declared once, with the option
 from enspipe.util.errors import DataError
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 __all__ = ["DECODERS", "DeviceTransform", "EncodedChunk", "augment_on_device", "check_jpeg", "decode_batch",
            "decoder_params", "device_decoder", "encoded_chunk", "resolve_decoder"]
 
-DECODERS = ("auto", "cpu", "nvjpeg")
 JPEG_MODES = ("RGB", "L")  # what decode_jpeg(mode=RGB|GRAY) converts from on every device
 
 

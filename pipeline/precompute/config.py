@@ -7,7 +7,6 @@ from typing import Any
 from enspipe.attack_records import attack_names
 from enspipe.config import check, check_declared, config_to_dict, normalize, option, renamed
 from enspipe.configs import fields
-from enspipe.data.decode import DECODERS
 from enspipe.precision import STORE_PRECISIONS as PRECISIONS
 from enspipe.stores.registry import FORMATS as STORE_FORMATS
 
@@ -58,11 +57,8 @@ class PrecomputeConfig:
         "compresses and checksums the shards; 0 decodes in the computing process).")
     precision: str = option(
         "fp32", choices=PRECISIONS, help="fp32, or bf16 (autocast; channels_last on CUDA): a store of its own.")
-    decoder: str = option(
-        "auto", choices=DECODERS, help="JPEG decode of imagefolder/wds images: auto (nvJPEG on a CUDA device, "
-        "batched, resized and cropped there, the loader workers only reading bytes; PIL elsewhere), cpu (PIL in "
-        "the loader workers), or nvjpeg (CUDA only). nvJPEG's pixels differ from PIL's by a few levels: a store "
-        "of its own.")
+    decoder: str = fields.decoder("images", "nvJPEG's pixels differ from PIL's by a few levels: a store of "
+                                  "its own.")
     wds_images: str = option(
         "source", choices=WDS_IMAGES, help="wds stores: carry each image as the source encoded it, or none.")
 

@@ -16,7 +16,7 @@ from enspipe.configs.diagnose import DiagnoseConfig
 from enspipe.configs.evaluate import EvalConfig
 from enspipe.configs.train import TrainConfig
 
-PIPELINE = Path(__file__).resolve().parents[1] / "pipeline"
+PIPELINE = Path(__file__).resolve().parents[2] / "pipeline"
 
 STAGES = [lambda eps: TrainConfig(model="A", eps=eps), lambda eps: EvalConfig(models=("A",), eps=eps),
           lambda eps: DiagnoseConfig(models=("A",), eps=eps)]
@@ -69,7 +69,7 @@ def test_static_model_step_rule_is_stated_once(options, static):
 def test_static_model_step_expression_appears_once():
     hits = [(p.relative_to(PIPELINE), n) for p in PIPELINE.rglob("*.py")
             for n, line in enumerate(p.read_text().splitlines(), 1) if 'get("train", not' in line]
-    assert [str(p) for p, _ in hits] == ["jobspec.py"], hits
+    assert [str(p) for p, _ in hits] == ["jobs/spec.py"], hits
 
 
 def test_a_job_static_step_without_weights_is_refused(tmp_path):

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 
 
 def _photo(seed: int, w: int, h: int) -> np.ndarray:
@@ -200,7 +200,7 @@ def test_an_existing_imagefolder_stores_key_is_unchanged():
     from enspipe.precompute.plan import _attack_params
     from enspipe.stores import StoreIdentity
 
-    (store,) = (Path(__file__).parent / "fixtures" / "legacy_imagefolder").glob("stores/*/*/*.zarr")
+    (store,) = (Path(__file__).parents[1] / "fixtures" / "legacy_imagefolder").glob("stores/*/*/*.zarr")
     manifest = json.loads((store / "manifest.json").read_text())
     ident = manifest["identity"]
     for decoder, same in ((resolve_decoder("auto", "cpu"), True), ("nvjpeg", False)):
@@ -211,9 +211,8 @@ def test_an_existing_imagefolder_stores_key_is_unchanged():
 
 
 def test_nvjpeg_without_cuda_is_one_line_from_the_cli(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "enspipe", "precompute", "--model", "resnet18", "--pretrained",
-                        "--dataset", "digits", "--device", "cpu", "--decoder", "nvjpeg", "--out", str(tmp_path / "s")],
-                       capture_output=True, text=True, timeout=900)
+    r = run_cli("precompute", "--model", "resnet18", "--pretrained", "--dataset", "digits", "--device", "cpu",
+                "--decoder", "nvjpeg", "--out", tmp_path / "s")
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--decoder" in lines[0] and "CUDA" in lines[0], r.stderr
@@ -247,7 +246,7 @@ def test_precompute_through_the_device_path_end_to_end(tmp_path, monkeypatch):
     from enspipe.precompute.recheck import recompute_check
     from enspipe.stores import open_store
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     try:
         from gpu_data import make_jpeg_folder
     finally:

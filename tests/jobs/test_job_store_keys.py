@@ -83,7 +83,7 @@ def test_the_key_as_written_is_what_errors_name(tmp_path):
 
 
 def test_the_repo_job_files_use_the_field_names():
-    jobs = Path(__file__).resolve().parents[1] / "jobs"
+    jobs = Path(__file__).resolve().parents[2] / "jobs"
     for spec in sorted(jobs.glob("*.toml")):
         for line in spec.read_text().splitlines():
             assert not line.startswith(("stores =", "own_stores =")) or "[models." in line, (spec, line)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> None:
