@@ -250,7 +250,11 @@ def decode_indexed(data: bytes | memoryview, tar: Path, manifest: dict, s: int, 
     names = table[row_of]
     keys = start + sample_of
     names[:, :9] = (keys[:, None] // 10 ** np.arange(8, -1, -1, dtype=np.int64) % 10).astype(np.uint8) + ord("0")
-    if start + n > 10 ** 9 or not np.array_equal(buf[head[:-1, None] + np.arange(_BLOCK)], _headers(names, size)):
+    # Compared as 64-bit words (headers are 512-aligned, the tar a multiple of 512 bytes): an
+    # eighth of the gather's index work of comparing bytes.
+    words = buf[:len(buf) // 8 * 8].view(np.uint64)
+    got = words[(head[:-1, None] // 8) + np.arange(_BLOCK // 8)]
+    if start + n > 10 ** 9 or not np.array_equal(got, _headers(names, size).view(np.uint64)):
         return None
 
     offset = head[:-1] + _BLOCK
