@@ -104,10 +104,14 @@ def sections(doc: dict[str, Any]) -> dict[str, str]:
 
 # --- rounds: medians and ranges -----------------------------------------------------------------------
 
+# What a run was set up with, not what it measured: the first round's, never a median.
+_AS_GIVEN = ("config", "settings", "machine")
+
+
 def combine(values: list[Any]) -> Any:
     """One result from the same result of several rounds: numbers -> their median (rounds where it
-    is missing left out), yes/no -> all, dicts and equal-length lists element by element, anything
-    else (text) -> the first round's."""
+    is missing left out; equal in every round -> as is), yes/no -> all, dicts and equal-length
+    lists element by element, settings and anything else (text) -> the first round's."""
     present = [v for v in values if v is not None]
     if not present:
         return None
@@ -115,9 +119,9 @@ def combine(values: list[Any]) -> Any:
     if isinstance(first, bool):
         return all(bool(v) for v in present)
     if isinstance(first, (int, float)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
-        return statistics.median(present)
+        return first if all(v == first for v in present) else statistics.median(present)
     if isinstance(first, dict) and all(isinstance(v, dict) for v in present):
-        return {k: combine([v.get(k) for v in present]) for k in first}
+        return {k: first[k] if k in _AS_GIVEN else combine([v.get(k) for v in present]) for k in first}
     if isinstance(first, list) and all(isinstance(v, list) and len(v) == len(first) for v in present):
         return [combine([v[i] for v in present]) for i in range(len(first))]
     return first
