@@ -21,6 +21,13 @@ Two measurements:
    and over the index-less store read by this tree (older stores: the member-by-member path); every
    round runs all four in alternating order; wds / zarr per CPU-second, paired by round.
 
+4. A `wds:` source in the trainer's order (`--parts source`, issue 26's review finding): the
+   source's canonical order is class-interleaved over the whole index, so with tars written class
+   by class (one class a tar here, the worst case) consecutive samples sit in different tars. The
+   member reads (`encoded_image`, an open + seek + read each) in that order against the same
+   reads sorted by tar and offset, beside the JPEG decode + resize to 224 px that each read feeds
+   (`images_uint8`), on ImageNet-like JPEGs (benchmarks/gpu_data.py), warm page cache.
+
 2. Distinct classes per batch at the ImageNet job's settings (jobs/imagenet_v3_ens3.toml: batch
    32, adv and ens-adv with 2 stores, default block_size 256 and buffer_blocks 8) on ImageNet's
    layout (1,000 classes x 1,281 samples, class-sorted folders), before (file order, the old
@@ -29,7 +36,8 @@ Two measurements:
 
     python benchmarks/bench_stream.py            # the BENCHMARKS.md figures (~10 min on 2 cores)
     python benchmarks/bench_stream.py --quick    # a smoke run: seconds, small stores, no file written
-    python benchmarks/bench_stream.py --parts reads   # 3. only (BENCHMARKS.md's issue-26 section, ~5 min)
+    python benchmarks/bench_stream.py --parts reads    # 3. only (BENCHMARKS.md's issue-26 section, ~5 min)
+    python benchmarks/bench_stream.py --parts source   # 4. only (~1 min)
 """
 from __future__ import annotations
 
@@ -54,6 +62,7 @@ BEFORE = "9da656e"  # the commit before issue 22's reader
 SECTION = "Batches that mix classes: the reader before and after (issue 22)"
 BEFORE_WDS = "7ddb50a"  # the commit before issue 26's wds member index
 READS_SECTION = "wds reads against zarr: the member index (issue 26)"
+SOURCE_SECTION = "A wds source in the trainer's order: scattered tar reads (issue 26)"
 log = logger("bench_stream")
 
 
@@ -282,6 +291,76 @@ def reads_markdown(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+# --- 4. a wds source in the trainer's order ------------------------------------------------------
+
+def source_reads(root: Path, classes: int, per_class: int, rounds: int) -> dict:
+    """See the module doc, 4."""
+    import io
+    import tarfile
+
+    from gpu_data import IMAGENET, _write
+
+    from enspipe.data import create_dataset
+
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for c in range(classes):
+        with tarfile.open(root / f"src-{c:06d}.tar", "w") as tf:
+            for j in range(per_class):
+                i = c * per_class + j
+                _write((str(root / "one.JPEG"), i, c, classes, IMAGENET))
+                tf.add(root / "one.JPEG", arcname=f"{i:09d}.jpg")
+                info = tarfile.TarInfo(f"{i:09d}.cls")
+                info.size = len(str(c))
+                tf.addfile(info, io.BytesIO(str(c).encode()))
+    log(f"source: {classes} tars of {per_class} ImageNet-like JPEGs in {time.perf_counter() - t0:.1f}s")
+    src = create_dataset(f"wds:{root}/src-{{000000..{classes - 1:06d}}}.tar", image_size=224)
+    n = len(src)
+    where = [m[:2] for m in src._members]  # (tar, offset) of each sample's image, canonical order
+    orders = {"trainer's (canonical)": list(range(n)), "tar by tar": sorted(range(n), key=where.__getitem__)}
+    blocks = [len({where[i][0] for i in range(a, min(n, a + 256))}) for a in range(0, n, 256)]
+    cpu: dict[str, list[float]] = {k: [] for k in orders}
+    wall: dict[str, list[float]] = {k: [] for k in orders}
+    decode: list[float] = []
+    for r in range(rounds):
+        for name in (list(orders) if r % 2 == 0 else list(orders)[::-1]):
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in orders[name]:
+                src.encoded_image(i)
+            cpu[name].append((time.process_time() - c0) / n * 1e6)
+            wall[name].append((time.perf_counter() - t0) / n * 1e6)
+        m = min(n, 128)
+        c0 = time.process_time()
+        src.images_uint8(np.arange(m))
+        decode.append((time.process_time() - c0) / m * 1e6)
+    out = {"classes": classes, "per_class": per_class, "rounds": rounds, "tars_per_256_block": statistics.median(blocks),
+           "jpeg_kb": statistics.mean(where_size[2] for where_size in src._members) / 1024,
+           "decode_us_cpu": statistics.median(decode),
+           "reads": {k: {"us_cpu": statistics.median(cpu[k]), "us_cpu_min": min(cpu[k]), "us_cpu_max": max(cpu[k]),
+                         "us_wall": statistics.median(wall[k])} for k in orders}}
+    for k, v in out["reads"].items():
+        log(f"source reads, {k} order: {v['us_cpu']:.1f} us CPU a sample ({v['us_wall']:.1f} wall); decode + resize "
+            f"{out['decode_us_cpu']:.0f} us CPU")
+    return out
+
+
+def source_markdown(result: dict) -> str:
+    d = result["source"]
+    head = (f"Measured by `{result['command']}` on {result['machine']['cpu']} ({result['machine']['nproc']} cores, "
+            f"shared), {result['date']}: a `wds:` source of {d['classes']} tars, each one class of {d['per_class']} "
+            f"ImageNet-like JPEGs ({d['jpeg_kb']:.0f} KB on average, benchmarks/gpu_data.py), opened at 224 px; median "
+            f"(range) over {d['rounds']} rounds, warm page cache. In the canonical order a block of 256 samples touches "
+            f"**{d['tars_per_256_block']:.0f}** of the {d['classes']} tars: consecutive samples are in different tars, the "
+            f"scatter the review found.\n")
+    rows = ["| member reads in | µs CPU a sample | µs wall a sample | share of the decode + resize it feeds |",
+            "|---|---|---|---|"]
+    for k, v in d["reads"].items():
+        rows.append(f"| {k} order | {v['us_cpu']:.1f} ({v['us_cpu_min']:.1f}-{v['us_cpu_max']:.1f}) | "
+                    f"{v['us_wall']:.1f} | {100 * v['us_cpu'] / d['decode_us_cpu']:.2f}% |")
+    rows.append(f"| (decode + resize to 224 px, `images_uint8`) | {d['decode_us_cpu']:,.0f} | | |")
+    return head + "\n" + "\n".join(rows) + "\n"
+
+
 # --- 2. distinct classes per batch -----------------------------------------------------------
 
 class _NoStores:
@@ -359,8 +438,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "when given (never BENCHMARKS.md)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--samples", type=int, default=4096, help="samples per store")
-    ap.add_argument("--parts", default="throughput,distinct,reads",
-                    help="comma-separated: throughput (1), distinct (2), reads (3: wds against zarr, issue 26)")
+    ap.add_argument("--parts", default="throughput,distinct,reads,source",
+                    help="comma-separated: throughput (1), distinct (2), reads (3: wds against zarr, issue 26), "
+                    "source (4: a wds source's reads in the trainer's order)")
     ap.add_argument("--out", type=Path, default=None,
                     help="the results JSON [benchmarks/results/bench_stream.json; with --quick: none]")
     args = ap.parse_args(argv)
@@ -369,8 +449,9 @@ def main(argv: list[str] | None = None) -> dict:
         write_sections(result)
         return result
     parts = set(args.parts.split(","))
-    if parts - {"throughput", "distinct", "reads"}:
-        ap.error(f"--parts: unknown part(s) {sorted(parts - {'throughput', 'distinct', 'reads'})}")
+    known = {"throughput", "distinct", "reads", "source"}
+    if parts - known:
+        ap.error(f"--parts: unknown part(s) {sorted(parts - known)}")
     old = old_stream() if "throughput" in parts or "distinct" in parts else None
     if old is None and ("throughput" in parts or "distinct" in parts):
         log(f"no git history: 'before' (commit {BEFORE}) is not measured")
@@ -395,12 +476,16 @@ def main(argv: list[str] | None = None) -> dict:
                 log(f"no git history: 'wds before' (commit {BEFORE_WDS}) is not measured")
             result["reads"] = [reads(Path(tmp) / "reads", 512 if args.quick else args.samples * (2 if px == 64 else 1) // 2,
                                      px, rounds, old_wds) for px in pxs]
+        if "source" in parts:
+            classes, per_class = (4, 8) if args.quick else (32, 32)
+            result["source"] = source_reads(Path(tmp) / "source", classes, per_class, rounds)
     if "distinct" in parts:
         classes, per_class, batch = (100, 128, 32) if args.quick else (1000, 1281, 32)
         result["distinct"] = {"classes": classes, "per_class": per_class, "batch": batch, "iid": iid_distinct(
             classes, per_class, batch), "rows": distinct(classes, per_class, batch, old)}
     print(json.dumps(result, indent=1, default=str))
-    name = "bench_stream_reads.json" if parts == {"reads"} else "bench_stream.json"  # keeps issue 22's results
+    # One results file per part set, so that measuring one part keeps the others' results.
+    name = "bench_stream.json" if {"throughput", "distinct"} <= parts else f"bench_stream_{'_'.join(sorted(parts))}.json"
     out = args.out or (None if args.quick else REPO / "benchmarks" / "results" / name)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -416,6 +501,8 @@ def write_sections(result: dict) -> None:
         update_section(REPO / "BENCHMARKS.md", SECTION, markdown(result))
     if result.get("reads"):
         update_section(REPO / "BENCHMARKS.md", READS_SECTION, reads_markdown(result))
+    if result.get("source"):
+        update_section(REPO / "BENCHMARKS.md", SOURCE_SECTION, source_markdown(result))
 
 
 if __name__ == "__main__":

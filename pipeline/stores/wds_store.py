@@ -473,10 +473,11 @@ def _check_headers(tar: Path, manifest: dict, sources: bool = True) -> None:
 _CHUNK = 1 << 20  # bytes hashed at a time
 
 
-def _checked_tar(path: Path, manifest: dict, s: int, record: dict, *, keep: bool) -> memoryview | None:
+def _checked_tar(path: Path, manifest: dict, s: int, record: dict, *, keep: bool,
+                 into: np.ndarray | None = None) -> memoryview | None:
     """Check shard s's tar against its bounds and its sha256, reading it in chunks; return
-    its bytes if `keep` (the reader decodes them), else None (verify re-reads member by
-    member, never holding the whole tar)."""
+    its bytes if `keep` (the reader decodes them; read into `into` when it is large enough),
+    else None (verify re-reads member by member, never holding the whole tar)."""
     tar = path / tar_name(s)
     sources = carries_sources(record)
     try:
@@ -495,7 +496,7 @@ def _checked_tar(path: Path, manifest: dict, s: int, record: dict, *, keep: bool
                 _HEADERS_CHECKED.add(seen)
         digest, data = hashlib.sha256(), None
         if keep:  # read whole into one uninitialised buffer, hashed as read: no chunk copies (the hot path)
-            data = _read_whole(tar, st.st_size)
+            data = _read_whole(tar, st.st_size, into)
             digest.update(data)
         else:
             with open(tar, "rb") as f:
@@ -508,23 +509,25 @@ def _checked_tar(path: Path, manifest: dict, s: int, record: dict, *, keep: bool
     return data
 
 
-def _read_whole(path: Path, size: int) -> memoryview:
+def _read_whole(path: Path, size: int, into: np.ndarray | None = None) -> memoryview:
     """The file's bytes, read with as few read calls as the kernel allows into a buffer that is
     not zeroed first (bytearray(n) would zero ~40 MB a 224 px shard, then copy it again when
-    trimmed: 4x the cost of the read itself, measured)."""
-    buf = np.empty(size + 1, np.uint8)  # + 1: a file that grew since stat reads past `size`
+    trimmed: 4x the cost of the read itself, measured), `into` when it is large enough."""
+    # + 1: a file that grew since stat reads past `size`
+    buf = into if into is not None and len(into) >= size + 1 else np.empty(size + 1, np.uint8)
     got = 0
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(memoryview(buf)[got:]):
             got += n
             if got == len(buf):  # it grew: read the rest the slow way, the sha256 sees it all
-                return memoryview(np.concatenate([buf, np.frombuffer(f.read(), np.uint8)]))
+                return memoryview(np.concatenate([buf[:got], np.frombuffer(f.read(), np.uint8)]))
     return memoryview(buf)[:got]
 
 
-def read_shard_bytes(path: Path, manifest: dict, s: int, record: dict) -> memoryview:
-    """The tar's bytes, checked against its bounds and the shard's sha256."""
-    return _checked_tar(path, manifest, s, record, keep=True)  # type: ignore[return-value]
+def read_shard_bytes(path: Path, manifest: dict, s: int, record: dict, into: np.ndarray | None = None) -> memoryview:
+    """The tar's bytes, checked against its bounds and the shard's sha256 (in `into` when it is
+    large enough: the caller then keeps no view of them once decoded)."""
+    return _checked_tar(path, manifest, s, record, keep=True, into=into)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- writer / reader
@@ -606,6 +609,10 @@ class WdsReader(StoreReader):
         super().__init__(path, manifest, records)
         self.cache_shards = max(1, cache_shards)
         self._cache: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        # The last tar's buffer, reused for the next: a fresh ~40 MB buffer a 224 px shard costs
+        # ~10k page faults. Decoding copies everything it keeps out of it. A list, popped and
+        # appended (atomic under the GIL): two threads reading at once never share one.
+        self._buffers: list[np.ndarray] = []
 
     def shard(self, s: int) -> dict[str, Any]:
         """Decoded shard s: direction, logits, label, keys, true_label (or None); images are not decoded."""
@@ -613,12 +620,18 @@ class WdsReader(StoreReader):
             self._cache.move_to_end(s)
             return self._cache[s]
         record = self.records[s]
-        data = read_shard_bytes(self.path, self.manifest, s, record)
+        try:
+            buffer = self._buffers.pop()
+        except IndexError:
+            buffer = None
+        data = read_shard_bytes(self.path, self.manifest, s, record, buffer)
         decoded = None
         if record.get("member_index"):
             decoded = decode_indexed(data, self.path / tar_name(s), self.manifest, s, sources=carries_sources(record))
         if decoded is None:  # written before the index, or an index the fast path does not take
             decoded = decode_tar(data, self.path / tar_name(s), self.manifest, s, sources=carries_sources(record))
+        if isinstance(data.obj, np.ndarray) and not self._buffers:
+            self._buffers.append(data.obj)
         self._cache[s] = decoded
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)
