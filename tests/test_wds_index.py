@@ -217,3 +217,15 @@ def test_a_member_renamed_behind_the_index_is_refused(store, tmp_path):
     with pytest.raises(StoreError, match=r"sample 000000017: members do not follow wds_layout.v2"):
         open_store(path).read(16, 20)
     assert "shard 1:" in str(verify_store(path))
+
+
+def test_the_index_follows_its_published_schema(store):
+    from enspipe.stores.manifest import schema_errors
+
+    name, content = _members(store, 2)[-1]
+    assert name == INDEX_MEMBER and content.endswith(b"\n%011d\n" % len(content))
+    doc = json.loads(content[:-13])
+    assert schema_errors(doc, "wds_index.v1.json") == []
+    assert doc["first"] == 32 and len(doc["sample_patterns"]) == N - 32
+    # every size listed is the size tarfile gives the member
+    assert doc["sizes"] == [len(data) for _, data in _members(store, 2)[:-1]]
