@@ -201,9 +201,10 @@ def test_a_member_after_the_index_is_refused(store, tmp_path):
 def test_an_index_member_that_is_too_large_is_refused_unread(store, tmp_path):
     path = _copy(store, tmp_path)
     members = _members(path, 0)
-    _forge(path, 0, members[:-1] + [(INDEX_MEMBER, b" " * (1 << 20))])
-    with pytest.raises(StoreError, match=r"__index__' is 1048576 bytes, above the limit"):
-        open_store(path).read(0, 4)
+    for content in (b" " * (1 << 20), b" " * (1 << 20) + b"\n%011d\n" % ((1 << 20) + 13)):  # no trailer; a true one
+        _forge(path, 0, members[:-1] + [(INDEX_MEMBER, content)])
+        with pytest.raises(StoreError, match=rf"__index__' is {len(content)} bytes, above the limit"):
+            open_store(path).read(0, 4)
 
 
 def test_a_member_renamed_behind_the_index_is_refused(store, tmp_path):

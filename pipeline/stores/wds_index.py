@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .manifest import shard_range
-from .wds_bounds import member_bound, member_bounds
+from .wds_bounds import index_bound, member_bound, member_bounds
 
 __all__ = ["INDEX_MEMBER", "INDEX_VERSION", "decode_indexed", "index_content", "listing_problem"]
 
@@ -202,6 +202,8 @@ def decode_indexed(data: bytes | memoryview, tar: Path, manifest: dict, s: int, 
     if found is None:
         return None
     index_head, content = found
+    if len(content) > index_bound(n):  # not parsed: the member-by-member path refuses it by name
+        return None
     parsed = _parse(content[:-_TRAILER], start, n)
     if parsed is None:
         return None
