@@ -475,9 +475,10 @@ _CHUNK = 1 << 20  # bytes hashed at a time
 
 def _checked_tar(path: Path, manifest: dict, s: int, record: dict, *, keep: bool,
                  into: np.ndarray | None = None) -> memoryview | None:
-    """Check shard s's tar against its bounds and its sha256, reading it in chunks; return
-    its bytes if `keep` (the reader decodes them; read into `into` when it is large enough),
-    else None (verify re-reads member by member, never holding the whole tar)."""
+    """Check shard s's tar against its bounds and its sha256. With `keep` (the reader decodes
+    them) its bytes are read whole (into `into` when it is large enough), hashed and returned;
+    else it is hashed in chunks and None returned (verify re-reads member by member, never
+    holding the whole tar)."""
     tar = path / tar_name(s)
     sources = carries_sources(record)
     try:
@@ -495,7 +496,7 @@ def _checked_tar(path: Path, manifest: dict, s: int, record: dict, *, keep: bool
                 _check_headers(tar, manifest, sources)
                 _HEADERS_CHECKED.add(seen)
         digest, data = hashlib.sha256(), None
-        if keep:  # read whole into one uninitialised buffer, hashed as read: no chunk copies (the hot path)
+        if keep:  # one read into one uninitialised buffer, then hashed: no chunk copies (the hot path)
             data = _read_whole(tar, st.st_size, into)
             digest.update(data)
         else:
