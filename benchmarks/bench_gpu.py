@@ -6,8 +6,10 @@
     python benchmarks/bench_gpu.py --from-json OUT/bench_gpu.json --write-benchmarks
 
 A thin driver: it makes the synthetic ImageFolder both halves use (`gpu_data.make_jpeg_folder`:
-4,096 JPEGs of 256 px, in parallel; --small: 64 of 64 px), records the machine, and runs the
-parts in one process:
+4,096 ImageNet-like JPEGs, 400-500 px a side and ~100 KB each, in parallel, so that decoding
+costs what ImageNet's does; --small: 64 of 64 px), records the machine, and runs the parts in
+one process, each `--rounds` times (3; --small: 1) on the same JPEGs, each round in a scratch
+directory of its own:
 
   precompute   benchmarks/gpu_precompute.py
   train        benchmarks/gpu_train.py (the trainer's half; --part all skips it when absent)
@@ -17,6 +19,12 @@ A part is a module with `PART`, `measure(opts, env) -> dict` (JSON-ready; its "r
 BENCHMARKS.md section body) and, optionally, `add_arguments(parser)` for flags of its own
 (prefixed with its name). `env` holds "device", "work" (a scratch directory outside OUT),
 "small", "jpegs" (the ImageFolder root), "images", "size", "classes" and "log".
+
+With several rounds a part's results are the median of its rounds, number by number (a ratio
+is the median of the rounds' ratios; a yes/no holds only if it held in every round), its rows
+are rebuilt from those medians (`rows(results)` of the part), every round's own results are
+kept under "rounds", and the section ends with the spread: median and range over the rounds of
+every rate, ratio and stall share.
 
 Writes OUT/bench_gpu.json (machine, command, data, every part's results), OUT/bench_gpu.md
 (one `## gpu <part>` section per part) and prints the compact table last. BENCHMARKS.md is
@@ -30,7 +38,9 @@ import datetime as dt
 import importlib
 import json
 import os
+import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -39,10 +49,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, command_line, logger, machine, update_section  # noqa: E402
-from gpu_data import make_jpeg_folder  # noqa: E402
+from gpu_data import IMAGENET, make_jpeg_folder, size_text  # noqa: E402
 
 PARTS = ("precompute", "train")
-FULL_DATA = dict(images=4096, size=256, classes=16)
+FULL_DATA = dict(images=4096, size=IMAGENET, classes=16)
 SMALL_DATA = dict(images=64, size=64, classes=4)
 log = logger("bench_gpu")
 
@@ -62,6 +72,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str]:
     ap.add_argument("--out", default=str(REPO / ".benchmarks" / "gpu"), help="results directory (small files only)")
     ap.add_argument("--work", default=None, help="scratch directory for images and stores (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds of each part, median and range [3; --small: 1]")
     ap.add_argument("--from-json", default=None, help="re-render the tables of a saved bench_gpu.json")
     ap.add_argument("--write-benchmarks", action="store_true", help="rewrite BENCHMARKS.md's `## gpu <part>` sections")
     for name in PARTS:
@@ -81,10 +92,87 @@ def sections(doc: dict[str, Any]) -> dict[str, str]:
     for name, res in doc["parts"].items():
         mod = load_part(name)
         body = mod.render(res, doc) if mod is not None and hasattr(mod, "render") else _table(res["rows"])
-        out[name] = (f"Measured on {where}. Command: `{doc['command']}` ({doc['parts_wall_s'][name]:.0f} s; "
-                     f"{doc['data']['images']} JPEGs of {doc['data']['size']} px made in "
-                     f"{doc['data']['seconds']:.1f} s).\n\n{body}")
+        rounds = len(res.get("rounds", [])) or 1
+        kb = doc["data"].get("jpeg_kb_mean")
+        out[name] = (f"Measured on {where}. Command: `{doc['command']}` ({doc['parts_wall_s'][name]:.0f} s, "
+                     f"{rounds} round{'s' if rounds > 1 else ''}{': medians' if rounds > 1 else ''}; "
+                     f"{doc['data']['images']} JPEGs of {size_text(doc['data']['size'])} px"
+                     + (f", {kb:.0f} KB on average," if kb else "") + f" made in {doc['data']['seconds']:.1f} s)."
+                     f"\n\n{body}" + (f"\n\n{spread_table(res['rounds'])}" if rounds > 1 else ""))
     return out
+
+
+# --- rounds: medians and ranges -----------------------------------------------------------------------
+
+# What a run was set up with, not what it measured: the first round's, never a median.
+_AS_GIVEN = ("config", "settings", "machine")
+
+
+def combine(values: list[Any]) -> Any:
+    """One result from the same result of several rounds: numbers -> their median (rounds where it
+    is missing left out; equal in every round -> as is), yes/no -> all, dicts and equal-length
+    lists element by element, settings and anything else (text) -> the first round's."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    first = present[0]
+    if isinstance(first, bool):
+        return all(bool(v) for v in present)
+    if isinstance(first, (int, float)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return first if all(v == first for v in present) else statistics.median(present)
+    if isinstance(first, dict) and all(isinstance(v, dict) for v in present):
+        return {k: first[k] if k in _AS_GIVEN else combine([v.get(k) for v in present]) for k in first}
+    if isinstance(first, list) and all(isinstance(v, list) and len(v) == len(first) for v in present):
+        return [combine([v[i] for v in present]) for i in range(len(first))]
+    return first
+
+
+# The numbers a spread table shows: rates, ratios and stall shares (by their key's name).
+_SPREAD_KEY = re.compile(r"img_per_s|images_per_s|steady|end_to_end|_vs_|/|share|stall|boundary_s_median|^(fp32|bf16)")
+
+
+def _leaves(doc: Any, path: str = "") -> dict[str, float]:
+    if isinstance(doc, dict):
+        out: dict[str, float] = {}
+        for k, v in doc.items():
+            if k not in ("rounds", "rows", "config", "settings", "machine"):
+                out.update(_leaves(v, f"{path}.{k}" if path else str(k)))
+        return out
+    if isinstance(doc, (int, float)) and not isinstance(doc, bool):
+        return {path: float(doc)} if _SPREAD_KEY.search(path.rsplit(".", 1)[-1]) else {}
+    return {}
+
+
+def spread_table(rounds: list[dict[str, Any]]) -> str:
+    """Median and range over the rounds of every rate, ratio and stall share."""
+    per = [_leaves(r) for r in rounds]
+    lines = [f"Spread over {len(rounds)} rounds:", "", "| result | median | range |", "|---|---|---|"]
+    for path in per[0]:
+        vals = [p[path] for p in per if path in p]
+        fmt = ".3f" if max(abs(v) for v in vals) < 10 else ",.0f"
+        lines.append(f"| {path} | {format(statistics.median(vals), fmt)} | {format(min(vals), fmt)}-"
+                     f"{format(max(vals), fmt)} |")
+    return "\n".join(lines)
+
+
+def measure_rounds(mod: Any, opts: argparse.Namespace, env: dict[str, Any], rounds: int) -> dict[str, Any]:
+    """The part `rounds` times, each in its own scratch directory; one round's results as they
+    are, several rounds' combined (see the module doc)."""
+    results = []
+    for r in range(rounds):
+        if rounds > 1:
+            env["log"](f"round {r + 1} of {rounds}")
+        round_env = {**env, "work": Path(env["work"]) / f"round{r}"} if rounds > 1 else env
+        results.append(mod.measure(opts, round_env))
+        if rounds > 1 and not opts.keep:  # stores and runs of a round are not needed again
+            shutil.rmtree(round_env["work"], ignore_errors=True)
+    if rounds == 1:
+        return results[0]
+    res = combine(results)
+    if hasattr(mod, "rows"):
+        res["rows"] = mod.rows(res)
+    res["rounds"] = results
+    return res
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -134,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         jpegs = make_jpeg_folder(work / "jpegs", **data)
         data["seconds"] = time.perf_counter() - t0
-        log(f"{data['images']} JPEGs of {data['size']} px in {data['seconds']:.1f} s ({os.cpu_count()} processes)")
+        files = list((jpegs / "train").rglob("*.JPEG"))
+        data["jpeg_kb_mean"] = sum(f.stat().st_size for f in files) / max(1, len(files)) / 1024
+        log(f"{data['images']} JPEGs of {size_text(data['size'])} px ({data['jpeg_kb_mean']:.0f} KB on average) in "
+            f"{data['seconds']:.1f} s ({os.cpu_count()} processes)")
         env = {"device": device, "work": work, "small": opts.small, "jpegs": jpegs, "log": log, **data}
         doc: dict[str, Any] = {
             "command": command, "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
@@ -144,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, mod in mods.items():
             log(f"part {name}")
             t0 = time.perf_counter()
-            doc["parts"][name] = mod.measure(opts, env)
+            doc["parts"][name] = measure_rounds(mod, opts, env, opts.rounds or (1 if opts.small else 3))
             doc["parts_wall_s"][name] = time.perf_counter() - t0
             if device.type == "cuda":
                 torch.cuda.empty_cache()

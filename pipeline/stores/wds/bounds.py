@@ -19,7 +19,8 @@ from enspipe.util.limits import current_limits
 
 from enspipe.stores.manifest import shard_range
 
-__all__ = ["KEY_BYTES", "NPY_HEADER_BYTES", "SOURCE_PREFIX", "max_tar_bytes", "member_bound", "member_bounds"]
+__all__ = ["KEY_BYTES", "NPY_HEADER_BYTES", "SOURCE_PREFIX", "index_bound", "max_tar_bytes", "member_bound",
+           "member_bounds"]
 
 NPY_HEADER_BYTES = 4096  # numpy's header of a small array is 128 bytes; generous
 KEY_BYTES = 65536        # a dataset key is a relative path: PATH_MAX is 4096 on Linux
@@ -63,6 +64,12 @@ def member_bound(bounds: dict[str, int], ext: str) -> int:
     return max(bounds.values())
 
 
+def index_bound(n: int) -> int:
+    """The largest `__index__` member (wds_index) of a shard of n samples: JSON of at most 8
+    sizes of 11 digits and a pattern number a sample, and the patterns themselves."""
+    return 4096 + 256 * n
+
+
 def max_tar_bytes(manifest: dict, s: int, *, sources: bool = False) -> int:
     """The largest tar shard s can be: every sample's members at their bound (one image, one
     direction: a tar holds one layout), with headers and padding, and tar's end-of-archive
@@ -76,4 +83,4 @@ def max_tar_bytes(manifest: dict, s: int, *, sources: bool = False) -> int:
     image = max([bounds[e] for e in _IMAGES] + ([current_limits().max_image_bytes] if sources else []))
     per_sample = (sum(padded(b) for e, b in bounds.items() if e not in _IMAGES + _DIRECTIONS)
                   + padded(image) + padded(max(bounds[e] for e in _DIRECTIONS)))
-    return (stop - start) * per_sample + 2 * 10240
+    return (stop - start) * per_sample + padded(index_bound(stop - start)) + 2 * 10240
