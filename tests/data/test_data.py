@@ -227,14 +227,25 @@ def test_mnist_missing_names_expected_files(tmp_path, monkeypatch):
 
 
 def test_network_probe_is_bounded(monkeypatch):
-    import time
+    import threading
 
     assert data._network_available("no-such-host.invalid", timeout=0.5) is False
-    # a connect (or DNS lookup) that hangs: the probe still answers within its timeout
-    monkeypatch.setattr(data.socket, "create_connection", lambda *a, **k: time.sleep(5))
-    t = time.monotonic()
-    assert data._network_available("example.org", timeout=0.3) is False
-    assert time.monotonic() - t < 4.5  # bounded below the 5 s hang, far above a loaded machine's 0.3 s
+    # A connect (or DNS lookup) that hangs until the test lets it go: the probe answers while it
+    # still hangs (no wall-clock bound to assert: the hang ends only after the answer).
+    release, entered, waited_out = threading.Event(), threading.Event(), threading.Event()
+
+    def hang(*a, **k):
+        entered.set()
+        if not release.wait(60):  # a probe that waited for the connect ends here, and fails below
+            waited_out.set()
+        raise OSError("released by the test")
+
+    monkeypatch.setattr(data.socket, "create_connection", hang)
+    try:
+        assert data._network_available("example.org", timeout=0.3) is False
+        assert entered.is_set() and not waited_out.is_set()
+    finally:
+        release.set()
 
 
 # -----------------------------------------------------------------------------
