@@ -265,6 +265,15 @@ class StoreReader(_StoreFiles):
             return contextlib.nullcontext()
         return self.source.local(self.records, [s for s, _ in self._spans(start, stop)], self.records)
 
+    def prefetch(self, blocks: Sequence[tuple[int, int]]) -> None:
+        """A hint: this process reads these (start, stop) blocks next, in this order. A store
+        URL's reader downloads their shards ahead in a background thread (`RemoteSource.prefetch`);
+        a local store's does nothing. Replaces the previous hint."""
+        if self.source is None:
+            return
+        order = dict.fromkeys(s for a, b in blocks for s, _ in self._spans(int(a), int(b)) if s in self._done)
+        self.source.prefetch(self.records, list(order), self.records)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, N={self.num_samples})"
 

@@ -8,9 +8,10 @@ import fcntl
 import hashlib
 import os
 import shutil
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -24,12 +25,58 @@ __all__ = ["RemoteSource", "find_remote_stores", "open_remote", "remote_info", "
 # --------------------------------------------------------------------------- reading
 
 
+# Shards downloaded ahead of the reader (`RemoteSource.prefetch`), and objects at most this big are
+# fetched in one GET and hashed in memory (larger ones through a file, hashed from disk once).
+PREFETCH_SHARDS = 2
+_IN_MEMORY = 64 << 20
+
+
+class _Here:
+    """One process's side of a RemoteSource (made again after a fork: flocks belong to the open
+    file, which a fork would share, and threads do not survive one)."""
+
+    def __init__(self, mirror: Path) -> None:
+        self.pid = os.getpid()
+        self.fd = os.open(mirror / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self.mutex = threading.RLock()
+        self.holders = 0  # threads of this process inside the fast path's shared lock
+        self.gen: int | None = None  # the cache's eviction count when `confirmed` was last true
+        self.confirmed: set[int] = set()  # shards whose files are in the cache, checked, since `gen`
+        self.last: tuple[int, ...] = ()
+        self.consumed: set[int] = set()  # shards the reader has read (the prefetcher keeps ahead of them)
+        self.changed = threading.Condition(self.mutex)
+        self.pool: ThreadPoolExecutor | None = None
+        self.inflight: dict[str, Future] = {}
+        self.plan_id = 0
+
+    def executor(self) -> ThreadPoolExecutor:
+        with self.mutex:
+            if self.pool is None:
+                # A shard's objects (zarr: one per array + keys) fetched concurrently.
+                self.pool = ThreadPoolExecutor(8, thread_name_prefix="enspipe-fetch")
+            return self.pool
+
+
+def _generation(fd: int) -> int:
+    raw = os.pread(fd, 32, 0).strip()
+    return int(raw) if raw.isdigit() else 0
+
+
 class RemoteSource:
-    """The local mirror of a store URL: which objects a read needs, fetched whole and checked."""
+    """The local mirror of a store URL: which objects a read needs, fetched whole and checked.
+
+    The cache is shared by the processes of a machine. Files leave it only by eviction, under an
+    exclusive flock, which also counts the evictions in the lock file. A read holds a shared flock
+    for its duration; a process remembers which shards it found complete at which eviction count,
+    so a read of such a shard costs the shared lock and one 32-byte pread, no listing, stat or
+    hash. Everything else (a shard not yet here, or an eviction since) takes the slow path:
+    evict to make room, download what is missing, check it, mark it.
+    """
 
     def __init__(self, url: str, mirror: Path, cap_bytes: int) -> None:
         self.url, self.mirror, self.cap_bytes = url, Path(mirror), int(cap_bytes)
         self._remote: Remote | None = None
+        self._here_: _Here | None = None
 
     def __reduce__(self) -> tuple:
         return RemoteSource, (self.url, str(self.mirror), self.cap_bytes)
@@ -40,19 +87,42 @@ class RemoteSource:
             self._remote = Remote(self.url)
         return self._remote
 
+    def _here(self) -> _Here:
+        if self._here_ is None or self._here_.pid != os.getpid():
+            self._here_ = _Here(self.mirror)
+        return self._here_
+
     @contextlib.contextmanager
-    def _lock(self, kind: int) -> Iterator[None]:
-        # A fresh descriptor per use: flock belongs to the open file, which a fork would share.
+    def _lock(self, kind: int) -> Iterator[int]:
+        # A fresh descriptor per use: flock belongs to the open file, which a fork would share
+        # (and two threads of one process on one descriptor would share one lock).
         fd = os.open(self.mirror / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, kind)
-            yield
+            yield fd
         finally:
             os.close(fd)
 
-    def _cached(self, keep: set[str], names: set[str], cap: int) -> None:
+    @contextlib.contextmanager
+    def _shared(self) -> Iterator[_Here]:
+        """The fast path's shared lock: this process's descriptor, locked once however many of
+        its threads read."""
+        here = self._here()
+        with here.mutex:
+            if here.holders == 0:
+                fcntl.flock(here.fd, fcntl.LOCK_SH)
+            here.holders += 1
+        try:
+            yield here
+        finally:
+            with here.mutex:
+                here.holders -= 1
+                if here.holders == 0:
+                    fcntl.flock(here.fd, fcntl.LOCK_UN)
+
+    def _evict(self, fd: int, keep: set[str], names: set[str], cap: int) -> None:
         """Evict least recently used shard files (of `names`, not `keep`) until at most `cap`
-        bytes remain (exclusive lock held)."""
+        bytes remain (exclusive lock held on `fd`); count the eviction in the lock file."""
         files = []
         for rel in names:
             p = self.mirror / rel
@@ -60,6 +130,7 @@ class RemoteSource:
                 st = p.stat()
                 files.append((st.st_atime, st.st_size, rel))
         total = sum(size for _, size, _ in files)
+        removed = False
         for _, size, rel in sorted(files):
             if total <= cap:
                 break
@@ -68,49 +139,161 @@ class RemoteSource:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.mirror / rel)
                 total -= size
+                removed = True
+        if removed:
+            self.count_eviction(fd)
+
+    @staticmethod
+    def count_eviction(fd: int) -> None:
+        """Tell every process's fast path that files may be gone (exclusive lock held on `fd`)."""
+        os.pwrite(fd, b"%020d\n" % (_generation(fd) + 1), 0)
+
+    def _mark(self, here: _Here, gen: int, shards: Iterable[int]) -> None:
+        with here.mutex:
+            if here.gen != gen:
+                here.confirmed.clear()
+                here.gen = gen
+            here.confirmed.update(shards)
+
+    def _consumed(self, here: _Here, shards: tuple[int, ...]) -> None:
+        with here.mutex:
+            if not here.consumed.issuperset(shards):
+                here.consumed.update(shards)
+                here.changed.notify_all()
+
+    def _touch(self, want: Iterable[str]) -> None:
+        # LRU order by atime, set explicitly (mounts may not update it); mtime is kept, so the
+        # sha256 memory of this file version stays valid. Once per shard change, not per read.
+        for rel in want:
+            with contextlib.suppress(FileNotFoundError):
+                p = self.mirror / rel
+                os.utime(p, ns=(time.time_ns(), p.stat().st_mtime_ns))
 
     @contextlib.contextmanager
     def local(self, records: dict[int, dict], shards: Iterable[int], all_records: dict[int, dict]) -> Iterator[None]:
         """Shards' objects present in the mirror, sha256-checked, for the duration (shared lock)."""
-        from .manifest import note_verified
+        shards = tuple(shards)
+        with self._shared() as here:
+            gen = _generation(here.fd)
+            with here.mutex:
+                fast = here.gen == gen and here.confirmed.issuperset(shards)
+                changed = fast and here.last != shards
+                if fast:
+                    here.last = shards
+            if fast:
+                if changed:
+                    self._touch(rel for s in shards for rel in records[s]["files"])
+                self._consumed(here, shards)
+                yield
+                return
+        with self._slow(records, shards, all_records):
+            yield
 
+    @contextlib.contextmanager
+    def _slow(self, records: dict[int, dict], shards: tuple[int, ...], all_records: dict[int, dict]) -> Iterator[None]:
         want = {rel: meta for s in shards for rel, meta in records[s]["files"].items()}
         every = {rel for rec in all_records.values() for rel in rec["files"]}
         missing = [rel for rel in want if not (self.mirror / rel).is_file()]
         if missing:
             need = sum(want[rel]["bytes"] for rel in missing)
-            with self._lock(fcntl.LOCK_EX):
-                self._cached(set(want), every, max(0, self.cap_bytes - need))
-        with self._lock(fcntl.LOCK_SH):
-            missing = [rel for rel in sorted(want) if not (self.mirror / rel).is_file()]
-            if missing:  # a shard's objects (zarr: one per array + keys) fetched concurrently
-                with ThreadPoolExecutor(min(8, len(missing))) as pool:
-                    list(pool.map(lambda rel: self._fetch(rel, want[rel], self.mirror / rel), missing))
-            for rel, meta in sorted(want.items()):
-                p = self.mirror / rel
-                if rel in missing:
-                    note_verified(p, meta["sha256"])
-                # LRU order by atime, set explicitly (mounts may not update it); mtime is kept,
-                # so the sha256 memory of this file version stays valid.
-                os.utime(p, ns=(time.time_ns(), p.stat().st_mtime_ns))
+            with self._lock(fcntl.LOCK_EX) as fd:
+                self._evict(fd, set(want), every, max(0, self.cap_bytes - need))
+        here = self._here()
+        with self._lock(fcntl.LOCK_SH) as fd:
+            gen = _generation(fd)
+            self._download({rel: want[rel] for rel in want if not (self.mirror / rel).is_file()})
+            self._touch(want)
+            self._mark(here, gen, shards)
+            with here.mutex:
+                here.last = shards
+            self._consumed(here, shards)
             yield
 
+    def _download(self, want: dict[str, dict]) -> None:
+        """Fetch these objects (the pool's downloads of them already under way are waited for)."""
+        here = self._here()
+        futures = []
+        with here.mutex:
+            for rel in sorted(want):
+                fut = here.inflight.get(rel)
+                if fut is None:
+                    fut = here.executor().submit(self._fetch, rel, want[rel], self.mirror / rel)
+                    here.inflight[rel] = fut
+                    fut.add_done_callback(lambda _f, rel=rel: here.inflight.pop(rel, None))
+                futures.append(fut)
+        for fut in futures:
+            fut.result()
+
     def _fetch(self, rel: str, meta: dict, dest: Path) -> None:
+        """One object downloaded whole, hashed once (as it arrives when it fits in memory), and
+        renamed into place only when it matches its record."""
+        from .manifest import note_verified, sha256_file
+
+        if dest.is_file():  # another process fetched it meanwhile (its check passed)
+            return
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            self.remote.get_file(rel, tmp)
-            h = hashlib.sha256()
-            with open(tmp, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
-            if tmp.stat().st_size != meta["bytes"] or h.hexdigest() != meta["sha256"]:
+            if meta["bytes"] <= _IN_MEMORY:
+                data = self.remote.cat(rel)
+                ok = len(data) == meta["bytes"] and hashlib.sha256(data).hexdigest() == meta["sha256"]
+                if ok:
+                    tmp.write_bytes(data)
+            else:
+                self.remote.get_file(rel, tmp)
+                ok = tmp.stat().st_size == meta["bytes"] and sha256_file(tmp) == meta["sha256"]
+            if not ok:
                 raise StoreError(f"object {join(self.url, rel)} does not match its completion record (corrupt, "
                                  "half-written or replaced); run enspipe verify on the store and re-run precompute")
             os.replace(tmp, dest)
+            note_verified(dest, meta["sha256"])
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
+
+    # ----------------------------------------------------------------------- prefetch
+
+    def prefetch(self, records: dict[int, dict], order: list[int], all_records: dict[int, dict]) -> None:
+        """Download the shards of `order` (the reader's coming shards, in its order) in a
+        background thread, at most PREFETCH_SHARDS ahead of the shards it has read. Never evicts:
+        a shard that does not fit under the cap beside what is cached is left to the read. A new
+        call replaces the previous order (the next epoch)."""
+        here = self._here()
+        with here.mutex:
+            here.plan_id += 1
+            here.consumed = set()
+            here.changed.notify_all()
+            plan_id = here.plan_id
+        if order:
+            threading.Thread(target=self._prefetcher, args=(here, plan_id, records, list(order), all_records),
+                             name="enspipe-prefetch", daemon=True).start()
+
+    def _prefetcher(self, here: _Here, plan_id: int, records: dict, order: list[int], all_records: dict) -> None:
+        every = {rel: meta["bytes"] for rec in all_records.values() for rel, meta in rec["files"].items()}
+        for i, s in enumerate(order):
+            with here.mutex:
+                # Wait until the reader has reached the shard PREFETCH_SHARDS before this one.
+                while here.plan_id == plan_id and not here.consumed.issuperset(order[:max(0, i - PREFETCH_SHARDS + 1)]):
+                    here.changed.wait(1.0)
+                if here.plan_id != plan_id or os.getpid() != here.pid:
+                    return
+                if s in here.consumed or (s in here.confirmed and here.gen == _generation(here.fd)):
+                    continue
+            try:
+                with self._lock(fcntl.LOCK_SH) as fd:
+                    gen = _generation(fd)
+                    want = {rel: meta for rel, meta in records[s]["files"].items()}
+                    missing = {rel: meta for rel, meta in want.items() if not (self.mirror / rel).is_file()}
+                    held = 0
+                    for rel in every:
+                        with contextlib.suppress(FileNotFoundError):
+                            held += (self.mirror / rel).stat().st_size
+                    if held + sum(m["bytes"] for m in missing.values()) > self.cap_bytes:
+                        return  # no room without evicting: the reads fetch on demand
+                    self._download(missing)
+                    self._mark(here, gen, [s])
+            except Exception:
+                return  # the read that needs the shard fetches it and reports any failure itself
 
 
 def _mirror_dir(url: str, manifest: dict, cache_dir: Path) -> Path:
@@ -125,13 +308,13 @@ def open_remote(url: str, *, allow_incomplete: bool = False, cache_dir: str | os
     from .registry import get_backend
 
     url = url.rstrip("/")
-    manifest = read_remote_manifest(url)
     r = Remote(url)
-    records = _records(r, manifest)
+    sizes = r.sizes()  # the store's one listing: the manifest's presence, the records, the objects
+    manifest = read_remote_manifest(url, sizes)
+    records = _records(r, manifest, sizes)
     if not manifest["complete"] and not allow_incomplete:
         raise StoreError(f"store {url} is incomplete: {len(records)} of {manifest['num_shards']} shards written; "
                          "re-run precompute to finish it.")
-    sizes = r.sizes()
     if manifest["complete"] and check_objects:
         for s in range(manifest["num_shards"]):
             rec = records.get(s)
@@ -184,7 +367,7 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
     r = Remote(url)
     sizes = r.sizes()
     complete = manifest["complete"]
-    remote_records = _records(r, {**manifest, "complete": False})
+    remote_records = _records(r, {**manifest, "complete": False}, sizes)
     problems: list[str] = []
     checked = written = 0
     for s in range(manifest["num_shards"]):
@@ -204,14 +387,18 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
         found = list(_size_problems(sizes, rec, s))
         if not found and deep:
             src = reader.source
-            with src._lock(fcntl.LOCK_EX) if fresh else contextlib.nullcontext():
-                for rel in rec["files"] if fresh else ():
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(src.mirror / rel)  # verify what is stored now, not the cache
+            if fresh:
+                with src._lock(fcntl.LOCK_EX) as fd:
+                    for rel in rec["files"]:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(src.mirror / rel)  # verify what is stored now, not the cache
+                    src.count_eviction(fd)
             try:
                 with src.local({s: rec}, [s], reader.records):
+                    # A download was hashed as it arrived (fresh: every file); a cached copy this
+                    # process has not hashed yet is hashed here, once.
                     for rel, meta in sorted(rec["files"].items()):
-                        if not sha256_matches(src.mirror / rel, meta["sha256"]):
+                        if not sha256_matches(src.mirror / rel, meta["sha256"], trust_checked=True):
                             raise StoreError(f"checksum mismatch in cached copy of {rel}")
                     get_backend(manifest["format"]).check_shard(src.mirror, manifest, s, rec)
             except StoreError as exc:

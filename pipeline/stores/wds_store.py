@@ -56,7 +56,7 @@ from enspipe.limits import current_limits
 from enspipe.tarsafe import PICKLE_EXTENSIONS as FORBIDDEN_EXTS
 
 from .base import StoreReader, StoreWriter
-from .manifest import schema_errors, shard_range
+from .manifest import known_verified, schema_errors, shard_range
 from .wds_bounds import max_tar_bytes, member_bound, member_bounds
 
 PREFIX = "shard"
@@ -453,15 +453,20 @@ def _checked_tar(path: Path, manifest: dict, s: int, record: dict, *, keep: bool
             if seen not in _HEADERS_CHECKED:
                 _check_headers(tar, manifest, sources)
                 _HEADERS_CHECKED.add(seen)
-        digest, data = hashlib.sha256(), bytearray() if keep else None
-        with open(tar, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-                if data is not None:
-                    data += chunk
+        want = record["files"][tar_name(s)]["sha256"]
+        # A tar this process downloaded and hashed (a store URL's cache) is not hashed again.
+        digest = None if known_verified(tar, want) else hashlib.sha256()
+        data = bytearray() if keep else None
+        if digest is not None or data is not None:
+            with open(tar, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    if digest is not None:
+                        digest.update(chunk)
+                    if data is not None:
+                        data += chunk
     except FileNotFoundError:
         raise StoreError(f"shard {s}: missing file {tar_name(s)} in store {path}.") from None
-    if digest.hexdigest() != record["files"][tar_name(s)]["sha256"]:
+    if digest is not None and digest.hexdigest() != want:
         raise StoreError(f"shard {s}: checksum mismatch in file {tar_name(s)} of store {path}.")
     return None if data is None else bytes(data)
 
