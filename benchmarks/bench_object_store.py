@@ -146,7 +146,7 @@ def main() -> None:
 
         model = work / "model-D"
         train(TrainConfig(model="D", dataset=args.dataset, data_root=args.data_root, limit=args.limit, epochs=1,
-                          seed=0, device="cpu", log_every=10_000), model)
+                          seed=0, device="cpu", log_every=10_000, out=str(model)))
         pre: dict[str, dict[str, list[float]]] = {}
         for fmt in args.formats.split(","):
             pre[fmt] = {"local": [], "s3": []}

@@ -27,7 +27,7 @@ __all__ = ["RemoteSource", "find_remote_stores", "open_remote", "remote_info", "
 
 # Shards downloaded ahead of the reader (`RemoteSource.prefetch`), and objects at most this big are
 # fetched in one GET and hashed in memory (larger ones through a file, hashed from disk once).
-PREFETCH_SHARDS = 2
+PREFETCH_SHARDS = 4
 _IN_MEMORY = 64 << 20
 
 
@@ -269,31 +269,49 @@ class RemoteSource:
                              name="enspipe-prefetch", daemon=True).start()
 
     def _prefetcher(self, here: _Here, plan_id: int, records: dict, order: list[int], all_records: dict) -> None:
-        every = {rel: meta["bytes"] for rec in all_records.values() for rel, meta in rec["files"].items()}
-        for i, s in enumerate(order):
-            with here.mutex:
-                # Wait until the reader has reached the shard PREFETCH_SHARDS before this one.
-                while here.plan_id == plan_id and not here.consumed.issuperset(order[:max(0, i - PREFETCH_SHARDS + 1)]):
-                    here.changed.wait(1.0)
-                if here.plan_id != plan_id or os.getpid() != here.pid:
-                    return
-                if s in here.consumed or (s in here.confirmed and here.gen == _generation(here.fd)):
-                    continue
+        every = {rel for rec in all_records.values() for rel in rec["files"]}
+        room = threading.BoundedSemaphore(PREFETCH_SHARDS)  # shards downloading at once
+        full = threading.Event()
+
+        def job(s: int) -> None:
             try:
-                with self._lock(fcntl.LOCK_SH) as fd:
-                    gen = _generation(fd)
-                    want = {rel: meta for rel, meta in records[s]["files"].items()}
-                    missing = {rel: meta for rel, meta in want.items() if not (self.mirror / rel).is_file()}
-                    held = 0
-                    for rel in every:
-                        with contextlib.suppress(FileNotFoundError):
-                            held += (self.mirror / rel).stat().st_size
-                    if held + sum(m["bytes"] for m in missing.values()) > self.cap_bytes:
-                        return  # no room without evicting: the reads fetch on demand
-                    self._download(missing)
-                    self._mark(here, gen, [s])
-            except Exception:
-                return  # the read that needs the shard fetches it and reports any failure itself
+                if not self._prefetch_one(here, records[s]["files"], s, every):
+                    full.set()  # no room under the cap without evicting: the reads fetch on demand
+            finally:
+                room.release()
+
+        with ThreadPoolExecutor(PREFETCH_SHARDS, thread_name_prefix="enspipe-prefetch") as jobs:
+            for i, s in enumerate(order):
+                with here.mutex:
+                    # Wait until the reader has reached the shard PREFETCH_SHARDS before this one.
+                    while here.plan_id == plan_id and not here.consumed.issuperset(
+                            order[:max(0, i - PREFETCH_SHARDS + 1)]):
+                        here.changed.wait(1.0)
+                    if here.plan_id != plan_id or os.getpid() != here.pid or full.is_set():
+                        return
+                    if s in here.consumed or (s in here.confirmed and here.gen == _generation(here.fd)):
+                        continue
+                room.acquire()
+                jobs.submit(job, s)
+
+    def _prefetch_one(self, here: _Here, files: dict[str, dict], s: int, every: set[str]) -> bool:
+        """Shard s's missing objects downloaded under a shared lock, if they fit beside what is
+        cached; False when they do not."""
+        try:
+            with self._lock(fcntl.LOCK_SH) as fd:
+                gen = _generation(fd)
+                missing = {rel: meta for rel, meta in files.items() if not (self.mirror / rel).is_file()}
+                held = 0
+                for rel in every:
+                    with contextlib.suppress(FileNotFoundError):
+                        held += (self.mirror / rel).stat().st_size
+                if held + sum(m["bytes"] for m in missing.values()) > self.cap_bytes:
+                    return False
+                self._download(missing)
+                self._mark(here, gen, [s])
+            return True
+        except Exception:
+            return False  # the read that needs the shard fetches it and reports any failure itself
 
 
 def _mirror_dir(url: str, manifest: dict, cache_dir: Path) -> Path:
@@ -370,6 +388,17 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
     remote_records = _records(r, {**manifest, "complete": False}, sizes)
     problems: list[str] = []
     checked = written = 0
+    if deep:
+        src = reader.source
+        if fresh:  # verify what is stored now, not the cache
+            with src._lock(fcntl.LOCK_EX) as fd:
+                for rec in reader.records.values():
+                    for rel in rec["files"]:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(src.mirror / rel)
+                src.count_eviction(fd)
+        # Shards download ahead of the checks (hashing and decoding one while the next arrive).
+        src.prefetch(reader.records, sorted(reader.records), reader.records)
     for s in range(manifest["num_shards"]):
         if complete:
             rec = manifest["shards"].get(f"{s:06d}")
@@ -386,13 +415,6 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
         checked += 1
         found = list(_size_problems(sizes, rec, s))
         if not found and deep:
-            src = reader.source
-            if fresh:
-                with src._lock(fcntl.LOCK_EX) as fd:
-                    for rel in rec["files"]:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.remove(src.mirror / rel)  # verify what is stored now, not the cache
-                    src.count_eviction(fd)
             try:
                 with src.local({s: rec}, [s], reader.records):
                     # A download was hashed as it arrived (fresh: every file); a cached copy this
