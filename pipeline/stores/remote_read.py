@@ -13,7 +13,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from enspipe.errors import StoreError
 
@@ -41,7 +41,7 @@ class _Here:
         self.mutex = threading.RLock()
         self.holders = 0  # threads of this process inside the fast path's shared lock
         self.gen: int | None = None  # the cache's eviction count when `confirmed` was last true
-        self.confirmed: set[int] = set()  # shards whose files are in the cache, checked, since `gen`
+        self.confirmed: set[str] = set()  # shard files in the cache, checked, since `gen`
         self.last: tuple[int, ...] = ()
         self.consumed: set[int] = set()  # shards the reader has read (the prefetcher keeps ahead of them)
         self.changed = threading.Condition(self.mutex)
@@ -148,12 +148,12 @@ class RemoteSource:
         """Tell every process's fast path that files may be gone (exclusive lock held on `fd`)."""
         os.pwrite(fd, b"%020d\n" % (_generation(fd) + 1), 0)
 
-    def _mark(self, here: _Here, gen: int, shards: Iterable[int]) -> None:
+    def _mark(self, here: _Here, gen: int, files: Iterable[str]) -> None:
         with here.mutex:
             if here.gen != gen:
                 here.confirmed.clear()
                 here.gen = gen
-            here.confirmed.update(shards)
+            here.confirmed.update(files)
 
     def _consumed(self, here: _Here, shards: tuple[int, ...]) -> None:
         with here.mutex:
@@ -170,28 +170,33 @@ class RemoteSource:
                 os.utime(p, ns=(time.time_ns(), p.stat().st_mtime_ns))
 
     @contextlib.contextmanager
-    def local(self, records: dict[int, dict], shards: Iterable[int], all_records: dict[int, dict]) -> Iterator[None]:
-        """Shards' objects present in the mirror, sha256-checked, for the duration (shared lock)."""
+    def local(self, records: dict[int, dict], shards: Iterable[int], all_records: dict[int, dict], *,
+              only: Callable[[int], list[str]] | None = None) -> Iterator[None]:
+        """Shards' objects (`only(s)` of shard s: the ones a read needs, else all) present in the
+        mirror, sha256-checked, for the duration (shared lock)."""
         shards = tuple(shards)
+        names = [rel for s in shards for rel in (only(s) if only else records[s]["files"])]
         with self._shared() as here:
             gen = _generation(here.fd)
             with here.mutex:
-                fast = here.gen == gen and here.confirmed.issuperset(shards)
+                fast = here.gen == gen and here.confirmed.issuperset(names)
                 changed = fast and here.last != shards
                 if fast:
                     here.last = shards
             if fast:
                 if changed:
-                    self._touch(rel for s in shards for rel in records[s]["files"])
+                    self._touch(names)
                 self._consumed(here, shards)
                 yield
                 return
-        with self._slow(records, shards, all_records):
+        with self._slow(records, shards, names, all_records):
             yield
 
     @contextlib.contextmanager
-    def _slow(self, records: dict[int, dict], shards: tuple[int, ...], all_records: dict[int, dict]) -> Iterator[None]:
-        want = {rel: meta for s in shards for rel, meta in records[s]["files"].items()}
+    def _slow(self, records: dict[int, dict], shards: tuple[int, ...], names: list[str],
+              all_records: dict[int, dict]) -> Iterator[None]:
+        metas = {rel: meta for s in shards for rel, meta in records[s]["files"].items()}
+        want = {rel: metas[rel] for rel in names}
         every = {rel for rec in all_records.values() for rel in rec["files"]}
         missing = [rel for rel in want if not (self.mirror / rel).is_file()]
         if missing:
@@ -203,7 +208,7 @@ class RemoteSource:
             gen = _generation(fd)
             self._download({rel: want[rel] for rel in want if not (self.mirror / rel).is_file()})
             self._touch(want)
-            self._mark(here, gen, shards)
+            self._mark(here, gen, want)
             with here.mutex:
                 here.last = shards
             self._consumed(here, shards)
@@ -253,7 +258,8 @@ class RemoteSource:
 
     # ----------------------------------------------------------------------- prefetch
 
-    def prefetch(self, records: dict[int, dict], order: list[int], all_records: dict[int, dict]) -> None:
+    def prefetch(self, records: dict[int, dict], order: list[int], all_records: dict[int, dict], *,
+                 only: Callable[[int], list[str]] | None = None) -> None:
         """Download the shards of `order` (the reader's coming shards, in its order) in a
         background thread, at most PREFETCH_SHARDS ahead of the shards it has read. Never evicts:
         a shard that does not fit under the cap beside what is cached is left to the read. A new
@@ -265,17 +271,19 @@ class RemoteSource:
             here.changed.notify_all()
             plan_id = here.plan_id
         if order:
-            threading.Thread(target=self._prefetcher, args=(here, plan_id, records, list(order), all_records),
+            threading.Thread(target=self._prefetcher, args=(here, plan_id, records, list(order), all_records, only),
                              name="enspipe-prefetch", daemon=True).start()
 
-    def _prefetcher(self, here: _Here, plan_id: int, records: dict, order: list[int], all_records: dict) -> None:
+    def _prefetcher(self, here: _Here, plan_id: int, records: dict, order: list[int], all_records: dict,
+                    only: Callable[[int], list[str]] | None) -> None:
         every = {rel for rec in all_records.values() for rel in rec["files"]}
         room = threading.BoundedSemaphore(PREFETCH_SHARDS)  # shards downloading at once
         full = threading.Event()
 
         def job(s: int) -> None:
             try:
-                if not self._prefetch_one(here, records[s]["files"], s, every):
+                files = records[s]["files"]
+                if not self._prefetch_one(here, {rel: files[rel] for rel in (only(s) if only else files)}, every):
                     full.set()  # no room under the cap without evicting: the reads fetch on demand
             finally:
                 room.release()
@@ -289,18 +297,22 @@ class RemoteSource:
                         here.changed.wait(1.0)
                     if here.plan_id != plan_id or os.getpid() != here.pid or full.is_set():
                         return
-                    if s in here.consumed or (s in here.confirmed and here.gen == _generation(here.fd)):
-                        continue
+                    names = only(s) if only else list(records[s]["files"])
+                    if s in here.consumed or (here.gen == _generation(here.fd) and here.confirmed.issuperset(names)):
+                        continue  # read already, or known to be cached
                 room.acquire()
                 jobs.submit(job, s)
 
-    def _prefetch_one(self, here: _Here, files: dict[str, dict], s: int, every: set[str]) -> bool:
-        """Shard s's missing objects downloaded under a shared lock, if they fit beside what is
+    def _prefetch_one(self, here: _Here, files: dict[str, dict], every: set[str]) -> bool:
+        """A shard's missing objects (`files`) downloaded under a shared lock, if they fit beside what is
         cached; False when they do not."""
         try:
             with self._lock(fcntl.LOCK_SH) as fd:
                 gen = _generation(fd)
                 missing = {rel: meta for rel, meta in files.items() if not (self.mirror / rel).is_file()}
+                if not missing:
+                    self._mark(here, gen, files)
+                    return True
                 held = 0
                 for rel in every:
                     with contextlib.suppress(FileNotFoundError):
@@ -308,7 +320,7 @@ class RemoteSource:
                 if held + sum(m["bytes"] for m in missing.values()) > self.cap_bytes:
                     return False
                 self._download(missing)
-                self._mark(here, gen, [s])
+                self._mark(here, gen, files)
             return True
         except Exception:
             return False  # the read that needs the shard fetches it and reports any failure itself
