@@ -143,6 +143,17 @@ class RemoteSource:
         if removed:
             self.count_eviction(fd)
 
+    def _held(self, all_records: dict[int, dict], every: set[str]) -> int:
+        """Bytes of this store's shard files in the cache now (0 when the whole store fits under
+        the cap: then nothing is ever evicted, and nothing need be counted)."""
+        if sum(meta["bytes"] for rec in all_records.values() for meta in rec["files"].values()) <= self.cap_bytes:
+            return 0
+        held = 0
+        for rel in every:
+            with contextlib.suppress(FileNotFoundError):
+                held += (self.mirror / rel).stat().st_size
+        return held
+
     @staticmethod
     def count_eviction(fd: int) -> None:
         """Tell every process's fast path that files may be gone (exclusive lock held on `fd`)."""
@@ -199,8 +210,9 @@ class RemoteSource:
         want = {rel: metas[rel] for rel in names}
         every = {rel for rec in all_records.values() for rel in rec["files"]}
         missing = [rel for rel in want if not (self.mirror / rel).is_file()]
-        if missing:
-            need = sum(want[rel]["bytes"] for rel in missing)
+        need = sum(want[rel]["bytes"] for rel in missing)
+        if missing and self._held(all_records, every) + need > self.cap_bytes:
+            # Only then the exclusive lock: it waits for every read and download in progress.
             with self._lock(fcntl.LOCK_EX) as fd:
                 self._evict(fd, set(want), every, max(0, self.cap_bytes - need))
         here = self._here()
@@ -283,7 +295,8 @@ class RemoteSource:
         def job(s: int) -> None:
             try:
                 files = records[s]["files"]
-                if not self._prefetch_one(here, {rel: files[rel] for rel in (only(s) if only else files)}, every):
+                if not self._prefetch_one(here, {rel: files[rel] for rel in (only(s) if only else files)},
+                                          all_records, every):
                     full.set()  # no room under the cap without evicting: the reads fetch on demand
             finally:
                 room.release()
@@ -303,7 +316,7 @@ class RemoteSource:
                 room.acquire()
                 jobs.submit(job, s)
 
-    def _prefetch_one(self, here: _Here, files: dict[str, dict], every: set[str]) -> bool:
+    def _prefetch_one(self, here: _Here, files: dict[str, dict], all_records: dict, every: set[str]) -> bool:
         """A shard's missing objects (`files`) downloaded under a shared lock, if they fit beside what is
         cached; False when they do not."""
         try:
@@ -313,11 +326,7 @@ class RemoteSource:
                 if not missing:
                     self._mark(here, gen, files)
                     return True
-                held = 0
-                for rel in every:
-                    with contextlib.suppress(FileNotFoundError):
-                        held += (self.mirror / rel).stat().st_size
-                if held + sum(m["bytes"] for m in missing.values()) > self.cap_bytes:
+                if self._held(all_records, every) + sum(m["bytes"] for m in missing.values()) > self.cap_bytes:
                     return False
                 self._download(missing)
                 self._mark(here, gen, files)
