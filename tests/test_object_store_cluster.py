@@ -318,3 +318,28 @@ def test_readme_cluster_commands_run_a_dask_cluster_on_s3_and_train_on_two_nodes
                          env=base, cwd=tmp_path, capture_output=True, text=True, timeout=LONG)
     assert one.returncode == 0, one.stderr[-4000:]
     assert (run / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
+
+
+# --------------------------------------------------------------------------- file://
+
+
+def test_a_file_url_is_the_local_store(tmp_path):
+    """`file://` URLs (README names them tested): the local store at that path, written,
+    listed, verified and read through the URL as through the path."""
+    import numpy as np
+
+    from enspipe.stores import create_store, list_stores, open_store, store_path, verify_store
+    from test_object_store import N, SHARD, _arrays, _identity, _write
+
+    a = _arrays()
+    root = f"file://{tmp_path}/stores"
+    w = create_store(store_path(root, _identity(), "zarr"), _identity(), fmt="zarr", shard_size=SHARD)
+    _write(w, a)
+    w.finalize()
+    path = store_path(tmp_path / "stores", _identity(), "zarr")
+    assert (Path(path) / "manifest.json").is_file()  # written at the path the URL names
+    url = f"file://{path}"
+    np.testing.assert_array_equal(open_store(url).read_directions(0, N), a["direction"])
+    assert verify_store(url).ok
+    (info,) = list_stores(root)
+    assert Path(info.path) == Path(path) and info.complete
