@@ -67,10 +67,10 @@ class RemoteSource:
 
     The cache is shared by the processes of a machine. Files leave it only by eviction, under an
     exclusive flock, which also counts the evictions in the lock file. A read holds a shared flock
-    for its duration; a process remembers which shards it found complete at which eviction count,
-    so a read of such a shard costs the shared lock and one 32-byte pread, no listing, stat or
-    hash. Everything else (a shard not yet here, or an eviction since) takes the slow path:
-    evict to make room, download what is missing, check it, mark it.
+    for its duration; a process remembers which shard files it found in place at which eviction
+    count, so a read of such files costs the shared lock and one 32-byte pread, no listing, stat
+    or hash. Everything else (a file not yet here, or an eviction since) takes the slow path:
+    evict if the cap needs it, download what is missing, check it, mark it.
     """
 
     def __init__(self, url: str, mirror: Path, cap_bytes: int) -> None:
