@@ -11,12 +11,18 @@ timed epochs, as train() does) and reports samples/s of the epoch's iteration:
 
   local        the store on local disk;
   s3 first     the store URL with an empty cache: every shard object downloaded whole,
-               sha256-checked, then read (what a first epoch costs);
+               sha256-checked, then read (what a first epoch costs); the stream hands the
+               reader its block order, so the next shards download while one is read;
   s3 cached    the same URL again with the cache the first epoch left (a second epoch).
 
-Rounds are interleaved (local, s3 first, s3 cached per round, per format) and the median of
-each is reported with the ratio to local. Loopback only: a real object store adds latency.
-Prints a markdown table and writes OUT/bench_object_store.json.
+Then precompute itself (`enspipe.precompute`, one process, fgsm, of a model D trained one epoch
+here) into a local root and into the bucket, side by side (wall seconds of the whole call:
+model and data loading, attack, shard writing, uploads, finalize).
+
+Rounds are interleaved (local, s3 first, s3 cached per round, per format; precompute local,
+precompute s3 per round) and the median of each is reported with the ratio to local. Loopback
+only: a real object store adds latency. Prints markdown tables and writes
+OUT/bench_object_store.json.
 """
 from __future__ import annotations
 
@@ -87,6 +93,27 @@ def _epoch(dataset, reader, epoch: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+def _fast_path_us(reader, n: int = 20_000) -> float:
+    """Microseconds a read of a cached shard spends in the cache (its shared lock and eviction
+    count; what a cached epoch adds to a local read), each read on another shard."""
+    src, shards = reader.source, sorted(reader.records)
+    t = time.perf_counter()
+    for i in range(n):
+        with src.local(reader.records, [shards[i % len(shards)]], reader.records, only=reader._direction_files):
+            pass
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def _precompute(dataset_name: str, args, model: Path, out: str, fmt: str) -> float:
+    from enspipe.precompute import PrecomputeConfig, precompute
+
+    cfg = PrecomputeConfig(model=str(model), dataset=dataset_name, data_root=args.data_root, limit=args.limit,
+                           attacks=("fgsm",), format=fmt, shard_size=args.shard_size, device="cpu", out=out)
+    t = time.perf_counter()
+    precompute(cfg)
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="digits, 3 rounds")
@@ -112,6 +139,7 @@ def main() -> None:
         bucket = f"bench{uuid.uuid4().hex[:8]}"
         s3fs.S3FileSystem(endpoint_url=endpoint).mkdir(bucket)
         rows = {}
+        fast_us: list[float] = []
         for fmt in args.formats.split(","):
             local = _build(str(work / "local"), dataset, fmt, args.shard_size)
             url = _build(f"s3://{bucket}/stores", dataset, fmt, args.shard_size)
@@ -124,8 +152,22 @@ def main() -> None:
                 # A new reader on the cache the first epoch left (no shard decoded in memory), as
                 # a loader worker's reader of the next epoch.
                 times["s3 cached"].append(_epoch(dataset, remote.reopened(), 1))
+                fast_us.append(_fast_path_us(remote))
                 shutil.rmtree(cache, ignore_errors=True)
             rows[fmt] = {k: statistics.median(v) for k, v in times.items()}
+        from enspipe.train import TrainConfig, train
+
+        model = work / "model-D"
+        train(TrainConfig(model="D", dataset=args.dataset, data_root=args.data_root, limit=args.limit, epochs=1,
+                          seed=0, device="cpu", log_every=10_000, out=str(model)))
+        pre: dict[str, dict[str, list[float]]] = {}
+        for fmt in args.formats.split(","):
+            pre[fmt] = {"local": [], "s3": []}
+            _precompute(args.dataset, args, model, str(work / "warm"), fmt)  # data and model loaded once, not timed
+            for r in range(args.rounds):
+                pre[fmt]["local"].append(_precompute(args.dataset, args, model, str(work / f"pre-{r}"), fmt))
+                pre[fmt]["s3"].append(_precompute(args.dataset, args, model, f"s3://{bucket}/pre-{r}", fmt))
+        pre_rows = {fmt: {k: statistics.median(v) for k, v in t.items()} for fmt, t in pre.items()}
     finally:
         proc.terminate()
         shutil.rmtree(work, ignore_errors=True)
@@ -137,11 +179,20 @@ def main() -> None:
     for fmt, r in rows.items():
         lines.append(f"| {fmt} | {r['local']:,.0f} | {r['s3 first']:,.0f} | {r['s3 first'] / r['local']:.2f}x | "
                      f"{r['s3 cached']:,.0f} | {r['s3 cached'] / r['local']:.2f}x |")
+    lines += ["", f"cache fast path: {statistics.median(fast_us):.1f} us per read (median of {len(fast_us)}; "
+                  "the cache's share of a cached read)"]
+    lines += ["", f"precompute (fgsm, model D, shard size {args.shard_size}, one process, wall seconds), "
+                  f"median of {args.rounds} interleaved rounds", "",
+              "| format | to local disk s | to S3 s | ratio |", "|---|---|---|---|"]
+    for fmt, r in pre_rows.items():
+        lines.append(f"| {fmt} | {r['local']:.2f} | {r['s3']:.2f} | {r['s3'] / r['local']:.2f}x |")
     print("\n".join(lines))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_object_store.json").write_text(json.dumps({"date": stamp, "dataset": args.dataset,
-                                                             "n": len(dataset), "rows": rows}, indent=2))
+                                                             "n": len(dataset), "rows": rows,
+                                                             "precompute_s": pre_rows,
+                                                             "fast_path_us": statistics.median(fast_us)}, indent=2))
 
 
 if __name__ == "__main__":

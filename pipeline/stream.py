@@ -203,9 +203,14 @@ class DirectionStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, nworkers = _worker()
         readers = self._readers()
-        for u, unit in enumerate(self.plan()):
-            if u % nworkers == wid:
-                yield from self._unit(unit, readers)
+        mine = [unit for u, unit in enumerate(self.plan()) if u % nworkers == wid]
+        for k, r in enumerate(readers):
+            # The blocks this worker reads from each store, in order: a store URL's shards are
+            # downloaded ahead of the reads (a local store ignores the hint).
+            if hasattr(r, "prefetch"):
+                r.prefetch([(s, e) for unit in mine for s, e, src in unit.blocks if self.draw is None or src == k + 1])
+        for unit in mine:
+            yield from self._unit(unit, readers)
 
     def _unit(self, unit: Unit, readers: list[Any]) -> Iterator[dict[str, Any]]:
         # A window or the epoch's tail alike: its contiguous `reads`, each read once.

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from enspipe.util.errors import ConfigError
-from enspipe.util.fileio import FOLDER_LOCK, atomic_write_json, dir_bytes, process_umask
+from enspipe.util.fileio import FOLDER_LOCK, atomic_write_json, dir_bytes, file_lock, process_umask
 from enspipe.stores.registry import format_of
 
 __all__ = ["CacheEntry", "cache_entries", "default_cache", "gc", "is_cache_link", "publish", "register_job", "step_lock"]
@@ -45,22 +45,6 @@ def default_cache() -> Path:
 
 # --- Locks ----------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def file_lock(path: Path, *, blocking: bool = False) -> Iterator[bool]:
-    """An advisory flock on `path` (created if missing), released on exit or when the
-    process dies, so a killed job never leaves a stale lock. Yields whether it is held.
-    A lock file that another process removed while we waited is opened again, so two
-    processes never hold locks on two different files of one name."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        with open(path, "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
             try:
                 if os.fstat(f.fileno()).st_ino != os.stat(path).st_ino:
                     continue  # gc removed the file we locked: lock the new one

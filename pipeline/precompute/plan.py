@@ -246,10 +246,11 @@ def store_locks(paths: list[Path]):
     when its holder dies, however it dies, so a killed precompute never leaves a store locked.
     Yields True when some lock had to be waited for (the other writer may have finished the store)."""
     try:
-        import fcntl
+        import fcntl  # noqa: F401  (only: is there flock here?)
     except ImportError:  # no flock (Windows): one writer per store is then the user's to keep
         yield False
         return
+    from enspipe.util.fileio import file_lock
     from enspipe.stores.remote import is_url
 
     waited = False
@@ -258,20 +259,15 @@ def store_locks(paths: list[Path]):
         # (content-addressed shards, the manifest last), so one wins and nothing is corrupted.
         for store in sorted({p for p in paths if not is_url(p)}, key=str):
             lock = lock_path(store)
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            f = stack.enter_context(open(lock, "a+"))
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = (f.read().strip().splitlines() or ["another process"])[-1]  # what its writer wrote
+            if not stack.enter_context(file_lock(lock)):
+                try:
+                    holder = (lock.read_text().strip().splitlines() or ["another process"])[-1]  # what its writer wrote
+                except OSError:
+                    holder = "another process"
                 log(f"{store}: another precompute ({holder}) is writing this store; waiting for it to finish")
-                fcntl.flock(f, fcntl.LOCK_EX)
+                stack.enter_context(file_lock(lock, blocking=True))
                 waited = True
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()}\n")
-            f.flush()
+            lock.write_text(f"pid {os.getpid()}\n")  # for the next writer's line (the lock is the flock)
         yield waited
 
 

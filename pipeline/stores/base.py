@@ -258,12 +258,28 @@ class StoreReader(_StoreFiles):
         # Pickled (spawned loader workers, dask) as what it was opened from, never its open files.
         return _rebuild, (type(self), self.path, self.manifest, self.records, self.source)
 
-    def _local(self, start: int, stop: int) -> contextlib.AbstractContextManager:
-        """The shard files that samples [start, stop) need, present for the duration (a store URL's
-        are fetched whole and sha256-checked into the size-capped cache; local stores: nothing)."""
+    def _local(self, start: int, stop: int, *, directions: bool = False) -> contextlib.AbstractContextManager:
+        """The shard files that samples [start, stop) need (`directions`: only those the directions
+        are read from), present for the duration (a store URL's are fetched whole and
+        sha256-checked into the size-capped cache; local stores: nothing)."""
         if self.source is None:
             return contextlib.nullcontext()
-        return self.source.local(self.records, [s for s, _ in self._spans(start, stop)], self.records)
+        return self.source.local(self.records, [s for s, _ in self._spans(start, stop)], self.records,
+                                 only=self._direction_files if directions else None)
+
+    def _direction_files(self, s: int) -> list[str]:
+        """The files of shard s that `read_directions` reads (a backend with one file per array
+        names its direction file; default: every file of the shard)."""
+        return list(self.records[s]["files"])
+
+    def prefetch(self, blocks: Sequence[tuple[int, int]]) -> None:
+        """A hint: this process reads the directions of these (start, stop) blocks next, in this
+        order. A store URL's reader downloads their shards' direction files ahead in a background thread (`RemoteSource.prefetch`);
+        a local store's does nothing. Replaces the previous hint."""
+        if self.source is None:
+            return
+        order = dict.fromkeys(s for a, b in blocks for s, _ in self._spans(int(a), int(b)) if s in self._done)
+        self.source.prefetch(self.records, list(order), self.records, only=self._direction_files)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, N={self.num_samples})"
@@ -305,7 +321,7 @@ class StoreReader(_StoreFiles):
         start, stop = self._check_range(start, stop)
         if start == stop:
             return self._empty(0)["direction"]
-        with self._local(start, stop):
+        with self._local(start, stop, directions=True):
             d = self._read_directions(start, stop)
         # Cheap value check on the hot path: a damaged chunk whose checksum was forged
         # still cannot smuggle values outside {-1, 0, 1} into training.

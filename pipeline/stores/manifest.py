@@ -274,10 +274,21 @@ def sha256_matches(path: Path, sha256: str, *, trust_checked: bool = False) -> b
     return True
 
 
-def note_verified(path: Path, sha256: str) -> None:
-    """Remember that the file at `path` (as it is now) was just hashed to `sha256` by its writer
-    or downloader, so a reader does not hash it again (see `sha256_matches`)."""
-    st = os.stat(path)
+def known_verified(path: Path, sha256: str) -> bool:
+    """Has this process hashed the file at `path`, as it is now, to `sha256` (`sha256_matches`,
+    `note_verified`)? Never hashes: a reader that reads the bytes anyway skips only the digest."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, sha256) in _VERIFIED
+
+
+def note_verified(path: Path, sha256: str, st: os.stat_result | None = None) -> None:
+    """Remember that the file at `path` (as it is now, or as `st` saw it before it was read) was
+    just hashed to `sha256` by its writer, downloader or reader, so a reader does not hash it
+    again (see `sha256_matches`)."""
+    st = os.stat(path) if st is None else st
     _VERIFIED[(os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, sha256)] = None
     while len(_VERIFIED) > _VERIFIED_MAX:
         _VERIFIED.popitem(last=False)

@@ -211,12 +211,13 @@ def check_remote_root(url: str) -> None:
 # --------------------------------------------------------------------------- manifests
 
 
-def read_remote_manifest(url: str) -> dict:
+def read_remote_manifest(url: str, sizes: dict[str, int] | None = None) -> dict:
+    """The checked manifest of a store URL (`sizes`: the store's listing, when the caller has it)."""
     from .manifest import check_manifest
 
     r = Remote(url)
-    if not r.exists(MANIFEST):
-        if r.sizes():
+    if not (MANIFEST in sizes if sizes is not None else r.exists(MANIFEST)):
+        if sizes if sizes is not None else r.sizes():
             raise StoreError(f"{url} exists but is not an enspipe store (no {MANIFEST}).")
         raise StoreError(f"store {url} does not exist.")
     manifest = r.json(MANIFEST, "store manifest")

@@ -8,109 +8,19 @@ import fcntl
 import hashlib
 import os
 import shutil
-import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from enspipe.util.errors import StoreError
 
 from .remote import MANIFEST, Remote, _records, _size_problems, cache_settings, join, read_remote_manifest
+from .remote_cache import RemoteSource
 
 __all__ = ["RemoteSource", "find_remote_stores", "open_remote", "remote_info", "verify_remote"]
 
 
 # --------------------------------------------------------------------------- reading
-
-
-class RemoteSource:
-    """The local mirror of a store URL: which objects a read needs, fetched whole and checked."""
-
-    def __init__(self, url: str, mirror: Path, cap_bytes: int) -> None:
-        self.url, self.mirror, self.cap_bytes = url, Path(mirror), int(cap_bytes)
-        self._remote: Remote | None = None
-
-    def __reduce__(self) -> tuple:
-        return RemoteSource, (self.url, str(self.mirror), self.cap_bytes)
-
-    @property
-    def remote(self) -> Remote:
-        if self._remote is None:
-            self._remote = Remote(self.url)
-        return self._remote
-
-    @contextlib.contextmanager
-    def _lock(self, kind: int) -> Iterator[None]:
-        # A fresh descriptor per use: flock belongs to the open file, which a fork would share.
-        fd = os.open(self.mirror / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, kind)
-            yield
-        finally:
-            os.close(fd)
-
-    def _cached(self, keep: set[str], names: set[str], cap: int) -> None:
-        """Evict least recently used shard files (of `names`, not `keep`) until at most `cap`
-        bytes remain (exclusive lock held)."""
-        files = []
-        for rel in names:
-            p = self.mirror / rel
-            with contextlib.suppress(FileNotFoundError):
-                st = p.stat()
-                files.append((st.st_atime, st.st_size, rel))
-        total = sum(size for _, size, _ in files)
-        for _, size, rel in sorted(files):
-            if total <= cap:
-                break
-            if rel in keep:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.mirror / rel)
-                total -= size
-
-    @contextlib.contextmanager
-    def local(self, records: dict[int, dict], shards: Iterable[int], all_records: dict[int, dict]) -> Iterator[None]:
-        """Shards' objects present in the mirror, sha256-checked, for the duration (shared lock)."""
-        from .manifest import note_verified
-
-        want = {rel: meta for s in shards for rel, meta in records[s]["files"].items()}
-        every = {rel for rec in all_records.values() for rel in rec["files"]}
-        missing = [rel for rel in want if not (self.mirror / rel).is_file()]
-        if missing:
-            need = sum(want[rel]["bytes"] for rel in missing)
-            with self._lock(fcntl.LOCK_EX):
-                self._cached(set(want), every, max(0, self.cap_bytes - need))
-        with self._lock(fcntl.LOCK_SH):
-            missing = [rel for rel in sorted(want) if not (self.mirror / rel).is_file()]
-            if missing:  # a shard's objects (zarr: one per array + keys) fetched concurrently
-                with ThreadPoolExecutor(min(8, len(missing))) as pool:
-                    list(pool.map(lambda rel: self._fetch(rel, want[rel], self.mirror / rel), missing))
-            for rel, meta in sorted(want.items()):
-                p = self.mirror / rel
-                if rel in missing:
-                    note_verified(p, meta["sha256"])
-                # LRU order by atime, set explicitly (mounts may not update it); mtime is kept,
-                # so the sha256 memory of this file version stays valid.
-                os.utime(p, ns=(time.time_ns(), p.stat().st_mtime_ns))
-            yield
-
-    def _fetch(self, rel: str, meta: dict, dest: Path) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            self.remote.get_file(rel, tmp)
-            h = hashlib.sha256()
-            with open(tmp, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
-            if tmp.stat().st_size != meta["bytes"] or h.hexdigest() != meta["sha256"]:
-                raise StoreError(f"object {join(self.url, rel)} does not match its completion record (corrupt, "
-                                 "half-written or replaced); run enspipe verify on the store and re-run precompute")
-            os.replace(tmp, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
 
 
 def _mirror_dir(url: str, manifest: dict, cache_dir: Path) -> Path:
@@ -125,13 +35,13 @@ def open_remote(url: str, *, allow_incomplete: bool = False, cache_dir: str | os
     from .registry import get_backend
 
     url = url.rstrip("/")
-    manifest = read_remote_manifest(url)
     r = Remote(url)
-    records = _records(r, manifest)
+    sizes = r.sizes()  # the store's one listing: the manifest's presence, the records, the objects
+    manifest = read_remote_manifest(url, sizes)
+    records = _records(r, manifest, sizes)
     if not manifest["complete"] and not allow_incomplete:
         raise StoreError(f"store {url} is incomplete: {len(records)} of {manifest['num_shards']} shards written; "
                          "re-run precompute to finish it.")
-    sizes = r.sizes()
     if manifest["complete"] and check_objects:
         for s in range(manifest["num_shards"]):
             rec = records.get(s)
@@ -184,9 +94,20 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
     r = Remote(url)
     sizes = r.sizes()
     complete = manifest["complete"]
-    remote_records = _records(r, {**manifest, "complete": False})
+    remote_records = _records(r, {**manifest, "complete": False}, sizes)
     problems: list[str] = []
     checked = written = 0
+    if deep:
+        src = reader.source
+        if fresh:  # verify what is stored now, not the cache
+            with src._lock(fcntl.LOCK_EX) as fd:
+                for rec in reader.records.values():
+                    for rel in rec["files"]:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(src.mirror / rel)
+                src.count_eviction(fd)
+        # Shards download ahead of the checks (hashing and decoding one while the next arrive).
+        src.prefetch(reader.records, sorted(reader.records), reader.records)
     for s in range(manifest["num_shards"]):
         if complete:
             rec = manifest["shards"].get(f"{s:06d}")
@@ -203,15 +124,12 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
         checked += 1
         found = list(_size_problems(sizes, rec, s))
         if not found and deep:
-            src = reader.source
-            with src._lock(fcntl.LOCK_EX) if fresh else contextlib.nullcontext():
-                for rel in rec["files"] if fresh else ():
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(src.mirror / rel)  # verify what is stored now, not the cache
             try:
                 with src.local({s: rec}, [s], reader.records):
+                    # A download was hashed as it arrived (fresh: every file); a cached copy this
+                    # process has not hashed yet is hashed here, once.
                     for rel, meta in sorted(rec["files"].items()):
-                        if not sha256_matches(src.mirror / rel, meta["sha256"]):
+                        if not sha256_matches(src.mirror / rel, meta["sha256"], trust_checked=True):
                             raise StoreError(f"checksum mismatch in cached copy of {rel}")
                     get_backend(manifest["format"]).check_shard(src.mirror, manifest, s, rec)
             except StoreError as exc:

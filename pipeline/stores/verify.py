@@ -66,7 +66,7 @@ def verify_store(path: str | os.PathLike | StoreReader, *, deep: bool = True) ->
     if isinstance(path, StoreReader):
         path, manifest = path.path, path.manifest
     else:
-        path = Path(path)
+        path = Path(target)  # a file:// URL is its path
         try:
             manifest = read_manifest(path)
         except StoreError as exc:

@@ -198,6 +198,10 @@ class ZarrReader(StoreReader):
                 rel = shard_file(name, s, NDIMS[name])
                 check_file_once(self.path, rel, files[rel], s)
 
+    def _direction_files(self, s: int) -> list[str]:
+        # A store URL's reader of directions (the trainer) downloads this one object per shard.
+        return [shard_file("direction", s, NDIMS["direction"])]
+
     def _read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         self._verify(ARRAYS, start, stop)
         return {name: np.asarray(self._arrays[name][start:stop]) for name in ARRAYS}

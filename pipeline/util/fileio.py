@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_target", "atomic_write", "atomic_write_json", "dir_bytes", "hold_folder", "is_temporary", "naming",
+__all__ = ["atomic_target", "atomic_write", "atomic_write_json", "dir_bytes", "file_lock", "hold_folder", "is_temporary", "naming",
            "parse_json", "process_umask", "read_text_file", "release_folder"]
 
 
@@ -199,3 +199,21 @@ def release_folder(folder: str | os.PathLike) -> None:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(key, FOLDER_LOCK))  # while held: see hold_folder's inode check
         f.close()  # closing the last descriptor releases the flock
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, blocking: bool = False) -> Iterator[bool]:
+    """An advisory flock on `path` (created if missing), released on exit or when the
+    process dies, so a killed job never leaves a stale lock. Yields whether it is held.
+    A lock file that another process removed while we waited is opened again, so two
+    processes never hold locks on two different files of one name."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
