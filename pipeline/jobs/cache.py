@@ -45,18 +45,6 @@ def default_cache() -> Path:
 
 # --- Locks ----------------------------------------------------------------------------------
 
-            try:
-                if os.fstat(f.fileno()).st_ino != os.stat(path).st_ino:
-                    continue  # gc removed the file we locked: lock the new one
-            except FileNotFoundError:
-                continue
-            try:
-                yield True
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-            return
-
-
 def step_lock(lock_path: Path) -> contextlib.AbstractContextManager[bool]:
     return file_lock(lock_path)
 

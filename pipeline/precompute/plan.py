@@ -246,7 +246,7 @@ def store_locks(paths: list[Path]):
     when its holder dies, however it dies, so a killed precompute never leaves a store locked.
     Yields True when some lock had to be waited for (the other writer may have finished the store)."""
     try:
-        import fcntl  # noqa: F401  (only: is there flock here?)
+        import fcntl  # noqa: F401 -- only whether flock exists here
     except ImportError:  # no flock (Windows): one writer per store is then the user's to keep
         yield False
         return

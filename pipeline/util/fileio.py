@@ -217,3 +217,13 @@ def file_lock(path: Path, *, blocking: bool = False) -> Iterator[bool]:
             except BlockingIOError:
                 yield False
                 return
+            try:
+                if os.fstat(f.fileno()).st_ino != os.stat(path).st_ino:
+                    continue  # gc removed the file we locked: lock the new one
+            except FileNotFoundError:
+                continue
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+            return
