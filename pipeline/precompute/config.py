@@ -7,6 +7,7 @@ from typing import Any
 from enspipe.attack_records import attack_names
 from enspipe.config import check, check_declared, config_to_dict, normalize, option, renamed
 from enspipe.configs import fields
+from enspipe.configs.fields import DECODERS
 from enspipe.precision import STORE_PRECISIONS as PRECISIONS
 from enspipe.stores.registry import FORMATS as STORE_FORMATS
 
