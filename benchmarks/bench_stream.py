@@ -75,6 +75,12 @@ def old_stream() -> Any | None:
                              capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
+    # Modules have moved since (tools/regroup_map.txt): the old source imports them where they are now.
+    sys.path.insert(0, str(REPO / "tools"))
+    from rewrite_imports import read_map, split_from_package, sub_all
+
+    modules, _ = read_map(str(REPO / "tools" / "regroup_map.txt"))
+    src = sub_all(split_from_package(src, modules), modules, r"(?![\w])")
     path = Path(tempfile.mkdtemp()) / "stream_before.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("stream_before", path)

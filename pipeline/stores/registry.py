@@ -2,7 +2,7 @@
 
 Every place that needs to know the formats asks here: the manifest's format check
 (`FORMATS`), the path helpers that recognise a store folder by name (`SUFFIXES`,
-`format_of`: `paths`, `listing`, `runs`, `jobcache`), and the producer that decides what a
+`format_of`: `paths`, `listing`, `jobs.runs`, `jobs.cache`), and the producer that decides what a
 store keeps beside the directions (`keeps_clean_images`). Adding a format is one backend
 module, one `StoreFormat` row here, and its schemas (storage_schemas/).
 

@@ -133,7 +133,7 @@ def test_the_config_modules_do_not_import_torch():
     code = ("import sys\n"
             "import enspipe.configs.train, enspipe.configs.evaluate, enspipe.configs.diagnose\n"
             "import enspipe.precompute.config, enspipe.precision, enspipe.attack_records\n"
-            "from enspipe import jobspec\n"
+            "from enspipe.jobs import spec as jobspec\n"
             "keys = {k: jobspec.step_keys(k) for k in ('models', 'stores', 'evaluate', 'diagnose')}\n"
             "assert 'attack' in keys['models'] and 'precision' in keys['stores'], keys\n"
             "enspipe.configs.train.TrainConfig(model='D', precision='bf16', attack='step_ll')\n"
