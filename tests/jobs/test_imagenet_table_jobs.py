@@ -131,7 +131,7 @@ def test_the_specs_are_the_papers_tables(fixture):
     t1 = {s.id: s for s in load_job(JOBS / "imagenet_table1.toml", params).steps}
     ev = t1["evaluate.table1"].options
     assert ev["targets"] == ["v4", "v3", "v3adv", "IRv2", "IRv2adv_ens"]  # Table 1's order
-    assert ev["attacks"] == [] and len(ev["stores"]) == 5  # every cell from a store
+    assert ev["attacks"] == [] and len(ev["source_stores"]) == 5  # every cell from a store
     assert all(t1[f"stores.{s}"].options["split"] == "test" for s in STORES)
     archs = {t1[f"models.{m}"].options["arch"] for m in ("v3", "v3adv", "v4", "IRv2", "IRv2adv_ens", "resnet_v1_50")}
     assert archs == {f"timm:{n}" for n, f in WEIGHTS.items() if f == "timm"} | {"resnet50"}
