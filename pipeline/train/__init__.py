@@ -171,19 +171,28 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, *, resume:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    finished = False
     try:
         if rank == 0 and run_dir.is_dir():
             # One train per run folder (issue 25): refused before anything there is read or
             # written; a folder that does not exist yet is locked as _train creates it.
             hold_folder(run_dir, what="train", field="out")
-        return _train(cfg, run_dir, resume=cfg.resume, rank=rank, world=world, device=device,
-                      stream_factory=stream_factory or batch_stream, on_metrics=on_metrics,
-                      adversarial=adversarial or adversarial_inputs)
+        result = _train(cfg, run_dir, resume=cfg.resume, rank=rank, world=world, device=device,
+                        stream_factory=stream_factory or batch_stream, on_metrics=on_metrics,
+                        adversarial=adversarial or adversarial_inputs)
+        finished = True
+        return result
     finally:
         release_folder(run_dir)
         if world > 1:
             import torch.distributed as dist
 
+            if finished:
+                # The ranks leave together: a rank that tears gloo down while its peer still
+                # works (rank 0 writing the final weights) was seen to abort in gloo's threads
+                # ("terminate called without an active exception", SIGABRT). Not after an
+                # error: a barrier could then wait for a rank that will never come.
+                dist.barrier()
             dist.destroy_process_group()
 
 
