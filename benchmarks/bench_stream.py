@@ -34,10 +34,16 @@ Two measurements:
    reader) and after (class-interleaved order, the new reader), against the i.i.d. expectation
    in closed form for sampling without replacement.
 
+5. `DirectionStream` with one drawn store per batch against every store for every sample
+   (`--parts drawn`, issue 26): K = 4 store slots over one store (4 readers), batch 32, block 256,
+   8 buffer blocks; `sources=[1..K]` reads the drawn store's rows only, the default reads all K;
+   samples per CPU-second of one epoch, both in alternating order each round, zarr and wds.
+
     python benchmarks/bench_stream.py            # the BENCHMARKS.md figures (~10 min on 2 cores)
     python benchmarks/bench_stream.py --quick    # a smoke run: seconds, small stores, no file written
     python benchmarks/bench_stream.py --parts reads    # 3. only (BENCHMARKS.md's issue-26 section, ~5 min)
     python benchmarks/bench_stream.py --parts source   # 4. only (~1 min)
+    python benchmarks/bench_stream.py --parts drawn    # 5. only (~1 min)
 """
 from __future__ import annotations
 
@@ -63,6 +69,7 @@ SECTION = "Batches that mix classes: the reader before and after (issue 22)"
 BEFORE_WDS = "7ddb50a"  # the commit before issue 26's wds member index
 READS_SECTION = "wds reads against zarr: the member index (issue 26)"
 SOURCE_SECTION = "A wds source in the trainer's order: scattered tar reads (issue 26)"
+DRAWN_SECTION = "DirectionStream: one drawn store per batch against every store (issue 26)"
 log = logger("bench_stream")
 
 
@@ -249,8 +256,8 @@ def reads(root: Path, n: int, px: int, rounds: int, old_wds: Any | None) -> dict
     sha: list[float] = []
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            # Fresh readers each epoch (no shard cache carried over); zarr hashes each file once per
-            # process (check_file_once), every wds read hashes the tar it reads.
+            # Fresh readers each epoch (no shard cache carried over); both readers hash each file
+            # once per process and file version (the first round), as a multi-epoch run does.
             make = lambda: stream.SourceBatches(ds, [reader(name), reader(name)], batch_size=32, seed=1,  # noqa: E731
                                                 block_size=256, buffer_blocks=8)
             wall, c, got = one_epoch(make)
@@ -321,6 +328,59 @@ def reads_markdown(result: dict) -> str:
             "half of a read. Stores written before the index read as before (\"no index\"). In this shared "
             "machine's runs the \"trainer\" rows vary several-fold between runs and rounds (see the ranges) and at "
             "224 px are bound by the stream's own per-sample work for every reader; read() separates the readers."]
+    return "\n".join(out) + "\n"
+
+
+# --- 5. one drawn store per batch against every store --------------------------------------------
+
+def drawn(root: Path, n: int, px: int, rounds: int, k: int = 4) -> list[dict]:
+    """See the module doc, 5."""
+    from enspipe import stream
+    from enspipe.stores import open_store
+
+    rows = []
+    for fmt in ("zarr", "wds"):
+        store = build_store(root, fmt, n, px)
+        fp = open_store(store).identity.dataset["fingerprint"]
+        ds = labels_only(np.arange(n) % 1000, (3, px, px), fp, [f"synthetic-{i:09d}" for i in range(n)])
+        makers = {"every store": lambda: stream.DirectionStream(ds, [str(store)] * k, batch_size=32, seed=1,
+                                                                block_size=256, buffer_blocks=8),
+                  "one drawn store": lambda: stream.DirectionStream(ds, [str(store)] * k, batch_size=32, seed=1,
+                                                                    block_size=256, buffer_blocks=8,
+                                                                    sources=list(range(1, k + 1)))}
+        cpu: dict[str, list[float]] = {name: [] for name in makers}
+        for r in range(rounds):
+            for name in (list(makers) if r % 2 == 0 else list(makers)[::-1]):
+                _, c, got = one_epoch(makers[name])
+                assert got == n, (name, got, n)
+                cpu[name].append(n / c)
+        paired = [a / b for a, b in zip(cpu["one drawn store"], cpu["every store"])]
+        row = {"fmt": fmt, "px": px, "samples": n, "rounds": rounds, "stores": k,
+               "rates": {name: {"cpu_median": statistics.median(v), "cpu_min": min(v), "cpu_max": max(v)}
+                         for name, v in cpu.items()},
+               "ratio": statistics.median(paired), "ratio_min": min(paired), "ratio_max": max(paired)}
+        log(f"drawn {fmt} {px}px: one drawn store {row['rates']['one drawn store']['cpu_median']:,.0f}/CPU-s, every "
+            f"store {row['rates']['every store']['cpu_median']:,.0f}/CPU-s, ratio {row['ratio']:.2f}")
+        rows.append(row)
+    return rows
+
+
+def drawn_markdown(result: dict) -> str:
+    out = [f"Measured by `{result['command']}` on {result['machine']['cpu']} ({result['machine']['nproc']} cores, "
+           f"shared, so rates are per CPU-second), {result['date']}. One epoch of `DirectionStream` over K store "
+           f"slots (one store, K readers), batch 32, block 256, 8 buffer blocks, labels-only clean images (only the "
+           f"stream and the store reads are timed); \"one drawn store\": `sources=[1..K]`, each batch reads its drawn "
+           f"store's rows only (what a loop that uses one store per batch needs: README's own loop); \"every store\": "
+           f"the default, all K stores for every sample. Both in alternating order each round; median (range) over "
+           f"rounds, the ratio paired by round.\n",
+           "| store | px | K | samples x rounds | every store (samples/CPU-s) | one drawn store (samples/CPU-s) | drawn / every |",
+           "|---|---|---|---|---|---|---|"]
+    for row in result["drawn"]:
+        e, d = row["rates"]["every store"], row["rates"]["one drawn store"]
+        out.append(f"| {row['fmt']} | {row['px']} | {row['stores']} | {row['samples']:,} x {row['rounds']} | "
+                   f"{e['cpu_median']:,.0f} ({e['cpu_min']:,.0f}-{e['cpu_max']:,.0f}) | "
+                   f"{d['cpu_median']:,.0f} ({d['cpu_min']:,.0f}-{d['cpu_max']:,.0f}) | "
+                   f"{row['ratio']:.2f} ({row['ratio_min']:.2f}-{row['ratio_max']:.2f}) |")
     return "\n".join(out) + "\n"
 
 
@@ -477,9 +537,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "when given (never BENCHMARKS.md)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--samples", type=int, default=4096, help="samples per store")
-    ap.add_argument("--parts", default="throughput,distinct,reads,source",
+    ap.add_argument("--parts", default="throughput,distinct,reads,source,drawn",
                     help="comma-separated: throughput (1), distinct (2), reads (3: wds against zarr, issue 26), "
-                    "source (4: a wds source's reads in the trainer's order)")
+                    "source (4: a wds source's reads in the trainer's order), drawn (5: one drawn store per batch "
+                    "against every store)")
     ap.add_argument("--out", type=Path, default=None,
                     help="the results JSON [benchmarks/results/bench_stream.json; with --quick: none]")
     args = ap.parse_args(argv)
@@ -488,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_sections(result)
         return result
     parts = set(args.parts.split(","))
-    known = {"throughput", "distinct", "reads", "source"}
+    known = {"throughput", "distinct", "reads", "source", "drawn"}
     if parts - known:
         ap.error(f"--parts: unknown part(s) {sorted(parts - known)}")
     old = old_stream() if "throughput" in parts or "distinct" in parts else None
@@ -515,6 +576,8 @@ def main(argv: list[str] | None = None) -> dict:
                 log(f"no git history: 'wds before' (commit {BEFORE_WDS}) is not measured")
             result["reads"] = [reads(Path(tmp) / "reads", 512 if args.quick else args.samples * (2 if px == 64 else 1) // 2,
                                      px, rounds, old_wds) for px in pxs]
+        if "drawn" in parts:
+            result["drawn"] = drawn(Path(tmp) / "drawn", 512 if args.quick else args.samples, 64, rounds)
         if "source" in parts:
             classes, per_class = (4, 8) if args.quick else (32, 32)
             result["source"] = source_reads(Path(tmp) / "source", classes, per_class, rounds)
@@ -540,6 +603,8 @@ def write_sections(result: dict) -> None:
         update_section(REPO / "BENCHMARKS.md", SECTION, markdown(result))
     if result.get("reads"):
         update_section(REPO / "BENCHMARKS.md", READS_SECTION, reads_markdown(result))
+    if result.get("drawn"):
+        update_section(REPO / "BENCHMARKS.md", DRAWN_SECTION, drawn_markdown(result))
     if result.get("source"):
         update_section(REPO / "BENCHMARKS.md", SOURCE_SECTION, source_markdown(result))
 
