@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from jpeg_folders import make_jpeg_folder
 from cli_runner import run_cli
 
 
@@ -246,11 +246,6 @@ def test_precompute_through_the_device_path_end_to_end(tmp_path, monkeypatch):
     from enspipe.precompute.recheck import recompute_check
     from enspipe.stores import open_store
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    try:
-        from gpu_data import make_jpeg_folder
-    finally:
-        sys.path.pop(0)
     jpegs = make_jpeg_folder(tmp_path / "jpegs", images=20, size=48, classes=4, workers=1)
     torch.manual_seed(3)
     model = save_model(create_model("C", num_classes=4, input_size=(3, 32, 32)), tmp_path / "C")

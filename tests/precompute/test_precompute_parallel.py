@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from jpeg_folders import make_jpeg_folder
 import torch
 
 from enspipe.data import create_dataset
@@ -41,11 +41,6 @@ def _sha(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory) -> Path:
     """An ImageFolder of 40 JPEGs of 48 px in 4 classes (benchmarks/gpu_data.py)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from gpu_data import make_jpeg_folder
-    finally:
-        sys.path.pop(0)
     return make_jpeg_folder(tmp_path_factory.mktemp("jpegs"), images=40, size=48, classes=4, workers=2)
 
 

@@ -8,14 +8,13 @@ off by more than 4), after the crops and flips, which the step applies on the de
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from jpeg_folders import make_jpeg_folder
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> None:
@@ -26,11 +25,6 @@ def _close(a: np.ndarray, b: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from gpu_data import make_jpeg_folder
-    finally:
-        sys.path.pop(0)
     return make_jpeg_folder(tmp_path_factory.mktemp("jpegs"), images=24, size=48, classes=4, workers=1)
 
 
