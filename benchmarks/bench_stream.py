@@ -285,8 +285,13 @@ def reads(root: Path, n: int, px: int, rounds: int, old_wds: Any | None) -> dict
     return row
 
 
+def _measured(result: dict) -> str:
+    """The opening every section shares: the command, the machine, its cores (continued by the caller)."""
+    return f"Measured by `{result['command']}` on {result['machine']['cpu']} ({result['machine']['nproc']} cores, "
+
+
 def reads_markdown(result: dict) -> str:
-    out = [f"Measured by `{result['command']}` on {result['machine']['cpu']} ({result['machine']['nproc']} cores, "
+    out = [_measured(result) +
            f"shared with other work, so rates are per CPU-second of the reading process), {result['date']}. "
            f"One trainer epoch (`SourceBatches`, ens-adv: the model + 2 stores, batch 32, block 256, 8 buffer "
            f"blocks, `--loader-workers 0`) per reader per round, the readers in alternating order each round; "
@@ -366,7 +371,7 @@ def drawn(root: Path, n: int, px: int, rounds: int, k: int = 4) -> list[dict]:
 
 
 def drawn_markdown(result: dict) -> str:
-    out = [f"Measured by `{result['command']}` on {result['machine']['cpu']} ({result['machine']['nproc']} cores, "
+    out = [_measured(result) +
            f"shared, so rates are per CPU-second), {result['date']}. One epoch of `DirectionStream` over K store "
            f"slots (one store, K readers), batch 32, block 256, 8 buffer blocks, labels-only clean images (only the "
            f"stream and the store reads are timed); \"one drawn store\": `sources=[1..K]`, each batch reads its drawn "
@@ -439,7 +444,7 @@ def source_reads(root: Path, classes: int, per_class: int, rounds: int) -> dict:
 
 def source_markdown(result: dict) -> str:
     d = result["source"]
-    head = (f"Measured by `{result['command']}` on {result['machine']['cpu']} ({result['machine']['nproc']} cores, "
+    head = (_measured(result) +
             f"shared), {result['date']}: a `wds:` source of {d['classes']} tars, each one class of {d['per_class']} "
             f"ImageNet-like JPEGs ({d['jpeg_kb']:.0f} KB on average, benchmarks/gpu_data.py), opened at 224 px; median "
             f"(range) over {d['rounds']} rounds, warm page cache. In the canonical order a block of 256 samples touches "
@@ -497,7 +502,7 @@ def distinct(classes: int, per_class: int, batch: int, old: Any | None) -> list[
 # --- output ----------------------------------------------------------------------------------
 
 def markdown(result: dict) -> str:
-    out = [f"Measured by `{result['command']}` on {result['machine']['cpu']} ({result['machine']['nproc']} cores, "
+    out = [_measured(result) +
            f"shared with other work: wall time there is mostly waiting, so the rates are per CPU-second of the "
            f"reading process), {result['date']}. \"before\": the reader at commit {BEFORE}; \"after\": this tree's. "
            "One process, `--loader-workers 0`, one epoch per round, every round runs both in alternating order on "
