@@ -74,7 +74,7 @@ def _sides(ds, workdir: Path, cuda: bool = False):
 
     n, cpu = len(ds), torch.device("cpu")
     transform, shape = ds.device_transform(), ds.geometry.shape
-    return {
+    sides = {
         "pil": lambda: ds.images_uint8(slice(0, n)),
         "device_cpu": lambda: decode_batch([encoded_chunk(ds, range(n))], transform, shape, cpu),
         "worker_read": lambda: encoded_chunk(ds, range(n)),
