@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -24,7 +25,13 @@ __all__ = ["RemoteSource", "find_remote_stores", "open_remote", "remote_info", "
 
 
 def _mirror_dir(url: str, manifest: dict, cache_dir: Path) -> Path:
-    tag = hashlib.sha256(url.encode("utf-8")).hexdigest()[:12]
+    # The URL and what the store holds: a complete store's shard records (every file's sha256),
+    # an incomplete one's creation time (a resumed precompute keeps it). A store deleted and
+    # written again at the same URL with other bytes gets a mirror of its own instead of the old
+    # one's files, which the cache would take as present and the reader refuse as damaged; one
+    # written again with the same bytes keeps its mirror.
+    content = manifest.get("shards") if manifest.get("complete") else manifest.get("created_at")
+    tag = hashlib.sha256(f"{url}\0{json.dumps(content, sort_keys=True)}".encode("utf-8")).hexdigest()[:12]
     return Path(cache_dir) / f"{manifest['identity_key'][:16]}-{tag}.{manifest['format']}"
 
 

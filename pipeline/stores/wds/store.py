@@ -691,9 +691,12 @@ class WdsReader(StoreReader):
     def _decoded(self, start: int, stop: int, *, with_images: bool):
         start, stop = self._check_range(start, stop)
         for s, rows in self._spans(start, stop):
-            data = read_shard_bytes(self.path, self.manifest, s, self.records[s])
-            yield s, rows, decode_tar(data, self.path / tar_name(s), self.manifest, s, with_images=with_images,
-                                      sources=carries_sources(self.records[s]))
+            lo, _ = shard_range(self.manifest, s)
+            with self._local(lo + rows.start, lo + rows.stop):  # a store URL's tar, fetched into its cache
+                data = read_shard_bytes(self.path, self.manifest, s, self.records[s])
+                shard = decode_tar(data, self.path / tar_name(s), self.manifest, s, with_images=with_images,
+                                   sources=carries_sources(self.records[s]))
+            yield s, rows, shard
 
 
 def store_problems(path: Path, manifest: dict) -> list[str]:
