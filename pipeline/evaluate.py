@@ -108,9 +108,16 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
     black = {t: {s: {a: _Counter(topk) for a in cfg.attacks} for s in sources} for t in targets}
     stored = _stored_sources(cfg, data)  # {source name: (reader, attack, record)}
     own = _stored_sources(cfg, data, whitebox=True)
-    for s in own:
+    for s, (_, a, _) in own.items():
         if s not in targets:
             raise OptionError("whitebox_stores", f"holds the directions of {s}, which is no target")
+        if a in cfg.attacks:  # one counter would sum the stored and the online attack
+            raise OptionError("whitebox_stores", f"holds {a} directions of {s}, which attacks also runs on it "
+                                                 f"online: keep one of the two")
+    for s, (_, a, _) in stored.items():
+        if s in sources and a in cfg.attacks:
+            raise OptionError("source_stores", f"holds {a} directions of {s}, which attacks also runs from the "
+                                               f"source {s} online: keep one of the two")
     for s, (_, a, _) in stored.items():
         for t in targets:
             black[t].setdefault(s, {})[a] = _Counter(topk)
@@ -147,7 +154,7 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
                     if s == t:
                         white[t][a].add(logits, y)
             for s, (reader, a, _) in own.items():
-                if s not in stored:  # else counted above
+                if stored.get(s, (None, None))[1] != a:  # else counted above, as the source's diagonal
                     d = torch.from_numpy(reader.read_directions(sl.start, sl.stop)).to(device=device, dtype=x.dtype)
                     white[s][a].add(targets[s](attacks.apply_direction(x, d, cfg.eps)), y)
         for a in cfg.attacks:
@@ -213,6 +220,9 @@ def _stored_sources(cfg: EvalConfig, data: Any, *,
         check_against(reader, data)
         ident = reader.identity
         name = cfg.names.get(p) or ident.model_name
+        if name in out:  # one name, one store: a second would silently replace the first's counts
+            raise OptionError(field_name, f"names two stores of {name} ({out[name][2]['path']} and {p}); "
+                                          "evaluate takes one per model")
         out[name] = (reader, ident.attack, {"path": str(p), "model": ident.model_name, "attack": ident.attack,
                                             "weights_sha256": ident.weights_sha256})
     return out

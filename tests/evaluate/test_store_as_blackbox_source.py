@@ -83,3 +83,18 @@ def test_a_store_of_other_images_is_refused(digits_static, stores):
     with pytest.raises(EnspipeError, match=r"samples|fingerprint|field: dataset\.limit"):
         evaluate(EvalConfig(models=(str(digits_static),), dataset="digits", limit=N // 2, attacks=(), eps=EPS,
                             source_stores=(str(stores["D"]),), device="cpu"))
+
+
+def test_stores_that_would_share_a_count_are_refused(digits_static, digits_static2, stores):
+    """Two stores of one model, or a store whose attack also runs online on the same model, would
+    add into one counter (n = 2N, two attacks in one cell): refused, naming the field."""
+    from enspipe.config import OptionError
+
+    base = dict(models=(str(digits_static),), dataset="digits", limit=N, eps=EPS, device="cpu")
+    names = {str(stores["D"]): "D", str(stores["Bstar"]): "D"}
+    with pytest.raises(OptionError, match=r"source_stores.*two stores of D"):
+        evaluate(EvalConfig(**base, attacks=(), source_stores=(str(stores["D"]), str(stores["Bstar"])),
+                            names=names))
+    with pytest.raises(OptionError, match=r"whitebox_stores.*step_ll directions of D"):
+        evaluate(EvalConfig(**base, attacks=("step_ll",), whitebox_stores=(str(stores["D"]),),
+                            names={str(stores["D"]): "D", str(digits_static): "D"}))
