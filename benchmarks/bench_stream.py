@@ -473,8 +473,12 @@ def source_markdown(result: dict) -> str:
 class _NoStores:
     """Stand-ins for the store reads of a labels-only source (order and batching are the stream's)."""
 
+    class _NoStore:
+        def prefetch(self, blocks) -> None:  # the stream's read-ahead hint: nothing to fetch
+            pass
+
     def _readers(self):
-        return [None] * len(self.stores)
+        return [self._NoStore() for _ in self.stores]
 
     def _read_block(self, reader, start, stop):
         return np.zeros((stop - start, 1, 1, 1), np.int8)

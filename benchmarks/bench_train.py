@@ -176,8 +176,12 @@ class CleanOnlyStream(BatchStream):
     (the draws depend only on the seed and the number of sources), but no direction is read
     or decoded, as in the reference code whose input pipeline is the clean images only."""
 
+    class _NoStore:
+        def prefetch(self, blocks: Any) -> None:  # the stream's read-ahead hint: nothing to fetch
+            pass
+
     def _readers(self) -> list[Any]:
-        return [None] * len(self.stores)  # a source per store, no store opened
+        return [self._NoStore() for _ in self.stores]  # a source per store, no store opened
 
     def _read_block(self, reader: Any, start: int, stop: int) -> np.ndarray:
         # The online baselines never use batch["d"]: a zero placeholder (no I/O) stands in.

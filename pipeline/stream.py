@@ -207,8 +207,7 @@ class DirectionStream(torch.utils.data.IterableDataset):
         for k, r in enumerate(readers):
             # The blocks this worker reads from each store, in order: a store URL's shards are
             # downloaded ahead of the reads (a local store ignores the hint).
-            if hasattr(r, "prefetch"):
-                r.prefetch([(s, e) for unit in mine for s, e, src in unit.blocks if self.draw is None or src == k + 1])
+            r.prefetch([(s, e) for unit in mine for s, e, src in unit.reads if self.draw is None or src == k + 1])
         for unit in mine:
             yield from self._unit(unit, readers)
 
@@ -339,10 +338,3 @@ class SourceBatches(DirectionStream):
         super().__init__(dataset, stores, batch_size=batch_size,
                          sources=([SELF] if include_self else []) + [k + 1 for k in range(len(stores))], **kw)
 
-    @property
-    def sources(self) -> list[int]:
-        return list(self.draw)
-
-    def block_sources(self) -> np.ndarray:
-        """The drawn source of each of this rank's blocks of the epoch (in block_order's order)."""
-        return np.array([src for unit in self.plan() for _, _, src in unit.blocks], dtype=np.int64)

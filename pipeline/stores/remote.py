@@ -60,8 +60,9 @@ def join(url: str, *parts: str) -> str:
 
 
 def cache_settings() -> tuple[Path, int]:
-    """Where remote stores are cached and how many bytes of shard files at most (environment:
-    ENSPIPE_STORE_CACHE, default ~/.cache/enspipe/stores; ENSPIPE_STORE_CACHE_BYTES, default 20 GiB)."""
+    """Where remote stores are cached and how many bytes of shard files at most per store (environment:
+    ENSPIPE_STORE_CACHE, default ~/.cache/enspipe/stores; ENSPIPE_STORE_CACHE_BYTES, default 20 GiB; each store's
+    mirror is capped on its own, under its own lock)."""
     root = os.environ.get("ENSPIPE_STORE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "enspipe", "stores")
     cap = os.environ.get("ENSPIPE_STORE_CACHE_BYTES", str(20 << 30))
     try:

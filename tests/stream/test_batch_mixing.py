@@ -52,8 +52,12 @@ class LabelsOnlyBatches(BatchStream):
     """The trainer's BatchStream with its store reads stood in by zeros (a labels-only source has
     no stores); the order, the source draw and the batching are the trainer's own."""
 
+    class _NoStore:
+        def prefetch(self, blocks) -> None:  # the stream's read-ahead hint: nothing to fetch
+            pass
+
     def _readers(self):
-        return [None] * len(self.stores)
+        return [self._NoStore() for _ in self.stores]
 
     def _read_block(self, reader, start, stop):
         return np.zeros((stop - start, 1, 1, 1), np.int8)
