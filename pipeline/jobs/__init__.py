@@ -50,7 +50,8 @@ from typing import Any, Callable
 
 from enspipe.config import config_defaults, runtime_fields
 from enspipe.util.errors import ConfigError
-from enspipe.jobs.cache import default_cache, is_cache_link, publish, register_job, step_lock
+from enspipe.jobs.cache import default_cache, is_cache_link, publish, register_job
+from enspipe.util.fileio import file_lock
 from enspipe.jobs.spec import (
     STEP_KINDS,
     STRUCTURE,
@@ -167,7 +168,7 @@ def run_job(path: str | os.PathLike, *, out: str | os.PathLike | None = None, ca
             for step in pending:
                 if any(f"{k}.{n}" not in done for k, n in step.deps):
                     continue
-                with step_lock(_record_path(cache, step).with_suffix(".lock")) as locked:
+                with file_lock(_record_path(cache, step).with_suffix(".lock")) as locked:
                     if not locked:
                         continue
                     done[step.id] = _run_or_reuse(job, step, done, cache, device, log)

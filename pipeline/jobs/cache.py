@@ -33,7 +33,7 @@ from enspipe.util.errors import ConfigError
 from enspipe.util.fileio import FOLDER_LOCK, atomic_write_json, dir_bytes, file_lock, process_umask
 from enspipe.stores.registry import format_of
 
-__all__ = ["CacheEntry", "cache_entries", "default_cache", "gc", "is_cache_link", "publish", "register_job", "step_lock"]
+__all__ = ["CacheEntry", "cache_entries", "default_cache", "gc", "is_cache_link", "publish", "register_job"]
 
 OUTPUT_DIRS = ("runs", "stores", "evaluate", "diagnose")  # what a step may write under the cache
 PUBLISHED = Path(".enspipe") / "published.json"
@@ -44,9 +44,6 @@ def default_cache() -> Path:
 
 
 # --- Locks ----------------------------------------------------------------------------------
-
-def step_lock(lock_path: Path) -> contextlib.AbstractContextManager[bool]:
-    return file_lock(lock_path)
 
 
 def _held(path: Path) -> bool:

@@ -57,7 +57,9 @@ STRUCTURE: dict[str, dict[str, tuple[str | None, type, str | None]]] = {
                  "description": (None, str, None)},
 }
 ALIASES: dict[str, dict[str, str]] = {"models": {"stores": "shards", "workers": "loader_workers"},
-                                      "stores": {"attack": "attacks"}, "evaluate": {}, "diagnose": {}}
+                                      "stores": {"attack": "attacks"},
+                                      # the field's own name (diagnose's key is `models` too)
+                                      "evaluate": {"models": "targets"}, "diagnose": {}}
 # Old keys that still work but say so (one line each, `Job.notes`, printed by `enspipe run`).
 DEPRECATED: dict[str, dict[str, str]] = {"evaluate": {"stores": "source_stores", "own_stores": "whitebox_stores"}}
 

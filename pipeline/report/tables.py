@@ -24,7 +24,6 @@ checks it), so a report is quick to write, offline.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -409,7 +408,6 @@ def _find(run_dir: Path, name: str) -> list[Path]:
 
 
 def _read(path: Path) -> Any:
-    from enspipe.util.errors import ConfigError
     from enspipe.util.fileio import parse_json
 
     try:
@@ -447,8 +445,9 @@ def write_report(run_dir: str | os.PathLike, *, paper: str | Paper | None = None
     if not results_files and not diag_files and not runs:
         parts.append("No results.json, diagnostics.json or metrics.jsonl found under this directory.")
     # The report opens with its headline numbers; the details (training, tables, figures) follow.
-    heads = [h for path in results_files if isinstance(res := _read(path), dict) and isinstance(res.get("models"), dict)
-             and (h := headline(res, _where(path.parent, run_dir)))]
+    evaluations = [(path, res if isinstance(res := _read(path), dict) and isinstance(res.get("models"), dict) else None)
+                   for path in results_files]  # each file read once: the headline and its section
+    heads = [h for path, res in evaluations if res is not None and (h := headline(res, _where(path.parent, run_dir)))]
     if heads:
         parts.append("## Headline\n\n" + "\n\n".join(heads))
     for path in runs:  # training runs: per-epoch table and loss / accuracy / validation curves
@@ -460,11 +459,10 @@ def write_report(run_dir: str | os.PathLike, *, paper: str | Paper | None = None
             continue
         fig = curves.plot_training_curves(records, run_dir / f"report-{_slug(where)}-training.png", title=where)
         parts += [curves.training_markdown(records), f"![training curves]({_rel(fig, run_dir)})"]
-    for path in results_files:
+    for path, res in evaluations:
         where = _where(path.parent, run_dir)
-        res = _read(path)
         parts.append(f"## Evaluation: {where}")
-        if not isinstance(res, dict) or not isinstance(res.get("models"), dict):
+        if res is None:
             parts.append(f"`{_rel(path, run_dir)}` is not a readable evaluate results file; skipped.")
             continue
         parts.append(markdown_tables(res, table))

@@ -85,5 +85,17 @@ def test_the_key_as_written_is_what_errors_name(tmp_path):
 def test_the_repo_job_files_use_the_field_names():
     jobs = Path(__file__).resolve().parents[2] / "jobs"
     for spec in sorted(jobs.glob("*.toml")):
+        table = ""
         for line in spec.read_text().splitlines():
-            assert not line.startswith(("stores =", "own_stores =")) or "[models." in line, (spec, line)
+            if line.startswith("["):
+                table = line
+            # a models step's `stores` is its training shards, not an evaluate key
+            assert not (table.startswith("[evaluate.") and line.startswith(("stores =", "own_stores ="))), (spec, line)
+
+
+def test_models_is_the_evaluate_key_targets_under_its_fields_name(tmp_path):
+    path = tmp_path / "models.toml"
+    path.write_text(SPEC.replace('targets = ["cand", "static"]', 'models = ["cand", "static"]') + NEW)
+    (by_field,) = (s for s in load_job(path).steps if s.id == "evaluate.main")
+    (by_key,) = (s for s in _job(tmp_path, "targets", NEW)[1].steps if s.id == "evaluate.main")
+    assert by_field.options == by_key.options and by_field.deps == by_key.deps
