@@ -44,6 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command_line, machine  # noqa: E402
+
 
 def _server() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
@@ -116,7 +119,7 @@ def _precompute(dataset_name: str, args, model: Path, out: str, fmt: str) -> flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="digits, 3 rounds")
+    ap.add_argument("--quick", action="store_true", help="the bundled digits whatever --dataset says (seconds)")
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--limit", type=int, default=None)
@@ -125,6 +128,8 @@ def main() -> None:
     ap.add_argument("--formats", default="zarr,wds", help="comma-separated store formats to measure")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    if args.quick:
+        args.dataset, args.data_root, args.limit = "digits", None, None
     from enspipe.data import create_dataset
     from enspipe.stores import open_store
 
@@ -190,6 +195,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_object_store.json").write_text(json.dumps({"date": stamp, "dataset": args.dataset,
+                                                             "command": command_line("bench_object_store.py", None),
+                                                             "machine": machine(),
                                                              "n": len(dataset), "rows": rows,
                                                              "precompute_s": pre_rows,
                                                              "fast_path_us": statistics.median(fast_us)}, indent=2))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from enspipe.evaluate import EvalConfig, evaluate
 from enspipe.models import load_model_for
 from cli_runner import run_cli  # real processes, forked from the suite's pre-imported zygote
 
-from cli_runner import CLI  # noqa: E402 -- a fresh interpreter
 LIMIT = 128
 
 

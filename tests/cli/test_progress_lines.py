@@ -13,7 +13,6 @@ import pytest
 from enspipe.util.runtime import Progress
 from cli_runner import run_cli
 
-from cli_runner import CLI  # noqa: E402 -- a fresh interpreter
 STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from cli_runner import run_cli
 
 PIPELINE = Path(__file__).resolve().parents[2] / "pipeline"
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
-from cli_runner import CLI  # noqa: E402 -- a fresh interpreter
 ENV = {**os.environ, "ENSPIPE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 
 

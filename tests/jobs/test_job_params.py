@@ -3,7 +3,6 @@ mechanism by which the ImageNet jobs take the validation folder and the weight f
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

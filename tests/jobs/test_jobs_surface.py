@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from enspipe.util.errors import ConfigError
 from enspipe.jobs import load_job, resolve_keys
 from cli_runner import run_cli
 
-from cli_runner import CLI  # noqa: E402 -- a fresh interpreter
 ENV = {**os.environ, "ENSPIPE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 
 MINI = """\

@@ -15,7 +15,6 @@ import pytest
 import enspipe
 from cli_runner import run_cli
 
-from cli_runner import CLI  # noqa: E402 -- a fresh interpreter
 
 
 def test_import_enspipe_is_cheap_and_exposes_the_stages():

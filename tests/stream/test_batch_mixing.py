@@ -194,7 +194,6 @@ def test_an_imagefolder_store_of_the_old_order_is_refused_in_one_line(tmp_path):
     fingerprint is the old code's own, the oracle). It is refused, never read in the new order,
     by DirectionStream and by `enspipe train`, in one line that says to recompute it."""
     import subprocess
-    import sys
 
     from enspipe.data import create_dataset
     from enspipe.util.errors import StoreError

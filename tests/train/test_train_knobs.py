@@ -22,7 +22,6 @@ from run_files import metrics as _metrics
 from run_files import same_weights as _same
 from run_files import steady as _steady
 
-from cli_runner import CLI  # noqa: E402 -- a fresh interpreter
 BASE = dict(model="D", dataset="digits", device="cpu", seed=2, limit=256, batch_size=32, log_every=3)
 
 
