@@ -204,7 +204,7 @@ class ImageFolderSource(LazySource):
         self.order = CLASS_INTERLEAVED
         self.fingerprint = _fingerprint(
             source="imagefolder", split=split, limit=limit, geometry=self.geometry, classes=self.classes,
-            keys=self.keys, labels=self.labels, content=self._file_records(self._files, {}), order=self.order)
+            keys=self.keys, labels=self.labels, content=self._file_records(self._files), order=self.order)
         self._per_class = per_class  # for `superseded`, computed only when a store does not match
 
     def _superseded(self) -> dict[str, str]:
@@ -215,20 +215,18 @@ class ImageFolderSource(LazySource):
             source="imagefolder", split=self.split, limit=self.limit, geometry=self.geometry, classes=self.classes,
             keys=_sanitise_keys(old_files), labels=np.asarray([c for c, names in enumerate(old) for _ in names],
                                                              dtype=np.int64),
-            content=self._file_records(old_files, {})): SUPERSEDED_FILE_ORDER}
+            content=self._file_records(old_files)): SUPERSEDED_FILE_ORDER}
 
-    def _file_records(self, files: list[str], seen: dict[str, bytes]):
-        """size:mtime per file (see the module docstring), each file stat'ed once (`seen`); a file
-        above the size cap is refused here, before anything reads it."""
+    def _file_records(self, files: list[str]):
+        """size:mtime per file (see the module docstring); a file above the size cap is refused
+        here, before anything reads it."""
         cap = self._limits.max_image_bytes
         for f in files:
-            if f not in seen:
-                st = os.stat(self.folder / f)
-                if st.st_size > cap:
-                    above = self._limits.above("max_image_bytes", st.st_size, " bytes")
-                    raise DataError(f"imagefolder: {self.folder / f} is {above}; refused unread")
-                seen[f] = f"{st.st_size}:{st.st_mtime_ns}\n".encode()
-            yield seen[f]
+            st = os.stat(self.folder / f)
+            if st.st_size > cap:
+                above = self._limits.above("max_image_bytes", st.st_size, " bytes")
+                raise DataError(f"imagefolder: {self.folder / f} is {above}; refused unread")
+            yield f"{st.st_size}:{st.st_mtime_ns}\n".encode()
 
     def files_newer_than(self, t: float) -> list[str]:
         """The images (relative paths) modified after time `t` (seconds since the epoch): what a

@@ -258,19 +258,20 @@ _VERIFIED: OrderedDict[tuple, None] = OrderedDict()
 _VERIFIED_MAX = 1 << 16
 
 
+def _verified_key(path: Path, st: os.stat_result, sha256: str) -> tuple:
+    return (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, sha256)
+
+
 def sha256_matches(path: Path, sha256: str, *, trust_checked: bool = False) -> bool:
     """True when the file's sha256 is `sha256` (FileNotFoundError when it is missing). A match
     is remembered for this process; `trust_checked` answers from that memory without hashing
     the same file version again (readers), else the file is always hashed (verify)."""
     st = os.stat(path)
-    key = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, sha256)
-    if trust_checked and key in _VERIFIED:
+    if trust_checked and _verified_key(path, st, sha256) in _VERIFIED:
         return True
     if sha256_file(path) != sha256:
         return False
-    _VERIFIED[key] = None
-    while len(_VERIFIED) > _VERIFIED_MAX:
-        _VERIFIED.popitem(last=False)
+    note_verified(path, sha256, st)
     return True
 
 
@@ -281,15 +282,14 @@ def known_verified(path: Path, sha256: str) -> bool:
         st = os.stat(path)
     except FileNotFoundError:
         return False
-    return (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, sha256) in _VERIFIED
+    return _verified_key(path, st, sha256) in _VERIFIED
 
 
 def note_verified(path: Path, sha256: str, st: os.stat_result | None = None) -> None:
     """Remember that the file at `path` (as it is now, or as `st` saw it before it was read) was
     just hashed to `sha256` by its writer, downloader or reader, so a reader does not hash it
     again (see `sha256_matches`)."""
-    st = os.stat(path) if st is None else st
-    _VERIFIED[(os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, sha256)] = None
+    _VERIFIED[_verified_key(path, os.stat(path) if st is None else st, sha256)] = None
     while len(_VERIFIED) > _VERIFIED_MAX:
         _VERIFIED.popitem(last=False)
 

@@ -41,9 +41,7 @@ class DeviceDecodedBatchStream(BatchStream):
                             self.dataset.geometry.shape)
 
 
-def clean_images(x: Any, device: Any, aug: Any = None, crop_padding: int = 0):
-    """A batch's clean images, uint8 [n, C, H, W] on `device`: decoded and augmented there when the
-    stream handed over encoded files, else the stream's pixels copied over."""
-    if isinstance(x, EncodedChunk):
-        return augment_on_device(decode_batch([x], x.transform, x.shape, device), aug, crop_padding)
-    return x.to(device, non_blocking=True)
+def clean_images(x: EncodedChunk, device: Any, aug: Any = None, crop_padding: int = 0):
+    """A batch's clean images, uint8 [n, C, H, W] on `device`: its encoded files decoded and
+    augmented there (a batch of pixels is copied over by the caller, adversarial_inputs)."""
+    return augment_on_device(decode_batch([x], x.transform, x.shape, device), aug, crop_padding)
