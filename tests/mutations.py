@@ -154,8 +154,8 @@ MUTATIONS = [
              (f"{INTEGRITY}::test_a_flipped_byte_in_any_zarr_shard_file_is_an_error_from_read",)),
     Mutation("verify-trusts-memory", "verify answers from the process's memory of earlier checks",
              "pipeline/stores/manifest.py",
-             "    if trust_checked and key in _VERIFIED:",
-             "    if key in _VERIFIED:",
+             "    if trust_checked and _verified_key(path, st, sha256) in _VERIFIED:",
+             "    if _verified_key(path, st, sha256) in _VERIFIED:",
              (f"{INTEGRITY}::test_verify_always_hashes_and_readers_reuse_its_checks",)),
     Mutation("reader-rehashes-every-read", "the zarr reader hashes a shard file on every read (a slow hot path)",
              "pipeline/stores/zarr_store.py",
@@ -239,8 +239,8 @@ MUTATIONS = [
              ("tests/data/test_device_decode.py::test_the_device_path_on_cpu_matches_pil_on_imagefolder",)),
     Mutation("device-step-skips-augment", "the trainer's device decode drops the batch's crops and flips",
              "pipeline/train/device_batches.py",
-             "        return augment_on_device(decode_batch([x], x.transform, x.shape, device), aug, crop_padding)\n",
-             "        return decode_batch([x], x.transform, x.shape, device)\n",
+             "    return augment_on_device(decode_batch([x], x.transform, x.shape, device), aug, crop_padding)\n",
+             "    return decode_batch([x], x.transform, x.shape, device)\n",
              ("tests/train/test_device_decode_train.py::test_the_step_decodes_the_streams_batches_as_pil_would",)),
 ]
 
