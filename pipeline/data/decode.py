@@ -32,8 +32,8 @@ from enspipe.util.errors import DataError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DECODERS", "DeviceTransform", "EncodedChunk", "augment_on_device", "check_jpeg", "decode_batch",
-           "decoder_params", "device_decoder", "encoded_chunk", "resolve_decoder"]
+__all__ = ["DECODERS", "DeviceTransform", "EncodedChunk", "UndecodableJPEG", "augment_on_device", "check_jpeg",
+           "decode_batch", "decoder_params", "device_decoder", "encoded_chunk", "resolve_decoder", "store_decoder"]
 
 JPEG_MODES = ("RGB", "L")  # what decode_jpeg(mode=RGB|GRAY) converts from on every device
 
@@ -58,6 +58,21 @@ def decoder_params(decoder: str) -> dict[str, str]:
     """What a store's identity records of its decoder: nothing for the PIL path (every store made
     before decoders existed was made by it, and keeps its key), else the decoder's name."""
     return {} if decoder == "cpu" else {"decoder": decoder}
+
+
+def store_decoder(attack_params: dict[str, Any]) -> str:
+    """The decoder that made a store, from its identity's attack params (`decoder_params`' inverse)."""
+    return str(attack_params.get("decoder", "cpu"))
+
+
+class UndecodableJPEG(DataError):
+    """A JPEG whose header read well but whose data does not decode, known by its sample index
+    only: `decode_batch` raises it where the batch travelled without its source (the trainer's
+    step), and whoever holds the source names the file (`enspipe.train.device_batches.named`)."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"cannot decode the JPEG of sample {index}: {reason}")
+        self.index, self.reason = index, reason
 
 
 @dataclass(frozen=True)
@@ -166,8 +181,7 @@ def _undecodable(items: list, jpeg: list[int], indices: list, mode: str, device:
             reason = str(e).rsplit(", ", 1)[-1].strip()  # "decode_jpeg, FILE.cpp:171, Image is ... truncated"
             if indices[j] is None:
                 return DataError(f"cannot decode a JPEG of this batch: {reason}")
-            return error(indices[j], reason) if error is not None else \
-                DataError(f"cannot decode the JPEG of sample {indices[j]}: {reason}")
+            return error(indices[j], reason) if error is not None else UndecodableJPEG(indices[j], reason)
     return DataError("cannot decode this batch's JPEGs together, though each decodes alone")
 
 
@@ -176,7 +190,7 @@ def decode_batch(chunks: Sequence[EncodedChunk], transform: DeviceTransform, sha
     """uint8 [N, *shape] on `device`: the chunks' JPEGs decoded there in one batch and transformed
     there, the pixels the workers already made copied in at their places. A JPEG whose header read
     well but whose data does not decode raises `error(sample index, reason)` (a DataError naming it,
-    from the source), else a DataError."""
+    from the source), else `UndecodableJPEG` (its sample index, for the caller to name)."""
     import torch
 
     items = [it for c in chunks for it in c.items]

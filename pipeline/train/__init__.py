@@ -34,6 +34,7 @@ with a grad scaler) and, on CUDA, in channels_last.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import time
@@ -51,7 +52,7 @@ from enspipe.attack_records import parse_eps  # noqa: F401 -- `enspipe.train.par
 from enspipe.config import OptionError, runtime_fields
 from enspipe.configs.train import MODES, OPTIMIZERS, STORABLE, TrainConfig  # noqa: F401 -- re-exported
 from enspipe.data import SampleSource, create_dataset
-from enspipe.data.decode import resolve_decoder
+from enspipe.data.decode import UndecodableJPEG, device_decoder, resolve_decoder, store_decoder
 from enspipe.util.errors import ConfigError, EnspipeError, StoreError
 from enspipe.util.fileio import atomic_target, hold_folder, release_folder
 from enspipe.models import EnsModel, load_model_for, save_model
@@ -71,6 +72,8 @@ from enspipe.train.kit import CheckpointWriter, FrozenModel, Window, epoch_batch
 # Fields that say where and how a run goes, not what it computes: a resumed run may change
 # them (config.json's other fields must match). The rest are declared `runtime=True`.
 NOT_IDENTITY = ("device", "out", "resume")
+
+_log = logging.getLogger(__name__)
 
 
 # --- The run ------------------------------------------------------------------------------
@@ -124,8 +127,21 @@ def _check_stores(dataset: SampleSource, paths: Sequence[str | StoreReader]) -> 
     for reader in open_stores(paths):
         check_against(reader, dataset)
         out.append({"path": str(reader.path), "model": reader.identity.model_name, "attack": reader.identity.attack,
-                    "weights_sha256": reader.identity.weights_sha256})
+                    "weights_sha256": reader.identity.weights_sha256,
+                    "decoder": store_decoder(reader.identity.attack_params)})
     return out
+
+
+def _note_store_decoders(stores: list[dict[str, Any]], decoder: str) -> None:
+    """One line when a store's directions were computed on pixels of another decoder than the run's
+    (nvJPEG's and PIL's differ by ~0.15 grey levels on average, a few at most): the directions are
+    those of slightly different images, which training tolerates, so it is said, not refused."""
+    other = [s for s in stores if s["decoder"] != decoder]
+    if other:
+        which = ", ".join(f"{s['path']} ({s['decoder']})" for s in other)
+        _log.warning(f"train: this run decodes its images with {decoder}; {len(other)} of {len(stores)} stores "
+                     f"were computed on another decoder's pixels ({which}), which differ by a fraction of a grey "
+                     "level on average: their directions apply to nearly, not exactly, these images (not an error)")
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -204,13 +220,63 @@ def _resume_history(cfg: TrainConfig, config_path: Path, run_dir: Path) -> list[
         raise ConfigError(f"{config_path}: not an enspipe run configuration (delete the run folder or choose another `out`)")
     # Options added since the run was started compare at their defaults.
     old = {**TrainConfig.defaults(), **saved.get("train", {})}
-    skip = (*NOT_IDENTITY, *runtime_fields(TrainConfig), "epochs")
+    # `decoder` compares as resolved, not as the option (`_check_resumed_decoder`).
+    skip = (*NOT_IDENTITY, *runtime_fields(TrainConfig), "epochs", "decoder")
     mine = {k: v for k, v in cfg.to_dict().items() if k not in skip}
     diff = [k for k, v in mine.items() if old.get(k) != v]
     if diff:
         raise OptionError("resume", f"{run_dir} was trained with another configuration "
                           f"(differs in: {', '.join(f'`{k}`' for k in diff)})")
     return saved.get("epochs_history") or [{"epochs": old["epochs"], "from_epoch": 0}]
+
+
+def _recorded_decoders(saved: dict[str, Any], dataset: SampleSource) -> list[dict[str, Any]]:
+    """The decoders a run's training images were decoded with, [{"decoder", "from_epoch"}], from its
+    config.json. A run saved before this record: with no `decoder` option at all, PIL (the only
+    path then); with one, what it resolved to on the device config.json names, as the code of the
+    time resolved it (auto: nvjpeg on CUDA for a source of files)."""
+    if isinstance(saved.get("decoders"), list) and saved["decoders"]:
+        return saved["decoders"]
+    option = saved.get("train", {}).get("decoder")
+    if option is None:
+        return [{"decoder": "cpu", "from_epoch": 0}]
+    try:
+        was = device_decoder(option, saved.get("device", "cpu"), dataset)
+    except OptionError:  # a config.json edited by hand: take its word
+        was = str(option)
+    return [{"decoder": was, "from_epoch": 0}]
+
+
+def _check_resumed_decoder(cfg: TrainConfig, decoder: str, recorded: list[dict[str, Any]], run_dir: Path,
+                           device: torch.device, say: bool = True) -> None:
+    """Refuse, or say in one line, that a resumed run decodes with another decoder than it did.
+
+    The rule: a resume never changes the pixels silently. nvJPEG's pixels differ from PIL's by
+    ~0.15 grey levels on average (a few at most), harmless for training but not the run that was
+    started, and `auto` resolves by device, so a run resumed on another kind of machine would
+    switch without anyone asking. So a switch that only `auto` made is refused, in one line saying
+    how to keep the recorded decoder or to switch; a switch the user asked for by naming the
+    decoder (`cpu` or `nvjpeg`) goes ahead with one line, and config.json records from which epoch
+    each decoder ran (`decoders`)."""
+    was = recorded[-1]["decoder"]
+    if decoder == was:
+        return
+    if cfg.decoder == "auto":
+        keep = (f"pass `decoder` {was} to keep them" if was == "cpu" else
+                f"resume it on a CUDA device to keep them, or pass `decoder` {decoder} to switch")
+        raise OptionError("decoder", f"is {decoder} here (auto on {device}), but {run_dir} decoded its training "
+                          f"images with {was}: a resume does not switch decoders silently (their pixels differ "
+                          f"slightly); {keep}")
+    if say:
+        _log.warning(f"train: {run_dir} decoded its training images with {was}; it continues with {decoder}, as "
+                     "`decoder` asks (config.json's `decoders` records from which epoch each one ran)")
+
+
+def _decoder_history(recorded: list[dict[str, Any]], decoder: str, start_epoch: int) -> list[dict[str, Any]]:
+    """config.json's `decoders` once the run goes on from `start_epoch` with `decoder`: the records of
+    epochs it keeps, then this decoder from `start_epoch` where it differs (epochs from there are redone)."""
+    kept = [d for d in recorded if d["from_epoch"] < start_epoch]
+    return kept if kept and kept[-1]["decoder"] == decoder else [*kept, {"decoder": decoder, "from_epoch": start_epoch}]
 
 
 @dataclass
@@ -235,6 +301,7 @@ class Prepared:
     per_rank: int | None              # under DDP: the steps every rank takes per epoch
     schedule: dict[str, Any]          # learning_rate()'s keywords
     readers: list[StoreReader]        # the run's stores, each opened and verified once
+    decoder: str                      # "cpu" | "nvjpeg": the run's decoder, resolved (config.json's `decoder`)
 
 
 def prepare_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: int,
@@ -253,14 +320,24 @@ def prepare_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, wor
         # loop that always passes --resume recovers from every kill point).
         resume = False
     history: list[dict[str, int]] = []
+    saved: dict[str, Any] = {}
     if resume:
         history = _resume_history(cfg, config_path, run_dir)
+        saved = read_json(config_path)
     elif config_path.exists() and _checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds a run; pass `resume` to continue it or choose another `out`")
 
     dataset = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
                              image_size=cfg.image_size)
     stores = _check_stores(dataset, readers)
+    # The decoder this run's images are decoded with, resolved once (the stream is made with it)
+    # and recorded in config.json beside the device, as `device` is: the option may say auto.
+    decoder = device_decoder(cfg.decoder, device, dataset)
+    recorded = _recorded_decoders(saved, dataset) if resume else []
+    if resume:
+        _check_resumed_decoder(cfg, decoder, recorded, run_dir, device, say=rank == 0)
+    if rank == 0:
+        _note_store_decoders(stores, decoder)
     val = (create_dataset(cfg.dataset, split="test", limit=cfg.val_limit, data_root=cfg.data_root,
                           image_size=cfg.image_size) if cfg.val_limit else None)
     seed_everything(cfg.seed)
@@ -297,11 +374,13 @@ def prepare_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, wor
         _save_final(run_dir, model, dataset, cfg, start_epoch - 1)
     if not history or history[-1]["epochs"] != cfg.epochs:
         history = [*history, {"epochs": cfg.epochs, "from_epoch": start_epoch}]
+    decoders = _decoder_history(recorded, decoder, start_epoch)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         hold_folder(run_dir, what="train", field="out")  # before config.json replaces another run's
         write_json(config_path, {"train": cfg.to_dict(), "run_dir": str(run_dir), "world_size": world,
-                                 "device": str(device), "dataset": dataset.identity(), "stores": stores,
+                                 "device": str(device), "decoder": decoder, "decoders": decoders,
+                                 "dataset": dataset.identity(), "stores": stores,
                                  "model": model.config.to_dict(), "versions": versions(),
                                  "epochs_history": history})
 
@@ -313,15 +392,15 @@ def prepare_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, wor
     schedule = dict(schedule=cfg.schedule, batches=nbatches, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                     lr_decay=cfg.lr_decay, lr_decay_every=cfg.lr_decay_every)
     return Prepared(cfg, run_dir, rank, world, device, precision, dataset, val, model, net, optimizer, scaler,
-                    start_epoch, step, nbatches, per_rank, schedule, readers)
+                    start_epoch, step, nbatches, per_rank, schedule, readers, decoder)
 
 
 def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: int, device: torch.device,
            stream_factory: StreamFactory, on_metrics: MetricsFn | None, adversarial: AdversarialFn) -> TrainResult:
     r = prepare_run(cfg, run_dir, resume=resume, rank=rank, world=world, device=device)
     cfg, model, net, optimizer, scaler, precision, step = r.cfg, r.model, r.net, r.optimizer, r.scaler, r.precision, r.step
-    if stream_factory is batch_stream:  # the stores prepare_run opened, not opened again by path
-        stream_factory = functools.partial(batch_stream, stores=r.readers)
+    if stream_factory is batch_stream:  # the stores prepare_run opened and the decoder it recorded
+        stream_factory = functools.partial(batch_stream, stores=r.readers, decoder=r.decoder)
     # Records after the checkpoint's step were made by a killed run; they are made again.
     log = RunLog(run_dir, sinks=cfg.log, write=rank == 0, resume_step=step, on_metrics=on_metrics)
     writer = CheckpointWriter()
@@ -404,6 +483,10 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
             if rank == 0:
                 writer.submit(_checkpoint_job(run_dir, model, optimizer, scaler, epoch, step, r.dataset, cfg, device))
         writer.wait()
+    except UndecodableJPEG as e:  # the step knows the sample, the source knows its file
+        from enspipe.train.device_batches import named
+
+        raise named(r.dataset, e) from None
     finally:
         writer.close()
         log.close()

@@ -115,12 +115,16 @@ MetricsFn = Callable[[dict[str, Any]], None]
 
 
 def batch_stream(dataset: SampleSource, cfg: TrainConfig, epoch: int, rank: int = 0,
-                 world: int = 1, *, stores: Sequence[StoreReader] | None = None) -> BatchStream:
+                 world: int = 1, *, stores: Sequence[StoreReader] | None = None,
+                 decoder: str | None = None) -> BatchStream:
     """train()'s default StreamFactory: the BatchStream over `cfg.shards` (or over `stores`, the
     run's open readers of them, as train() passes). Under DDP every rank must take the same
-    number of steps, so only full batches are yielded there."""
+    number of steps, so only full batches are yielded there. `decoder`: the run's resolved decoder
+    (train() passes the one config.json records), else `cfg.decoder` resolved here."""
     cls = BatchStream
-    if device_decoder(cfg.decoder, resolve_device(cfg.device), dataset) != "cpu":
+    if decoder is None:
+        decoder = device_decoder(cfg.decoder, resolve_device(cfg.device), dataset)
+    if decoder != "cpu":
         from enspipe.train.device_batches import DeviceDecodedBatchStream as cls  # JPEGs decoded in the step
     return cls(dataset, cfg.shards if stores is None else tuple(stores), cfg, epoch=epoch, rank=rank,
                world_size=world, full_batches_only=world > 1)

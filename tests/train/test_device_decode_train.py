@@ -97,7 +97,8 @@ def test_train_with_the_device_decoder_runs_and_records_it(jpegs, tmp_path, monk
     res = train(TrainConfig(model="C", dataset=f"imagefolder:{jpegs}", image_size=32, batch_size=8, epochs=1,
                             mode="adv", augment="flip", device="cpu", loader_workers=1, out=str(tmp_path / "run")))
     assert len(seen) == 3  # 24 images in batches of 8, each decoded in the step
-    assert json.loads((Path(res.run_dir) / "config.json").read_text())["train"]["decoder"] == "auto"
+    saved = json.loads((Path(res.run_dir) / "config.json").read_text())
+    assert saved["train"]["decoder"] == "auto" and saved["decoder"] == "nvjpeg"  # the option, and what it resolved to
 
 
 def test_nvjpeg_without_cuda_fails_train_in_one_line(jpegs, tmp_path):
