@@ -230,13 +230,18 @@ def _resume_history(cfg: TrainConfig, config_path: Path, run_dir: Path) -> list[
     return saved.get("epochs_history") or [{"epochs": old["epochs"], "from_epoch": 0}]
 
 
-def _recorded_decoders(saved: dict[str, Any], dataset: SampleSource) -> list[dict[str, Any]]:
+def _recorded_decoders(saved: dict[str, Any], dataset: SampleSource, run_dir: Path) -> list[dict[str, Any]]:
     """The decoders a run's training images were decoded with, [{"decoder", "from_epoch"}], from its
     config.json. A run saved before this record: with no `decoder` option at all, PIL (the only
     path then); with one, what it resolved to on the device config.json names, as the code of the
     time resolved it (auto: nvjpeg on CUDA for a source of files)."""
-    if isinstance(saved.get("decoders"), list) and saved["decoders"]:
-        return saved["decoders"]
+    if (recs := saved.get("decoders")) is not None:
+        if not (isinstance(recs, list) and recs and all(
+                isinstance(d, dict) and d.get("decoder") in ("cpu", "nvjpeg") and type(d.get("from_epoch")) is int
+                for d in recs)):
+            raise ConfigError(f"{run_dir / 'config.json'}: `decoders` is not a list of "
+                              '{"decoder": cpu|nvjpeg, "from_epoch": N} records (edited by hand?)')
+        return recs
     option = saved.get("train", {}).get("decoder")
     if option is None:
         return [{"decoder": "cpu", "from_epoch": 0}]
@@ -333,7 +338,7 @@ def prepare_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, wor
     # The decoder this run's images are decoded with, resolved once (the stream is made with it)
     # and recorded in config.json beside the device, as `device` is: the option may say auto.
     decoder = device_decoder(cfg.decoder, device, dataset)
-    recorded = _recorded_decoders(saved, dataset) if resume else []
+    recorded = _recorded_decoders(saved, dataset, run_dir) if resume else []
     if resume:
         _check_resumed_decoder(cfg, decoder, recorded, run_dir, device, say=rank == 0)
     if rank == 0:

@@ -251,3 +251,16 @@ def test_a_jpeg_that_fails_in_the_step_is_named_by_file_and_sample(jpegs, tmp_pa
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("enspipe: error: "), err
     assert names in lines[0] and f"(sample {index})" in lines[0] and "truncated" in lines[0], err
+
+
+def test_a_garbled_decoder_record_is_one_line(cpu_run, jpegs, tmp_path):
+    from enspipe.train import train
+    from enspipe.util.errors import ConfigError
+
+    run = _copy(cpu_run, tmp_path / "r")
+    saved = _saved(run)
+    saved["decoders"] = [{"decoder": "pil"}]
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="`decoders` is not a list") as e:
+        train(_cfg(jpegs, run, epochs=2, resume=True))
+    assert "\n" not in str(e.value)
