@@ -270,6 +270,18 @@ MUTATIONS = [
              '    return DataError(f"{describe(e.index, e.reason)} (sample {e.index})")\n',
              '    return DataError(f"{describe(e.index - 1, e.reason)} (sample {e.index})")\n',
              ("tests/train/test_train_decoder_record.py::test_a_jpeg_that_fails_in_the_step_is_named_by_file_and_sample",)),
+    Mutation("device-size-group-misplaced", "a group of same-size images is written at its places among the JPEGs, "
+             "not among the batch's rows (a batch with PIL-path pixels gets them shifted)",
+             "pipeline/data/decode.py",
+             "                out[torch.tensor([jpeg[k] for k in ks], device=device)] = imgs\n",
+             "                out[torch.tensor(ks, device=device)] = imgs\n",
+             ("tests/data/test_device_decode_batching.py::test_a_batch_of_repeated_sizes_is_each_image_decoded_alone_at_its_place",)),
+    Mutation("device-augment-flip-shifted", "the batch-wide flip reads one column too far (w - cols, not w - 1 - cols)",
+             "pipeline/data/decode.py",
+             "    cols = torch.where(flip[:, None] != 0, w - 1 - cols, cols) + dx[:, None]",
+             "    cols = torch.where(flip[:, None] != 0, w - cols, cols).clamp(max=w - 1) + dx[:, None]",
+             ("tests/data/test_device_decode_batching.py::test_the_batch_augment_is_the_streams_at_every_edge",
+              "tests/train/test_device_decode_train.py::test_augment_on_device_is_the_streams_augment")),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.

@@ -161,8 +161,12 @@ def _decode_jpegs(data: Sequence[bytes], mode: str, device: torch.device) -> lis
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
     with warnings.catch_warnings():
+        # The files' bytes as tensors without a copy (a batch of ImageNet JPEGs is ~25 MB, which
+        # bytearray() copied in the process that drives the device): decode_jpeg only reads them,
+        # so the read-only buffer torch warns about is never written.
+        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+        tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in data]
         # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they are
         # what this torchvision has (and the only batched nvJPEG entry point it documents).
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -202,11 +206,20 @@ def decode_batch(chunks: Sequence[EncodedChunk], transform: DeviceTransform, sha
             decoded = _decode_jpegs([items[j] for j in jpeg], transform.mode, device)
         except RuntimeError:
             raise _undecodable(items, jpeg, indices, transform.mode, device, error) from None
-        for j, img in zip(jpeg, decoded):
-            img = transform.apply(img)
-            if tuple(img.shape) != tuple(shape):  # a bug here, not the user's: say what came out
-                raise RuntimeError(f"device decode made {tuple(img.shape)}, the source's geometry is {shape}")
-            out[j] = img
+        # Images of one size are resized, cropped and put in place together: a few device ops per
+        # size instead of per image (a wds of one image size is one group; ImageNet's sizes repeat
+        # often). Batched and one by one the resize gives the same bytes (tests/data/test_device_decode.py).
+        sizes: dict[tuple[int, ...], list[int]] = {}
+        for k, img in enumerate(decoded):
+            sizes.setdefault(tuple(img.shape), []).append(k)
+        for ks in sizes.values():
+            imgs = transform.apply(decoded[ks[0]][None] if len(ks) == 1 else torch.stack([decoded[k] for k in ks]))
+            if tuple(imgs.shape[1:]) != tuple(shape):  # a bug here, not the user's: say what came out
+                raise RuntimeError(f"device decode made {tuple(imgs.shape[1:])}, the source's geometry is {shape}")
+            if len(ks) == 1:
+                out[jpeg[ks[0]]] = imgs[0]
+            else:
+                out[torch.tensor([jpeg[k] for k in ks], device=device)] = imgs
     for j, it in enumerate(items):
         if not isinstance(it, (bytes, bytearray)):
             out[j].copy_(torch.from_numpy(np.ascontiguousarray(it)))
@@ -215,15 +228,21 @@ def decode_batch(chunks: Sequence[EncodedChunk], transform: DeviceTransform, sha
 
 def augment_on_device(x: torch.Tensor, aug: torch.Tensor | None, pad: int) -> torch.Tensor:
     """`enspipe.stream.apply_augment` on a device tensor [n, C, H, W]: per sample (dy, dx, flip), a
-    crop at (dy, dx) of the image zero-padded by `pad`, then a horizontal flip where flip is set."""
+    crop at (dy, dx) of the image zero-padded by `pad`, then a horizontal flip where flip is set.
+
+    Two gathers for the whole batch (the rows each sample keeps, then its columns, reversed where it
+    flips), not a crop and a copy per sample: on a GPU each op is a kernel launch from the process
+    that trains, and a per-sample loop made ~2 per sample (benchmarks/bench_device_step.py counts them)."""
+    import torch
     import torch.nn.functional as F
 
     if aug is None:
         return x
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    out = x.new_empty(x.shape)
-    for i, (dy, dx, flip) in enumerate(aug.tolist()):
-        crop = padded[i, :, dy:dy + h, dx:dx + w]
-        out[i] = crop.flip(-1) if flip else crop
-    return out
+    dy, dx, flip = aug.to(x.device, torch.long, non_blocking=True).unbind(1)
+    rows = dy[:, None] + torch.arange(h, device=x.device)                      # [n, h]
+    cols = torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None] != 0, w - 1 - cols, cols) + dx[:, None]    # [n, w]
+    kept = padded.gather(2, rows[:, None, :, None].expand(n, c, h, padded.shape[3]))
+    return kept.gather(3, cols[:, None, None, :].expand(n, c, h, w))

@@ -1,0 +1,58 @@
+"""The device decode's batch-wide ops (issue 26, the step at ImageNet scale): images of one size are
+resized and put in place together, and the crops / flips are two gathers for the batch.
+
+Oracles: each image decoded alone (a one-image batch has no group to share) and the PIL path's pixels
+copied in where the batch has them; for the augmentation, `stream.apply_augment` (numpy, the PIL path's)
+— tests/train/test_device_decode_train.py checks it on random crops and flips, this file at the edges.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+
+def _jpeg(seed: int, w: int, h: int, mode: str = "RGB") -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = np.kron(rng.random((h // 8 + 1, w // 8 + 1, 3)), np.ones((8, 8, 1)))[:h, :w] * 0.8 + rng.random((h, w, 3)) * 0.2
+    buf = io.BytesIO()
+    Image.fromarray((img * 255).astype(np.uint8)).convert(mode).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_batch_of_repeated_sizes_is_each_image_decoded_alone_at_its_place(mode):
+    from enspipe.data.decode import DeviceTransform, EncodedChunk, decode_batch
+
+    c = 1 if mode == "L" else 3
+    shape, transform = (c, 24, 24), DeviceTransform(mode, resize=28, crop=24)
+    sizes = [(64, 48), (48, 64), (64, 48), (50, 50), (64, 48), (48, 64)]  # groups of 3, 2 and 1
+    jpegs = [_jpeg(i, w, h, mode) for i, (w, h) in enumerate(sizes)]
+    pixels = np.random.default_rng(9).integers(0, 256, (2, *shape), dtype=np.uint8)  # PIL-path items
+    items = [pixels[0], *jpegs[:3], pixels[1], *jpegs[3:]]  # the JPEGs' rows are not their order among JPEGs
+    got = decode_batch([EncodedChunk(items, list(range(len(items))))], transform, shape, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    want = [torch.from_numpy(it) if isinstance(it, np.ndarray) else
+            decode_batch([EncodedChunk([it], [0])], transform, shape, cpu)[0] for it in items]
+    assert got.shape == (len(items), *shape)
+    for row, w in enumerate(want):
+        assert torch.equal(got[row], w), row
+
+
+def test_the_batch_augment_is_the_streams_at_every_edge():
+    """Every crop offset (0 .. 2 * pad on both axes), with and without the flip, on non-square images."""
+    from enspipe.data.decode import augment_on_device
+    from enspipe.stream import apply_augment
+
+    pad = 2
+    aug = np.array([(dy, dx, f) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) for f in (0, 1)],
+                   dtype=np.int64)
+    x = np.random.default_rng(1).integers(0, 256, (len(aug), 3, 7, 5), dtype=np.uint8)
+    got = augment_on_device(torch.from_numpy(x), torch.from_numpy(aug), pad).numpy()
+    assert np.array_equal(got, apply_augment(x, aug, pad))
+    t = torch.from_numpy(x)
+    assert augment_on_device(t, None, pad) is t  # no augmentation: the batch as decoded
