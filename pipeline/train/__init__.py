@@ -334,13 +334,14 @@ def prepare_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, wor
 
     dataset = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
                              image_size=cfg.image_size)
-    stores = _check_stores(dataset, readers)
     # The decoder this run's images are decoded with, resolved once (the stream is made with it)
     # and recorded in config.json beside the device, as `device` is: the option may say auto.
+    # A resume that would switch it is refused before the stores are checked (remote ones download).
     decoder = device_decoder(cfg.decoder, device, dataset)
     recorded = _recorded_decoders(saved, dataset, run_dir) if resume else []
     if resume:
         _check_resumed_decoder(cfg, decoder, recorded, run_dir, device, say=rank == 0)
+    stores = _check_stores(dataset, readers)
     if rank == 0:
         _note_store_decoders(stores, decoder)
     val = (create_dataset(cfg.dataset, split="test", limit=cfg.val_limit, data_root=cfg.data_root,
