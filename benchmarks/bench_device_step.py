@@ -19,6 +19,9 @@ here as the reference) against enspipe's now:
                at 3x224x224 (on a CPU the data movement dominates: the CPU is not where this runs)
   bytes_ms     CPU ms per batch to make the JPEG bytes tensors for decode_jpeg (a bytearray copy
                of each, vs a read-only view)
+  recv_ms      CPU ms of the training process per batch of ImageNet-like JPEGs received from a
+               DataLoader worker: the chunk pickled with its bytes (through the worker's pipe), vs
+               its JPEGs in one shared-memory tensor (`EncodedChunk.__reduce__`)
 
 Medians and ranges over interleaved rounds, one torch thread. No GPU is used: a launch's own cost
 on CUDA (~5 µs each) comes on top of each op's dispatch cost measured here.
@@ -30,7 +33,10 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch.utils.data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, command_line, logger, machine, median, update_section  # noqa: E402
@@ -63,6 +69,14 @@ def per_image_decode(items, transform, shape, device):
     for j, img in enumerate(_decode_jpegs(items, transform.mode, device)):
         out[j] = transform.apply(img)
     return out
+
+
+@dataclass
+class BytesChunk:
+    """EncodedChunk as it pickled before: its JPEGs' bytes through the worker's pipe."""
+
+    items: list
+    indices: list
 
 
 def copied_bytes(data):
@@ -98,6 +112,30 @@ def count_ops(fn) -> dict[str, int]:
     with Count():
         fn()
     return {"ops": Count.ops, "work": Count.work}
+
+
+class _Chunks(torch.utils.data.IterableDataset):
+    """`n` chunks of the same items, made in a loader worker."""
+
+    def __init__(self, cls, items: list[bytes], n: int):
+        self.cls, self.items, self.n = cls, items, n
+
+    def __iter__(self):
+        for _ in range(self.n):
+            yield self.cls(self.items, list(range(len(self.items))))
+
+
+def received_ms(cls, items: list[bytes], batches: int) -> float:
+    """CPU ms of this process per batch of `items` received from one DataLoader worker (its start excluded)."""
+    import torch
+
+    loader = torch.utils.data.DataLoader(_Chunks(cls, items, batches + 1), batch_size=None, num_workers=1,
+                                         prefetch_factor=2)
+    it = iter(loader)
+    next(it)
+    c = time.process_time()
+    n = sum(1 for _ in it)
+    return (time.process_time() - c) / n * 1e3
 
 
 def _batch(folder: Path, n: int) -> list[bytes]:
@@ -139,7 +177,7 @@ def run(batch: int, rounds: int, workdir: Path, imagenet: tuple[int, int] | int)
         "bytes_before": lambda: copied_bytes(mixed), "bytes_now": lambda: viewed_bytes(mixed),
     }
     names = tuple(sides)
-    ms: dict[str, list[float]] = {s: [] for s in names}
+    ms: dict[str, list[float]] = {s: [] for s in (*names, "recv_before", "recv_now")}
     for fn in sides.values():
         fn()  # warm
     for r in range(rounds):
@@ -148,6 +186,8 @@ def run(batch: int, rounds: int, workdir: Path, imagenet: tuple[int, int] | int)
             for _ in range(3):
                 sides[side]()
             ms[side].append((time.process_time() - c) / 3 * 1e3)
+        for side, cls in (("recv_before", BytesChunk), ("recv_now", EncodedChunk))[::1 if r % 2 else -1]:
+            ms[side].append(received_ms(cls, mixed, 2 if batch < 64 else 8))
     return {"date": time.strftime("%Y-%m-%d"), "batch": batch, "rounds": rounds, "sides_px": imagenet, "mean_kib": round(sum(map(len, mixed)) / batch / 1024, 1),
             "ops": ops, "cpu_ms": {s: {"median": median(v), "min": min(v), "max": max(v), "rounds": v}
                                     for s, v in ms.items()}}
@@ -162,7 +202,8 @@ def markdown(res: dict, cmd: str, info: dict) -> str:
         f"{t[b]['median']:.2f} ({t[b]['min']:.2f}–{t[b]['max']:.2f}) |"
         for label, a, b in (("crops/flips, 3x8x8 (almost no bytes: the ops' dispatch)", "aug8_before", "aug8_now"),
                             ("crops/flips, 3x224x224", "aug224_before", "aug224_now"),
-                            ("JPEG bytes -> tensors", "bytes_before", "bytes_now")))
+                            ("JPEG bytes -> tensors", "bytes_before", "bytes_now"),
+                            ("a batch from a loader worker (its pipe vs shared memory)", "recv_before", "recv_now")))
     return (
         f"`{cmd}` on {info['cpu']} ({info['nproc']} cores, shared; load at start "
         f"{', '.join(f'{x:.1f}' for x in info['loadavg_start'])}), {res['date']}, torch {info['torch']}, one "

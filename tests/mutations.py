@@ -282,6 +282,18 @@ MUTATIONS = [
              "    cols = torch.where(flip[:, None] != 0, w - cols, cols).clamp(max=w - 1) + dx[:, None]",
              ("tests/data/test_device_decode_batching.py::test_the_batch_augment_is_the_streams_at_every_edge",
               "tests/train/test_device_decode_train.py::test_augment_on_device_is_the_streams_augment")),
+    Mutation("chunk-pickled-as-bytes", "a loader worker's chunk of JPEGs goes through its pipe as bytes (~25 MB a "
+             "batch that the training process reads and copies), not as one shared-memory tensor",
+             "pipeline/data/decode.py",
+             "        if not jpeg:\n            return EncodedChunk, ",
+             "        if True:\n            return EncodedChunk, ",
+             ("tests/data/test_device_decode_batching.py::test_a_chunk_crosses_from_a_loader_worker_as_one_shared_tensor",)),
+    Mutation("chunk-unpacked-at-one-offset", "a chunk's JPEGs are unpacked from the shared tensor all at its start",
+             "pipeline/data/decode.py",
+             "        items[k] = data[at:at + n]\n        at += n\n",
+             "        items[k] = data[at:at + n]\n",
+             ("tests/data/test_device_decode_batching.py::test_a_chunk_crosses_from_a_loader_worker_as_one_shared_tensor",
+              "tests/data/test_device_decode.py::test_the_encoded_loader_feeds_the_same_batches_through_worker_processes")),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.

@@ -104,9 +104,14 @@ class DeviceTransform:
 @dataclass
 class EncodedChunk:
     """One span's samples as a loader worker hands them over: per sample the JPEG's bytes, or the
-    uint8 [C, H, W] pixels the PIL path made of a file the device path does not take."""
+    uint8 [C, H, W] pixels the PIL path made of a file the device path does not take.
 
-    items: list[bytes | np.ndarray]
+    Pickled (a DataLoader worker handing it to the process that drives the device), its JPEGs travel
+    as one shared-memory uint8 tensor, not as bytes through the worker's pipe: a batch of 256
+    ImageNet JPEGs is ~25 MB, which the receiving process read and copied (bench_device_step.py
+    measures it). Unpickled, each JPEG item is a 1-D uint8 tensor, a view of that one tensor."""
+
+    items: list[bytes | np.ndarray | torch.Tensor]
     indices: list[int] | None = None  # the samples', for naming one that fails to decode
     # What to make of them, where the batch travels without its source (the trainer's batches):
     transform: DeviceTransform | None = None
@@ -117,6 +122,39 @@ class EncodedChunk:
 
     def pin_memory(self, *_: Any) -> EncodedChunk:
         return self  # bytes go to decode_jpeg from pageable memory (it copies them itself)
+
+    def __reduce__(self) -> tuple[Any, tuple]:
+        import torch
+
+        jpeg = [k for k, it in enumerate(self.items) if _encoded(it)]
+        if not jpeg:
+            return EncodedChunk, (self.items, self.indices, self.transform, self.shape)
+        sizes = [len(self.items[k]) for k in jpeg]
+        # In shared memory from the start: a tensor pickled for a worker queue is moved there
+        # otherwise, which would copy it once more.
+        data = torch.empty(sum(sizes), dtype=torch.uint8).share_memory_()
+        flat, at = data.numpy(), 0
+        for k, n in zip(jpeg, sizes):
+            it = self.items[k]
+            flat[at:at + n] = it.numpy() if isinstance(it, torch.Tensor) else np.frombuffer(it, np.uint8)
+            at += n
+        rest = [None if _encoded(it) else it for it in self.items]
+        return _unpacked, (data, jpeg, sizes, rest, self.indices, self.transform, self.shape)
+
+
+def _encoded(item: Any) -> bool:
+    """Whether a chunk's item is a file's bytes (bytes, or a 1-D uint8 tensor of them), not pixels."""
+    return not isinstance(item, np.ndarray)
+
+
+def _unpacked(data: torch.Tensor, jpeg: list[int], sizes: list[int], rest: list, indices: list[int] | None,
+              transform: DeviceTransform | None, shape: tuple[int, int, int] | None) -> EncodedChunk:
+    """An `EncodedChunk` from its pickled form: each JPEG a view of the one shared tensor."""
+    items, at = list(rest), 0
+    for k, n in zip(jpeg, sizes):
+        items[k] = data[at:at + n]
+        at += n
+    return EncodedChunk(items, indices, transform, shape)
 
 
 def check_jpeg(data: bytes, what: str, limits) -> tuple[int, int] | None:
@@ -157,7 +195,7 @@ def device_decoder(name: str, device: Any, dataset) -> str:
     return resolve_decoder(name, device, isinstance(dataset, LazySource) and hasattr(dataset, "jpeg_bytes"))
 
 
-def _decode_jpegs(data: Sequence[bytes], mode: str, device: torch.device) -> list[torch.Tensor]:
+def _decode_jpegs(data: Sequence[bytes | torch.Tensor], mode: str, device: torch.device) -> list[torch.Tensor]:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -166,7 +204,7 @@ def _decode_jpegs(data: Sequence[bytes], mode: str, device: torch.device) -> lis
         # bytearray() copied in the process that drives the device): decode_jpeg only reads them,
         # so the read-only buffer torch warns about is never written.
         warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
-        tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in data]
+        tensors = [b if isinstance(b, torch.Tensor) else torch.frombuffer(b, dtype=torch.uint8) for b in data]
         # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they are
         # what this torchvision has (and the only batched nvJPEG entry point it documents).
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -200,7 +238,7 @@ def decode_batch(chunks: Sequence[EncodedChunk], transform: DeviceTransform, sha
     items = [it for c in chunks for it in c.items]
     indices = [i for c in chunks for i in (c.indices or [None] * len(c.items))]
     out = torch.empty((len(items), *shape), dtype=torch.uint8, device=device)
-    jpeg = [j for j, it in enumerate(items) if isinstance(it, (bytes, bytearray))]
+    jpeg = [j for j, it in enumerate(items) if _encoded(it)]
     if jpeg:
         try:
             decoded = _decode_jpegs([items[j] for j in jpeg], transform.mode, device)
@@ -221,7 +259,7 @@ def decode_batch(chunks: Sequence[EncodedChunk], transform: DeviceTransform, sha
             else:
                 out[torch.tensor([jpeg[k] for k in ks], device=device)] = imgs
     for j, it in enumerate(items):
-        if not isinstance(it, (bytes, bytearray)):
+        if not _encoded(it):
             out[j].copy_(torch.from_numpy(np.ascontiguousarray(it)))
     return out
 

@@ -56,3 +56,32 @@ def test_the_batch_augment_is_the_streams_at_every_edge():
     assert np.array_equal(got, apply_augment(x, aug, pad))
     t = torch.from_numpy(x)
     assert augment_on_device(t, None, pad) is t  # no augmentation: the batch as decoded
+
+
+class _OneChunk(torch.utils.data.IterableDataset):
+    def __init__(self, chunk):
+        self.chunk = chunk
+
+    def __iter__(self):
+        yield self.chunk
+
+
+def test_a_chunk_crosses_from_a_loader_worker_as_one_shared_tensor():
+    """Through a real DataLoader worker process: the JPEGs arrive as views of one shared-memory tensor
+    (not bytes through the worker's pipe), byte for byte the files, at their places among the pixels."""
+    from enspipe.data.decode import DeviceTransform, EncodedChunk, decode_batch
+
+    shape, transform = (3, 24, 24), DeviceTransform("RGB", resize=28, crop=24)
+    pixels = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    files = [_jpeg(i, 40 + 8 * i, 48) for i in range(3)]
+    sent = EncodedChunk([files[0], pixels, files[1], files[2]], [7, 8, 9, 10], transform, shape)
+    loader = torch.utils.data.DataLoader(_OneChunk(sent), batch_size=None, num_workers=1)
+    (got,) = list(loader)
+    assert (got.indices, got.transform, got.shape) == (sent.indices, sent.transform, sent.shape)
+    assert np.array_equal(got.items[1], pixels)
+    jpegs = [got.items[k] for k in (0, 2, 3)]
+    assert all(isinstance(t, torch.Tensor) and t.is_shared() for t in jpegs)
+    assert len({t.untyped_storage().data_ptr() for t in jpegs}) == 1  # one tensor for the chunk
+    assert [t.numpy().tobytes() for t in jpegs] == files
+    cpu = torch.device("cpu")
+    assert torch.equal(decode_batch([got], transform, shape, cpu), decode_batch([sent], transform, shape, cpu))
