@@ -274,7 +274,7 @@ def _check_resumed_decoder(cfg: TrainConfig, decoder: str, recorded: list[dict[s
                           f"slightly); {keep}")
     if say:
         _log.warning(f"train: {run_dir} decoded its training images with {was}; it continues with {decoder}, as "
-                     "`decoder` asks (config.json's `decoders` records from which epoch each one ran)")
+                     "asked (config.json's \"decoders\" records from which epoch each one ran)")
 
 
 def _decoder_history(recorded: list[dict[str, Any]], decoder: str, start_epoch: int) -> list[dict[str, Any]]:
