@@ -237,6 +237,12 @@ MUTATIONS = [
              "            img = TF.crop(img, (img.shape[1] - self.crop) // 2 + 1, (img.shape[2] - self.crop) // 2, "
              "self.crop, self.crop)\n",
              ("tests/data/test_device_decode.py::test_the_device_path_on_cpu_matches_pil_on_imagefolder",)),
+    Mutation("wds-images-read-twice", "a wds store's source images are read again for the sink, beside the "
+             "loader's read (twice the input I/O)",
+             "pipeline/precompute/compute.py",
+             "            with_files = carried[s, id(job)]\n",
+             "            with_files = False\n",
+             ("tests/precompute/test_precompute_reads_once.py::test_each_image_file_is_read_once",)),
     Mutation("stored-step-ignores-label", "an attack without a function of its own attacks the predicted label "
              "whatever label it is given",
              "pipeline/attacks.py",
