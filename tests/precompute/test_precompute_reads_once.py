@@ -77,8 +77,13 @@ def _src_members(store: Path) -> list[bytes]:
     return out
 
 
-@pytest.mark.parametrize("decoder,workers", [("pil", 2), ("device", 0)])
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_session.sh)")
+
+
+@pytest.mark.parametrize("decoder,workers", [("pil", 2), ("device", 0), pytest.param("cuda", 2, marks=CUDA)])
 def test_each_image_file_is_read_once(inputs, tmp_path, monkeypatch, decoder, workers):
+    """pil: the PIL path (2 loader workers); device: the device path's code on the CPU (as `auto`
+    resolves on CUDA); cuda: nvJPEG itself, on a CUDA device (the GPU session runs it)."""
     jpegs, model = inputs
     if decoder == "device":  # as `auto` resolves on CUDA: the loader hands over the JPEGs' bytes
         from enspipe.data import decode as decode_mod
@@ -87,7 +92,7 @@ def test_each_image_file_is_read_once(inputs, tmp_path, monkeypatch, decoder, wo
         monkeypatch.setattr(decode_mod, "resolve_decoder",
                             lambda name, device, decodes=True: real(name, "cuda", decodes))
     cfg = dict(model=str(model), dataset=f"imagefolder:{jpegs}", image_size=SIZE, shard_size=16, batch_size=8,
-               device="cpu", attacks=("fgsm",), loader_workers=workers)
+               device="cuda" if decoder == "cuda" else "cpu", attacks=("fgsm",), loader_workers=workers)
     opens = _count_opens(monkeypatch, jpegs, tmp_path / "opens.log")
     zarr, wds = precompute(PrecomputeConfig(**cfg, format="both", out=str(tmp_path / "both")))
     files = _images(jpegs)
@@ -98,6 +103,7 @@ def test_each_image_file_is_read_once(inputs, tmp_path, monkeypatch, decoder, wo
     from enspipe.data import create_dataset
 
     r = open_store(wds)
+    assert r.identity.attack_params.get("decoder") == (None if decoder == "pil" else "nvjpeg")
     ds = create_dataset(f"imagefolder:{jpegs}", image_size=SIZE)
     want = [(ds.folder / f).read_bytes() for f in ds._files]
     assert _src_members(wds) == want
