@@ -12,7 +12,7 @@
 # enspipe and benchmarks/bench_gpu.py, bench_decode.py import that the image does not hold, with
 # their requirements (`unzip -p W '*/METADATA' | grep ^Requires-Dist`), checked by importing them
 # on top of the image's packages alone (BENCHMARKS.md, "GPU session"). The device README's limit is
-# 64 MiB for everything a call carries: the script refuses more.
+# 64 MiB for everything a call carries, the tree included: the script refuses wheels over 60 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=${1:-.whl}

@@ -282,21 +282,21 @@ def run_in_process(units: list[tuple[ShardJob, int]], *, overlap: bool) -> None:
 
 # --- Inside a dask worker -----------------------------------------------------------------------------
 
-_WORKER_LOADER: dict[tuple, ChunkLoader] = {}
+_WORKER_LOADER: dict[tuple, tuple[ChunkLoader, bool]] = {}  # key -> (loader, its chunks carry files)
 _WORKER_LOCK = threading.Lock()
 
 
 def _worker_loader(dataset, job: ShardJob, device: torch.device, files: bool) -> ChunkLoader:
-    """The dask worker process's loader, kept across tasks: its processes are forked once."""
-    key = (dataset.name, dataset.fingerprint, job.loader_workers, job.torch_threads, device.type, job.decoder,
-           files)
+    """The dask worker process's loader, kept across tasks: its processes are forked once (again
+    only when a task needs files and it carries none; one that carries files serves any task)."""
+    key = (dataset.name, dataset.fingerprint, job.loader_workers, job.torch_threads, device.type, job.decoder)
     with _WORKER_LOCK:
-        if key not in _WORKER_LOADER:
-            for old in _WORKER_LOADER.values():
+        if key not in _WORKER_LOADER or (files and not _WORKER_LOADER[key][1]):
+            for old, _ in _WORKER_LOADER.values():
                 old.close()
             _WORKER_LOADER.clear()  # one dataset per worker process at a time, as in plan._open_inputs
-            _WORKER_LOADER[key] = open_loader(dataset, job, device, files=files)
-        return _WORKER_LOADER[key]
+            _WORKER_LOADER[key] = (open_loader(dataset, job, device, files=files), files)
+        return _WORKER_LOADER[key][0]
 
 
 def stream_task(units: list[tuple[ShardJob, int]]) -> int:
