@@ -115,3 +115,15 @@ def test_each_image_file_is_read_once(inputs, tmp_path, monkeypatch, decoder, wo
         got, ref = open_store(only).read(0, len(r)), open_store(zarr).read(0, len(r))
         for name in ("direction", "logits", "label"):
             np.testing.assert_array_equal(got[name], ref[name])
+
+
+def test_two_attacks_read_each_file_once_per_attack(inputs, tmp_path, monkeypatch):
+    """Two attacks, a zarr and a wds store each: every file is read once per attack's pass (each
+    pass decodes its own batches), never a third time for the wds stores (the old code: 4)."""
+    jpegs, model = inputs
+    opens = _count_opens(monkeypatch, jpegs, tmp_path / "opens.log")
+    stores = precompute(PrecomputeConfig(model=str(model), dataset=f"imagefolder:{jpegs}", image_size=SIZE,
+                                         shard_size=16, batch_size=8, device="cpu", attacks=("fgsm", "step_ll"),
+                                         loader_workers=0, format="both", out=str(tmp_path / "s")))
+    assert len(stores) == 4
+    assert opens() == collections.Counter({f: 2 for f in _images(jpegs)})
