@@ -26,7 +26,7 @@ are rebuilt from those medians (`rows(results)` of the part), every round's own 
 kept under "rounds", and the section ends with the spread: median and range over the rounds of
 every rate, ratio and stall share.
 
-Writes OUT/bench_gpu.json (machine, command, data, every part's results), OUT/bench_gpu.md
+Writes OUT/bench_gpu.json (machine, command, data, every part's results; rewritten as each part ends), OUT/bench_gpu.md
 (one `## gpu <part>` section per part) and prints the compact table last. BENCHMARKS.md is
 only rewritten with --write-benchmarks (its `## gpu <part>` sections), e.g. after copying OUT
 back from the GPU machine: `--from-json OUT/bench_gpu.json --write-benchmarks`.
@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             doc["parts"][name] = measure_rounds(mod, opts, env, opts.rounds or (1 if opts.small else 3))
             doc["parts_wall_s"][name] = time.perf_counter() - t0
+            # Each finished part is on disk at once: a device command stopped at its time limit
+            # in a later part keeps the earlier parts' results (the last write below completes it).
+            (out / "bench_gpu.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+            log(f"part {name} done in {doc['parts_wall_s'][name]:.0f} s; wrote {out / 'bench_gpu.json'}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:

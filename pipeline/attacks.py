@@ -322,7 +322,13 @@ def direction(
     the default is full precision. The sign is narrowed to int8 on x's device.
     """
     _check_choice("attack", attack, STORABLE)
-    rec = ATTACK_RECORDS[attack]
+    return _direction(ATTACK_RECORDS[attack], model, x, y, label, autocast)
+
+
+def _direction(rec: AttackRecord, model: Model, x: Tensor, y: Tensor | None, label: object,
+               autocast: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+    """`direction()` of a storable record: the one body behind precompute's stores and the online
+    step of an attack without a function of its own (`_stored_step`), so they cannot drift."""
     target: _Target = "ll" if rec.label == "least-likely" else _target(label)
     model = _as_model(model)
     x, y = _prepare(x, y, target)
@@ -577,13 +583,11 @@ def _stored_step(rec: AttackRecord) -> Callable[..., Tensor]:
     def run(model: Model, x: Tensor, y: Tensor | None, label: object, eps: object,
             return_direction: bool) -> Tensor | tuple[Tensor, Tensor]:
         eps = _check_eps(eps)
-        target: _Target = "ll" if rec.label == "least-likely" else _target(label)
-        model = _as_model(model)
-        x, y = _prepare(x, y, target)
-        with _attack_mode(x):
-            d, _, _ = _resolve(rec.direction)(model, x, y, target)  # type: ignore[arg-type]
-        x_adv = apply_direction(x, d, eps)
-        return (x_adv, d.to(torch.int8)) if return_direction else x_adv
+        d, _, _ = _direction(rec, model, x, y, label, None)
+        # x as the direction saw it (detached; a copy if made under inference_mode); the int8 d
+        # is exactly the sign, so x_adv is what the float sign gave.
+        x_adv = apply_direction(_prepare(x, None, "ll")[0], d, eps)
+        return (x_adv, d) if return_direction else x_adv
 
     if rec.label == "least-likely":
         def attack(model: Model, x: Tensor, y: Tensor | None = None, *, eps: float,

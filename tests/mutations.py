@@ -237,6 +237,18 @@ MUTATIONS = [
              "            img = TF.crop(img, (img.shape[1] - self.crop) // 2 + 1, (img.shape[2] - self.crop) // 2, "
              "self.crop, self.crop)\n",
              ("tests/data/test_device_decode.py::test_the_device_path_on_cpu_matches_pil_on_imagefolder",)),
+    Mutation("wds-images-read-twice", "a wds store's source images are read again for the sink, beside the "
+             "loader's read (twice the input I/O)",
+             "pipeline/precompute/compute.py",
+             "            with_files = carried[s, id(job)]\n",
+             "            with_files = False\n",
+             ("tests/precompute/test_precompute_reads_once.py::test_each_image_file_is_read_once",)),
+    Mutation("stored-step-ignores-label", "an attack without a function of its own attacks the predicted label "
+             "whatever label it is given",
+             "pipeline/attacks.py",
+             "        d, _, _ = _direction(rec, model, x, y, label, None)\n",
+             "        d, _, _ = _direction(rec, model, x, y, \"pred\", None)\n",
+             ("tests/attacks/test_attacks.py::test_a_stored_step_is_its_direction_applied",)),
     Mutation("device-step-skips-augment", "the trainer's device decode drops the batch's crops and flips",
              "pipeline/train/device_batches.py",
              "    return augment_on_device(decode_batch([x], x.transform, x.shape, device), aug, crop_padding)\n",

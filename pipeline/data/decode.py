@@ -1,6 +1,6 @@
 """JPEG decode on the device: batched nvJPEG (torchvision.io.decode_jpeg) with the resize / crop done there.
 
-    loader worker: source.jpeg_bytes(i) -> the file's bytes (its header checked, nothing decoded)
+    loader worker: source.jpeg_of(i, its file) -> the file's bytes (its header checked, nothing decoded)
                    or, for what the device path does not take (PNG, CMYK, ...), the PIL pixels
     compute process: decode_batch(chunk items, transform, device) -> uint8 [N, C, H, W] on the device
 
@@ -116,6 +116,9 @@ class EncodedChunk:
     # What to make of them, where the batch travels without its source (the trainer's batches):
     transform: DeviceTransform | None = None
     shape: tuple[int, int, int] | None = None
+    # Each sample's file as read, (extension, bytes): what a wds store keeps beside its directions,
+    # so precompute's sink reads no file again (for a JPEG the bytes are the item itself: one copy).
+    files: list[tuple[str, bytes]] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -176,15 +179,17 @@ def check_jpeg(data: bytes, what: str, limits) -> tuple[int, int] | None:
 
 
 def encoded_chunk(dataset, indices: Iterable[int]) -> EncodedChunk:
-    """The `EncodedChunk` of these samples of `dataset` (an imagefolder or wds source): each one's
-    JPEG bytes (header checked, nothing decoded), or the PIL path's pixels of a file the device
-    path does not take. What a loader worker does on the device path."""
+    """The `EncodedChunk` of these samples of `dataset` (an imagefolder or wds source), each file
+    read once: its JPEG bytes (header checked, nothing decoded), or the PIL path's pixels of a file
+    the device path does not take, and the file itself. What a loader worker does on the device path."""
     indices = [int(i) for i in indices]
-    items = []
+    items, files = [], []
     for i in indices:
-        data = dataset.jpeg_bytes(i)
-        items.append(data if data is not None else dataset._load(i))
-    return EncodedChunk(items, indices)
+        ext, data = dataset.encoded_image(i)
+        jpeg = dataset.jpeg_of(i, data)
+        items.append(jpeg if jpeg is not None else dataset.pixels_of(i, data))
+        files.append((ext, data))
+    return EncodedChunk(items, indices, files=files)
 
 
 def device_decoder(name: str, device: Any, dataset) -> str:
@@ -192,7 +197,7 @@ def device_decoder(name: str, device: Any, dataset) -> str:
     on the device; sources held as pixels have nothing to decode."""
     from .base import LazySource
 
-    return resolve_decoder(name, device, isinstance(dataset, LazySource) and hasattr(dataset, "jpeg_bytes"))
+    return resolve_decoder(name, device, isinstance(dataset, LazySource) and hasattr(dataset, "jpeg_of"))
 
 
 def _decode_jpegs(data: Sequence[bytes | torch.Tensor], mode: str, device: torch.device) -> list[torch.Tensor]:

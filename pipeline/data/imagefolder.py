@@ -13,6 +13,7 @@ class-stratified subset, and a folder without split folders has only a training 
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -235,39 +236,46 @@ class ImageFolderSource(LazySource):
 
     def encoded_image(self, i: int) -> tuple[str, bytes]:
         path = self.folder / self._files[i]
-        return path.suffix[1:].lower(), path.read_bytes()
+        try:
+            with open(os.fspath(path), "rb") as f:  # a str, as PIL opens it: the same error line as before
+                data = f.read()
+        except OSError as e:
+            raise DataError(f"cannot decode image {path}: {e}") from e
+        return path.suffix[1:].lower(), data
 
     def device_transform(self) -> DeviceTransform:
         """The PIL path's resize and crop, for the device decode (`enspipe.data.decode`)."""
         return DeviceTransform("RGB", resize=self.resize, crop=self.crop)
 
-    def jpeg_bytes(self, i: int) -> bytes | None:
-        """Image i's file when the device decode takes it (a JPEG; its header checked, nothing
-        decoded), else None (the PIL path `_load` decodes it)."""
-        path = self.folder / self._files[i]
-        try:
-            data = path.read_bytes()
-        except OSError:
-            return None  # `_load` says so, as it always has
-        return data if check_jpeg(data, f"imagefolder: {path}", self._limits) else None
+    def jpeg_of(self, i: int, data: bytes) -> bytes | None:
+        """Image i's file `data` when the device decode takes it (a JPEG; its header checked,
+        nothing decoded), else None (the PIL path, `pixels_of`, decodes it)."""
+        return data if check_jpeg(data, f"imagefolder: {self.folder / self._files[i]}", self._limits) else None
 
     def decode_error(self, i: int, reason: str) -> DataError:
         """The PIL path's line for image i, which the device decoder could not decode."""
         return DataError(f"cannot decode image {self.folder / self._files[i]}: {reason}")
 
     def _load(self, i: int) -> np.ndarray:
+        return self.pixels_of(i, self.encoded_image(i)[1])
+
+    def pixels_of(self, i: int, data: bytes) -> np.ndarray:
+        """The PIL path's pixels of image i from its file's bytes `data` (read once by the caller,
+        which may keep them: a wds store carries the file beside its directions)."""
         from PIL import Image
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 
         path = self.folder / self._files[i]
         try:
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 # The header gives the size: refuse a decompression bomb before decoding it.
                 w, h = im.size
                 if (above := self._limits.above("max_image_pixels", w * h, " pixels")) is not None:
                     raise DataError(f"imagefolder: {path} is {w}x{h} = {above}; refused undecoded")
                 im = im.convert("RGB")
+        except Image.UnidentifiedImageError as e:  # PIL names the BytesIO: name the file, as Image.open(path) did
+            raise DataError(f"cannot decode image {path}: cannot identify image file {os.fspath(path)!r}") from e
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"cannot decode image {path}: {e}") from e
         im = TF.resize(im, self.resize, interpolation=InterpolationMode.BILINEAR)

@@ -201,11 +201,10 @@ class WebDatasetSource(LazySource):
         c, h, w = self.geometry.shape
         return DeviceTransform(self._mode, size=(h, w) if self.image_size else None)
 
-    def jpeg_bytes(self, i: int) -> bytes | None:
-        """Sample i's image member when the device decode takes it (a JPEG; its header checked,
-        nothing decoded), else None (the PIL path `_load` decodes it, or says what is wrong)."""
+    def jpeg_of(self, i: int, data: bytes) -> bytes | None:
+        """Sample i's image member `data` when the device decode takes it (a JPEG; its header
+        checked, nothing decoded), else None (the PIL path, `pixels_of`, decodes it or says what is wrong)."""
         shard_no, _, size, _, _ = self._members[i]
-        data = self._member_bytes(i)
         if len(data) != size:
             return None
         wh = check_jpeg(data, f"wds: the image of sample {self._raw_keys[i]!r} in {self._shards[shard_no]}",
@@ -223,11 +222,12 @@ class WebDatasetSource(LazySource):
         return DataError(f"wds: cannot decode the image of sample {self._raw_keys[i]!r} "
                          f"in {self._shards[self._members[i][0]]}: {reason}")
 
-    def _decode(self, i: int) -> Image.Image:
+    def _decode(self, i: int, data: bytes | None = None) -> Image.Image:
+        """Sample i's image member (`data`: its bytes, already read) opened by PIL."""
         from PIL import Image
 
         shard_no, _, size, _, _ = self._members[i]
-        data = self._member_bytes(i)
+        data = self._member_bytes(i) if data is None else data
         try:
             if len(data) != size:
                 raise OSError(f"shard ends after {len(data)} of {size} bytes")
@@ -243,9 +243,14 @@ class WebDatasetSource(LazySource):
         return im
 
     def _load(self, i: int) -> np.ndarray:
+        return self.pixels_of(i, self._member_bytes(i))
+
+    def pixels_of(self, i: int, data: bytes) -> np.ndarray:
+        """The PIL path's pixels of sample i from its member's bytes `data` (read once by the caller,
+        which may keep them: a wds store carries the file beside its directions)."""
         from PIL import Image
 
-        im = self._decode(i).convert(self._mode)
+        im = self._decode(i, data).convert(self._mode)
         c, h, w = self.geometry.shape
         if self.image_size:
             im = im.resize((w, h), Image.Resampling.BILINEAR)

@@ -2,6 +2,10 @@
 
     ChunkLoader (worker processes) -> to_device -> compute_batch -> host copy -> ShardSink
 
+Each sample's file is read once: where a wds store keeps the source's files beside its
+directions, the loader's workers hand over the bytes they read with the pixels (or with the
+JPEG bytes the device decodes), and the sink writes those (see `open_loader`).
+
 `stream_shards` is the one data path, in-process and inside every dask worker: the pixels
 of all the shards it is given are decoded ahead by the loader's processes (the process that
 drives the device never decodes), copied to the device from pinned memory without blocking,
@@ -54,6 +58,7 @@ class InputBatch:
     offset: int                  # first row of the batch inside its shard
     x: torch.Tensor              # float32 [b, C, H, W] in [0, 1], on the device
     y: torch.Tensor | None       # the true labels, when the attack uses them
+    files: Sequence[tuple[str, bytes]] | None = None  # each sample's file as the loader read it, for a wds store
 
 
 def batch_containing(i: int, *, shard_size: int, batch_size: int, num_samples: int) -> tuple[int, int]:
@@ -101,7 +106,7 @@ def compute_batch(model: torch.nn.Module, batch: InputBatch, job: ShardJob, prec
     ready = None
     if host_copy is not None:
         (d, logits, labels), ready = host_copy(d, logits, labels)
-    return BatchDone(batch.offset, d, logits, labels, ready)
+    return BatchDone(batch.offset, d, logits, labels, ready, batch.files)
 
 
 # --- The stream -------------------------------------------------------------------------------------
@@ -117,20 +122,24 @@ def _inputs(job: ShardJob, device: torch.device):
     return dataset, model, sha
 
 
-def _clean_images(dataset, start: int, stop: int):
-    """What a wds store keeps of shard [start, stop)'s images: the source's files, else its pixels."""
-    def fetch():
-        files = [dataset.encoded_image(i) for i in range(start, stop)]
-        if any(f is None for f in files):
-            return dataset.images_uint8(slice(start, stop)), None
-        return None, files
-    return fetch
+def _clean_pixels(dataset, start: int, stop: int):
+    """What a wds store keeps of shard [start, stop)'s images when the source holds pixels, not files."""
+    return lambda: dataset.images_uint8(slice(start, stop))
+
+
+def _reads_files(dataset) -> bool:
+    """Whether the source reads one file per sample that a wds store can keep as it is (imagefolder, wds)."""
+    from enspipe.data import LazySource
+
+    return isinstance(dataset, LazySource) and hasattr(dataset, "pixels_of")
 
 
 def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device: torch.device, *,
-                  loader: ChunkLoader | None = None, done: Callable[[int], None] | None = None) -> None:
-    """Compute every (job, shard) in order into the sink, the pixels decoded ahead by `loader`
-    (a ChunkLoader over the jobs' dataset; by default one made and closed here)."""
+                  loader_for: Callable[[bool], ChunkLoader] | None = None,
+                  done: Callable[[int], None] | None = None) -> None:
+    """Compute every (job, shard) in order into the sink, the pixels decoded ahead by
+    `loader_for(files)` (a ChunkLoader over the jobs' dataset whose chunks carry each sample's
+    file when `files`; by default `open_loader`'s, made and closed here)."""
     import torch
 
     from enspipe.stores import open_writer
@@ -148,9 +157,15 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
             todo.append((job, s, writers, *writers[0].shard_range(s)))
     if not todo:
         return
+    # The shards whose wds stores keep the source's files get them from the loader, read once.
+    carried = {(s, id(job)): _reads_files(dataset) and job.wds_images == "source"
+               and any(w.keeps_clean_images for w in writers) for job, s, writers, _, _ in todo}
+    files = any(carried.values())
     with contextlib.ExitStack() as stack:
-        if loader is None:
-            loader = stack.enter_context(open_loader(dataset, units[0][0], device))
+        if loader_for is None:
+            loader = stack.enter_context(open_loader(dataset, units[0][0], device, files=files))
+        else:
+            loader = loader_for(files)
         batches = {(s, id(job)): batch_spans(a, b, job.batch_size) for job, s, _, a, b in todo}
         chunk = chunk_size(units[0][0].batch_size, loader.workers)
         chunks = loader([span for key in batches.values() for span in spans_of(key, chunk)])
@@ -161,23 +176,57 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
             precision = precisions[job.precision]
             precision.prepare_model(model)
             keep = any(w.keeps_clean_images for w in writers)  # a format that stores the clean image + true label
+            with_files = carried[s, id(job)]
             sink.put(ShardBegin(s, start, stop, writers, keys=dataset.keys[start:stop],
-                                images=_clean_images(dataset, start, stop) if keep and job.wds_images == "source"
-                                else None,
-                                true_label=dataset.labels[start:stop] if keep else None))
+                                images=_clean_pixels(dataset, start, stop)
+                                if keep and job.wds_images == "source" and not with_files else None,
+                                true_label=dataset.labels[start:stop] if keep else None, files=with_files))
             for b, e in batches[s, id(job)]:
-                x = batch_to_device(gather(chunks, e - b), device, dataset, channels_last=precision.channels_last)
+                got = gather(chunks, e - b)
+                x = batch_to_device(got, device, dataset, channels_last=precision.channels_last)
                 y = torch.from_numpy(dataset.labels[b:e]).to(device) if job.label == "true" else None
-                sink.put(compute_batch(model, InputBatch(b - start, x, y), job, precision, host_copy))
+                kept = [f for c in got for f in c.files] if with_files else None
+                sink.put(compute_batch(model, InputBatch(b - start, x, y, kept), job, precision, host_copy))
             sink.put(ShardEnd(s))
             if done is not None:
                 done(1)
 
 
-def open_loader(dataset, job: ShardJob, device: torch.device) -> ChunkLoader:
-    """The loader of `job`'s data path: its loader workers, or as many as the cores allow."""
+def open_loader(dataset, job: ShardJob, device: torch.device, *, files: bool = False) -> ChunkLoader:
+    """The loader of `job`'s data path: its loader workers, or as many as the cores allow.
+
+    With `files` (a wds store keeps the source's files) its chunks carry each sample's file as
+    the worker read it (`EncodedChunk.files`). The device path's chunks always do (for a JPEG the
+    file is the item the device decodes); the PIL path then reads each file once, decodes those
+    bytes (`_PilFiles`: the same pixels as from the path) and hands both over."""
     workers = job.loader_workers if job.loader_workers is not None else default_workers(dataset, job.torch_threads)
-    return ChunkLoader(dataset, workers, pin=device.type == "cuda", encoded=job.decoder != "cpu")
+    pin = device.type == "cuda"
+    if job.decoder != "cpu":
+        return ChunkLoader(dataset, workers, pin=pin, encoded=True)
+    if files:
+        return ChunkLoader(_PilFiles(dataset), workers, pin=pin, encoded=True)
+    return ChunkLoader(dataset, workers, pin=pin)
+
+
+class _PilFiles:
+    """A source of files as `encoded_chunk` reads it for the PIL path: every sample's pixels are
+    the PIL path's (no file goes to the device decoder), made from the file's bytes read once,
+    which the chunk carries beside them."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def encoded_image(self, i: int) -> tuple[str, bytes]:
+        return self.dataset.encoded_image(i)
+
+    def jpeg_of(self, i: int, data: bytes) -> None:
+        return None
+
+    def pixels_of(self, i: int, data: bytes):
+        return self.dataset.pixels_of(i, data)
 
 
 @contextlib.contextmanager
@@ -233,20 +282,21 @@ def run_in_process(units: list[tuple[ShardJob, int]], *, overlap: bool) -> None:
 
 # --- Inside a dask worker -----------------------------------------------------------------------------
 
-_WORKER_LOADER: dict[tuple, ChunkLoader] = {}
+_WORKER_LOADER: dict[tuple, tuple[ChunkLoader, bool]] = {}  # key -> (loader, its chunks carry files)
 _WORKER_LOCK = threading.Lock()
 
 
-def _worker_loader(dataset, job: ShardJob, device: torch.device) -> ChunkLoader:
-    """The dask worker process's loader, kept across tasks: its processes are forked once."""
+def _worker_loader(dataset, job: ShardJob, device: torch.device, files: bool) -> ChunkLoader:
+    """The dask worker process's loader, kept across tasks: its processes are forked once (again
+    only when a task needs files and it carries none; one that carries files serves any task)."""
     key = (dataset.name, dataset.fingerprint, job.loader_workers, job.torch_threads, device.type, job.decoder)
     with _WORKER_LOCK:
-        if key not in _WORKER_LOADER:
-            for old in _WORKER_LOADER.values():
+        if key not in _WORKER_LOADER or (files and not _WORKER_LOADER[key][1]):
+            for old, _ in _WORKER_LOADER.values():
                 old.close()
             _WORKER_LOADER.clear()  # one dataset per worker process at a time, as in plan._open_inputs
-            _WORKER_LOADER[key] = open_loader(dataset, job, device)
-        return _WORKER_LOADER[key]
+            _WORKER_LOADER[key] = (open_loader(dataset, job, device, files=files), files)
+        return _WORKER_LOADER[key][0]
 
 
 def stream_task(units: list[tuple[ShardJob, int]]) -> int:
@@ -257,7 +307,7 @@ def stream_task(units: list[tuple[ShardJob, int]]) -> int:
     device = resolve_device(job.device)
     dataset, _, _ = _inputs(job, device)
     with _deterministic(job.torch_threads), _sink_for(units, background=True) as sink:
-        stream_shards(units, sink, device, loader=_worker_loader(dataset, job, device))
+        stream_shards(units, sink, device, loader_for=lambda files: _worker_loader(dataset, job, device, files))
     return len(units)
 
 

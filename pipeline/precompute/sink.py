@@ -10,8 +10,11 @@ Overlap: a single background thread, at a lower priority, waits for each batch's
 device-to-host copy (started by the compute on a side stream), turns it into numpy and
 writes each finished shard, so the next batch (and shard) is computed while the previous
 one is copied, encoded and written (benchmarks/bench_precompute.py measures it against
-writing in the computing thread). The clean images a wds store carries are read here too
-(file bytes, never decoded), not in the thread that drives the device.
+writing in the computing thread). The clean images a wds store carries are the source's files
+as the loader read them, handed over with each batch (`BatchDone.files`): each file is read
+once per attack computed, not once more here (ImageNet on network storage: half the input I/O).
+A source held as pixels has no files: its pixels are fetched here (`ShardBegin.images`), not in
+the thread that drives the device.
 """
 from __future__ import annotations
 
@@ -34,12 +37,13 @@ __all__ = ["BatchDone", "CleanImages", "ShardBegin", "ShardEnd", "ShardSink", "m
 WRITER_NICE = 10  # niceness of the background writer thread (see ShardSink._loop)
 # At most about this many bytes of computed directions wait for the writer: ~13 batches of 256
 # at 3x224x224, several shards' worth of decoupling, and the pinned host memory stays bounded.
+# (A wds store's source files ride with their batches: ~0.75x more at ImageNet's ~110 KB a JPEG.)
 SINK_BYTES = 512 << 20
 
 
-# (pixels uint8 [n,C,H,W], None) for sources held as pixels, or (None, [(ext, bytes)] per sample)
-# for sources that hold encoded files: what a wds store keeps beside the directions.
-CleanImages = Callable[[], tuple["np.ndarray | None", "list[tuple[str, bytes]] | None"]]
+# pixels uint8 [n,C,H,W] of a source held as pixels: what a wds store keeps beside the directions
+# (a source of files hands over the files themselves, with the batches).
+CleanImages = Callable[[], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,9 @@ class ShardBegin:
     stop: int
     writers: tuple[StoreWriter, ...]
     keys: Sequence[str]
-    images: CleanImages | None       # for wds stores only; called in the writer thread
+    images: CleanImages | None       # for wds stores of a source held as pixels; called in the writer thread
     true_label: np.ndarray | None    # int64 [n], for wds stores only
+    files: bool = False              # its batches carry each sample's file (`BatchDone.files`): the wds stores keep those
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class BatchDone:
     logits: torch.Tensor             # float32 [b, K]
     labels: torch.Tensor             # int64 [b]: the label the attack used
     ready: Callable[[], None] | None = None  # blocks until the device-to-host copy is done
+    files: Sequence[tuple[str, bytes]] | None = None  # each sample's file (extension, bytes), as the loader read it
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class _ShardBuffer:
         self.direction = np.empty((n, *w.geometry), np.int8)
         self.logits = np.empty((n, w.num_classes), np.float16)
         self.label = np.empty((n,), np.int64)
+        self.files: list[tuple[str, bytes] | None] | None = [None] * n if begin.files else None
 
     def add(self, batch: BatchDone) -> None:
         if batch.ready is not None:
@@ -98,13 +105,19 @@ class _ShardBuffer:
         self.direction[rows] = batch.direction.cpu().numpy()
         self.logits[rows] = batch.logits.float().cpu().numpy()  # float32 -> float16, nearest
         self.label[rows] = batch.labels.cpu().numpy()
+        if self.files is not None:
+            if batch.files is None or len(batch.files) != batch.direction.shape[0]:
+                raise RuntimeError(f"shard sink: a batch of shard {self.begin.shard} came without its samples' files")
+            self.files[rows] = batch.files
 
     def write(self) -> None:
         """The whole shard, to every store that lacks it."""
         b = self.begin
         pixels = files = None
-        if b.images is not None and any(w.keeps_clean_images for w in b.writers):
-            pixels, files = b.images()
+        if b.files:
+            files = self.files
+        elif b.images is not None and any(w.keeps_clean_images for w in b.writers):
+            pixels = b.images()
         for w in b.writers:
             keep = w.keeps_clean_images  # the format stores the clean image and true label beside d
             w.write_shard(b.shard, direction=self.direction, logits=self.logits, label=self.label,

@@ -404,3 +404,34 @@ def test_bad_calls_raise_attack_error(model, batch):
     for call in calls:
         with pytest.raises(AttackError):
             call()
+
+
+@pytest.mark.parametrize("least_likely", [False, True])
+def test_a_stored_step_is_its_direction_applied(model, batch, monkeypatch, least_likely):
+    """A storable record without a function of its own attacks online as clip(x + eps * d) with d
+    its direction (`_stored_step`, the one body it shares with `direction()`): the closed form,
+    computed here with autograd, for both label rules, three eps, and an input made under
+    inference_mode (detached and copied, as every attack takes it)."""
+    from enspipe.attack_records import ATTACK_RECORDS, AttackRecord
+
+    name = "ll_stored" if least_likely else "fgsm_stored"
+    rec = AttackRecord(name, name, None, "single-step", label="least-likely" if least_likely else "given",
+                       direction="_sign_direction", store={"loss": "ce", "direction": "sign(grad)"})
+    monkeypatch.setitem(ATTACK_RECORDS, name, rec)
+    attack = ATTACKS[name]
+    assert attack.__name__ == name
+    x, y = batch
+    with torch.no_grad():
+        logits = model(x)
+    cases = {"ll": (logits.argmin(1), -1.0)} if least_likely else \
+        {"true": (y, 1.0), "pred": (logits.argmax(1), 1.0)}
+    for label, (target, sign) in cases.items():
+        want_d = (sign * closed_form_grad(model, x, target).sign()).to(torch.int8)
+        kw = {} if least_likely else {"label": label}
+        for eps in EPSILONS:
+            got, d = attack(model, x, y, eps=eps, return_direction=True, **kw)
+            assert d.dtype == torch.int8 and torch.equal(d, want_d), (label, eps)
+            assert torch.equal(got, (x + eps * want_d.float()).clamp(0, 1)), (label, eps)
+        with torch.inference_mode():
+            x_inf = x.clone()
+        assert torch.equal(attack(model, x_inf, y, eps=0.1, **kw), (x + 0.1 * want_d.float()).clamp(0, 1))

@@ -145,8 +145,10 @@ def test_wds_images_none_leaves_them_out(conv_static, jpegs, serial, tmp_path):
 # --- dask: the same data path inside each worker --------------------------------------------------
 
 def test_dask_worker_with_loader_processes_equals_in_process(conv_static, jpegs, serial, tmp_path):
-    (path,) = precompute(_cfg(conv_static, jpegs, tmp_path, workers=1, loader_workers=1))
-    assert _records(path) == _records(serial["zarr"])
+    # The wds store too: its JPEGs come from the dask worker's loader processes, read once there.
+    zarr, wds = precompute(_cfg(conv_static, jpegs, tmp_path, format="both", workers=1, loader_workers=1))
+    assert _records(zarr) == _records(serial["zarr"])
+    assert _records(wds) == _records(serial["wds"])
 
 
 def test_task_groups_cover_every_shard_once():
