@@ -131,7 +131,7 @@ class EncodedChunk:
 
         jpeg = [k for k, it in enumerate(self.items) if _encoded(it)]
         if not jpeg:
-            return EncodedChunk, (self.items, self.indices, self.transform, self.shape)
+            return EncodedChunk, (self.items, self.indices, self.transform, self.shape, self.files)
         sizes = [len(self.items[k]) for k in jpeg]
         # In shared memory from the start: a tensor pickled for a worker queue is moved there
         # otherwise, which would copy it once more.
@@ -142,7 +142,10 @@ class EncodedChunk:
             flat[at:at + n] = it.numpy() if isinstance(it, torch.Tensor) else np.frombuffer(it, np.uint8)
             at += n
         rest = [None if _encoded(it) else it for it in self.items]
-        return _unpacked, (data, jpeg, sizes, rest, self.indices, self.transform, self.shape)
+        # A JPEG's file is its item (`encoded_chunk`): only its extension travels beside it.
+        files = None if self.files is None else [
+            (ext, None if _encoded(self.items[k]) else data_) for k, (ext, data_) in enumerate(self.files)]
+        return _unpacked, (data, jpeg, sizes, rest, self.indices, self.transform, self.shape, files)
 
 
 def _encoded(item: Any) -> bool:
@@ -151,13 +154,17 @@ def _encoded(item: Any) -> bool:
 
 
 def _unpacked(data: torch.Tensor, jpeg: list[int], sizes: list[int], rest: list, indices: list[int] | None,
-              transform: DeviceTransform | None, shape: tuple[int, int, int] | None) -> EncodedChunk:
-    """An `EncodedChunk` from its pickled form: each JPEG a view of the one shared tensor."""
+              transform: DeviceTransform | None, shape: tuple[int, int, int] | None,
+              files: list[tuple[str, bytes | None]] | None = None) -> EncodedChunk:
+    """An `EncodedChunk` from its pickled form: each JPEG a view of the one shared tensor (and,
+    where the chunk carries its files, each JPEG's file those bytes again, as the store writer takes them)."""
     items, at = list(rest), 0
     for k, n in zip(jpeg, sizes):
         items[k] = data[at:at + n]
         at += n
-    return EncodedChunk(items, indices, transform, shape)
+    if files is not None:
+        files = [(ext, raw if raw is not None else items[k].numpy().tobytes()) for k, (ext, raw) in enumerate(files)]
+    return EncodedChunk(items, indices, transform, shape, files)
 
 
 def check_jpeg(data: bytes, what: str, limits) -> tuple[int, int] | None:
