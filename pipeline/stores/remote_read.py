@@ -114,7 +114,10 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
         sizes = target.source.listing
         if sizes is None:  # a reader rebuilt in another process: list once more
             sizes = r.sizes()
-    stored = fetch_records(r, manifest, sizes)
+    try:
+        stored = fetch_records(r, manifest, sizes)
+    except StoreError as exc:  # a record that cannot be read (denied, archived, unreachable): one line naming it
+        return [f"records: {exc}"], 0
     if deep and fresh:
         reader = open_remote(url, allow_incomplete=True, check_objects=False)
     problems: list[str] = []
