@@ -174,8 +174,8 @@ MUTATIONS = [
              (f"{INTEGRITY}::test_check_keys_names_the_shard_of_other_samples",)),
     Mutation("trainer-skips-keys", "the trainer's store check does not compare the stores' keys with the data",
              "pipeline/stores/verify.py",
-             "    reader.check_keys(0, len(dataset), dataset.keys)  # type: ignore[attr-defined, arg-type]\n",
-             "    pass\n",
+             "        reader.check_keys(0, len(dataset), dataset.keys)  # type: ignore[attr-defined, arg-type]\n        return\n",
+             "        return\n",
              (f"{INTEGRITY}::test_a_zarr_shard_copied_over_another_is_refused_when_read_for_training",)),
     # --- Issue 27's blind spot: training under torchrun without gradient synchronisation ---
     Mutation("ddp-unwrapped", "under torchrun the model is not wrapped in DistributedDataParallel: the ranks never "
@@ -258,6 +258,11 @@ MUTATIONS = [
              "        sizes = target.source.listing\n",
              "        sizes = None\n",
              ("tests/stores/test_remote_start_check.py::test_a_train_start_on_a_store_url_lists_once_and_downloads_no_shard_payload",)),
+    Mutation("start-check-skips-remote-keys", "the check of a zarr store URL does not compare its keys with the data",
+             "pipeline/stores/verify.py",
+             "            reader.check_keys(0, len(dataset), dataset.keys)  # type: ignore[attr-defined, arg-type]\n",
+             "            pass\n",
+             ("tests/stores/test_remote_start_check.py::test_a_zarr_shard_copied_over_another_with_its_records_is_refused_at_a_train_start_on_s3",)),
     Mutation("records-fetch-errors-ignored", "a record object that cannot be fetched is taken as absent (the concurrent fetch's errors dropped)",
              "pipeline/stores/remote.py",
              "            if isinstance(value, FileNotFoundError):\n",

@@ -215,3 +215,21 @@ def test_a_record_object_that_cannot_be_read_is_one_line_naming_it(s3, digits):
     report = verify_store(url)  # enspipe verify: the same, as its one problem
     assert not report.ok and len(report.problems) == 1
     assert report.problems[0].startswith(f"records: cannot read {url}/shards/000002.json: permission denied")
+
+
+def test_a_zarr_shard_copied_over_another_with_its_records_is_refused_at_a_train_start_on_s3(s3, digits, tmp_path):
+    """The keys check on a store URL (its keys objects alone): shard 0's files copied over shard
+    1's, records re-hashed so every size and checksum holds, uploaded: the start refuses it,
+    naming shard 1, having downloaded no direction object."""
+    from reliability.forge import forge_checksums, zarr_shard_copied_over
+
+    local, _ = _store(str(tmp_path / "st"), digits, "zarr")
+    zarr_shard_copied_over(Path(local), 0, 1, keys=True)
+    forge_checksums(Path(local), 1)
+    url = f"s3://{s3['bucket']}/copy/{Path(local).name}"
+    s3["fs"].put(str(local), url[len("s3://"):], recursive=True)
+    reader = open_store(url)
+    with pytest.raises(StoreError, match=rf"shard 1 of store .* holds other samples than the dataset: sample {SHARD} "):
+        check_against(reader, digits)
+    assert not any((reader.source.mirror / rel).is_file() for rec in reader.records.values() for rel in rec["files"]
+                   if not rel.startswith("keys/"))
