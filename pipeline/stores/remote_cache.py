@@ -79,6 +79,7 @@ class RemoteSource:
         # store (`remote_read.verify_remote`) without a second one; not carried to other processes.
         self.listing = listing
         self._remote: Remote | None = None
+        self._remote_pid = 0
         self._here_: _Here | None = None
 
     def __reduce__(self) -> tuple:
@@ -86,8 +87,10 @@ class RemoteSource:
 
     @property
     def remote(self) -> Remote:
-        if self._remote is None:
-            self._remote = Remote(self.url)
+        # One per process: an fsspec async filesystem (s3fs) refuses to run in a forked child (a
+        # loader worker downloads the shards its reads need), so a child makes its own.
+        if self._remote is None or self._remote_pid != os.getpid():
+            self._remote, self._remote_pid = Remote(self.url), os.getpid()
         return self._remote
 
     def _here(self) -> _Here:

@@ -233,3 +233,23 @@ def test_a_zarr_shard_copied_over_another_with_its_records_is_refused_at_a_train
         check_against(reader, digits)
     assert not any((reader.source.mirror / rel).is_file() for rec in reader.records.values() for rel in rec["files"]
                    if not rel.startswith("keys/"))
+
+
+def test_loader_workers_download_what_the_check_left_on_the_server(s3, digits):
+    """The check in the parent uses the store's filesystem (records, keys objects) and leaves the
+    shards on the server: forked loader workers then download them with filesystems of their own
+    (s3fs refuses to run in a forked child), and every sample gets its own direction."""
+    import torch
+
+    from enspipe.stream import DirectionStream
+
+    url, d = _store(f"s3://{s3['bucket']}/st", digits, "zarr")
+    reader = open_store(url)
+    check_against(reader, digits)
+    seen = 0
+    stream = DirectionStream(digits, [reader], batch_size=64, block_size=64, seed=0)
+    for batch in torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1):
+        idx = batch["index"].numpy()
+        np.testing.assert_array_equal(batch["d"][:, 0].numpy(), d[idx])
+        seen += len(idx)
+    assert seen == len(digits)
