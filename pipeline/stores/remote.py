@@ -22,6 +22,14 @@ against its sha256:
   a reader in another process (loader workers and ranks of one machine share the cache).
   Whole objects, not zarr's byte ranges (zarr.storage.FsspecStore): a zarr shard's chunks carry
   no checksum (zarr_store.check_file_once), so only a whole object's sha256 can be checked.
+- Checked when: opening a store URL lists it once (kept on the reader's RemoteSource) and reads
+  the manifest (an incomplete store's record objects too, fetched in one concurrent call); every
+  recorded object must be listed with its recorded size. Train and evaluate then check it before
+  their first step without downloading any shard payload (`verify.check_against`): the records
+  against the manifest (`manifest.store_records`, the same lines as a local store's verify),
+  sizes from that listing, the identity, and zarr's keys objects. Each object's sha256 is
+  checked when a read downloads it, before any of its bytes are used. `enspipe verify URL`
+  downloads and hashes every object and decodes every shard.
 
 Endpoint and credentials: fsspec's configuration and the usual environment (`AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, ...). Every remote call has a bounded timeout (`ENSPIPE_REMOTE_TIMEOUT`
