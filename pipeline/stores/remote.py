@@ -287,17 +287,16 @@ def fetch_records(r: Remote, manifest: dict, sizes: dict[str, int]) -> dict[int,
     return out
 
 
-def _records(r: Remote, manifest: dict, sizes: dict[str, int] | None = None,
-             stored: dict[int, Any] | None = None) -> dict[int, dict]:
+def _records(r: Remote, manifest: dict, sizes: dict[str, int] | None = None) -> dict[int, dict]:
     """The valid completion records: the manifest's once complete, else the record objects whose
     shard objects all exist with their recorded sizes (`manifest.store_records`, as a local
-    store's; one listing of the store, or `sizes`; the records fetched at once, or `stored`)."""
+    store's; one listing of the store, or `sizes`; the records fetched in one call)."""
     from .manifest import store_records
 
     if manifest["complete"]:
         return {int(k): v for k, v in manifest["shards"].items()}
     sizes = r.sizes() if sizes is None else sizes
-    stored = fetch_records(r, manifest, sizes) if stored is None else stored
+    stored = fetch_records(r, manifest, sizes)
     return {c.shard: c.rec for c in store_records(manifest, stored.get, sizes.get) if c.ok}
 
 

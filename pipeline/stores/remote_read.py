@@ -57,7 +57,8 @@ def open_remote(url: str, *, allow_incomplete: bool = False, cache_dir: str | os
     if manifest["complete"] and check_objects:
         for s in range(manifest["num_shards"]):
             rec = records.get(s)
-            problem = "no record in the manifest" if rec is None else next(record_lines(manifest, s, rec, sizes.get), None)
+            problem = ("no record in the manifest" if rec is None
+                       else next(record_lines(manifest, s, rec, sizes.get), None))
             if problem:
                 raise StoreError(f"store {url} is damaged ({problem}); delete it and re-run precompute.")
     default_dir, default_cap = cache_settings()
