@@ -193,7 +193,9 @@ MUTATIONS = [
              "pipeline/stores/remote_cache.py",
              '                ok = len(data) == meta["bytes"] and hashlib.sha256(data).hexdigest() == meta["sha256"]\n',
              '                ok = len(data) == meta["bytes"]\n',
-             ("tests/stores/test_object_store.py::test_a_corrupted_object_is_refused_on_read_and_named_by_verify",)),
+             ("tests/stores/test_object_store.py::test_a_corrupted_object_is_refused_on_read_and_named_by_verify",
+              "tests/stores/test_remote_start_check.py::"
+              "test_a_byte_flipped_after_the_check_stops_the_read_naming_the_object_and_feeds_nothing_wrong")),
     Mutation("remote-cache-unbounded", "the object-store cache never evicts",
              "pipeline/stores/remote_cache.py",
              "        total = sum(size for _, size, _ in files)\n",
