@@ -256,3 +256,22 @@ def test_loader_workers_download_what_the_check_left_on_the_server(s3, digits):
         np.testing.assert_array_equal(batch["d"][:, 0].numpy(), d[idx])
         seen += len(idx)
     assert seen == len(digits)
+
+
+def test_a_wds_tar_copied_over_another_on_s3_passes_the_start_and_fails_its_first_read(s3, digits, tmp_path):
+    """A wds store URL's start check downloads no tar, so it cannot compare the keys inside them;
+    what binds a tar to its samples is its `.idx` members, checked on every decode: tar 0 copied
+    over tar 1, records re-hashed, is refused by the read of shard 1, naming the tar."""
+    import shutil
+
+    from reliability.forge import forge_checksums
+
+    local, _ = _store(str(tmp_path / "st"), digits, "wds")
+    shutil.copyfile(Path(local) / "shard-000000.tar", Path(local) / "shard-000001.tar")
+    forge_checksums(Path(local), 1)
+    url = f"s3://{s3['bucket']}/copy/{Path(local).name}"
+    s3["fs"].put(str(local), url[len("s3://"):], recursive=True)
+    reader = open_store(url)
+    check_against(reader, digits)
+    with pytest.raises(StoreError, match=rf"shard-000001.tar holds {SHARD} samples that are not samples {SHARD}\.\."):
+        reader.read_directions(SHARD, 2 * SHARD)
