@@ -79,6 +79,9 @@ def verify_store(path: str | os.PathLike | StoreReader, *, deep: bool = True) ->
 
     Given a reader (`open_store`'s handle), its manifest, read and schema-checked when it was
     opened, is used instead of reading it again; everything else is checked as for a path.
+    A store URL or its reader: `remote_read.verify_remote`, the same problem lines (records
+    against the manifest: `manifest.store_records`), sizes from the store's listing; not deep,
+    it downloads no shard object.
     """
     target = local_path(path)
     if is_url(target) or (isinstance(target, StoreReader) and target.source is not None):
