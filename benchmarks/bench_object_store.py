@@ -1,7 +1,8 @@
 """Benchmark: DirectionStream read throughput from a local S3 server vs local disk (issue 23).
 
-    python benchmarks/bench_object_store.py --quick              # digits (1,500 samples), 3 rounds
+    python benchmarks/bench_object_store.py --quick              # digits (1,500 samples), 3 rounds, + --start-check
     python benchmarks/bench_object_store.py --dataset mnist --data-root DIR --rounds 3
+    python benchmarks/bench_object_store.py --start-check       # requests of a train start's check
 
 Starts moto's standalone S3 server on 127.0.0.1 (`pip install -e '.[s3]'`), writes one zarr and
 one wds store of random sign directions (the worst case for compression) for the dataset's
@@ -18,6 +19,12 @@ timed epochs, as train() does) and reports samples/s of the epoch's iteration:
 Then precompute itself (`enspipe.precompute`, one process, fgsm, of a model D trained one epoch
 here) into a local root and into the bucket, side by side (wall seconds of the whole call:
 model and data loading, attack, shard writing, uploads, finalize).
+
+`--start-check` instead counts (no clock) what a train start costs the object store: the
+requests (by S3 operation, counted at s3fs's one entry for every call) and the object bytes
+downloaded by `open_store(url)` and by `check_against(reader, dataset)`, the two steps train and
+evaluate take on a store before their first step, on a store of 64 shards per format (the first
+1,024 digits, shard size 16).
 
 Rounds are interleaved (local, s3 first, s3 cached per round, per format; precompute local,
 precompute s3 per round) and the median of each is reported with the ratio to local. Loopback
@@ -117,6 +124,81 @@ def _precompute(dataset_name: str, args, model: Path, out: str, fmt: str) -> flo
     return time.perf_counter() - t
 
 
+class _Requests:
+    """Counts every S3 request s3fs makes ({operation: n}) and the object bytes its GETs return:
+    s3fs sends each call through `S3FileSystem._call_s3`, which this wraps."""
+
+    def __init__(self) -> None:
+        import s3fs
+
+        self.calls: dict[str, int] = {}
+        self.bytes = 0
+        real = s3fs.S3FileSystem._call_s3
+        counter = self
+
+        async def _call_s3(fs, method, *args, **kwargs):
+            out = await real(fs, method, *args, **kwargs)
+            counter.calls[method] = counter.calls.get(method, 0) + 1
+            if method == "get_object":
+                counter.bytes += int(out.get("ContentLength") or 0)
+            return out
+
+        s3fs.S3FileSystem._call_s3 = _call_s3
+
+    def take(self) -> dict:
+        out = {"requests": dict(sorted(self.calls.items())), "total": sum(self.calls.values()),
+               "bytes_downloaded": self.bytes}
+        self.calls, self.bytes = {}, 0
+        return out
+
+
+def _start_check(args) -> None:
+    """Requests and bytes of open_store + check_against (train's start) on a 64-shard store URL."""
+    from enspipe.data import create_dataset
+    from enspipe.stores import check_against, open_store
+
+    dataset = create_dataset("digits", split="train", limit=1024)
+    proc, endpoint = _server()
+    work = Path(tempfile.mkdtemp(prefix="bench-s3-"))
+    rows = {}
+    try:
+        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                          AWS_DEFAULT_REGION="us-east-1")
+        import s3fs
+
+        bucket = f"bench{uuid.uuid4().hex[:8]}"
+        s3fs.S3FileSystem(endpoint_url=endpoint).mkdir(bucket)
+        for fmt in args.formats.split(","):
+            url = _build(f"s3://{bucket}/stores", dataset, fmt, 16)
+            counter = _Requests()  # after the writes: only the reader's requests
+            reader = open_store(url, cache_dir=work / f"cache-{fmt}")
+            opened = counter.take()
+            check_against(reader, dataset)
+            checked = counter.take()
+            stored = sum(m["bytes"] for rec in reader.records.values() for m in rec["files"].values())
+            rows[fmt] = {"shards": reader.num_shards, "store_bytes": stored, "open": opened, "check": checked}
+    finally:
+        proc.terminate()
+        shutil.rmtree(work, ignore_errors=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    lines = [f"train start on a store URL (open_store + check_against), digits 1,024 samples, shard size 16; "
+             f"moto S3 on loopback; {stamp}", "",
+             "| format | shards | store bytes | step | requests | by operation | bytes downloaded |",
+             "|---|---|---|---|---|---|---|"]
+    for fmt, r in rows.items():
+        for step in ("open", "check"):
+            c = r[step]
+            ops = ", ".join(f"{k} {v}" for k, v in c["requests"].items())
+            lines.append(f"| {fmt} | {r['shards']} | {r['store_bytes']:,} | {step} | {c['total']} | {ops} | "
+                         f"{c['bytes_downloaded']:,} |")
+    print("\n".join(lines))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_object_store_start.json").write_text(json.dumps(
+        {"date": stamp, "command": command_line("bench_object_store.py", None), "machine": machine(), "rows": rows},
+        indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the bundled digits whatever --dataset says (seconds)")
@@ -127,7 +209,11 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=1024)
     ap.add_argument("--formats", default="zarr,wds", help="comma-separated store formats to measure")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--start-check", action="store_true",
+                    help="only count the requests and bytes of a train start's store check (64 shards)")
     args = ap.parse_args()
+    if args.start_check:
+        return _start_check(args)
     if args.quick:
         args.dataset, args.data_root, args.limit = "digits", None, None
     from enspipe.data import create_dataset
@@ -200,6 +286,8 @@ def main() -> None:
                                                              "n": len(dataset), "rows": rows,
                                                              "precompute_s": pre_rows,
                                                              "fast_path_us": statistics.median(fast_us)}, indent=2))
+    if args.quick:  # the start check's counts too (seconds): the smoke run keeps that part from rotting
+        _start_check(args)
 
 
 if __name__ == "__main__":

@@ -258,18 +258,23 @@ class StoreReader(_StoreFiles):
         # Pickled (spawned loader workers, dask) as what it was opened from, never its open files.
         return _rebuild, (type(self), self.path, self.manifest, self.records, self.source)
 
-    def _local(self, start: int, stop: int, *, directions: bool = False) -> contextlib.AbstractContextManager:
-        """The shard files that samples [start, stop) need (`directions`: only those the directions
-        are read from), present for the duration (a store URL's are fetched whole and
-        sha256-checked into the size-capped cache; local stores: nothing)."""
+    def _local(self, start: int, stop: int, *, directions: bool = False,
+               keys: bool = False) -> contextlib.AbstractContextManager:
+        """The shard files that samples [start, stop) need (`directions`, `keys`: only those the
+        directions, the keys are read from), present for the duration (a store URL's are fetched
+        whole and sha256-checked into the size-capped cache; local stores: nothing)."""
         if self.source is None:
             return contextlib.nullcontext()
-        return self.source.local(self.records, [s for s, _ in self._spans(start, stop)], self.records,
-                                 only=self._direction_files if directions else None)
+        only = self._direction_files if directions else self._key_files if keys else None
+        return self.source.local(self.records, [s for s, _ in self._spans(start, stop)], self.records, only=only)
 
     def _direction_files(self, s: int) -> list[str]:
         """The files of shard s that `read_directions` reads (a backend with one file per array
         names its direction file; default: every file of the shard)."""
+        return list(self.records[s]["files"])
+
+    def _key_files(self, s: int) -> list[str]:
+        """The files of shard s that `keys` reads (default: every file of the shard)."""
         return list(self.records[s]["files"])
 
     def prefetch(self, blocks: Sequence[tuple[int, int]]) -> None:
@@ -362,7 +367,7 @@ class StoreReader(_StoreFiles):
         start, stop = self._check_range(start, stop)
         if start == stop:
             return []
-        with self._local(start, stop):
+        with self._local(start, stop, keys=True):
             return self._keys(start, stop)
 
     def _keys(self, start: int, stop: int) -> list[str]:
@@ -382,7 +387,7 @@ class StoreReader(_StoreFiles):
                              f"[{start}, {stop}) of store {self.path}.")
         for s, rows in self._spans(start, stop):
             first = s * self.shard_size
-            with self._local(first + rows.start, first + rows.stop):
+            with self._local(first + rows.start, first + rows.stop, keys=True):
                 got = self._keys(first + rows.start, first + rows.stop)
             want = list(expected[first + rows.start - start:first + rows.stop - start])
             if got != want:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from enspipe.util.errors import StoreError
 from enspipe.util.fileio import atomic_write_json
@@ -420,13 +420,22 @@ def record_path(path: Path, s: int) -> Path:
     return Path(path) / RECORDS_DIR / f"{s:06d}.json"
 
 
-def record_problems(path: Path, manifest: dict, s: int, rec: Any, *, deep: bool = False) -> Iterator[str]:
-    """Why `rec` is not a valid completion record of shard s: nothing when it is.
+def local_sizes(path: Path) -> Callable[[str], int | None]:
+    def size_of(rel: str) -> int | None:
+        try:
+            return (Path(path) / rel).stat().st_size
+        except FileNotFoundError:
+            return None
+    return size_of
 
-    Shallow: schema, range, every file present with the recorded size (stat only, cheap
-    enough for every open). Deep: also the sha256 of every file. A bad record or range
-    stops the checks; file problems are reported file by file.
-    """
+
+def record_lines(manifest: dict, s: int, rec: Any, size_of: Callable[[str], int | None],
+                 sha256_ok: Callable[[str, str], bool] | None = None) -> Iterator[str]:
+    """Why `rec` is not a valid completion record of shard s, one line per problem: nothing when
+    it is. `size_of(rel)`: the bytes of the store's file `rel` now, None when there is none (a
+    local store's stat, a store URL's listing); `sha256_ok(rel, sha256)`: whether the file's
+    bytes hash to it (deep checks only). A bad record or range stops the checks; file problems
+    are reported file by file. Local stores and store URLs give the same lines."""
     errors = schema_errors(rec, "manifest.v1.json", ref="shard_record")
     if errors:
         yield f"shard {s}: invalid completion record ({errors[0]})"
@@ -435,16 +444,64 @@ def record_problems(path: Path, manifest: dict, s: int, rec: Any, *, deep: bool 
         yield f"shard {s}: completion record is for another shard or range"
         return
     for rel, meta in sorted(rec["files"].items()):
-        p = Path(path) / rel
-        try:
-            size = p.stat().st_size
-        except FileNotFoundError:
+        size = size_of(rel)
+        if size is None:
             yield f"shard {s}: missing file {rel}"
-            continue
-        if size != meta["bytes"]:
+        elif size != meta["bytes"]:
             yield f"shard {s}: file {rel} is {size} bytes but was written with {meta['bytes']} (truncated or replaced)"
-        elif deep and not sha256_matches(p, meta["sha256"]):
+        elif sha256_ok is not None and not sha256_ok(rel, meta["sha256"]):
             yield f"shard {s}: checksum mismatch in file {rel}"
+
+
+def record_problems(path: Path, manifest: dict, s: int, rec: Any, *, deep: bool = False) -> Iterator[str]:
+    """`record_lines` of a local store's record: sizes by stat (cheap enough for every open);
+    deep: also the sha256 of every file."""
+    sha = (lambda rel, sha256: sha256_matches(Path(path) / rel, sha256)) if deep else None
+    return record_lines(manifest, s, rec, local_sizes(path), sha)
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    """One shard of `store_records`: `rec`, the record it is read by (None: none to check),
+    `lines`, its problems, and `ok`: its record is valid and its files are as recorded."""
+
+    shard: int
+    rec: dict | None
+    lines: list[str]
+    ok: bool
+
+
+def store_records(manifest: dict, stored: Callable[[int], Any], size_of: Callable[[str], int | None],
+                  sha256_ok: Callable[[str, str], bool] | None = None) -> Iterator[ShardCheck]:
+    """The problems of a store's completion records against its manifest, shard by shard: the one
+    check `verify_store` makes of a local store and of a store URL, and the valid records the
+    readers and writers of store URLs take (`remote._records`). `stored(s)`: shard s's record file
+    parsed (`shards/NNNNNN.json`: from disk, or fetched from object storage), None when there is
+    none or it cannot be parsed; `size_of`, `sha256_ok`: as for `record_lines`.
+
+    A complete store is read by its manifest's records: one missing is a problem, as is a record
+    file that differs from it (parseable but not the same: a damaged or replaced record). An
+    incomplete store's record files are checked for what they claim."""
+    complete = manifest["complete"]
+    for s in range(manifest["num_shards"]):
+        found = stored(s)
+        notes: list[str] = []
+        if complete:
+            rec = manifest["shards"].get(f"{s:06d}")
+            if rec is None:
+                yield ShardCheck(s, None, [f"shard {s}: the manifest claims the store is complete but has no record "
+                                           "of this shard"], False)
+                continue
+            if found is not None and found != rec:
+                notes.append(f"shard {s}: completion record {RECORDS_DIR}/{s:06d}.json differs from the manifest's")
+        else:
+            rec = found
+            if rec is None:
+                yield ShardCheck(s, None, [f"shard {s}: not written (no completion record {RECORDS_DIR}/{s:06d}.json)"],
+                                 False)
+                continue
+        problems = list(record_lines(manifest, s, rec, size_of, sha256_ok))
+        yield ShardCheck(s, rec, notes + problems, not problems)
 
 
 def record_problem(path: Path, manifest: dict, s: int, rec: Any, *, deep: bool = False) -> str | None:

@@ -22,6 +22,14 @@ against its sha256:
   a reader in another process (loader workers and ranks of one machine share the cache).
   Whole objects, not zarr's byte ranges (zarr.storage.FsspecStore): a zarr shard's chunks carry
   no checksum (zarr_store.check_file_once), so only a whole object's sha256 can be checked.
+- Checked when: opening a store URL lists it once (kept on the reader's RemoteSource) and reads
+  the manifest (an incomplete store's record objects too, fetched in one concurrent call); every
+  recorded object must be listed with its recorded size. Train and evaluate then check it before
+  their first step without downloading any shard payload (`verify.check_against`): the records
+  against the manifest (`manifest.store_records`, the same lines as a local store's verify),
+  sizes from that listing, the identity, and zarr's keys objects. Each object's sha256 is
+  checked when a read downloads it, before any of its bytes are used. `enspipe verify URL`
+  downloads and hashes every object and decodes every shard.
 
 Endpoint and credentials: fsspec's configuration and the usual environment (`AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, ...). Every remote call has a bounded timeout (`ENSPIPE_REMOTE_TIMEOUT`
@@ -30,6 +38,7 @@ seconds, default 10, few retries); every failure is one StoreError line naming t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -38,7 +47,8 @@ from typing import Any, Iterator
 
 from enspipe.util.errors import StoreError
 
-__all__ = ["Remote", "cache_settings", "check_remote_root", "is_url", "join", "local_path", "open_remote"]
+__all__ = ["Remote", "cache_settings", "check_remote_root", "fetch_records", "is_url", "join", "local_path",
+           "open_remote"]
 
 MANIFEST = "manifest.json"
 RECORDS = "shards"
@@ -134,13 +144,40 @@ class Remote:
         self.url = url.rstrip("/")
         self.fs, self.root = _fs(self.url)
         self.root = self.root.rstrip("/")
+        # s3fs asks for an object's size (a HEAD) before every whole-object GET, to split large
+        # ones into concurrent ranges; the objects `cat` fetches are small (records, manifests,
+        # shard objects up to remote_cache's in-memory bound): one GET each.
+        params = inspect.signature(self.fs._cat_file).parameters if hasattr(self.fs, "_cat_file") else {}
+        self._one_get: dict[str, Any] = {"max_concurrency": 1} if "max_concurrency" in params else {}
 
     def _p(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
     def cat(self, rel: str) -> bytes:
         with _calling(join(self.url, rel), "read"):
-            return self.fs.cat_file(self._p(rel))
+            return self.fs.cat_file(self._p(rel), **self._one_get)
+
+    def cat_many(self, rels: list[str]) -> dict[str, bytes | None]:
+        """{name: bytes, or None when there is no such object} of many objects, in one call:
+        concurrent on async filesystems (s3fs, gcsfs: fsspec's `cat` of a list gathers the GETs,
+        1,280 at a time), one by one on others. Any other failure is one StoreError line naming
+        the first object that failed."""
+        if not rels:
+            return {}
+        paths = {self._p(rel): rel for rel in rels}
+        with _calling(self.url, "read objects of"):
+            got = self.fs.cat(list(paths), on_error="return", **self._one_get)
+        out: dict[str, bytes | None] = {}
+        for path, rel in paths.items():
+            value = got.get(path, FileNotFoundError(path))
+            if isinstance(value, FileNotFoundError):
+                out[rel] = None
+            elif isinstance(value, BaseException):
+                with _calling(join(self.url, rel), "read"):
+                    raise value
+            else:
+                out[rel] = value
+        return out
 
     def exists(self, rel: str) -> bool:
         with _calling(join(self.url, rel), "reach"):
@@ -230,38 +267,37 @@ def existing_remote_manifest(url: str) -> dict | None:
     return read_remote_manifest(url) if Remote(url).exists(MANIFEST) else None
 
 
+def fetch_records(r: Remote, manifest: dict, sizes: dict[str, int]) -> dict[int, Any]:
+    """{shard: its completion record object parsed, None when it cannot be parsed} of every record
+    object the listing `sizes` holds, fetched in one concurrent call (`Remote.cat_many`): ~1,250
+    records of an ImageNet store in one round of GETs, not one after another."""
+    names = {}
+    for name in sizes:
+        m = re.fullmatch(rf"{RECORDS}/(\d{{6}})\.json", name)
+        if m and int(m.group(1)) < manifest["num_shards"]:
+            names[name] = int(m.group(1))
+    out: dict[int, Any] = {}
+    for name, raw in r.cat_many(sorted(names)).items():
+        if raw is None:
+            continue  # removed since the listing: no record
+        try:
+            out[names[name]] = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):  # bad UTF-8 or JSON, nested too deeply: as a local read_record
+            out[names[name]] = None
+    return out
+
+
 def _records(r: Remote, manifest: dict, sizes: dict[str, int] | None = None) -> dict[int, dict]:
     """The valid completion records: the manifest's once complete, else the record objects whose
-    shard objects all exist with their recorded sizes (one listing of the store, or `sizes`)."""
-    from .manifest import schema_errors, shard_range
+    shard objects all exist with their recorded sizes (`manifest.store_records`, as a local
+    store's; one listing of the store, or `sizes`; the records fetched in one call)."""
+    from .manifest import store_records
 
     if manifest["complete"]:
         return {int(k): v for k, v in manifest["shards"].items()}
     sizes = r.sizes() if sizes is None else sizes
-    out = {}
-    for name in sorted(sizes):
-        m = re.fullmatch(rf"{RECORDS}/(\d{{6}})\.json", name)
-        if not m:
-            continue
-        s = int(m.group(1))
-        try:
-            rec = json.loads(r.cat(name))
-        except (StoreError, ValueError):
-            continue
-        if (s < manifest["num_shards"] and not schema_errors(rec, "manifest.v1.json", ref="shard_record")
-                and rec["shard"] == s and (rec["start"], rec["stop"]) == shard_range(manifest, s)
-                and all(sizes.get(rel) == meta["bytes"] for rel, meta in rec["files"].items())):
-            out[s] = rec
-    return out
-
-
-def _size_problems(sizes: dict[str, int], rec: dict, s: int) -> Iterator[str]:
-    for rel, meta in sorted(rec["files"].items()):
-        have = sizes.get(rel)
-        if have is None:
-            yield f"shard {s}: missing object {rel}"
-        elif have != meta["bytes"]:
-            yield f"shard {s}: object {rel} is {have} bytes but was written with {meta['bytes']} (truncated or replaced)"
+    stored = fetch_records(r, manifest, sizes)
+    return {c.shard: c.rec for c in store_records(manifest, stored.get, sizes.get) if c.ok}
 
 
 def open_remote(url: str, **kw: Any):

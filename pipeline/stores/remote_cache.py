@@ -73,9 +73,13 @@ class RemoteSource:
     evict if the cap needs it, download what is missing, check it, mark it.
     """
 
-    def __init__(self, url: str, mirror: Path, cap_bytes: int) -> None:
+    def __init__(self, url: str, mirror: Path, cap_bytes: int, *, listing: dict[str, int] | None = None) -> None:
         self.url, self.mirror, self.cap_bytes = url, Path(mirror), int(cap_bytes)
+        # The store's listing ({object: bytes}) open_remote made, for the trainer's check of the
+        # store (`remote_read.verify_remote`) without a second one; not carried to other processes.
+        self.listing = listing
         self._remote: Remote | None = None
+        self._remote_pid = 0
         self._here_: _Here | None = None
 
     def __reduce__(self) -> tuple:
@@ -83,8 +87,10 @@ class RemoteSource:
 
     @property
     def remote(self) -> Remote:
-        if self._remote is None:
-            self._remote = Remote(self.url)
+        # One per process: an fsspec async filesystem (s3fs) refuses to run in a forked child (a
+        # loader worker downloads the shards its reads need), so a child makes its own.
+        if self._remote is None or self._remote_pid != os.getpid():
+            self._remote, self._remote_pid = Remote(self.url), os.getpid()
         return self._remote
 
     def _here(self) -> _Here:

@@ -15,7 +15,7 @@ from typing import Any
 
 from enspipe.util.errors import StoreError
 
-from .remote import MANIFEST, Remote, _records, _size_problems, cache_settings, join, read_remote_manifest
+from .remote import MANIFEST, Remote, _records, cache_settings, fetch_records, join, read_remote_manifest
 from .remote_cache import RemoteSource
 
 __all__ = ["RemoteSource", "find_remote_stores", "open_remote", "remote_info", "verify_remote"]
@@ -37,8 +37,13 @@ def _mirror_dir(url: str, manifest: dict, cache_dir: Path) -> Path:
 
 def open_remote(url: str, *, allow_incomplete: bool = False, cache_dir: str | os.PathLike | None = None,
                 cache_bytes: int | None = None, check_objects: bool = True):
-    """The backend's reader of a store URL, running on its local mirror (see the module doc)."""
-    from .manifest import RECORDS_DIR, write_json_atomic
+    """The backend's reader of a store URL, running on its local mirror (see the module doc).
+
+    Requests: one listing of the store (kept as `reader.source.listing`: the trainer's check uses
+    it, `verify_remote`), the manifest, and for an incomplete store its record objects, fetched in
+    one concurrent call; a complete store's records are its manifest's. `check_objects`: every
+    recorded object is in the listing with its recorded size (no object is downloaded)."""
+    from .manifest import RECORDS_DIR, record_lines, write_json_atomic
     from .registry import get_backend
 
     url = url.rstrip("/")
@@ -52,7 +57,8 @@ def open_remote(url: str, *, allow_incomplete: bool = False, cache_dir: str | os
     if manifest["complete"] and check_objects:
         for s in range(manifest["num_shards"]):
             rec = records.get(s)
-            problem = "no record in the manifest" if rec is None else next(_size_problems(sizes, rec, s), None)
+            problem = ("no record in the manifest" if rec is None
+                       else next(record_lines(manifest, s, rec, sizes.get), None))
             if problem:
                 raise StoreError(f"store {url} is damaged ({problem}); delete it and re-run precompute.")
     default_dir, default_cap = cache_settings()
@@ -73,7 +79,7 @@ def open_remote(url: str, *, allow_incomplete: bool = False, cache_dir: str | os
             shutil.rmtree(tmp, ignore_errors=True)
     write_json_atomic(mirror / MANIFEST, manifest, indent=2)  # the manifest may have been completed since
     reader = get_backend(manifest["format"]).Reader(mirror, manifest, records)
-    reader.source = RemoteSource(url, mirror, cache_bytes if cache_bytes is not None else default_cap)
+    reader.source = RemoteSource(url, mirror, cache_bytes if cache_bytes is not None else default_cap, listing=sizes)
     return reader
 
 
@@ -81,27 +87,40 @@ def open_remote(url: str, *, allow_incomplete: bool = False, cache_dir: str | os
 
 
 def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
-    """(problems, shards checked) of a store URL or of a reader `open_remote` made. Deep: every
-    object sha256-checked and decoded; for a URL (`enspipe verify`) downloaded again, not taken
-    from the cache; for a reader (the trainer's check) cached copies, checked when they were
-    downloaded, are kept, so the ranks on one node share one download."""
-    from .manifest import RECORDS_DIR, sha256_matches
+    """(problems, shards checked) of a store URL or of a reader `open_remote` made: the same lines
+    as a local store's `verify_store` (`manifest.store_records`), files' sizes taken from the
+    store's listing, the record objects fetched in one concurrent call.
+
+    Shallow (a reader: what train and evaluate check before their first step, `check_against`):
+    manifest, records against it, every object's size, all from the listing `open_remote` made
+    and the records: no object is downloaded. Each object's sha256 is checked when a read
+    downloads it (`RemoteSource`), so a corrupt object still never feeds a read: that read fails,
+    naming the object. Deep (`enspipe verify URL`): also every object downloaded again, not taken
+    from the cache, sha256-checked and decoded; for a reader, its cached copies (checked when they
+    were downloaded) are kept, so the ranks on one node share one download."""
+    from .manifest import sha256_matches, store_records
     from .registry import get_backend
 
     fresh = isinstance(target, str)
     if fresh:
+        url = target.rstrip("/")
+        r = Remote(url)
         try:
-            manifest = read_remote_manifest(target)
+            sizes = r.sizes()
+            manifest = read_remote_manifest(url, sizes)
         except StoreError as exc:
             return [f"manifest: {exc}"], 0
-        reader = open_remote(target, allow_incomplete=True, check_objects=False) if deep else None
-        url = target.rstrip("/")
     else:
-        reader, manifest, url = target, target.manifest, target.source.url
-    r = Remote(url)
-    sizes = r.sizes()
-    complete = manifest["complete"]
-    remote_records = _records(r, {**manifest, "complete": False}, sizes)
+        reader, manifest, url, r = target, target.manifest, target.source.url, target.source.remote
+        sizes = target.source.listing
+        if sizes is None:  # a reader rebuilt in another process: list once more
+            sizes = r.sizes()
+    try:
+        stored = fetch_records(r, manifest, sizes)
+    except StoreError as exc:  # a record that cannot be read (denied, archived, unreachable): one line naming it
+        return [f"records: {exc}"], 0
+    if deep and fresh:
+        reader = open_remote(url, allow_incomplete=True, check_objects=False)
     problems: list[str] = []
     checked = written = 0
     if deep:
@@ -115,22 +134,11 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
                 src.count_eviction(fd)
         # Shards download ahead of the checks (hashing and decoding one while the next arrive).
         src.prefetch(reader.records, sorted(reader.records), reader.records)
-    for s in range(manifest["num_shards"]):
-        if complete:
-            rec = manifest["shards"].get(f"{s:06d}")
-            if rec is None:
-                problems.append(f"shard {s}: the manifest claims the store is complete but has no record of this shard")
-                continue
-            if f"{RECORDS_DIR}/{s:06d}.json" in sizes and remote_records.get(s) not in (None, rec):
-                problems.append(f"shard {s}: completion record {RECORDS_DIR}/{s:06d}.json differs from the manifest's")
-        else:
-            rec = remote_records.get(s)
-            if rec is None:
-                problems.append(f"shard {s}: not written (no valid completion record {RECORDS_DIR}/{s:06d}.json)")
-                continue
-        checked += 1
-        found = list(_size_problems(sizes, rec, s))
-        if not found and deep:
+    for shard in store_records(manifest, stored.get, sizes.get):
+        s, rec, found = shard.shard, shard.rec, list(shard.lines)
+        if rec is not None:
+            checked += 1
+        if shard.ok and deep:
             try:
                 with src.local({s: rec}, [s], reader.records):
                     # A download was hashed as it arrived (fresh: every file); a cached copy this
@@ -143,20 +151,21 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
                 found.append(f"shard {s}: {exc}")
             except Exception as exc:  # any decoder failure is a finding, not a crash
                 found.append(f"shard {s}: unreadable ({exc})")
-        if not found:
+        if shard.ok and len(found) == len(shard.lines):
             written += 1
         problems += found
-    if not complete:
+    if not manifest["complete"]:
         problems.insert(0, f"store is incomplete: {written} of {manifest['num_shards']} shards written; "
                            "re-run precompute to finish it")
     return problems, checked
 
 
 def remote_info(url: str) -> dict:
-    """What `enspipe ls` shows of a store URL: manifest, records, bytes stored."""
+    """What `enspipe ls` shows of a store URL: manifest, records, bytes stored (one listing)."""
     r = Remote(url)
-    manifest = read_remote_manifest(url)
-    return {"manifest": manifest, "records": _records(r, manifest), "bytes": sum(r.sizes().values())}
+    sizes = r.sizes()
+    manifest = read_remote_manifest(url, sizes)
+    return {"manifest": manifest, "records": _records(r, manifest, sizes), "bytes": sum(sizes.values())}
 
 
 def find_remote_stores(root: str) -> list[str]:

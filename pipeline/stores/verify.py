@@ -15,7 +15,7 @@ from pathlib import Path
 from enspipe.util.errors import StoreError
 
 from .base import StoreReader
-from .manifest import RECORDS_DIR, read_manifest, read_record, record_problems
+from .manifest import local_sizes, read_manifest, read_record, sha256_matches, store_records
 from .registry import get_backend
 from .remote import is_url, local_path
 
@@ -23,21 +23,44 @@ __all__ = ["VerifyReport", "check_against", "verify_store"]
 
 
 def check_against(reader: StoreReader, dataset: object) -> None:
-    """Refuse, before any work reads it, a store that is corrupt or does not hold `dataset`'s
-    samples (a `SampleSource`): every checksum (one read of the store: a corrupt store must never
-    feed wrong directions silently), the identity (fingerprint -- naming what differs --,
-    geometry, N, classes), and the keys that bind each shard to its samples (a zarr shard copied
-    over another, records and all, passes the checksums but fails here). What train and
-    evaluate both do with a store."""
-    report = verify_store(reader)
+    """Refuse, before any work reads it, a store that is damaged or does not hold `dataset`'s
+    samples (a `SampleSource`): what train and evaluate both do with a store.
+
+    A local store: every checksum (one read of the store: a corrupt store must never feed wrong
+    directions silently), the identity (fingerprint -- naming what differs --, geometry, N,
+    classes), and the keys that bind each shard to its samples (a zarr shard copied over
+    another, records and all, passes the checksums but fails here).
+
+    A store URL: what needs no shard object's bytes -- the manifest, the records against it and
+    every object's size (open_remote's one listing and the records, fetched at once:
+    `verify_remote`), the identity, and the keys (zarr: every shard's small keys object, fetched
+    concurrently into the cache). Each object's sha256 is checked as a read downloads it
+    (`remote_cache`), before any of its bytes are used: a corrupt object stops the run at the read
+    that fetches it, one line naming the object, and never feeds a direction. Downloading and
+    hashing the whole store here (tens of GB for ImageNet, on every node, evicted again when the
+    cache cap is smaller than the store) would add nothing to that. A wds tar holds its keys
+    beside its directions: its `.idx` members bind each sample to its index on every decode (a
+    tar copied over another fails its first read), and the identity's fingerprint covers the
+    dataset's keys, so its tars are not downloaded here. `enspipe verify URL` downloads and
+    hashes everything."""
+    remote = reader.source is not None
+    report = verify_store(reader, deep=not remote)
     if not report.ok:
-        raise StoreError(f"store {reader.path} failed verification: {report.problems[0]}"
+        raise StoreError(f"store {reader.path if not remote else reader.source.url} failed verification: "
+                         f"{report.problems[0]}"
                          + (f" (and {len(report.problems) - 1} more problems)" if len(report.problems) > 1 else "")
                          + "; run enspipe verify for details")
     reader.check_compatible(fingerprint=dataset.fingerprint, geometry=dataset.geometry.shape,  # type: ignore[attr-defined]
                             num_samples=len(dataset), num_classes=dataset.num_classes,  # type: ignore[attr-defined, arg-type]
                             dataset=dataset)
-    reader.check_keys(0, len(dataset), dataset.keys)  # type: ignore[attr-defined, arg-type]
+    if not remote:
+        reader.check_keys(0, len(dataset), dataset.keys)  # type: ignore[attr-defined, arg-type]
+        return
+    shards = sorted(reader.records)
+    if all(set(reader._key_files(s)) < set(reader.records[s]["files"]) for s in shards):
+        # Every shard's keys object at once (the cache's download pool), then compared shard by shard.
+        with reader.source.local(reader.records, shards, reader.records, only=reader._key_files):
+            reader.check_keys(0, len(dataset), dataset.keys)  # type: ignore[attr-defined, arg-type]
 
 
 @dataclass
@@ -56,6 +79,9 @@ def verify_store(path: str | os.PathLike | StoreReader, *, deep: bool = True) ->
 
     Given a reader (`open_store`'s handle), its manifest, read and schema-checked when it was
     opened, is used instead of reading it again; everything else is checked as for a path.
+    A store URL or its reader: `remote_read.verify_remote`, the same problem lines (records
+    against the manifest: `manifest.store_records`), sizes from the store's listing; not deep,
+    it downloads no shard object.
     """
     target = local_path(path)
     if is_url(target) or (isinstance(target, StoreReader) and target.source is not None):
@@ -76,33 +102,18 @@ def verify_store(path: str | os.PathLike | StoreReader, *, deep: bool = True) ->
     complete = manifest["complete"]
     checked = written = 0
     shard_lines: list[str] = []
-    for s in range(manifest["num_shards"]):
-        on_disk = read_record(path, s)
-        if complete:
-            rec = manifest["shards"].get(f"{s:06d}")
-            if rec is None:
-                shard_lines.append(
-                    f"shard {s}: the manifest claims the store is complete but has no record of this shard"
-                )
-                continue
-            if on_disk is not None and on_disk != rec:
-                shard_lines.append(
-                    f"shard {s}: completion record {RECORDS_DIR}/{s:06d}.json differs from the manifest's"
-                )
-        else:
-            rec = on_disk
-            if rec is None:
-                shard_lines.append(f"shard {s}: not written (no completion record {RECORDS_DIR}/{s:06d}.json)")
-                continue
-        checked += 1
-        found = list(record_problems(path, manifest, s, rec, deep=deep))
-        if not found:
+    sha = (lambda rel, sha256: sha256_matches(path / rel, sha256)) if deep else None
+    for shard in store_records(manifest, lambda s: read_record(path, s), local_sizes(path), sha):
+        found = shard.lines
+        if shard.rec is not None:
+            checked += 1
+        if shard.ok:
             written += 1
             if deep and not problems:
                 try:
-                    backend.check_shard(path, manifest, s, rec)
+                    backend.check_shard(path, manifest, shard.shard, shard.rec)
                 except Exception as exc:  # any decoder failure is a finding, not a crash
-                    found.append(f"shard {s}: unreadable ({exc})")
+                    found = [*found, f"shard {shard.shard}: unreadable ({exc})"]
         shard_lines += found
     if not complete:
         problems.append(

@@ -202,6 +202,11 @@ class ZarrReader(StoreReader):
         # A store URL's reader of directions (the trainer) downloads this one object per shard.
         return [shard_file("direction", s, NDIMS["direction"])]
 
+    def _key_files(self, s: int) -> list[str]:
+        # A store URL's check of the keys (the trainer's, before its first step) downloads this
+        # small object per shard, not the shard's arrays.
+        return [keys_file(s)]
+
     def _read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         self._verify(ARRAYS, start, stop)
         return {name: np.asarray(self._arrays[name][start:stop]) for name in ARRAYS}
