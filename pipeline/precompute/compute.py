@@ -25,10 +25,10 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
+from enspipe.data.loader import ChunkLoader, batch_spans, batch_to_device, chunk_size, default_workers, gather, spans_of
 from enspipe.util.errors import EnspipeError
 from enspipe.precision import Precision
 
-from .loader import ChunkLoader, batch_spans, batch_to_device, chunk_size, default_workers, gather, spans_of
 from .plan import ShardJob, _open_inputs
 from .sink import BatchDone, ShardBegin, ShardEnd, ShardSink, max_batches_for
 
