@@ -90,6 +90,14 @@ def _evaluate(setup: dict, root: Path, workers: int, out: Path, *more):
     return proc.returncode, *outputs(proc), holders
 
 
+def error_line(stderr: str) -> str:
+    """The failed command's one error line: its last line on stderr, with no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("enspipe: error: "), stderr
+    return lines[-1]
+
+
 @pytest.fixture(scope="module")
 def results(setup) -> dict[int, dict]:
     out = {}
@@ -113,8 +121,6 @@ def test_errors_equal_a_plain_loop_over_pil_images_with_any_worker_count(setup, 
 
 
 def test_a_corrupt_jpeg_is_one_line_naming_it_and_leaves_no_worker(setup, tmp_path):
-    from reliability.processes import error_line
-
     broken = tmp_path / "broken"
     shutil.copytree(setup["root"], broken)
     victim = sorted((broken / "val" / "class002").iterdir())[4]  # sample 22: the second batch
@@ -128,9 +134,28 @@ def test_a_corrupt_jpeg_is_one_line_naming_it_and_leaves_no_worker(setup, tmp_pa
 
 
 def test_nvjpeg_without_cuda_is_one_line_naming_the_option(setup, tmp_path):
-    from reliability.processes import error_line
-
     rc, _, err, _ = _evaluate(setup, setup["root"], 0, tmp_path / "out", "--decoder", "nvjpeg")
     assert rc != 0
     line = error_line(err)
     assert "--decoder nvjpeg" in line and "CUDA" in line, line  # the field, as the CLI names it
+
+
+def test_the_new_options_keep_the_job_keys_of_existing_evaluate_steps(tmp_path):
+    """loader_workers is runtime-only (a step with it keeps the key it had before the option existed:
+    the one tests/jobs/test_job_store_keys.py pins); decoder, which can change the pixels, is part of
+    the key once it is written."""
+    from enspipe.jobs import load_job, resolve_keys
+
+    spec = ('[job]\nname = "keys"\n[data]\ndataset = "digits"\ntrain_limit = 256\ntest_limit = 64\n'
+            '[models.static]\narch = "D"\nseed = 1\n[stores.static_test]\nmodel = "static"\nattack = "fgsm"\n'
+            'split = "test"\n[models.cand]\narch = "D"\n[evaluate.main]\ntargets = ["cand", "static"]\n'
+            'attacks = ["fgsm"]\nsource_stores = ["static_test"]\nwhitebox_stores = ["static_test"]\n')
+    keys = {}
+    for name, extra in (("plain", ""), ("workers", "loader_workers = 3\n"), ("decoder", 'decoder = "nvjpeg"\n')):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(spec + extra)
+        job = load_job(path)
+        resolve_keys(job)
+        keys[name] = next(s.key for s in job.steps if s.id == "evaluate.main")
+    assert keys["plain"][:16] == "031df26b54019978"  # the key before both options existed
+    assert keys["workers"] == keys["plain"] and keys["decoder"] != keys["plain"]
