@@ -117,3 +117,17 @@ def test_a_corrupt_jpeg_ends_batches_with_the_files_line_and_no_workers_left(tmp
             pass
     assert str(victim) in str(e.value) and "\n" not in str(e.value)
     assert _children() <= before
+
+
+def test_batches_through_the_device_path_keep_the_order_and_the_labels(jpegs, oracle):
+    """With a loader whose workers only read the bytes (the path `decoder` nvjpeg takes on CUDA), the
+    batch is decoded where x goes (here torchvision's CPU decode, the device path's fallback): the same
+    batches and labels, the pixels within a few levels of PIL's (the device path's stated tolerance)."""
+    x_want, y_want = oracle
+    ds = create_dataset(f"imagefolder:{jpegs}", image_size=SIZE)
+    with ChunkLoader(ds, 2, encoded=True) as loader:
+        got = list(batches(ds, 16, CPU, loader=loader))
+    assert [sl for sl, _, _ in got] == [slice(0, 16), slice(16, 32), slice(32, 40)]
+    assert torch.equal(torch.cat([y for _, _, y in got]), y_want)
+    diff = (torch.cat([x for _, x, _ in got]) - x_want).abs() * 255
+    assert diff.mean() < 0.5 and diff.max() <= 4.01, (float(diff.mean()), float(diff.max()))
