@@ -9,6 +9,9 @@ Random attacks get a generator seeded by (seed, batch), so every target sees the
 x_adv from a source. Errors come with 95% Wilson intervals; top-5 is added when K > 10.
 Each attack runs with its defaults (see `enspipe.attacks`) unless `attack_options` sets a
 parameter ("rand_fgsm.alpha=0.05"); results.json records every parameter of every attack.
+The batches come from `enspipe.data.loader.batches`: decoded ahead by `loader_workers` processes
+(or on the device, where `decoder` resolves to nvjpeg; results.json records which), never here
+image by image; the counts do not depend on the worker count.
 """
 from __future__ import annotations
 

@@ -74,7 +74,8 @@ MUTATIONS = [
              "        spans = batch_spans(0, len(data), batch_size)\n",
              "        spans = batch_spans(0, len(data) - len(data) % batch_size, batch_size)\n",
              ("tests/evaluate/test_evaluate_loader.py::test_errors_equal_a_plain_loop_over_pil_images_with_any_worker_count",
-              "tests/data/test_loader.py::test_batches_are_the_pil_images_in_order_whatever_the_workers")),
+              "tests/data/test_loader.py::test_batches_are_the_pil_images_in_order_whatever_the_workers",
+              "tests/diagnostics/test_diagnose_loader.py::test_diagnose_measures_the_pil_images_and_labels")),
     Mutation("loader-chunks-out-of-order", "a batch's chunks from several loader workers come back in another order "
              "than its labels (images paired with other samples' labels)",
              "pipeline/data/loader.py",
