@@ -218,9 +218,10 @@ def _to_float_table(device: torch.device) -> torch.Tensor:
     return _TABLES[key]
 
 
-def to_device(chunks: Sequence[torch.Tensor], device: torch.device, *, channels_last: bool = False) -> torch.Tensor:
+def to_device(chunks: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """One batch: its uint8 chunks copied into one device tensor (non-blocking from pinned
-    memory), then float32 in [0, 1], equal bit for bit to `SampleSource.images`."""
+    memory), then float32 in [0, 1], equal bit for bit to `SampleSource.images`. Contiguous: a
+    run's memory format is its `Precision`'s (`memory_format`), the one place that decides it."""
     import torch
 
     n = sum(len(c) for c in chunks)
@@ -232,23 +233,18 @@ def to_device(chunks: Sequence[torch.Tensor], device: torch.device, *, channels_
         for c in chunks:
             u8[off:off + len(c)].copy_(c, non_blocking=True)
             off += len(c)
-    x = _to_float_table(device)[u8.int()]
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return _to_float_table(device)[u8.int()]
 
 
-def batch_to_device(chunks: Sequence, device: torch.device, dataset=None, *, channels_last: bool = False
-                    ) -> torch.Tensor:
+def batch_to_device(chunks: Sequence, device: torch.device, dataset=None) -> torch.Tensor:
     """`to_device` of a batch's chunks, which are `EncodedChunk`s when the loader is `encoded`:
     then its JPEGs are decoded, resized and cropped on `device` first (`dataset` says how)."""
     from enspipe.data.decode import EncodedChunk, decode_batch
 
     if not chunks or not isinstance(chunks[0], EncodedChunk):
-        return to_device(chunks, device, channels_last=channels_last)
-    import torch
-
+        return to_device(chunks, device)
     u8 = decode_batch(chunks, dataset.device_transform(), dataset.geometry.shape, device, dataset.decode_error)
-    x = _to_float_table(device)[u8.int()]
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return _to_float_table(device)[u8.int()]
 
 
 def gather(chunks: Iterator[torch.Tensor], n: int) -> list[torch.Tensor]:

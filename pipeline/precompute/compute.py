@@ -166,7 +166,7 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
                                 else None,
                                 true_label=dataset.labels[start:stop] if keep else None))
             for b, e in batches[s, id(job)]:
-                x = batch_to_device(gather(chunks, e - b), device, dataset, channels_last=precision.channels_last)
+                x = precision.memory_format(batch_to_device(gather(chunks, e - b), device, dataset))
                 y = torch.from_numpy(dataset.labels[b:e]).to(device) if job.label == "true" else None
                 sink.put(compute_batch(model, InputBatch(b - start, x, y), job, precision, host_copy))
             sink.put(ShardEnd(s))

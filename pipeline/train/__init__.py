@@ -269,8 +269,7 @@ def prepare_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, wor
     if not isinstance(model, EnsModel):  # "binarized:SPEC" is an evaluation baseline, not a trainable model
         raise OptionError("model", f"{cfg.model} cannot be trained; name a model, run dir or checkpoint")
     precision = Precision.resolve(cfg.precision, device)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    precision.prepare_model(model)  # channels_last where the precision says so (Precision decides it, once)
     optimizer = _make_optimizer(cfg, model)
     # fp16 needs loss scaling (its gradients underflow); bf16 has fp32's range and does not.
     scaler = precision.grad_scaler()
