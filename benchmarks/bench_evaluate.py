@@ -2,7 +2,8 @@
 
     python benchmarks/bench_evaluate.py            # 512 ImageNet-like JPEGs (400-500 px -> 256 -> crop 224), 3 rounds
     python benchmarks/bench_evaluate.py --quick --no-md --out OUT   # the CI smoke run (seconds)
-    python benchmarks/bench_evaluate.py --markdown-from benchmarks/results/bench_evaluate.json  # the section again
+    python benchmarks/bench_evaluate.py --markdown-from benchmarks/results/bench_evaluate.json \
+        --also benchmarks/results/bench_evaluate_loaded.json    # BENCHMARKS.md's section again, from the results
 
 Sides, in interleaved rounds (each round runs every side once, in a rotated order), median and range:
 
@@ -181,14 +182,24 @@ def markdown(res: dict, cmd: str, info: dict) -> str:
         share = {k: dec / s[f"{k}_w0"]["cpu_s"]["median"] for k in ("evaluate", "clean")}
         extra = {w: s[f"decode_w{w}"]["cpu_s"]["median"] - dec for w in res["workers"][1:]}
         lines.append(f"- What workers can win here is bounded by decode's share of the w0 run's CPU: decode_w0's CPU is "
-                     f"{100 * share['evaluate']:.0f}% of evaluate_w0's and {100 * share['clean']:.0f}% of clean_w0's. "
-                     "Handing the pixels between processes costs CPU of its own (decode's total CPU with workers "
-                     "minus without: " + ", ".join(f"{w} workers {x:+.2f} s" for w, x in extra.items()) +
-                     f" for {res['images']} images), and the loader workers only gain wall time where a core is "
-                     f"idle; this 2-core machine was shared (load {info['loadavg_start'][0]:.1f} at the start), so the "
-                     "wall-clock ratios above are within its noise or below 1. Beside a GPU the model costs the CPU "
-                     "nearly nothing and decode is the whole of it, which is why the per-worker rate above is the "
-                     "number to scale.")
+                     f"{100 * share['evaluate']:.0f}% of evaluate_w0's and {100 * share['clean']:.0f}% of clean_w0's, "
+                     f"so at most {1 / (1 - share['evaluate']):.2f}x and {1 / (1 - share['clean']):.2f}x even with "
+                     "a core idle for the workers. Handing the pixels between processes costs CPU of its own "
+                     "(decode's total CPU with workers minus without: "
+                     + ", ".join(f"{w} workers {x:+.2f} s" for w, x in extra.items()) +
+                     f" for {res['images']} images), and this 2-core machine was shared (load "
+                     f"{info['loadavg_start'][0]:.1f} at the start): the workers had what the other work left. Beside "
+                     "a GPU the model costs the CPU nearly nothing and decode is the whole of it, which is why the "
+                     "per-worker rate above is the number to scale.")
+    for other in res.get("also", []):
+        o, sp = other["sides"], other["speedup"]
+        lines.append(f"- The same command at another time (load {other['machine']['loadavg_start'][0]:.1f} at the "
+                     f"start, {other.get('date', '?')}; `{other['path']}`): "
+                     + ", ".join(f"{'clean + FGSM' if k.startswith('evaluate') else 'clean only'} {v:.2f}x"
+                                 for k, v in sp.items())
+                     + "; " + ", ".join(f"{k} {v['img_per_worker_cpu_s']['median']:.0f} img per worker CPU-s"
+                                        for k, v in o.items() if "img_per_worker_cpu_s" in v)
+                     + ". The wall-clock ratios move with the machine's load; the CPU-second rates far less.")
     return "\n".join(lines) + "\n"
 
 
@@ -205,9 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-md", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--markdown-from", default=None, metavar="JSON",
                     help="only write BENCHMARKS.md's section from a saved bench_evaluate.json")
+    ap.add_argument("--also", action="append", default=[], metavar="JSON",
+                    help="with --markdown-from: another saved run of the same command, summed up in one line")
     a = ap.parse_args(argv)
     if a.markdown_from:
         doc = json.loads(Path(a.markdown_from).read_text())
+        doc["also"] = [{**json.loads(Path(p).read_text()), "path": p} for p in a.also]
         update_section(REPO / "BENCHMARKS.md", HEADING, markdown(doc, doc["command"], doc["machine"]))
         return
     os.environ.setdefault("ENSPIPE_PROGRESS", "0")
