@@ -70,7 +70,7 @@ def _sides(ds, workdir: Path, cuda: bool = False):
     import torch
 
     from enspipe.data.decode import decode_batch
-    from enspipe.precompute.loader import encoded_chunk
+    from enspipe.data.loader import encoded_chunk
 
     n, cpu = len(ds), torch.device("cpu")
     transform, shape = ds.device_transform(), ds.geometry.shape

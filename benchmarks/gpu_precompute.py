@@ -54,7 +54,7 @@ def decode_all(ds, workers: int) -> tuple[Any, float]:
     """Every image of `ds` as uint8 through precompute's own loader; (pixels, images/s)."""
     import torch
 
-    from enspipe.precompute.loader import ChunkLoader, chunk_size
+    from enspipe.data.loader import ChunkLoader, chunk_size
 
     spans = [(a, min(a + chunk_size(256, workers), len(ds))) for a in range(0, len(ds), chunk_size(256, workers))]
     with ChunkLoader(ds, workers) as loader:
@@ -213,7 +213,7 @@ def measure(opts, env: dict[str, Any]) -> dict[str, Any]:
     from enspipe.models import load_model
     from enspipe.precision import Precision
     from enspipe.precompute import PrecomputeConfig
-    from enspipe.precompute.loader import default_workers
+    from enspipe.data.loader import default_workers
 
     log: Callable[[str], None] = env["log"]
     device, work = env["device"], Path(env["work"]) / "precompute"

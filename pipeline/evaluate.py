@@ -9,9 +9,13 @@ Random attacks get a generator seeded by (seed, batch), so every target sees the
 x_adv from a source. Errors come with 95% Wilson intervals; top-5 is added when K > 10.
 Each attack runs with its defaults (see `enspipe.attacks`) unless `attack_options` sets a
 parameter ("rand_fgsm.alpha=0.05"); results.json records every parameter of every attack.
+The batches come from `enspipe.data.loader.batches`: decoded ahead by `loader_workers` processes
+(or on the device, where `decoder` resolves to nvjpeg; results.json records which), never here
+image by image; the counts do not depend on the worker count.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -27,6 +31,8 @@ from enspipe.util._callable import callable_stage
 from enspipe.config import OptionError, config_to_dict
 from enspipe.configs.evaluate import EvalConfig
 from enspipe.data import create_dataset
+from enspipe.data.decode import device_decoder, resolve_decoder
+from enspipe.data.loader import batches, default_workers
 from enspipe.models import BINARIZED_MASKED_PREFIX, BINARIZED_PREFIX, check_weights, load_model_for
 from enspipe.util.naming import model_label, unique_labels
 from enspipe.paths import check_output
@@ -78,8 +84,10 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
     bare = check_weights({"models": cfg.models, "binarized": cfg.binarized, "binarized_masked": cfg.binarized_masked,
                           "sources": cfg.sources}, weights=cfg.weights, pretrained=cfg.pretrained)
     device = resolve_device(cfg.device)
+    resolve_decoder(cfg.decoder, device)  # nvjpeg without CUDA: one line, before any model is loaded
     data = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
                           image_size=cfg.image_size)
+    workers = cfg.loader_workers if cfg.loader_workers is not None else default_workers(data, spare=1)
     # Two runs in folders of the same name (seed0/C, seed1/C) get the path suffix that tells them apart.
     labels = unique_labels(_unwrapped(s) for s in [*target_specs, *cfg.sources])
 
@@ -136,42 +144,42 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
     # redirected evaluate says at once what it does and how long it will take.
     log_line(f"evaluate: {len(data)} samples in {nb} batch(es) of {cfg.batch_size}; {len(targets)} model(s), "
              f"{len(sources)} source(s), attacks {', '.join(cfg.attacks)}")
-    for b in bar:
-        if b == 1 and _progress_mode() == "lines":
-            log_line(bar.line())
-        sl = slice(b * cfg.batch_size, min(len(data), (b + 1) * cfg.batch_size))
-        x = data.images(sl).to(device)
-        y = torch.as_tensor(data.labels[sl], device=device)
-        with torch.no_grad():
-            for t, m in targets.items():
-                clean[t].add(m(x), y)
-            for s, (reader, a, _) in stored.items():
-                d = torch.from_numpy(reader.read_directions(sl.start, sl.stop)).to(device=device, dtype=x.dtype)
-                x_adv = attacks.apply_direction(x, d, cfg.eps)
+    # The pixels are decoded ahead by loader processes (nvJPEG on the device where `decoder` says so), never
+    # one image at a time here: ImageNet's 50k JPEGs would keep the device waiting many times over.
+    with contextlib.closing(batches(data, cfg.batch_size, device, workers=workers, decoder=cfg.decoder)) as stream:
+        for b, (sl, x, y) in zip(bar, stream):
+            if b == 1 and _progress_mode() == "lines":
+                log_line(bar.line())
+            with torch.no_grad():
                 for t, m in targets.items():
-                    logits = m(x_adv)
-                    black[t][s][a].add(logits, y)
-                    if s == t:
-                        white[t][a].add(logits, y)
-            for s, (reader, a, _) in own.items():
-                if stored.get(s, (None, None))[1] != a:  # else counted above, as the source's diagonal
+                    clean[t].add(m(x), y)
+                for s, (reader, a, _) in stored.items():
                     d = torch.from_numpy(reader.read_directions(sl.start, sl.stop)).to(device=device, dtype=x.dtype)
-                    white[s][a].add(targets[s](attacks.apply_direction(x, d, cfg.eps)), y)
-        for a in cfg.attacks:
-            bar.set_postfix(attack=a)
-            started = time.perf_counter()
-            # Seeded per batch, fresh on every call: every target and source draws the same noise.
-            attack = built[a].with_seed(cfg.seed * 1_000_003 + b)
-            for t, m in targets.items():
-                x_adv = attack(m, x, y)
-                with torch.no_grad():
-                    white[t][a].add(m(x_adv), y)
-            for s, src in sources.items():
-                x_adv = attack(src, x, y)
-                with torch.no_grad():
+                    x_adv = attacks.apply_direction(x, d, cfg.eps)
                     for t, m in targets.items():
-                        black[t][s][a].add(m(x_adv), y)
-            spent[a] += time.perf_counter() - started
+                        logits = m(x_adv)
+                        black[t][s][a].add(logits, y)
+                        if s == t:
+                            white[t][a].add(logits, y)
+                for s, (reader, a, _) in own.items():
+                    if stored.get(s, (None, None))[1] != a:  # else counted above, as the source's diagonal
+                        d = torch.from_numpy(reader.read_directions(sl.start, sl.stop)).to(device=device, dtype=x.dtype)
+                        white[s][a].add(targets[s](attacks.apply_direction(x, d, cfg.eps)), y)
+            for a in cfg.attacks:
+                bar.set_postfix(attack=a)
+                started = time.perf_counter()
+                # Seeded per batch, fresh on every call: every target and source draws the same noise.
+                attack = built[a].with_seed(cfg.seed * 1_000_003 + b)
+                for t, m in targets.items():
+                    x_adv = attack(m, x, y)
+                    with torch.no_grad():
+                        white[t][a].add(m(x_adv), y)
+                for s, src in sources.items():
+                    x_adv = attack(src, x, y)
+                    with torch.no_grad():
+                        for t, m in targets.items():
+                            black[t][s][a].add(m(x_adv), y)
+                spent[a] += time.perf_counter() - started
     for a in cfg.attacks:
         errors = ", ".join(f"{t} {100 * white[t][a].result()['error']:.1f}%" for t in targets)
         log_line(f"evaluate {a}: {len(data)} samples in {spent[a]:.1f} s; white-box error {errors}"
@@ -180,6 +188,7 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
     for s, (_, a, _) in [*stored.items(), *own.items()]:
         params.setdefault(a, attacks.attack_params(a, eps=cfg.eps))
     results: dict[str, Any] = {"config": config_to_dict(cfg), "attack_params": params, "dataset": data.identity(),
+                               "decoder": device_decoder(cfg.decoder, device, data),  # what `auto` was
                                "versions": versions(), "models": {},
                                "stores": {s: rec for s, (_, _, rec) in [*own.items(), *stored.items()]}}
     for t in targets:

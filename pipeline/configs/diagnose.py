@@ -44,6 +44,9 @@ class DiagnoseConfig:
     seed: int = option(0, help="Seed of the random start and the random directions.")
     batch_size: int = option(256, minimum=1, help="Samples per forward/backward pass.")
     device: str = fields.device()
+    loader_workers: int | None = fields.loader_workers(
+        "Processes that decode the images ahead of the models (default: cores - 1 for imagefolder/wds, at "
+        "least 1; 0 decodes in the diagnosing process). The images are decoded by PIL.")
     weights: str | None = fields.weights("Weights of the one model given as a bare architecture name.")
     pretrained: bool = fields.pretrained("Hub weights for every model given as a bare architecture name "
                                          "(offline: from the hub cache).")

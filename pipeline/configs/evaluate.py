@@ -38,6 +38,11 @@ class EvalConfig:
     batch_size: int = option(256, minimum=1, help="Samples per batch.")
     seed: int = option(0, help="Seed of the random attacks' noise.")
     device: str = fields.device()
+    loader_workers: int | None = fields.loader_workers(
+        "Processes that decode the images ahead of the models (default: cores - 1 for imagefolder/wds, at "
+        "least 1: one core drives the device; 0 decodes in the evaluating process, as for in-memory sets).")
+    decoder: str = fields.decoder("images", "nvJPEG's pixels differ from PIL's by a few levels, and so may "
+                                  "the errors.")
     names: dict[str, str] = option(default_factory=dict, cli=False, job=False,
                                    help="model spec -> name shown in tables")
     weights: str | None = fields.weights("Weights of the one model given as a bare architecture name.")

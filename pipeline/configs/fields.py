@@ -12,7 +12,7 @@ from typing import Any
 from enspipe.attack_records import EPS_ABOVE, EPS_MAX, eps_number
 from enspipe.config import option
 
-__all__ = ["DECODERS", "data_root", "dataset", "decoder", "device", "eps", "image_size", "limit", "pretrained", "split", "weights"]
+__all__ = ["DECODERS", "data_root", "dataset", "decoder", "device", "eps", "image_size", "limit", "loader_workers", "pretrained", "split", "weights"]
 
 
 def _sources() -> str:
@@ -66,6 +66,13 @@ def decoder(what: str, tail: str) -> Any:
     return option("auto", choices=DECODERS, help=f"JPEG decode of imagefolder/wds {what}: auto (nvJPEG on a "
                   "CUDA device, batched, resized and cropped there, the loader workers only reading bytes; PIL "
                   f"elsewhere), cpu (PIL in the loader workers), or nvjpeg (CUDA only). {tail}")
+
+
+def loader_workers(help: str, default: int | None = None) -> Any:
+    """Processes that read (and decode) the data ahead of the device (precompute, train, evaluate,
+    diagnose: one vocabulary). How a run goes, never what it computes: `runtime`, so a job step's
+    key and `resume` ignore it. None: from the cores (`data.loader.default_workers`)."""
+    return option(default, minimum=0, runtime=True, help=help)
 
 
 def device() -> Any:

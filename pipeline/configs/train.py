@@ -76,8 +76,8 @@ class TrainConfig:
     seed: int = option(0, help="Seed of the data order, source draws, eps draws and initialisation.")
     block_size: int = option(256, minimum=1, help="Samples per contiguous read from the data and the stores.")
     buffer_blocks: int = option(8, minimum=1, help="Blocks shuffled together in memory.")
-    loader_workers: int = option(0, minimum=0, runtime=True, help="DataLoader worker processes that read, decode and "
-                                 "augment batches ahead of the step.")
+    loader_workers: int = fields.loader_workers("DataLoader worker processes that read, decode and augment batches "
+                                                "ahead of the step (and decode the held-out validation's).", 0)
     device: str = fields.device()
     weights: str | None = fields.weights("Initial weights: an enspipe run/checkpoint or a torchvision/timm state "
                                         "dict (.safetensors, .pth).", job=True)
@@ -105,7 +105,7 @@ class TrainConfig:
     precision: str = option("fp32", choices=PRECISIONS,
                             help="bf16/fp16: autocast (fp16 with a grad scaler), channels_last on CUDA.")
     decoder: str = fields.decoder("training images", "The batch's augmentation runs on the device "
-                                  "too. Validation images are decoded by PIL either way.")
+                                  "too, and the held-out validation's images are decoded the same way.")
     val_limit: int | None = option(None, minimum=1, metavar="N", runtime=True, help="Each epoch, clean and FGSM error on N held-out test samples.")
     log: tuple[str, ...] = option((), sep=",", metavar="|".join(LOG_SINKS), choices=LOG_SINKS, runtime=True, help="Also log metrics to csv (metrics.csv) or tensorboard (repeatable).")
 

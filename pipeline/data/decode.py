@@ -4,7 +4,7 @@
                    or, for what the device path does not take (PNG, CMYK, ...), the PIL pixels
     compute process: decode_batch(chunk items, transform, device) -> uint8 [N, C, H, W] on the device
 
-Precompute runs it per batch (`precompute.loader.batch_to_device`), train in its step
+Precompute runs it per batch (`data.loader.batch_to_device`), train in its step
 (`enspipe.train.device_batches`, where the batch's crops / flips follow on the device too).
 
 `decoder` (a precompute and a train option): `auto` is nvjpeg on a CUDA device and the PIL path elsewhere;

@@ -17,8 +17,8 @@ Plan (DESIGN §2-3):
 4. Finalize every store (manifest with all shard records, complete=true).
 
 The rooms: `config` (PrecomputeConfig), `plan` (store identity, ShardJob, reuse / resume /
-create), `loader` (parallel decode in worker processes, pinned, to the device), `compute`
-(the stream of shards: decoded batches -> attack in fp32 or bf16 -> host copy; determinism),
+create), `compute` (the stream of shards: batches decoded by `enspipe.data.loader`'s worker
+processes -> attack in fp32 or bf16 -> host copy; determinism),
 `sink` (messages, the background writer of whole shards), `dask_runner` (local cluster,
 existing scheduler, the same stream in each worker), `recheck` (`verify --recompute`).
 `_open_inputs` and `_gpu_worker_specs` keep their names for the benchmarks and tests.
@@ -33,6 +33,7 @@ from pathlib import Path
 
 from enspipe.util._callable import callable_stage
 from enspipe.config import OptionError
+from enspipe.data.loader import ChunkLoader
 from enspipe.precision import Precision
 from enspipe.util.errors import ModelError
 
@@ -48,7 +49,6 @@ from .compute import (
 from .config import ATTACKS, FORMATS, LABEL_MODES, PRECISIONS, WDS_IMAGES, PrecomputeConfig
 from .dask_runner import _gpu_worker_specs as _gpu_worker_specs  # tests check the GPU worker specs
 from .dask_runner import connect, local_client, run_on_dask
-from .loader import ChunkLoader
 from .plan import (
     Plan,
     ShardJob,

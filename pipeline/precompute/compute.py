@@ -29,10 +29,10 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
+from enspipe.data.loader import ChunkLoader, batch_spans, batch_to_device, chunk_size, default_workers, gather, spans_of
 from enspipe.util.errors import EnspipeError
 from enspipe.precision import Precision
 
-from .loader import ChunkLoader, batch_spans, batch_to_device, chunk_size, default_workers, gather, spans_of
 from .plan import ShardJob, _open_inputs
 from .sink import BatchDone, ShardBegin, ShardEnd, ShardSink, max_batches_for
 
@@ -183,7 +183,7 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
                                 true_label=dataset.labels[start:stop] if keep else None, files=with_files))
             for b, e in batches[s, id(job)]:
                 got = gather(chunks, e - b)
-                x = batch_to_device(got, device, dataset, channels_last=precision.channels_last)
+                x = precision.memory_format(batch_to_device(got, device, dataset))
                 y = torch.from_numpy(dataset.labels[b:e]).to(device) if job.label == "true" else None
                 kept = [f for c in got for f in c.files] if with_files else None
                 sink.put(compute_batch(model, InputBatch(b - start, x, y, kept), job, precision, host_copy))

@@ -52,8 +52,8 @@ class PrecomputeConfig:
     dask_workers: int | None = option(None, runtime=True, help="Start a local dask cluster of N worker processes "
                                       "[default: in-process; one per GPU on a multi-GPU machine].")
     scheduler: str | None = option(None, runtime=True, help="Address of an existing dask scheduler (tcp://host:port).")
-    loader_workers: int | None = option(
-        None, minimum=0, runtime=True, help="Processes that decode and resize images ahead of the compute "
+    loader_workers: int | None = fields.loader_workers(
+        "Processes that decode and resize images ahead of the compute "
         "(default: cores - 2, at least 1: one core drives the compute and one is the writer's, which "
         "compresses and checksums the shards; 0 decodes in the computing process).")
     precision: str = option(

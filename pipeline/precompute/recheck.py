@@ -11,7 +11,7 @@ from enspipe.util.errors import ConfigError, StoreError
 from enspipe.precision import Precision
 
 from .compute import _deterministic, batch_containing
-from .loader import batch_to_device, encoded_chunk
+from enspipe.data.loader import batch_to_device, encoded_chunk
 from .plan import store_precision
 
 __all__ = ["recompute_check"]

@@ -67,7 +67,7 @@ from enspipe.stream import SELF  # noqa: F401 -- `enspipe.train.SELF`, as before
 from enspipe.train.batches import (  # noqa: F401 -- `enspipe.train.BatchStream` etc., as before
     AdversarialFn, BatchStream, MetricsFn, StreamFactory, adversarial_inputs, batch_loader,
     batch_stream, block_ranges)
-from enspipe.train.kit import CheckpointWriter, FrozenModel, Window, epoch_batches, prune_checkpoints, snapshot, validate
+from enspipe.train.kit import CheckpointWriter, FrozenModel, Validation, Window, epoch_batches, prune_checkpoints, snapshot
 
 # Fields that say where and how a run goes, not what it computes: a resumed run may change
 # them (config.json's other fields must match). The rest are declared `runtime=True`.
@@ -352,8 +352,7 @@ def prepare_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, wor
     if not isinstance(model, EnsModel):  # "binarized:SPEC" is an evaluation baseline, not a trainable model
         raise OptionError("model", f"{cfg.model} cannot be trained; name a model, run dir or checkpoint")
     precision = Precision.resolve(cfg.precision, device)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    precision.prepare_model(model)  # channels_last where the precision says so (Precision decides it, once)
     optimizer = _make_optimizer(cfg, model)
     # fp16 needs loss scaling (its gradients underflow); bf16 has fp32's range and does not.
     scaler = precision.grad_scaler()
@@ -420,6 +419,9 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                            lambda stream: batch_loader(stream, cfg, device),
                            range(r.start_epoch, cfg.epochs), cfg.loader_workers, r.per_rank)
     ended = None  # when the previous epoch's work was done: its boundary is the time to this epoch's first batch
+    # The held-out images decoded as the training ones are (the run's loader workers and decoder).
+    validation = Validation(r.val, eps=cfg.eps, device=device, precision=precision, workers=cfg.loader_workers,
+                            decoder=cfg.decoder) if r.val is not None and rank == 0 else None
     try:
         for epoch, batches in epochs:
             window = Window(1 + len(cfg.shards), device)
@@ -481,8 +483,8 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                 log.write(records[-1])
             ended = time.perf_counter()  # the device is drained (the flush read it): from here it waits
             summary = _epoch_summary(records)
-            if r.val is not None and rank == 0:
-                v = validate(model, r.val, eps=cfg.eps, device=device, precision=precision)
+            if validation is not None:
+                v = validation(model)
                 log.write({"kind": "val", "epoch": epoch + 1, "step": step, **v})
                 summary.update(val_clean_error=round(v["clean_error"], 4), val_fgsm_error=round(v["fgsm_error"], 4))
             epochs_bar.update(1, **summary)
@@ -494,6 +496,8 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
 
         raise named(r.dataset, e) from None
     finally:
+        if validation is not None:
+            validation.close()
         writer.close()
         log.close()
         epochs_bar.close()

@@ -4,6 +4,7 @@ the device, checkpoints written in the background, the held-out validation.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -14,8 +15,8 @@ import torch
 from enspipe.util.errors import EnspipeError
 from enspipe.precision import Precision
 
-__all__ = ["CheckpointWriter", "EpochChain", "FrozenModel", "Window", "epoch_batches", "prune_checkpoints", "snapshot",
-           "validate"]
+__all__ = ["CheckpointWriter", "EpochChain", "FrozenModel", "Validation", "Window", "epoch_batches", "prune_checkpoints",
+           "snapshot", "validate"]
 
 
 # --- epochs of batches ----------------------------------------------------------------------
@@ -270,11 +271,15 @@ def prune_checkpoints(checkpoints: list[Path], keep: int | None) -> None:
 # --- held-out validation ------------------------------------------------------------------
 
 def validate(model: torch.nn.Module, data: Any, *, eps: float, device: torch.device, batch_size: int = 256,
-             precision: Precision | None = None) -> dict[str, Any]:
+             precision: Precision | None = None, workers: int = 0, decoder: str = "cpu",
+             loader: Any = None) -> dict[str, Any]:
     """Clean and white-box FGSM error (true labels, as `evaluate`) of `model` on `data`, in eval
     mode, its forward passes at the run's `precision` (default fp32); the model's mode is
-    restored. No random numbers are drawn, so training is unchanged."""
+    restored. No random numbers are drawn, so training is unchanged. The images are decoded by
+    `workers` loader processes (`decoder`: the run's), or by `loader` (a `data.loader.open_loader`
+    kept for the run: `Validation`)."""
     from enspipe import attacks
+    from enspipe.data.loader import batches
 
     was_training = model.training
     model.eval()
@@ -282,19 +287,44 @@ def validate(model: torch.nn.Module, data: Any, *, eps: float, device: torch.dev
     t0 = time.perf_counter()
     wrong = torch.zeros(2, device=device)
     try:
-        for s in range(0, len(data), batch_size):
-            sl = slice(s, min(len(data), s + batch_size))
-            x = data.images(sl).to(device, non_blocking=True)
-            y = torch.as_tensor(data.labels[sl], device=device)
-            with torch.no_grad():
-                clean = net(x).argmax(1) != y
-            x_adv = attacks.fgsm(net, x, y, eps=eps)
-            with torch.no_grad():
-                adv = net(x_adv).argmax(1) != y
-            wrong += torch.stack([clean.sum(), adv.sum()]).float()
+        with contextlib.closing(batches(data, batch_size, device, workers=workers, decoder=decoder,
+                                        loader=loader)) as stream:
+            for _, x, y in stream:
+                with torch.no_grad():
+                    clean = net(x).argmax(1) != y
+                x_adv = attacks.fgsm(net, x, y, eps=eps)
+                with torch.no_grad():
+                    adv = net(x_adv).argmax(1) != y
+                wrong += torch.stack([clean.sum(), adv.sum()]).float()
     finally:
         model.train(was_training)
     clean_wrong, adv_wrong = wrong.tolist()
     n = len(data)
     return {"n": n, "eps": eps, "clean_error": clean_wrong / max(n, 1), "fgsm_error": adv_wrong / max(n, 1),
             "seconds": time.perf_counter() - t0}
+
+
+class Validation:
+    """A run's held-out validation, once per epoch: `validate` with the run's loader workers and
+    decoder, whose processes are forked at the first call and kept until `close` (forking them
+    again every epoch would cost a fork per worker and their first chunks' latency, each time).
+    Without workers it decodes in this process, as `validate` does."""
+
+    def __init__(self, data: Any, *, eps: float, device: torch.device, precision: Precision | None = None,
+                 workers: int = 0, decoder: str = "cpu", batch_size: int = 256):
+        self.data, self.eps, self.device, self.precision = data, eps, device, precision
+        self.workers, self.decoder, self.batch_size = workers, decoder, batch_size
+        self._loader: Any = None
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
+        from enspipe.data.loader import open_loader
+
+        if self._loader is None:
+            self._loader = open_loader(self.data, self.device, workers=self.workers, decoder=self.decoder)
+        return validate(model, self.data, eps=self.eps, device=self.device, batch_size=self.batch_size,
+                        precision=self.precision, loader=self._loader)
+
+    def close(self) -> None:
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None

@@ -36,6 +36,7 @@ SMOKE = {
     "bench_stream.py": (["--quick", "--out", "{out}/bench_stream.json"], "bench_stream.json"),
     "bench_decode.py": (["--quick", "--no-md", "--out", "{out}"], "bench_decode.json"),
     "bench_device_step.py": (["--quick", "--no-md", "--out", "{out}"], "bench_device_step.json"),
+    "bench_evaluate.py": (["--quick", "--no-md", "--out", "{out}"], "bench_evaluate.json"),
     # its own S3-compatible server (moto, the `s3` extra) on 127.0.0.1, one round on digits
     "bench_object_store.py": (["--quick", "--rounds", "1", "--out", "{out}"],
                               "bench_object_store.json"),

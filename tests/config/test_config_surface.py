@@ -57,7 +57,7 @@ def test_runtime_fields_are_declared_on_the_configs():
     # only says how a run is watched or kept (a resumed run may change it).
     assert runtime_fields(TrainConfig) == {"loader_workers", "keep_checkpoints", "val_limit", "log"}
     assert runtime_fields(PrecomputeConfig) == {"dask_workers", "scheduler", "loader_workers"}
-    assert runtime_fields(EvalConfig) == runtime_fields(DiagnoseConfig) == set()
+    assert runtime_fields(EvalConfig) == runtime_fields(DiagnoseConfig) == {"loader_workers"}
 
 
 SPEC = """\

@@ -86,7 +86,7 @@ def test_the_device_path_on_cpu_matches_pil_on_imagefolder(folder):
 
     from enspipe.data import create_dataset
     from enspipe.data.decode import EncodedChunk, decode_batch
-    from enspipe.precompute.loader import encoded_chunk
+    from enspipe.data.loader import encoded_chunk
 
     ds = create_dataset(f"imagefolder:{folder}", image_size=56)  # resize 64, crop 56
     chunk = encoded_chunk(ds, range(len(ds)))
@@ -121,7 +121,7 @@ def test_the_device_path_on_cpu_matches_pil_on_wds(tmp_path, mode):
     from PIL import Image
 
     from enspipe.data import create_dataset
-    from enspipe.precompute.loader import encoded_chunk
+    from enspipe.data.loader import encoded_chunk
 
     images = [("jpg", _jpeg(i, w, h, mode)) for i, (w, h) in enumerate(SIZES)]
     ds = create_dataset(f"wds:{_wds(tmp_path / 'a.tar', images)}", image_size=40)
@@ -142,7 +142,7 @@ def test_wds_without_an_image_size_refuses_another_size_from_the_header(tmp_path
     the PIL path's own line (naming the sample)."""
     from enspipe.data import create_dataset
     from enspipe.util.errors import DataError
-    from enspipe.precompute.loader import encoded_chunk
+    from enspipe.data.loader import encoded_chunk
 
     ds = create_dataset(f"wds:{_wds(tmp_path / 'b.tar', [('jpg', _jpeg(0, 32, 32)), ('jpg', _jpeg(1, 40, 32))])}")
     with pytest.raises(DataError, match=r"wds: sample 's001' is 40x32, the first sample is 32x32"):
@@ -157,7 +157,7 @@ def test_the_encoded_loader_feeds_the_same_batches_through_worker_processes(fold
     import torch
 
     from enspipe.data import create_dataset
-    from enspipe.precompute.loader import ChunkLoader, batch_to_device, gather, spans_of, to_device
+    from enspipe.data.loader import ChunkLoader, batch_to_device, gather, spans_of, to_device
 
     ds = create_dataset(f"imagefolder:{folder}", image_size=56)
     batches = [(0, 4), (4, 7)]
@@ -221,7 +221,7 @@ def test_nvjpeg_without_cuda_is_one_line_from_the_cli(tmp_path):
 def test_default_loader_workers_leave_a_core_for_the_writer():
     """cores - 2 decoders (one core drives the compute, one writes), at least 1; none in memory."""
     from enspipe.data import create_dataset
-    from enspipe.precompute.loader import default_workers
+    from enspipe.data.loader import default_workers
 
     from enspipe.data import LazySource
 
@@ -242,7 +242,7 @@ def test_precompute_through_the_device_path_end_to_end(tmp_path, monkeypatch):
     from enspipe.data import decode as decode_mod
     from enspipe.models import create_model, save_model
     from enspipe.precompute import PrecomputeConfig, precompute
-    from enspipe.precompute.loader import batch_to_device, encoded_chunk
+    from enspipe.data.loader import batch_to_device, encoded_chunk
     from enspipe.precompute.recheck import recompute_check
     from enspipe.stores import open_store
 
@@ -284,7 +284,7 @@ def test_a_jpeg_that_does_not_decode_is_named_in_one_line(folder):
 
     from enspipe.data import create_dataset
     from enspipe.util.errors import DataError
-    from enspipe.precompute.loader import batch_to_device, encoded_chunk
+    from enspipe.data.loader import batch_to_device, encoded_chunk
 
     bad = folder / "c1" / "1.jpg"
     bad.write_bytes(bad.read_bytes()[:-1500])

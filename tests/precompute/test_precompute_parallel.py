@@ -1,7 +1,7 @@
-"""precompute at the device's rate (issue 16): loader processes give the serial path's bytes,
-bf16 stores beside fp32 ones (reused; resumed bit-identically in test_precompute.py's kill
-test), dask workers streaming the same data path, wds stores carrying the source's JPEG
-bytes, and bad input in one line."""
+"""precompute at the device's rate (issue 16): loader processes give the serial path's bytes
+(the loader itself: tests/data/test_loader.py), bf16 stores beside fp32 ones (reused; resumed
+bit-identically in test_precompute.py's kill test), dask workers streaming the same data path,
+wds stores carrying the source's JPEG bytes, and bad input in one line."""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +16,6 @@ import torch
 
 from enspipe.data import create_dataset
 from enspipe.precompute import PrecomputeConfig, precompute
-from enspipe.precompute.loader import ChunkLoader, batch_spans, chunk_size, spans_of, to_device
 from enspipe.stores import open_store
 from cli_runner import run_cli
 
@@ -64,39 +63,6 @@ def serial(conv_static, jpegs, tmp_path_factory) -> dict[str, Path]:
     """zarr + wds stores decoded in the computing process (--loader-workers 0): the reference."""
     zarr, wds = precompute(_cfg(conv_static, jpegs, tmp_path_factory.mktemp("serial"), fmt="both", loader_workers=0))
     return {"zarr": zarr, "wds": wds}
-
-
-# --- The loader ---------------------------------------------------------------------------------
-
-def test_loader_chunks_keep_batch_boundaries_and_pixels(jpegs):
-    ds = create_dataset(f"imagefolder:{jpegs}", image_size=SIZE)
-    batches = batch_spans(16, 40, 10)  # a shard [16, 40) in batches of 10: they start at 16
-    assert batches == [(16, 26), (26, 36), (36, 40)]
-    spans = spans_of(batches, chunk_size(10, workers=4))
-    assert all(any(b <= a < e and c <= e for b, e in batches) for a, c in spans)  # never across a batch
-    with ChunkLoader(ds, 2) as loader:
-        first = list(loader([(0, 8)]))
-        chunks = list(loader(spans))  # a second pass on the same worker processes (a dask worker's next task)
-    assert torch.equal(first[0], torch.from_numpy(ds.images_uint8(slice(0, 8))))
-    x = to_device(chunks[:2], torch.device("cpu"))  # the first batch, from two chunks
-    assert torch.equal(x, ds.images(slice(16, 26)))  # bit for bit what SampleSource.images gives
-    assert torch.equal(torch.cat(chunks), torch.from_numpy(ds.images_uint8(slice(16, 40))))
-
-
-def test_loader_worker_error_is_the_original_one_line(tmp_path, jpegs):
-    import shutil
-
-    from enspipe.util.errors import DataError
-
-    broken = tmp_path / "broken"
-    shutil.copytree(jpegs, broken)
-    before = create_dataset(f"imagefolder:{broken}", image_size=SIZE)
-    victim = before.folder / before._files[5]  # sample 5 of the canonical (class-interleaved) order
-    victim.write_bytes(b"not a jpeg")
-    ds = create_dataset(f"imagefolder:{broken}", image_size=SIZE)
-    with ChunkLoader(ds, 2) as loader, pytest.raises(DataError, match="cannot decode image") as e:
-        list(loader([(0, 8)]))
-    assert "\n" not in str(e.value)
 
 
 # --- Parallel decode is bit-identical to the serial path ----------------------------------------

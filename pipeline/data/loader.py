@@ -1,5 +1,10 @@
 """The batch source: pixels decoded and resized by worker processes, ahead of the compute.
 
+Every stage that feeds a device from a dataset reads it here: precompute (shard-aligned spans,
+`ChunkLoader` + `batch_to_device`), and evaluate, the trainer's held-out validation and diagnose
+through `batches` (the dataset's batches in order, on the device), so none of them decodes a
+JPEG in the process that drives the device unless asked to (`workers` 0).
+
     spans (shard-aligned [start, stop) pieces of batches) -> ChunkLoader -> uint8 chunks (pinned)
         -> to_device: one batch's chunks copied to the device (non-blocking), then / 255 there
 
@@ -24,19 +29,18 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from enspipe.data.decode import encoded_chunk
 from enspipe.util.errors import EnspipeError
 
-from .plan import log
-
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ChunkLoader", "batch_spans", "batch_to_device", "chunk_size", "default_workers", "encoded_chunk",
-           "gather", "needs_decoding", "spans_of", "to_device"]
+__all__ = ["ChunkLoader", "batch_spans", "batch_to_device", "batches", "chunk_size", "default_workers",
+           "encoded_chunk", "gather", "needs_decoding", "open_loader", "spans_of", "to_device"]
 
 Span = tuple[int, int]
 MAX_WORKERS = 32
@@ -63,15 +67,20 @@ def needs_decoding(dataset) -> bool:
     return isinstance(dataset, LazySource)
 
 
-def default_workers(dataset, cores: int | None = None) -> int:
-    """Loader workers when the user names none, for sources that decode: every core but two, one
-    for the process that drives the compute and one for the sink's thread that writes the
-    shards (it compresses and checksums ~1,600 img/s per core, issue 26: with cores - 1 decoders
-    it would take its time from them); at least one. None for sources held in memory (slicing
-    them is a copy, not a decode)."""
+def default_workers(dataset, cores: int | None = None, *, spare: int = 2) -> int:
+    """Loader workers when the user names none, for sources that decode: every core but `spare`.
+    Precompute spares two, one for the process that drives the compute and one for the sink's
+    thread that writes the shards (it compresses and checksums ~1,600 img/s per core, issue 26:
+    with cores - 1 decoders it would take its time from them); evaluate and diagnose write
+    nothing and spare one. At least one. None for sources held in memory (slicing them is a
+    copy, not a decode)."""
     if not needs_decoding(dataset):
         return 0
-    return max(1, min(MAX_WORKERS, (cores or os.cpu_count() or 2) - 2))
+    return max(1, min(MAX_WORKERS, (cores or os.cpu_count() or 2) - spare))
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -132,13 +141,15 @@ class ChunkLoader:
     files' bytes) for `batch_to_device` to decode on the device. Close it (or use it as a context
     manager) to stop the worker processes."""
 
-    def __init__(self, dataset, workers: int, *, pin: bool = False, encoded: bool = False) -> None:
+    def __init__(self, dataset, workers: int, *, pin: bool = False, encoded: bool = False,
+                 log: Callable[[str], None] = _stderr) -> None:
         self.dataset, self.pin, self.encoded = dataset, pin, encoded
         if workers and multiprocessing.current_process().daemon:
             # A daemonic process (a dask worker started with the default distributed.worker.daemon)
             # may not start children: decode here rather than fail.
-            log("precompute: this process is daemonic and cannot start loader workers; decoding in-process "
-                "(start dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False to decode in parallel)")
+            log("loader: this process is daemonic and cannot start loader workers; decoding in-process "
+                "(a dask worker: start dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False to decode "
+                "in parallel)")
             workers = 0
         self.workers = workers
         self._spans = _Spans()
@@ -207,9 +218,10 @@ def _to_float_table(device: torch.device) -> torch.Tensor:
     return _TABLES[key]
 
 
-def to_device(chunks: Sequence[torch.Tensor], device: torch.device, *, channels_last: bool = False) -> torch.Tensor:
+def to_device(chunks: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """One batch: its uint8 chunks copied into one device tensor (non-blocking from pinned
-    memory), then float32 in [0, 1], equal bit for bit to `SampleSource.images`."""
+    memory), then float32 in [0, 1], equal bit for bit to `SampleSource.images`. Contiguous: a
+    run's memory format is its `Precision`'s (`memory_format`), the one place that decides it."""
     import torch
 
     n = sum(len(c) for c in chunks)
@@ -221,23 +233,18 @@ def to_device(chunks: Sequence[torch.Tensor], device: torch.device, *, channels_
         for c in chunks:
             u8[off:off + len(c)].copy_(c, non_blocking=True)
             off += len(c)
-    x = _to_float_table(device)[u8.int()]
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return _to_float_table(device)[u8.int()]
 
 
-def batch_to_device(chunks: Sequence, device: torch.device, dataset=None, *, channels_last: bool = False
-                    ) -> torch.Tensor:
+def batch_to_device(chunks: Sequence, device: torch.device, dataset=None) -> torch.Tensor:
     """`to_device` of a batch's chunks, which are `EncodedChunk`s when the loader is `encoded`:
     then its JPEGs are decoded, resized and cropped on `device` first (`dataset` says how)."""
     from enspipe.data.decode import EncodedChunk, decode_batch
 
     if not chunks or not isinstance(chunks[0], EncodedChunk):
-        return to_device(chunks, device, channels_last=channels_last)
-    import torch
-
+        return to_device(chunks, device)
     u8 = decode_batch(chunks, dataset.device_transform(), dataset.geometry.shape, device, dataset.decode_error)
-    x = _to_float_table(device)[u8.int()]
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return _to_float_table(device)[u8.int()]
 
 
 def gather(chunks: Iterator[torch.Tensor], n: int) -> list[torch.Tensor]:
@@ -256,3 +263,38 @@ def spans_of(batches: Sequence[Span], chunk: int) -> list[Span]:
     """Each batch cut into chunks of at most `chunk` samples (never across a batch boundary)."""
     return [(a, min(a + chunk, e)) for b, e in batches for a in range(b, e, chunk)]
 
+
+
+def open_loader(data, device: torch.device, *, workers: int, decoder: str = "cpu") -> ChunkLoader:
+    """A `ChunkLoader` over `data` for `batches` on `device`: `decoder` (auto | cpu | nvjpeg,
+    `data.decode.resolve_decoder`) says whether its workers decode (PIL) or only read the bytes
+    that the device then decodes (nvJPEG); pinned chunks for a CUDA device. A source held in
+    memory is sliced, not decoded: no processes for it."""
+    from enspipe.data.decode import device_decoder
+
+    encoded = device_decoder(decoder, device, data) != "cpu"
+    return ChunkLoader(data, workers if needs_decoding(data) else 0, pin=device.type == "cuda", encoded=encoded)
+
+
+def batches(data, batch_size: int, device: torch.device, *, workers: int = 0, decoder: str = "cpu",
+            loader: ChunkLoader | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """(samples, x, y) for the batches [0, b), [b, 2b), ... of `data`, in order, the last one
+    partial: x float32 [n, C, H, W] in [0, 1] and y int64 [n] on `device`. The pixels are decoded
+    ahead of use by `workers` loader processes (0: in this process), with PIL, or on the device
+    where `decoder` resolves to nvjpeg (`open_loader`). On the PIL path x equals
+    `data.images(samples)` bit for bit, whatever the worker count. `loader` (from `open_loader`,
+    over `data`) is used instead of a new one, so a caller that reads the same data again forks
+    its workers once; one made here is closed when the iteration ends, fails or is closed."""
+    import torch
+
+    own = loader is None
+    loader = open_loader(data, device, workers=workers, decoder=decoder) if own else loader
+    try:
+        spans = batch_spans(0, len(data), batch_size)
+        chunks = loader(spans_of(spans, chunk_size(batch_size, loader.workers)))
+        for a, b in spans:
+            x = batch_to_device(gather(chunks, b - a), device, data)
+            yield slice(a, b), x, torch.as_tensor(data.labels[a:b], device=device)
+    finally:
+        if own:
+            loader.close()

@@ -1,0 +1,96 @@
+"""The trainer's held-out validation reads its images through the run's loader workers and decoder
+(`train.kit.Validation`): the same errors as a plain loop over PIL-decoded images (oracle:
+tests/jpeg_folders.pil_eval_images and the model, in the validation's batches), whatever the
+worker count; its processes are forked once for the run, not at every epoch's validation, and
+end with it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from jpeg_folders import make_jpeg_folder, pil_eval_images
+
+from enspipe.data import create_dataset
+from enspipe.train.kit import Validation, validate
+
+SIZE, BATCH, EPS = 32, 16, 16 / 256
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("val-jpegs")
+    make_jpeg_folder(root, images=16, size=48, classes=4, split="train", workers=2)
+    return make_jpeg_folder(root, images=40, size=48, classes=4, split="val", workers=2)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(8 * 15 * 15, 4))
+
+
+def _oracle(model: torch.nn.Module, root: Path) -> tuple[int, int]:
+    u8, y = pil_eval_images(root / "val", SIZE)
+    x = u8.float() / 255
+    clean = adv = 0
+    for s in range(0, len(x), BATCH):
+        xb, yb = x[s:s + BATCH], y[s:s + BATCH]
+        with torch.no_grad():
+            clean += int((model(xb).argmax(1) != yb).sum())
+        xg = xb.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xg), yb), xg)
+        with torch.no_grad():
+            adv += int((model((xb + EPS * g.sign()).clamp(0, 1)).argmax(1) != yb).sum())
+    return clean, adv
+
+
+def _children() -> set[int]:
+    import psutil
+
+    return {c.pid for c in psutil.Process().children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE}
+
+
+def test_validation_counts_a_plain_loop_and_forks_its_workers_once(jpegs):
+    model = _model()
+    clean, adv = _oracle(model, jpegs)
+    data = create_dataset(f"imagefolder:{jpegs}", split="test", image_size=SIZE)
+    plain = validate(model.train(), data, eps=EPS, device=CPU, batch_size=BATCH)
+    assert model.training  # its mode restored
+    assert plain["n"] == 40 and round(plain["clean_error"] * 40) == clean
+    assert abs(round(plain["fgsm_error"] * 40) - adv) <= 1  # one near-zero gradient's sign may differ
+    before = _children()
+    validation = Validation(data, eps=EPS, device=CPU, workers=2, batch_size=BATCH)
+    try:
+        runs, forked = [], []
+        for _ in range(2):  # two epochs' validations
+            runs.append(validation(model))
+            forked.append(_children() - before)
+        assert len(forked[0]) == 2 and forked[1] == forked[0]  # the same two processes both times
+    finally:
+        validation.close()
+    assert _children() <= before
+    for r in runs:
+        assert {k: r[k] for k in ("n", "clean_error", "fgsm_error")} == {k: plain[k] for k in ("n", "clean_error",
+                                                                                                  "fgsm_error")}
+
+
+def test_a_run_validates_the_same_with_loader_workers(jpegs, tmp_path):
+    """Through `train`: the val records of a run with 2 loader workers equal those of the run decoding
+    in its own process (`loader_workers` is runtime-only: it must change nothing a run computes)."""
+    import json
+
+    from enspipe.train import TrainConfig, train
+
+    vals = {}
+    for workers in (0, 2):
+        cfg = TrainConfig(model="C", dataset=f"imagefolder:{jpegs}", image_size=SIZE, epochs=2, batch_size=8,
+                          val_limit=24, loader_workers=workers, device="cpu", out=str(tmp_path / f"w{workers}"))
+        train(cfg)
+        lines = (tmp_path / f"w{workers}" / "metrics.jsonl").read_text().splitlines()
+        vals[workers] = [{k: r[k] for k in ("epoch", "n", "clean_error", "fgsm_error")}
+                         for r in map(json.loads, lines) if r.get("kind") == "val"]
+    assert [v["epoch"] for v in vals[0]] == [1, 2] and vals[0][0]["n"] == 24
+    assert vals[2] == vals[0]
