@@ -326,6 +326,11 @@ MUTATIONS = [
              "        items[k] = data[at:at + n]\n",
              ("tests/data/test_device_decode_batching.py::test_a_chunk_crosses_from_a_loader_worker_as_one_shared_tensor",
               "tests/data/test_device_decode.py::test_the_encoded_loader_feeds_the_same_batches_through_worker_processes")),
+    Mutation("device-pixels-misplaced", "the PIL-path pixels of a device batch go over in one copy but land at "
+             "each other's places", "pipeline/data/decode.py",
+             "        out[torch.tensor(pixels, device=device)] = block\n",
+             "        out[torch.tensor(pixels[::-1], device=device)] = block\n",
+             ("tests/data/test_device_decode_batching.py::test_a_batch_of_repeated_sizes_is_each_image_decoded_alone_at_its_place",)),
     # --- A store URL at train start: checks without shard bytes, one owner of the record checks ---
     Mutation("start-check-downloads-store", "a train start's check of a store URL downloads and hashes every object",
              "pipeline/stores/verify.py",

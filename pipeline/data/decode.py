@@ -270,9 +270,18 @@ def decode_batch(chunks: Sequence[EncodedChunk], transform: DeviceTransform, sha
                 out[jpeg[ks[0]]] = imgs[0]
             else:
                 out[torch.tensor([jpeg[k] for k in ks], device=device)] = imgs
-    for j, it in enumerate(items):
-        if not _encoded(it):
-            out[j].copy_(torch.from_numpy(np.ascontiguousarray(it)))
+    pixels = [j for j, it in enumerate(items) if not _encoded(it)]
+    if pixels:
+        # The pixels the workers made (the PIL path's files: PNGs, CMYK, or every file where a wds
+        # store keeps the source files and decoder is cpu) go over in one copy, pinned on CUDA, not
+        # one pageable copy per sample.
+        host = torch.from_numpy(np.stack([items[j] for j in pixels]))
+        if torch.device(device).type == "cuda":
+            host = host.pin_memory()
+        block = host.to(device, non_blocking=True)
+        if len(pixels) == len(items):
+            return block
+        out[torch.tensor(pixels, device=device)] = block
     return out
 
 
