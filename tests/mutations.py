@@ -263,6 +263,12 @@ MUTATIONS = [
              "            with_files = carried[s, id(job)]\n",
              "            with_files = False\n",
              ("tests/precompute/test_precompute_reads_once.py::test_each_image_file_is_read_once",)),
+    Mutation("loader-carries-files-unasked", "every device-path loader's chunks carry the samples' files, "
+             "which the process that drives the device rebuilds and holds (evaluate, validation, diagnose)",
+             "pipeline/data/decode.py",
+             "    return EncodedChunk(items, indices, files=kept if files else None)\n",
+             "    return EncodedChunk(items, indices, files=kept)\n",
+             ("tests/data/test_loader.py::test_only_a_loader_asked_for_files_carries_them",)),
     Mutation("stored-step-ignores-label", "an attack without a function of its own attacks the predicted label "
              "whatever label it is given",
              "pipeline/attacks.py",

@@ -185,18 +185,20 @@ def check_jpeg(data: bytes, what: str, limits) -> tuple[int, int] | None:
     return w, h
 
 
-def encoded_chunk(dataset, indices: Iterable[int]) -> EncodedChunk:
+def encoded_chunk(dataset, indices: Iterable[int], *, files: bool = False) -> EncodedChunk:
     """The `EncodedChunk` of these samples of `dataset` (an imagefolder or wds source), each file
     read once: its JPEG bytes (header checked, nothing decoded), or the PIL path's pixels of a file
-    the device path does not take, and the file itself. What a loader worker does on the device path."""
+    the device path does not take. What a loader worker does on the device path. With `files` the
+    chunk carries each file too (`EncodedChunk.files`, for a wds store that keeps them); only then,
+    since the process that drives the device rebuilds each one from the shared tensor when unpickling."""
     indices = [int(i) for i in indices]
-    items, files = [], []
+    items, kept = [], []
     for i in indices:
         ext, data = dataset.encoded_image(i)
         jpeg = dataset.jpeg_of(i, data)
         items.append(jpeg if jpeg is not None else dataset.pixels_of(i, data))
-        files.append((ext, data))
-    return EncodedChunk(items, indices, files=files)
+        kept.append((ext, data))
+    return EncodedChunk(items, indices, files=kept if files else None)
 
 
 def device_decoder(name: str, device: Any, dataset) -> str:

@@ -112,11 +112,16 @@ class _Pixels:
 
 class _Encoded(_Pixels):
     """`encoded[(a, b)]`: the span's samples for the device decode (`EncodedChunk`): each JPEG's
-    bytes, read and header-checked, or the PIL path's pixels for a file the device does not take."""
+    bytes, read and header-checked, or the PIL path's pixels for a file the device does not take
+    (and each sample's file, where `files`)."""
+
+    def __init__(self, dataset, files: bool) -> None:
+        super().__init__(dataset)
+        self.files = files
 
     def __getitem__(self, span: Span):
         try:
-            return encoded_chunk(self.dataset, range(*span))
+            return encoded_chunk(self.dataset, range(*span), files=self.files)
         except EnspipeError as e:
             return _Failure(type(e), str(e))
 
@@ -138,12 +143,15 @@ class ChunkLoader:
     """uint8 pixels of any list of spans, in order, decoded by `workers` processes ahead of use
     (0: in the calling thread). Chunks are in pinned memory when `pin` (for fast, non-blocking
     copies to a GPU). With `encoded` the workers decode nothing: chunks are `EncodedChunk`s (the
-    files' bytes) for `batch_to_device` to decode on the device. Close it (or use it as a context
+    files' bytes) for `batch_to_device` to decode on the device; with `files` too (an encoded
+    loader only) they also carry each sample's file (`EncodedChunk.files`). Close it (or use it as a context
     manager) to stop the worker processes."""
 
-    def __init__(self, dataset, workers: int, *, pin: bool = False, encoded: bool = False,
+    def __init__(self, dataset, workers: int, *, pin: bool = False, encoded: bool = False, files: bool = False,
                  log: Callable[[str], None] = _stderr) -> None:
-        self.dataset, self.pin, self.encoded = dataset, pin, encoded
+        if files and not encoded:
+            raise ValueError("a ChunkLoader's chunks carry files only when encoded")
+        self.dataset, self.pin, self.encoded, self.files = dataset, pin, encoded, files
         if workers and multiprocessing.current_process().daemon:
             # A daemonic process (a dask worker started with the default distributed.worker.daemon)
             # may not start children: decode here rather than fail.
@@ -160,7 +168,7 @@ class ChunkLoader:
             # fork: the dataset (a file list that may hold a million paths) is not pickled per
             # worker, and workers start in milliseconds. They never touch the GPU.
             ctx = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-            source = _Encoded(dataset) if encoded else _Pixels(dataset)
+            source = _Encoded(dataset, files) if encoded else _Pixels(dataset)
             self._loader = DataLoader(source, batch_size=None, sampler=self._spans, num_workers=workers,
                                       pin_memory=pin, prefetch_factor=PREFETCH_CHUNKS, persistent_workers=True,
                                       multiprocessing_context=ctx)
@@ -179,7 +187,7 @@ class ChunkLoader:
 
         for a, b in spans:
             if self.encoded:
-                yield encoded_chunk(self.dataset, range(a, b))
+                yield encoded_chunk(self.dataset, range(a, b), files=self.files)
                 continue
             t = torch.from_numpy(self.dataset.images_uint8(slice(a, b)))
             yield t.pin_memory() if self.pin else t

@@ -196,15 +196,15 @@ def open_loader(dataset, job: ShardJob, device: torch.device, *, files: bool = F
     """The loader of `job`'s data path: its loader workers, or as many as the cores allow.
 
     With `files` (a wds store keeps the source's files) its chunks carry each sample's file as
-    the worker read it (`EncodedChunk.files`). The device path's chunks always do (for a JPEG the
-    file is the item the device decodes); the PIL path then reads each file once, decodes those
-    bytes (`_PilFiles`: the same pixels as from the path) and hands both over."""
+    the worker read it (`EncodedChunk.files`; for a JPEG on the device path the file is the item
+    the device decodes); the PIL path then reads each file once, decodes those bytes (`_PilFiles`:
+    the same pixels as from the path) and hands both over. Without, no chunk carries files."""
     workers = job.loader_workers if job.loader_workers is not None else default_workers(dataset, job.torch_threads)
     pin = device.type == "cuda"
     if job.decoder != "cpu":
-        return ChunkLoader(dataset, workers, pin=pin, encoded=True)
+        return ChunkLoader(dataset, workers, pin=pin, encoded=True, files=files)
     if files:
-        return ChunkLoader(_PilFiles(dataset), workers, pin=pin, encoded=True)
+        return ChunkLoader(_PilFiles(dataset), workers, pin=pin, encoded=True, files=True)
     return ChunkLoader(dataset, workers, pin=pin)
 
 

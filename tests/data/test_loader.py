@@ -131,3 +131,25 @@ def test_batches_through_the_device_path_keep_the_order_and_the_labels(jpegs, or
     assert torch.equal(torch.cat([y for _, _, y in got]), y_want)
     diff = (torch.cat([x for _, x, _ in got]) - x_want).abs() * 255
     assert diff.mean() < 0.5 and diff.max() <= 4.01, (float(diff.mean()), float(diff.max()))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_only_a_loader_asked_for_files_carries_them(jpegs, monkeypatch, workers):
+    """The device path's chunks carry each sample's file only where asked (`files`: precompute with a
+    wds store that keeps them): evaluate, validation and diagnose (`open_loader` without it) get the
+    JPEGs alone, which the process that drives the device would otherwise rebuild and hold as bytes.
+    Asked, the files are the bytes on disk (read here), also through forked workers (pickled)."""
+    from enspipe.data import decode as decode_mod
+
+    real = decode_mod.resolve_decoder  # as `auto` resolves on CUDA: the workers hand over the JPEGs' bytes
+    monkeypatch.setattr(decode_mod, "resolve_decoder", lambda name, device, decodes=True: real(name, "cuda", decodes))
+    ds = create_dataset(f"imagefolder:{jpegs}", image_size=SIZE)
+    spans = spans_of(batch_spans(0, len(ds), 16), 8)
+    with open_loader(ds, CPU, workers=workers, decoder="nvjpeg") as loader:
+        assert loader.encoded
+        chunks = list(loader(spans))
+    assert sum(map(len, chunks)) == len(ds) and all(c.files is None for c in chunks)
+    with ChunkLoader(ds, workers, encoded=True, files=True) as loader:
+        chunks = list(loader(spans))
+    want = [("jpeg", (ds.folder / f).read_bytes()) for f in ds._files]
+    assert [f for c in chunks for f in c.files] == want
