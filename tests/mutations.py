@@ -269,6 +269,12 @@ MUTATIONS = [
              "    return EncodedChunk(items, indices, files=kept if files else None)\n",
              "    return EncodedChunk(items, indices, files=kept)\n",
              ("tests/data/test_loader.py::test_only_a_loader_asked_for_files_carries_them",)),
+    Mutation("sink-bytes-ignore-files", "the sink's queue limit counts a batch's tensors but not the source files "
+             "riding with it (a wds store's JPEGs pile up unbounded behind a slow writer)",
+             "pipeline/precompute/sink.py",
+             "            + sum(len(data) for _, data in msg.files or ()))\n",
+             ")\n",
+             ("tests/precompute/test_sink.py::test_a_slow_writer_stalls_the_producer_once_the_queued_bytes_pass_the_limit",)),
     Mutation("stored-step-ignores-label", "an attack without a function of its own attacks the predicted label "
              "whatever label it is given",
              "pipeline/attacks.py",
