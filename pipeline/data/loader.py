@@ -252,7 +252,9 @@ def batch_to_device(chunks: Sequence, device: torch.device, dataset=None) -> tor
     if not chunks or not isinstance(chunks[0], EncodedChunk):
         return to_device(chunks, device)
     u8 = decode_batch(chunks, dataset.device_transform(), dataset.geometry.shape, device, dataset.decode_error)
-    return _to_float_table(device)[u8.int()]
+    # Contiguous, as `to_device`'s: a batch of the PIL path's pixels stacked from channels-last arrays
+    # keeps their strides, and a convolution over another layout gives other bits (other kernels).
+    return _to_float_table(device)[u8.contiguous().int()]
 
 
 def gather(chunks: Iterator[torch.Tensor], n: int) -> list[torch.Tensor]:
