@@ -281,6 +281,13 @@ MUTATIONS = [
              "    return _to_float_table(device)[u8.contiguous().int()]\n",
              "    return _to_float_table(device)[u8.int()]\n",
              ("tests/precompute/test_precompute_parallel.py::test_parallel_decode_gives_the_serial_store",)),
+    Mutation("pickled-jpeg-file-lost", "a JPEG's file carried through a loader worker (pickled) is rebuilt empty: "
+             "a wds store written with loader workers on the device path keeps empty images",
+             "pipeline/data/decode.py",
+             "raw if raw is not None else items[k].numpy().tobytes()",
+             "raw if raw is not None else b\"\"",
+             ("tests/precompute/test_precompute_reads_once.py::test_each_image_file_is_read_once",
+              "tests/data/test_loader.py::test_only_a_loader_asked_for_files_carries_them")),
     Mutation("stored-step-ignores-label", "an attack without a function of its own attacks the predicted label "
              "whatever label it is given",
              "pipeline/attacks.py",
