@@ -288,6 +288,18 @@ MUTATIONS = [
              "raw if raw is not None else b\"\"",
              ("tests/precompute/test_precompute_reads_once.py::test_each_image_file_is_read_once",
               "tests/data/test_loader.py::test_only_a_loader_asked_for_files_carries_them")),
+    Mutation("loader-forks-for-memory", "a source held in memory gets loader worker processes (precompute forked "
+             "loader_workers to slice MNIST)",
+             "pipeline/data/loader.py",
+             "    if not decodes:\n        workers = 0\n    elif workers is None:\n",
+             "    if workers is None:\n",
+             ("tests/precompute/test_precompute_loader.py::test_an_in_memory_source_forks_no_loader_workers",)),
+    Mutation("worker-loader-flag-requested", "a dask worker's kept loader is judged by what was asked of it, not by "
+             "whether its chunks carry files: a loader that carries them is forked again",
+             "pipeline/precompute/compute.py",
+             "(files and not _WORKER_LOADER[key].files)",
+             "(files and not False)",
+             ("tests/precompute/test_precompute_loader.py::test_a_dask_workers_loader_is_kept_until_a_task_needs_files_it_does_not_carry",)),
     Mutation("stored-step-ignores-label", "an attack without a function of its own attacks the predicted label "
              "whatever label it is given",
              "pipeline/attacks.py",

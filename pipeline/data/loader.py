@@ -275,22 +275,62 @@ def spans_of(batches: Sequence[Span], chunk: int) -> list[Span]:
 
 
 
-def open_loader(data, device: torch.device, *, workers: int, decoder: str = "cpu") -> ChunkLoader:
-    """A `ChunkLoader` over `data` for `batches` on `device`: `decoder` (auto | cpu | nvjpeg,
-    `data.decode.resolve_decoder`) says whether its workers decode (PIL) or only read the bytes
-    that the device then decodes (nvJPEG); pinned chunks for a CUDA device. A source held in
-    memory is sliced, not decoded: no processes for it."""
+def open_loader(data, device: torch.device, *, workers: int | None, decoder: str = "cpu", files: bool = False,
+                spare: int = 1, cores: int | None = None) -> ChunkLoader:
+    """The `ChunkLoader` of every stage that feeds `device` from `data` (precompute, evaluate,
+    validation, diagnose): `workers` processes (None: `default_workers(data, cores, spare=spare)`;
+    precompute spares 2). A source held in memory is sliced, not decoded: no processes for it.
+    Pinned chunks for a CUDA device. `decoder` (auto | cpu | nvjpeg, `data.decode.device_decoder`)
+    says whether the workers decode (PIL) or only read the bytes the device then decodes (nvJPEG).
+
+    With `files` (precompute, where a wds store keeps the source's files) the chunks carry each
+    sample's file as the worker read it (`EncodedChunk.files`; for a JPEG on the device path the
+    file is the item the device decodes); the PIL path then reads each file once, decodes those
+    bytes (`_PilFiles`: the same pixels as from the path) and hands both over. `loader.files` says
+    whether its chunks carry them."""
     from enspipe.data.decode import device_decoder
 
-    encoded = device_decoder(decoder, device, data) != "cpu"
-    return ChunkLoader(data, workers if needs_decoding(data) else 0, pin=device.type == "cuda", encoded=encoded)
+    decodes = needs_decoding(data)
+    if files and not decodes:
+        raise ValueError("a loader's chunks carry files only for a source that reads files")
+    if not decodes:
+        workers = 0
+    elif workers is None:
+        workers = default_workers(data, cores, spare=spare)
+    pin = device.type == "cuda"
+    if device_decoder(decoder, device, data) != "cpu":
+        return ChunkLoader(data, workers, pin=pin, encoded=True, files=files)
+    if files:
+        return ChunkLoader(_PilFiles(data), workers, pin=pin, encoded=True, files=True)
+    return ChunkLoader(data, workers, pin=pin)
 
 
-def batches(data, batch_size: int, device: torch.device, *, workers: int = 0, decoder: str = "cpu",
+class _PilFiles:
+    """A source of files as `encoded_chunk` reads it for the PIL path: every sample's pixels are
+    the PIL path's (no file goes to the device decoder), made from the file's bytes read once,
+    which the chunk carries beside them."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def encoded_image(self, i: int) -> tuple[str, bytes]:
+        return self.dataset.encoded_image(i)
+
+    def jpeg_of(self, i: int, data: bytes) -> None:
+        return None
+
+    def pixels_of(self, i: int, data: bytes):
+        return self.dataset.pixels_of(i, data)
+
+
+def batches(data, batch_size: int, device: torch.device, *, workers: int | None = 0, decoder: str = "cpu",
             loader: ChunkLoader | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """(samples, x, y) for the batches [0, b), [b, 2b), ... of `data`, in order, the last one
     partial: x float32 [n, C, H, W] in [0, 1] and y int64 [n] on `device`. The pixels are decoded
-    ahead of use by `workers` loader processes (0: in this process), with PIL, or on the device
+    ahead of use by `workers` loader processes (0: in this process; None: from the cores), with PIL, or on the device
     where `decoder` resolves to nvjpeg (`open_loader`). On the PIL path x equals
     `data.images(samples)` bit for bit, whatever the worker count. `loader` (from `open_loader`,
     over `data`) is used instead of a new one, so a caller that reads the same data again forks
