@@ -284,8 +284,8 @@ MUTATIONS = [
     Mutation("pickled-jpeg-file-lost", "a JPEG's file carried through a loader worker (pickled) is rebuilt empty: "
              "a wds store written with loader workers on the device path keeps empty images",
              "pipeline/data/decode.py",
-             "raw if raw is not None else items[k].numpy().tobytes()",
-             "raw if raw is not None else b\"\"",
+             "(items[k] if span is None else data[span[0]:span[0] + span[1]]).numpy().tobytes()",
+             "(items[k][:0] if span is None else data[span[0]:span[0] + span[1]]).numpy().tobytes()",
              ("tests/precompute/test_precompute_reads_once.py::test_each_image_file_is_read_once",
               "tests/data/test_loader.py::test_only_a_loader_asked_for_files_carries_them")),
     Mutation("loader-forks-for-memory", "a source held in memory gets loader worker processes (precompute forked "
@@ -300,6 +300,12 @@ MUTATIONS = [
              "(files and not _WORKER_LOADER[key].files)",
              "(files and not False)",
              ("tests/precompute/test_precompute_loader.py::test_a_dask_workers_loader_is_kept_until_a_task_needs_files_it_does_not_carry",)),
+    Mutation("pickled-pixels-through-pipe", "a loader worker's PIL-path pixels (and the files beside them) go "
+             "through the worker's pipe, pickled, not through shared memory",
+             "pipeline/data/decode.py",
+             "        shared = [k for k, it in enumerate(self.items) if _encoded(it) or it.dtype == np.uint8]\n",
+             "        shared = [k for k, it in enumerate(self.items) if _encoded(it)]\n",
+             ("tests/data/test_loader.py::test_a_pickled_chunk_sends_its_jpegs_pixels_and_files_through_shared_memory",)),
     Mutation("stored-step-ignores-label", "an attack without a function of its own attacks the predicted label "
              "whatever label it is given",
              "pipeline/attacks.py",
