@@ -29,7 +29,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from enspipe.data.loader import ChunkLoader, batch_spans, batch_to_device, chunk_size, gather, open_loader, spans_of
+from enspipe.data.loader import (ChunkLoader, batch_spans, batch_to_device, chunk_size, gather, needs_decoding,
+                                  open_loader, spans_of)
 from enspipe.util.errors import EnspipeError
 from enspipe.precision import Precision
 
@@ -127,13 +128,6 @@ def _clean_pixels(dataset, start: int, stop: int):
     return lambda: dataset.images_uint8(slice(start, stop))
 
 
-def _reads_files(dataset) -> bool:
-    """Whether the source reads one file per sample that a wds store can keep as it is (imagefolder, wds)."""
-    from enspipe.data import LazySource
-
-    return isinstance(dataset, LazySource) and hasattr(dataset, "pixels_of")
-
-
 def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device: torch.device, *,
                   loader_for: Callable[[bool], ChunkLoader] | None = None,
                   done: Callable[[int], None] | None = None) -> None:
@@ -158,7 +152,7 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
     if not todo:
         return
     # The shards whose wds stores keep the source's files get them from the loader, read once.
-    carried = {(s, id(job)): _reads_files(dataset) and job.wds_images == "source"
+    carried = {(s, id(job)): needs_decoding(dataset) and job.wds_images == "source"
                and any(w.keeps_clean_images for w in writers) for job, s, writers, _, _ in todo}
     files = any(carried.values())
     with contextlib.ExitStack() as stack:
