@@ -312,6 +312,12 @@ MUTATIONS = [
              "        d, _, _ = _direction(rec, model, x, y, label, None)\n",
              "        d, _, _ = _direction(rec, model, x, y, \"pred\", None)\n",
              ("tests/attacks/test_attacks.py::test_a_stored_step_is_its_direction_applied",)),
+    Mutation("stored-step-prepares-twice", "an attack without a function of its own checks and copies x a second "
+             "time to apply its direction",
+             "pipeline/attacks.py",
+             "        x_adv = apply_direction(x.detach(), d, eps)\n",
+             "        x_adv = apply_direction(_prepare(x, None, \"ll\")[0], d, eps)\n",
+             ("tests/attacks/test_stored_step_prepares_once.py::test_a_stored_step_prepares_x_once",)),
     Mutation("device-step-skips-augment", "the trainer's device decode drops the batch's crops and flips",
              "pipeline/train/device_batches.py",
              "    return augment_on_device(decode_batch([x], x.transform, x.shape, device), aug, crop_padding)\n",
