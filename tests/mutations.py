@@ -257,11 +257,11 @@ MUTATIONS = [
              "            img = TF.crop(img, (img.shape[1] - self.crop) // 2 + 1, (img.shape[2] - self.crop) // 2, "
              "self.crop, self.crop)\n",
              ("tests/data/test_device_decode.py::test_the_device_path_on_cpu_matches_pil_on_imagefolder",)),
-    Mutation("wds-images-read-twice", "a wds store's source images are read again for the sink, beside the "
-             "loader's read (twice the input I/O)",
-             "pipeline/precompute/compute.py",
-             "            with_files = carried[s, id(job)]\n",
-             "            with_files = False\n",
+    Mutation("wds-images-read-twice", "the PIL path decodes each image from its file opened again, beside the "
+             "read whose bytes a wds store keeps (the stores' bytes stay the same: only the open counter sees it)",
+             "pipeline/data/loader.py",
+             "        return self.dataset.pixels_of(i, data)\n",
+             "        return self.dataset._load(i)\n",
              ("tests/precompute/test_precompute_reads_once.py::test_each_image_file_is_read_once",)),
     Mutation("loader-carries-files-unasked", "every device-path loader's chunks carry the samples' files, "
              "which the process that drives the device rebuilds and holds (evaluate, validation, diagnose)",
