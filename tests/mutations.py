@@ -366,13 +366,13 @@ MUTATIONS = [
     Mutation("chunk-pickled-as-bytes", "a loader worker's chunk of JPEGs goes through its pipe as bytes (~25 MB a "
              "batch that the training process reads and copies), not as one shared-memory tensor",
              "pipeline/data/decode.py",
-             "        if not jpeg:\n            return EncodedChunk, ",
+             "        if not parts:\n            return EncodedChunk, ",
              "        if True:\n            return EncodedChunk, ",
              ("tests/data/test_device_decode_batching.py::test_a_chunk_crosses_from_a_loader_worker_as_one_shared_tensor",)),
     Mutation("chunk-unpacked-at-one-offset", "a chunk's JPEGs are unpacked from the shared tensor all at its start",
              "pipeline/data/decode.py",
-             "        items[k] = data[at:at + n]\n        at += n\n",
-             "        items[k] = data[at:at + n]\n",
+             "        items[k] = data[at:at + n] if pixels is None else",
+             "        items[k] = data[0:n] if pixels is None else",
              ("tests/data/test_device_decode_batching.py::test_a_chunk_crosses_from_a_loader_worker_as_one_shared_tensor",
               "tests/data/test_device_decode.py::test_the_encoded_loader_feeds_the_same_batches_through_worker_processes")),
     Mutation("device-pixels-misplaced", "the PIL-path pixels of a device batch go over in one copy but land at "
