@@ -584,9 +584,9 @@ def _stored_step(rec: AttackRecord) -> Callable[..., Tensor]:
             return_direction: bool) -> Tensor | tuple[Tensor, Tensor]:
         eps = _check_eps(eps)
         d, _, _ = _direction(rec, model, x, y, label, None)
-        # x as the direction saw it (detached; a copy if made under inference_mode); the int8 d
-        # is exactly the sign, so x_adv is what the float sign gave.
-        x_adv = apply_direction(_prepare(x, None, "ll")[0], d, eps)
+        # x, checked by `_direction` already, detached (the sum is a new tensor, also for an x
+        # made under inference_mode); the int8 d is exactly the sign, so x_adv is what the float sign gave.
+        x_adv = apply_direction(x.detach(), d, eps)
         return (x_adv, d) if return_direction else x_adv
 
     if rec.label == "least-likely":

@@ -32,7 +32,7 @@ from enspipe.config import OptionError, config_to_dict
 from enspipe.configs.evaluate import EvalConfig
 from enspipe.data import create_dataset
 from enspipe.data.decode import device_decoder, resolve_decoder
-from enspipe.data.loader import batches, default_workers
+from enspipe.data.loader import batches
 from enspipe.models import BINARIZED_MASKED_PREFIX, BINARIZED_PREFIX, check_weights, load_model_for
 from enspipe.util.naming import model_label, unique_labels
 from enspipe.paths import check_output
@@ -87,7 +87,7 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
     resolve_decoder(cfg.decoder, device)  # nvjpeg without CUDA: one line, before any model is loaded
     data = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
                           image_size=cfg.image_size)
-    workers = cfg.loader_workers if cfg.loader_workers is not None else default_workers(data, spare=1)
+    workers = cfg.loader_workers  # None: from the cores (data.loader.open_loader)
     # Two runs in folders of the same name (seed0/C, seed1/C) get the path suffix that tells them apart.
     labels = unique_labels(_unwrapped(s) for s in [*target_specs, *cfg.sources])
 

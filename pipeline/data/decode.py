@@ -106,10 +106,11 @@ class EncodedChunk:
     """One span's samples as a loader worker hands them over: per sample the JPEG's bytes, or the
     uint8 [C, H, W] pixels the PIL path made of a file the device path does not take.
 
-    Pickled (a DataLoader worker handing it to the process that drives the device), its JPEGs travel
-    as one shared-memory uint8 tensor, not as bytes through the worker's pipe: a batch of 256
-    ImageNet JPEGs is ~25 MB, which the receiving process read and copied (bench_device_step.py
-    measures it). Unpickled, each JPEG item is a 1-D uint8 tensor, a view of that one tensor."""
+    Pickled (a DataLoader worker handing it to the process that drives the device), its JPEGs, its
+    pixels and its files that are not JPEG items travel as one shared-memory uint8 tensor, not as
+    bytes through the worker's pipe: a batch of 256 ImageNet JPEGs is ~25 MB, which the receiving
+    process read and copied (bench_device_step.py measures it). Unpickled, each JPEG item is a 1-D
+    uint8 tensor and each item of pixels a uint8 numpy array, views of that one tensor."""
 
     items: list[bytes | np.ndarray | torch.Tensor]
     indices: list[int] | None = None  # the samples', for naming one that fails to decode
@@ -129,23 +130,32 @@ class EncodedChunk:
     def __reduce__(self) -> tuple[Any, tuple]:
         import torch
 
-        jpeg = [k for k, it in enumerate(self.items) if _encoded(it)]
-        if not jpeg:
+        # Every JPEG, every uint8 pixel item and every file that is not a JPEG item goes in one tensor.
+        shared = [k for k, it in enumerate(self.items) if _encoded(it) or it.dtype == np.uint8]
+        own = [] if self.files is None else [k for k in range(len(self.items)) if not _encoded(self.items[k])]
+        parts = [self.items[k] for k in shared] + [self.files[k][1] for k in own]
+        if not parts:
             return EncodedChunk, (self.items, self.indices, self.transform, self.shape, self.files)
-        sizes = [len(self.items[k]) for k in jpeg]
+        sizes = [it.nbytes if isinstance(it, np.ndarray) else len(it) for it in parts]
         # In shared memory from the start: a tensor pickled for a worker queue is moved there
         # otherwise, which would copy it once more.
         data = torch.empty(sum(sizes), dtype=torch.uint8).share_memory_()
-        flat, at = data.numpy(), 0
-        for k, n in zip(jpeg, sizes):
-            it = self.items[k]
-            flat[at:at + n] = it.numpy() if isinstance(it, torch.Tensor) else np.frombuffer(it, np.uint8)
+        flat, at, spans = data.numpy(), 0, []
+        for it, n in zip(parts, sizes):
+            if isinstance(it, np.ndarray):
+                flat[at:at + n].reshape(it.shape)[...] = it
+            else:
+                flat[at:at + n] = it.numpy() if isinstance(it, torch.Tensor) else np.frombuffer(it, np.uint8)
+            spans.append((at, n))
             at += n
-        rest = [None if _encoded(it) else it for it in self.items]
+        # k -> (offset, size, the pixels' shape; None for a JPEG)
+        at_items = {k: (*span, None if _encoded(self.items[k]) else self.items[k].shape)
+                    for k, span in zip(shared, spans)}
+        rest = [None if k in at_items else it for k, it in enumerate(self.items)]
         # A JPEG's file is its item (`encoded_chunk`): only its extension travels beside it.
-        files = None if self.files is None else [
-            (ext, None if _encoded(self.items[k]) else data_) for k, (ext, data_) in enumerate(self.files)]
-        return _unpacked, (data, jpeg, sizes, rest, self.indices, self.transform, self.shape, files)
+        at_files = dict(zip(own, spans[len(shared):]))
+        files = None if self.files is None else [(ext, at_files.get(k)) for k, (ext, _) in enumerate(self.files)]
+        return _unpacked, (data, at_items, rest, self.indices, self.transform, self.shape, files)
 
 
 def _encoded(item: Any) -> bool:
@@ -153,17 +163,18 @@ def _encoded(item: Any) -> bool:
     return not isinstance(item, np.ndarray)
 
 
-def _unpacked(data: torch.Tensor, jpeg: list[int], sizes: list[int], rest: list, indices: list[int] | None,
-              transform: DeviceTransform | None, shape: tuple[int, int, int] | None,
-              files: list[tuple[str, bytes | None]] | None = None) -> EncodedChunk:
-    """An `EncodedChunk` from its pickled form: each JPEG a view of the one shared tensor (and,
-    where the chunk carries its files, each JPEG's file those bytes again, as the store writer takes them)."""
-    items, at = list(rest), 0
-    for k, n in zip(jpeg, sizes):
-        items[k] = data[at:at + n]
-        at += n
+def _unpacked(data: torch.Tensor, at_items: dict[int, tuple[int, int, tuple | None]], rest: list,
+              indices: list[int] | None, transform: DeviceTransform | None, shape: tuple[int, int, int] | None,
+              files: list[tuple[str, tuple[int, int] | None]] | None) -> EncodedChunk:
+    """An `EncodedChunk` from its pickled form: each JPEG a view of the one shared tensor, each item
+    of pixels a numpy view of it (and, where the chunk carries its files, each file as bytes again,
+    as the store writer takes them: a JPEG's from its item, another's from its own place)."""
+    items = list(rest)
+    for k, (at, n, pixels) in at_items.items():
+        items[k] = data[at:at + n] if pixels is None else data[at:at + n].numpy().reshape(pixels)
     if files is not None:
-        files = [(ext, raw if raw is not None else items[k].numpy().tobytes()) for k, (ext, raw) in enumerate(files)]
+        files = [(ext, (items[k] if span is None else data[span[0]:span[0] + span[1]]).numpy().tobytes())
+                 for k, (ext, span) in enumerate(files)]
     return EncodedChunk(items, indices, transform, shape, files)
 
 
@@ -185,18 +196,20 @@ def check_jpeg(data: bytes, what: str, limits) -> tuple[int, int] | None:
     return w, h
 
 
-def encoded_chunk(dataset, indices: Iterable[int]) -> EncodedChunk:
+def encoded_chunk(dataset, indices: Iterable[int], *, files: bool = False) -> EncodedChunk:
     """The `EncodedChunk` of these samples of `dataset` (an imagefolder or wds source), each file
     read once: its JPEG bytes (header checked, nothing decoded), or the PIL path's pixels of a file
-    the device path does not take, and the file itself. What a loader worker does on the device path."""
+    the device path does not take. What a loader worker does on the device path. With `files` the
+    chunk carries each file too (`EncodedChunk.files`, for a wds store that keeps them); only then,
+    since the process that drives the device rebuilds each one from the shared tensor when unpickling."""
     indices = [int(i) for i in indices]
-    items, files = [], []
+    items, kept = [], []
     for i in indices:
         ext, data = dataset.encoded_image(i)
         jpeg = dataset.jpeg_of(i, data)
         items.append(jpeg if jpeg is not None else dataset.pixels_of(i, data))
-        files.append((ext, data))
-    return EncodedChunk(items, indices, files=files)
+        kept.append((ext, data))
+    return EncodedChunk(items, indices, files=kept if files else None)
 
 
 def device_decoder(name: str, device: Any, dataset) -> str:

@@ -112,11 +112,16 @@ class _Pixels:
 
 class _Encoded(_Pixels):
     """`encoded[(a, b)]`: the span's samples for the device decode (`EncodedChunk`): each JPEG's
-    bytes, read and header-checked, or the PIL path's pixels for a file the device does not take."""
+    bytes, read and header-checked, or the PIL path's pixels for a file the device does not take
+    (and each sample's file, where `files`)."""
+
+    def __init__(self, dataset, files: bool) -> None:
+        super().__init__(dataset)
+        self.files = files
 
     def __getitem__(self, span: Span):
         try:
-            return encoded_chunk(self.dataset, range(*span))
+            return encoded_chunk(self.dataset, range(*span), files=self.files)
         except EnspipeError as e:
             return _Failure(type(e), str(e))
 
@@ -138,12 +143,15 @@ class ChunkLoader:
     """uint8 pixels of any list of spans, in order, decoded by `workers` processes ahead of use
     (0: in the calling thread). Chunks are in pinned memory when `pin` (for fast, non-blocking
     copies to a GPU). With `encoded` the workers decode nothing: chunks are `EncodedChunk`s (the
-    files' bytes) for `batch_to_device` to decode on the device. Close it (or use it as a context
+    files' bytes) for `batch_to_device` to decode on the device; with `files` too (an encoded
+    loader only) they also carry each sample's file (`EncodedChunk.files`). Close it (or use it as a context
     manager) to stop the worker processes."""
 
-    def __init__(self, dataset, workers: int, *, pin: bool = False, encoded: bool = False,
+    def __init__(self, dataset, workers: int, *, pin: bool = False, encoded: bool = False, files: bool = False,
                  log: Callable[[str], None] = _stderr) -> None:
-        self.dataset, self.pin, self.encoded = dataset, pin, encoded
+        if files and not encoded:
+            raise ValueError("a ChunkLoader's chunks carry files only when encoded")
+        self.dataset, self.pin, self.encoded, self.files = dataset, pin, encoded, files
         if workers and multiprocessing.current_process().daemon:
             # A daemonic process (a dask worker started with the default distributed.worker.daemon)
             # may not start children: decode here rather than fail.
@@ -160,7 +168,7 @@ class ChunkLoader:
             # fork: the dataset (a file list that may hold a million paths) is not pickled per
             # worker, and workers start in milliseconds. They never touch the GPU.
             ctx = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-            source = _Encoded(dataset) if encoded else _Pixels(dataset)
+            source = _Encoded(dataset, files) if encoded else _Pixels(dataset)
             self._loader = DataLoader(source, batch_size=None, sampler=self._spans, num_workers=workers,
                                       pin_memory=pin, prefetch_factor=PREFETCH_CHUNKS, persistent_workers=True,
                                       multiprocessing_context=ctx)
@@ -179,7 +187,7 @@ class ChunkLoader:
 
         for a, b in spans:
             if self.encoded:
-                yield encoded_chunk(self.dataset, range(a, b))
+                yield encoded_chunk(self.dataset, range(a, b), files=self.files)
                 continue
             t = torch.from_numpy(self.dataset.images_uint8(slice(a, b)))
             yield t.pin_memory() if self.pin else t
@@ -244,7 +252,9 @@ def batch_to_device(chunks: Sequence, device: torch.device, dataset=None) -> tor
     if not chunks or not isinstance(chunks[0], EncodedChunk):
         return to_device(chunks, device)
     u8 = decode_batch(chunks, dataset.device_transform(), dataset.geometry.shape, device, dataset.decode_error)
-    return _to_float_table(device)[u8.int()]
+    # Contiguous, as `to_device`'s: a batch of the PIL path's pixels stacked from channels-last arrays
+    # keeps their strides, and a convolution over another layout gives other bits (other kernels).
+    return _to_float_table(device)[u8.contiguous().int()]
 
 
 def gather(chunks: Iterator[torch.Tensor], n: int) -> list[torch.Tensor]:
@@ -265,22 +275,62 @@ def spans_of(batches: Sequence[Span], chunk: int) -> list[Span]:
 
 
 
-def open_loader(data, device: torch.device, *, workers: int, decoder: str = "cpu") -> ChunkLoader:
-    """A `ChunkLoader` over `data` for `batches` on `device`: `decoder` (auto | cpu | nvjpeg,
-    `data.decode.resolve_decoder`) says whether its workers decode (PIL) or only read the bytes
-    that the device then decodes (nvJPEG); pinned chunks for a CUDA device. A source held in
-    memory is sliced, not decoded: no processes for it."""
+def open_loader(data, device: torch.device, *, workers: int | None, decoder: str = "cpu", files: bool = False,
+                spare: int = 1, cores: int | None = None) -> ChunkLoader:
+    """The `ChunkLoader` of every stage that feeds `device` from `data` (precompute, evaluate,
+    validation, diagnose): `workers` processes (None: `default_workers(data, cores, spare=spare)`;
+    precompute spares 2). A source held in memory is sliced, not decoded: no processes for it.
+    Pinned chunks for a CUDA device. `decoder` (auto | cpu | nvjpeg, `data.decode.device_decoder`)
+    says whether the workers decode (PIL) or only read the bytes the device then decodes (nvJPEG).
+
+    With `files` (precompute, where a wds store keeps the source's files) the chunks carry each
+    sample's file as the worker read it (`EncodedChunk.files`; for a JPEG on the device path the
+    file is the item the device decodes); the PIL path then reads each file once, decodes those
+    bytes (`_PilFiles`: the same pixels as from the path) and hands both over. `loader.files` says
+    whether its chunks carry them."""
     from enspipe.data.decode import device_decoder
 
-    encoded = device_decoder(decoder, device, data) != "cpu"
-    return ChunkLoader(data, workers if needs_decoding(data) else 0, pin=device.type == "cuda", encoded=encoded)
+    decodes = needs_decoding(data)
+    if files and not decodes:
+        raise ValueError("a loader's chunks carry files only for a source that reads files")
+    if not decodes:
+        workers = 0
+    elif workers is None:
+        workers = default_workers(data, cores, spare=spare)
+    pin = device.type == "cuda"
+    if device_decoder(decoder, device, data) != "cpu":
+        return ChunkLoader(data, workers, pin=pin, encoded=True, files=files)
+    if files:
+        return ChunkLoader(_PilFiles(data), workers, pin=pin, encoded=True, files=True)
+    return ChunkLoader(data, workers, pin=pin)
 
 
-def batches(data, batch_size: int, device: torch.device, *, workers: int = 0, decoder: str = "cpu",
+class _PilFiles:
+    """A source of files as `encoded_chunk` reads it for the PIL path: every sample's pixels are
+    the PIL path's (no file goes to the device decoder), made from the file's bytes read once,
+    which the chunk carries beside them."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def encoded_image(self, i: int) -> tuple[str, bytes]:
+        return self.dataset.encoded_image(i)
+
+    def jpeg_of(self, i: int, data: bytes) -> None:
+        return None
+
+    def pixels_of(self, i: int, data: bytes):
+        return self.dataset.pixels_of(i, data)
+
+
+def batches(data, batch_size: int, device: torch.device, *, workers: int | None = 0, decoder: str = "cpu",
             loader: ChunkLoader | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """(samples, x, y) for the batches [0, b), [b, 2b), ... of `data`, in order, the last one
     partial: x float32 [n, C, H, W] in [0, 1] and y int64 [n] on `device`. The pixels are decoded
-    ahead of use by `workers` loader processes (0: in this process), with PIL, or on the device
+    ahead of use by `workers` loader processes (0: in this process; None: from the cores), with PIL, or on the device
     where `decoder` resolves to nvjpeg (`open_loader`). On the PIL path x equals
     `data.images(samples)` bit for bit, whatever the worker count. `loader` (from `open_loader`,
     over `data`) is used instead of a new one, so a caller that reads the same data again forks

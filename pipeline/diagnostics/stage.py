@@ -169,7 +169,7 @@ def run_diagnose(cfg: DiagnoseConfig | Mapping[str, str | nn.Module], **old: Any
 
 def _run(cfg: DiagnoseConfig, named: Mapping[str, str | nn.Module], other: str | nn.Module | None) -> dict[str, Any]:
     from enspipe.data import create_dataset
-    from enspipe.data.loader import batches, default_workers
+    from enspipe.data.loader import batches
     from enspipe.models import check_weights, load_model_for
     from enspipe.paths import check_output
     from enspipe.util.runtime import resolve_device
@@ -195,7 +195,7 @@ def _run(cfg: DiagnoseConfig, named: Mapping[str, str | nn.Module], other: str |
     loaded = {name: load(spec) for name, spec in named.items()}
     other_model = load(other) if other is not None else None
     # Decoded by loader processes, batch by batch, not image by image here (PIL: diagnose keeps its pixels).
-    workers = cfg.loader_workers if cfg.loader_workers is not None else default_workers(data, spare=1)
+    workers = cfg.loader_workers  # None: from the cores (data.loader.open_loader)
     x = torch.cat([xb for _, xb, _ in batches(data, cfg.batch_size, dev, workers=workers)])
     y = torch.as_tensor(data.labels, device=dev)
     meta = {"dataset": data.identity(),

@@ -29,7 +29,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from enspipe.data.loader import ChunkLoader, batch_spans, batch_to_device, chunk_size, default_workers, gather, spans_of
+from enspipe.data.loader import (ChunkLoader, batch_spans, batch_to_device, chunk_size, gather, needs_decoding,
+                                  open_loader, spans_of)
 from enspipe.util.errors import EnspipeError
 from enspipe.precision import Precision
 
@@ -127,19 +128,12 @@ def _clean_pixels(dataset, start: int, stop: int):
     return lambda: dataset.images_uint8(slice(start, stop))
 
 
-def _reads_files(dataset) -> bool:
-    """Whether the source reads one file per sample that a wds store can keep as it is (imagefolder, wds)."""
-    from enspipe.data import LazySource
-
-    return isinstance(dataset, LazySource) and hasattr(dataset, "pixels_of")
-
-
 def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device: torch.device, *,
                   loader_for: Callable[[bool], ChunkLoader] | None = None,
                   done: Callable[[int], None] | None = None) -> None:
     """Compute every (job, shard) in order into the sink, the pixels decoded ahead by
     `loader_for(files)` (a ChunkLoader over the jobs' dataset whose chunks carry each sample's
-    file when `files`; by default `open_loader`'s, made and closed here)."""
+    file when `files`; by default `data.loader.open_loader`'s, made and closed here)."""
     import torch
 
     from enspipe.stores import open_writer
@@ -158,12 +152,12 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
     if not todo:
         return
     # The shards whose wds stores keep the source's files get them from the loader, read once.
-    carried = {(s, id(job)): _reads_files(dataset) and job.wds_images == "source"
+    carried = {(s, id(job)): needs_decoding(dataset) and job.wds_images == "source"
                and any(w.keeps_clean_images for w in writers) for job, s, writers, _, _ in todo}
     files = any(carried.values())
     with contextlib.ExitStack() as stack:
         if loader_for is None:
-            loader = stack.enter_context(open_loader(dataset, units[0][0], device, files=files))
+            loader = stack.enter_context(_open_loader(dataset, units[0][0], device, files))
         else:
             loader = loader_for(files)
         batches = {(s, id(job)): batch_spans(a, b, job.batch_size) for job, s, _, a, b in todo}
@@ -192,41 +186,11 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
                 done(1)
 
 
-def open_loader(dataset, job: ShardJob, device: torch.device, *, files: bool = False) -> ChunkLoader:
-    """The loader of `job`'s data path: its loader workers, or as many as the cores allow.
-
-    With `files` (a wds store keeps the source's files) its chunks carry each sample's file as
-    the worker read it (`EncodedChunk.files`). The device path's chunks always do (for a JPEG the
-    file is the item the device decodes); the PIL path then reads each file once, decodes those
-    bytes (`_PilFiles`: the same pixels as from the path) and hands both over."""
-    workers = job.loader_workers if job.loader_workers is not None else default_workers(dataset, job.torch_threads)
-    pin = device.type == "cuda"
-    if job.decoder != "cpu":
-        return ChunkLoader(dataset, workers, pin=pin, encoded=True)
-    if files:
-        return ChunkLoader(_PilFiles(dataset), workers, pin=pin, encoded=True)
-    return ChunkLoader(dataset, workers, pin=pin)
-
-
-class _PilFiles:
-    """A source of files as `encoded_chunk` reads it for the PIL path: every sample's pixels are
-    the PIL path's (no file goes to the device decoder), made from the file's bytes read once,
-    which the chunk carries beside them."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def encoded_image(self, i: int) -> tuple[str, bytes]:
-        return self.dataset.encoded_image(i)
-
-    def jpeg_of(self, i: int, data: bytes) -> None:
-        return None
-
-    def pixels_of(self, i: int, data: bytes):
-        return self.dataset.pixels_of(i, data)
+def _open_loader(dataset, job: ShardJob, device: torch.device, files: bool) -> ChunkLoader:
+    """`job`'s loader: its loader workers, or every core of its torch threads but two (one for the
+    process that drives the device, one for the sink's thread, `default_workers`)."""
+    return open_loader(dataset, device, workers=job.loader_workers, decoder=job.decoder, files=files, spare=2,
+                       cores=job.torch_threads)
 
 
 @contextlib.contextmanager
@@ -282,7 +246,7 @@ def run_in_process(units: list[tuple[ShardJob, int]], *, overlap: bool) -> None:
 
 # --- Inside a dask worker -----------------------------------------------------------------------------
 
-_WORKER_LOADER: dict[tuple, tuple[ChunkLoader, bool]] = {}  # key -> (loader, its chunks carry files)
+_WORKER_LOADER: dict[tuple, ChunkLoader] = {}
 _WORKER_LOCK = threading.Lock()
 
 
@@ -291,12 +255,12 @@ def _worker_loader(dataset, job: ShardJob, device: torch.device, files: bool) ->
     only when a task needs files and it carries none; one that carries files serves any task)."""
     key = (dataset.name, dataset.fingerprint, job.loader_workers, job.torch_threads, device.type, job.decoder)
     with _WORKER_LOCK:
-        if key not in _WORKER_LOADER or (files and not _WORKER_LOADER[key][1]):
-            for old, _ in _WORKER_LOADER.values():
+        if key not in _WORKER_LOADER or (files and not _WORKER_LOADER[key].files):
+            for old in _WORKER_LOADER.values():
                 old.close()
             _WORKER_LOADER.clear()  # one dataset per worker process at a time, as in plan._open_inputs
-            _WORKER_LOADER[key] = (open_loader(dataset, job, device, files=files), files)
-        return _WORKER_LOADER[key][0]
+            _WORKER_LOADER[key] = _open_loader(dataset, job, device, files)
+        return _WORKER_LOADER[key]
 
 
 def stream_task(units: list[tuple[ShardJob, int]]) -> int:

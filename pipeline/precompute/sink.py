@@ -11,8 +11,9 @@ device-to-host copy (started by the compute on a side stream), turns it into num
 writes each finished shard, so the next batch (and shard) is computed while the previous
 one is copied, encoded and written (benchmarks/bench_precompute.py measures it against
 writing in the computing thread). The clean images a wds store carries are the source's files
-as the loader read them, handed over with each batch (`BatchDone.files`): each file is read
-once per attack computed, not once more here (ImageNet on network storage: half the input I/O).
+as the loader read them, handed over with each batch (`BatchDone.files`): each file is opened
+once per attack computed, not once more here (tests/precompute/test_precompute_reads_once.py
+counts the opens; what that saves in I/O time, with the page cache between, is not measured).
 A source held as pixels has no files: its pixels are fetched here (`ShardBegin.images`), not in
 the thread that drives the device.
 """
@@ -35,9 +36,10 @@ if TYPE_CHECKING:
 __all__ = ["BatchDone", "CleanImages", "ShardBegin", "ShardEnd", "ShardSink", "max_batches_for"]
 
 WRITER_NICE = 10  # niceness of the background writer thread (see ShardSink._loop)
-# At most about this many bytes of computed directions wait for the writer: ~13 batches of 256
-# at 3x224x224, several shards' worth of decoupling, and the pinned host memory stays bounded.
-# (A wds store's source files ride with their batches: ~0.75x more at ImageNet's ~110 KB a JPEG.)
+# At most about this many bytes of computed batches wait for the writer: ~13 batches of 256 at
+# 3x224x224, several shards' worth of decoupling, and the pinned host memory stays bounded. The
+# bytes count each batch's directions, logits and labels and the source files riding with it (a
+# wds store's: at 64 px a batch's JPEGs are ~2x its directions, at ImageNet's ~110 KB a JPEG).
 SINK_BYTES = 512 << 20
 
 
@@ -83,8 +85,17 @@ Message = ShardBegin | BatchDone | ShardEnd
 
 
 def max_batches_for(batch_size: int, geometry: Sequence[int]) -> int:
-    """How many computed batches may wait for the writer: ~SINK_BYTES of int8 directions."""
+    """How many computed batches may wait for the writer: ~SINK_BYTES of int8 directions (a cap
+    on their count; `ShardSink` also caps their bytes, files included)."""
     return max(4, min(64, SINK_BYTES // max(1, batch_size * int(np.prod(geometry)))))
+
+
+def _size(msg: Message) -> int:
+    """The host bytes a message holds while it waits for the writer."""
+    if not isinstance(msg, BatchDone):
+        return 0
+    return (msg.direction.nbytes + msg.logits.nbytes + msg.labels.nbytes
+            + sum(len(data) for _, data in msg.files or ()))
 
 
 class _ShardBuffer:
@@ -129,12 +140,15 @@ class ShardSink:
     """Turns computed batches into numpy shard buffers and writes whole shards.
 
     With `background=True` a single thread does this while the caller computes the next
-    batch; the queue is bounded (`max_batches`), so a slow writer stalls the compute rather
+    batch; the queue is bounded (`max_batches`, and `max_bytes` of the batches' tensors and
+    files, `_size`; one batch is always let in), so a slow writer stalls the compute rather
     than memory filling up. The caller sees a writer error at its next call (or at `close`).
     """
 
-    def __init__(self, *, background: bool, max_batches: int = 64) -> None:
+    def __init__(self, *, background: bool, max_batches: int = 64, max_bytes: int = SINK_BYTES) -> None:
         self._queue: queue.Queue[Message | None] | None = queue.Queue(maxsize=max_batches) if background else None
+        self._max_bytes, self._queued = max_bytes, 0  # bytes handed over and not yet handled
+        self._room = threading.Condition()
         self._error: BaseException | None = None
         self._abort = threading.Event()
         self._buf: _ShardBuffer | None = None
@@ -150,6 +164,12 @@ class ShardSink:
         if self._queue is None:
             self._handle(msg)
             return
+        size = _size(msg)
+        with self._room:
+            while self._queued and self._queued + size > self._max_bytes:
+                self._room.wait(timeout=0.5)  # poll so a dead writer thread cannot block the producer forever
+                self._raise()
+            self._queued += size
         self._enqueue(msg)
 
     def close(self) -> None:
@@ -208,6 +228,9 @@ class ShardSink:
                     self._handle(item)
                 except BaseException as e:  # handed to the producer, which raises it
                     self._error = e
+            with self._room:
+                self._queued -= _size(item)
+                self._room.notify_all()
 
     def _handle(self, msg: Message) -> None:
         if isinstance(msg, ShardBegin):

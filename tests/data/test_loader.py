@@ -131,3 +131,59 @@ def test_batches_through_the_device_path_keep_the_order_and_the_labels(jpegs, or
     assert torch.equal(torch.cat([y for _, _, y in got]), y_want)
     diff = (torch.cat([x for _, x, _ in got]) - x_want).abs() * 255
     assert diff.mean() < 0.5 and diff.max() <= 4.01, (float(diff.mean()), float(diff.max()))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_only_a_loader_asked_for_files_carries_them(jpegs, monkeypatch, workers):
+    """The device path's chunks carry each sample's file only where asked (`files`: precompute with a
+    wds store that keeps them): evaluate, validation and diagnose (`open_loader` without it) get the
+    JPEGs alone, which the process that drives the device would otherwise rebuild and hold as bytes.
+    Asked, the files are the bytes on disk (read here), also through forked workers (pickled)."""
+    from enspipe.data import decode as decode_mod
+
+    real = decode_mod.resolve_decoder  # as `auto` resolves on CUDA: the workers hand over the JPEGs' bytes
+    monkeypatch.setattr(decode_mod, "resolve_decoder", lambda name, device, decodes=True: real(name, "cuda", decodes))
+    ds = create_dataset(f"imagefolder:{jpegs}", image_size=SIZE)
+    spans = spans_of(batch_spans(0, len(ds), 16), 8)
+    with open_loader(ds, CPU, workers=workers, decoder="nvjpeg") as loader:
+        assert loader.encoded
+        chunks = list(loader(spans))
+    assert sum(map(len, chunks)) == len(ds) and all(c.files is None for c in chunks)
+    with ChunkLoader(ds, workers, encoded=True, files=True) as loader:
+        chunks = list(loader(spans))
+    want = [("jpeg", (ds.folder / f).read_bytes()) for f in ds._files]
+    assert [f for c in chunks for f in c.files] == want
+
+
+def test_a_pickled_chunk_sends_its_jpegs_pixels_and_files_through_shared_memory(jpegs):
+    """What a loader worker hands over (`EncodedChunk` pickled for its queue) holds no payload in the
+    pickle itself: JPEGs, the PIL path's pixels (channels-last views, as PIL's arrays come) and the
+    files that are not JPEG items all go in shared memory (decoder cpu with a wds store keeping the
+    files: every item is pixels). Oracle: the sizes and the bytes, computed here."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import numpy as np
+
+    from enspipe.data.decode import EncodedChunk
+
+    ds = create_dataset(f"imagefolder:{jpegs}", image_size=SIZE)
+    raw = [(ds.folder / f).read_bytes() for f in ds._files[:6]]
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8).transpose(2, 0, 1) for _ in range(6)]
+    for items, files in (
+            (pixels, [("png", bytes([k]) * 5000) for k in range(6)]),            # the PIL path's chunk
+            ([raw[0], pixels[1], torch.frombuffer(bytearray(raw[2]), dtype=torch.uint8)],
+             [("jpeg", raw[0]), ("png", b"\x89PNG" * 999), ("jpeg", raw[2])])):   # the device path's
+        chunk = EncodedChunk(list(items), list(range(len(items))), files=list(files))
+        payload = sum(it.nbytes if isinstance(it, np.ndarray) else len(it) for it in items)
+        payload += sum(len(b) for it, (_, b) in zip(items, files) if isinstance(it, np.ndarray))
+        sent = bytes(ForkingPickler.dumps(chunk))
+        assert len(sent) < payload / 10, (len(sent), payload)
+        got = pickle.loads(sent)
+        assert got.indices == chunk.indices and got.files == list(files)
+        for a, b in zip(got.items, items):
+            if isinstance(b, np.ndarray):
+                assert isinstance(a, np.ndarray) and np.array_equal(a, b)
+            else:
+                assert bytes(a.numpy()) == bytes(b)

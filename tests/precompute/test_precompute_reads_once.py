@@ -80,10 +80,13 @@ def _src_members(store: Path) -> list[bytes]:
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_session.sh)")
 
 
-@pytest.mark.parametrize("decoder,workers", [("pil", 2), ("device", 0), pytest.param("cuda", 2, marks=CUDA)])
+@pytest.mark.parametrize("decoder,workers", [("pil", 2), ("device", 0), ("device", 2),
+                                             pytest.param("cuda", 2, marks=CUDA)])
 def test_each_image_file_is_read_once(inputs, tmp_path, monkeypatch, decoder, workers):
     """pil: the PIL path (2 loader workers); device: the device path's code on the CPU (as `auto`
-    resolves on CUDA); cuda: nvJPEG itself, on a CUDA device (the GPU session runs it)."""
+    resolves on CUDA), in this process and through 2 forked workers (which inherit the patch: their
+    chunks are pickled, each JPEG's file rebuilt from the shared tensor); cuda: nvJPEG itself, on a
+    CUDA device (the GPU session runs it)."""
     jpegs, model = inputs
     if decoder == "device":  # as `auto` resolves on CUDA: the loader hands over the JPEGs' bytes
         from enspipe.data import decode as decode_mod
