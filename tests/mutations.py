@@ -331,6 +331,15 @@ MUTATIONS = [
              "        out[torch.tensor(pixels, device=device)] = block\n",
              "        out[torch.tensor(pixels[::-1], device=device)] = block\n",
              ("tests/data/test_device_decode_batching.py::test_a_batch_of_repeated_sizes_is_each_image_decoded_alone_at_its_place",)),
+    # --- The decode review (engineer fdecode): evaluate's decoder, the batch's copies, resume, validation ---
+    Mutation("evaluate-decoder-auto", "evaluate's decoder defaults to auto: on CUDA it decodes with nvJPEG under the "
+             "job key its PIL results were cached with", "pipeline/configs/evaluate.py",
+             'errors.", default="cpu")', 'errors.")',
+             ("tests/evaluate/test_evaluate_decoder.py::test_evaluate_decodes_with_pil_on_cuda_unless_asked",)),
+    Mutation("evaluate-store-decoder-silent", "evaluate applies a store of another decoder's pixels without a word",
+             "pipeline/evaluate.py",
+             "        _log.warning(line)\n", "        pass\n",
+             ("tests/evaluate/test_evaluate_decoder.py::test_a_store_of_another_decoder_is_one_line",)),
     # --- A store URL at train start: checks without shard bytes, one owner of the record checks ---
     Mutation("start-check-downloads-store", "a train start's check of a store URL downloads and hashes every object",
              "pipeline/stores/verify.py",

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["DECODERS", "DeviceTransform", "EncodedChunk", "UndecodableJPEG", "augment_on_device", "check_jpeg",
-           "decode_batch", "decoder_params", "device_decoder", "encoded_chunk", "resolve_decoder", "store_decoder"]
+           "decode_batch", "decoder_params", "device_decoder", "encoded_chunk", "other_decoder_line", "resolve_decoder",
+           "store_decoder"]
 
 JPEG_MODES = ("RGB", "L")  # what decode_jpeg(mode=RGB|GRAY) converts from on every device
 
@@ -63,6 +64,20 @@ def decoder_params(decoder: str) -> dict[str, str]:
 def store_decoder(attack_params: dict[str, Any]) -> str:
     """The decoder that made a store, from its identity's attack params (`decoder_params`' inverse)."""
     return str(attack_params.get("decoder", "cpu"))
+
+
+def other_decoder_line(stage: str, stores: Sequence[dict[str, Any]], decoder: str) -> str | None:
+    """The one line a stage (train, evaluate) says when some of its `stores` ({"path", "decoder"})
+    were computed on pixels of another decoder than its own (nvJPEG's and PIL's differ by ~0.15 grey
+    levels on average, a few at most): their directions are those of slightly different images,
+    which is tolerated, so it is said, not refused. None when every store matches."""
+    other = [s for s in stores if s["decoder"] != decoder]
+    if not other:
+        return None
+    which = ", ".join(f"{s['path']} ({s['decoder']})" for s in other)
+    return (f"{stage}: this run decodes its images with {decoder}; {len(other)} of {len(stores)} stores were "
+            f"computed on another decoder's pixels ({which}), which differ by a fraction of a grey level on "
+            "average: their directions apply to nearly, not exactly, these images (not an error)")
 
 
 class UndecodableJPEG(DataError):

@@ -52,7 +52,7 @@ from enspipe.attack_records import parse_eps  # noqa: F401 -- `enspipe.train.par
 from enspipe.config import OptionError, runtime_fields
 from enspipe.configs.train import MODES, OPTIMIZERS, STORABLE, TrainConfig  # noqa: F401 -- re-exported
 from enspipe.data import SampleSource, create_dataset
-from enspipe.data.decode import UndecodableJPEG, device_decoder, resolve_decoder, store_decoder
+from enspipe.data.decode import UndecodableJPEG, device_decoder, other_decoder_line, resolve_decoder, store_decoder
 from enspipe.util.errors import ConfigError, EnspipeError, StoreError
 from enspipe.util.fileio import atomic_target, hold_folder, release_folder
 from enspipe.models import EnsModel, load_model_for, save_model
@@ -133,15 +133,9 @@ def _check_stores(dataset: SampleSource, paths: Sequence[str | StoreReader]) -> 
 
 
 def _note_store_decoders(stores: list[dict[str, Any]], decoder: str) -> None:
-    """One line when a store's directions were computed on pixels of another decoder than the run's
-    (nvJPEG's and PIL's differ by ~0.15 grey levels on average, a few at most): the directions are
-    those of slightly different images, which training tolerates, so it is said, not refused."""
-    other = [s for s in stores if s["decoder"] != decoder]
-    if other:
-        which = ", ".join(f"{s['path']} ({s['decoder']})" for s in other)
-        _log.warning(f"train: this run decodes its images with {decoder}; {len(other)} of {len(stores)} stores "
-                     f"were computed on another decoder's pixels ({which}), which differ by a fraction of a grey "
-                     "level on average: their directions apply to nearly, not exactly, these images (not an error)")
+    """One line when a store's directions were computed on another decoder's pixels (`other_decoder_line`)."""
+    if (line := other_decoder_line("train", stores, decoder)) is not None:
+        _log.warning(line)
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
