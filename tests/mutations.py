@@ -328,8 +328,8 @@ MUTATIONS = [
               "tests/data/test_device_decode.py::test_the_encoded_loader_feeds_the_same_batches_through_worker_processes")),
     Mutation("device-pixels-misplaced", "the PIL-path pixels of a device batch go over in one copy but land at "
              "each other's places", "pipeline/data/decode.py",
-             "        out[torch.tensor(pixels, device=device)] = block\n",
-             "        out[torch.tensor(pixels[::-1], device=device)] = block\n",
+             "        places.extend(pixels)\n",
+             "        places.extend(pixels[::-1])\n",
              ("tests/data/test_device_decode_batching.py::test_a_batch_of_repeated_sizes_is_each_image_decoded_alone_at_its_place",)),
     # --- The decode review (engineer fdecode): evaluate's decoder, the batch's copies, resume, validation ---
     Mutation("evaluate-decoder-auto", "evaluate's decoder defaults to auto: on CUDA it decodes with nvJPEG under the "
@@ -340,6 +340,11 @@ MUTATIONS = [
              "pipeline/evaluate.py",
              "        _log.warning(line)\n", "        pass\n",
              ("tests/evaluate/test_evaluate_decoder.py::test_a_store_of_another_decoder_is_one_line",)),
+    Mutation("device-batch-index-pageable", "the rows of a device batch are put in place by an index made on the "
+             "device from a Python list (a pageable copy: the training step waits for the GPU)", "pipeline/data/decode.py",
+             "    return out.index_copy_(0, _to_device(torch.tensor(places, dtype=torch.long), device), rows)\n",
+             "    out[torch.tensor(places, device=device)] = rows\n    return out\n",
+             ("tests/data/test_device_decode_copies.py::test_a_mixed_batch_is_put_in_place_by_one_index_sent_like_the_pixels",)),
     # --- A store URL at train start: checks without shard bytes, one owner of the record checks ---
     Mutation("start-check-downloads-store", "a train start's check of a store URL downloads and hashes every object",
              "pipeline/stores/verify.py",

@@ -264,16 +264,22 @@ def decode_batch(chunks: Sequence[EncodedChunk], transform: DeviceTransform, sha
 
     items = [it for c in chunks for it in c.items]
     indices = [i for c in chunks for i in (c.indices or [None] * len(c.items))]
-    out = torch.empty((len(items), *shape), dtype=torch.uint8, device=device)
+    # The batch's rows in the order they are made (the JPEGs by size group, then the workers' pixels)
+    # and the row each goes to: put in place by one index_copy_ at the end. The only host -> device
+    # copies are `_to_device`'s (pinned, non-blocking on CUDA): an index built from a Python list
+    # on the device (torch.tensor(..., device=cuda)) is a pageable copy, which waits for all the
+    # GPU work queued before it (the previous step's backward), once per size group.
+    parts: list[torch.Tensor] = []
+    places: list[int] = []
     jpeg = [j for j, it in enumerate(items) if _encoded(it)]
     if jpeg:
         try:
             decoded = _decode_jpegs([items[j] for j in jpeg], transform.mode, device)
         except RuntimeError:
             raise _undecodable(items, jpeg, indices, transform.mode, device, error) from None
-        # Images of one size are resized, cropped and put in place together: a few device ops per
-        # size instead of per image (a wds of one image size is one group; ImageNet's sizes repeat
-        # often). Batched and one by one the resize gives the same bytes (tests/data/test_device_decode.py).
+        # Images of one size are resized and cropped together: a few device ops per size instead of
+        # per image (a wds of one image size is one group; ImageNet's sizes repeat often). Batched and
+        # one by one the resize gives the same bytes (tests/data/test_device_decode.py).
         sizes: dict[tuple[int, ...], list[int]] = {}
         for k, img in enumerate(decoded):
             sizes.setdefault(tuple(img.shape), []).append(k)
@@ -281,23 +287,32 @@ def decode_batch(chunks: Sequence[EncodedChunk], transform: DeviceTransform, sha
             imgs = transform.apply(decoded[ks[0]][None] if len(ks) == 1 else torch.stack([decoded[k] for k in ks]))
             if tuple(imgs.shape[1:]) != tuple(shape):  # a bug here, not the user's: say what came out
                 raise RuntimeError(f"device decode made {tuple(imgs.shape[1:])}, the source's geometry is {shape}")
-            if len(ks) == 1:
-                out[jpeg[ks[0]]] = imgs[0]
-            else:
-                out[torch.tensor([jpeg[k] for k in ks], device=device)] = imgs
+            parts.append(imgs)
+            places.extend(jpeg[k] for k in ks)
     pixels = [j for j, it in enumerate(items) if not _encoded(it)]
     if pixels:
         # The pixels the workers made (the PIL path's files: PNGs, CMYK, or every file where a wds
-        # store keeps the source files and decoder is cpu) go over in one copy, pinned on CUDA, not
-        # one pageable copy per sample.
-        host = torch.from_numpy(np.stack([items[j] for j in pixels]))
-        if torch.device(device).type == "cuda":
-            host = host.pin_memory()
-        block = host.to(device, non_blocking=True)
-        if len(pixels) == len(items):
-            return block
-        out[torch.tensor(pixels, device=device)] = block
-    return out
+        # store keeps the source files and decoder is cpu) go over in one copy, not one per sample.
+        parts.append(_to_device(torch.from_numpy(np.stack([items[j] for j in pixels])), device))
+        places.extend(pixels)
+    if not parts:
+        return torch.empty((0, *shape), dtype=torch.uint8, device=device)
+    rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if places == list(range(len(items))):  # already in the batch's order (one size, or only pixels)
+        return rows.contiguous()  # a crop's view made whole, as a copy into a new batch made it
+    out = torch.empty((len(items), *shape), dtype=torch.uint8, device=device)
+    return out.index_copy_(0, _to_device(torch.tensor(places, dtype=torch.long), device), rows)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device: pinned and non-blocking on CUDA
+    (a pageable copy is cudaMemcpyAsync + a synchronize). decode_batch's only host -> device copy
+    (tests/data/test_device_decode_copies.py counts what goes through it)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def augment_on_device(x: torch.Tensor, aug: torch.Tensor | None, pad: int) -> torch.Tensor:
