@@ -40,7 +40,7 @@ from enspipe.paths import check_output
 from enspipe.util.runtime import _progress_mode, log_line, progress, resolve_device, versions, write_json
 from enspipe.report.stats import wilson_interval
 
-__all__ = ["EvalConfig", "evaluate", "model_label", "unique_labels", "wilson_interval"]
+__all__ = ["EvalConfig", "eval_workers", "evaluate", "model_label", "unique_labels", "wilson_interval"]
 
 _log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
     # Resolved once (nvjpeg without CUDA: one line, before any model is loaded): the batches are
     # decoded with it and results.json records it.
     decoder = device_decoder(cfg.decoder, device, data)
-    workers = cfg.loader_workers if cfg.loader_workers is not None else default_workers(data, spare=1)
+    workers = cfg.loader_workers if cfg.loader_workers is not None else eval_workers(device, data)
     # Two runs in folders of the same name (seed0/C, seed1/C) get the path suffix that tells them apart.
     labels = unique_labels(_unwrapped(s) for s in [*target_specs, *cfg.sources])
 
@@ -219,6 +219,17 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
         write_json(path, results)
         results["path"] = str(path)
     return results
+
+
+def eval_workers(device: torch.device, data: Any) -> int:
+    """Evaluate's loader workers where `loader_workers` names none. Beside a CUDA device, cores - 1
+    (`default_workers`): the model costs the host CPU nearly nothing, decode is the whole of it, and
+    one core drives the device. On a CPU device none: the model's torch threads use every core, so
+    decoders there would take their cores from it (a thread of an intra-op team that loses its core
+    holds up the whole team) and add the pixels' hand-over on top, to win at most decode's share of
+    the run (BENCHMARKS.md, "evaluate: decode in the evaluating process vs loader workers": 11% for
+    clean + FGSM of a small network): the pixels are decoded here between batches."""
+    return default_workers(data, spare=1) if device.type == "cuda" else 0
 
 
 def _stored_sources(cfg: EvalConfig, data: Any, *,

@@ -345,6 +345,11 @@ MUTATIONS = [
              "    return out.index_copy_(0, _to_device(torch.tensor(places, dtype=torch.long), device), rows)\n",
              "    out[torch.tensor(places, device=device)] = rows\n    return out\n",
              ("tests/data/test_device_decode_copies.py::test_a_mixed_batch_is_put_in_place_by_one_index_sent_like_the_pixels",)),
+    Mutation("evaluate-cpu-workers-compete", "evaluate on a CPU device forks cores - 1 decoders beside the models' "
+             "threads", "pipeline/evaluate.py",
+             '    return default_workers(data, spare=1) if device.type == "cuda" else 0\n',
+             '    return default_workers(data, spare=1)\n',
+             ("tests/evaluate/test_evaluate_decoder.py::test_evaluate_decodes_in_its_own_process_on_a_cpu_device",)),
     # --- A store URL at train start: checks without shard bytes, one owner of the record checks ---
     Mutation("start-check-downloads-store", "a train start's check of a store URL downloads and hashes every object",
              "pipeline/stores/verify.py",

@@ -69,3 +69,27 @@ def test_a_store_of_another_decoder_is_one_line(setup, as_cuda, caplog):
     assert len(lines) == 1, caplog.text  # one line, though the store is named twice
     assert lines[0].startswith("evaluate:") and f"{Path(store)} (nvjpeg)" in lines[0] and "with cpu" in lines[0]
     assert [r["decoder"] for r in res["stores"].values()] == ["nvjpeg"] and res["decoder"] == "cpu"
+
+
+def test_evaluate_decodes_in_its_own_process_on_a_cpu_device(setup, monkeypatch):
+    """On a CPU device the models' threads use every core: no loader workers unless asked. Beside a
+    CUDA device, every core but the one that drives it (at least one, at most the loader's cap)."""
+    import os
+
+    import torch
+
+    from enspipe import evaluate as ev
+    from enspipe.data import create_dataset
+    from enspipe.data.loader import MAX_WORKERS
+
+    data = create_dataset(f"imagefolder:{setup['root']}", split="test", image_size=32)
+    assert ev.eval_workers(torch.device("cpu"), data) == 0
+    assert ev.eval_workers(torch.device("cuda"), data) == max(1, min(MAX_WORKERS, os.cpu_count() - 1))
+    assert ev.eval_workers(torch.device("cuda"), create_dataset("digits", split="test", limit=8)) == 0  # in memory
+
+    asked = []
+    real = ev.batches
+    monkeypatch.setattr(ev, "batches", lambda *a, **kw: asked.append(kw["workers"]) or real(*a, **kw))
+    ev.evaluate(_cfg(setup, loader_workers=None))
+    ev.evaluate(_cfg(setup, loader_workers=1))
+    assert asked == [0, 1]
