@@ -350,6 +350,10 @@ MUTATIONS = [
              '    return default_workers(data, spare=1) if device.type == "cuda" else 0\n',
              '    return default_workers(data, spare=1)\n',
              ("tests/evaluate/test_evaluate_decoder.py::test_evaluate_decodes_in_its_own_process_on_a_cpu_device",)),
+    Mutation("resume-decoder-dead-record", "a resume compares its decoder with a record of an epoch that died before "
+             "its checkpoint", "pipeline/train/__init__.py",
+             '    return [d for d in recorded if d["from_epoch"] <= last]\n', '    return recorded\n',
+             ("tests/train/test_train_decoder_record.py::test_a_decoder_recorded_for_an_epoch_that_died_does_not_count_on_resume",)),
     # --- A store URL at train start: checks without shard bytes, one owner of the record checks ---
     Mutation("start-check-downloads-store", "a train start's check of a store URL downloads and hashes every object",
              "pipeline/stores/verify.py",

@@ -246,6 +246,19 @@ def _recorded_decoders(saved: dict[str, Any], dataset: SampleSource, run_dir: Pa
     return [{"decoder": was, "from_epoch": 0}]
 
 
+def _kept_decoders(recorded: list[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]]:
+    """The decoder records of the epochs a resume keeps: those that began at or before the last
+    checkpoint's epoch (prepare_run records a decoder before its first epoch runs). The epoch is
+    read from the checkpoint's name, so the check still comes before the stores' (remote ones
+    download); `_decoder_history` applies the same rule with the epoch the checkpoint holds."""
+    ckpts = _checkpoints(run_dir)
+    try:
+        last = int(ckpts[-1].stem.removeprefix("epoch-")) if ckpts else -1
+    except ValueError:  # a file named by hand: every record counts, as before
+        return recorded
+    return [d for d in recorded if d["from_epoch"] <= last]
+
+
 def _check_resumed_decoder(cfg: TrainConfig, decoder: str, recorded: list[dict[str, Any]], run_dir: Path,
                            device: torch.device, say: bool = True) -> None:
     """Refuse, or say in one line, that a resumed run decodes with another decoder than it did.
@@ -332,8 +345,10 @@ def prepare_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, wor
     # and recorded in config.json beside the device, as `device` is: the option may say auto.
     # A resume that would switch it is refused before the stores are checked (remote ones download).
     decoder = device_decoder(cfg.decoder, device, dataset)
-    recorded = _recorded_decoders(saved, dataset, run_dir) if resume else []
-    if resume:
+    # Only the records of epochs the resume keeps count (those before its last checkpoint's): a record
+    # written for an epoch that died before its checkpoint decoded nothing that remains.
+    recorded = _kept_decoders(_recorded_decoders(saved, dataset, run_dir), run_dir) if resume else []
+    if recorded:
         _check_resumed_decoder(cfg, decoder, recorded, run_dir, device, say=rank == 0)
     stores = _check_stores(dataset, readers)
     if rank == 0:
