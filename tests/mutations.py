@@ -354,6 +354,16 @@ MUTATIONS = [
              "its checkpoint", "pipeline/train/__init__.py",
              '    return [d for d in recorded if d["from_epoch"] <= last]\n', '    return recorded\n',
              ("tests/train/test_train_decoder_record.py::test_a_decoder_recorded_for_an_epoch_that_died_does_not_count_on_resume",)),
+    Mutation("validation-option-decoder", "validation resolves the decoder option again instead of the run's recorded "
+             "decoder", "pipeline/train/__init__.py",
+             "                            decoder=r.decoder) if r.val is not None and rank == 0 else None\n",
+             "                            decoder=cfg.decoder) if r.val is not None and rank == 0 else None\n",
+             ("tests/train/test_validation_loader.py::test_a_run_validates_with_its_recorded_decoder",)),
+    Mutation("validation-loader-not-opened", "a run's validation opens no loader when made (its images decoded in the "
+             "training process)", "pipeline/train/kit.py",
+             "        self._loader: Any = open_loader(data, device, workers=workers, decoder=decoder)\n",
+             "        self._loader: Any = None\n",
+             ("tests/train/test_validation_loader.py::test_validation_counts_a_plain_loop_and_forks_its_workers_once",)),
     # --- A store URL at train start: checks without shard bytes, one owner of the record checks ---
     Mutation("start-check-downloads-store", "a train start's check of a store URL downloads and hashes every object",
              "pipeline/stores/verify.py",

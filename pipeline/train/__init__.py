@@ -421,6 +421,10 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
     epochs_bar = progress(total=cfg.epochs, initial=r.start_epoch, desc=f"train {run_dir.name}", unit="epoch",
                           bar=False, disable=None if rank == 0 else True)
     totals = {"online_passes": 0, "batches": 0, "samples": 0}
+    # The held-out images decoded as the training ones are (the run's loader workers and recorded
+    # decoder); its workers forked now, before the training loader's (epoch_batches starts them lazily).
+    validation = Validation(r.val, eps=cfg.eps, device=device, precision=precision, workers=cfg.loader_workers,
+                            decoder=r.decoder) if r.val is not None and rank == 0 else None
     # The epochs' batches: read, shuffled, source-drawn and augmented ahead of the step (in
     # cfg.loader_workers processes that live for the whole run) in an order fixed by (seed, epoch,
     # rank), so that a resumed run replays exactly what an uninterrupted one would have.
@@ -428,9 +432,6 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                            lambda stream: batch_loader(stream, cfg, device),
                            range(r.start_epoch, cfg.epochs), cfg.loader_workers, r.per_rank)
     ended = None  # when the previous epoch's work was done: its boundary is the time to this epoch's first batch
-    # The held-out images decoded as the training ones are (the run's loader workers and decoder).
-    validation = Validation(r.val, eps=cfg.eps, device=device, precision=precision, workers=cfg.loader_workers,
-                            decoder=cfg.decoder) if r.val is not None and rank == 0 else None
     try:
         for epoch, batches in epochs:
             window = Window(1 + len(cfg.shards), device)
