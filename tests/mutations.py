@@ -298,7 +298,7 @@ MUTATIONS = [
              '    return "cpu"\n',
              ("tests/train/test_train_decoder_record.py::test_a_store_of_another_decoder_is_one_informative_line",)),
     Mutation("step-decode-names-wrong-file", "a JPEG that fails in the training step is named by its neighbour's file",
-             "pipeline/train/device_batches.py",
+             "pipeline/data/decode.py",
              '    return DataError(f"{describe(e.index, e.reason)} (sample {e.index})")\n',
              '    return DataError(f"{describe(e.index - 1, e.reason)} (sample {e.index})")\n',
              ("tests/train/test_train_decoder_record.py::test_a_jpeg_that_fails_in_the_step_is_named_by_file_and_sample",)),
@@ -364,6 +364,10 @@ MUTATIONS = [
              "        self._loader: Any = open_loader(data, device, workers=workers, decoder=decoder)\n",
              "        self._loader: Any = None\n",
              ("tests/train/test_validation_loader.py::test_validation_counts_a_plain_loop_and_forks_its_workers_once",)),
+    Mutation("device-batch-undecodable-unnamed", "a JPEG that fails in precompute's / evaluate's device batch is "
+             "named by its sample index only, not its file", "pipeline/data/loader.py",
+             "        raise named(dataset, e) from None\n", "        raise\n",
+             ("tests/data/test_device_decode.py::test_a_jpeg_that_does_not_decode_is_named_in_one_line",)),
     # --- A store URL at train start: checks without shard bytes, one owner of the record checks ---
     Mutation("start-check-downloads-store", "a train start's check of a store URL downloads and hashes every object",
              "pipeline/stores/verify.py",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["DECODERS", "DeviceTransform", "EncodedChunk", "UndecodableJPEG", "augment_on_device", "check_jpeg",
-           "decode_batch", "decoder_params", "device_decoder", "encoded_chunk", "other_decoder_line", "resolve_decoder",
+           "decode_batch", "decoder_params", "device_decoder", "encoded_chunk", "named", "other_decoder_line", "resolve_decoder",
            "store_decoder"]
 
 JPEG_MODES = ("RGB", "L")  # what decode_jpeg(mode=RGB|GRAY) converts from on every device
@@ -82,12 +82,22 @@ def other_decoder_line(stage: str, stores: Sequence[dict[str, Any]], decoder: st
 
 class UndecodableJPEG(DataError):
     """A JPEG whose header read well but whose data does not decode, known by its sample index
-    only: `decode_batch` raises it where the batch travelled without its source (the trainer's
-    step), and whoever holds the source names the file (`enspipe.train.device_batches.named`)."""
+    only: `decode_batch` raises it (a batch may travel without its source: the trainer's step),
+    and whoever holds the source names the file (`named`)."""
 
     def __init__(self, index: int, reason: str):
         super().__init__(f"cannot decode the JPEG of sample {index}: {reason}")
         self.index, self.reason = index, reason
+
+
+def named(dataset: Any, e: UndecodableJPEG) -> DataError:
+    """The one line of a JPEG the device could not decode, wherever it was (precompute's and evaluate's
+    batches, the trainer's step): the source names its file (imagefolder: the path; wds: the sample's
+    key and shard), as on the PIL path, followed by the sample index."""
+    describe = getattr(dataset, "decode_error", None)
+    if describe is None:  # a source without file names: its index is all there is
+        return DataError(str(e))
+    return DataError(f"{describe(e.index, e.reason)} (sample {e.index})")
 
 
 @dataclass(frozen=True)
@@ -240,8 +250,7 @@ def _decode_jpegs(data: Sequence[bytes | torch.Tensor], mode: str, device: torch
                            device=device)
 
 
-def _undecodable(items: list, jpeg: list[int], indices: list, mode: str, device: torch.device,
-                 error: Callable[[int, str], Exception] | None) -> Exception:
+def _undecodable(items: list, jpeg: list[int], indices: list, mode: str, device: torch.device) -> Exception:
     """The batch failed to decode: decode its JPEGs one by one to name the first bad one."""
     for j in jpeg:
         try:
@@ -250,16 +259,16 @@ def _undecodable(items: list, jpeg: list[int], indices: list, mode: str, device:
             reason = str(e).rsplit(", ", 1)[-1].strip()  # "decode_jpeg, FILE.cpp:171, Image is ... truncated"
             if indices[j] is None:
                 return DataError(f"cannot decode a JPEG of this batch: {reason}")
-            return error(indices[j], reason) if error is not None else UndecodableJPEG(indices[j], reason)
+            return UndecodableJPEG(indices[j], reason)
     return DataError("cannot decode this batch's JPEGs together, though each decodes alone")
 
 
 def decode_batch(chunks: Sequence[EncodedChunk], transform: DeviceTransform, shape: tuple[int, int, int],
-                 device: torch.device, error: Callable[[int, str], Exception] | None = None) -> torch.Tensor:
+                 device: torch.device) -> torch.Tensor:
     """uint8 [N, *shape] on `device`: the chunks' JPEGs decoded there in one batch and transformed
     there, the pixels the workers already made copied in at their places. A JPEG whose header read
-    well but whose data does not decode raises `error(sample index, reason)` (a DataError naming it,
-    from the source), else `UndecodableJPEG` (its sample index, for the caller to name)."""
+    well but whose data does not decode raises `UndecodableJPEG` (its sample index): whoever holds
+    the source names its file (`named`)."""
     import torch
 
     items = [it for c in chunks for it in c.items]
@@ -276,7 +285,7 @@ def decode_batch(chunks: Sequence[EncodedChunk], transform: DeviceTransform, sha
         try:
             decoded = _decode_jpegs([items[j] for j in jpeg], transform.mode, device)
         except RuntimeError:
-            raise _undecodable(items, jpeg, indices, transform.mode, device, error) from None
+            raise _undecodable(items, jpeg, indices, transform.mode, device) from None
         # Images of one size are resized and cropped together: a few device ops per size instead of
         # per image (a wds of one image size is one group; ImageNet's sizes repeat often). Batched and
         # one by one the resize gives the same bytes (tests/data/test_device_decode.py).

@@ -52,7 +52,8 @@ from enspipe.attack_records import parse_eps  # noqa: F401 -- `enspipe.train.par
 from enspipe.config import OptionError, runtime_fields
 from enspipe.configs.train import MODES, OPTIMIZERS, STORABLE, TrainConfig  # noqa: F401 -- re-exported
 from enspipe.data import SampleSource, create_dataset
-from enspipe.data.decode import UndecodableJPEG, device_decoder, other_decoder_line, resolve_decoder, store_decoder
+from enspipe.data.decode import (UndecodableJPEG, device_decoder, named, other_decoder_line, resolve_decoder,
+                                 store_decoder)
 from enspipe.util.errors import ConfigError, EnspipeError, StoreError
 from enspipe.util.fileio import atomic_target, hold_folder, release_folder
 from enspipe.models import EnsModel, load_model_for, save_model
@@ -502,8 +503,6 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                 writer.submit(_checkpoint_job(run_dir, model, optimizer, scaler, epoch, step, r.dataset, cfg, device))
         writer.wait()
     except UndecodableJPEG as e:  # the step knows the sample, the source knows its file
-        from enspipe.train.device_batches import named
-
         raise named(r.dataset, e) from None
     finally:
         if validation is not None:
