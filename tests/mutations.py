@@ -84,8 +84,10 @@ MUTATIONS = [
              ("tests/evaluate/test_evaluate_loader.py::test_errors_equal_a_plain_loop_over_pil_images_with_any_worker_count",)),
     Mutation("validation-forks-every-epoch", "the trainer's validation opens a new loader (new worker processes) at every call",
              "pipeline/train/kit.py",
-             "        if self._loader is None:\n            self._loader = open_loader(",
-             "        if True:\n            self._loader = open_loader(",
+             "    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:\n",
+             "    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:\n"
+             "        self._loader = type(self._loader)(self.data, self._loader.workers, pin=self._loader.pin,\n"
+             "                                          encoded=self._loader.encoded)\n",
              ("tests/train/test_validation_loader.py::test_validation_counts_a_plain_loop_and_forks_its_workers_once",)),
     Mutation("wilson-z-1", "the Wilson interval with z = 1 (a 68% interval labelled 95%)",
              "pipeline/report/stats.py",
@@ -305,8 +307,8 @@ MUTATIONS = [
     Mutation("device-size-group-misplaced", "a group of same-size images is written at its places among the JPEGs, "
              "not among the batch's rows (a batch with PIL-path pixels gets them shifted)",
              "pipeline/data/decode.py",
-             "                out[torch.tensor([jpeg[k] for k in ks], device=device)] = imgs\n",
-             "                out[torch.tensor(ks, device=device)] = imgs\n",
+             "            places.extend(jpeg[k] for k in ks)\n",
+             "            places.extend(ks)\n",
              ("tests/data/test_device_decode_batching.py::test_a_batch_of_repeated_sizes_is_each_image_decoded_alone_at_its_place",)),
     Mutation("device-augment-flip-shifted", "the batch-wide flip reads one column too far (w - cols, not w - 1 - cols)",
              "pipeline/data/decode.py",
