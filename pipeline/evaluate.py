@@ -16,6 +16,7 @@ image by image; the counts do not depend on the worker count.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -31,15 +32,17 @@ from enspipe.util._callable import callable_stage
 from enspipe.config import OptionError, config_to_dict
 from enspipe.configs.evaluate import EvalConfig
 from enspipe.data import create_dataset
-from enspipe.data.decode import device_decoder, resolve_decoder
-from enspipe.data.loader import batches
+from enspipe.data.decode import device_decoder, other_decoder_line, store_decoder
+from enspipe.data.loader import batches, default_workers
 from enspipe.models import BINARIZED_MASKED_PREFIX, BINARIZED_PREFIX, check_weights, load_model_for
 from enspipe.util.naming import model_label, unique_labels
 from enspipe.paths import check_output
 from enspipe.util.runtime import _progress_mode, log_line, progress, resolve_device, versions, write_json
 from enspipe.report.stats import wilson_interval
 
-__all__ = ["EvalConfig", "evaluate", "model_label", "unique_labels", "wilson_interval"]
+__all__ = ["EvalConfig", "eval_workers", "evaluate", "model_label", "unique_labels", "wilson_interval"]
+
+_log = logging.getLogger(__name__)
 
 
 def _unwrapped(spec: str) -> str:
@@ -84,10 +87,12 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
     bare = check_weights({"models": cfg.models, "binarized": cfg.binarized, "binarized_masked": cfg.binarized_masked,
                           "sources": cfg.sources}, weights=cfg.weights, pretrained=cfg.pretrained)
     device = resolve_device(cfg.device)
-    resolve_decoder(cfg.decoder, device)  # nvjpeg without CUDA: one line, before any model is loaded
     data = create_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, data_root=cfg.data_root,
                           image_size=cfg.image_size)
-    workers = cfg.loader_workers  # None: from the cores (data.loader.open_loader)
+    # Resolved once (nvjpeg without CUDA: one line, before any model is loaded): the batches are
+    # decoded with it and results.json records it.
+    decoder = device_decoder(cfg.decoder, device, data)
+    workers = cfg.loader_workers if cfg.loader_workers is not None else eval_workers(device, data)
     # Two runs in folders of the same name (seed0/C, seed1/C) get the path suffix that tells them apart.
     labels = unique_labels(_unwrapped(s) for s in [*target_specs, *cfg.sources])
 
@@ -126,6 +131,10 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
         if s in sources and a in cfg.attacks:
             raise OptionError("source_stores", f"holds {a} directions of {s}, which attacks also runs from the "
                                                f"source {s} online: keep one of the two")
+    # A store of other pixels than these (another decoder's) is said in one line, as train says it.
+    recs = {rec["path"]: rec for _, _, rec in [*own.values(), *stored.values()]}  # a store named twice: once
+    if (line := other_decoder_line("evaluate", list(recs.values()), decoder)) is not None:
+        _log.warning(line)
     for s, (_, a, _) in stored.items():
         for t in targets:
             black[t].setdefault(s, {})[a] = _Counter(topk)
@@ -146,7 +155,7 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
              f"{len(sources)} source(s), attacks {', '.join(cfg.attacks)}")
     # The pixels are decoded ahead by loader processes (nvJPEG on the device where `decoder` says so), never
     # one image at a time here: ImageNet's 50k JPEGs would keep the device waiting many times over.
-    with contextlib.closing(batches(data, cfg.batch_size, device, workers=workers, decoder=cfg.decoder)) as stream:
+    with contextlib.closing(batches(data, cfg.batch_size, device, workers=workers, decoder=decoder)) as stream:
         for b, (sl, x, y) in zip(bar, stream):
             if b == 1 and _progress_mode() == "lines":
                 log_line(bar.line())
@@ -188,7 +197,7 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
     for s, (_, a, _) in [*stored.items(), *own.items()]:
         params.setdefault(a, attacks.attack_params(a, eps=cfg.eps))
     results: dict[str, Any] = {"config": config_to_dict(cfg), "attack_params": params, "dataset": data.identity(),
-                               "decoder": device_decoder(cfg.decoder, device, data),  # what `auto` was
+                               "decoder": decoder,  # what `auto` was
                                "versions": versions(), "models": {},
                                "stores": {s: rec for s, (_, _, rec) in [*own.items(), *stored.items()]}}
     for t in targets:
@@ -212,6 +221,17 @@ def evaluate(cfg: EvalConfig, out: str | os.PathLike | None = None) -> dict[str,
     return results
 
 
+def eval_workers(device: torch.device, data: Any) -> int:
+    """Evaluate's loader workers where `loader_workers` names none. Beside a CUDA device, cores - 1
+    (`default_workers`): the model costs the host CPU nearly nothing, decode is the whole of it, and
+    one core drives the device. On a CPU device none: the model's torch threads use every core, so
+    decoders there would take their cores from it (a thread of an intra-op team that loses its core
+    holds up the whole team) and add the pixels' hand-over on top, to win at most decode's share of
+    the run (BENCHMARKS.md, "evaluate: decode in the evaluating process vs loader workers": 11% for
+    clean + FGSM of a small network): the pixels are decoded here between batches."""
+    return default_workers(data, spare=1) if device.type == "cuda" else 0
+
+
 def _stored_sources(cfg: EvalConfig, data: Any, *,
                     whitebox: bool = False) -> dict[str, tuple[Any, str, dict[str, Any]]]:
     """The `source_stores` (`whitebox_stores`), each checked against the evaluation data before any work (the
@@ -233,7 +253,8 @@ def _stored_sources(cfg: EvalConfig, data: Any, *,
             raise OptionError(field_name, f"names two stores of {name} ({out[name][2]['path']} and {p}); "
                                           "evaluate takes one per model")
         out[name] = (reader, ident.attack, {"path": str(p), "model": ident.model_name, "attack": ident.attack,
-                                            "weights_sha256": ident.weights_sha256})
+                                            "weights_sha256": ident.weights_sha256,
+                                            "decoder": store_decoder(ident.attack_params)})
     return out
 
 

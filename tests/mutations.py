@@ -84,8 +84,10 @@ MUTATIONS = [
              ("tests/evaluate/test_evaluate_loader.py::test_errors_equal_a_plain_loop_over_pil_images_with_any_worker_count",)),
     Mutation("validation-forks-every-epoch", "the trainer's validation opens a new loader (new worker processes) at every call",
              "pipeline/train/kit.py",
-             "        if self._loader is None:\n            self._loader = open_loader(",
-             "        if True:\n            self._loader = open_loader(",
+             "    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:\n",
+             "    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:\n"
+             "        self._loader = type(self._loader)(self.data, self._loader.workers, pin=self._loader.pin,\n"
+             "                                          encoded=self._loader.encoded)\n",
              ("tests/train/test_validation_loader.py::test_validation_counts_a_plain_loop_and_forks_its_workers_once",)),
     Mutation("wilson-z-1", "the Wilson interval with z = 1 (a 68% interval labelled 95%)",
              "pipeline/report/stats.py",
@@ -347,15 +349,15 @@ MUTATIONS = [
              '    return "cpu"\n',
              ("tests/train/test_train_decoder_record.py::test_a_store_of_another_decoder_is_one_informative_line",)),
     Mutation("step-decode-names-wrong-file", "a JPEG that fails in the training step is named by its neighbour's file",
-             "pipeline/train/device_batches.py",
+             "pipeline/data/decode.py",
              '    return DataError(f"{describe(e.index, e.reason)} (sample {e.index})")\n',
              '    return DataError(f"{describe(e.index - 1, e.reason)} (sample {e.index})")\n',
              ("tests/train/test_train_decoder_record.py::test_a_jpeg_that_fails_in_the_step_is_named_by_file_and_sample",)),
     Mutation("device-size-group-misplaced", "a group of same-size images is written at its places among the JPEGs, "
              "not among the batch's rows (a batch with PIL-path pixels gets them shifted)",
              "pipeline/data/decode.py",
-             "                out[torch.tensor([jpeg[k] for k in ks], device=device)] = imgs\n",
-             "                out[torch.tensor(ks, device=device)] = imgs\n",
+             "            places.extend(jpeg[k] for k in ks)\n",
+             "            places.extend(ks)\n",
              ("tests/data/test_device_decode_batching.py::test_a_batch_of_repeated_sizes_is_each_image_decoded_alone_at_its_place",)),
     Mutation("device-augment-flip-shifted", "the batch-wide flip reads one column too far (w - cols, not w - 1 - cols)",
              "pipeline/data/decode.py",
@@ -377,9 +379,46 @@ MUTATIONS = [
               "tests/data/test_device_decode.py::test_the_encoded_loader_feeds_the_same_batches_through_worker_processes")),
     Mutation("device-pixels-misplaced", "the PIL-path pixels of a device batch go over in one copy but land at "
              "each other's places", "pipeline/data/decode.py",
-             "        out[torch.tensor(pixels, device=device)] = block\n",
-             "        out[torch.tensor(pixels[::-1], device=device)] = block\n",
+             "        places.extend(pixels)\n",
+             "        places.extend(pixels[::-1])\n",
              ("tests/data/test_device_decode_batching.py::test_a_batch_of_repeated_sizes_is_each_image_decoded_alone_at_its_place",)),
+    # --- The decode review (engineer fdecode): evaluate's decoder, the batch's copies, resume, validation ---
+    Mutation("evaluate-decoder-auto", "evaluate's decoder defaults to auto: on CUDA it decodes with nvJPEG under the "
+             "job key its PIL results were cached with", "pipeline/configs/evaluate.py",
+             'errors.", default="cpu")', 'errors.")',
+             ("tests/evaluate/test_evaluate_decoder.py::test_evaluate_decodes_with_pil_on_cuda_unless_asked",)),
+    Mutation("evaluate-store-decoder-silent", "evaluate applies a store of another decoder's pixels without a word",
+             "pipeline/evaluate.py",
+             "        _log.warning(line)\n", "        pass\n",
+             ("tests/evaluate/test_evaluate_decoder.py::test_a_store_of_another_decoder_is_one_line",)),
+    Mutation("device-batch-index-pageable", "the rows of a device batch are put in place by an index made on the "
+             "device from a Python list (a pageable copy: the training step waits for the GPU)", "pipeline/data/decode.py",
+             "    return out.index_copy_(0, _to_device(torch.tensor(places, dtype=torch.long), device), rows)\n",
+             "    out[torch.tensor(places, device=device)] = rows\n    return out\n",
+             ("tests/data/test_device_decode_copies.py::test_a_mixed_batch_is_put_in_place_by_one_index_sent_like_the_pixels",)),
+    Mutation("evaluate-cpu-workers-compete", "evaluate on a CPU device forks cores - 1 decoders beside the models' "
+             "threads", "pipeline/evaluate.py",
+             '    return default_workers(data, spare=1) if device.type == "cuda" else 0\n',
+             '    return default_workers(data, spare=1)\n',
+             ("tests/evaluate/test_evaluate_decoder.py::test_evaluate_decodes_in_its_own_process_on_a_cpu_device",)),
+    Mutation("resume-decoder-dead-record", "a resume compares its decoder with a record of an epoch that died before "
+             "its checkpoint", "pipeline/train/__init__.py",
+             '    return [d for d in recorded if d["from_epoch"] <= last]\n', '    return recorded\n',
+             ("tests/train/test_train_decoder_record.py::test_a_decoder_recorded_for_an_epoch_that_died_does_not_count_on_resume",)),
+    Mutation("validation-option-decoder", "validation resolves the decoder option again instead of the run's recorded "
+             "decoder", "pipeline/train/__init__.py",
+             "                            decoder=r.decoder) if r.val is not None and rank == 0 else None\n",
+             "                            decoder=cfg.decoder) if r.val is not None and rank == 0 else None\n",
+             ("tests/train/test_validation_loader.py::test_a_run_validates_with_its_recorded_decoder",)),
+    Mutation("validation-loader-not-opened", "a run's validation opens no loader when made (its images decoded in the "
+             "training process)", "pipeline/train/kit.py",
+             "        self._loader: Any = open_loader(data, device, workers=workers, decoder=decoder)\n",
+             "        self._loader: Any = None\n",
+             ("tests/train/test_validation_loader.py::test_validation_counts_a_plain_loop_and_forks_its_workers_once",)),
+    Mutation("device-batch-undecodable-unnamed", "a JPEG that fails in precompute's / evaluate's device batch is "
+             "named by its sample index only, not its file", "pipeline/data/loader.py",
+             "        raise named(dataset, e) from None\n", "        raise\n",
+             ("tests/data/test_device_decode.py::test_a_jpeg_that_does_not_decode_is_named_in_one_line",)),
     # --- A store URL at train start: checks without shard bytes, one owner of the record checks ---
     Mutation("start-check-downloads-store", "a train start's check of a store URL downloads and hashes every object",
              "pipeline/stores/verify.py",

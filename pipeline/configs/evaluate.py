@@ -39,10 +39,13 @@ class EvalConfig:
     seed: int = option(0, help="Seed of the random attacks' noise.")
     device: str = fields.device()
     loader_workers: int | None = fields.loader_workers(
-        "Processes that decode the images ahead of the models (default: cores - 1 for imagefolder/wds, at "
-        "least 1: one core drives the device; 0 decodes in the evaluating process, as for in-memory sets).")
-    decoder: str = fields.decoder("images", "nvJPEG's pixels differ from PIL's by a few levels, and so may "
-                                  "the errors.")
+        "Processes that decode the images ahead of the models (default: on a CUDA device cores - 1 for "
+        "imagefolder/wds, at least 1: one core drives the device; on a CPU device 0, as for in-memory sets: "
+        "the models' threads use every core, and the images are decoded in the evaluating process).")
+    # cpu by default, not auto: an evaluate step's job key (and every result cached under it) was made
+    # with PIL before the option existed, and one key must not mean either decoder by the node it ran on.
+    decoder: str = fields.decoder("images", "Default cpu: nvJPEG only when asked, since its pixels differ from "
+                                  "PIL's by a few levels, and so may the errors.", default="cpu")
     names: dict[str, str] = option(default_factory=dict, cli=False, job=False,
                                    help="model spec -> name shown in tables")
     weights: str | None = fields.weights("Weights of the one model given as a bare architecture name.")

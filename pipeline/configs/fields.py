@@ -61,9 +61,9 @@ def pretrained(help: str, *, job: bool = False) -> Any:
 DECODERS = ("auto", "cpu", "nvjpeg")
 
 
-def decoder(what: str, tail: str) -> Any:
-    """How JPEGs of imagefolder/wds data are decoded (precompute and train: one vocabulary)."""
-    return option("auto", choices=DECODERS, help=f"JPEG decode of imagefolder/wds {what}: auto (nvJPEG on a "
+def decoder(what: str, tail: str, default: str = "auto") -> Any:
+    """How JPEGs of imagefolder/wds data are decoded (precompute, train, evaluate: one vocabulary)."""
+    return option(default, choices=DECODERS, help=f"JPEG decode of imagefolder/wds {what}: auto (nvJPEG on a "
                   "CUDA device, batched, resized and cropped there, the loader workers only reading bytes; PIL "
                   f"elsewhere), cpu (PIL in the loader workers), or nvjpeg (CUDA only). {tail}")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["DECODERS", "DeviceTransform", "EncodedChunk", "UndecodableJPEG", "augment_on_device", "check_jpeg",
-           "decode_batch", "decoder_params", "device_decoder", "encoded_chunk", "resolve_decoder", "store_decoder"]
+           "decode_batch", "decoder_params", "device_decoder", "encoded_chunk", "named", "other_decoder_line", "resolve_decoder",
+           "store_decoder"]
 
 JPEG_MODES = ("RGB", "L")  # what decode_jpeg(mode=RGB|GRAY) converts from on every device
 
@@ -65,14 +66,38 @@ def store_decoder(attack_params: dict[str, Any]) -> str:
     return str(attack_params.get("decoder", "cpu"))
 
 
+def other_decoder_line(stage: str, stores: Sequence[dict[str, Any]], decoder: str) -> str | None:
+    """The one line a stage (train, evaluate) says when some of its `stores` ({"path", "decoder"})
+    were computed on pixels of another decoder than its own (nvJPEG's and PIL's differ by ~0.15 grey
+    levels on average, a few at most): their directions are those of slightly different images,
+    which is tolerated, so it is said, not refused. None when every store matches."""
+    other = [s for s in stores if s["decoder"] != decoder]
+    if not other:
+        return None
+    which = ", ".join(f"{s['path']} ({s['decoder']})" for s in other)
+    return (f"{stage}: this run decodes its images with {decoder}; {len(other)} of {len(stores)} stores were "
+            f"computed on another decoder's pixels ({which}), which differ by a fraction of a grey level on "
+            "average: their directions apply to nearly, not exactly, these images (not an error)")
+
+
 class UndecodableJPEG(DataError):
     """A JPEG whose header read well but whose data does not decode, known by its sample index
-    only: `decode_batch` raises it where the batch travelled without its source (the trainer's
-    step), and whoever holds the source names the file (`enspipe.train.device_batches.named`)."""
+    only: `decode_batch` raises it (a batch may travel without its source: the trainer's step),
+    and whoever holds the source names the file (`named`)."""
 
     def __init__(self, index: int, reason: str):
         super().__init__(f"cannot decode the JPEG of sample {index}: {reason}")
         self.index, self.reason = index, reason
+
+
+def named(dataset: Any, e: UndecodableJPEG) -> DataError:
+    """The one line of a JPEG the device could not decode, wherever it was (precompute's and evaluate's
+    batches, the trainer's step): the source names its file (imagefolder: the path; wds: the sample's
+    key and shard), as on the PIL path, followed by the sample index."""
+    describe = getattr(dataset, "decode_error", None)
+    if describe is None:  # a source without file names: its index is all there is
+        return DataError(str(e))
+    return DataError(f"{describe(e.index, e.reason)} (sample {e.index})")
 
 
 @dataclass(frozen=True)
@@ -238,8 +263,7 @@ def _decode_jpegs(data: Sequence[bytes | torch.Tensor], mode: str, device: torch
                            device=device)
 
 
-def _undecodable(items: list, jpeg: list[int], indices: list, mode: str, device: torch.device,
-                 error: Callable[[int, str], Exception] | None) -> Exception:
+def _undecodable(items: list, jpeg: list[int], indices: list, mode: str, device: torch.device) -> Exception:
     """The batch failed to decode: decode its JPEGs one by one to name the first bad one."""
     for j in jpeg:
         try:
@@ -248,30 +272,36 @@ def _undecodable(items: list, jpeg: list[int], indices: list, mode: str, device:
             reason = str(e).rsplit(", ", 1)[-1].strip()  # "decode_jpeg, FILE.cpp:171, Image is ... truncated"
             if indices[j] is None:
                 return DataError(f"cannot decode a JPEG of this batch: {reason}")
-            return error(indices[j], reason) if error is not None else UndecodableJPEG(indices[j], reason)
+            return UndecodableJPEG(indices[j], reason)
     return DataError("cannot decode this batch's JPEGs together, though each decodes alone")
 
 
 def decode_batch(chunks: Sequence[EncodedChunk], transform: DeviceTransform, shape: tuple[int, int, int],
-                 device: torch.device, error: Callable[[int, str], Exception] | None = None) -> torch.Tensor:
+                 device: torch.device) -> torch.Tensor:
     """uint8 [N, *shape] on `device`: the chunks' JPEGs decoded there in one batch and transformed
     there, the pixels the workers already made copied in at their places. A JPEG whose header read
-    well but whose data does not decode raises `error(sample index, reason)` (a DataError naming it,
-    from the source), else `UndecodableJPEG` (its sample index, for the caller to name)."""
+    well but whose data does not decode raises `UndecodableJPEG` (its sample index): whoever holds
+    the source names its file (`named`)."""
     import torch
 
     items = [it for c in chunks for it in c.items]
     indices = [i for c in chunks for i in (c.indices or [None] * len(c.items))]
-    out = torch.empty((len(items), *shape), dtype=torch.uint8, device=device)
+    # The batch's rows in the order they are made (the JPEGs by size group, then the workers' pixels)
+    # and the row each goes to: put in place by one index_copy_ at the end. The only host -> device
+    # copies are `_to_device`'s (pinned, non-blocking on CUDA): an index built from a Python list
+    # on the device (torch.tensor(..., device=cuda)) is a pageable copy, which waits for all the
+    # GPU work queued before it (the previous step's backward), once per size group.
+    parts: list[torch.Tensor] = []
+    places: list[int] = []
     jpeg = [j for j, it in enumerate(items) if _encoded(it)]
     if jpeg:
         try:
             decoded = _decode_jpegs([items[j] for j in jpeg], transform.mode, device)
         except RuntimeError:
-            raise _undecodable(items, jpeg, indices, transform.mode, device, error) from None
-        # Images of one size are resized, cropped and put in place together: a few device ops per
-        # size instead of per image (a wds of one image size is one group; ImageNet's sizes repeat
-        # often). Batched and one by one the resize gives the same bytes (tests/data/test_device_decode.py).
+            raise _undecodable(items, jpeg, indices, transform.mode, device) from None
+        # Images of one size are resized and cropped together: a few device ops per size instead of
+        # per image (a wds of one image size is one group; ImageNet's sizes repeat often). Batched and
+        # one by one the resize gives the same bytes (tests/data/test_device_decode.py).
         sizes: dict[tuple[int, ...], list[int]] = {}
         for k, img in enumerate(decoded):
             sizes.setdefault(tuple(img.shape), []).append(k)
@@ -279,23 +309,32 @@ def decode_batch(chunks: Sequence[EncodedChunk], transform: DeviceTransform, sha
             imgs = transform.apply(decoded[ks[0]][None] if len(ks) == 1 else torch.stack([decoded[k] for k in ks]))
             if tuple(imgs.shape[1:]) != tuple(shape):  # a bug here, not the user's: say what came out
                 raise RuntimeError(f"device decode made {tuple(imgs.shape[1:])}, the source's geometry is {shape}")
-            if len(ks) == 1:
-                out[jpeg[ks[0]]] = imgs[0]
-            else:
-                out[torch.tensor([jpeg[k] for k in ks], device=device)] = imgs
+            parts.append(imgs)
+            places.extend(jpeg[k] for k in ks)
     pixels = [j for j, it in enumerate(items) if not _encoded(it)]
     if pixels:
         # The pixels the workers made (the PIL path's files: PNGs, CMYK, or every file where a wds
-        # store keeps the source files and decoder is cpu) go over in one copy, pinned on CUDA, not
-        # one pageable copy per sample.
-        host = torch.from_numpy(np.stack([items[j] for j in pixels]))
-        if torch.device(device).type == "cuda":
-            host = host.pin_memory()
-        block = host.to(device, non_blocking=True)
-        if len(pixels) == len(items):
-            return block
-        out[torch.tensor(pixels, device=device)] = block
-    return out
+        # store keeps the source files and decoder is cpu) go over in one copy, not one per sample.
+        parts.append(_to_device(torch.from_numpy(np.stack([items[j] for j in pixels])), device))
+        places.extend(pixels)
+    if not parts:
+        return torch.empty((0, *shape), dtype=torch.uint8, device=device)
+    rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if places == list(range(len(items))):  # already in the batch's order (one size, or only pixels)
+        return rows.contiguous()  # a crop's view made whole, as a copy into a new batch made it
+    out = torch.empty((len(items), *shape), dtype=torch.uint8, device=device)
+    return out.index_copy_(0, _to_device(torch.tensor(places, dtype=torch.long), device), rows)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device: pinned and non-blocking on CUDA
+    (a pageable copy is cudaMemcpyAsync + a synchronize). decode_batch's only host -> device copy
+    (tests/data/test_device_decode_copies.py counts what goes through it)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def augment_on_device(x: torch.Tensor, aug: torch.Tensor | None, pad: int) -> torch.Tensor:

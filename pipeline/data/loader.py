@@ -247,11 +247,14 @@ def to_device(chunks: Sequence[torch.Tensor], device: torch.device) -> torch.Ten
 def batch_to_device(chunks: Sequence, device: torch.device, dataset=None) -> torch.Tensor:
     """`to_device` of a batch's chunks, which are `EncodedChunk`s when the loader is `encoded`:
     then its JPEGs are decoded, resized and cropped on `device` first (`dataset` says how)."""
-    from enspipe.data.decode import EncodedChunk, decode_batch
+    from enspipe.data.decode import EncodedChunk, UndecodableJPEG, decode_batch, named
 
     if not chunks or not isinstance(chunks[0], EncodedChunk):
         return to_device(chunks, device)
-    u8 = decode_batch(chunks, dataset.device_transform(), dataset.geometry.shape, device, dataset.decode_error)
+    try:
+        u8 = decode_batch(chunks, dataset.device_transform(), dataset.geometry.shape, device)
+    except UndecodableJPEG as e:  # the batch knows the sample, the source its file: the trainer's line
+        raise named(dataset, e) from None
     # Contiguous, as `to_device`'s: a batch of the PIL path's pixels stacked from channels-last arrays
     # keeps their strides, and a convolution over another layout gives other bits (other kernels).
     return _to_float_table(device)[u8.contiguous().int()]

@@ -52,7 +52,8 @@ from enspipe.attack_records import parse_eps  # noqa: F401 -- `enspipe.train.par
 from enspipe.config import OptionError, runtime_fields
 from enspipe.configs.train import MODES, OPTIMIZERS, STORABLE, TrainConfig  # noqa: F401 -- re-exported
 from enspipe.data import SampleSource, create_dataset
-from enspipe.data.decode import UndecodableJPEG, device_decoder, resolve_decoder, store_decoder
+from enspipe.data.decode import (UndecodableJPEG, device_decoder, named, other_decoder_line, resolve_decoder,
+                                 store_decoder)
 from enspipe.util.errors import ConfigError, EnspipeError, StoreError
 from enspipe.util.fileio import atomic_target, hold_folder, release_folder
 from enspipe.models import EnsModel, load_model_for, save_model
@@ -133,15 +134,9 @@ def _check_stores(dataset: SampleSource, paths: Sequence[str | StoreReader]) -> 
 
 
 def _note_store_decoders(stores: list[dict[str, Any]], decoder: str) -> None:
-    """One line when a store's directions were computed on pixels of another decoder than the run's
-    (nvJPEG's and PIL's differ by ~0.15 grey levels on average, a few at most): the directions are
-    those of slightly different images, which training tolerates, so it is said, not refused."""
-    other = [s for s in stores if s["decoder"] != decoder]
-    if other:
-        which = ", ".join(f"{s['path']} ({s['decoder']})" for s in other)
-        _log.warning(f"train: this run decodes its images with {decoder}; {len(other)} of {len(stores)} stores "
-                     f"were computed on another decoder's pixels ({which}), which differ by a fraction of a grey "
-                     "level on average: their directions apply to nearly, not exactly, these images (not an error)")
+    """One line when a store's directions were computed on another decoder's pixels (`other_decoder_line`)."""
+    if (line := other_decoder_line("train", stores, decoder)) is not None:
+        _log.warning(line)
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -252,6 +247,19 @@ def _recorded_decoders(saved: dict[str, Any], dataset: SampleSource, run_dir: Pa
     return [{"decoder": was, "from_epoch": 0}]
 
 
+def _kept_decoders(recorded: list[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]]:
+    """The decoder records of the epochs a resume keeps: those that began at or before the last
+    checkpoint's epoch (prepare_run records a decoder before its first epoch runs). The epoch is
+    read from the checkpoint's name, so the check still comes before the stores' (remote ones
+    download); `_decoder_history` applies the same rule with the epoch the checkpoint holds."""
+    ckpts = _checkpoints(run_dir)
+    try:
+        last = int(ckpts[-1].stem.removeprefix("epoch-")) if ckpts else -1
+    except ValueError:  # a file named by hand: every record counts, as before
+        return recorded
+    return [d for d in recorded if d["from_epoch"] <= last]
+
+
 def _check_resumed_decoder(cfg: TrainConfig, decoder: str, recorded: list[dict[str, Any]], run_dir: Path,
                            device: torch.device, say: bool = True) -> None:
     """Refuse, or say in one line, that a resumed run decodes with another decoder than it did.
@@ -338,8 +346,10 @@ def prepare_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, wor
     # and recorded in config.json beside the device, as `device` is: the option may say auto.
     # A resume that would switch it is refused before the stores are checked (remote ones download).
     decoder = device_decoder(cfg.decoder, device, dataset)
-    recorded = _recorded_decoders(saved, dataset, run_dir) if resume else []
-    if resume:
+    # Only the records of epochs the resume keeps count (those before its last checkpoint's): a record
+    # written for an epoch that died before its checkpoint decoded nothing that remains.
+    recorded = _kept_decoders(_recorded_decoders(saved, dataset, run_dir), run_dir) if resume else []
+    if recorded:
         _check_resumed_decoder(cfg, decoder, recorded, run_dir, device, say=rank == 0)
     stores = _check_stores(dataset, readers)
     if rank == 0:
@@ -412,6 +422,10 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
     epochs_bar = progress(total=cfg.epochs, initial=r.start_epoch, desc=f"train {run_dir.name}", unit="epoch",
                           bar=False, disable=None if rank == 0 else True)
     totals = {"online_passes": 0, "batches": 0, "samples": 0}
+    # The held-out images decoded as the training ones are (the run's loader workers and recorded
+    # decoder); its workers forked now, before the training loader's (epoch_batches starts them lazily).
+    validation = Validation(r.val, eps=cfg.eps, device=device, precision=precision, workers=cfg.loader_workers,
+                            decoder=r.decoder) if r.val is not None and rank == 0 else None
     # The epochs' batches: read, shuffled, source-drawn and augmented ahead of the step (in
     # cfg.loader_workers processes that live for the whole run) in an order fixed by (seed, epoch,
     # rank), so that a resumed run replays exactly what an uninterrupted one would have.
@@ -419,9 +433,6 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                            lambda stream: batch_loader(stream, cfg, device),
                            range(r.start_epoch, cfg.epochs), cfg.loader_workers, r.per_rank)
     ended = None  # when the previous epoch's work was done: its boundary is the time to this epoch's first batch
-    # The held-out images decoded as the training ones are (the run's loader workers and decoder).
-    validation = Validation(r.val, eps=cfg.eps, device=device, precision=precision, workers=cfg.loader_workers,
-                            decoder=cfg.decoder) if r.val is not None and rank == 0 else None
     try:
         for epoch, batches in epochs:
             window = Window(1 + len(cfg.shards), device)
@@ -492,8 +503,6 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, rank: int, world: i
                 writer.submit(_checkpoint_job(run_dir, model, optimizer, scaler, epoch, step, r.dataset, cfg, device))
         writer.wait()
     except UndecodableJPEG as e:  # the step knows the sample, the source knows its file
-        from enspipe.train.device_batches import named
-
         raise named(r.dataset, e) from None
     finally:
         if validation is not None:

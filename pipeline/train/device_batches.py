@@ -11,7 +11,8 @@ augmentation) is the stream's as on the PIL path: only where the clean pixels ar
 A JPEG whose header passed the worker's check but whose data does not decode fails in the step,
 where the batch has no source to name its file: decode_batch raises `UndecodableJPEG` (its sample
 index) and the training loop, which holds the source, turns it into the source's own line
-(`named`: the file, as precompute and the PIL path name it, and the sample index).
+(`enspipe.data.decode.named`: the file, as the PIL path names it, and the sample index: the same
+line precompute's and evaluate's device batches give).
 """
 from __future__ import annotations
 
@@ -19,11 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from enspipe.data.decode import EncodedChunk, UndecodableJPEG, augment_on_device, decode_batch, encoded_chunk
+from enspipe.data.decode import EncodedChunk, augment_on_device, decode_batch, encoded_chunk
 from enspipe.train.batches import BatchStream
-from enspipe.util.errors import DataError
 
-__all__ = ["DeviceDecodedBatchStream", "clean_images", "named"]
+__all__ = ["DeviceDecodedBatchStream", "clean_images"]
 
 
 class DeviceDecodedBatchStream(BatchStream):
@@ -51,12 +51,3 @@ def clean_images(x: EncodedChunk, device: Any, aug: Any = None, crop_padding: in
     """A batch's clean images, uint8 [n, C, H, W] on `device`: its encoded files decoded and
     augmented there (a batch of pixels is copied over by the caller, adversarial_inputs)."""
     return augment_on_device(decode_batch([x], x.transform, x.shape, device), aug, crop_padding)
-
-
-def named(dataset: Any, e: UndecodableJPEG) -> DataError:
-    """The one line of a JPEG the step could not decode: the source names its file (imagefolder: the
-    path; wds: the sample's key and shard), as on the PIL path, followed by the sample index."""
-    describe = getattr(dataset, "decode_error", None)
-    if describe is None:  # a source without file names: its index is all there is
-        return DataError(str(e))
-    return DataError(f"{describe(e.index, e.reason)} (sample {e.index})")

@@ -271,13 +271,11 @@ def prune_checkpoints(checkpoints: list[Path], keep: int | None) -> None:
 # --- held-out validation ------------------------------------------------------------------
 
 def validate(model: torch.nn.Module, data: Any, *, eps: float, device: torch.device, batch_size: int = 256,
-             precision: Precision | None = None, workers: int = 0, decoder: str = "cpu",
-             loader: Any = None) -> dict[str, Any]:
+             precision: Precision | None = None, loader: Any = None) -> dict[str, Any]:
     """Clean and white-box FGSM error (true labels, as `evaluate`) of `model` on `data`, in eval
     mode, its forward passes at the run's `precision` (default fp32); the model's mode is
     restored. No random numbers are drawn, so training is unchanged. The images are decoded by
-    `workers` loader processes (`decoder`: the run's), or by `loader` (a `data.loader.open_loader`
-    kept for the run: `Validation`)."""
+    `loader` (a `data.loader.open_loader` kept for the run: `Validation`), else with PIL in this process."""
     from enspipe import attacks
     from enspipe.data.loader import batches
 
@@ -287,8 +285,7 @@ def validate(model: torch.nn.Module, data: Any, *, eps: float, device: torch.dev
     t0 = time.perf_counter()
     wrong = torch.zeros(2, device=device)
     try:
-        with contextlib.closing(batches(data, batch_size, device, workers=workers, decoder=decoder,
-                                        loader=loader)) as stream:
+        with contextlib.closing(batches(data, batch_size, device, loader=loader)) as stream:
             for _, x, y in stream:
                 with torch.no_grad():
                     clean = net(x).argmax(1) != y
@@ -306,21 +303,19 @@ def validate(model: torch.nn.Module, data: Any, *, eps: float, device: torch.dev
 
 class Validation:
     """A run's held-out validation, once per epoch: `validate` with the run's loader workers and
-    decoder, whose processes are forked at the first call and kept until `close` (forking them
-    again every epoch would cost a fork per worker and their first chunks' latency, each time).
-    Without workers it decodes in this process, as `validate` does."""
+    decoder (resolved: the run's record), whose processes are forked here, once, and kept until
+    `close` (forking them again every epoch would cost a fork per worker and their first chunks'
+    latency, each time). Made before the training loader starts its workers and threads, so its
+    fork copies none of them. Without workers it decodes in this process, as `validate` does."""
 
     def __init__(self, data: Any, *, eps: float, device: torch.device, precision: Precision | None = None,
                  workers: int = 0, decoder: str = "cpu", batch_size: int = 256):
-        self.data, self.eps, self.device, self.precision = data, eps, device, precision
-        self.workers, self.decoder, self.batch_size = workers, decoder, batch_size
-        self._loader: Any = None
-
-    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
         from enspipe.data.loader import open_loader
 
-        if self._loader is None:
-            self._loader = open_loader(self.data, self.device, workers=self.workers, decoder=self.decoder)
+        self.data, self.eps, self.device, self.precision, self.batch_size = data, eps, device, precision, batch_size
+        self._loader: Any = open_loader(data, device, workers=workers, decoder=decoder)
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
         return validate(model, self.data, eps=self.eps, device=self.device, batch_size=self.batch_size,
                         precision=self.precision, loader=self._loader)
 

@@ -291,6 +291,7 @@ def test_a_jpeg_that_does_not_decode_is_named_in_one_line(folder):
     ds = create_dataset(f"imagefolder:{folder}", image_size=56)
     with pytest.raises(DataError, match=rf"cannot decode image {bad}: .*truncated") as e:
         batch_to_device([encoded_chunk(ds, range(len(ds)))], torch.device("cpu"), ds)
-    assert "\n" not in str(e.value)
+    # One line, the trainer's (tests/train/test_train_decoder_record.py): the file, then the sample.
+    assert "\n" not in str(e.value) and str(e.value).endswith(f" (sample {ds._files.index('c1/1.jpg')})"), e.value
     with pytest.raises(DataError, match=rf"cannot decode image {bad}: .*truncated"):
         ds.images_uint8([ds._files.index("c1/1.jpg")])  # the PIL path's line

@@ -67,3 +67,33 @@ def test_nvjpeg_on_cuda_matches_pil(tmp_path):
         diffs.append(np.abs(got[i].astype(np.int16) - _pil(data, 64, 56).astype(np.int16)))
     d = np.stack(diffs)
     assert d.mean() < 0.5 and d.max() <= 4, f"nvJPEG vs PIL: mean |diff| {d.mean():.3f} levels, max {d.max()}"
+
+
+def test_a_batch_is_put_in_place_without_waiting_for_the_gpu(monkeypatch):
+    """The review's finding, on the device: placing a batch's rows (size groups resized and cropped,
+    the workers' pixels copied in, one index) makes no host synchronisation, so the training step does
+    not wait for the GPU work queued before it. nvJPEG's own call is left out (decoded beforehand):
+    this checks enspipe's placement, not torchvision's decoder. Unrun in the session that wrote it
+    (no GPU was lent): tests/data/test_device_decode_copies.py checks the same placement on the CPU."""
+    from enspipe.data import decode
+    from enspipe.data.decode import DeviceTransform, EncodedChunk, decode_batch
+
+    cuda = torch.device("cuda")
+    shape, transform = (3, 24, 24), DeviceTransform("RGB", resize=28, crop=24)
+    jpegs = [_image(i, w, h, "JPEG") for i, (w, h) in enumerate(SIZES[:4] + SIZES[:2])]  # repeated sizes
+    pixels = np.random.default_rng(5).integers(0, 256, (2, *shape), dtype=np.uint8)
+    items = [jpegs[0], pixels[0], *jpegs[1:4], pixels[1], *jpegs[4:]]
+    decoded = [t.to(cuda) for t in decode._decode_jpegs(jpegs, "RGB", torch.device("cpu"))]
+    monkeypatch.setattr(decode, "_decode_jpegs", lambda data, mode, device: decoded)
+    want = decode_batch([EncodedChunk(items, list(range(len(items))))], transform, shape, cuda)  # warm: kernels, pools
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)  # GPU work queued ahead, as the previous step's backward is
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = decode_batch([EncodedChunk(items, list(range(len(items))))], transform, shape, cuda)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, want)
+    for row, it in enumerate(items):
+        if isinstance(it, np.ndarray):
+            assert np.array_equal(got[row].cpu().numpy(), it), row

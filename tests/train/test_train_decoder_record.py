@@ -264,3 +264,25 @@ def test_a_garbled_decoder_record_is_one_line(cpu_run, jpegs, tmp_path):
     with pytest.raises(ConfigError, match="`decoders` is not a list") as e:
         train(_cfg(jpegs, run, epochs=2, resume=True))
     assert "\n" not in str(e.value)
+
+
+def test_a_decoder_recorded_for_an_epoch_that_died_does_not_count_on_resume(jpegs, tmp_path, as_cuda, caplog):
+    """Trained as on CUDA (nvjpeg), resumed with `decoder` cpu, killed in that epoch before its checkpoint:
+    config.json then records cpu from epoch 1, which decoded nothing that remains. Resumed with `auto`
+    as on CUDA again, every kept epoch was nvjpeg: it goes on, silently, and the dead record is gone."""
+    from enspipe.train import train
+
+    run = tmp_path / "gpu"
+    train(_cfg(jpegs, run))
+    saved = _saved(run)
+    assert saved["decoders"] == [{"decoder": "nvjpeg", "from_epoch": 0}]
+    # What prepare_run wrote for the resume with `decoder` cpu before epoch 1 died (no epoch-0001.pt).
+    saved["decoders"].append({"decoder": "cpu", "from_epoch": 1})
+    saved["decoder"], saved["train"]["decoder"], saved["train"]["epochs"] = "cpu", "cpu", 2
+    (run / "config.json").write_text(json.dumps(saved))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="enspipe.train"):
+        res = train(_cfg(jpegs, run, epochs=2, resume=True))
+    assert res.epochs_done == 2
+    assert not [r for r in caplog.records if "decod" in r.getMessage()], caplog.text
+    assert _saved(run)["decoders"] == [{"decoder": "nvjpeg", "from_epoch": 0}]

@@ -64,11 +64,12 @@ def test_validation_counts_a_plain_loop_and_forks_its_workers_once(jpegs):
     before = _children()
     validation = Validation(data, eps=EPS, device=CPU, workers=2, batch_size=BATCH)
     try:
+        made = _children() - before  # forked when made (before a training loader starts), not at the first call
         runs, forked = [], []
         for _ in range(2):  # two epochs' validations
             runs.append(validation(model))
             forked.append(_children() - before)
-        assert len(forked[0]) == 2 and forked[1] == forked[0]  # the same two processes both times
+        assert len(made) == 2 and forked[0] == forked[1] == made  # the same two processes every time
     finally:
         validation.close()
     assert _children() <= before
@@ -94,3 +95,22 @@ def test_a_run_validates_the_same_with_loader_workers(jpegs, tmp_path):
                          for r in map(json.loads, lines) if r.get("kind") == "val"]
     assert [v["epoch"] for v in vals[0]] == [1, 2] and vals[0][0]["n"] == 24
     assert vals[2] == vals[0]
+
+
+def test_a_run_validates_with_its_recorded_decoder(jpegs, tmp_path, monkeypatch):
+    """As on CUDA (`auto` resolves to nvjpeg; the device path runs on the CPU here): the validation's
+    loader is opened once, with the decoder the run recorded (config.json's `decoder`), not the option."""
+    import json
+
+    from enspipe.data import decode, loader
+    from enspipe.train import TrainConfig, train
+
+    real_resolve, real_open = decode.resolve_decoder, loader.open_loader
+    monkeypatch.setattr(decode, "resolve_decoder", lambda name, device, decodes=True: real_resolve(name, "cuda", decodes))
+    opened = []
+    monkeypatch.setattr(loader, "open_loader", lambda data, device, **kw: opened.append(kw["decoder"]) or
+                        real_open(data, device, **kw))
+    train(TrainConfig(model="C", dataset=f"imagefolder:{jpegs}", image_size=SIZE, epochs=2, batch_size=8,
+                      val_limit=8, device="cpu", out=str(tmp_path / "run")))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["decoder"] == "nvjpeg"
+    assert opened == ["nvjpeg"]
