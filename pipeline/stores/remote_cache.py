@@ -73,11 +73,8 @@ class RemoteSource:
     evict if the cap needs it, download what is missing, check it, mark it.
     """
 
-    def __init__(self, url: str, mirror: Path, cap_bytes: int, *, listing: dict[str, int] | None = None) -> None:
+    def __init__(self, url: str, mirror: Path, cap_bytes: int) -> None:
         self.url, self.mirror, self.cap_bytes = url, Path(mirror), int(cap_bytes)
-        # The store's listing ({object: bytes}) open_remote made, for the trainer's check of the
-        # store (`remote_read.verify_remote`) without a second one; not carried to other processes.
-        self.listing = listing
         self._remote: Remote | None = None
         self._remote_pid = 0
         self._here_: _Here | None = None

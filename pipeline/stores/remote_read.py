@@ -39,10 +39,11 @@ def open_remote(url: str, *, allow_incomplete: bool = False, cache_dir: str | os
                 cache_bytes: int | None = None, check_objects: bool = True):
     """The backend's reader of a store URL, running on its local mirror (see the module doc).
 
-    Requests: one listing of the store (kept as `reader.source.listing`: the trainer's check uses
-    it, `verify_remote`), the manifest, and for an incomplete store its record objects, fetched in
-    one concurrent call; a complete store's records are its manifest's. `check_objects`: every
-    recorded object is in the listing with its recorded size (no object is downloaded)."""
+    Requests: one listing of the store, the manifest, and for an incomplete store its record
+    objects, fetched in one concurrent call; a complete store's records are its manifest's (its
+    record objects are never fetched). `check_objects`: every recorded object is in the listing
+    with its recorded size (no object is downloaded): for a complete store, everything a train
+    start's check needs of the records (`verify.check_against`)."""
     from .manifest import RECORDS_DIR, record_lines, write_json_atomic
     from .registry import get_backend
 
@@ -79,7 +80,7 @@ def open_remote(url: str, *, allow_incomplete: bool = False, cache_dir: str | os
             shutil.rmtree(tmp, ignore_errors=True)
     write_json_atomic(mirror / MANIFEST, manifest, indent=2)  # the manifest may have been completed since
     reader = get_backend(manifest["format"]).Reader(mirror, manifest, records)
-    reader.source = RemoteSource(url, mirror, cache_bytes if cache_bytes is not None else default_cap, listing=sizes)
+    reader.source = RemoteSource(url, mirror, cache_bytes if cache_bytes is not None else default_cap)
     return reader
 
 
@@ -91,11 +92,10 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
     as a local store's `verify_store` (`manifest.store_records`), files' sizes taken from the
     store's listing, the record objects fetched in one concurrent call.
 
-    Shallow (a reader: what train and evaluate check before their first step, `check_against`):
-    manifest, records against it, every object's size, all from the listing `open_remote` made
-    and the records: no object is downloaded. Each object's sha256 is checked when a read
-    downloads it (`RemoteSource`), so a corrupt object still never feeds a read: that read fails,
-    naming the object. Deep (`enspipe verify URL`): also every object downloaded again, not taken
+    Shallow: manifest, records against it, every object's size: no shard object is downloaded.
+    Each object's sha256 is checked when a read downloads it (`RemoteSource`), so a corrupt
+    object still never feeds a read: that read fails, naming the object. (A train start's check
+    of a complete store URL does not call this: `open_remote` checked the same.) Deep (`enspipe verify URL`): also every object downloaded again, not taken
     from the cache, sha256-checked and decoded; for a reader, its cached copies (checked when they
     were downloaded) are kept, so the ranks on one node share one download."""
     from .manifest import sha256_matches, store_records
@@ -112,9 +112,7 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
             return [f"manifest: {exc}"], 0
     else:
         reader, manifest, url, r = target, target.manifest, target.source.url, target.source.remote
-        sizes = target.source.listing
-        if sizes is None:  # a reader rebuilt in another process: list once more
-            sizes = r.sizes()
+        sizes = r.sizes()
     try:
         stored = fetch_records(r, manifest, sizes)
     except StoreError as exc:  # a record that cannot be read (denied, archived, unreachable): one line naming it

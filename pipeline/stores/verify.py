@@ -31,10 +31,12 @@ def check_against(reader: StoreReader, dataset: object) -> None:
     classes), and the keys that bind each shard to its samples (a zarr shard copied over
     another, records and all, passes the checksums but fails here).
 
-    A store URL: what needs no shard object's bytes -- the manifest, the records against it and
-    every object's size (open_remote's one listing and the records, fetched at once:
-    `verify_remote`), the identity, and the keys (zarr: every shard's small keys object, fetched
-    concurrently into the cache). Each object's sha256 is checked as a read downloads it
+    A complete store URL: what needs no shard object's bytes -- the manifest, its records and
+    every object's size against the store's listing (all checked by `open_remote` when the store
+    was opened: nothing is fetched again here; the record objects `shards/NNNNNN.json` are not
+    fetched at all, since a complete store is read by its manifest's records: ~1,250 GETs per
+    rank and store at ImageNet scale, guarding nothing a read uses), the identity, and the keys
+    (zarr: every shard's small keys object, fetched concurrently into the cache). Each object's sha256 is checked as a read downloads it
     (`remote_cache`), before any of its bytes are used: a corrupt object stops the run at the read
     that fetches it, one line naming the object, and never feeds a direction. Downloading and
     hashing the whole store here (tens of GB for ImageNet, on every node, evicted again when the
@@ -44,7 +46,8 @@ def check_against(reader: StoreReader, dataset: object) -> None:
     dataset's keys, so its tars are not downloaded here. `enspipe verify URL` downloads and
     hashes everything."""
     remote = reader.source is not None
-    report = verify_store(reader, deep=not remote)
+    # A complete store URL's reader: open_remote refused it unless every record and object size holds.
+    report = VerifyReport(True) if remote and reader.complete else verify_store(reader, deep=not remote)
     if not report.ok:
         raise StoreError(f"store {reader.path if not remote else reader.source.url} failed verification: "
                          f"{report.problems[0]}"
