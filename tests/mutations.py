@@ -353,6 +353,13 @@ MUTATIONS = [
              "            reader.check_keys(0, len(dataset), dataset.keys)  # type: ignore[attr-defined, arg-type]\n",
              "            pass\n",
              ("tests/stores/test_remote_start_check.py::test_a_zarr_shard_copied_over_another_with_its_records_is_refused_at_a_train_start_on_s3",)),
+    Mutation("store-url-named-by-cache-folder", "a store URL's reader names its local cache folder in its messages "
+             "(identity, keys, ranges, train's record of its stores) instead of the URL",
+             "pipeline/stores/base.py",
+             "        return self.source.url if self.source is not None else str(self.path)\n",
+             "        return str(self.path)\n",
+             ("tests/stores/test_remote_start_check.py::test_a_store_url_is_named_by_its_url_not_its_cache_folder",
+              "tests/stores/test_remote_start_check.py::test_a_zarr_shard_copied_over_another_with_its_records_is_refused_at_a_train_start_on_s3")),
     Mutation("remote-fs-shared-across-fork", "a forked loader worker downloads through its parent's filesystem instance",
              "pipeline/stores/remote_cache.py",
              "        if self._remote is None or self._remote_pid != os.getpid():\n",

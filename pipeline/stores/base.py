@@ -241,6 +241,12 @@ class StoreReader(_StoreFiles):
     def __len__(self) -> int:
         return self.num_samples
 
+    @property
+    def location(self) -> str:
+        """Where the store is, as its user named it: a store URL's URL (its reader runs on a local
+        mirror, `path`, which no message should name), else the store folder."""
+        return self.source.url if self.source is not None else str(self.path)
+
     # A reader is the store's handle for a whole run: `open_store` reads and schema-checks the
     # manifest once, and the handle is passed on (verify, the trainer's checks, every epoch's
     # stream and its loader workers) instead of each of them opening the path again.
@@ -296,10 +302,10 @@ class StoreReader(_StoreFiles):
     def _check_range(self, start: int, stop: int) -> tuple[int, int]:
         start, stop = int(start), int(stop)
         if not 0 <= start <= stop <= self.num_samples:
-            raise StoreError(f"sample range [{start}, {stop}) is outside store {self.path} (N={self.num_samples}).")
+            raise StoreError(f"sample range [{start}, {stop}) is outside store {self.location} (N={self.num_samples}).")
         for s, _ in self._spans(start, stop):
             if s not in self._done:
-                raise StoreError(f"shard {s} of store {self.path} is not written; re-run precompute to finish it.")
+                raise StoreError(f"shard {s} of store {self.location} is not written; re-run precompute to finish it.")
         return start, stop
 
     def _empty(self, n: int) -> dict[str, np.ndarray]:
@@ -331,7 +337,7 @@ class StoreReader(_StoreFiles):
         # Cheap value check on the hot path: a damaged chunk whose checksum was forged
         # still cannot smuggle values outside {-1, 0, 1} into training.
         if not directions_valid(d):
-            raise StoreError(f"store {self.path}: directions of samples [{start}, {stop}) hold values outside "
+            raise StoreError(f"store {self.location}: directions of samples [{start}, {stop}) hold values outside "
                              "{-1, 0, 1}; the store is corrupt (run enspipe verify)")
         return d
 
@@ -348,7 +354,7 @@ class StoreReader(_StoreFiles):
         if not len(idx):
             return out
         if idx.min() < 0 or idx.max() >= self.num_samples:
-            raise StoreError(f"sample indices must lie in [0, {self.num_samples}) for store {self.path}.")
+            raise StoreError(f"sample indices must lie in [0, {self.num_samples}) for store {self.location}.")
         order = np.argsort(idx, kind="stable")
         sidx = idx[order]
         unit = sidx // self.chunk_samples
@@ -384,7 +390,7 @@ class StoreReader(_StoreFiles):
         start, stop = self._check_range(start, stop)
         if len(expected) != stop - start:
             raise StoreError(f"check_keys: {len(expected)} keys given for the {stop - start} samples "
-                             f"[{start}, {stop}) of store {self.path}.")
+                             f"[{start}, {stop}) of store {self.location}.")
         for s, rows in self._spans(start, stop):
             first = s * self.shard_size
             with self._local(first + rows.start, first + rows.stop, keys=True):
@@ -393,7 +399,7 @@ class StoreReader(_StoreFiles):
             if got != want:
                 j = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
                 raise StoreError(
-                    f"shard {s} of store {self.path} holds other samples than the dataset: sample "
+                    f"shard {s} of store {self.location} holds other samples than the dataset: sample "
                     f"{first + rows.start + j} is {got[j]!r} in the store but {want[j]!r} in the data (a shard "
                     "copied over another, or a store of other data); re-run precompute for this store."
                 )
@@ -419,31 +425,31 @@ class StoreReader(_StoreFiles):
         # Read only on a mismatch: a source computes its superseded fingerprints when first asked.
         superseded = (getattr(dataset, "superseded", None) or {}) if have_fp != str(fingerprint) else {}
         if have_fp in superseded:
-            raise StoreError(f"store {self.path} was made for this dataset, but {superseded[have_fp]} "
+            raise StoreError(f"store {self.location} was made for this dataset, but {superseded[have_fp]} "
                              "(field: dataset.fingerprint).")
         if have_fp != str(fingerprint):
             what = data_difference(ident.dataset, dataset, self.manifest.get("created_at")) \
                 if dataset is not None else None
             raise StoreError(
-                f"store {self.path} was made for other data: {what}."
+                f"store {self.location} was made for other data: {what}."
                 if what else
-                f"store {self.path} was made for dataset fingerprint {have_fp[:12]}.. but the training "
+                f"store {self.location} was made for dataset fingerprint {have_fp[:12]}.. but the training "
                 f"data has {str(fingerprint)[:12]}.. (field: dataset.fingerprint)."
             )
         want_geom = tuple(int(g) for g in geometry)
         if ident.geometry != want_geom:
             raise StoreError(
-                f"store {self.path} was made for geometry {'x'.join(map(str, ident.geometry))} but the "
+                f"store {self.location} was made for geometry {'x'.join(map(str, ident.geometry))} but the "
                 f"training data has {'x'.join(map(str, want_geom))} (field: geometry)."
             )
         if self.num_samples != int(num_samples):
             raise StoreError(
-                f"store {self.path} was made for {self.num_samples} samples but the training data has "
+                f"store {self.location} was made for {self.num_samples} samples but the training data has "
                 f"{num_samples} (field: num_samples)."
             )
         if num_classes is not None and ident.num_classes != int(num_classes):
             raise StoreError(
-                f"store {self.path} was made for {ident.num_classes} classes but the model has "
+                f"store {self.location} was made for {ident.num_classes} classes but the model has "
                 f"{num_classes} (field: num_classes)."
             )
 

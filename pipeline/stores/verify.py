@@ -49,7 +49,7 @@ def check_against(reader: StoreReader, dataset: object) -> None:
     # A complete store URL's reader: open_remote refused it unless every record and object size holds.
     report = VerifyReport(True) if remote and reader.complete else verify_store(reader, deep=not remote)
     if not report.ok:
-        raise StoreError(f"store {reader.path if not remote else reader.source.url} failed verification: "
+        raise StoreError(f"store {reader.location} failed verification: "
                          f"{report.problems[0]}"
                          + (f" (and {len(report.problems) - 1} more problems)" if len(report.problems) > 1 else "")
                          + "; run enspipe verify for details")

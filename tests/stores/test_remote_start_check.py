@@ -9,6 +9,7 @@ fetches it, one line naming it, every direction fed before that one the true one
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +231,8 @@ def test_a_zarr_shard_copied_over_another_with_its_records_is_refused_at_a_train
     url = f"s3://{s3['bucket']}/copy/{Path(local).name}"
     s3["fs"].put(str(local), url[len("s3://"):], recursive=True)
     reader = open_store(url)
-    with pytest.raises(StoreError, match=rf"shard 1 of store .* holds other samples than the dataset: sample {SHARD} "):
+    with pytest.raises(StoreError, match=rf"shard 1 of store {re.escape(url)} holds other samples than the dataset: "
+                                         rf"sample {SHARD} "):
         check_against(reader, digits)
     assert not any((reader.source.mirror / rel).is_file() for rec in reader.records.values() for rel in rec["files"]
                    if not rel.startswith("keys/"))
@@ -273,3 +275,20 @@ def test_a_wds_tar_copied_over_another_on_s3_passes_the_start_and_fails_its_firs
     check_against(reader, digits)
     with pytest.raises(StoreError, match=rf"shard-000001.tar holds {SHARD} samples that are not samples {SHARD}\.\."):
         reader.read_directions(SHARD, 2 * SHARD)
+
+
+def test_a_store_url_is_named_by_its_url_not_its_cache_folder(s3, digits):
+    """Every message about a store URL's reader names the URL the user gave (`location`), never the
+    local mirror it runs on: the identity check, a read outside it, and train's record of its stores."""
+    from enspipe.data import create_dataset
+    from enspipe.train import _check_stores
+
+    url, _ = _store(f"s3://{s3['bucket']}/st", digits, "zarr")
+    reader = open_store(url)
+    assert reader.location == url and str(reader.path) != url
+    other = create_dataset("digits", split="test")  # other samples: the identity check refuses it
+    with pytest.raises(StoreError, match=rf"^store {re.escape(url)} was made for other data: "):
+        check_against(reader, other)
+    with pytest.raises(StoreError, match=rf"outside store {re.escape(url)} "):
+        reader.read(0, len(digits) + 1)
+    assert [s["path"] for s in _check_stores(digits, [reader])] == [url]
