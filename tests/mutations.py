@@ -339,8 +339,8 @@ MUTATIONS = [
              ("tests/stores/test_remote_start_check.py::test_a_train_start_on_a_store_url_lists_once_and_downloads_no_shard_payload",)),
     Mutation("start-check-keys-fetch-everything", "the keys check of a zarr store URL downloads every object of every shard",
              "pipeline/stores/verify.py",
-             "        with reader.source.local(reader.records, shards, reader.records, only=reader._key_files):\n",
-             "        with reader.source.local(reader.records, shards, reader.records):\n",
+             "        with reader.source.local(reader.records, sorted(reader.records), reader.records, only=reader._key_files):\n",
+             "        with reader.source.local(reader.records, sorted(reader.records), reader.records):\n",
              ("tests/stores/test_remote_start_check.py::test_a_train_start_on_a_store_url_lists_once_and_downloads_no_shard_payload",)),
     Mutation("start-check-fetches-records", "the check of a complete store URL lists it again and fetches every "
              "record object, which open_remote checked and no read uses (1,250 GETs per rank and store)",
@@ -360,6 +360,12 @@ MUTATIONS = [
              "        return str(self.path)\n",
              ("tests/stores/test_remote_start_check.py::test_a_store_url_is_named_by_its_url_not_its_cache_folder",
               "tests/stores/test_remote_start_check.py::test_a_zarr_shard_copied_over_another_with_its_records_is_refused_at_a_train_start_on_s3")),
+    Mutation("zarr-keys-not-apart", "zarr's reader does not declare its keys objects apart from its arrays: a store "
+             "URL's start check skips the keys",
+             "pipeline/stores/zarr_store.py",
+             "    keys_apart = True  # one small keys object per shard, beside the arrays\n",
+             "    keys_apart = False  # one small keys object per shard, beside the arrays\n",
+             ("tests/stores/test_remote_start_check.py::test_a_zarr_shard_copied_over_another_with_its_records_is_refused_at_a_train_start_on_s3",)),
     Mutation("remote-fs-shared-across-fork", "a forked loader worker downloads through its parent's filesystem instance",
              "pipeline/stores/remote_cache.py",
              "        if self._remote is None or self._remote_pid != os.getpid():\n",

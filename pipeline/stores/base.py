@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -264,20 +264,24 @@ class StoreReader(_StoreFiles):
         # Pickled (spawned loader workers, dask) as what it was opened from, never its open files.
         return _rebuild, (type(self), self.path, self.manifest, self.records, self.source)
 
-    def _local(self, start: int, stop: int, *, directions: bool = False,
-               keys: bool = False) -> contextlib.AbstractContextManager:
-        """The shard files that samples [start, stop) need (`directions`, `keys`: only those the
-        directions, the keys are read from), present for the duration (a store URL's are fetched
+    def _local(self, start: int, stop: int, *,
+               only: Callable[[int], list[str]] | None = None) -> contextlib.AbstractContextManager:
+        """The shard files that samples [start, stop) need (`only(s)`: those of shard s a read needs,
+        e.g. `_direction_files`; default all), present for the duration (a store URL's are fetched
         whole and sha256-checked into the size-capped cache; local stores: nothing)."""
         if self.source is None:
             return contextlib.nullcontext()
-        only = self._direction_files if directions else self._key_files if keys else None
         return self.source.local(self.records, [s for s, _ in self._spans(start, stop)], self.records, only=only)
 
     def _direction_files(self, s: int) -> list[str]:
         """The files of shard s that `read_directions` reads (a backend with one file per array
         names its direction file; default: every file of the shard)."""
         return list(self.records[s]["files"])
+
+    # Whether a shard's keys are in files of their own (`_key_files`), apart from its payload: then
+    # a store URL's start check fetches just those to compare the keys (`verify.check_against`);
+    # otherwise the keys come with the payload, bound to it by the format on every read.
+    keys_apart: ClassVar[bool] = False
 
     def _key_files(self, s: int) -> list[str]:
         """The files of shard s that `keys` reads (default: every file of the shard)."""
@@ -332,7 +336,7 @@ class StoreReader(_StoreFiles):
         start, stop = self._check_range(start, stop)
         if start == stop:
             return self._empty(0)["direction"]
-        with self._local(start, stop, directions=True):
+        with self._local(start, stop, only=self._direction_files):
             d = self._read_directions(start, stop)
         # Cheap value check on the hot path: a damaged chunk whose checksum was forged
         # still cannot smuggle values outside {-1, 0, 1} into training.
@@ -373,7 +377,7 @@ class StoreReader(_StoreFiles):
         start, stop = self._check_range(start, stop)
         if start == stop:
             return []
-        with self._local(start, stop, keys=True):
+        with self._local(start, stop, only=self._key_files):
             return self._keys(start, stop)
 
     def _keys(self, start: int, stop: int) -> list[str]:
@@ -393,7 +397,7 @@ class StoreReader(_StoreFiles):
                              f"[{start}, {stop}) of store {self.location}.")
         for s, rows in self._spans(start, stop):
             first = s * self.shard_size
-            with self._local(first + rows.start, first + rows.stop, keys=True):
+            with self._local(first + rows.start, first + rows.stop, only=self._key_files):
                 got = self._keys(first + rows.start, first + rows.stop)
             want = list(expected[first + rows.start - start:first + rows.stop - start])
             if got != want:

@@ -59,10 +59,9 @@ def check_against(reader: StoreReader, dataset: object) -> None:
     if not remote:
         reader.check_keys(0, len(dataset), dataset.keys)  # type: ignore[attr-defined, arg-type]
         return
-    shards = sorted(reader.records)
-    if all(set(reader._key_files(s)) < set(reader.records[s]["files"]) for s in shards):
+    if reader.keys_apart:
         # Every shard's keys object at once (the cache's download pool), then compared shard by shard.
-        with reader.source.local(reader.records, shards, reader.records, only=reader._key_files):
+        with reader.source.local(reader.records, sorted(reader.records), reader.records, only=reader._key_files):
             reader.check_keys(0, len(dataset), dataset.keys)  # type: ignore[attr-defined, arg-type]
 
 
