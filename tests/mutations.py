@@ -366,6 +366,12 @@ MUTATIONS = [
              "    keys_apart = True  # one small keys object per shard, beside the arrays\n",
              "    keys_apart = False  # one small keys object per shard, beside the arrays\n",
              ("tests/stores/test_remote_start_check.py::test_a_zarr_shard_copied_over_another_with_its_records_is_refused_at_a_train_start_on_s3",)),
+    Mutation("written-only-if-decodable", "verify counts a shard of an incomplete store as written only if it also "
+             "decodes (the store URL copy's old rule: local and S3 gave different counts)",
+             "pipeline/stores/manifest.py",
+             "            written += intact\n",
+             "            written += intact and not found\n",
+             ("tests/stores/test_remote_start_check.py::test_an_incomplete_store_with_a_damaged_shard_verifies_alike_locally_and_on_s3",)),
     Mutation("remote-fs-shared-across-fork", "a forked loader worker downloads through its parent's filesystem instance",
              "pipeline/stores/remote_cache.py",
              "        if self._remote is None or self._remote_pid != os.getpid():\n",

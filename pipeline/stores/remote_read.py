@@ -95,10 +95,12 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
     Shallow: manifest, records against it, every object's size: no shard object is downloaded.
     Each object's sha256 is checked when a read downloads it (`RemoteSource`), so a corrupt
     object still never feeds a read: that read fails, naming the object. (A train start's check
-    of a complete store URL does not call this: `open_remote` checked the same.) Deep (`enspipe verify URL`): also every object downloaded again, not taken
-    from the cache, sha256-checked and decoded; for a reader, its cached copies (checked when they
-    were downloaded) are kept, so the ranks on one node share one download."""
-    from .manifest import sha256_matches, store_records
+    of a complete store URL does not call this: `open_remote` checked the same.) Deep (`enspipe
+    verify URL`): also every object downloaded again, not taken from the cache, sha256-checked and
+    decoded; for a reader, its cached copies (checked when they were downloaded) are kept, so the
+    ranks on one node share one download. Counted and reported as a local store's
+    (`manifest.store_shard_lines`)."""
+    from .manifest import sha256_matches, store_shard_lines
     from .registry import get_backend
 
     fresh = isinstance(target, str)
@@ -119,8 +121,7 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
         return [f"records: {exc}"], 0
     if deep and fresh:
         reader = open_remote(url, allow_incomplete=True, check_objects=False)
-    problems: list[str] = []
-    checked = written = 0
+    read_whole = None
     if deep:
         src = reader.source
         if fresh:  # verify what is stored now, not the cache
@@ -132,29 +133,24 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
                 src.count_eviction(fd)
         # Shards download ahead of the checks (hashing and decoding one while the next arrive).
         src.prefetch(reader.records, sorted(reader.records), reader.records)
-    for shard in store_records(manifest, stored.get, sizes.get):
-        s, rec, found = shard.shard, shard.rec, list(shard.lines)
-        if rec is not None:
-            checked += 1
-        if shard.ok and deep:
+
+        def read_whole(s: int, rec: dict) -> tuple[list[str], bool]:
             try:
                 with src.local({s: rec}, [s], reader.records):
                     # A download was hashed as it arrived (fresh: every file); a cached copy this
                     # process has not hashed yet is hashed here, once.
                     for rel, meta in sorted(rec["files"].items()):
                         if not sha256_matches(src.mirror / rel, meta["sha256"], trust_checked=True):
-                            raise StoreError(f"checksum mismatch in cached copy of {rel}")
-                    get_backend(manifest["format"]).check_shard(src.mirror, manifest, s, rec)
-            except StoreError as exc:
-                found.append(f"shard {s}: {exc}")
-            except Exception as exc:  # any decoder failure is a finding, not a crash
-                found.append(f"shard {s}: unreadable ({exc})")
-        if shard.ok and len(found) == len(shard.lines):
-            written += 1
-        problems += found
-    if not manifest["complete"]:
-        problems.insert(0, f"store is incomplete: {written} of {manifest['num_shards']} shards written; "
-                           "re-run precompute to finish it")
+                            return [f"shard {s}: checksum mismatch in cached copy of {rel}"], False
+                    try:
+                        get_backend(manifest["format"]).check_shard(src.mirror, manifest, s, rec)
+                    except Exception as exc:  # any decoder failure is a finding, not a crash
+                        return [f"shard {s}: unreadable ({exc})"], True
+            except StoreError as exc:  # a download refused (bytes not as recorded) or failed: not written
+                return [f"shard {s}: {exc}"], False
+            return [], True
+
+    problems, checked = store_shard_lines(manifest, stored.get, sizes.get, None, read_whole)
     return problems, checked
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from enspipe.util.errors import StoreError
 
 from .base import StoreReader
-from .manifest import local_sizes, read_manifest, read_record, sha256_matches, store_records
+from .manifest import local_sizes, read_manifest, read_record, sha256_matches, store_shard_lines
 from .registry import get_backend
 from .remote import is_url, local_path
 
@@ -101,25 +101,17 @@ def verify_store(path: str | os.PathLike | StoreReader, *, deep: bool = True) ->
             return VerifyReport(False, [f"manifest: {exc}"], 0)
     backend = get_backend(manifest["format"])
     problems = list(backend.store_problems(path, manifest))
-    complete = manifest["complete"]
-    checked = written = 0
-    shard_lines: list[str] = []
     sha = (lambda rel, sha256: sha256_matches(path / rel, sha256)) if deep else None
-    for shard in store_records(manifest, lambda s: read_record(path, s), local_sizes(path), sha):
-        found = shard.lines
-        if shard.rec is not None:
-            checked += 1
-        if shard.ok:
-            written += 1
-            if deep and not problems:
-                try:
-                    backend.check_shard(path, manifest, shard.shard, shard.rec)
-                except Exception as exc:  # any decoder failure is a finding, not a crash
-                    found = [*found, f"shard {shard.shard}: unreadable ({exc})"]
-        shard_lines += found
-    if not complete:
-        problems.append(
-            f"store is incomplete: {written} of {manifest['num_shards']} shards written; re-run precompute to finish it"
-        )
-    problems += shard_lines
+
+    def read_whole(s: int, rec: dict) -> tuple[list[str], bool]:
+        try:
+            backend.check_shard(path, manifest, s, rec)
+        except Exception as exc:  # any decoder failure is a finding, not a crash
+            return [f"shard {s}: unreadable ({exc})"], True
+        return [], True
+
+    # Shards are decoded only when the format's metadata is sound (else every one would fail alike).
+    lines, checked = store_shard_lines(manifest, lambda s: read_record(path, s), local_sizes(path), sha,
+                                       read_whole if deep and not problems else None)
+    problems += lines
     return VerifyReport(not problems, problems, checked)

@@ -292,3 +292,34 @@ def test_a_store_url_is_named_by_its_url_not_its_cache_folder(s3, digits):
     with pytest.raises(StoreError, match=rf"outside store {re.escape(url)} "):
         reader.read(0, len(digits) + 1)
     assert [s["path"] for s in _check_stores(digits, [reader])] == [url]
+
+
+@pytest.mark.parametrize("damage", ["undecodable", "corrupt"])
+def test_an_incomplete_store_with_a_damaged_shard_verifies_alike_locally_and_on_s3(s3, digits, tmp_path, damage):
+    """Deep verify of an incomplete store: shard 0 not written, shard 1's direction object
+    damaged. Undecodable (bytes re-recorded, so only the decode fails): written, one `unreadable`
+    line. Corrupt (bytes not as recorded): not written. The count is the same locally and on S3."""
+    from reliability.forge import forge_checksums
+
+    local, _ = _store(str(tmp_path / "st"), digits, "zarr")
+    rel = "direction/c/1/0/0/0"
+    (Path(local) / rel).write_bytes(b"\0" * (Path(local) / rel).stat().st_size)  # same size: not a zarr shard
+    if damage == "undecodable":
+        forge_checksums(Path(local), 1)
+    manifest = json.loads((Path(local) / "manifest.json").read_text())
+    manifest.update(complete=False, shards={}, finalized_at=None)  # as before finalize
+    (Path(local) / "manifest.json").write_text(json.dumps(manifest))
+    (Path(local) / "shards/000000.json").unlink()
+    url = f"s3://{s3['bucket']}/copy/{Path(local).name}"
+    s3["fs"].put(str(local), url[len("s3://"):], recursive=True)
+    lines = {where: verify_store(where).problems for where in (local, url)}
+    shards = -(-len(digits) // SHARD)
+    written = shards - 1 if damage == "undecodable" else shards - 2
+    for got in lines.values():
+        assert got[0] == f"store is incomplete: {written} of {shards} shards written; re-run precompute to finish it"
+        assert got[1] == "shard 0: not written (no completion record shards/000000.json)"
+        assert len(got) == 3 and got[2].startswith(
+            "shard 1: unreadable (" if damage == "undecodable" else "shard 1: "), got
+    if damage == "corrupt":
+        assert lines[local][2] == f"shard 1: checksum mismatch in file {rel}"
+        assert f"{url}/{rel} does not match its completion record" in lines[url][2]
