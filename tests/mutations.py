@@ -372,6 +372,13 @@ MUTATIONS = [
              "            written += intact\n",
              "            written += intact and not found\n",
              ("tests/stores/test_remote_start_check.py::test_an_incomplete_store_with_a_damaged_shard_verifies_alike_locally_and_on_s3",)),
+    Mutation("remote-verify-opens-again", "a store URL's deep verify lists it, reads its manifest and fetches its "
+             "records again to open the reader it downloads through",
+             "pipeline/stores/remote_read.py",
+             "        reader = _open_listed(url, manifest, records, sizes, allow_incomplete=True, cache_dir=None, cache_bytes=None,\n",
+             "        reader = open_remote(url, allow_incomplete=True, check_objects=False) or _open_listed(url, manifest, "
+             "records, sizes, allow_incomplete=True, cache_dir=None, cache_bytes=None,\n",
+             ("tests/stores/test_remote_start_check.py::test_verify_of_an_incomplete_store_url_lists_it_once_and_fetches_each_object_once",)),
     Mutation("remote-fs-shared-across-fork", "a forked loader worker downloads through its parent's filesystem instance",
              "pipeline/stores/remote_cache.py",
              "        if self._remote is None or self._remote_pid != os.getpid():\n",

@@ -291,12 +291,17 @@ def _records(r: Remote, manifest: dict, sizes: dict[str, int] | None = None) -> 
     """The valid completion records: the manifest's once complete, else the record objects whose
     shard objects all exist with their recorded sizes (`manifest.store_records`, as a local
     store's; one listing of the store, or `sizes`; the records fetched in one call)."""
-    from .manifest import store_records
-
     if manifest["complete"]:
         return {int(k): v for k, v in manifest["shards"].items()}
     sizes = r.sizes() if sizes is None else sizes
-    stored = fetch_records(r, manifest, sizes)
+    return valid_records(manifest, fetch_records(r, manifest, sizes), sizes)
+
+
+def valid_records(manifest: dict, stored: dict[int, Any], sizes: dict[str, int]) -> dict[int, dict]:
+    """The valid ones of an incomplete store's record objects `stored` (`fetch_records`), against
+    the listing `sizes`."""
+    from .manifest import store_records
+
     return {c.shard: c.rec for c in store_records(manifest, stored.get, sizes.get) if c.ok}
 
 

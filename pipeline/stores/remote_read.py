@@ -15,7 +15,8 @@ from typing import Any
 
 from enspipe.util.errors import StoreError
 
-from .remote import MANIFEST, Remote, _records, cache_settings, fetch_records, join, read_remote_manifest
+from .remote import (MANIFEST, Remote, _records, cache_settings, fetch_records, join, read_remote_manifest,
+                     valid_records)
 from .remote_cache import RemoteSource
 
 __all__ = ["RemoteSource", "find_remote_stores", "open_remote", "remote_info", "verify_remote"]
@@ -44,14 +45,20 @@ def open_remote(url: str, *, allow_incomplete: bool = False, cache_dir: str | os
     record objects are never fetched). `check_objects`: every recorded object is in the listing
     with its recorded size (no object is downloaded): for a complete store, everything a train
     start's check needs of the records (`verify.check_against`)."""
-    from .manifest import RECORDS_DIR, record_lines, write_json_atomic
-    from .registry import get_backend
-
     url = url.rstrip("/")
     r = Remote(url)
     sizes = r.sizes()  # the store's one listing: the manifest's presence, the records, the objects
     manifest = read_remote_manifest(url, sizes)
-    records = _records(r, manifest, sizes)
+    return _open_listed(url, manifest, _records(r, manifest, sizes), sizes, allow_incomplete=allow_incomplete,
+                        cache_dir=cache_dir, cache_bytes=cache_bytes, check_objects=check_objects)
+
+
+def _open_listed(url: str, manifest: dict, records: dict[int, dict], sizes: dict[str, int], *, allow_incomplete: bool,
+                 cache_dir: str | os.PathLike | None, cache_bytes: int | None, check_objects: bool):
+    """`open_remote` of a store already listed (`sizes`), its manifest read and its valid records taken."""
+    from .manifest import RECORDS_DIR, record_lines, write_json_atomic
+    from .registry import get_backend
+
     if not manifest["complete"] and not allow_incomplete:
         raise StoreError(f"store {url} is incomplete: {len(records)} of {manifest['num_shards']} shards written; "
                          "re-run precompute to finish it.")
@@ -120,7 +127,12 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
     except StoreError as exc:  # a record that cannot be read (denied, archived, unreachable): one line naming it
         return [f"records: {exc}"], 0
     if deep and fresh:
-        reader = open_remote(url, allow_incomplete=True, check_objects=False)
+        # The reader of what was just listed and fetched: one listing, one manifest, each record
+        # once (a store finalized in between is verified as it was listed, not half one, half the other).
+        records = ({int(k): v for k, v in manifest["shards"].items()} if manifest["complete"]
+                   else valid_records(manifest, stored, sizes))
+        reader = _open_listed(url, manifest, records, sizes, allow_incomplete=True, cache_dir=None, cache_bytes=None,
+                              check_objects=False)
     read_whole = None
     if deep:
         src = reader.source

@@ -323,3 +323,25 @@ def test_an_incomplete_store_with_a_damaged_shard_verifies_alike_locally_and_on_
     if damage == "corrupt":
         assert lines[local][2] == f"shard 1: checksum mismatch in file {rel}"
         assert f"{url}/{rel} does not match its completion record" in lines[url][2]
+
+
+def test_verify_of_an_incomplete_store_url_lists_it_once_and_fetches_each_object_once(s3, monkeypatch, digits, tmp_path):
+    """`enspipe verify URL` (deep) of an incomplete store: one listing, the manifest and every record
+    object fetched once (not again to open the reader it downloads through), every shard object once."""
+    local, _ = _store(str(tmp_path / "st"), digits, "zarr")
+    manifest = json.loads((Path(local) / "manifest.json").read_text())
+    manifest.update(complete=False, shards={}, finalized_at=None)  # as before finalize
+    (Path(local) / "manifest.json").write_text(json.dumps(manifest))
+    url = f"s3://{s3['bucket']}/copy/{Path(local).name}"
+    s3["fs"].put(str(local), url[len("s3://"):], recursive=True)
+    objects = sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
+    requests = _Requests(monkeypatch)
+    report = verify_store(url)
+    shards = -(-len(digits) // SHARD)
+    assert report.problems == [f"store is incomplete: {shards} of {shards} shards written; re-run precompute to finish it"]
+    calls = requests.take()
+    root = url.split("/", 3)[3]
+    gets = sorted(key[len(root) + 1:] for op, key in calls if op == "get_object")
+    assert [op for op, _ in calls].count("list_objects_v2") == 1, calls
+    # Every object once (zarr.json is made from the manifest, never fetched), none twice.
+    assert gets == [rel for rel in objects if rel != "zarr.json" and not rel.endswith("/zarr.json")], calls
