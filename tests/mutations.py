@@ -381,8 +381,10 @@ MUTATIONS = [
              ("tests/stores/test_remote_start_check.py::test_verify_of_an_incomplete_store_url_lists_it_once_and_fetches_each_object_once",)),
     Mutation("remote-fs-shared-across-fork", "a forked loader worker downloads through its parent's filesystem instance",
              "pipeline/stores/remote_cache.py",
-             "        if self._remote is None or self._remote_pid != os.getpid():\n",
-             "        if self._remote is None:\n",
+             "        here = self._here()\n        with here.mutex:\n            if here.remote is None:\n"
+             "                here.remote = Remote(self.url)\n            return here.remote\n",
+             "        if getattr(self, \"_fs_\", None) is None:  # kept on the source: a forked child inherits it\n"
+             "            self._fs_ = Remote(self.url)\n        return self._fs_\n",
              ("tests/stores/test_remote_start_check.py::test_loader_workers_download_what_the_check_left_on_the_server",)),
     Mutation("records-fetch-errors-ignored", "a record object that cannot be fetched is taken as absent (the concurrent fetch's errors dropped)",
              "pipeline/stores/remote.py",

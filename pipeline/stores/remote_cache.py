@@ -48,6 +48,9 @@ class _Here:
         self.pool: ThreadPoolExecutor | None = None
         self.inflight: dict[str, Future] = {}
         self.plan_id = 0
+        # The store's filesystem: an fsspec async filesystem (s3fs) refuses to run in a forked
+        # child (a loader worker downloads the shards its reads need), so each process makes its own.
+        self.remote: Remote | None = None
 
     def executor(self) -> ThreadPoolExecutor:
         with self.mutex:
@@ -75,8 +78,6 @@ class RemoteSource:
 
     def __init__(self, url: str, mirror: Path, cap_bytes: int) -> None:
         self.url, self.mirror, self.cap_bytes = url, Path(mirror), int(cap_bytes)
-        self._remote: Remote | None = None
-        self._remote_pid = 0
         self._here_: _Here | None = None
 
     def __reduce__(self) -> tuple:
@@ -84,11 +85,12 @@ class RemoteSource:
 
     @property
     def remote(self) -> Remote:
-        # One per process: an fsspec async filesystem (s3fs) refuses to run in a forked child (a
-        # loader worker downloads the shards its reads need), so a child makes its own.
-        if self._remote is None or self._remote_pid != os.getpid():
-            self._remote, self._remote_pid = Remote(self.url), os.getpid()
-        return self._remote
+        """This process's filesystem of the store (`_Here`: made again after a fork)."""
+        here = self._here()
+        with here.mutex:
+            if here.remote is None:
+                here.remote = Remote(self.url)
+            return here.remote
 
     def _here(self) -> _Here:
         if self._here_ is None or self._here_.pid != os.getpid():
