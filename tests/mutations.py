@@ -379,6 +379,12 @@ MUTATIONS = [
              "        reader = open_remote(url, allow_incomplete=True, check_objects=False) or _open_listed(url, manifest, "
              "records, sizes, allow_incomplete=True, cache_dir=None, cache_bytes=None,\n",
              ("tests/stores/test_remote_start_check.py::test_verify_of_an_incomplete_store_url_lists_it_once_and_fetches_each_object_once",)),
+    Mutation("remote-fetch-not-shared", "processes of one cache fetching an object at once each download it (ranks "
+             "of a node starting together: every keys object once per rank)",
+             "pipeline/stores/remote_cache.py",
+             "            if dest.is_file():  # another process fetched it while this one waited\n",
+             "            if False:  # another process fetched it while this one waited\n",
+             ("tests/stores/test_object_store_cache_lock.py::test_two_processes_fetching_one_object_at_once_download_it_once",)),
     Mutation("remote-fs-shared-across-fork", "a forked loader worker downloads through its parent's filesystem instance",
              "pipeline/stores/remote_cache.py",
              "        here = self._here()\n        with here.mutex:\n            if here.remote is None:\n"
