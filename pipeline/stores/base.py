@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -241,6 +241,12 @@ class StoreReader(_StoreFiles):
     def __len__(self) -> int:
         return self.num_samples
 
+    @property
+    def location(self) -> str:
+        """Where the store is, as its user named it: a store URL's URL (its reader runs on a local
+        mirror, `path`, which no message should name), else the store folder."""
+        return self.source.url if self.source is not None else str(self.path)
+
     # A reader is the store's handle for a whole run: `open_store` reads and schema-checks the
     # manifest once, and the handle is passed on (verify, the trainer's checks, every epoch's
     # stream and its loader workers) instead of each of them opening the path again.
@@ -258,20 +264,24 @@ class StoreReader(_StoreFiles):
         # Pickled (spawned loader workers, dask) as what it was opened from, never its open files.
         return _rebuild, (type(self), self.path, self.manifest, self.records, self.source)
 
-    def _local(self, start: int, stop: int, *, directions: bool = False,
-               keys: bool = False) -> contextlib.AbstractContextManager:
-        """The shard files that samples [start, stop) need (`directions`, `keys`: only those the
-        directions, the keys are read from), present for the duration (a store URL's are fetched
+    def _local(self, start: int, stop: int, *,
+               only: Callable[[int], list[str]] | None = None) -> contextlib.AbstractContextManager:
+        """The shard files that samples [start, stop) need (`only(s)`: those of shard s a read needs,
+        e.g. `_direction_files`; default all), present for the duration (a store URL's are fetched
         whole and sha256-checked into the size-capped cache; local stores: nothing)."""
         if self.source is None:
             return contextlib.nullcontext()
-        only = self._direction_files if directions else self._key_files if keys else None
         return self.source.local(self.records, [s for s, _ in self._spans(start, stop)], self.records, only=only)
 
     def _direction_files(self, s: int) -> list[str]:
         """The files of shard s that `read_directions` reads (a backend with one file per array
         names its direction file; default: every file of the shard)."""
         return list(self.records[s]["files"])
+
+    # Whether a shard's keys are in files of their own (`_key_files`), apart from its payload: then
+    # a store URL's start check fetches just those to compare the keys (`verify.check_against`);
+    # otherwise the keys come with the payload, bound to it by the format on every read.
+    keys_apart: ClassVar[bool] = False
 
     def _key_files(self, s: int) -> list[str]:
         """The files of shard s that `keys` reads (default: every file of the shard)."""
@@ -296,10 +306,10 @@ class StoreReader(_StoreFiles):
     def _check_range(self, start: int, stop: int) -> tuple[int, int]:
         start, stop = int(start), int(stop)
         if not 0 <= start <= stop <= self.num_samples:
-            raise StoreError(f"sample range [{start}, {stop}) is outside store {self.path} (N={self.num_samples}).")
+            raise StoreError(f"sample range [{start}, {stop}) is outside store {self.location} (N={self.num_samples}).")
         for s, _ in self._spans(start, stop):
             if s not in self._done:
-                raise StoreError(f"shard {s} of store {self.path} is not written; re-run precompute to finish it.")
+                raise StoreError(f"shard {s} of store {self.location} is not written; re-run precompute to finish it.")
         return start, stop
 
     def _empty(self, n: int) -> dict[str, np.ndarray]:
@@ -326,12 +336,12 @@ class StoreReader(_StoreFiles):
         start, stop = self._check_range(start, stop)
         if start == stop:
             return self._empty(0)["direction"]
-        with self._local(start, stop, directions=True):
+        with self._local(start, stop, only=self._direction_files):
             d = self._read_directions(start, stop)
         # Cheap value check on the hot path: a damaged chunk whose checksum was forged
         # still cannot smuggle values outside {-1, 0, 1} into training.
         if not directions_valid(d):
-            raise StoreError(f"store {self.path}: directions of samples [{start}, {stop}) hold values outside "
+            raise StoreError(f"store {self.location}: directions of samples [{start}, {stop}) hold values outside "
                              "{-1, 0, 1}; the store is corrupt (run enspipe verify)")
         return d
 
@@ -348,7 +358,7 @@ class StoreReader(_StoreFiles):
         if not len(idx):
             return out
         if idx.min() < 0 or idx.max() >= self.num_samples:
-            raise StoreError(f"sample indices must lie in [0, {self.num_samples}) for store {self.path}.")
+            raise StoreError(f"sample indices must lie in [0, {self.num_samples}) for store {self.location}.")
         order = np.argsort(idx, kind="stable")
         sidx = idx[order]
         unit = sidx // self.chunk_samples
@@ -367,7 +377,7 @@ class StoreReader(_StoreFiles):
         start, stop = self._check_range(start, stop)
         if start == stop:
             return []
-        with self._local(start, stop, keys=True):
+        with self._local(start, stop, only=self._key_files):
             return self._keys(start, stop)
 
     def _keys(self, start: int, stop: int) -> list[str]:
@@ -384,16 +394,16 @@ class StoreReader(_StoreFiles):
         start, stop = self._check_range(start, stop)
         if len(expected) != stop - start:
             raise StoreError(f"check_keys: {len(expected)} keys given for the {stop - start} samples "
-                             f"[{start}, {stop}) of store {self.path}.")
+                             f"[{start}, {stop}) of store {self.location}.")
         for s, rows in self._spans(start, stop):
             first = s * self.shard_size
-            with self._local(first + rows.start, first + rows.stop, keys=True):
+            with self._local(first + rows.start, first + rows.stop, only=self._key_files):
                 got = self._keys(first + rows.start, first + rows.stop)
             want = list(expected[first + rows.start - start:first + rows.stop - start])
             if got != want:
                 j = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
                 raise StoreError(
-                    f"shard {s} of store {self.path} holds other samples than the dataset: sample "
+                    f"shard {s} of store {self.location} holds other samples than the dataset: sample "
                     f"{first + rows.start + j} is {got[j]!r} in the store but {want[j]!r} in the data (a shard "
                     "copied over another, or a store of other data); re-run precompute for this store."
                 )
@@ -419,31 +429,31 @@ class StoreReader(_StoreFiles):
         # Read only on a mismatch: a source computes its superseded fingerprints when first asked.
         superseded = (getattr(dataset, "superseded", None) or {}) if have_fp != str(fingerprint) else {}
         if have_fp in superseded:
-            raise StoreError(f"store {self.path} was made for this dataset, but {superseded[have_fp]} "
+            raise StoreError(f"store {self.location} was made for this dataset, but {superseded[have_fp]} "
                              "(field: dataset.fingerprint).")
         if have_fp != str(fingerprint):
             what = data_difference(ident.dataset, dataset, self.manifest.get("created_at")) \
                 if dataset is not None else None
             raise StoreError(
-                f"store {self.path} was made for other data: {what}."
+                f"store {self.location} was made for other data: {what}."
                 if what else
-                f"store {self.path} was made for dataset fingerprint {have_fp[:12]}.. but the training "
+                f"store {self.location} was made for dataset fingerprint {have_fp[:12]}.. but the training "
                 f"data has {str(fingerprint)[:12]}.. (field: dataset.fingerprint)."
             )
         want_geom = tuple(int(g) for g in geometry)
         if ident.geometry != want_geom:
             raise StoreError(
-                f"store {self.path} was made for geometry {'x'.join(map(str, ident.geometry))} but the "
+                f"store {self.location} was made for geometry {'x'.join(map(str, ident.geometry))} but the "
                 f"training data has {'x'.join(map(str, want_geom))} (field: geometry)."
             )
         if self.num_samples != int(num_samples):
             raise StoreError(
-                f"store {self.path} was made for {self.num_samples} samples but the training data has "
+                f"store {self.location} was made for {self.num_samples} samples but the training data has "
                 f"{num_samples} (field: num_samples)."
             )
         if num_classes is not None and ident.num_classes != int(num_classes):
             raise StoreError(
-                f"store {self.path} was made for {ident.num_classes} classes but the model has "
+                f"store {self.location} was made for {ident.num_classes} classes but the model has "
                 f"{num_classes} (field: num_classes)."
             )
 

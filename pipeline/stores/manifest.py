@@ -504,6 +504,31 @@ def store_records(manifest: dict, stored: Callable[[int], Any], size_of: Callabl
         yield ShardCheck(s, rec, notes + problems, not problems)
 
 
+def store_shard_lines(manifest: dict, stored: Callable[[int], Any], size_of: Callable[[str], int | None],
+                      sha256_ok: Callable[[str, str], bool] | None = None,
+                      read_whole: Callable[[int, dict], tuple[list[str], bool]] | None = None) -> tuple[list[str], int]:
+    """(problems, shards checked) of a store's shards: `store_records`' lines shard by shard, each
+    sound shard read whole by `read_whole(s, rec)` when given (deep verify: its lines, and whether
+    the shard's bytes are as recorded -- a store URL checks their sha256 as it downloads them, a
+    local store in `sha256_ok`), and for an incomplete store first the line counting its written
+    shards: those whose record, files and bytes are as recorded, decodable or not (a decode
+    failure is reported on its own line). The one count of local stores and store URLs."""
+    lines: list[str] = []
+    checked = written = 0
+    for shard in store_records(manifest, stored, size_of, sha256_ok):
+        if shard.rec is not None:
+            checked += 1
+        lines += shard.lines
+        if shard.ok:
+            found, intact = read_whole(shard.shard, shard.rec) if read_whole is not None else ([], True)
+            written += intact
+            lines += found
+    if not manifest["complete"]:
+        lines.insert(0, f"store is incomplete: {written} of {manifest['num_shards']} shards written; "
+                        "re-run precompute to finish it")
+    return lines, checked
+
+
 def record_problem(path: Path, manifest: dict, s: int, rec: Any, *, deep: bool = False) -> str | None:
     """The first of `record_problems` (None when the record is valid)."""
     return next(record_problems(path, manifest, s, rec, deep=deep), None)

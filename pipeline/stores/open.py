@@ -140,7 +140,7 @@ def open_store(path: str | os.PathLike | StoreReader, *, allow_incomplete: bool 
     """
     if isinstance(path, StoreReader):
         if not (path.complete or allow_incomplete):  # opened with allow_incomplete by someone else
-            raise StoreError(f"store {path.path} is incomplete; re-run precompute to finish it.")
+            raise StoreError(f"store {path.location} is incomplete; re-run precompute to finish it.")
         return path
     path = local_path(path)
     if is_url(path):

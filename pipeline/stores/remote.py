@@ -22,12 +22,11 @@ against its sha256:
   a reader in another process (loader workers and ranks of one machine share the cache).
   Whole objects, not zarr's byte ranges (zarr.storage.FsspecStore): a zarr shard's chunks carry
   no checksum (zarr_store.check_file_once), so only a whole object's sha256 can be checked.
-- Checked when: opening a store URL lists it once (kept on the reader's RemoteSource) and reads
-  the manifest (an incomplete store's record objects too, fetched in one concurrent call); every
-  recorded object must be listed with its recorded size. Train and evaluate then check it before
-  their first step without downloading any shard payload (`verify.check_against`): the records
-  against the manifest (`manifest.store_records`, the same lines as a local store's verify),
-  sizes from that listing, the identity, and zarr's keys objects. Each object's sha256 is
+- Checked when: opening a store URL lists it once and reads the manifest (an incomplete store's
+  record objects too, fetched in one concurrent call; a complete store's never: it is read by its
+  manifest's records); every recorded object must be listed with its recorded size. Train and
+  evaluate then check it before their first step without downloading any shard payload
+  (`verify.check_against`): the identity and zarr's keys objects. Each object's sha256 is
   checked when a read downloads it, before any of its bytes are used. `enspipe verify URL`
   downloads and hashes every object and decodes every shard.
 
@@ -159,8 +158,9 @@ class Remote:
 
     def cat_many(self, rels: list[str]) -> dict[str, bytes | None]:
         """{name: bytes, or None when there is no such object} of many objects, in one call:
-        concurrent on async filesystems (s3fs, gcsfs: fsspec's `cat` of a list gathers the GETs,
-        1,280 at a time), one by one on others. Any other failure is one StoreError line naming
+        concurrent on async filesystems (s3fs, gcsfs: fsspec's `cat` of a list gathers the GETs;
+        s3fs's botocore client has at most 10 connections per process, so ~10 in flight at once),
+        one by one on others. Any other failure is one StoreError line naming
         the first object that failed."""
         if not rels:
             return {}
@@ -291,12 +291,17 @@ def _records(r: Remote, manifest: dict, sizes: dict[str, int] | None = None) -> 
     """The valid completion records: the manifest's once complete, else the record objects whose
     shard objects all exist with their recorded sizes (`manifest.store_records`, as a local
     store's; one listing of the store, or `sizes`; the records fetched in one call)."""
-    from .manifest import store_records
-
     if manifest["complete"]:
         return {int(k): v for k, v in manifest["shards"].items()}
     sizes = r.sizes() if sizes is None else sizes
-    stored = fetch_records(r, manifest, sizes)
+    return valid_records(manifest, fetch_records(r, manifest, sizes), sizes)
+
+
+def valid_records(manifest: dict, stored: dict[int, Any], sizes: dict[str, int]) -> dict[int, dict]:
+    """The valid ones of an incomplete store's record objects `stored` (`fetch_records`), against
+    the listing `sizes`."""
+    from .manifest import store_records
+
     return {c.shard: c.rec for c in store_records(manifest, stored.get, sizes.get) if c.ok}
 
 

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 import uuid
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -27,6 +28,7 @@ __all__ = ["PREFETCH_SHARDS", "RemoteSource"]
 # fetched in one GET and hashed in memory (larger ones through a file, hashed from disk once).
 PREFETCH_SHARDS = 4
 TOUCH_EVERY_S = 1.0
+FETCH_LOCKS = 256  # lock files one object's download holds (`RemoteSource._fetching`)
 _IN_MEMORY = 64 << 20
 
 
@@ -48,6 +50,9 @@ class _Here:
         self.pool: ThreadPoolExecutor | None = None
         self.inflight: dict[str, Future] = {}
         self.plan_id = 0
+        # The store's filesystem: an fsspec async filesystem (s3fs) refuses to run in a forked
+        # child (a loader worker downloads the shards its reads need), so each process makes its own.
+        self.remote: Remote | None = None
 
     def executor(self) -> ThreadPoolExecutor:
         with self.mutex:
@@ -73,13 +78,8 @@ class RemoteSource:
     evict if the cap needs it, download what is missing, check it, mark it.
     """
 
-    def __init__(self, url: str, mirror: Path, cap_bytes: int, *, listing: dict[str, int] | None = None) -> None:
+    def __init__(self, url: str, mirror: Path, cap_bytes: int) -> None:
         self.url, self.mirror, self.cap_bytes = url, Path(mirror), int(cap_bytes)
-        # The store's listing ({object: bytes}) open_remote made, for the trainer's check of the
-        # store (`remote_read.verify_remote`) without a second one; not carried to other processes.
-        self.listing = listing
-        self._remote: Remote | None = None
-        self._remote_pid = 0
         self._here_: _Here | None = None
 
     def __reduce__(self) -> tuple:
@@ -87,11 +87,12 @@ class RemoteSource:
 
     @property
     def remote(self) -> Remote:
-        # One per process: an fsspec async filesystem (s3fs) refuses to run in a forked child (a
-        # loader worker downloads the shards its reads need), so a child makes its own.
-        if self._remote is None or self._remote_pid != os.getpid():
-            self._remote, self._remote_pid = Remote(self.url), os.getpid()
-        return self._remote
+        """This process's filesystem of the store (`_Here`: made again after a fork)."""
+        here = self._here()
+        with here.mutex:
+            if here.remote is None:
+                here.remote = Remote(self.url)
+            return here.remote
 
     def _here(self) -> _Here:
         if self._here_ is None or self._here_.pid != os.getpid():
@@ -255,10 +256,31 @@ class RemoteSource:
     def _fetch(self, rel: str, meta: dict, dest: Path) -> None:
         """One object downloaded whole, hashed once (as it arrives when it fits in memory), and
         renamed into place only when it matches its record."""
-        from .manifest import note_verified, sha256_file
-
         if dest.is_file():  # another process fetched it meanwhile (its check passed)
             return
+        with self._fetching(rel):
+            if dest.is_file():  # another process fetched it while this one waited
+                return
+            self._fetch_now(rel, meta, dest)
+
+    @contextlib.contextmanager
+    def _fetching(self, rel: str) -> Iterator[None]:
+        """One process of the machine downloads an object at a time; the others wait and then find it
+        in place: the ranks of a node starting together fetch each keys object once, not once each.
+        Objects share FETCH_LOCKS lock files by a hash of their names (a collision only serializes
+        two downloads); the lock is held for one object's download only, beside no other lock."""
+        locks = self.mirror / ".fetch"
+        locks.mkdir(exist_ok=True)
+        fd = os.open(locks / f"{zlib.crc32(rel.encode('utf-8')) % FETCH_LOCKS:03d}", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _fetch_now(self, rel: str, meta: dict, dest: Path) -> None:
+        from .manifest import note_verified, sha256_file
+
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:

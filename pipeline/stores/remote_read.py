@@ -15,7 +15,8 @@ from typing import Any
 
 from enspipe.util.errors import StoreError
 
-from .remote import MANIFEST, Remote, _records, cache_settings, fetch_records, join, read_remote_manifest
+from .remote import (MANIFEST, Remote, _records, cache_settings, fetch_records, join, read_remote_manifest,
+                     valid_records)
 from .remote_cache import RemoteSource
 
 __all__ = ["RemoteSource", "find_remote_stores", "open_remote", "remote_info", "verify_remote"]
@@ -39,18 +40,25 @@ def open_remote(url: str, *, allow_incomplete: bool = False, cache_dir: str | os
                 cache_bytes: int | None = None, check_objects: bool = True):
     """The backend's reader of a store URL, running on its local mirror (see the module doc).
 
-    Requests: one listing of the store (kept as `reader.source.listing`: the trainer's check uses
-    it, `verify_remote`), the manifest, and for an incomplete store its record objects, fetched in
-    one concurrent call; a complete store's records are its manifest's. `check_objects`: every
-    recorded object is in the listing with its recorded size (no object is downloaded)."""
-    from .manifest import RECORDS_DIR, record_lines, write_json_atomic
-    from .registry import get_backend
-
+    Requests: one listing of the store, the manifest, and for an incomplete store its record
+    objects, fetched in one concurrent call; a complete store's records are its manifest's (its
+    record objects are never fetched). `check_objects`: every recorded object is in the listing
+    with its recorded size (no object is downloaded): for a complete store, everything a train
+    start's check needs of the records (`verify.check_against`)."""
     url = url.rstrip("/")
     r = Remote(url)
     sizes = r.sizes()  # the store's one listing: the manifest's presence, the records, the objects
     manifest = read_remote_manifest(url, sizes)
-    records = _records(r, manifest, sizes)
+    return _open_listed(url, manifest, _records(r, manifest, sizes), sizes, allow_incomplete=allow_incomplete,
+                        cache_dir=cache_dir, cache_bytes=cache_bytes, check_objects=check_objects)
+
+
+def _open_listed(url: str, manifest: dict, records: dict[int, dict], sizes: dict[str, int], *, allow_incomplete: bool,
+                 cache_dir: str | os.PathLike | None, cache_bytes: int | None, check_objects: bool):
+    """`open_remote` of a store already listed (`sizes`), its manifest read and its valid records taken."""
+    from .manifest import RECORDS_DIR, record_lines, write_json_atomic
+    from .registry import get_backend
+
     if not manifest["complete"] and not allow_incomplete:
         raise StoreError(f"store {url} is incomplete: {len(records)} of {manifest['num_shards']} shards written; "
                          "re-run precompute to finish it.")
@@ -79,7 +87,7 @@ def open_remote(url: str, *, allow_incomplete: bool = False, cache_dir: str | os
             shutil.rmtree(tmp, ignore_errors=True)
     write_json_atomic(mirror / MANIFEST, manifest, indent=2)  # the manifest may have been completed since
     reader = get_backend(manifest["format"]).Reader(mirror, manifest, records)
-    reader.source = RemoteSource(url, mirror, cache_bytes if cache_bytes is not None else default_cap, listing=sizes)
+    reader.source = RemoteSource(url, mirror, cache_bytes if cache_bytes is not None else default_cap)
     return reader
 
 
@@ -91,14 +99,15 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
     as a local store's `verify_store` (`manifest.store_records`), files' sizes taken from the
     store's listing, the record objects fetched in one concurrent call.
 
-    Shallow (a reader: what train and evaluate check before their first step, `check_against`):
-    manifest, records against it, every object's size, all from the listing `open_remote` made
-    and the records: no object is downloaded. Each object's sha256 is checked when a read
-    downloads it (`RemoteSource`), so a corrupt object still never feeds a read: that read fails,
-    naming the object. Deep (`enspipe verify URL`): also every object downloaded again, not taken
-    from the cache, sha256-checked and decoded; for a reader, its cached copies (checked when they
-    were downloaded) are kept, so the ranks on one node share one download."""
-    from .manifest import sha256_matches, store_records
+    Shallow: manifest, records against it, every object's size: no shard object is downloaded.
+    Each object's sha256 is checked when a read downloads it (`RemoteSource`), so a corrupt
+    object still never feeds a read: that read fails, naming the object. (A train start's check
+    of a complete store URL does not call this: `open_remote` checked the same.) Deep (`enspipe
+    verify URL`): also every object downloaded again, not taken from the cache, sha256-checked and
+    decoded; for a reader, its cached copies (checked when they were downloaded) are kept, so the
+    ranks on one node share one download. Counted and reported as a local store's
+    (`manifest.store_shard_lines`)."""
+    from .manifest import sha256_matches, store_shard_lines
     from .registry import get_backend
 
     fresh = isinstance(target, str)
@@ -112,17 +121,19 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
             return [f"manifest: {exc}"], 0
     else:
         reader, manifest, url, r = target, target.manifest, target.source.url, target.source.remote
-        sizes = target.source.listing
-        if sizes is None:  # a reader rebuilt in another process: list once more
-            sizes = r.sizes()
+        sizes = r.sizes()
     try:
         stored = fetch_records(r, manifest, sizes)
     except StoreError as exc:  # a record that cannot be read (denied, archived, unreachable): one line naming it
         return [f"records: {exc}"], 0
     if deep and fresh:
-        reader = open_remote(url, allow_incomplete=True, check_objects=False)
-    problems: list[str] = []
-    checked = written = 0
+        # The reader of what was just listed and fetched: one listing, one manifest, each record
+        # once (a store finalized in between is verified as it was listed, not half one, half the other).
+        records = ({int(k): v for k, v in manifest["shards"].items()} if manifest["complete"]
+                   else valid_records(manifest, stored, sizes))
+        reader = _open_listed(url, manifest, records, sizes, allow_incomplete=True, cache_dir=None, cache_bytes=None,
+                              check_objects=False)
+    read_whole = None
     if deep:
         src = reader.source
         if fresh:  # verify what is stored now, not the cache
@@ -134,29 +145,24 @@ def verify_remote(target: Any, deep: bool) -> tuple[list[str], int]:
                 src.count_eviction(fd)
         # Shards download ahead of the checks (hashing and decoding one while the next arrive).
         src.prefetch(reader.records, sorted(reader.records), reader.records)
-    for shard in store_records(manifest, stored.get, sizes.get):
-        s, rec, found = shard.shard, shard.rec, list(shard.lines)
-        if rec is not None:
-            checked += 1
-        if shard.ok and deep:
+
+        def read_whole(s: int, rec: dict) -> tuple[list[str], bool]:
             try:
                 with src.local({s: rec}, [s], reader.records):
                     # A download was hashed as it arrived (fresh: every file); a cached copy this
                     # process has not hashed yet is hashed here, once.
                     for rel, meta in sorted(rec["files"].items()):
                         if not sha256_matches(src.mirror / rel, meta["sha256"], trust_checked=True):
-                            raise StoreError(f"checksum mismatch in cached copy of {rel}")
-                    get_backend(manifest["format"]).check_shard(src.mirror, manifest, s, rec)
-            except StoreError as exc:
-                found.append(f"shard {s}: {exc}")
-            except Exception as exc:  # any decoder failure is a finding, not a crash
-                found.append(f"shard {s}: unreadable ({exc})")
-        if shard.ok and len(found) == len(shard.lines):
-            written += 1
-        problems += found
-    if not manifest["complete"]:
-        problems.insert(0, f"store is incomplete: {written} of {manifest['num_shards']} shards written; "
-                           "re-run precompute to finish it")
+                            return [f"shard {s}: checksum mismatch in cached copy of {rel}"], False
+                    try:
+                        get_backend(manifest["format"]).check_shard(src.mirror, manifest, s, rec)
+                    except Exception as exc:  # any decoder failure is a finding, not a crash
+                        return [f"shard {s}: unreadable ({exc})"], True
+            except StoreError as exc:  # a download refused (bytes not as recorded) or failed: not written
+                return [f"shard {s}: {exc}"], False
+            return [], True
+
+    problems, checked = store_shard_lines(manifest, stored.get, sizes.get, None, read_whole)
     return problems, checked
 
 

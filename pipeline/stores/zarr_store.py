@@ -202,6 +202,8 @@ class ZarrReader(StoreReader):
         # A store URL's reader of directions (the trainer) downloads this one object per shard.
         return [shard_file("direction", s, NDIMS["direction"])]
 
+    keys_apart = True  # one small keys object per shard, beside the arrays
+
     def _key_files(self, s: int) -> list[str]:
         # A store URL's check of the keys (the trainer's, before its first step) downloads this
         # small object per shard, not the shard's arrays.

@@ -127,7 +127,7 @@ def _check_stores(dataset: SampleSource, paths: Sequence[str | StoreReader]) -> 
     out = []
     for reader in open_stores(paths):
         check_against(reader, dataset)
-        out.append({"path": str(reader.path), "model": reader.identity.model_name, "attack": reader.identity.attack,
+        out.append({"path": reader.location, "model": reader.identity.model_name, "attack": reader.identity.attack,
                     "weights_sha256": reader.identity.weights_sha256,
                     "decoder": store_decoder(reader.identity.attack_params)})
     return out

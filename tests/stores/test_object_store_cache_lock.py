@@ -170,3 +170,47 @@ def test_a_reader_in_another_process_keeps_its_shard_until_it_is_done(s3, monkey
     assert not thread.is_alive() and "error" not in b_out, b_out.get("error")
     np.testing.assert_array_equal(b_out["d"], a["direction"][SHARD:2 * SHARD])
     assert evicted.is_set() and not a_file.exists()
+
+
+def test_two_processes_fetching_one_object_at_once_download_it_once(s3, monkeypatch, tmp_path):
+    """Ranks of a node starting together (here two RemoteSources of one cache: flocks on their own
+    descriptors exclude each other as two processes' do) each need every keys object: while one
+    downloads an object, the other waits for it and then finds it in place, one GET in all. The
+    seam: the first GET stops until the test says go; the second side's lock says when it would wait."""
+    from enspipe.stores import remote, remote_cache
+    from enspipe.stores.manifest import sha256_file
+
+    url = store_path(f"s3://{s3['bucket']}/st", _identity(), "zarr")
+    w = create_store(url, _identity(), fmt="zarr", shard_size=SHARD)
+    _write(w, _arrays())
+    w.finalize()
+    probe = open_store(url, cache_dir=tmp_path / "cache")
+    rel = probe._key_files(0)[0]
+    meta = probe.records[0]["files"][rel]
+    one, two = (remote_cache.RemoteSource(url, probe.path, 1 << 30) for _ in range(2))
+    in_get, go, waiting = threading.Event(), threading.Event(), threading.Event()
+    gets: list[str] = []
+    real_cat = remote.Remote.cat
+
+    def cat(self, name):
+        gets.append(name)
+        if len(gets) == 1:
+            in_get.set()
+            assert go.wait(LONG)
+        return real_cat(self, name)
+
+    monkeypatch.setattr(remote.Remote, "cat", cat)
+    monkeypatch.setattr(remote_cache, "fcntl", _SaysWhenItWaits(waiting))
+    first = threading.Thread(target=one._download, args=({rel: meta},), daemon=True)
+    second = threading.Thread(target=two._download, args=({rel: meta},), daemon=True)
+    try:
+        first.start()
+        _wait_for(in_get.is_set, "the first download started")
+        second.start()
+        _wait_for(lambda: waiting.is_set() or len(gets) > 1, "the second side waited or fetched the object itself")
+    finally:
+        go.set()
+        first.join(LONG)
+        second.join(LONG)
+    assert gets == [rel]
+    assert sha256_file(probe.path / rel) == meta["sha256"]

@@ -9,6 +9,7 @@ fetches it, one line naming it, every direction fed before that one the true one
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -84,14 +85,15 @@ def test_a_train_start_on_a_store_url_lists_once_and_downloads_no_shard_payload(
     ops = sorted({op for op, _ in calls})
     root = url.split("/", 3)[3]  # the store's prefix in its bucket
     gets = sorted(key[len(root) + 1:] for op, key in calls if op == "get_object")
-    records = [f"shards/{s:06d}.json" for s in range(shards)]
     keys_objects = [f"keys/{s:06d}.json" for s in range(shards)] if fmt == "zarr" else []
-    # One listing (open_store's, kept for the check), the manifest, every record, and (zarr) every
-    # shard's keys object: no HEAD, no second listing, no direction/logits/label object, no tar.
+    # One listing (open_store's), the manifest, and (zarr) every shard's keys object: no HEAD, no
+    # second listing, no record object (a complete store is read by its manifest's records: at
+    # ImageNet scale ~1,250 GETs per rank and store guarding nothing a read uses), no
+    # direction/logits/label object, no tar.
     assert ops == ["get_object", "list_objects_v2"], calls
     assert [op for op, _ in calls].count("list_objects_v2") == 1
-    assert gets == sorted(["manifest.json", *records, *keys_objects])
-    assert fetched == [records]
+    assert gets == sorted(["manifest.json", *keys_objects])
+    assert fetched == []
     cached = [rel for rec in reader.records.values() for rel in rec["files"] if (reader.source.mirror / rel).is_file()]
     assert sorted(cached) == keys_objects
 
@@ -166,9 +168,8 @@ def test_a_damaged_record_gives_the_same_lines_from_verify_locally_and_on_s3(s3,
         assert all(ln.startswith(f"{where}: ") for ln in lines), proc.stderr[-2000:]
         got[where] = [ln[len(f"{where}: "):] for ln in lines]
     assert got[url] == got[local] == [want]
-    # A train start's check of the URL finds it too (shallow: no object downloaded).
-    with pytest.raises(StoreError, match=want):
-        check_against(open_store(url), digits)
+    # A train start reads the URL by its manifest's records, never the record objects: it passes.
+    check_against(open_store(url), digits)
 
 
 @pytest.mark.parametrize("damage", ["invalid", "other-range", "short-object"])
@@ -211,11 +212,9 @@ def test_a_record_object_that_cannot_be_read_is_one_line_naming_it(s3, digits):
     url, _ = _store(f"s3://{s3['bucket']}/st", digits, "zarr")
     key = f"{url[len('s3://'):]}/shards/000002.json"
     s3["fs"].pipe_file(key, s3["fs"].cat_file(key), StorageClass="GLACIER")
-    reader = open_store(url)  # a complete store is opened by its manifest's records
-    with pytest.raises(StoreError) as err:
-        check_against(reader, digits)
-    assert f"cannot read {url}/shards/000002.json" in str(err.value) and "\n" not in str(err.value)
-    report = verify_store(url)  # enspipe verify: the same, as its one problem
+    reader = open_store(url)  # a complete store is opened, and checked, by its manifest's records
+    check_against(reader, digits)  # which never fetches the record objects
+    report = verify_store(url)  # enspipe verify fetches them: one problem, one line
     assert not report.ok and len(report.problems) == 1
     assert report.problems[0].startswith(f"records: cannot read {url}/shards/000002.json: permission denied")
 
@@ -232,7 +231,8 @@ def test_a_zarr_shard_copied_over_another_with_its_records_is_refused_at_a_train
     url = f"s3://{s3['bucket']}/copy/{Path(local).name}"
     s3["fs"].put(str(local), url[len("s3://"):], recursive=True)
     reader = open_store(url)
-    with pytest.raises(StoreError, match=rf"shard 1 of store .* holds other samples than the dataset: sample {SHARD} "):
+    with pytest.raises(StoreError, match=rf"shard 1 of store {re.escape(url)} holds other samples than the dataset: "
+                                         rf"sample {SHARD} "):
         check_against(reader, digits)
     assert not any((reader.source.mirror / rel).is_file() for rec in reader.records.values() for rel in rec["files"]
                    if not rel.startswith("keys/"))
@@ -275,3 +275,73 @@ def test_a_wds_tar_copied_over_another_on_s3_passes_the_start_and_fails_its_firs
     check_against(reader, digits)
     with pytest.raises(StoreError, match=rf"shard-000001.tar holds {SHARD} samples that are not samples {SHARD}\.\."):
         reader.read_directions(SHARD, 2 * SHARD)
+
+
+def test_a_store_url_is_named_by_its_url_not_its_cache_folder(s3, digits):
+    """Every message about a store URL's reader names the URL the user gave (`location`), never the
+    local mirror it runs on: the identity check, a read outside it, and train's record of its stores."""
+    from enspipe.data import create_dataset
+    from enspipe.train import _check_stores
+
+    url, _ = _store(f"s3://{s3['bucket']}/st", digits, "zarr")
+    reader = open_store(url)
+    assert reader.location == url and str(reader.path) != url
+    other = create_dataset("digits", split="test")  # other samples: the identity check refuses it
+    with pytest.raises(StoreError, match=rf"^store {re.escape(url)} was made for other data: "):
+        check_against(reader, other)
+    with pytest.raises(StoreError, match=rf"outside store {re.escape(url)} "):
+        reader.read(0, len(digits) + 1)
+    assert [s["path"] for s in _check_stores(digits, [reader])] == [url]
+
+
+@pytest.mark.parametrize("damage", ["undecodable", "corrupt"])
+def test_an_incomplete_store_with_a_damaged_shard_verifies_alike_locally_and_on_s3(s3, digits, tmp_path, damage):
+    """Deep verify of an incomplete store: shard 0 not written, shard 1's direction object
+    damaged. Undecodable (bytes re-recorded, so only the decode fails): written, one `unreadable`
+    line. Corrupt (bytes not as recorded): not written. The count is the same locally and on S3."""
+    from reliability.forge import forge_checksums
+
+    local, _ = _store(str(tmp_path / "st"), digits, "zarr")
+    rel = "direction/c/1/0/0/0"
+    (Path(local) / rel).write_bytes(b"\0" * (Path(local) / rel).stat().st_size)  # same size: not a zarr shard
+    if damage == "undecodable":
+        forge_checksums(Path(local), 1)
+    manifest = json.loads((Path(local) / "manifest.json").read_text())
+    manifest.update(complete=False, shards={}, finalized_at=None)  # as before finalize
+    (Path(local) / "manifest.json").write_text(json.dumps(manifest))
+    (Path(local) / "shards/000000.json").unlink()
+    url = f"s3://{s3['bucket']}/copy/{Path(local).name}"
+    s3["fs"].put(str(local), url[len("s3://"):], recursive=True)
+    lines = {where: verify_store(where).problems for where in (local, url)}
+    shards = -(-len(digits) // SHARD)
+    written = shards - 1 if damage == "undecodable" else shards - 2
+    for got in lines.values():
+        assert got[0] == f"store is incomplete: {written} of {shards} shards written; re-run precompute to finish it"
+        assert got[1] == "shard 0: not written (no completion record shards/000000.json)"
+        assert len(got) == 3 and got[2].startswith(
+            "shard 1: unreadable (" if damage == "undecodable" else "shard 1: "), got
+    if damage == "corrupt":
+        assert lines[local][2] == f"shard 1: checksum mismatch in file {rel}"
+        assert f"{url}/{rel} does not match its completion record" in lines[url][2]
+
+
+def test_verify_of_an_incomplete_store_url_lists_it_once_and_fetches_each_object_once(s3, monkeypatch, digits, tmp_path):
+    """`enspipe verify URL` (deep) of an incomplete store: one listing, the manifest and every record
+    object fetched once (not again to open the reader it downloads through), every shard object once."""
+    local, _ = _store(str(tmp_path / "st"), digits, "zarr")
+    manifest = json.loads((Path(local) / "manifest.json").read_text())
+    manifest.update(complete=False, shards={}, finalized_at=None)  # as before finalize
+    (Path(local) / "manifest.json").write_text(json.dumps(manifest))
+    url = f"s3://{s3['bucket']}/copy/{Path(local).name}"
+    s3["fs"].put(str(local), url[len("s3://"):], recursive=True)
+    objects = sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
+    requests = _Requests(monkeypatch)
+    report = verify_store(url)
+    shards = -(-len(digits) // SHARD)
+    assert report.problems == [f"store is incomplete: {shards} of {shards} shards written; re-run precompute to finish it"]
+    calls = requests.take()
+    root = url.split("/", 3)[3]
+    gets = sorted(key[len(root) + 1:] for op, key in calls if op == "get_object")
+    assert [op for op, _ in calls].count("list_objects_v2") == 1, calls
+    # Every object once (zarr.json is made from the manifest, never fetched), none twice.
+    assert gets == [rel for rel in objects if rel != "zarr.json" and not rel.endswith("/zarr.json")], calls

@@ -652,7 +652,7 @@ class WdsReader(StoreReader):
         for s, rows in self._spans(start, stop):
             value = self.shard(s)[field]
             if value is None:
-                raise StoreError(f"shard {s} of store {self.path} has no {field}.")
+                raise StoreError(f"shard {s} of store {self.location} has no {field}.")
             out.append(value[rows])
         return out
 
@@ -671,10 +671,10 @@ class WdsReader(StoreReader):
         out = [np.empty((0, *self.geometry), np.uint8)]
         for s, rows, shard in self._decoded(start, stop, with_images=True):
             if shard["images"] is None and shard["has_images"]:
-                raise StoreError(f"shard {s} of store {self.path} holds its images as the source encoded them, "
+                raise StoreError(f"shard {s} of store {self.location} holds its images as the source encoded them, "
                                  "not as pixels: read them with read_image_files.")
             if shard["images"] is None:
-                raise StoreError(f"shard {s} of store {self.path} has no clean images.")
+                raise StoreError(f"shard {s} of store {self.location} has no clean images.")
             out.append(shard["images"][rows])
         return np.concatenate(out)
 
@@ -684,7 +684,7 @@ class WdsReader(StoreReader):
         out: list[tuple[str, bytes]] = []
         for s, rows, shard in self._decoded(start, stop, with_images=False):
             if shard["image_files"] is None:
-                raise StoreError(f"shard {s} of store {self.path} has no clean images.")
+                raise StoreError(f"shard {s} of store {self.location} has no clean images.")
             out.extend(shard["image_files"][rows])
         return out
 
