@@ -279,9 +279,9 @@ MUTATIONS = [
              ("tests/precompute/test_sink.py::test_a_slow_writer_stalls_the_producer_once_the_queued_bytes_pass_the_limit",)),
     Mutation("device-batch-channels-last", "a batch of the PIL path's pixels carried as files reaches the model in "
              "the channels-last strides of the stacked arrays (other kernels: a 2-worker store differs from the serial one)",
-             "pipeline/data/loader.py",
-             "    return _to_float_table(device)[u8.contiguous().int()]\n",
-             "    return _to_float_table(device)[u8.int()]\n",
+             "pipeline/data/decode.py",
+             "        return rows.contiguous()\n",
+             "        return rows\n",
              ("tests/precompute/test_precompute_parallel.py::test_parallel_decode_gives_the_serial_store",)),
     Mutation("pickled-jpeg-file-lost", "a JPEG's file carried through a loader worker (pickled) is rebuilt empty: "
              "a wds store written with loader workers on the device path keeps empty images",

@@ -321,7 +321,10 @@ def decode_batch(chunks: Sequence[EncodedChunk], transform: DeviceTransform, sha
         return torch.empty((0, *shape), dtype=torch.uint8, device=device)
     rows = parts[0] if len(parts) == 1 else torch.cat(parts)
     if places == list(range(len(items))):  # already in the batch's order (one size, or only pixels)
-        return rows.contiguous()  # a crop's view made whole, as a copy into a new batch made it
+        # Contiguous: a crop's view, or the PIL path's pixels stacked from channels-last arrays (which
+        # keep their strides), made whole as a copy into a new batch made them; a convolution over
+        # another layout gives other bits (a 2-worker store would differ from the serial one).
+        return rows.contiguous()
     out = torch.empty((len(items), *shape), dtype=torch.uint8, device=device)
     return out.index_copy_(0, _to_device(torch.tensor(places, dtype=torch.long), device), rows)
 

@@ -255,9 +255,9 @@ def batch_to_device(chunks: Sequence, device: torch.device, dataset=None) -> tor
         u8 = decode_batch(chunks, dataset.device_transform(), dataset.geometry.shape, device)
     except UndecodableJPEG as e:  # the batch knows the sample, the source its file: the trainer's line
         raise named(dataset, e) from None
-    # Contiguous, as `to_device`'s: a batch of the PIL path's pixels stacked from channels-last arrays
-    # keeps their strides, and a convolution over another layout gives other bits (other kernels).
-    return _to_float_table(device)[u8.contiguous().int()]
+    # decode_batch's batch is contiguous, as `to_device`'s (a convolution over another layout gives
+    # other bits: other kernels).
+    return _to_float_table(device)[u8.int()]
 
 
 def gather(chunks: Iterator[torch.Tensor], n: int) -> list[torch.Tensor]:
