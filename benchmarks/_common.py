@@ -179,3 +179,18 @@ def update_section(path: Path, heading: str, section: str) -> None:
         tail = lines[end:]
         body = "".join(lines[:start] + new + (["\n"] if tail else []) + tail)
     path.write_text(body)
+
+
+def publish(out: str | Path, name: str, doc: dict[str, Any], md: str, heading: str, *, no_md: bool) -> None:
+    """What a benchmark does with its results: OUT/name.json (every number, the command, the
+    machine), the markdown printed, and BENCHMARKS.md's `## {heading}` section replaced by it
+    unless `no_md` (CI's smoke runs leave BENCHMARKS.md alone)."""
+    import json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(md)
+    if not no_md:
+        update_section(REPO / "BENCHMARKS.md", heading, md)
+

@@ -28,14 +28,13 @@ also records its wall-clock rate (on a shared machine, CPU-seconds are the stead
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, command_line, logger, machine, median, update_section  # noqa: E402
+from _common import REPO, command_line, logger, machine, median, publish  # noqa: E402
 from gpu_data import make_jpeg_folder  # noqa: E402
 
 log = logger("bench_decode")
@@ -177,13 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         res = run(images, a.size, rounds, Path(a.workdir or tmp), a.cuda)
     doc = {"command": cmd, "machine": info, **res}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_decode.json").write_text(json.dumps(doc, indent=1) + "\n")
-    md = markdown(res, cmd, info)
-    print(md)
-    if not a.no_md:
-        update_section(REPO / "BENCHMARKS.md", HEADING, md)
+    publish(a.out, "bench_decode", doc, markdown(res, cmd, info), HEADING, no_md=a.no_md)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ on CUDA (~5 µs each) comes on top of each op's dispatch cost measured here.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 import torch.utils.data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, command_line, logger, machine, median, update_section  # noqa: E402
+from _common import REPO, command_line, logger, machine, median, publish  # noqa: E402
 from gpu_data import IMAGENET, make_jpeg_folder  # noqa: E402
 
 log = logger("bench_device_step")
@@ -242,13 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         res = run(batch, rounds, Path(tmp), (240, 300) if a.quick else IMAGENET)
     doc = {"command": cmd, "machine": info, **res}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_device_step.json").write_text(json.dumps(doc, indent=1) + "\n")
-    md = markdown(res, cmd, info)
-    print(md)
-    if not a.no_md:
-        update_section(REPO / "BENCHMARKS.md", HEADING, md)
+    publish(a.out, "bench_device_step", doc, markdown(res, cmd, info), HEADING, no_md=a.no_md)
 
 
 if __name__ == "__main__":

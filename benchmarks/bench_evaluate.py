@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, command_line, logger, machine, median, update_section  # noqa: E402
+from _common import REPO, command_line, logger, machine, median, publish, update_section  # noqa: E402
 from gpu_data import IMAGENET, make_jpeg_folder  # noqa: E402
 
 log = logger("bench_evaluate")
@@ -235,13 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         res = run(images, size, image_size, min(a.batch_size, images), rounds, workers, Path(a.workdir or tmp))
     doc = {"command": cmd, "machine": info, "date": time.strftime("%Y-%m-%d"), **res}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_evaluate.json").write_text(json.dumps(doc, indent=1) + "\n")
-    md = markdown(doc, cmd, info)
-    print(md)
-    if not a.no_md:
-        update_section(REPO / "BENCHMARKS.md", HEADING, md)
+    publish(a.out, "bench_evaluate", doc, markdown(doc, cmd, info), HEADING, no_md=a.no_md)
     if not res["same_errors"]:
         sys.exit("bench_evaluate: the errors differ between loader worker counts")
 
