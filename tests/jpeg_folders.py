@@ -41,3 +41,59 @@ def pil_eval_images(split_dir: Path, size: int):
             xs.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()))
             ys.append(label)
     return torch.stack(xs), torch.tensor(ys)
+
+
+def photo(seed: int, w: int, h: int, fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+    """Smooth noise with some texture, encoded (JPEG quality 90, or PNG): compresses like a photograph."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((h // 8 + 1, w // 8 + 1, 3))
+    img = np.kron(coarse, np.ones((8, 8, 1)))[:h, :w] * 0.8 + rng.random((h, w, 3)) * 0.2
+    buf = io.BytesIO()
+    Image.fromarray((img * 255).astype(np.uint8)).convert(mode).save(
+        buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def pil_crop(data: bytes, short: int, crop: int):
+    """The ImageNet eval transform with PIL alone, on one encoded image: shorter side to `short`
+    (bilinear), centre crop `crop`; uint8 [3, crop, crop]."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = im.size
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    im = im.resize((nw, nh), Image.Resampling.BILINEAR)
+    left, top = int(round((nw - crop) / 2.0)), int(round((nh - crop) / 2.0))
+    return np.asarray(im.crop((left, top, left + crop, top + crop))).transpose(2, 0, 1)
+
+
+def assert_close_to_pil(a, b) -> None:
+    """Another decoder's pixels against PIL's: under half a level on average, no pixel off by more than 4."""
+    import numpy as np
+
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.mean() < 0.5, f"mean |diff| {diff.mean():.2f} levels"
+    assert diff.max() <= 4, f"a pixel off by {diff.max()} levels"
+
+
+def wds_shard_of(folder: Path, tar: Path) -> Path:
+    """The folder's train JPEGs as one WebDataset shard (image + .cls per sample)."""
+    import io
+    import tarfile
+
+    with tarfile.open(tar, "w") as tf:
+        for i, f in enumerate(sorted(folder.glob("train/*/*.JPEG"))):
+            for name, payload in ((f"s{i:04d}.jpg", f.read_bytes()), (f"s{i:04d}.cls", f.parent.name[-1:].encode())):
+                ti = tarfile.TarInfo(name)
+                ti.size, ti.mtime = len(payload), 1_700_000_000
+                tf.addfile(ti, io.BytesIO(payload))
+    return tar
+

@@ -16,33 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from jpeg_folders import make_jpeg_folder
+from jpeg_folders import assert_close_to_pil, make_jpeg_folder, photo, pil_crop
 from cli_runner import run_cli
-
-
-def _photo(seed: int, w: int, h: int) -> np.ndarray:
-    """Smooth noise with some texture: JPEG-compresses like a photograph."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.random((h // 8 + 1, w // 8 + 1, 3))
-    img = np.kron(coarse, np.ones((8, 8, 1)))[:h, :w] * 0.8 + rng.random((h, w, 3)) * 0.2
-    return (img * 255).astype(np.uint8)
-
-
-def _jpeg(seed: int, w: int, h: int, mode: str = "RGB") -> bytes:
-    from PIL import Image
-
-    im = Image.fromarray(_photo(seed, w, h))
-    buf = io.BytesIO()
-    im.convert(mode).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def _png(seed: int, w: int, h: int) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(_photo(seed, w, h)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # (w, h) of each image: landscape, portrait, square, odd sizes, so resize and crop both matter
@@ -56,27 +31,9 @@ def folder(tmp_path) -> Path:
     for i, (w, h) in enumerate(SIZES):
         d = root / f"c{i % 2}"
         d.mkdir(parents=True, exist_ok=True)
-        (d / f"{i}.jpg").write_bytes(_jpeg(i, w, h))
-    (root / "c0" / "z.png").write_bytes(_png(99, 110, 85))
+        (d / f"{i}.jpg").write_bytes(photo(i, w, h))
+    (root / "c0" / "z.png").write_bytes(photo(99, 110, 85, "PNG"))
     return root
-
-
-def _pil_oracle(data: bytes, short: int, crop: int) -> np.ndarray:
-    """The ImageNet eval transform with PIL alone: shorter side to `short` (bilinear), centre crop."""
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = im.size
-    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-    im = im.resize((nw, nh), Image.Resampling.BILINEAR)
-    left, top = int(round((nw - crop) / 2.0)), int(round((nh - crop) / 2.0))
-    return np.asarray(im.crop((left, top, left + crop, top + crop))).transpose(2, 0, 1)
-
-
-def _close(a: np.ndarray, b: np.ndarray) -> None:
-    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    assert diff.mean() < 0.5, f"mean |diff| {diff.mean():.2f} levels"
-    assert diff.max() <= 4, f"a pixel off by {diff.max()} levels"
 
 
 def test_the_device_path_on_cpu_matches_pil_on_imagefolder(folder):
@@ -100,7 +57,7 @@ def test_the_device_path_on_cpu_matches_pil_on_imagefolder(folder):
         if f.endswith(".png"):
             assert np.array_equal(got[i], ds.images_uint8([i])[0])
         else:
-            _close(got[i], _pil_oracle(data, 64, 56))
+            assert_close_to_pil(got[i], pil_crop(data, 64, 56))
 
 
 def _wds(path: Path, images: list[tuple[str, bytes]]) -> Path:
@@ -123,7 +80,7 @@ def test_the_device_path_on_cpu_matches_pil_on_wds(tmp_path, mode):
     from enspipe.data import create_dataset
     from enspipe.data.loader import encoded_chunk
 
-    images = [("jpg", _jpeg(i, w, h, mode)) for i, (w, h) in enumerate(SIZES)]
+    images = [("jpg", photo(i, w, h, mode=mode)) for i, (w, h) in enumerate(SIZES)]
     ds = create_dataset(f"wds:{_wds(tmp_path / 'a.tar', images)}", image_size=40)
     assert ds.geometry.shape == ((1 if mode == "L" else 3), 40, 40)
     from enspipe.data.decode import decode_batch
@@ -134,7 +91,7 @@ def test_the_device_path_on_cpu_matches_pil_on_wds(tmp_path, mode):
     for row, key in enumerate(ds._raw_keys):
         im = Image.open(io.BytesIO(by_key[key][1])).convert(mode).resize((40, 40), Image.Resampling.BILINEAR)
         want = np.asarray(im)
-        _close(got[row], want[None] if mode == "L" else want.transpose(2, 0, 1))
+        assert_close_to_pil(got[row], want[None] if mode == "L" else want.transpose(2, 0, 1))
 
 
 def test_wds_without_an_image_size_refuses_another_size_from_the_header(tmp_path):
@@ -144,7 +101,7 @@ def test_wds_without_an_image_size_refuses_another_size_from_the_header(tmp_path
     from enspipe.util.errors import DataError
     from enspipe.data.loader import encoded_chunk
 
-    ds = create_dataset(f"wds:{_wds(tmp_path / 'b.tar', [('jpg', _jpeg(0, 32, 32)), ('jpg', _jpeg(1, 40, 32))])}")
+    ds = create_dataset(f"wds:{_wds(tmp_path / 'b.tar', [('jpg', photo(0, 32, 32)), ('jpg', photo(1, 40, 32))])}")
     with pytest.raises(DataError, match=r"wds: sample 's001' is 40x32, the first sample is 32x32"):
         encoded_chunk(ds, range(len(ds)))
     with pytest.raises(DataError, match=r"wds: sample 's001' is 40x32, the first sample is 32x32"):
@@ -169,7 +126,7 @@ def test_the_encoded_loader_feeds_the_same_batches_through_worker_processes(fold
             x = batch_to_device(gather(a, e - s), cpu, ds)
             y = to_device(gather(b, e - s), cpu)
             assert x.dtype == torch.float32 and x.shape == y.shape == (e - s, 3, 56, 56)
-            _close((x * 255).round().to(torch.uint8).numpy(), (y * 255).round().to(torch.uint8).numpy())
+            assert_close_to_pil((x * 255).round().to(torch.uint8).numpy(), (y * 255).round().to(torch.uint8).numpy())
 
 
 def test_decoder_resolution_and_the_store_identity(folder):

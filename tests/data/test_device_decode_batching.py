@@ -7,21 +7,11 @@ copied in where the batch has them; for the augmentation, `stream.apply_augment`
 """
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
 import torch
-
-
-def _jpeg(seed: int, w: int, h: int, mode: str = "RGB") -> bytes:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    img = np.kron(rng.random((h // 8 + 1, w // 8 + 1, 3)), np.ones((8, 8, 1)))[:h, :w] * 0.8 + rng.random((h, w, 3)) * 0.2
-    buf = io.BytesIO()
-    Image.fromarray((img * 255).astype(np.uint8)).convert(mode).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+from jpeg_folders import photo
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
@@ -31,7 +21,7 @@ def test_a_batch_of_repeated_sizes_is_each_image_decoded_alone_at_its_place(mode
     c = 1 if mode == "L" else 3
     shape, transform = (c, 24, 24), DeviceTransform(mode, resize=28, crop=24)
     sizes = [(64, 48), (48, 64), (64, 48), (50, 50), (64, 48), (48, 64)]  # groups of 3, 2 and 1
-    jpegs = [_jpeg(i, w, h, mode) for i, (w, h) in enumerate(sizes)]
+    jpegs = [photo(i, w, h, mode=mode) for i, (w, h) in enumerate(sizes)]
     pixels = np.random.default_rng(9).integers(0, 256, (2, *shape), dtype=np.uint8)  # PIL-path items
     items = [pixels[0], *jpegs[:3], pixels[1], *jpegs[3:]]  # the JPEGs' rows are not their order among JPEGs
     got = decode_batch([EncodedChunk(items, list(range(len(items))))], transform, shape, torch.device("cpu"))
@@ -73,7 +63,7 @@ def test_a_chunk_crosses_from_a_loader_worker_as_one_shared_tensor():
 
     shape, transform = (3, 24, 24), DeviceTransform("RGB", resize=28, crop=24)
     pixels = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
-    files = [_jpeg(i, 40 + 8 * i, 48) for i in range(3)]
+    files = [photo(i, 40 + 8 * i, 48) for i in range(3)]
     sent = EncodedChunk([files[0], pixels, files[1], files[2]], [7, 8, 9, 10], transform, shape)
     loader = torch.utils.data.DataLoader(_OneChunk(sent), batch_size=None, num_workers=1)
     (got,) = list(loader)

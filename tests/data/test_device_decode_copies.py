@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_device_decode_batching import _jpeg
+from jpeg_folders import photo
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_a_mixed_batch_is_put_in_place_by_one_index_sent_like_the_pixels(copies)
 
     shape, transform = (3, 24, 24), DeviceTransform("RGB", resize=28, crop=24)
     sizes = [(64, 48), (48, 64), (64, 48), (50, 50), (48, 64)]  # three size groups, interleaved
-    jpegs = [_jpeg(i, w, h) for i, (w, h) in enumerate(sizes)]
+    jpegs = [photo(i, w, h) for i, (w, h) in enumerate(sizes)]
     pixels = np.random.default_rng(3).integers(0, 256, (2, *shape), dtype=np.uint8)
     items = [jpegs[0], pixels[0], *jpegs[1:3], pixels[1], *jpegs[3:]]
     cpu = torch.device("cpu")
@@ -63,7 +63,7 @@ def test_a_batch_of_one_size_copies_nothing_from_the_host(copies):
     from enspipe.data.decode import DeviceTransform, EncodedChunk, decode_batch
 
     shape, transform = (3, 24, 24), DeviceTransform("RGB", resize=28, crop=24)
-    items = [_jpeg(i, 64, 48) for i in range(4)]
+    items = [photo(i, 64, 48) for i in range(4)]
     got = decode_batch([EncodedChunk(items, list(range(4)))], transform, shape, torch.device("cpu"))
     assert copies == {"to_device": [], "tensor_on_device": []}
     assert got.shape == (4, *shape) and got.is_contiguous()

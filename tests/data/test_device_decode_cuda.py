@@ -9,38 +9,15 @@ NOTES.md's figure for it (about 0.15 levels on average, a few at most) sits insi
 """
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
 import torch
+from jpeg_folders import photo, pil_crop
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_session.sh)")
 
 SIZES = [(120, 90), (90, 120), (100, 100), (131, 77), (77, 131), (96, 112), (448, 400), (500, 375)]
-
-
-def _image(seed: int, w: int, h: int, fmt: str) -> bytes:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    coarse = rng.random((h // 8 + 1, w // 8 + 1, 3))
-    img = np.kron(coarse, np.ones((8, 8, 1)))[:h, :w] * 0.8 + rng.random((h, w, 3)) * 0.2
-    buf = io.BytesIO()
-    Image.fromarray((img * 255).astype(np.uint8)).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buf.getvalue()
-
-
-def _pil(data: bytes, short: int, crop: int) -> np.ndarray:
-    """The ImageNet eval transform with PIL alone: shorter side to `short` (bilinear), centre crop."""
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = im.size
-    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-    im = im.resize((nw, nh), Image.Resampling.BILINEAR)
-    left, top = int(round((nw - crop) / 2.0)), int(round((nh - crop) / 2.0))
-    return np.asarray(im.crop((left, top, left + crop, top + crop))).transpose(2, 0, 1)
 
 
 def test_nvjpeg_on_cuda_matches_pil(tmp_path):
@@ -51,8 +28,8 @@ def test_nvjpeg_on_cuda_matches_pil(tmp_path):
 
     for i, (w, h) in enumerate(SIZES):
         (tmp_path / "imgs" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "imgs" / f"c{i % 2}" / f"{i}.jpg").write_bytes(_image(i, w, h, "JPEG"))
-    (tmp_path / "imgs" / "c0" / "z.png").write_bytes(_image(99, 110, 85, "PNG"))
+        (tmp_path / "imgs" / f"c{i % 2}" / f"{i}.jpg").write_bytes(photo(i, w, h, "JPEG"))
+    (tmp_path / "imgs" / "c0" / "z.png").write_bytes(photo(99, 110, 85, "PNG"))
     ds = create_dataset(f"imagefolder:{tmp_path / 'imgs'}", image_size=56)  # resize 64, crop 56
     chunk = encoded_chunk(ds, range(len(ds)))
     got = decode_batch([chunk], ds.device_transform(), ds.geometry.shape, torch.device("cuda"))
@@ -64,7 +41,7 @@ def test_nvjpeg_on_cuda_matches_pil(tmp_path):
         if f.endswith(".png"):
             assert np.array_equal(got[i], ds.images_uint8([i])[0])
             continue
-        diffs.append(np.abs(got[i].astype(np.int16) - _pil(data, 64, 56).astype(np.int16)))
+        diffs.append(np.abs(got[i].astype(np.int16) - pil_crop(data, 64, 56).astype(np.int16)))
     d = np.stack(diffs)
     assert d.mean() < 0.5 and d.max() <= 4, f"nvJPEG vs PIL: mean |diff| {d.mean():.3f} levels, max {d.max()}"
 
@@ -80,7 +57,7 @@ def test_a_batch_is_put_in_place_without_waiting_for_the_gpu(monkeypatch):
 
     cuda = torch.device("cuda")
     shape, transform = (3, 24, 24), DeviceTransform("RGB", resize=28, crop=24)
-    jpegs = [_image(i, w, h, "JPEG") for i, (w, h) in enumerate(SIZES[:4] + SIZES[:2])]  # repeated sizes
+    jpegs = [photo(i, w, h, "JPEG") for i, (w, h) in enumerate(SIZES[:4] + SIZES[:2])]  # repeated sizes
     pixels = np.random.default_rng(5).integers(0, 256, (2, *shape), dtype=np.uint8)
     items = [jpegs[0], pixels[0], *jpegs[1:4], pixels[1], *jpegs[4:]]
     decoded = [t.to(cuda) for t in decode._decode_jpegs(jpegs, "RGB", torch.device("cpu"))]

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from jpeg_folders import make_jpeg_folder, pil_eval_images
+from oracles import clean_and_fgsm_errors
 
 from cli_runner import outputs, spawn
 
@@ -52,15 +53,7 @@ def setup(tmp_path_factory) -> dict:
     def model(xb: torch.Tensor) -> torch.Tensor:
         return net((xb - MEAN) / STD)
 
-    clean = fgsm = 0
-    for s in range(0, len(x), BATCH):  # the oracle: a plain loop in evaluate's batches
-        xb, yb = x[s:s + BATCH], y[s:s + BATCH]
-        with torch.no_grad():
-            clean += int((model(xb).argmax(1) != yb).sum())
-        xg = xb.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(F.cross_entropy(model(xg), yb), xg)
-        with torch.no_grad():
-            fgsm += int((model((xb + EPS * g.sign()).clamp(0, 1)).argmax(1) != yb).sum())
+    clean, fgsm = clean_and_fgsm_errors(model, x, y, EPS, BATCH)  # the oracle: a plain loop in evaluate's batches
     assert clean == 0  # the fitted head classifies every image right: a misplaced label would show
     return {"work": work, "root": root, "weights": weights, "n": len(y), "clean": clean, "fgsm": fgsm}
 

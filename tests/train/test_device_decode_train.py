@@ -12,15 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from jpeg_folders import make_jpeg_folder
+from jpeg_folders import assert_close_to_pil, make_jpeg_folder, wds_shard_of
 import torch
 
-
-
-def _close(a: np.ndarray, b: np.ndarray) -> None:
-    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    assert diff.mean() < 0.5, f"mean |diff| {diff.mean():.2f} levels"
-    assert diff.max() <= 4, f"a pixel off by {diff.max()} levels"
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +35,6 @@ def test_augment_on_device_is_the_streams_augment():
     assert np.array_equal(got, apply_augment(x, aug, 2))
 
 
-def _wds_of(folder: Path, tar: Path) -> Path:
-    """The folder's JPEGs as one WebDataset shard (image + .cls per sample)."""
-    import io
-    import tarfile
-
-    with tarfile.open(tar, "w") as tf:
-        for i, f in enumerate(sorted(folder.glob("train/*/*.JPEG"))):
-            for name, payload in ((f"s{i:04d}.jpg", f.read_bytes()), (f"s{i:04d}.cls", f.parent.name[-1:].encode())):
-                ti = tarfile.TarInfo(name)
-                ti.size, ti.mtime = len(payload), 1_700_000_000
-                tf.addfile(ti, io.BytesIO(payload))
-    return tar
-
-
 @pytest.mark.parametrize("kind", ["imagefolder", "wds"])
 def test_the_step_decodes_the_streams_batches_as_pil_would(jpegs, tmp_path, kind):
     from enspipe.data import create_dataset
@@ -62,7 +42,7 @@ def test_the_step_decodes_the_streams_batches_as_pil_would(jpegs, tmp_path, kind
     from enspipe.train.device_batches import DeviceDecodedBatchStream, clean_images
     from enspipe.train import BatchStream, TrainConfig
 
-    source = f"imagefolder:{jpegs}" if kind == "imagefolder" else f"wds:{_wds_of(jpegs, tmp_path / 'a.tar')}"
+    source = f"imagefolder:{jpegs}" if kind == "imagefolder" else f"wds:{wds_shard_of(jpegs, tmp_path / 'a.tar')}"
     ds = create_dataset(source, image_size=32)
     cfg = TrainConfig(model="C", dataset=source, image_size=32, batch_size=5, block_size=8,
                       augment="crop+flip", crop_padding=3, device="cpu", mode="adv")
@@ -76,7 +56,7 @@ def test_the_step_decodes_the_streams_batches_as_pil_would(jpegs, tmp_path, kind
         assert (a["seq"], a["source"], a["n_adv"]) == (b["seq"], b["source"], b["n_adv"])
         x = clean_images(b["x"], torch.device("cpu"), b["aug"], cfg.crop_padding)
         assert x.dtype == torch.uint8 and x.shape == a["x"].shape
-        _close(x.numpy(), a["x"].numpy())
+        assert_close_to_pil(x.numpy(), a["x"].numpy())
 
 
 def test_train_with_the_device_decoder_runs_and_records_it(jpegs, tmp_path, monkeypatch):

@@ -18,11 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from jpeg_folders import make_jpeg_folder
+from jpeg_folders import make_jpeg_folder, wds_shard_of
 
 
 @pytest.fixture(scope="module")
@@ -192,20 +191,6 @@ def test_a_store_of_the_same_decoder_says_nothing(jpegs, tmp_path, caplog):
     assert [s["decoder"] for s in _saved(tmp_path / "ens")["stores"]] == ["cpu"]
 
 
-def _wds_of(folder: Path, tar: Path) -> Path:
-    """The folder's JPEGs as one WebDataset shard (image + .cls per sample)."""
-    import io
-    import tarfile
-
-    with tarfile.open(tar, "w") as tf:
-        for i, f in enumerate(sorted(folder.glob("train/*/*.JPEG"))):
-            for name, payload in ((f"s{i:04d}.jpg", f.read_bytes()), (f"s{i:04d}.cls", f.parent.name[-1:].encode())):
-                ti = tarfile.TarInfo(name)
-                ti.size, ti.mtime = len(payload), 1_700_000_000
-                tf.addfile(ti, io.BytesIO(payload))
-    return tar
-
-
 def _big_jpeg(seed: int) -> bytes:
     """A 160x120 photo-like JPEG: large enough that half of it keeps the whole header."""
     import io
@@ -239,7 +224,7 @@ def test_a_jpeg_that_fails_in_the_step_is_named_by_file_and_sample(jpegs, tmp_pa
         source, names = f"imagefolder:{folder}", str(bad)
         index = create_dataset(source, image_size=32)._files.index(str(bad.relative_to(folder / "train")))
     else:
-        tar = _wds_of(folder, tmp_path / "a.tar")
+        tar = wds_shard_of(folder, tmp_path / "a.tar")
         source, names = f"wds:{tar}", f"'s0013' in {tar}"  # the 14th file sorted is the tar's s0013
         index = create_dataset(source, image_size=32)._raw_keys.index("s0013")
     capsys.readouterr()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from jpeg_folders import make_jpeg_folder, pil_eval_images
+from oracles import clean_and_fgsm_errors
 
 from enspipe.data import create_dataset
 from enspipe.train.kit import Validation, validate
@@ -34,17 +34,7 @@ def _model() -> torch.nn.Module:
 
 def _oracle(model: torch.nn.Module, root: Path) -> tuple[int, int]:
     u8, y = pil_eval_images(root / "val", SIZE)
-    x = u8.float() / 255
-    clean = adv = 0
-    for s in range(0, len(x), BATCH):
-        xb, yb = x[s:s + BATCH], y[s:s + BATCH]
-        with torch.no_grad():
-            clean += int((model(xb).argmax(1) != yb).sum())
-        xg = xb.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(F.cross_entropy(model(xg), yb), xg)
-        with torch.no_grad():
-            adv += int((model((xb + EPS * g.sign()).clamp(0, 1)).argmax(1) != yb).sum())
-    return clean, adv
+    return clean_and_fgsm_errors(model, u8.float() / 255, y, EPS, BATCH)
 
 
 def _children() -> set[int]:
