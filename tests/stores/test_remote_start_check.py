@@ -49,6 +49,20 @@ def _store(root: str, ds, fmt: str) -> tuple[str, np.ndarray]:
     return path, d
 
 
+def _unfinalized(local: str) -> None:
+    """Make a written store's manifest what it was before finalize: incomplete, its records in shards/."""
+    manifest = json.loads((Path(local) / "manifest.json").read_text())
+    manifest.update(complete=False, shards={}, finalized_at=None)
+    (Path(local) / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _copy_to_s3(s3, local: str) -> str:
+    """A local store copied object for object under the test bucket: its URL."""
+    url = f"s3://{s3['bucket']}/copy/{Path(local).name}"
+    s3["fs"].put(str(local), url[len("s3://"):], recursive=True)
+    return url
+
+
 class _Requests:
     """Every S3 request s3fs makes, by operation, and the object keys its GETs fetch."""
 
@@ -152,8 +166,7 @@ def _damage_record(read, write) -> None:
 
 def test_a_damaged_record_gives_the_same_lines_from_verify_locally_and_on_s3(s3, digits, tmp_path):
     local, _ = _store(str(tmp_path / "st"), digits, "zarr")
-    url = f"s3://{s3['bucket']}/copy/{Path(local).name}"
-    s3["fs"].put(str(local), url[len("s3://"):], recursive=True)
+    url = _copy_to_s3(s3, local)
     rec = "shards/000001.json"
     _damage_record((Path(local) / rec).read_bytes, (Path(local) / rec).write_bytes)
     key = f"{url[len('s3://'):]}/{rec}"
@@ -175,11 +188,8 @@ def test_a_damaged_record_gives_the_same_lines_from_verify_locally_and_on_s3(s3,
 @pytest.mark.parametrize("damage", ["invalid", "other-range", "short-object"])
 def test_an_incomplete_store_reports_its_records_alike_locally_and_on_s3(s3, digits, tmp_path, damage):
     local, _ = _store(str(tmp_path / "st"), digits, "zarr")
-    manifest = json.loads((Path(local) / "manifest.json").read_text())
-    manifest.update(complete=False, shards={}, finalized_at=None)  # as before finalize
-    (Path(local) / "manifest.json").write_text(json.dumps(manifest))
-    url = f"s3://{s3['bucket']}/copy/{Path(local).name}"
-    s3["fs"].put(str(local), url[len("s3://"):], recursive=True)
+    _unfinalized(local)
+    url = _copy_to_s3(s3, local)
     rec, root = "shards/000001.json", url[len("s3://"):]
     if damage == "short-object":
         for write in (lambda b: (Path(local) / "logits/c/1/0").write_bytes(b),
@@ -228,8 +238,7 @@ def test_a_zarr_shard_copied_over_another_with_its_records_is_refused_at_a_train
     local, _ = _store(str(tmp_path / "st"), digits, "zarr")
     zarr_shard_copied_over(Path(local), 0, 1, keys=True)
     forge_checksums(Path(local), 1)
-    url = f"s3://{s3['bucket']}/copy/{Path(local).name}"
-    s3["fs"].put(str(local), url[len("s3://"):], recursive=True)
+    url = _copy_to_s3(s3, local)
     reader = open_store(url)
     with pytest.raises(StoreError, match=rf"shard 1 of store {re.escape(url)} holds other samples than the dataset: "
                                          rf"sample {SHARD} "):
@@ -269,8 +278,7 @@ def test_a_wds_tar_copied_over_another_on_s3_passes_the_start_and_fails_its_firs
     local, _ = _store(str(tmp_path / "st"), digits, "wds")
     shutil.copyfile(Path(local) / "shard-000000.tar", Path(local) / "shard-000001.tar")
     forge_checksums(Path(local), 1)
-    url = f"s3://{s3['bucket']}/copy/{Path(local).name}"
-    s3["fs"].put(str(local), url[len("s3://"):], recursive=True)
+    url = _copy_to_s3(s3, local)
     reader = open_store(url)
     check_against(reader, digits)
     with pytest.raises(StoreError, match=rf"shard-000001.tar holds {SHARD} samples that are not samples {SHARD}\.\."):
@@ -306,12 +314,9 @@ def test_an_incomplete_store_with_a_damaged_shard_verifies_alike_locally_and_on_
     (Path(local) / rel).write_bytes(b"\0" * (Path(local) / rel).stat().st_size)  # same size: not a zarr shard
     if damage == "undecodable":
         forge_checksums(Path(local), 1)
-    manifest = json.loads((Path(local) / "manifest.json").read_text())
-    manifest.update(complete=False, shards={}, finalized_at=None)  # as before finalize
-    (Path(local) / "manifest.json").write_text(json.dumps(manifest))
+    _unfinalized(local)
     (Path(local) / "shards/000000.json").unlink()
-    url = f"s3://{s3['bucket']}/copy/{Path(local).name}"
-    s3["fs"].put(str(local), url[len("s3://"):], recursive=True)
+    url = _copy_to_s3(s3, local)
     lines = {where: verify_store(where).problems for where in (local, url)}
     shards = -(-len(digits) // SHARD)
     written = shards - 1 if damage == "undecodable" else shards - 2
@@ -329,11 +334,8 @@ def test_verify_of_an_incomplete_store_url_lists_it_once_and_fetches_each_object
     """`enspipe verify URL` (deep) of an incomplete store: one listing, the manifest and every record
     object fetched once (not again to open the reader it downloads through), every shard object once."""
     local, _ = _store(str(tmp_path / "st"), digits, "zarr")
-    manifest = json.loads((Path(local) / "manifest.json").read_text())
-    manifest.update(complete=False, shards={}, finalized_at=None)  # as before finalize
-    (Path(local) / "manifest.json").write_text(json.dumps(manifest))
-    url = f"s3://{s3['bucket']}/copy/{Path(local).name}"
-    s3["fs"].put(str(local), url[len("s3://"):], recursive=True)
+    _unfinalized(local)
+    url = _copy_to_s3(s3, local)
     objects = sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
     requests = _Requests(monkeypatch)
     report = verify_store(url)
