@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from enspipe import attacks
 from enspipe.diagnostics.hadamard import SUBSPACE_KS, count_adversarial_directions
 from enspipe.diagnostics.measures import (
     _as_batch,

@@ -2,7 +2,6 @@
 terminal, timestamped lines in logs), JSON files."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
