@@ -11,6 +11,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+from loopback import s3, s3_endpoint  # noqa: E402,F401 -- moto's S3 server: one for the session
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_RAW = Path("MNIST") / "raw"

@@ -23,6 +23,7 @@ from enspipe.stores import list_stores, open_store, verify_store
 from enspipe.stores.manifest import file_record
 from cli_runner import run_cli
 from cli_runner import CLI
+from loopback import free_port
 
 
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -261,13 +262,6 @@ def _catch(fn, *args):
 
 # --- Bad input through the real CLI ------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_bad_input_is_one_line_and_no_complete_store(digits_static, tmp_path):
     from enspipe.models import create_model, save_model
@@ -282,7 +276,7 @@ def test_bad_input_is_one_line_and_no_complete_store(digits_static, tmp_path):
         "root under a file": [*base, "--out", afile / "stores"],
         "weights of another architecture": ["precompute", "--model", "D", "--weights", other, "--out", root],
         "no workers": [*base, "--out", root, "--dask-workers", 0],
-        "unreachable scheduler": [*base, "--out", root, "--scheduler", f"tcp://127.0.0.1:{_free_port()}"],
+        "unreachable scheduler": [*base, "--out", root, "--scheduler", f"tcp://127.0.0.1:{free_port()}"],
     }
     env = {**os.environ, "ENSPIPE_PROGRESS": "0"}
     # In parallel: each case is mostly interpreter start-up and, for the scheduler, a timeout.

@@ -7,13 +7,8 @@ the test wrote, and the objects the test reads back from the server itself with 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -26,52 +21,8 @@ pytest.importorskip("s3fs", reason="object-store tests need pip install -e '.[s3
 pytest.importorskip("moto.server", reason="object-store tests need pip install -e '.[s3]'")
 
 from cli_runner import CLI  # noqa: E402 -- a fresh interpreter
+from loopback import free_port  # noqa: E402
 N, SHARD = 300, 128  # shards of 128, 128, 44
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory):
-    """moto's standalone S3 server in its own process on a free loopback port."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300  # a bound far above a start under load, not a timing
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=5).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"moto server did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=60)
-
-
-@pytest.fixture
-def s3(s3_endpoint, monkeypatch, tmp_path):
-    """A fresh bucket; the environment a user sets (endpoint, credentials) and a private cache."""
-    import s3fs
-
-    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "ENSPIPE_STORE_CACHE": str(tmp_path / "cache")}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, key="testing", secret="testing", skip_instance_cache=True)
-    bucket = f"b{uuid.uuid4().hex[:12]}"
-    fs.mkdir(bucket)
-    return {"fs": fs, "bucket": bucket, "env": {**os.environ, **env}, "cache": tmp_path / "cache"}
 
 
 def _identity() -> StoreIdentity:
@@ -275,7 +226,7 @@ def test_bad_object_storage_input_is_one_line_naming_the_url(s3, digits_static):
     run = lambda *argv, **kw: subprocess.run([*CLI, *argv], env={**env, **kw}, capture_output=True, text=True,
                                              timeout=600)
     # An endpoint nobody listens on: bounded by the connect timeout, then one line.
-    line = _one_line(run("ls", url, AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}",
+    line = _one_line(run("ls", url, AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
                          ENSPIPE_REMOTE_TIMEOUT="2"))
     assert url in line and "AWS_ENDPOINT_URL" in line
     # A bucket that does not exist.

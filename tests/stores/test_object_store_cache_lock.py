@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from enspipe.stores import create_store, open_store, store_path
-from test_object_store import SHARD, _arrays, _identity, _write, s3, s3_endpoint  # noqa: F401  (fixtures)
+from test_object_store import SHARD, _arrays, _identity, _write
 
 pytest.importorskip("s3fs", reason="object-store tests need pip install -e '.[s3]'")
 pytest.importorskip("moto.server", reason="object-store tests need pip install -e '.[s3]'")

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from cli_runner import CLI  # a fresh `python -m enspipe`: these commands take S3 credentials in env
-from test_object_store import _free_port, s3, s3_endpoint  # noqa: F401  (fixtures)
+from loopback import free_port
 
 pytest.importorskip("s3fs", reason="object-store tests need pip install -e '.[s3]'")
 pytest.importorskip("moto.server", reason="object-store tests need pip install -e '.[s3]'")
@@ -137,7 +137,7 @@ def test_a_precompute_to_s3_killed_after_its_first_shards_resumes_without_rewrit
 @pytest.fixture
 def iam_endpoint(tmp_path):
     """A moto server of its own (authorization is server-wide) that enforces IAM once set up."""
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "moto-iam.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
                             stderr=subprocess.STDOUT)
@@ -236,7 +236,7 @@ def test_readme_cluster_commands_run_a_dask_cluster_on_s3_and_train_on_two_nodes
     assert [c.split()[:2] for c in cmds] == [["export", "AWS_ENDPOINT_URL=https://s3.example.org"],
                                               ["dask", "scheduler"], ["dask", "worker"], ["enspipe", "precompute"],
                                               ["enspipe", "ls"], ["enspipe", "verify"], ["torchrun", "--nnodes"]]
-    sched_port, master_port = _free_port(), _free_port()
+    sched_port, master_port = free_port(), free_port()
     subs = {"tcp://HEAD:8786": f"tcp://127.0.0.1:{sched_port}", "--port 8786": f"--port {sched_port}",
             "s3://bucket": f"s3://{s3['bucket']}", "runs/static": str(digits_static), "HEAD": "127.0.0.1",
             "29500": str(master_port), "runs/ens": str(tmp_path / "ens")}
@@ -320,7 +320,7 @@ def test_readme_cluster_commands_run_a_dask_cluster_on_s3_and_train_on_two_nodes
     train_argv[i + 1] = str(path)
     train_argv[train_argv.index("--out") + 1] = str(tmp_path / "one")
     one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", *train_argv],
+                          "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", *train_argv],
                          env=base, cwd=tmp_path, capture_output=True, text=True, timeout=LONG)
     assert one.returncode == 0, one.stderr[-4000:]
     assert (run / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()

@@ -18,7 +18,6 @@ import pytest
 from enspipe.stores import StoreIdentity, check_against, create_store, open_store, store_path, verify_store
 from enspipe.util.errors import StoreError
 from cli_runner import run_cli
-from test_object_store import s3, s3_endpoint  # noqa: F401  (fixtures)
 
 pytest.importorskip("s3fs", reason="object-store tests need pip install -e '.[s3]'")
 pytest.importorskip("moto.server", reason="object-store tests need pip install -e '.[s3]'")

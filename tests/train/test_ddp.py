@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ import textwrap
 import numpy as np
 import torch
 import torch.nn.functional as F
+from loopback import free_port
 
 N, BATCH, LR, SEED = 512, 32, 0.05, 3
 # Tolerances. The ranks hold the all-reduced gradients and so the same weights (measured here:
@@ -62,11 +62,6 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_ranks_train_the_same_weights_as_one_process_on_the_global_batches(tmp_path):
     from safetensors.torch import load_file
@@ -82,7 +77,7 @@ def test_two_gloo_ranks_train_the_same_weights_as_one_process_on_the_global_batc
             "--record-indices", "--out", run]
     env = {**os.environ, "ENSPIPE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), str(tmp_path),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), str(tmp_path),
            *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
