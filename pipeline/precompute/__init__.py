@@ -9,9 +9,9 @@ Plan (DESIGN §2-3):
    under ROOT from it, so a store that already exists complete is reused and nothing is written.
 2. Create every store (all arrays, once) in this process, before any worker runs.
 3. Cut the samples into shards (`shard_size` whole samples). A shard is the unit of work, of
-   writing and of retry: a stream computes it (its pixels decoded ahead by loader processes)
-   and writes it with one `StoreWriter.write_shard` per store, which is atomic (files first,
-   completion record last).
+   writing and of retry: a stream computes it (its pixels decoded ahead by loader processes,
+   once for every attack that lacks the shard) and writes it with one `StoreWriter.write_shard`
+   per store, which is atomic (files first, completion record last).
    Shards with a valid record are skipped, so a re-run after a crash or `kill -9` finishes the
    rest. Tasks are idempotent: a shard computed twice is written with identical bytes.
 4. Finalize every store (manifest with all shard records, complete=true).
@@ -148,7 +148,9 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
             job = next(j for j in plan.jobs if str(path) in j.stores)
             create_store(path, identity, fmt=fmt, shard_size=cfg.shard_size,
                          extra=manifest_extra(cfg, job, device))
-        units = [(job, s) for job in plan.jobs for s in pending_shards(job)]
+        # Ordered by shard, the attacks lacking a shard side by side: a stream (and a dask task,
+        # `task_groups` cuts only between shards) decodes each shard once for all of them.
+        units = sorted(((job, s) for job in plan.jobs for s in pending_shards(job)), key=lambda unit: unit[1])
         where = f"on {len(client.scheduler_info()['workers'])} dask worker(s)" if client else "in-process"
         log(f"precompute: {len(units)} shard(s) to compute for {len(plan.jobs)} attack(s) {where}")
         if client is None:

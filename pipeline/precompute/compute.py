@@ -2,19 +2,23 @@
 
     ChunkLoader (worker processes) -> to_device -> compute_batch -> host copy -> ShardSink
 
-Each sample's file is read once: where a wds store keeps the source's files beside its
-directions, the loader's workers hand over the bytes they read with the pixels (or with the
-JPEG bytes the device decodes), and the sink writes those (see `open_loader`).
+Each sample's file is read and decoded once, however many attacks are computed: a shard's
+batches are decoded once and each is attacked by every attack (job) that lacks the shard, in
+turn, into that attack's own part of the sink (`stream_shards`). Where a wds store keeps the
+source's files beside its directions, the loader's workers hand over the bytes they read with
+the pixels (or with the JPEG bytes the device decodes), and the sink writes those (see `open_loader`).
 
 `stream_shards` is the one data path, in-process and inside every dask worker: the pixels
-of all the shards it is given are decoded ahead by the loader's processes (the process that
+of all the shards it is given are decoded ahead, once per shard whatever the attacks, by the loader's processes (the process that
 drives the device never decodes), copied to the device from pinned memory without blocking,
 attacked there (the sign narrowed to int8 on the device), and copied back on a side stream
 while the next batch computes; the sink's thread waits for each copy and writes whole shards.
 
 Determinism: batches start at the shard's first sample and have `batch_size` samples (the
 last one fewer), so a shard's directions do not depend on which process computed it, how
-its pixels were decoded, or when. On CPU the kernels give bit-identical results for any
+its pixels were decoded, or when, nor on which other attacks shared the decode (each attack
+gets the same batch tensor, which no attack modifies; tests/precompute/test_precompute_decodes_once.py
+compares a two-attack run's stores with two one-attack runs' file by file). On CPU the kernels give bit-identical results for any
 thread count (tests check this: a 2-worker run with one torch thread each equals the
 in-process run with two). Across GPU models this is not guaranteed; a store records the
 device that started it. bf16 (autocast; channels_last on CUDA) gives other directions than
@@ -98,8 +102,9 @@ class _HostCopy:
 
 
 def compute_batch(model: torch.nn.Module, batch: InputBatch, job: ShardJob, precision: Precision,
-                  host_copy: Callable | None = None) -> BatchDone:
-    """The attack's direction (int8, on the device), logits and label of one batch, in the job's precision."""
+                  host_copy: Callable | None = None, *, part: int = 0) -> BatchDone:
+    """The attack's direction (int8, on the device), logits and label of one batch, in the job's
+    precision, for the sink's `part` (the job's open shard)."""
     from enspipe import attacks
 
     d, logits, labels = attacks.direction(model, batch.x, batch.y, attack=job.attack, label=job.label,
@@ -107,7 +112,7 @@ def compute_batch(model: torch.nn.Module, batch: InputBatch, job: ShardJob, prec
     ready = None
     if host_copy is not None:
         (d, logits, labels), ready = host_copy(d, logits, labels)
-    return BatchDone(batch.offset, d, logits, labels, ready, batch.files)
+    return BatchDone(batch.offset, d, logits, labels, ready, batch.files, part)
 
 
 # --- The stream -------------------------------------------------------------------------------------
@@ -131,9 +136,10 @@ def _clean_pixels(dataset, start: int, stop: int):
 def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device: torch.device, *,
                   loader_for: Callable[[bool], ChunkLoader] | None = None,
                   done: Callable[[int], None] | None = None) -> None:
-    """Compute every (job, shard) in order into the sink, the pixels decoded ahead by
-    `loader_for(files)` (a ChunkLoader over the jobs' dataset whose chunks carry each sample's
-    file when `files`; by default `data.loader.open_loader`'s, made and closed here)."""
+    """Compute every (job, shard) into the sink, each shard's pixels decoded once for all the jobs
+    (attacks) that lack it, ahead of use by `loader_for(files)` (a ChunkLoader over the jobs' dataset
+    whose chunks carry each sample's file when `files`; by default `data.loader.open_loader`'s, made
+    and closed here). Shards go in the order of their first unit; `done(1)` per (job, shard) written."""
     import torch
 
     from enspipe.stores import open_writer
@@ -144,46 +150,63 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
     # One writer per store and stream (a manifest read each); whether a shard is done is read
     # from its completion record now, so a retried or duplicated dask task skips what is written.
     opened = {p: open_writer(p) for job, _ in units for p in job.stores}
-    todo = []
+    # A group: the jobs lacking one sample range, cut into the same batches: decoded once, each
+    # batch attacked by every job of the group in turn. Jobs of one precompute share the dataset,
+    # model, precision and decoder (plan.plan_stores); the batch size differs only where a resumed
+    # store keeps the size it was started with: those shards decode once per batch size.
+    groups: dict[tuple[int, int, int], list[tuple[ShardJob, int, tuple]]] = {}
+    seen: set[tuple[int, int]] = set()
     for job, s in units:
         writers = tuple(w for w in (opened[p] for p in job.stores) if not w.shard_done(s))
-        if writers:
-            todo.append((job, s, writers, *writers[0].shard_range(s)))
-    if not todo:
+        if writers and (id(job), s) not in seen:
+            seen.add((id(job), s))
+            groups.setdefault((*writers[0].shard_range(s), job.batch_size), []).append((job, s, writers))
+    if not groups:
         return
-    # The shards whose wds stores keep the source's files get them from the loader, read once.
+    # Each job's shards go to the sink as its own part: one shard buffer open per job at a time.
+    parts = {id(job): k for k, job in enumerate({id(job): job for job, _ in units}.values())}
+    # The jobs whose wds stores keep the source's files get them from the loader, read once.
     carried = {(s, id(job)): needs_decoding(dataset) and job.wds_images == "source"
-               and any(w.keeps_clean_images for w in writers) for job, s, writers, _, _ in todo}
+               and any(w.keeps_clean_images for w in writers) for members in groups.values()
+               for job, s, writers in members}
     files = any(carried.values())
     with contextlib.ExitStack() as stack:
         if loader_for is None:
             loader = stack.enter_context(_open_loader(dataset, units[0][0], device, files))
         else:
             loader = loader_for(files)
-        batches = {(s, id(job)): batch_spans(a, b, job.batch_size) for job, s, _, a, b in todo}
+        batches = {key: batch_spans(*key) for key in groups}
         chunk = chunk_size(units[0][0].batch_size, loader.workers)
-        chunks = loader([span for key in batches.values() for span in spans_of(key, chunk)])
+        chunks = loader([span for spans in batches.values() for span in spans_of(spans, chunk)])
         host_copy = _HostCopy(device)
         # Resolved once per stream (a store's bytes need the device's native kernels: strict).
-        precisions = {job.precision: Precision.resolve(job.precision, device, strict=True) for job, *_ in todo}
-        for job, s, writers, start, stop in todo:
-            precision = precisions[job.precision]
-            precision.prepare_model(model)
-            keep = any(w.keeps_clean_images for w in writers)  # a format that stores the clean image + true label
-            with_files = carried[s, id(job)]
-            sink.put(ShardBegin(s, start, stop, writers, keys=dataset.keys[start:stop],
-                                images=_clean_pixels(dataset, start, stop)
-                                if keep and job.wds_images == "source" and not with_files else None,
-                                true_label=dataset.labels[start:stop] if keep else None, files=with_files))
-            for b, e in batches[s, id(job)]:
+        precisions = {job.precision: Precision.resolve(job.precision, device, strict=True)
+                      for members in groups.values() for job, *_ in members}
+        for key, members in groups.items():
+            start, stop, _ = key
+            for job, s, writers in members:
+                keep = any(w.keeps_clean_images for w in writers)  # a format that stores the clean image + true label
+                sink.put(ShardBegin(s, start, stop, writers, keys=dataset.keys[start:stop],
+                                    images=_clean_pixels(dataset, start, stop)
+                                    if keep and job.wds_images == "source" and not carried[s, id(job)] else None,
+                                    true_label=dataset.labels[start:stop] if keep else None,
+                                    files=carried[s, id(job)], part=parts[id(job)]))
+            for b, e in batches[key]:
                 got = gather(chunks, e - b)
-                x = precision.memory_format(batch_to_device(got, device, dataset))
-                y = torch.from_numpy(dataset.labels[b:e]).to(device) if job.label == "true" else None
-                kept = [f for c in got for f in c.files] if with_files else None
-                sink.put(compute_batch(model, InputBatch(b - start, x, y, kept), job, precision, host_copy))
-            sink.put(ShardEnd(s))
-            if done is not None:
-                done(1)
+                pixels = batch_to_device(got, device, dataset)  # decoded once, for every job of the group
+                kept = [f for c in got for f in c.files] if files else None
+                true = any(job.label == "true" for job, _, _ in members)
+                y = torch.from_numpy(dataset.labels[b:e]).to(device) if true else None
+                for job, s, _ in members:
+                    precision = precisions[job.precision]
+                    precision.prepare_model(model)
+                    batch = InputBatch(b - start, precision.memory_format(pixels), y if job.label == "true" else None,
+                                       kept if carried[s, id(job)] else None)
+                    sink.put(compute_batch(model, batch, job, precision, host_copy, part=parts[id(job)]))
+            for job, s, _ in members:
+                sink.put(ShardEnd(s, part=parts[id(job)]))
+                if done is not None:
+                    done(1)
 
 
 def _open_loader(dataset, job: ShardJob, device: torch.device, files: bool) -> ChunkLoader:

@@ -4,8 +4,9 @@
 `scheduler=ADDR` uses an existing cluster (ROOT, the data and the model must then be at the
 same paths on every worker). A task is a run of consecutive shards that the worker streams
 exactly as the in-process path does (`compute.stream_shards`: its own loader processes
-decode ahead across the shards of the task), so a worker computes at the in-process rate
-once started; a task per shard would drain the pipeline between shards. Tasks go out via
+decode ahead across the shards of the task, each shard once for all the attacks that lack
+it: a task holds every attack's unit of its shards), so a worker computes at the in-process
+rate once started; a task per shard would drain the pipeline between shards. Tasks go out via
 `client.map(..., pure=False, retries=2)`; a worker that dies has its task rerun elsewhere by
 dask, and the rerun skips the shards already written. Each worker process loads the dataset
 and model once (module caches in `plan`) and forks its loader processes once (`compute`).
@@ -138,10 +139,18 @@ def _torch_threads(client) -> int:
 
 
 def task_groups(units: list[tuple[ShardJob, int]], workers: int) -> list[tuple[tuple[ShardJob, int], ...]]:
-    """Consecutive runs of units, at least one per worker and at most TASK_SHARDS long, near-equal."""
-    n = max(1, min(len(units), max(workers, math.ceil(len(units) / TASK_SHARDS))))
-    bounds = [round(k * len(units) / n) for k in range(n + 1)]
-    return [tuple(units[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+    """Consecutive runs of units, cut only between shards: the consecutive units of one shard (its
+    attacks, as `precompute` orders them) stay in one task, which decodes the shard once for all.
+    At least one task per worker, at most TASK_SHARDS shards each, near-equal in shards."""
+    runs: list[list[tuple[ShardJob, int]]] = []
+    for unit in units:
+        if runs and runs[-1][-1][1] == unit[1]:
+            runs[-1].append(unit)
+        else:
+            runs.append([unit])
+    n = max(1, min(len(runs), max(workers, math.ceil(len(runs) / TASK_SHARDS))))
+    bounds = [round(k * len(runs) / n) for k in range(n + 1)]
+    return [tuple(u for run in runs[a:b] for u in run) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def describe(group: Sequence[tuple[ShardJob, int]]) -> str:

@@ -6,13 +6,20 @@ Stages talk through small frozen messages: `ShardBegin` (which shard, its writer
 how to fetch its clean images), one `BatchDone` per computed batch, `ShardEnd`. The bytes
 written depend only on the messages, not on which thread or process sent them.
 
+Parts: every message names its `part`, one per attack of the stream (`compute.stream_shards`
+decodes a shard's batch once and attacks it with every attack that lacks the shard, so the
+attacks' batches arrive interleaved). The sink keeps one shard buffer per part: with K attacks,
+at most K shards are open at once, one per attack, all of the same sample range (the stream
+ends them all before it begins the next shard). The queue's byte bound is unchanged: it holds
+the batches still waiting, whichever part they belong to.
+
 Overlap: a single background thread, at a lower priority, waits for each batch's
 device-to-host copy (started by the compute on a side stream), turns it into numpy and
 writes each finished shard, so the next batch (and shard) is computed while the previous
 one is copied, encoded and written (benchmarks/bench_precompute.py measures it against
 writing in the computing thread). The clean images a wds store carries are the source's files
 as the loader read them, handed over with each batch (`BatchDone.files`): each file is opened
-once per attack computed, not once more here (tests/precompute/test_precompute_reads_once.py
+once, whatever the attacks computed, not once more here (tests/precompute/test_precompute_reads_once.py
 counts the opens; what that saves in I/O time, with the page cache between, is not measured).
 A source held as pixels has no files: its pixels are fetched here (`ShardBegin.images`), not in
 the thread that drives the device.
@@ -39,7 +46,8 @@ WRITER_NICE = 10  # niceness of the background writer thread (see ShardSink._loo
 # At most about this many bytes of computed batches wait for the writer: ~13 batches of 256 at
 # 3x224x224, several shards' worth of decoupling, and the pinned host memory stays bounded. The
 # bytes count each batch's directions, logits and labels and the source files riding with it (a
-# wds store's: at 64 px a batch's JPEGs are ~2x its directions, at ImageNet's ~110 KB a JPEG).
+# wds store's: at 64 px a batch's JPEGs are ~2x its directions, at ImageNet's ~110 KB a JPEG). With several attacks each attack's batch counts the files it carries,
+# although the K batches of one decoded batch share the same bytes: the bound errs on the safe side.
 SINK_BYTES = 512 << 20
 
 
@@ -60,6 +68,7 @@ class ShardBegin:
     images: CleanImages | None       # for wds stores of a source held as pixels; called in the writer thread
     true_label: np.ndarray | None    # int64 [n], for wds stores only
     files: bool = False              # its batches carry each sample's file (`BatchDone.files`): the wds stores keep those
+    part: int = 0                    # whose shard: one open shard buffer per part (an attack of the stream)
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ class BatchDone:
     labels: torch.Tensor             # int64 [b]: the label the attack used
     ready: Callable[[], None] | None = None  # blocks until the device-to-host copy is done
     files: Sequence[tuple[str, bytes]] | None = None  # each sample's file (extension, bytes), as the loader read it
+    part: int = 0                    # the open shard it belongs to (`ShardBegin.part`)
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,7 @@ class ShardEnd:
     """Every batch of the shard was handed over: write it."""
 
     shard: int
+    part: int = 0
 
 
 Message = ShardBegin | BatchDone | ShardEnd
@@ -151,7 +162,7 @@ class ShardSink:
         self._room = threading.Condition()
         self._error: BaseException | None = None
         self._abort = threading.Event()
-        self._buf: _ShardBuffer | None = None
+        self._bufs: dict[int, _ShardBuffer] = {}  # the open shard of each part (at most one per attack)
         self._thread: threading.Thread | None = None
         if background:
             self._thread = threading.Thread(target=self._loop, name="enspipe-shard-writer", daemon=True)
@@ -234,14 +245,18 @@ class ShardSink:
 
     def _handle(self, msg: Message) -> None:
         if isinstance(msg, ShardBegin):
-            self._buf = _ShardBuffer(msg)
+            if msg.part in self._bufs:
+                raise RuntimeError(f"shard sink got the start of shard {msg.shard} inside shard "
+                                   f"{self._bufs[msg.part].begin.shard} (part {msg.part})")
+            self._bufs[msg.part] = _ShardBuffer(msg)
             return
-        if self._buf is None:
-            raise RuntimeError(f"shard sink got {type(msg).__name__} outside a shard")
+        buf = self._bufs.get(msg.part)
+        if buf is None:
+            raise RuntimeError(f"shard sink got {type(msg).__name__} outside a shard (part {msg.part})")
         if isinstance(msg, BatchDone):
-            self._buf.add(msg)
+            buf.add(msg)
         else:
-            buf, self._buf = self._buf, None
+            del self._bufs[msg.part]
             if msg.shard != buf.begin.shard:
                 raise RuntimeError(f"shard sink got the end of shard {msg.shard} inside shard {buf.begin.shard}")
             buf.write()

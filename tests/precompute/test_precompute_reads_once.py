@@ -1,6 +1,7 @@
-"""Precompute reads each image file once (per attack it computes), also when a wds store keeps the
-source's files beside its directions: the loader hands the bytes it read over to the sink, which
-read every file a second time before (ImageNet on network storage: twice the input I/O).
+"""Precompute reads each image file once, whatever the attacks it computes, also when a wds store
+keeps the source's files beside its directions: the loader hands the bytes it read over to the sink,
+which read every file a second time before (ImageNet on network storage: twice the input I/O), and
+a shard is decoded once for every attack that lacks it (each attack read and decoded it before).
 
 The counter is the operating system's door: every `open` of a file under the image folder, in this
 process and in forked loader workers alike (each one appends its path to a log with os.write, which
@@ -120,13 +121,15 @@ def test_each_image_file_is_read_once(inputs, tmp_path, monkeypatch, decoder, wo
             np.testing.assert_array_equal(got[name], ref[name])
 
 
-def test_two_attacks_read_each_file_once_per_attack(inputs, tmp_path, monkeypatch):
-    """Two attacks, a zarr and a wds store each: every file is read once per attack's pass (each
-    pass decodes its own batches), never a third time for the wds stores (the old code: 4)."""
+def test_two_attacks_read_each_file_once(inputs, tmp_path, monkeypatch):
+    """Two attacks, a zarr and a wds store each: every file is read once, for both attacks' four
+    stores (a shard's batches are decoded once and attacked by each; once per attack before: 2, and
+    4 before the wds stores took the loader's bytes). Decodes are counted in
+    test_precompute_decodes_once.py."""
     jpegs, model = inputs
     opens = _count_opens(monkeypatch, jpegs, tmp_path / "opens.log")
     stores = precompute(PrecomputeConfig(model=str(model), dataset=f"imagefolder:{jpegs}", image_size=SIZE,
                                          shard_size=16, batch_size=8, device="cpu", attacks=("fgsm", "step_ll"),
                                          loader_workers=0, format="both", out=str(tmp_path / "s")))
     assert len(stores) == 4
-    assert opens() == collections.Counter({f: 2 for f in _images(jpegs)})
+    assert opens() == collections.Counter(_images(jpegs))
