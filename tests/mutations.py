@@ -302,6 +302,32 @@ MUTATIONS = [
              "(files and not _WORKER_LOADER[key].files)",
              "(files and not False)",
              ("tests/precompute/test_precompute_loader.py::test_a_dask_workers_loader_is_kept_until_a_task_needs_files_it_does_not_carry",)),
+    Mutation("precompute-decodes-per-attack", "with several attacks a shard is decoded once per attack (the "
+             "jobs lacking a shard are grouped per attack, not per sample range; the stores stay the same)",
+             "pipeline/precompute/compute.py",
+             "groups.setdefault((*writers[0].shard_range(s), job.batch_size), [])",
+             "groups.setdefault((*writers[0].shard_range(s), job.batch_size, job.attack), [])",
+             ("tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores",
+              "tests/precompute/test_precompute_decodes_once.py::test_the_device_path_decodes_each_batch_once_for_both_attacks",
+              "tests/precompute/test_precompute_reads_once.py::test_two_attacks_read_each_file_once")),
+    Mutation("attack-batches-one-part", "every attack's batches of a shard go to the first attack's open shard in "
+             "the sink (the attacks' buffers mixed: one store gets the other's directions, the other garbage)",
+             "pipeline/precompute/compute.py",
+             "sink.put(compute_batch(model, batch, job, precision, host_copy, part=parts[id(job)]))",
+             "sink.put(compute_batch(model, batch, job, precision, host_copy, part=parts[id(members[0][0])]))",
+             ("tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores",)),
+    Mutation("units-by-attack", "precompute hands on its units attack by attack, not shard by shard: a dask task "
+             "holds one attack's shards, so each worker decodes a shard once per attack",
+             "pipeline/precompute/__init__.py",
+             "key=lambda unit: unit[1])",
+             "key=lambda unit: 0)",
+             ("tests/precompute/test_precompute_decodes_once.py::test_a_shard_decodes_once_for_whichever_attacks_still_lack_it",)),
+    Mutation("task-splits-a-shard", "dask tasks are cut anywhere in the units: one shard's attacks land in two "
+             "tasks (two workers decode it)",
+             "pipeline/precompute/dask_runner.py",
+             "        if runs and runs[-1][-1][1] == unit[1]:\n",
+             "        if False:\n",
+             ("tests/precompute/test_precompute_decodes_once.py::test_dask_tasks_hold_every_attack_of_their_shards",)),
     Mutation("pickled-pixels-through-pipe", "a loader worker's PIL-path pixels (and the files beside them) go "
              "through the worker's pipe, pickled, not through shared memory",
              "pipeline/data/decode.py",

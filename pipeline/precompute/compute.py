@@ -175,7 +175,7 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
             loader = stack.enter_context(_open_loader(dataset, units[0][0], device, files))
         else:
             loader = loader_for(files)
-        batches = {key: batch_spans(*key) for key in groups}
+        batches = {key: batch_spans(key[0], key[1], key[2]) for key in groups}  # (start, stop, batch size)
         chunk = chunk_size(units[0][0].batch_size, loader.workers)
         chunks = loader([span for spans in batches.values() for span in spans_of(spans, chunk)])
         host_copy = _HostCopy(device)
@@ -183,7 +183,7 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
         precisions = {job.precision: Precision.resolve(job.precision, device, strict=True)
                       for members in groups.values() for job, *_ in members}
         for key, members in groups.items():
-            start, stop, _ = key
+            start, stop = key[:2]
             for job, s, writers in members:
                 keep = any(w.keeps_clean_images for w in writers)  # a format that stores the clean image + true label
                 sink.put(ShardBegin(s, start, stop, writers, keys=dataset.keys[start:stop],

@@ -112,14 +112,14 @@ def test_two_attacks_decode_each_image_once_into_the_one_attack_stores(inputs, o
 
 
 def test_a_shard_decodes_once_for_whichever_attacks_still_lack_it(inputs, one_attack_runs, tmp_path, monkeypatch):
-    """Pending shards differ per attack: the Step-LL zarr store lacks shards 1 and 2, the FGSM zarr
-    store shard 2. Only those shards' images are decoded, once each, and the resumed stores are the
+    """Pending shards differ per attack: the Step-LL zarr store lacks shard 2, the FGSM zarr store
+    shards 1 and 2. Only those shards' images are decoded, once each, and the resumed stores are the
     uninterrupted ones."""
     from enspipe.stores.manifest import record_path
 
     out = tmp_path / "resumed"
     stores = dict(zip(("step_ll zarr", "step_ll wds", "fgsm zarr", "fgsm wds"), precompute(_cfg(inputs, out))))
-    for name, shards in (("step_ll zarr", (1, 2)), ("fgsm zarr", (2,))):
+    for name, shards in (("step_ll zarr", (2,)), ("fgsm zarr", (1, 2))):
         store = stores[name]
         manifest = json.loads((store / "manifest.json").read_text())
         manifest.update(complete=False, shards={}, finalized_at=None)  # as before its finalize
@@ -127,8 +127,14 @@ def test_a_shard_decodes_once_for_whichever_attacks_still_lack_it(inputs, one_at
         for s in shards:
             record_path(store, s).unlink()  # as if killed before these shards were written
     decodes = _count_decodes(monkeypatch, tmp_path / "decodes.log")
+    import enspipe.precompute as stage
+
+    handed, real = [], stage.run_in_process
+    monkeypatch.setattr(stage, "run_in_process", lambda units, **kw: (handed.extend(units), real(units, **kw)))
     precompute(_cfg(inputs, out))
     assert decodes() == collections.Counter(range(8, 24))  # shards 1 and 2 (8 samples each), once
+    # The units go on in shard order, a shard's attacks side by side (what a dask task keeps together).
+    assert [(job.attack, s) for job, s in handed] == [("fgsm", 1), ("step_ll", 2), ("fgsm", 2)]
     got, want = _store_files(out), _store_files(one_attack_runs)
     assert {rel: got[rel] for rel in want} == want
 
