@@ -30,6 +30,9 @@ SMOKE = {
     "bench_precompute.py": (["--quick", "--limit", "512", "--train-limit", "256", "--rounds", "1",
                              "--batch-size", "128", "--shard-size", "128", "--workers", "1", "--data-root", "{data}",
                              "--out", "{out}", "--no-md"], "bench_precompute.json"),
+    # a mode of its own (two attacks over ImageNet-like JPEGs): the key's first word is the script
+    "bench_precompute.py --attacks": (["--attacks", "--quick", "--images", "16", "--rounds", "1", "--out", "{out}",
+                                       "--no-md"], "bench_precompute_attacks.json"),
     # every part; enspipe's side alone where ART / torchattacks (the `bench` extra) are not installed
     "bench_peers.py": (["--smoke", "--parts", "1,2,3,4", "--peers", "auto", "--threads", "1", "--device", "cpu",
                         "--data-root", "{data}", "--workdir", "{out}", "--json", "{out}/peers.json"], "peers.json"),
@@ -70,8 +73,8 @@ def test_benchmark_smoke_run(script, tmp_path, mnist_root, smoke_log):
            # the benchmarks speak the current option names: a deprecated one fails the run
            "PYTHONWARNINGS": "error:TrainConfig(:DeprecationWarning,error:PrecomputeConfig(:DeprecationWarning"}
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
-                       cwd=tmp_path, timeout=1200)
+    r = subprocess.run([sys.executable, str(BENCH / script.split()[0]), *args], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=1200)
     seconds = time.monotonic() - t0
     assert r.returncode == 0, f"{script} {' '.join(args)}\n{r.stderr[-4000:]}"
     doc = json.loads((out / result).read_text())
@@ -81,7 +84,7 @@ def test_benchmark_smoke_run(script, tmp_path, mnist_root, smoke_log):
     if script == "bench_peers.py":  # parts 1-3 run without the peers too
         assert {"part1", "part2", "part3", "part4"} <= set(doc), sorted(doc)
     assert _md5(md) == before, f"{script}'s smoke run rewrote BENCHMARKS.md"
-    smoke_log(f"{script} {' '.join(argv).replace('{data}', 'MNIST').replace('{out}', 'OUT')}: ok, "
+    smoke_log(f"{script.split()[0]} {' '.join(argv).replace('{data}', 'MNIST').replace('{out}', 'OUT')}: ok, "
               f"{result} written ({seconds:.0f} s wall)")
 
 
