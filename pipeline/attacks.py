@@ -23,7 +23,8 @@ Conventions, chosen once for every attack:
 - `label="pred"` (the label-leaking fix, Kurakin et al. 2017b; Appendix C.2) uses the argmax of
   the first forward pass the attack makes anyway: at x for FGSM / I-FGSM, at the random
   start for R+FGSM and PGD. Iterative attacks keep the labels of their first step.
-- One forward and one backward per gradient step; the gradient is taken w.r.t. the input only
+- One forward and one backward per gradient step (`directions`: one forward shared by several
+  attacks' steps at the same x); the gradient is taken w.r.t. the input only
   (`torch.autograd.grad`), so parameters' `.grad` is never touched, and the model's
   train/eval mode is the caller's choice (static models: eval; BatchNorm in train mode
   updates its running statistics, as in the reference code).
@@ -335,6 +336,50 @@ def _direction(rec: AttackRecord, model: Model, x: Tensor, y: Tensor | None, lab
     with _attack_mode(x, autocast):
         d, logits, labels = _resolve(rec.direction)(model, x, y, target)
     return d.to(torch.int8), logits, labels
+
+
+def directions(
+    model: Model,
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    attacks: Sequence[str],
+    label: Label = "true",
+    autocast: torch.dtype | None = None,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """`direction()` of each attack in `attacks` on one batch, in that order, the sign-gradient ones
+    (FGSM, Step-LL) sharing one forward pass: precompute with several attacks. Bit for bit what
+    one `direction()` call per attack gives (the same kernels on the same saved activations:
+    tests/precompute/test_precompute_decodes_once.py compares the stores and the tensors)."""
+    recs = [ATTACK_RECORDS[_check_choice("attack", a, STORABLE)] for a in attacks]
+    signs = [k for k, rec in enumerate(recs) if rec.direction == "_sign_direction"]
+    if len(signs) < 2:
+        return [_direction(rec, model, x, y, label, autocast) for rec in recs]
+    out: list[tuple[Tensor, Tensor, Tensor] | None] = [
+        None if k in signs else _direction(rec, model, x, y, label, autocast) for k, rec in enumerate(recs)]
+    targets: list[_Target] = ["ll" if recs[k].label == "least-likely" else _target(label) for k in signs]
+    x, y = _prepare(x, y, "given" if "given" in targets else "pred")
+    with _attack_mode(x, autocast):
+        for k, target, (grad, logits, labels) in zip(signs, targets, _input_grads(_as_model(model), x, y, targets)):
+            d = grad.sign_()
+            out[k] = ((d.neg_() if target == "ll" else d).to(torch.int8), logits, labels)
+    return out  # type: ignore[return-value]
+
+
+def _input_grads(model: nn.Module, x: Tensor, y: Tensor | None,
+                 targets: Sequence[_Target]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """`_input_grad` (CE loss) for each target from one forward pass: (grad_x, logits, labels)
+    each; the graph is kept until the last backward."""
+    x = x.detach().requires_grad_(True)
+    logits = model(x).float()
+    out = []
+    for k, target in enumerate(targets):
+        labels = logits.detach().argmax(1) if target == "pred" else logits.detach().argmin(1) if target == "ll" else y
+        assert labels is not None
+        value = F.cross_entropy(logits, labels, reduction="sum")
+        (grad,) = torch.autograd.grad(value, x, retain_graph=k < len(targets) - 1)
+        out.append((grad, logits.detach(), labels))
+    return out
 
 
 def fgsm(

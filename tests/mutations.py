@@ -313,9 +313,16 @@ MUTATIONS = [
     Mutation("attack-batches-one-part", "every attack's batches of a shard go to the first attack's open shard in "
              "the sink (the attacks' buffers mixed: one store gets the other's directions, the other garbage)",
              "pipeline/precompute/compute.py",
-             "sink.put(compute_batch(model, batch, job, precision, host_copy, part=parts[id(job)]))",
-             "sink.put(compute_batch(model, batch, job, precision, host_copy, part=parts[id(members[0][0])]))",
+             "else None, part=parts[id(job)]))",
+             "else None, part=parts[id(same[0][0])]))",
              ("tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores",)),
+    Mutation("shared-forward-one-label", "the attacks sharing a forward pass all take the first attack's labels "
+             "(FGSM descends towards Step-LL's least-likely class)",
+             "pipeline/attacks.py",
+             "    for k, target in enumerate(targets):\n        labels = logits.detach()",
+             "    for k, target in enumerate([targets[0]] * len(targets)):\n        labels = logits.detach()",
+             ("tests/precompute/test_precompute_decodes_once.py::test_directions_share_a_forward_and_equal_one_direction_per_attack",
+              "tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores")),
     Mutation("units-by-attack", "precompute hands on its units attack by attack, not shard by shard: a dask task "
              "holds one attack's shards, so each worker decodes a shard once per attack",
              "pipeline/precompute/__init__.py",

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from enspipe.data.loader import (ChunkLoader, batch_spans, batch_to_device, chunk_size, gather, needs_decoding,
@@ -48,6 +48,7 @@ __all__ = [
     "InputBatch",
     "batch_containing",
     "compute_batch",
+    "compute_batches",
     "compute_shard",
     "run_in_process",
     "shard_task",
@@ -102,17 +103,38 @@ class _HostCopy:
 
 
 def compute_batch(model: torch.nn.Module, batch: InputBatch, job: ShardJob, precision: Precision,
-                  host_copy: Callable | None = None, *, part: int = 0) -> BatchDone:
-    """The attack's direction (int8, on the device), logits and label of one batch, in the job's
-    precision, for the sink's `part` (the job's open shard)."""
+                  host_copy: Callable | None = None) -> BatchDone:
+    """The attack's direction (int8, on the device), logits and label of one batch, in the job's precision."""
+    (done,) = compute_batches(model, batch, [job], precision, host_copy)
+    return done
+
+
+def compute_batches(model: torch.nn.Module, batch: InputBatch, jobs: Sequence[ShardJob], precision: Precision,
+                    host_copy: Callable | None = None) -> list[BatchDone]:
+    """`compute_batch` of each job (attack) on one batch, in one precision and label rule (the jobs'
+    `label`, all equal): one forward pass for all (`attacks.directions`, bit-identical to one
+    forward per attack)."""
     from enspipe import attacks
 
-    d, logits, labels = attacks.direction(model, batch.x, batch.y, attack=job.attack, label=job.label,
-                                          autocast=precision.autocast_dtype)
-    ready = None
-    if host_copy is not None:
-        (d, logits, labels), ready = host_copy(d, logits, labels)
-    return BatchDone(batch.offset, d, logits, labels, ready, batch.files, part)
+    if len({job.label for job in jobs}) > 1:
+        raise ValueError("compute_batches: the jobs of one forward pass share a label rule")
+    out = []
+    for d, logits, labels in attacks.directions(model, batch.x, batch.y, attacks=[job.attack for job in jobs],
+                                                label=jobs[0].label, autocast=precision.autocast_dtype):
+        ready = None
+        if host_copy is not None:
+            (d, logits, labels), ready = host_copy(d, logits, labels)
+        out.append(BatchDone(batch.offset, d, logits, labels, ready, batch.files))
+    return out
+
+
+def _by_rule(members: Sequence[tuple[ShardJob, int, tuple]]) -> dict[tuple[str, str], list[tuple[ShardJob, int, tuple]]]:
+    """The members of a group by (precision, label): the jobs that can share a forward pass. One
+    precompute's jobs all share both (plan.plan_stores), so this is one list there."""
+    rules: dict[tuple[str, str], list] = {}
+    for member in members:
+        rules.setdefault((member[0].precision, member[0].label), []).append(member)
+    return rules
 
 
 # --- The stream -------------------------------------------------------------------------------------
@@ -197,12 +219,14 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
                 kept = [f for c in got for f in c.files] if files else None
                 true = any(job.label == "true" for job, _, _ in members)
                 y = torch.from_numpy(dataset.labels[b:e]).to(device) if true else None
-                for job, s, _ in members:
-                    precision = precisions[job.precision]
+                # The jobs of one precision and label rule share a forward pass (`attacks.directions`).
+                for (name, label), same in _by_rule(members).items():
+                    precision = precisions[name]
                     precision.prepare_model(model)
-                    batch = InputBatch(b - start, precision.memory_format(pixels), y if job.label == "true" else None,
-                                       kept if carried[s, id(job)] else None)
-                    sink.put(compute_batch(model, batch, job, precision, host_copy, part=parts[id(job)]))
+                    batch = InputBatch(b - start, precision.memory_format(pixels), y if label == "true" else None)
+                    for (job, s, _), done_batch in zip(same, compute_batches(model, batch, [j for j, _, _ in same],
+                                                                            precision, host_copy)):
+                        sink.put(replace(done_batch, files=kept if carried[s, id(job)] else None, part=parts[id(job)]))
             for job, s, _ in members:
                 sink.put(ShardEnd(s, part=parts[id(job)]))
                 if done is not None:

@@ -158,6 +158,31 @@ def test_the_device_path_decodes_each_batch_once_for_both_attacks(inputs, tmp_pa
     assert collections.Counter(decoded) == collections.Counter(range(24))
 
 
+# --- One forward pass for the attacks of a batch --------------------------------------------------
+
+@pytest.mark.parametrize("label", ["pred", "true"])
+def test_directions_share_a_forward_and_equal_one_direction_per_attack(inputs, label, monkeypatch):
+    """attacks.directions (what precompute runs per batch) gives what one attacks.direction call
+    per attack gives, bit for bit, from one forward pass of the model instead of one per attack."""
+    from enspipe import attacks
+    from enspipe.models import load_model
+    from enspipe.precompute.compute import _deterministic
+
+    model = load_model(str(inputs[1])).eval().requires_grad_(False)
+    x, y = torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3, 0, 1])
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    with _deterministic():
+        want = [attacks.direction(model, x, y, attack=a, label=label) for a in ("fgsm", "step_ll", "fgsm")]
+        forwards.clear()
+        got = attacks.directions(model, x, y, attacks=("fgsm", "step_ll", "fgsm"), label=label)
+    assert len(forwards) == 1
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g, w, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    assert not torch.equal(got[0][0], got[1][0])  # FGSM and Step-LL differ: each got its own labels
+
+
 # --- The sink: one open shard per attack (part) --------------------------------------------------
 
 class _Writer:
