@@ -128,10 +128,13 @@ def compute_batches(model: torch.nn.Module, batch: InputBatch, jobs: Sequence[Sh
     return out
 
 
-def _by_rule(members: Sequence[tuple[ShardJob, int, tuple]]) -> dict[tuple[str, str], list[tuple[ShardJob, int, tuple]]]:
+_Member = tuple[ShardJob, int, tuple]  # (job, shard, the job's writers that lack the shard)
+
+
+def _by_rule(members: Sequence[_Member]) -> dict[tuple[str, str], list[_Member]]:
     """The members of a group by (precision, label): the jobs that can share a forward pass. One
     precompute's jobs all share both (plan.plan_stores), so this is one list there."""
-    rules: dict[tuple[str, str], list] = {}
+    rules: dict[tuple[str, str], list[_Member]] = {}
     for member in members:
         rules.setdefault((member[0].precision, member[0].label), []).append(member)
     return rules
@@ -176,7 +179,7 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
     # batch attacked by every job of the group in turn. Jobs of one precompute share the dataset,
     # model, precision and decoder (plan.plan_stores); the batch size differs only where a resumed
     # store keeps the size it was started with: those shards decode once per batch size.
-    groups: dict[tuple[int, int, int], list[tuple[ShardJob, int, tuple]]] = {}
+    groups: dict[tuple[int, int, int], list[_Member]] = {}
     seen: set[tuple[int, int]] = set()
     for job, s in units:
         writers = tuple(w for w in (opened[p] for p in job.stores) if not w.shard_done(s))
@@ -213,14 +216,15 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
                                     if keep and job.wds_images == "source" and not carried[s, id(job)] else None,
                                     true_label=dataset.labels[start:stop] if keep else None,
                                     files=carried[s, id(job)], part=parts[id(job)]))
+            # The jobs of one precision and label rule share a forward pass (`attacks.directions`).
+            rules = _by_rule(members)
+            true = any(label == "true" for _, label in rules)
             for b, e in batches[key]:
                 got = gather(chunks, e - b)
                 pixels = batch_to_device(got, device, dataset)  # decoded once, for every job of the group
                 kept = [f for c in got for f in c.files] if files else None
-                true = any(job.label == "true" for job, _, _ in members)
                 y = torch.from_numpy(dataset.labels[b:e]).to(device) if true else None
-                # The jobs of one precision and label rule share a forward pass (`attacks.directions`).
-                for (name, label), same in _by_rule(members).items():
+                for (name, label), same in rules.items():
                     precision = precisions[name]
                     precision.prepare_model(model)
                     batch = InputBatch(b - start, precision.memory_format(pixels), y if label == "true" else None)
