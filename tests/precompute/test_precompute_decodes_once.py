@@ -101,6 +101,13 @@ def test_two_attacks_decode_each_image_once_into_the_one_attack_stores(inputs, o
     kw = {"in-process, 0 loader workers": {}, "in-process, 2 loader workers": {"loader_workers": 2},
           "2 dask workers": {"dask_workers": 2}}[where]
     out = tmp_path / "both"
+    open_buffers, real_handle = [], ShardSink._handle
+
+    def handle(sink, msg):  # how many shards the sink holds open, after each message
+        real_handle(sink, msg)
+        open_buffers.append(len(sink._bufs))
+
+    monkeypatch.setattr(ShardSink, "_handle", handle)
     stores = precompute(_cfg(inputs, out, **kw))
     assert len(stores) == 4
     got, want = _store_files(out), _store_files(one_attack_runs)
@@ -109,6 +116,7 @@ def test_two_attacks_decode_each_image_once_into_the_one_attack_stores(inputs, o
         assert got[rel] == want[rel], rel
     if "dask" not in where:  # dask's worker processes are not forked from this one: the patch is not there
         assert decodes() == collections.Counter(range(24))  # each image once, for both attacks (was 2)
+        assert max(open_buffers) == 2  # one open shard per attack, K = 2: the sink's memory beyond its queue
 
 
 def test_a_shard_decodes_once_for_whichever_attacks_still_lack_it(inputs, one_attack_runs, tmp_path, monkeypatch):
