@@ -12,6 +12,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 from loopback import s3, s3_endpoint  # noqa: E402,F401 -- moto's S3 server: one for the session
+from xdist_order import (  # noqa: E402,F401 -- pytest -n: longest first, fixtures kept together
+    pytest_cmdline_main, pytest_collection_modifyitems, pytest_configure_node, pytest_xdist_make_scheduler)
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_RAW = Path("MNIST") / "raw"
