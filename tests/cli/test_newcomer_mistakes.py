@@ -17,7 +17,7 @@ from enspipe.data import create_dataset
 from enspipe.util.errors import DataError, ModelError
 from enspipe.stores.base import data_difference
 
-from cli_runner import CLI, run_cli  # noqa: E402 -- a fresh interpreter; one forked from the zygote
+from cli_runner import outputs, run_cli, spawn  # noqa: E402 -- enspipe forked from the session's zygote
 ENV = {**os.environ, "ENSPIPE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 
 
@@ -112,13 +112,12 @@ def test_a_second_precompute_waits_for_the_store_being_written(digits_static, tm
     (store,) = precompute(cfg)
     shutil.move(store, tmp_path / "finished")   # what the first writer will have finished
     holder = _hold_lock(lock_path(store))
-    log = tmp_path / "second.log"
-    with open(log, "w") as err:
-        second = subprocess.Popen([*CLI, *_precompute_args(digits_static, tmp_path / "stores")], env=ENV,
-                                  stdout=subprocess.PIPE, stderr=err, text=True)
+    second = spawn(*_precompute_args(digits_static, tmp_path / "stores"), env=ENV, cwd=tmp_path,
+                   log=tmp_path / "second")   # forked from the zygote: stdout to second.out, stderr second.err
+    log = tmp_path / "second.err"
     try:
-        deadline = time.monotonic() + 600   # far above any load: torch's import in a busy machine
-        while "waiting for it to finish" not in log.read_text():
+        deadline = time.monotonic() + 600   # far above any load
+        while not log.exists() or "waiting for it to finish" not in log.read_text():
             assert second.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
         (line,) = [ln for ln in log.read_text().splitlines() if "waiting" in ln]
@@ -127,7 +126,8 @@ def test_a_second_precompute_waits_for_the_store_being_written(digits_static, tm
         shutil.move(tmp_path / "finished", store)
         holder.kill()
         holder.wait()
-        out, _ = second.communicate(timeout=600)
+        second.wait(timeout=600)
+        out, _ = outputs(second)
     finally:
         holder.kill()
         second.kill()
