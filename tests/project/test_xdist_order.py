@@ -73,7 +73,7 @@ def test_two_workers_set_up_a_module_fixture_once(tmp_path):
         shutil.copy(REPO / "tests" / helper, work / helper)
     (work / "test_module.py").write_text(MODULE)
     setups = tmp_path / "setups.log"
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS" and not k.startswith("PYTEST_XDIST_")}
     env.update(PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", SETUPS=str(setups))  # plugins that import zarr: seconds each
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "xdist", "-n", "2",
                         "--rootdir", str(work), str(work)], cwd=work, env=env, capture_output=True, text=True,
