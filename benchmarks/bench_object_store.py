@@ -1,6 +1,6 @@
 """Benchmark: DirectionStream read throughput from a local S3 server vs local disk (issue 23).
 
-    python benchmarks/bench_object_store.py --quick              # digits (1,500 samples), 3 rounds, + --start-check
+    python benchmarks/bench_object_store.py --quick              # digits (1,500 samples), 3 rounds, + a 16-shard start check
     python benchmarks/bench_object_store.py --dataset mnist --data-root DIR --rounds 3
     python benchmarks/bench_object_store.py --start-check       # requests of a train start's check
 
@@ -152,12 +152,13 @@ class _Requests:
         return out
 
 
-def _start_check(args) -> None:
-    """Requests and bytes of open_store + check_against (train's start) on a 64-shard store URL."""
+def _start_check(args, samples: int = 1024) -> None:
+    """Requests and bytes of open_store + check_against (train's start) on a store URL of
+    samples / 16 shards (64; --quick's smoke run: 16, every step the same, a quarter of the uploads)."""
     from enspipe.data import create_dataset
     from enspipe.stores import check_against, open_store
 
-    dataset = create_dataset("digits", split="train", limit=1024)
+    dataset = create_dataset("digits", split="train", limit=samples)
     proc, endpoint = _server()
     work = Path(tempfile.mkdtemp(prefix="bench-s3-"))
     rows = {}
@@ -181,7 +182,7 @@ def _start_check(args) -> None:
         proc.terminate()
         shutil.rmtree(work, ignore_errors=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    lines = [f"train start on a store URL (open_store + check_against), digits 1,024 samples, shard size 16; "
+    lines = [f"train start on a store URL (open_store + check_against), digits {samples:,} samples, shard size 16; "
              f"moto S3 on loopback; {stamp}", "",
              "| format | shards | store bytes | step | requests | by operation | bytes downloaded |",
              "|---|---|---|---|---|---|---|"]
@@ -287,7 +288,7 @@ def main() -> None:
                                                              "precompute_s": pre_rows,
                                                              "fast_path_us": statistics.median(fast_us)}, indent=2))
     if args.quick:  # the start check's counts too (seconds): the smoke run keeps that part from rotting
-        _start_check(args)
+        _start_check(args, samples=256)
 
 
 if __name__ == "__main__":

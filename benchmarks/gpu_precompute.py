@@ -1,7 +1,7 @@
 """bench_gpu.py --part precompute: enspipe precompute against the bare input-gradient loop on one device.
 
 On the synthetic ImageFolder the driver made (JPEGs of 256 px, `gpu_data.make_jpeg_folder`),
-at --image-size 224, batch 256, shards of 512 (--small: 64 px images, batch 32, shards of 16,
+at --image-size 224, batch 256, shards of 512 (--small: the 64 px JPEGs at 32 px, batch 32, shards of 16,
 the paper's small convolutional architecture C, on the CPU), all in one process and one run:
 
   static model   the architecture (resnet50; --small C) trained briefly on the images
@@ -39,7 +39,7 @@ PART = "precompute"
 
 FULL = dict(model="resnet50", image_size=224, batch_size=256, shard_size=512, train_epochs=2, train_batch=128,
             bare_repeats=2)
-SMALL = dict(model="C", image_size=64, batch_size=32, shard_size=16, train_epochs=4, train_batch=16,
+SMALL = dict(model="C", image_size=32, batch_size=32, shard_size=16, train_epochs=2, train_batch=16,
              bare_repeats=1)
 TARGETS = {"bare": 0.9, "dask": 0.9, "wds": 0.8, "bits": 1.1}
 

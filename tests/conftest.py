@@ -12,6 +12,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 from loopback import s3, s3_endpoint  # noqa: E402,F401 -- moto's S3 server: one for the session
+from xdist_order import (  # noqa: E402,F401 -- pytest -n: longest first, fixtures kept together
+    pytest_cmdline_main, pytest_collection_modifyitems, pytest_configure_node, pytest_xdist_make_scheduler)
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_RAW = Path("MNIST") / "raw"
@@ -55,10 +57,27 @@ def mnist_root(request: pytest.FixtureRequest) -> Path:
 
 
 def _train(tmp_path_factory, name: str, **kw) -> Path:
+    """A run dir trained once per test run. Under pytest-xdist the workers share it: the first
+    to get here trains it into the folder beside their basetemps (one per run), the others wait
+    and read it (it is never written after; a session fixture on one worker did the same)."""
     from enspipe.train import TrainConfig, train
 
-    run = tmp_path_factory.mktemp(name)
-    train(TrainConfig(**kw), run)
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        run = tmp_path_factory.mktemp(name)
+        train(TrainConfig(**kw), run)
+        return run
+    import shutil
+
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "xdist-shared"
+    shared.mkdir(exist_ok=True)
+    run, done = shared / f"{name}0", shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(run, ignore_errors=True)  # a worker that failed mid-training left it
+            train(TrainConfig(**kw), run)
+            done.touch()
     return run
 
 

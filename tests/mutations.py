@@ -529,6 +529,18 @@ MUTATIONS = [
              "        stored = fetch_records(r, manifest, sizes)\n",
              "        stored = _records(r, {**manifest, \"complete\": False}, sizes)\n",
              ("tests/stores/test_remote_start_check.py::test_a_damaged_record_gives_the_same_lines_from_verify_locally_and_on_s3",)),
+    # --- The suite's own scheduling (tests/xdist_order.py) ---
+    Mutation("xdist-module-fixture-split", "pytest -n 2 splits a module with a module-scoped fixture over both "
+             "workers (its fixture set up once per worker)",
+             "tests/xdist_order.py",
+             '        if fixturedef.scope == "module" or',
+             '        if fixturedef.scope == "modul" or',
+             ("tests/project/test_xdist_order.py::test_two_workers_set_up_a_module_fixture_once",)),
+    Mutation("xdist-collection-order", "pytest -n 2 hands out the units in collection order, not longest first",
+             "tests/xdist_order.py",
+             "    order = sorted(units.values(), key=lambda unit: -sum(map(estimate, unit)))  # stable\n",
+             "    order = list(units.values())\n",
+             ("tests/project/test_xdist_order.py::test_units_run_longest_first_and_a_groups_tests_stay_together",)),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.

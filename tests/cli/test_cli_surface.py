@@ -257,7 +257,7 @@ def test_sigterm_stops_precompute_with_the_same_command(tmp_path, digits_static2
     last = [ln for ln in err.splitlines() if ln.strip()][-1]
     assert last == f"enspipe: precompute interrupted (SIGTERM); resume with: enspipe {' '.join(args)}"
     assert "Traceback" not in err
-    again = subprocess.run([*CLI, *args], capture_output=True, text=True, env=ENV)  # the line's command resumes it
+    again = run_cli(*args, env=ENV)  # the line's command resumes it (forked from the zygote: what it does)
     assert again.returncode == 0, again.stderr
     from enspipe.stores import verify_store
 

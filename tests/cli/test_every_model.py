@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 from enspipe.util.errors import ModelError
 from enspipe.models import create_model, load_model, weights_sha256
-from cli_runner import run_cli
+from cli_runner import outputs, run_cli, spawn
 
-from cli_runner import CLI  # noqa: E402 -- a fresh interpreter
 CLASSES = ("cat", "dog", "fish")
 SIZE = 64  # --image-size: resize to round(64 / 0.875) = 73, center-crop 64
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -191,16 +190,15 @@ def test_killed_mid_epoch_resumes_to_the_uninterrupted_weights(folder, tmp_path)
     _cli(*args, "--out", tmp_path / "full")
     run = tmp_path / "killed"
     env = {**os.environ, "ENSPIPE_PROGRESS": "0"}
-    p = subprocess.Popen([*CLI, *map(str, args), "--out", str(run)], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, env=env)
+    p = spawn(*args, "--out", run, env=env, cwd=tmp_path, log=tmp_path / "killed-log")  # forked from the zygote
     deadline = time.time() + 240
     while not (run / "checkpoints" / "epoch-0000.pt").exists():
-        assert p.poll() is None, p.stderr.read().decode()
+        assert p.poll() is None, outputs(p)[1]
         assert time.time() < deadline
         time.sleep(0.05)
     time.sleep(0.5)  # into the second epoch
     p.send_signal(signal.SIGKILL)
-    p.wait()
+    p.wait(timeout=600)
     assert not (run / "checkpoints" / "epoch-0002.pt").exists()
     _cli(*args, "--out", run, "--resume")
     full, resumed = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(run / "model.safetensors"))

@@ -17,7 +17,7 @@ from enspipe.data import create_dataset
 from enspipe.util.errors import DataError, ModelError
 from enspipe.stores.base import data_difference
 
-from cli_runner import CLI  # noqa: E402 -- a fresh interpreter
+from cli_runner import outputs, run_cli, spawn  # noqa: E402 -- enspipe forked from the session's zygote
 ENV = {**os.environ, "ENSPIPE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 
 
@@ -112,13 +112,12 @@ def test_a_second_precompute_waits_for_the_store_being_written(digits_static, tm
     (store,) = precompute(cfg)
     shutil.move(store, tmp_path / "finished")   # what the first writer will have finished
     holder = _hold_lock(lock_path(store))
-    log = tmp_path / "second.log"
-    with open(log, "w") as err:
-        second = subprocess.Popen([*CLI, *_precompute_args(digits_static, tmp_path / "stores")], env=ENV,
-                                  stdout=subprocess.PIPE, stderr=err, text=True)
+    second = spawn(*_precompute_args(digits_static, tmp_path / "stores"), env=ENV, cwd=tmp_path,
+                   log=tmp_path / "second")   # forked from the zygote: stdout to second.out, stderr second.err
+    log = tmp_path / "second.err"
     try:
-        deadline = time.monotonic() + 600   # far above any load: torch's import in a busy machine
-        while "waiting for it to finish" not in log.read_text():
+        deadline = time.monotonic() + 600   # far above any load
+        while not log.exists() or "waiting for it to finish" not in log.read_text():
             assert second.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
         (line,) = [ln for ln in log.read_text().splitlines() if "waiting" in ln]
@@ -127,7 +126,8 @@ def test_a_second_precompute_waits_for_the_store_being_written(digits_static, tm
         shutil.move(tmp_path / "finished", store)
         holder.kill()
         holder.wait()
-        out, _ = second.communicate(timeout=600)
+        second.wait(timeout=600)
+        out, _ = outputs(second)
     finally:
         holder.kill()
         second.kill()
@@ -174,9 +174,8 @@ def test_a_1000_class_head_over_3_classes_names_a_command_that_exists(tmp_path):
     torch.manual_seed(0)
     save_file(torchvision.models.resnet18(num_classes=1000).state_dict(), str(weights))
     ds = f"imagefolder:{data}"
-    res = subprocess.run([*CLI, "precompute", "--model", "resnet18", "--weights", str(weights), "--dataset", ds,
-                          "--image-size", "32", "--device", "cpu", "--out", str(tmp_path / "stores")],
-                         env=ENV, capture_output=True, text=True, timeout=900)
+    res = run_cli("precompute", "--model", "resnet18", "--weights", str(weights), "--dataset", ds,
+                  "--image-size", "32", "--device", "cpu", "--out", str(tmp_path / "stores"), env=ENV, timeout=900)
     assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     line = res.stderr.strip()
     assert "predicts 1000 classes" in line and "has 3" in line, line
@@ -255,9 +254,8 @@ def test_the_report_opens_with_its_headline_and_promises_no_paper_value_it_lacks
 
 def test_evaluate_says_at_once_what_it_does_when_redirected(digits_static, tmp_path):
     env = {k: v for k, v in ENV.items() if k != "ENSPIPE_PROGRESS"}
-    r = subprocess.run([*CLI, "evaluate", "--model", str(digits_static), "--dataset", "digits", "--limit", "64",
-                        "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "e")],
-                       env=env, capture_output=True, text=True, timeout=900)
+    r = run_cli("evaluate", "--model", str(digits_static), "--dataset", "digits", "--limit", "64",
+                "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "e"), env=env, timeout=900)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln[:2] == "20"]   # timestamped
     assert lines[0].endswith("evaluate: 64 samples in 4 batch(es) of 16; 1 model(s), 0 source(s), attacks fgsm")

@@ -14,12 +14,11 @@ weight leaves the inputs' gradients zero.)
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_runner import CLI
+from cli_runner import run_cli
 
 # Six real ImageNet networks on a shared 2-core machine: minutes, not seconds.
 pytestmark = pytest.mark.timeout(3000)
@@ -102,15 +101,14 @@ def _zarr_stores(cache: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def runs(fixture):
-    """Table 1 through the CLI (a subprocess, `--set`), then Tables 2 and 4 in-process over
+    """Table 1 through the CLI (a process of its own, `--set`), then Tables 2 and 4 in-process over
     the same cache; the log lines of the last two."""
     from enspipe.jobs import run_job
 
     root, params = fixture
     cache = root / "cache"
-    proc = subprocess.run([*CLI, "run", str(JOBS / "imagenet_table1.toml"),
-                           "--out", str(root / "t1"), "--cache", str(cache), "--device", "cpu", *_sets(params)],
-                          capture_output=True, text=True, timeout=1800, cwd=root)
+    proc = run_cli("run", str(JOBS / "imagenet_table1.toml"), "--out", str(root / "t1"), "--cache", str(cache),
+                   "--device", "cpu", *_sets(params), timeout=1800, cwd=root)  # forked from the zygote
     assert proc.returncode == 0, proc.stderr[-3000:]
     stores_after_1 = _zarr_stores(cache)
     logs: dict[str, list[str]] = {}

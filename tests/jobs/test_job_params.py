@@ -2,7 +2,6 @@
 mechanism by which the ImageNet jobs take the validation folder and the weight files."""
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from enspipe.util.errors import ConfigError
 from enspipe.jobs.params import parse_set
 from enspipe.jobs import load_job, resolve_keys
-from cli_runner import CLI
+from cli_runner import run_cli
 
 SPEC = """\
 [params]
@@ -71,11 +70,9 @@ def test_unknown_and_undeclared_names_are_errors(tmp_path):
 def test_cli_set_and_its_error(tmp_path):
     spec = tmp_path / "p.toml"
     spec.write_text(SPEC)
-    ok = subprocess.run([*CLI, "run", str(spec), "--dry-run", "--set", "n=16",
-                         "--cache", str(tmp_path / "c")], capture_output=True, text=True, timeout=600)
+    ok = run_cli("run", str(spec), "--dry-run", "--set", "n=16", "--cache", str(tmp_path / "c"), timeout=600)
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run([*CLI, "run", str(spec), "--dry-run", "--set", "m=16",
-                          "--cache", str(tmp_path / "c")], capture_output=True, text=True, timeout=600)
+    bad = run_cli("run", str(spec), "--dry-run", "--set", "m=16", "--cache", str(tmp_path / "c"), timeout=600)
     assert bad.returncode != 0
     lines = [ln for ln in bad.stderr.splitlines() if ln.strip() and "Warning" not in ln]
     assert len(lines) == 1 and "'m' is not declared" in lines[0], bad.stderr

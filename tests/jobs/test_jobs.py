@@ -3,17 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from enspipe.util.errors import ConfigError
 from enspipe.jobs import load_job, plan, run_job
-from cli_runner import outputs, spawn
+from cli_runner import outputs, run_cli, spawn
 
 REPO = Path(__file__).resolve().parents[2]
-from cli_runner import CLI  # noqa: E402 -- a fresh interpreter
 
 TINY = """
 [job]
@@ -61,8 +59,7 @@ def _write(tmp_path: Path, text: str, name: str = "job.toml") -> Path:
 
 @pytest.mark.parametrize("spec", sorted((REPO / "jobs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_specs_validate_and_dry_run(spec, tmp_path):
-    r = subprocess.run(CLI + ["run", str(spec), "--dry-run", "--cache", str(tmp_path / "c"),
-                              "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    r = run_cli("run", str(spec), "--dry-run", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr
     assert "run " in r.stderr and not (tmp_path / "o").exists()
 

@@ -21,7 +21,7 @@ from enspipe.models import load_model
 from enspipe.precompute import PrecomputeConfig, _gpu_worker_specs, precompute
 from enspipe.stores import list_stores, open_store, verify_store
 from enspipe.stores.manifest import file_record
-from cli_runner import run_cli
+from cli_runner import outputs, run_cli, spawn
 from cli_runner import CLI
 from loopback import free_port
 
@@ -279,13 +279,14 @@ def test_bad_input_is_one_line_and_no_complete_store(digits_static, tmp_path):
         "unreachable scheduler": [*base, "--out", root, "--scheduler", f"tcp://127.0.0.1:{free_port()}"],
     }
     env = {**os.environ, "ENSPIPE_PROGRESS": "0"}
-    # In parallel: each case is mostly interpreter start-up and, for the scheduler, a timeout.
-    procs = {name: subprocess.Popen([*CLI, *map(str, a)], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, env=env) for name, a in cases.items()}
+    # In parallel (the scheduler's case waits for its connect timeout), each forked from the zygote.
+    procs = {name: spawn(*a, log=tmp_path / f"case{i}", env=env, cwd=tmp_path)
+             for i, (name, a) in enumerate(cases.items())}
     expected = {"unknown attack": "pgd", "root under a file": "afile", "weights of another architecture": "for A",
                 "no workers": "--dask-workers", "unreachable scheduler": "scheduler"}
     for name, p in procs.items():
-        out, err = p.communicate(timeout=120)
+        p.wait(timeout=120)
+        out, err = outputs(p)
         lines = err.splitlines()
         assert p.returncode != 0, name
         # "enspipe precompute: error:" for a usage error (a value outside a field's declared choices)

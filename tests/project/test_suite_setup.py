@@ -40,6 +40,7 @@ def test_a_missing_mnist_fails_unless_skipping_is_asked_for(tmp_path):
     work.mkdir(parents=True)
     shutil.copy(REPO / "tests" / "conftest.py", work / "conftest.py")
     shutil.copy(REPO / "tests" / "loopback.py", work / "loopback.py")  # the fixtures conftest registers
+    shutil.copy(REPO / "tests" / "xdist_order.py", work / "xdist_order.py")  # and its hooks
     (work / "test_needs_mnist.py").write_text(
         "import os\n\ndef test_it(mnist_root):\n    assert str(mnist_root) == os.environ['WANT']\n")
     data = tmp_path / "data"

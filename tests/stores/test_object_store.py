@@ -20,7 +20,7 @@ from enspipe.stores import StoreIdentity, create_store, list_stores, open_store,
 pytest.importorskip("s3fs", reason="object-store tests need pip install -e '.[s3]'")
 pytest.importorskip("moto.server", reason="object-store tests need pip install -e '.[s3]'")
 
-from cli_runner import CLI  # noqa: E402 -- a fresh interpreter
+from cli_runner import run_cli  # noqa: E402 -- forked from the session's pre-imported zygote
 from loopback import free_port  # noqa: E402
 N, SHARD = 300, 128  # shards of 128, 128, 44
 
@@ -223,8 +223,7 @@ def _one_line(proc) -> str:
 def test_bad_object_storage_input_is_one_line_naming_the_url(s3, digits_static):
     url = f"s3://{s3['bucket']}/st/x.zarr"
     env = s3["env"]
-    run = lambda *argv, **kw: subprocess.run([*CLI, *argv], env={**env, **kw}, capture_output=True, text=True,
-                                             timeout=600)
+    run = lambda *argv, **kw: run_cli(*argv, env={**env, **kw}, timeout=600)
     # An endpoint nobody listens on: bounded by the connect timeout, then one line.
     line = _one_line(run("ls", url, AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
                          ENSPIPE_REMOTE_TIMEOUT="2"))
@@ -235,9 +234,8 @@ def test_bad_object_storage_input_is_one_line_naming_the_url(s3, digits_static):
     assert "s3://no-such-bucket-here/st" in line and "does not exist" in line
     # No credentials anywhere.
     bare = {k: v for k, v in env.items() if not k.startswith("AWS_ACCESS") and not k.startswith("AWS_SECRET")}
-    proc = subprocess.run([*CLI, "ls", url], env={**bare, "HOME": str(s3["cache"]), "AWS_CONFIG_FILE": "/nonexistent",
-                                                  "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"},
-                          capture_output=True, text=True, timeout=600)
+    proc = run_cli("ls", url, env={**bare, "HOME": str(s3["cache"]), "AWS_CONFIG_FILE": "/nonexistent",
+                                   "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}, timeout=600)
     line = _one_line(proc)
     assert url in line and "credentials" in line.lower()
     # Not a store.
@@ -253,12 +251,11 @@ def test_precompute_on_dask_to_s3_then_train_is_bit_identical_to_local_disk(s3, 
     env = s3["env"]
     common = ["--model", str(digits_static), "--dataset", "digits", "--format", "both", "--shard-size", "512",
               "--device", "cpu"]
-    remote = subprocess.run([*CLI, "precompute", *common, "--dask-workers", "2", "--out", f"s3://{s3['bucket']}/st"],
-                            env=env, capture_output=True, text=True, timeout=900)
+    remote = run_cli("precompute", *common, "--dask-workers", "2", "--out", f"s3://{s3['bucket']}/st", env=env,
+                     timeout=900)
     assert remote.returncode == 0, remote.stderr[-3000:]
     urls = [ln for ln in remote.stdout.splitlines() if ln.startswith("s3://")]
-    local = subprocess.run([*CLI, "precompute", *common, "--out", str(tmp_path / "st")], env=env, capture_output=True,
-                           text=True, timeout=900)
+    local = run_cli("precompute", *common, "--out", str(tmp_path / "st"), env=env, timeout=900)
     assert local.returncode == 0, local.stderr[-3000:]
     paths = [ln for ln in local.stdout.splitlines() if ln.startswith("/")]
     assert len(urls) == len(paths) == 2
@@ -267,16 +264,15 @@ def test_precompute_on_dask_to_s3_then_train_is_bit_identical_to_local_disk(s3, 
         for rec in json.loads(Path(path, "manifest.json").read_text())["shards"].values():
             for rel in rec["files"]:
                 assert s3["fs"].cat_file(f"{url[5:]}/{rel}") == Path(path, rel).read_bytes(), rel
-    again = subprocess.run([*CLI, "precompute", *common, "--out", f"s3://{s3['bucket']}/st"], env=env,
-                           capture_output=True, text=True, timeout=900)
+    again = run_cli("precompute", *common, "--out", f"s3://{s3['bucket']}/st", env=env, timeout=900)
     assert again.returncode == 0 and again.stderr.count("reused s3://") == 2, again.stderr[-2000:]
 
     def train(shards, out):
-        argv = [*CLI, "train", "--model", "A", "--dataset", "digits", "--mode", "ens-adv", "--epochs", "2",
+        argv = ["train", "--model", "A", "--dataset", "digits", "--mode", "ens-adv", "--epochs", "2",
                 "--device", "cpu", "--loader-workers", "1", "--out", str(out)]
         for s in shards:
             argv += ["--shards", s]
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+        proc = run_cli(*argv, env=env, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return (out / "model.safetensors").read_bytes()
 

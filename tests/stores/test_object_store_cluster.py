@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_runner import CLI  # a fresh `python -m enspipe`: these commands take S3 credentials in env
+from cli_runner import outputs, run_cli, spawn  # `enspipe` forked from the session's zygote, S3 credentials in env
 from loopback import free_port
 
 pytest.importorskip("s3fs", reason="object-store tests need pip install -e '.[s3]'")
@@ -85,8 +85,7 @@ def test_a_precompute_to_s3_killed_after_its_first_shards_resumes_without_rewrit
     common = ["precompute", "--model", str(digits_static), "--dataset", "digits", "--shard-size", "256",
               "--device", "cpu"]
     # The oracle: the same precompute, uninterrupted, to local disk.
-    local = subprocess.run([*CLI, *common, "--out", str(tmp_path / "local")], env=s3["env"], capture_output=True,
-                           text=True, timeout=LONG)
+    local = run_cli(*common, "--out", str(tmp_path / "local"), env=s3["env"], timeout=LONG)
     assert local.returncode == 0, local.stderr[-3000:]
     (path,) = [Path(ln) for ln in local.stdout.splitlines() if ln.startswith("/")]
     records = {int(k): v for k, v in json.loads((path / "manifest.json").read_text())["shards"].items()}
@@ -189,7 +188,7 @@ def test_a_denied_write_or_read_is_one_line_naming_the_url(iam_endpoint, digits_
            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
 
     def one_line(*argv: str, user: str) -> str:
-        p = subprocess.run([*CLI, *argv], env={**env, **keys[user]}, capture_output=True, text=True, timeout=LONG)
+        p = run_cli(*argv, env={**env, **keys[user]}, timeout=LONG)
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
         assert p.returncode != 0 and len(lines) == 1, p.stderr[-3000:]
         return lines[0]
@@ -201,7 +200,7 @@ def test_a_denied_write_or_read_is_one_line_naming_the_url(iam_endpoint, digits_
     line = one_line("ls", out, user="nobody")
     assert out in line and "permission denied" in line, line
     # The reader may read: the same bucket lists (empty) with its key.
-    p = subprocess.run([*CLI, "ls", out], env={**env, **keys["reader"]}, capture_output=True, text=True, timeout=LONG)
+    p = run_cli("ls", out, env={**env, **keys["reader"]}, timeout=LONG)
     assert p.returncode == 0, p.stderr[-3000:]
 
 
@@ -270,9 +269,8 @@ def test_readme_cluster_commands_run_a_dask_cluster_on_s3_and_train_on_two_nodes
             p.terminate()
         for p in procs:
             p.wait(timeout=LONG)
-    local = subprocess.run([*CLI, "precompute", "--model", str(digits_static), "--dataset", "digits", "--device",
-                            "cpu", "--out", str(tmp_path / "local")], env=base, capture_output=True, text=True,
-                           timeout=LONG)
+    local = run_cli("precompute", "--model", str(digits_static), "--dataset", "digits", "--device", "cpu",
+                    "--out", str(tmp_path / "local"), env=base, timeout=LONG)
     assert local.returncode == 0, local.stderr[-3000:]
     (path,) = [Path(ln) for ln in local.stdout.splitlines() if ln.startswith("/")]
     assert url.endswith(path.relative_to(tmp_path / "local").as_posix())
@@ -314,15 +312,22 @@ def test_readme_cluster_commands_run_a_dask_cluster_on_s3_and_train_on_two_nodes
         directions = [rel for rel in got if rel.startswith("direction/")]
         assert directions and sorted(set(got) - set(directions)) == keys, got
 
-    # One node, two processes, the local store: the same weights, bit for bit.
-    train_argv = _argv(cmds[6], subs)[_argv(cmds[6], subs).index("-m") + 1:]
+    # One node, two processes, the local store: the same weights, bit for bit. The two ranks are
+    # the command's `enspipe train` with the rendezvous variables torchrun gives its processes
+    # (the trainer reads RANK, WORLD_SIZE, LOCAL_RANK; torch's env:// the master's address),
+    # forked from the zygote: the same run without a launcher and three imports of torch.
+    train_argv = _argv(cmds[6], subs)[_argv(cmds[6], subs).index("-m") + 2:]  # after `-m enspipe`
     i = train_argv.index("--shards")
     train_argv[i + 1] = str(path)
     train_argv[train_argv.index("--out") + 1] = str(tmp_path / "one")
-    one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                          "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", *train_argv],
-                         env=base, cwd=tmp_path, capture_output=True, text=True, timeout=LONG)
-    assert one.returncode == 0, one.stderr[-4000:]
+    rendezvous = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = [spawn(*train_argv, log=tmp_path / f"one-rank{r}", cwd=tmp_path,
+                   env={**base, **rendezvous, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    for p in ranks:
+        p.wait(timeout=LONG)
+    for p in ranks:
+        assert p.returncode == 0, outputs(p)[1][-4000:]
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["world_size"] == 2
     assert (run / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
 
 

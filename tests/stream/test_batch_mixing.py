@@ -25,7 +25,7 @@ from enspipe.data.base import Geometry, class_interleaved
 from enspipe.stream import DirectionStream
 from enspipe.train import BatchStream, TrainConfig, batch_loader
 from enspipe.train.kit import epoch_batches
-from cli_runner import CLI
+from cli_runner import run_cli
 
 K, M = 1000, 64  # classes, samples per class
 
@@ -193,8 +193,6 @@ def test_an_imagefolder_store_of_the_old_order_is_refused_in_one_line(tmp_path):
     """tests/fixtures/legacy_imagefolder: a store written by the package before issue 22 (its
     fingerprint is the old code's own, the oracle). It is refused, never read in the new order,
     by DirectionStream and by `enspipe train`, in one line that says to recompute it."""
-    import subprocess
-
     from enspipe.data import create_dataset
     from enspipe.util.errors import StoreError
     from enspipe.stores import open_store
@@ -206,9 +204,9 @@ def test_an_imagefolder_store_of_the_old_order_is_refused_in_one_line(tmp_path):
     assert ds.identity()["order"] == "class-interleaved"
     with pytest.raises(StoreError, match="class-sorted file order.*recompute it with `enspipe precompute`"):
         DirectionStream(ds, [store])
-    r = subprocess.run([*CLI, "train", "--model", "D", "--dataset", f"imagefolder:{data}",
-                        "--image-size", str(size), "--mode", "ens-adv", "--shards", str(store), "--epochs", "1",
-                        "--device", "cpu", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=900)
+    r = run_cli("train", "--model", "D", "--dataset", f"imagefolder:{data}", "--image-size", str(size), "--mode",
+                "ens-adv", "--shards", str(store), "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run"),
+                timeout=900)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "recompute it with `enspipe precompute`" in lines[0], r.stderr
