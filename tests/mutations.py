@@ -314,7 +314,7 @@ MUTATIONS = [
              "the sink (the attacks' buffers mixed: one store gets the other's directions, the other garbage)",
              "pipeline/precompute/compute.py",
              "else None, part=parts[id(job)]))",
-             "else None, part=parts[id(same[0][0])]))",
+             "else None, part=parts[id(members[0][0])]))",
              ("tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores",)),
     Mutation("shared-forward-one-label", "the attacks sharing a forward pass all take the first attack's labels "
              "(FGSM descends towards Step-LL's least-likely class)",

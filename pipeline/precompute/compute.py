@@ -111,13 +111,10 @@ def compute_batch(model: torch.nn.Module, batch: InputBatch, job: ShardJob, prec
 
 def compute_batches(model: torch.nn.Module, batch: InputBatch, jobs: Sequence[ShardJob], precision: Precision,
                     host_copy: Callable | None = None) -> list[BatchDone]:
-    """`compute_batch` of each job (attack) on one batch, in one precision and label rule (the jobs'
-    `label`, all equal): one forward pass for all (`attacks.directions`, bit-identical to one
-    forward per attack)."""
+    """`compute_batch` of each job (attack) on one batch, in one precision and label rule (the
+    stream's): one forward pass for all (`attacks.directions`, bit-identical to one forward per attack)."""
     from enspipe import attacks
 
-    if len({job.label for job in jobs}) > 1:
-        raise ValueError("compute_batches: the jobs of one forward pass share a label rule")
     out = []
     for d, logits, labels in attacks.directions(model, batch.x, batch.y, attacks=[job.attack for job in jobs],
                                                 label=jobs[0].label, autocast=precision.autocast_dtype):
@@ -129,15 +126,6 @@ def compute_batches(model: torch.nn.Module, batch: InputBatch, jobs: Sequence[Sh
 
 
 _Member = tuple[ShardJob, int, tuple]  # (job, shard, the job's writers that lack the shard)
-
-
-def _by_rule(members: Sequence[_Member]) -> dict[tuple[str, str], list[_Member]]:
-    """The members of a group by (precision, label): the jobs that can share a forward pass. One
-    precompute's jobs all share both (plan.plan_stores), so this is one list there."""
-    rules: dict[tuple[str, str], list[_Member]] = {}
-    for member in members:
-        rules.setdefault((member[0].precision, member[0].label), []).append(member)
-    return rules
 
 
 # --- The stream -------------------------------------------------------------------------------------
@@ -171,7 +159,12 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
 
     if not units:
         return
-    dataset, model, _ = _inputs(units[0][0], device)
+    first = units[0][0]
+    # Jobs of one precompute share the precision and label rule (plan.plan_stores): one forward pass
+    # serves all the attacks of a batch (`attacks.directions`).
+    if any((job.precision, job.label) != (first.precision, first.label) for job, _ in units):
+        raise ValueError("stream_shards: the jobs of one stream share a precision and a label rule")
+    dataset, model, _ = _inputs(first, device)
     # One writer per store and stream (a manifest read each); whether a shard is done is read
     # from its completion record now, so a retried or duplicated dask task skips what is written.
     opened = {p: open_writer(p) for job, _ in units for p in job.stores}
@@ -205,8 +198,8 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
         chunks = loader([span for spans in batches.values() for span in spans_of(spans, chunk)])
         host_copy = _HostCopy(device)
         # Resolved once per stream (a store's bytes need the device's native kernels: strict).
-        precisions = {job.precision: Precision.resolve(job.precision, device, strict=True)
-                      for members in groups.values() for job, *_ in members}
+        precision = Precision.resolve(first.precision, device, strict=True)
+        precision.prepare_model(model)
         for key, members in groups.items():
             start, stop = key[:2]
             for job, s, writers in members:
@@ -216,21 +209,15 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
                                     if keep and job.wds_images == "source" and not carried[s, id(job)] else None,
                                     true_label=dataset.labels[start:stop] if keep else None,
                                     files=carried[s, id(job)], part=parts[id(job)]))
-            # The jobs of one precision and label rule share a forward pass (`attacks.directions`).
-            rules = _by_rule(members)
-            true = any(label == "true" for _, label in rules)
             for b, e in batches[key]:
                 got = gather(chunks, e - b)
                 pixels = batch_to_device(got, device, dataset)  # decoded once, for every job of the group
                 kept = [f for c in got for f in c.files] if files else None
-                y = torch.from_numpy(dataset.labels[b:e]).to(device) if true else None
-                for (name, label), same in rules.items():
-                    precision = precisions[name]
-                    precision.prepare_model(model)
-                    batch = InputBatch(b - start, precision.memory_format(pixels), y if label == "true" else None)
-                    for (job, s, _), done_batch in zip(same, compute_batches(model, batch, [j for j, _, _ in same],
+                y = torch.from_numpy(dataset.labels[b:e]).to(device) if first.label == "true" else None
+                batch = InputBatch(b - start, precision.memory_format(pixels), y)
+                for (job, s, _), done_batch in zip(members, compute_batches(model, batch, [j for j, _, _ in members],
                                                                             precision, host_copy)):
-                        sink.put(replace(done_batch, files=kept if carried[s, id(job)] else None, part=parts[id(job)]))
+                    sink.put(replace(done_batch, files=kept if carried[s, id(job)] else None, part=parts[id(job)]))
             for job, s, _ in members:
                 sink.put(ShardEnd(s, part=parts[id(job)]))
                 if done is not None:
