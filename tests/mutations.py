@@ -112,8 +112,8 @@ MUTATIONS = [
     # --- The table of issue 18: bugs the suite already caught ---
     Mutation("step-ll-sign-flipped", "Step-LL climbs towards the least-likely class's loss (sign flipped)",
              "pipeline/attacks.py",
-             'return (d.neg_() if target == "ll" else d), logits, labels',
-             "return d, logits, labels",
+             '    return d.neg_() if target == "ll" else d\n',
+             "    return d\n",
              ("tests/attacks/test_attacks.py::test_step_ll_equals_its_closed_form",)),
     Mutation("no-clip", "x_adv not clipped to [0, 1]",
              "pipeline/attacks.py",
