@@ -39,7 +39,6 @@ from enspipe.util.errors import ModelError
 
 from .compute import (
     InputBatch,
-    compute_batch,
     compute_shard,
     run_in_process,
     shard_task,
@@ -83,7 +82,6 @@ __all__ = [
     "ShardEnd",
     "ShardJob",
     "ShardSink",
-    "compute_batch",
     "compute_shard",
     "plan_stores",
     "precompute",

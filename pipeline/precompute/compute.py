@@ -1,6 +1,6 @@
 """Computing shards: a stream of decoded batches -> the attack on the device -> the sink.
 
-    ChunkLoader (worker processes) -> to_device -> compute_batch -> host copy -> ShardSink
+    ChunkLoader (worker processes) -> batch_to_device -> compute_batches (attacks.directions) -> host copy -> ShardSink
 
 Each sample's file is read and decoded once, however many attacks are computed: a shard's
 batches are decoded once and each is attacked by every attack (job) that lacks the shard, in
@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from enspipe.data.loader import (ChunkLoader, batch_spans, batch_to_device, chunk_size, gather, needs_decoding,
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 __all__ = [
     "InputBatch",
     "batch_containing",
-    "compute_batch",
     "compute_batches",
     "compute_shard",
     "run_in_process",
@@ -64,7 +63,6 @@ class InputBatch:
     offset: int                  # first row of the batch inside its shard
     x: torch.Tensor              # float32 [b, C, H, W] in [0, 1], on the device
     y: torch.Tensor | None       # the true labels, when the attack uses them
-    files: Sequence[tuple[str, bytes]] | None = None  # each sample's file as the loader read it, for a wds store
 
 
 def batch_containing(i: int, *, shard_size: int, batch_size: int, num_samples: int) -> tuple[int, int]:
@@ -102,26 +100,25 @@ class _HostCopy:
         return host, done.synchronize
 
 
-def compute_batch(model: torch.nn.Module, batch: InputBatch, job: ShardJob, precision: Precision,
-                  host_copy: Callable | None = None) -> BatchDone:
-    """The attack's direction (int8, on the device), logits and label of one batch, in the job's precision."""
-    (done,) = compute_batches(model, batch, [job], precision, host_copy)
-    return done
+Files = Sequence[tuple[str, bytes]]  # each sample's file (extension, bytes) as the loader read it, for a wds store
 
 
-def compute_batches(model: torch.nn.Module, batch: InputBatch, jobs: Sequence[ShardJob], precision: Precision,
-                    host_copy: Callable | None = None) -> list[BatchDone]:
-    """`compute_batch` of each job (attack) on one batch, in one precision and label rule (the
-    stream's): one forward pass for all (`attacks.directions`, bit-identical to one forward per attack)."""
+def compute_batches(model: torch.nn.Module, batch: InputBatch, jobs: Sequence[tuple[ShardJob, Files | None, int]],
+                    precision: Precision, host_copy: Callable | None = None) -> list[BatchDone]:
+    """Each job's (attack's) direction (int8, on the device), logits and labels of one batch, as the
+    sink's `BatchDone` with the files the job's stores keep and its part; `jobs`: (job, files, part).
+    One precision and label rule (the stream's); one forward pass for all (`attacks.directions`,
+    bit-identical to one forward per attack)."""
     from enspipe import attacks
 
     out = []
-    for d, logits, labels in attacks.directions(model, batch.x, batch.y, attacks=[job.attack for job in jobs],
-                                                label=jobs[0].label, autocast=precision.autocast_dtype):
+    for (_, files, part), (d, logits, labels) in zip(jobs, attacks.directions(
+            model, batch.x, batch.y, attacks=[job.attack for job, _, _ in jobs], label=jobs[0][0].label,
+            autocast=precision.autocast_dtype), strict=True):
         ready = None
         if host_copy is not None:
             (d, logits, labels), ready = host_copy(d, logits, labels)
-        out.append(BatchDone(batch.offset, d, logits, labels, ready, batch.files))
+        out.append(BatchDone(batch.offset, d, logits, labels, ready, files, part))
     return out
 
 
@@ -215,9 +212,9 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
                 kept = [f for c in got for f in c.files] if files else None
                 y = torch.from_numpy(dataset.labels[b:e]).to(device) if first.label == "true" else None
                 batch = InputBatch(b - start, precision.memory_format(pixels), y)
-                for (job, s, _), done_batch in zip(members, compute_batches(model, batch, [j for j, _, _ in members],
-                                                                            precision, host_copy)):
-                    sink.put(replace(done_batch, files=kept if carried[s, id(job)] else None, part=parts[id(job)]))
+                todo = [(job, kept if carried[s, id(job)] else None, parts[id(job)]) for job, s, _ in members]
+                for done_batch in compute_batches(model, batch, todo, precision, host_copy):
+                    sink.put(done_batch)
             for job, s, _ in members:
                 sink.put(ShardEnd(s, part=parts[id(job)]))
                 if done is not None:
