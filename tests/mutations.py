@@ -323,17 +323,17 @@ MUTATIONS = [
              "    for k, target in enumerate([targets[0]] * len(targets)):\n        labels = logits.detach()",
              ("tests/precompute/test_precompute_decodes_once.py::test_directions_share_a_forward_and_equal_one_direction_per_attack",
               "tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores")),
-    Mutation("units-by-attack", "precompute hands on its units attack by attack, not shard by shard: a dask task "
-             "holds one attack's shards, so each worker decodes a shard once per attack",
-             "pipeline/precompute/__init__.py",
-             "key=lambda unit: unit[1])",
-             "key=lambda unit: 0)",
-             ("tests/precompute/test_precompute_decodes_once.py::test_a_shard_decodes_once_for_whichever_attacks_still_lack_it",)),
+    Mutation("units-by-attack", "dask tasks are cut in the units' order as handed, attack by attack: a task holds "
+             "one attack's shards, so each worker decodes a shard once per attack",
+             "pipeline/precompute/dask_runner.py",
+             "    by_shard = sorted(units, key=lambda unit: unit[1])",
+             "    by_shard = list(units)",
+             ("tests/precompute/test_precompute_decodes_once.py::test_dask_tasks_hold_every_attack_of_their_shards",)),
     Mutation("task-splits-a-shard", "dask tasks are cut anywhere in the units: one shard's attacks land in two "
              "tasks (two workers decode it)",
              "pipeline/precompute/dask_runner.py",
-             "        if runs and runs[-1][-1][1] == unit[1]:\n",
-             "        if False:\n",
+             "    runs = [list(run) for _, run in itertools.groupby(by_shard, key=lambda unit: unit[1])]\n",
+             "    runs = [[unit] for unit in by_shard]\n",
              ("tests/precompute/test_precompute_decodes_once.py::test_dask_tasks_hold_every_attack_of_their_shards",)),
     Mutation("pickled-pixels-through-pipe", "a loader worker's PIL-path pixels (and the files beside them) go "
              "through the worker's pipe, pickled, not through shared memory",
