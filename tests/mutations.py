@@ -323,18 +323,28 @@ MUTATIONS = [
              "    for k, target in enumerate([targets[0]] * len(targets)):\n        labels = logits.detach()",
              ("tests/precompute/test_precompute_decodes_once.py::test_directions_share_a_forward_and_equal_one_direction_per_attack",
               "tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores")),
+    Mutation("shared-forward-ignores-autocast", "the attacks sharing a forward pass run it in full precision "
+             "whatever the store's precision (a bf16 store of two attacks differs from two one-attack ones)",
+             "pipeline/attacks.py",
+             "    with _attack_mode(x, autocast):\n        return [(_signed(grad, target)",
+             "    with _attack_mode(x, None):\n        return [(_signed(grad, target)",
+             ("tests/precompute/test_precompute_decodes_once.py::test_directions_share_a_forward_and_equal_one_direction_per_attack",)),
     Mutation("units-by-attack", "dask tasks are cut in the units' order as handed, attack by attack: a task holds "
              "one attack's shards, so each worker decodes a shard once per attack",
              "pipeline/precompute/dask_runner.py",
              "    by_shard = sorted(units, key=lambda unit: unit[1])",
              "    by_shard = list(units)",
-             ("tests/precompute/test_precompute_decodes_once.py::test_dask_tasks_hold_every_attack_of_their_shards",)),
+             ("tests/precompute/test_precompute_decodes_once.py::test_dask_tasks_hold_every_attack_of_their_shards",
+              "tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores"
+              "[2 dask workers]")),
     Mutation("task-splits-a-shard", "dask tasks are cut anywhere in the units: one shard's attacks land in two "
              "tasks (two workers decode it)",
              "pipeline/precompute/dask_runner.py",
              "    runs = [list(run) for _, run in itertools.groupby(by_shard, key=lambda unit: unit[1])]\n",
              "    runs = [[unit] for unit in by_shard]\n",
-             ("tests/precompute/test_precompute_decodes_once.py::test_dask_tasks_hold_every_attack_of_their_shards",)),
+             ("tests/precompute/test_precompute_decodes_once.py::test_dask_tasks_hold_every_attack_of_their_shards",
+              "tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores"
+              "[2 dask workers]")),
     Mutation("pickled-pixels-through-pipe", "a loader worker's PIL-path pixels (and the files beside them) go "
              "through the worker's pipe, pickled, not through shared memory",
              "pipeline/data/decode.py",
