@@ -274,9 +274,15 @@ MUTATIONS = [
     Mutation("sink-bytes-ignore-files", "the sink's queue limit counts a batch's tensors but not the source files "
              "riding with it (a wds store's JPEGs pile up unbounded behind a slow writer)",
              "pipeline/precompute/sink.py",
-             "            + sum(len(data) for _, data in msg.files or ()))\n",
+             "            + (0 if files_counted else sum(len(data) for _, data in msg.files or ())))\n",
              ")\n",
              ("tests/precompute/test_sink.py::test_a_slow_writer_stalls_the_producer_once_the_queued_bytes_pass_the_limit",)),
+    Mutation("sink-counts-shared-files-per-attack", "the sink's queue counts the source files once per attack: the K "
+             "attacks' batches of one decoded batch share one list of files, so the bound stalls the compute K times early",
+             "pipeline/precompute/sink.py",
+             "files_counted=files is not None and files is self._last_files)",
+             "files_counted=False)",
+             ("tests/precompute/test_sink.py::test_files_shared_by_the_attacks_batches_count_once",)),
     Mutation("device-batch-channels-last", "a batch of the PIL path's pixels carried as files reaches the model in "
              "the channels-last strides of the stacked arrays (other kernels: a 2-worker store differs from the serial one)",
              "pipeline/data/decode.py",
