@@ -319,8 +319,8 @@ MUTATIONS = [
     Mutation("attack-batches-one-part", "every attack's batches of a shard go to the first attack's open shard in "
              "the sink (the attacks' buffers mixed: one store gets the other's directions, the other garbage)",
              "pipeline/precompute/compute.py",
-             "parts[id(job)]) for job, s, _ in members]",
-             "parts[id(members[0][0])]) for job, s, _ in members]",
+             "kept if carried[s, id(job)] else None, k) for k, (job, s, _)",
+             "kept if carried[s, id(job)] else None, 0) for k, (job, s, _)",
              ("tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores",)),
     Mutation("shared-forward-one-label", "the attacks sharing a forward pass all take the first attack's labels "
              "(FGSM descends towards Step-LL's least-likely class)",

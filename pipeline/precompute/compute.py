@@ -170,16 +170,12 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
     # model, precision and decoder (plan.plan_stores); the batch size differs only where a resumed
     # store keeps the size it was started with: those shards decode once per batch size.
     groups: dict[tuple[int, int, int], list[_Member]] = {}
-    seen: set[tuple[int, int]] = set()
     for job, s in units:
         writers = tuple(w for w in (opened[p] for p in job.stores) if not w.shard_done(s))
-        if writers and (id(job), s) not in seen:
-            seen.add((id(job), s))
+        if writers:
             groups.setdefault((*writers[0].shard_range(s), job.batch_size), []).append((job, s, writers))
     if not groups:
         return
-    # Each job's shards go to the sink as its own part: one shard buffer open per job at a time.
-    parts = {id(job): k for k, job in enumerate({id(job): job for job, _ in units}.values())}
     # The jobs whose wds stores keep the source's files get them from the loader, read once.
     carried = {(s, id(job)): needs_decoding(dataset) and job.wds_images == "source"
                and any(w.keeps_clean_images for w in writers) for members in groups.values()
@@ -199,24 +195,26 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
         precision.prepare_model(model)
         for key, members in groups.items():
             start, stop = key[:2]
-            for job, s, writers in members:
+            # The k-th job of a group sends its shard to the sink as part k: one shard buffer open per
+            # job, all ended before the next group begins.
+            for k, (job, s, writers) in enumerate(members):
                 keep = any(w.keeps_clean_images for w in writers)  # a format that stores the clean image + true label
                 sink.put(ShardBegin(s, start, stop, writers, keys=dataset.keys[start:stop],
                                     images=_clean_pixels(dataset, start, stop)
                                     if keep and job.wds_images == "source" and not carried[s, id(job)] else None,
                                     true_label=dataset.labels[start:stop] if keep else None,
-                                    files=carried[s, id(job)], part=parts[id(job)]))
+                                    files=carried[s, id(job)], part=k))
             for b, e in batches[key]:
                 got = gather(chunks, e - b)
                 pixels = batch_to_device(got, device, dataset)  # decoded once, for every job of the group
                 kept = [f for c in got for f in c.files] if files else None
                 y = torch.from_numpy(dataset.labels[b:e]).to(device) if first.label == "true" else None
                 batch = InputBatch(b - start, precision.memory_format(pixels), y)
-                todo = [(job, kept if carried[s, id(job)] else None, parts[id(job)]) for job, s, _ in members]
+                todo = [(job, kept if carried[s, id(job)] else None, k) for k, (job, s, _) in enumerate(members)]
                 for done_batch in compute_batches(model, batch, todo, precision, host_copy):
                     sink.put(done_batch)
-            for job, s, _ in members:
-                sink.put(ShardEnd(s, part=parts[id(job)]))
+            for k, (job, s, _) in enumerate(members):
+                sink.put(ShardEnd(s, part=k))
                 if done is not None:
                     done(1)
 
