@@ -338,15 +338,16 @@ def measure_attacks(opts: argparse.Namespace, work: Path) -> dict[str, Any]:
 COMPUTE_CASES = {"mobilenet_v3_small at 224": ("mobilenet_v3_small", 224, 16), "C at 32": ("C", 32, 10)}
 
 
-def measure_compute(opts: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
-    """The compute alone: wall seconds of one batch (32 images in memory, or --images if fewer) of
-    Step-LL and FGSM by `attacks.directions` (one forward) and by one `direction()` per attack, in
-    eval mode with precompute's deterministic kernels, interleaved rounds (the order alternating)."""
+def measure_compute(opts: argparse.Namespace) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """The compute alone: wall and CPU seconds (this process, all threads) per batch (32 images in
+    memory, or --images if fewer; the mean of 3 calls, 1 with --quick) of Step-LL and FGSM by
+    `attacks.directions` (one forward) and by one `direction()` per attack, in eval mode with
+    precompute's deterministic kernels, interleaved rounds (the order alternating)."""
     from enspipe.models import create_model
     from enspipe.precompute.compute import _deterministic
 
-    out: dict[str, dict[str, list[float]]] = {}
-    n = min(32, opts.images)
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    n, calls = min(32, opts.images), 1 if opts.quick else 3
     for case, (name, size, classes) in COMPUTE_CASES.items():
         torch.manual_seed(0)
         model = create_model(name, num_classes=classes, input_size=(3, size, size)).eval().requires_grad_(False)
@@ -354,14 +355,20 @@ def measure_compute(opts: argparse.Namespace) -> dict[str, dict[str, list[float]
         y = torch.arange(n) % classes
         sides = {"forward_per_attack": lambda: _forward_per_attack(model, x, y, attacks=("step_ll", "fgsm")),
                  "once": lambda: attacks.directions(model, x, y, attacks=("step_ll", "fgsm"))}
-        out[case] = {side: [] for side in sides}
+        out[case] = {side: {"wall": [], "cpu": []} for side in sides}
         with _deterministic():
             for fn in sides.values():
                 fn()  # warm-up
             for r in range(max(3, opts.rounds)):
                 for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                    out[case][side].append(timed(sides[side])[0])
+                    wall, cpu, _ = timed(lambda: [sides[side]() for _ in range(calls)])
+                    out[case][side]["wall"].append(wall / calls)
+                    out[case][side]["cpu"].append(cpu / calls)
     return out
+
+
+def _compute_ratio(case: dict[str, dict[str, list[float]]], k: str) -> float:
+    return statistics.median(p / q for p, q in zip(case["forward_per_attack"][k], case["once"][k]))
 
 
 def render_attacks(opts: argparse.Namespace, command: str, info: dict[str, Any], m: dict[str, Any]) -> str:
@@ -400,10 +407,11 @@ def render_attacks(opts: argparse.Namespace, command: str, info: dict[str, Any],
         f"- The stores of the three sides are identical (every shard's file records): "
         f"{'yes' if m['identical'] else '**no**'}.",
         f"- The compute alone (one batch of {min(32, n)} in memory, Step-LL and FGSM, eval mode, "
-        f"{len(next(iter(m['compute'].values()))['once'])} interleaved rounds; medians of the per-round ratios): "
-        + ", ".join(f"{case}: one forward for both {statistics.median(p / q for p, q in zip(c['forward_per_attack'], c['once'])):.2f}x "
-                    f"faster than a forward per attack ({1000 * statistics.median(c['once']):.0f} vs "
-                    f"{1000 * statistics.median(c['forward_per_attack']):.0f} ms)"
+        f"{len(next(iter(m['compute'].values()))['once']['cpu'])} interleaved rounds; medians of the per-round "
+        "ratios, one forward for both against a forward per attack): "
+        + "; ".join(f"{case}: CPU {_compute_ratio(c, 'cpu'):.2f}x less ({1000 * statistics.median(c['once']['cpu']):.0f} "
+                    f"vs {1000 * statistics.median(c['forward_per_attack']['cpu']):.0f} CPU-ms a batch), "
+                    f"wall {_compute_ratio(c, 'wall'):.2f}x"
                     for case, c in m["compute"].items()) + ".",
         "- Before = one stream, one loader and one sink thread, as the old code ran, with the jobs lacking a shard "
         "grouped per attack (`compute.stream_shards` compiled from its own source with the attack in the group "
