@@ -277,7 +277,7 @@ MUTATIONS = [
              "            + (0 if files_counted else sum(len(data) for _, data in msg.files or ())))\n",
              ")\n",
              ("tests/precompute/test_sink.py::test_a_slow_writer_stalls_the_producer_once_the_queued_bytes_pass_the_limit",)),
-    Mutation("sink-counts-shared-files-per-attack", "the sink's queue counts the source files once per attack: the K "
+    Mutation("sink-shared-files-per-attack", "the sink's queue counts the source files once per attack: the K "
              "attacks' batches of one decoded batch share one list of files, so the bound stalls the compute K times early",
              "pipeline/precompute/sink.py",
              "files_counted=files is not None and files is self._last_files)",
@@ -329,7 +329,7 @@ MUTATIONS = [
              "    for k, target in enumerate([targets[0]] * len(targets)):\n        labels = logits.detach()",
              ("tests/precompute/test_precompute_decodes_once.py::test_directions_share_a_forward_and_equal_one_direction_per_attack",
               "tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores")),
-    Mutation("shared-forward-ignores-autocast", "the attacks sharing a forward pass run it in full precision "
+    Mutation("shared-forward-no-autocast", "the attacks sharing a forward pass run it in full precision "
              "whatever the store's precision (a bf16 store of two attacks differs from two one-attack ones)",
              "pipeline/attacks.py",
              "    with _attack_mode(x, autocast):\n        return [(_signed(grad, target)",
