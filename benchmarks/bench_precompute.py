@@ -38,11 +38,15 @@ fixed random weights: its input gradient costs about what a decode does on a CPU
 does against its host's cores), three ways: `once` as precompute runs it (each shard decoded
 once, each batch's attacks sharing one forward pass), `forward_per_attack` (decoded once, a
 forward per attack: `attacks.directions` replaced by one `direction()` per attack here), and
-`per_attack` the way it ran before (one stream per attack, each decoding every shard again: the
-same code, handed one attack's units at a time). Decoding runs in one loader worker process, so
-its CPU-seconds are the children's (getrusage) and the driving process's are the compute's and
-the writer's. Paired interleaved rounds (the order rotates), medians;
-it rewrites the section `## precompute: several attacks, one decode per image` (OUT/bench_precompute_attacks.json).
+`per_attack` the way it ran before: one stream, one loader and one sink thread, the jobs lacking a
+shard grouped per attack, not per sample range, so each attack's shards are decoded (and attacked)
+on their own (`compute.stream_shards` compiled here from its own source with the attack added to
+the grouping key: the mutation row `precompute-decodes-per-attack`). Decoding runs in one loader
+worker process, so its CPU-seconds are the children's (getrusage) and the driving process's are the
+compute's and the writer's. Paired interleaved rounds (the order rotates), medians. Then the compute
+alone, on one batch in memory (no decode, no store): `attacks.directions` against one `direction()`
+per attack, for mobilenet_v3_small at 224 and the paper's C at 32, in interleaved rounds.
+It rewrites the section `## precompute: several attacks, one decode per image` (OUT/bench_precompute_attacks.json).
 """
 from __future__ import annotations
 
@@ -257,13 +261,28 @@ def _forward_per_attack(model, x, y=None, *, attacks, label="true", autocast=Non
     return [direction(model, x, y, attack=a, label=label, autocast=autocast) for a in attacks]
 
 
-def _per_attack(real):
-    """precompute's in-process runner as it ran before: one stream per attack (each decodes every
-    shard of its own), handed that attack's units in order."""
-    def run(units, **kw):
-        for job in dict.fromkeys(job for job, _ in units):
-            real([u for u in units if u[0] is job], **kw)
-    return run
+GROUP_BY_RANGE = "groups.setdefault((*writers[0].shard_range(s), job.batch_size), [])"
+GROUP_BY_ATTACK = "groups.setdefault((*writers[0].shard_range(s), job.batch_size, job.attack), [])"
+
+
+def _stream_per_attack():
+    """`compute.stream_shards` as it ran before: one stream (one loader, one sink thread), the jobs
+    lacking a shard grouped per attack: each (attack, shard) decoded on its own and attacked alone
+    (one forward per attack). Compiled from stream_shards' own source with the attack added to the
+    group key, as the mutation row `precompute-decodes-per-attack` does, so nothing else differs."""
+    import __future__
+    import inspect
+
+    from enspipe.precompute import compute
+
+    src = inspect.getsource(compute.stream_shards)
+    if src.count(GROUP_BY_RANGE) != 1:
+        raise RuntimeError("bench_precompute: compute.stream_shards no longer groups its jobs by "
+                           f"`{GROUP_BY_RANGE}`; update _stream_per_attack")
+    namespace = dict(vars(compute))
+    exec(compile(src.replace(GROUP_BY_RANGE, GROUP_BY_ATTACK), compute.__file__, "exec",
+                 flags=__future__.annotations.compiler_flag, dont_inherit=True), namespace)
+    return namespace["stream_shards"]
 
 
 def _children_cpu() -> float:
@@ -275,8 +294,8 @@ def _children_cpu() -> float:
 
 def measure_attacks(opts: argparse.Namespace, work: Path) -> dict[str, Any]:
     import enspipe.attacks as attacks_mod
-    import enspipe.precompute as stage
     from enspipe.models import create_model, save_model
+    from enspipe.precompute import compute
     from gpu_data import IMAGENET, make_jpeg_folder
 
     log(f"making {opts.images} ImageNet-like JPEGs ({IMAGENET[0]}-{IMAGENET[1]} px)")
@@ -285,19 +304,19 @@ def measure_attacks(opts: argparse.Namespace, work: Path) -> dict[str, Any]:
     model = save_model(create_model("mobilenet_v3_small", num_classes=16), work / "mobilenet")
     base = dict(model=str(model), dataset=f"imagefolder:{jpegs}", image_size=224, attacks=("step_ll", "fgsm"),
                 format="zarr", shard_size=64, batch_size=32, device="cpu", loader_workers=1)
-    real, shared = stage.run_in_process, attacks_mod.directions
+    real, per_attack, shared = compute.stream_shards, _stream_per_attack(), attacks_mod.directions
 
     def run(side: str) -> tuple[float, float, float, list[Path]]:
         out = work / side
         shutil.rmtree(out, ignore_errors=True)
-        stage.run_in_process = _per_attack(real) if side == "per_attack" else real
+        compute.stream_shards = per_attack if side == "per_attack" else real  # run_in_process's stream
         attacks_mod.directions = shared if side == "once" else _forward_per_attack
         try:
             before = _children_cpu()
             wall, cpu, paths = timed(lambda: precompute(PrecomputeConfig(**base, out=str(out))))
             return wall, cpu, _children_cpu() - before, paths
         finally:
-            stage.run_in_process, attacks_mod.directions = real, shared
+            compute.stream_shards, attacks_mod.directions = real, shared
 
     log("warm-up: both sides once (model and dataset loaded, kernels warm); their stores compared")
     stores = {side: run(side)[3] for side in ATTACKS_SIDES}
@@ -312,7 +331,44 @@ def measure_attacks(opts: argparse.Namespace, work: Path) -> dict[str, Any]:
             for k, v in (("wall", wall), ("cpu", cpu), ("decode_cpu", decode)):
                 got[side][k].append(v)
     return {"sides": got, "identical": identical, "images": opts.images,
-            "jpeg_kib": sum(p.stat().st_size for p in jpegs.rglob("*.JPEG")) / opts.images / 1024}
+            "jpeg_kib": sum(p.stat().st_size for p in jpegs.rglob("*.JPEG")) / opts.images / 1024,
+            "compute": measure_compute(opts)}
+
+
+COMPUTE_CASES = {"mobilenet_v3_small at 224": ("mobilenet_v3_small", 224, 16), "C at 32": ("C", 32, 10)}
+
+
+def measure_compute(opts: argparse.Namespace) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """The compute alone: wall and CPU seconds (this process, all threads) per batch (32 images in
+    memory, or --images if fewer; the mean of 3 calls, 1 with --quick) of Step-LL and FGSM by
+    `attacks.directions` (one forward) and by one `direction()` per attack, in eval mode with
+    precompute's deterministic kernels, interleaved rounds (the order alternating)."""
+    from enspipe.models import create_model
+    from enspipe.precompute.compute import _deterministic
+
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    n, calls = min(32, opts.images), 1 if opts.quick else 3
+    for case, (name, size, classes) in COMPUTE_CASES.items():
+        torch.manual_seed(0)
+        model = create_model(name, num_classes=classes, input_size=(3, size, size)).eval().requires_grad_(False)
+        x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+        y = torch.arange(n) % classes
+        sides = {"forward_per_attack": lambda: _forward_per_attack(model, x, y, attacks=("step_ll", "fgsm")),
+                 "once": lambda: attacks.directions(model, x, y, attacks=("step_ll", "fgsm"))}
+        out[case] = {side: {"wall": [], "cpu": []} for side in sides}
+        with _deterministic():
+            for fn in sides.values():
+                fn()  # warm-up
+            for r in range(max(3, opts.rounds)):
+                for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                    wall, cpu, _ = timed(lambda: [sides[side]() for _ in range(calls)])
+                    out[case][side]["wall"].append(wall / calls)
+                    out[case][side]["cpu"].append(cpu / calls)
+    return out
+
+
+def _compute_ratio(case: dict[str, dict[str, list[float]]], k: str) -> float:
+    return statistics.median(p / q for p, q in zip(case["forward_per_attack"][k], case["once"][k]))
 
 
 def render_attacks(opts: argparse.Namespace, command: str, info: dict[str, Any], m: dict[str, Any]) -> str:
@@ -350,8 +406,16 @@ def render_attacks(opts: argparse.Namespace, command: str, info: dict[str, Any],
         f"{ratio('cpu', 'forward_per_attack', 'once'):.2f}x less.",
         f"- The stores of the three sides are identical (every shard's file records): "
         f"{'yes' if m['identical'] else '**no**'}.",
-        "- Before = the same code handed one attack's units at a time (one stream, one loader per attack), "
-        "which is how the old single stream decoded: every (attack, shard) asked the loader for its pixels. "
+        f"- The compute alone (one batch of {min(32, n)} in memory, Step-LL and FGSM, eval mode, "
+        f"{len(next(iter(m['compute'].values()))['once']['cpu'])} interleaved rounds; medians of the per-round "
+        "ratios, one forward for both against a forward per attack): "
+        + "; ".join(f"{case}: CPU {_compute_ratio(c, 'cpu'):.2f}x less ({1000 * statistics.median(c['once']['cpu']):.0f} "
+                    f"vs {1000 * statistics.median(c['forward_per_attack']['cpu']):.0f} CPU-ms a batch), "
+                    f"wall {_compute_ratio(c, 'wall'):.2f}x"
+                    for case, c in m["compute"].items()) + ".",
+        "- Before = one stream, one loader and one sink thread, as the old code ran, with the jobs lacking a shard "
+        "grouped per attack (`compute.stream_shards` compiled from its own source with the attack in the group "
+        "key): every (attack, shard) decoded its pixels and ran its own forward. "
         "On a GPU host the decode is the bound: on the H200 (DESIGN §4, issue 26) ResNet-50's input gradient "
         "runs 3,404 img/s and a core decodes ~182 ImageNet-sized JPEGs/s, so 16 cores decode less than one "
         "attack computes, and each further attack cost another full decode of the data set before. Here the one "

@@ -215,21 +215,34 @@ def _input_grad(
     kappa: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One forward + one backward: (grad_x of the summed loss, logits at x, labels used)."""
+    return _input_grads(model, x, y, [target], loss, kappa)[0]
+
+
+def _input_grads(model: nn.Module, x: Tensor, y: Tensor | None, targets: Sequence[_Target],
+                 loss: Loss = "ce", kappa: float = 0.0) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """`_input_grad` for each target from one forward pass, one backward each: (grad_x, logits,
+    labels) each; the graph is kept until the last backward."""
     x = x.detach().requires_grad_(True)
     logits = model(x).float()
-    if target == "pred":
-        y = logits.detach().argmax(1)
-    elif target == "ll":
-        y = logits.detach().argmin(1)
-    assert y is not None
-    if loss == "ce":
-        value = F.cross_entropy(logits, y, reduction="sum")
-    else:
-        # CW hinge (Carlini & Wagner 2017a, as in Madry et al.'s code): raise the margin up
-        # to kappa, then stop pushing: maximise min(margin, kappa) = -max(z_y - z_other, -kappa).
-        value = cw_margin(logits, y).clamp(max=kappa).sum()
-    (grad,) = torch.autograd.grad(value, x)
-    return grad, logits.detach(), y
+    out = []
+    for k, target in enumerate(targets):
+        labels = logits.detach().argmax(1) if target == "pred" else logits.detach().argmin(1) if target == "ll" else y
+        assert labels is not None
+        if loss == "ce":
+            value = F.cross_entropy(logits, labels, reduction="sum")
+        else:
+            # CW hinge (Carlini & Wagner 2017a, as in Madry et al.'s code): raise the margin up
+            # to kappa, then stop pushing: maximise min(margin, kappa) = -max(z_y - z_other, -kappa).
+            value = cw_margin(logits, labels).clamp(max=kappa).sum()
+        (grad,) = torch.autograd.grad(value, x, retain_graph=k < len(targets) - 1)
+        out.append((grad, logits.detach(), labels))
+    return out
+
+
+def _signed(grad: Tensor, target: _Target) -> Tensor:
+    """The single-step direction from the input gradient, in place: up the loss, or down towards y_LL."""
+    d = grad.sign_()
+    return d.neg_() if target == "ll" else d
 
 
 def _sign_direction(
@@ -237,8 +250,7 @@ def _sign_direction(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The single-step direction as float in {-1, 0, 1}: up the loss, or down towards y_LL."""
     grad, logits, labels = _input_grad(model, x, y, target)
-    d = grad.sign_()
-    return (d.neg_() if target == "ll" else d), logits, labels
+    return _signed(grad, target), logits, labels
 
 
 def _ball(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -330,12 +342,17 @@ def _direction(rec: AttackRecord, model: Model, x: Tensor, y: Tensor | None, lab
                autocast: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
     """`direction()` of a storable record: the one body behind precompute's stores and the online
     step of an attack without a function of its own (`_stored_step`), so they cannot drift."""
-    target: _Target = "ll" if rec.label == "least-likely" else _target(label)
+    target = _rec_target(rec, label)
     model = _as_model(model)
     x, y = _prepare(x, y, target)
     with _attack_mode(x, autocast):
         d, logits, labels = _resolve(rec.direction)(model, x, y, target)
     return d.to(torch.int8), logits, labels
+
+
+def _rec_target(rec: AttackRecord, label: object) -> _Target:
+    """The labels a storable attack's direction uses: y_LL for a least-likely one, else `label`'s."""
+    return "ll" if rec.label == "least-likely" else _target(label)
 
 
 def directions(
@@ -347,39 +364,20 @@ def directions(
     label: Label = "true",
     autocast: torch.dtype | None = None,
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """`direction()` of each attack in `attacks` on one batch, in that order, the sign-gradient ones
-    (FGSM, Step-LL) sharing one forward pass: precompute with several attacks. Bit for bit what
-    one `direction()` call per attack gives (the same kernels on the same saved activations:
-    tests/precompute/test_precompute_decodes_once.py compares the stores and the tensors)."""
+    """`direction()` of each attack in `attacks` on one batch, in that order; several sign-gradient
+    ones (FGSM, Step-LL: every storable attack now) share one forward pass: precompute with several
+    attacks. For a model in eval mode, bit for bit what one `direction()` call per attack gives (the
+    same kernels on the same saved activations: tests/precompute/test_precompute_decodes_once.py
+    compares the stores and the tensors); in train mode the one forward updates batch-norm
+    statistics and draws dropout once, not once per attack."""
     recs = [ATTACK_RECORDS[_check_choice("attack", a, STORABLE)] for a in attacks]
-    signs = [k for k, rec in enumerate(recs) if rec.direction == "_sign_direction"]
-    if len(signs) < 2:
+    if len(recs) < 2 or any(rec.direction != "_sign_direction" for rec in recs):
         return [_direction(rec, model, x, y, label, autocast) for rec in recs]
-    out: list[tuple[Tensor, Tensor, Tensor] | None] = [
-        None if k in signs else _direction(rec, model, x, y, label, autocast) for k, rec in enumerate(recs)]
-    targets: list[_Target] = ["ll" if recs[k].label == "least-likely" else _target(label) for k in signs]
+    targets = [_rec_target(rec, label) for rec in recs]
     x, y = _prepare(x, y, "given" if "given" in targets else "pred")
     with _attack_mode(x, autocast):
-        for k, target, (grad, logits, labels) in zip(signs, targets, _input_grads(_as_model(model), x, y, targets)):
-            d = grad.sign_()
-            out[k] = ((d.neg_() if target == "ll" else d).to(torch.int8), logits, labels)
-    return out  # type: ignore[return-value]
-
-
-def _input_grads(model: nn.Module, x: Tensor, y: Tensor | None,
-                 targets: Sequence[_Target]) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """`_input_grad` (CE loss) for each target from one forward pass: (grad_x, logits, labels)
-    each; the graph is kept until the last backward."""
-    x = x.detach().requires_grad_(True)
-    logits = model(x).float()
-    out = []
-    for k, target in enumerate(targets):
-        labels = logits.detach().argmax(1) if target == "pred" else logits.detach().argmin(1) if target == "ll" else y
-        assert labels is not None
-        value = F.cross_entropy(logits, labels, reduction="sum")
-        (grad,) = torch.autograd.grad(value, x, retain_graph=k < len(targets) - 1)
-        out.append((grad, logits.detach(), labels))
-    return out
+        return [(_signed(grad, target).to(torch.int8), logits, labels)
+                for target, (grad, logits, labels) in zip(targets, _input_grads(_as_model(model), x, y, targets))]
 
 
 def fgsm(

@@ -112,8 +112,8 @@ MUTATIONS = [
     # --- The table of issue 18: bugs the suite already caught ---
     Mutation("step-ll-sign-flipped", "Step-LL climbs towards the least-likely class's loss (sign flipped)",
              "pipeline/attacks.py",
-             'return (d.neg_() if target == "ll" else d), logits, labels',
-             "return d, logits, labels",
+             '    return d.neg_() if target == "ll" else d\n',
+             "    return d\n",
              ("tests/attacks/test_attacks.py::test_step_ll_equals_its_closed_form",)),
     Mutation("no-clip", "x_adv not clipped to [0, 1]",
              "pipeline/attacks.py",
@@ -274,9 +274,15 @@ MUTATIONS = [
     Mutation("sink-bytes-ignore-files", "the sink's queue limit counts a batch's tensors but not the source files "
              "riding with it (a wds store's JPEGs pile up unbounded behind a slow writer)",
              "pipeline/precompute/sink.py",
-             "            + sum(len(data) for _, data in msg.files or ()))\n",
+             "            + (0 if files_counted else sum(len(data) for _, data in msg.files or ())))\n",
              ")\n",
              ("tests/precompute/test_sink.py::test_a_slow_writer_stalls_the_producer_once_the_queued_bytes_pass_the_limit",)),
+    Mutation("sink-shared-files-per-attack", "the sink's queue counts the source files once per attack: the K "
+             "attacks' batches of one decoded batch share one list of files, so the bound stalls the compute K times early",
+             "pipeline/precompute/sink.py",
+             "files_counted=files is not None and files is self._last_files)",
+             "files_counted=False)",
+             ("tests/precompute/test_sink.py::test_files_shared_by_the_attacks_batches_count_once",)),
     Mutation("device-batch-channels-last", "a batch of the PIL path's pixels carried as files reaches the model in "
              "the channels-last strides of the stacked arrays (other kernels: a 2-worker store differs from the serial one)",
              "pipeline/data/decode.py",
@@ -313,8 +319,8 @@ MUTATIONS = [
     Mutation("attack-batches-one-part", "every attack's batches of a shard go to the first attack's open shard in "
              "the sink (the attacks' buffers mixed: one store gets the other's directions, the other garbage)",
              "pipeline/precompute/compute.py",
-             "else None, part=parts[id(job)]))",
-             "else None, part=parts[id(same[0][0])]))",
+             "kept if carried[s, id(job)] else None, k) for k, (job, s, _)",
+             "kept if carried[s, id(job)] else None, 0) for k, (job, s, _)",
              ("tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores",)),
     Mutation("shared-forward-one-label", "the attacks sharing a forward pass all take the first attack's labels "
              "(FGSM descends towards Step-LL's least-likely class)",
@@ -323,18 +329,28 @@ MUTATIONS = [
              "    for k, target in enumerate([targets[0]] * len(targets)):\n        labels = logits.detach()",
              ("tests/precompute/test_precompute_decodes_once.py::test_directions_share_a_forward_and_equal_one_direction_per_attack",
               "tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores")),
-    Mutation("units-by-attack", "precompute hands on its units attack by attack, not shard by shard: a dask task "
-             "holds one attack's shards, so each worker decodes a shard once per attack",
-             "pipeline/precompute/__init__.py",
-             "key=lambda unit: unit[1])",
-             "key=lambda unit: 0)",
-             ("tests/precompute/test_precompute_decodes_once.py::test_a_shard_decodes_once_for_whichever_attacks_still_lack_it",)),
+    Mutation("shared-forward-no-autocast", "the attacks sharing a forward pass run it in full precision "
+             "whatever the store's precision (a bf16 store of two attacks differs from two one-attack ones)",
+             "pipeline/attacks.py",
+             "    with _attack_mode(x, autocast):\n        return [(_signed(grad, target)",
+             "    with _attack_mode(x, None):\n        return [(_signed(grad, target)",
+             ("tests/precompute/test_precompute_decodes_once.py::test_directions_share_a_forward_and_equal_one_direction_per_attack",)),
+    Mutation("units-by-attack", "dask tasks are cut in the units' order as handed, attack by attack: a task holds "
+             "one attack's shards, so each worker decodes a shard once per attack",
+             "pipeline/precompute/dask_runner.py",
+             "    by_shard = sorted(units, key=lambda unit: unit[1])",
+             "    by_shard = list(units)",
+             ("tests/precompute/test_precompute_decodes_once.py::test_dask_tasks_hold_every_attack_of_their_shards",
+              "tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores"
+              "[2 dask workers]")),
     Mutation("task-splits-a-shard", "dask tasks are cut anywhere in the units: one shard's attacks land in two "
              "tasks (two workers decode it)",
              "pipeline/precompute/dask_runner.py",
-             "        if runs and runs[-1][-1][1] == unit[1]:\n",
-             "        if False:\n",
-             ("tests/precompute/test_precompute_decodes_once.py::test_dask_tasks_hold_every_attack_of_their_shards",)),
+             "    runs = [list(run) for _, run in itertools.groupby(by_shard, key=lambda unit: unit[1])]\n",
+             "    runs = [[unit] for unit in by_shard]\n",
+             ("tests/precompute/test_precompute_decodes_once.py::test_dask_tasks_hold_every_attack_of_their_shards",
+              "tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores"
+              "[2 dask workers]")),
     Mutation("pickled-pixels-through-pipe", "a loader worker's PIL-path pixels (and the files beside them) go "
              "through the worker's pipe, pickled, not through shared memory",
              "pipeline/data/decode.py",

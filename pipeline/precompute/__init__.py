@@ -39,7 +39,6 @@ from enspipe.util.errors import ModelError
 
 from .compute import (
     InputBatch,
-    compute_batch,
     compute_shard,
     run_in_process,
     shard_task,
@@ -83,7 +82,6 @@ __all__ = [
     "ShardEnd",
     "ShardJob",
     "ShardSink",
-    "compute_batch",
     "compute_shard",
     "plan_stores",
     "precompute",
@@ -148,9 +146,9 @@ def precompute(cfg: PrecomputeConfig, *, overlap: bool = True) -> list[Path]:
             job = next(j for j in plan.jobs if str(path) in j.stores)
             create_store(path, identity, fmt=fmt, shard_size=cfg.shard_size,
                          extra=manifest_extra(cfg, job, device))
-        # Ordered by shard, the attacks lacking a shard side by side: a stream (and a dask task,
-        # `task_groups` cuts only between shards) decodes each shard once for all of them.
-        units = sorted(((job, s) for job in plan.jobs for s in pending_shards(job)), key=lambda unit: unit[1])
+        # A stream decodes each shard once for all the attacks lacking it (it groups them by sample
+        # range), and `task_groups` keeps a shard's attacks in one dask task: any order will do.
+        units = [(job, s) for job in plan.jobs for s in pending_shards(job)]
         where = f"on {len(client.scheduler_info()['workers'])} dask worker(s)" if client else "in-process"
         log(f"precompute: {len(units)} shard(s) to compute for {len(plan.jobs)} attack(s) {where}")
         if client is None:

@@ -1,6 +1,6 @@
 """Computing shards: a stream of decoded batches -> the attack on the device -> the sink.
 
-    ChunkLoader (worker processes) -> to_device -> compute_batch -> host copy -> ShardSink
+    ChunkLoader (worker processes) -> batch_to_device -> compute_batches (attacks.directions) -> host copy -> ShardSink
 
 Each sample's file is read and decoded once, however many attacks are computed: a shard's
 batches are decoded once and each is attacked by every attack (job) that lacks the shard, in
@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from enspipe.data.loader import (ChunkLoader, batch_spans, batch_to_device, chunk_size, gather, needs_decoding,
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 __all__ = [
     "InputBatch",
     "batch_containing",
-    "compute_batch",
     "compute_batches",
     "compute_shard",
     "run_in_process",
@@ -64,7 +63,6 @@ class InputBatch:
     offset: int                  # first row of the batch inside its shard
     x: torch.Tensor              # float32 [b, C, H, W] in [0, 1], on the device
     y: torch.Tensor | None       # the true labels, when the attack uses them
-    files: Sequence[tuple[str, bytes]] | None = None  # each sample's file as the loader read it, for a wds store
 
 
 def batch_containing(i: int, *, shard_size: int, batch_size: int, num_samples: int) -> tuple[int, int]:
@@ -102,42 +100,29 @@ class _HostCopy:
         return host, done.synchronize
 
 
-def compute_batch(model: torch.nn.Module, batch: InputBatch, job: ShardJob, precision: Precision,
-                  host_copy: Callable | None = None) -> BatchDone:
-    """The attack's direction (int8, on the device), logits and label of one batch, in the job's precision."""
-    (done,) = compute_batches(model, batch, [job], precision, host_copy)
-    return done
+Files = Sequence[tuple[str, bytes]]  # each sample's file (extension, bytes) as the loader read it, for a wds store
 
 
-def compute_batches(model: torch.nn.Module, batch: InputBatch, jobs: Sequence[ShardJob], precision: Precision,
-                    host_copy: Callable | None = None) -> list[BatchDone]:
-    """`compute_batch` of each job (attack) on one batch, in one precision and label rule (the jobs'
-    `label`, all equal): one forward pass for all (`attacks.directions`, bit-identical to one
-    forward per attack)."""
+def compute_batches(model: torch.nn.Module, batch: InputBatch, jobs: Sequence[tuple[ShardJob, Files | None, int]],
+                    precision: Precision, host_copy: Callable | None = None) -> list[BatchDone]:
+    """Each job's (attack's) direction (int8, on the device), logits and labels of one batch, as the
+    sink's `BatchDone` with the files the job's stores keep and its part; `jobs`: (job, files, part).
+    One precision and label rule (the stream's); one forward pass for all (`attacks.directions`,
+    bit-identical to one forward per attack)."""
     from enspipe import attacks
 
-    if len({job.label for job in jobs}) > 1:
-        raise ValueError("compute_batches: the jobs of one forward pass share a label rule")
     out = []
-    for d, logits, labels in attacks.directions(model, batch.x, batch.y, attacks=[job.attack for job in jobs],
-                                                label=jobs[0].label, autocast=precision.autocast_dtype):
+    for (_, files, part), (d, logits, labels) in zip(jobs, attacks.directions(
+            model, batch.x, batch.y, attacks=[job.attack for job, _, _ in jobs], label=jobs[0][0].label,
+            autocast=precision.autocast_dtype), strict=True):
         ready = None
         if host_copy is not None:
             (d, logits, labels), ready = host_copy(d, logits, labels)
-        out.append(BatchDone(batch.offset, d, logits, labels, ready, batch.files))
+        out.append(BatchDone(batch.offset, d, logits, labels, ready, files, part))
     return out
 
 
 _Member = tuple[ShardJob, int, tuple]  # (job, shard, the job's writers that lack the shard)
-
-
-def _by_rule(members: Sequence[_Member]) -> dict[tuple[str, str], list[_Member]]:
-    """The members of a group by (precision, label): the jobs that can share a forward pass. One
-    precompute's jobs all share both (plan.plan_stores), so this is one list there."""
-    rules: dict[tuple[str, str], list[_Member]] = {}
-    for member in members:
-        rules.setdefault((member[0].precision, member[0].label), []).append(member)
-    return rules
 
 
 # --- The stream -------------------------------------------------------------------------------------
@@ -171,7 +156,12 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
 
     if not units:
         return
-    dataset, model, _ = _inputs(units[0][0], device)
+    first = units[0][0]
+    # Jobs of one precompute share the precision and label rule (plan.plan_stores): one forward pass
+    # serves all the attacks of a batch (`attacks.directions`).
+    if any((job.precision, job.label) != (first.precision, first.label) for job, _ in units):
+        raise ValueError("stream_shards: the jobs of one stream share a precision and a label rule")
+    dataset, model, _ = _inputs(first, device)
     # One writer per store and stream (a manifest read each); whether a shard is done is read
     # from its completion record now, so a retried or duplicated dask task skips what is written.
     opened = {p: open_writer(p) for job, _ in units for p in job.stores}
@@ -180,16 +170,12 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
     # model, precision and decoder (plan.plan_stores); the batch size differs only where a resumed
     # store keeps the size it was started with: those shards decode once per batch size.
     groups: dict[tuple[int, int, int], list[_Member]] = {}
-    seen: set[tuple[int, int]] = set()
     for job, s in units:
         writers = tuple(w for w in (opened[p] for p in job.stores) if not w.shard_done(s))
-        if writers and (id(job), s) not in seen:
-            seen.add((id(job), s))
+        if writers:
             groups.setdefault((*writers[0].shard_range(s), job.batch_size), []).append((job, s, writers))
     if not groups:
         return
-    # Each job's shards go to the sink as its own part: one shard buffer open per job at a time.
-    parts = {id(job): k for k, job in enumerate({id(job): job for job, _ in units}.values())}
     # The jobs whose wds stores keep the source's files get them from the loader, read once.
     carried = {(s, id(job)): needs_decoding(dataset) and job.wds_images == "source"
                and any(w.keeps_clean_images for w in writers) for members in groups.values()
@@ -205,34 +191,30 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
         chunks = loader([span for spans in batches.values() for span in spans_of(spans, chunk)])
         host_copy = _HostCopy(device)
         # Resolved once per stream (a store's bytes need the device's native kernels: strict).
-        precisions = {job.precision: Precision.resolve(job.precision, device, strict=True)
-                      for members in groups.values() for job, *_ in members}
+        precision = Precision.resolve(first.precision, device, strict=True)
+        precision.prepare_model(model)
         for key, members in groups.items():
             start, stop = key[:2]
-            for job, s, writers in members:
+            # The k-th job of a group sends its shard to the sink as part k: one shard buffer open per
+            # job, all ended before the next group begins.
+            for k, (job, s, writers) in enumerate(members):
                 keep = any(w.keeps_clean_images for w in writers)  # a format that stores the clean image + true label
                 sink.put(ShardBegin(s, start, stop, writers, keys=dataset.keys[start:stop],
                                     images=_clean_pixels(dataset, start, stop)
                                     if keep and job.wds_images == "source" and not carried[s, id(job)] else None,
                                     true_label=dataset.labels[start:stop] if keep else None,
-                                    files=carried[s, id(job)], part=parts[id(job)]))
-            # The jobs of one precision and label rule share a forward pass (`attacks.directions`).
-            rules = _by_rule(members)
-            true = any(label == "true" for _, label in rules)
+                                    files=carried[s, id(job)], part=k))
             for b, e in batches[key]:
                 got = gather(chunks, e - b)
                 pixels = batch_to_device(got, device, dataset)  # decoded once, for every job of the group
                 kept = [f for c in got for f in c.files] if files else None
-                y = torch.from_numpy(dataset.labels[b:e]).to(device) if true else None
-                for (name, label), same in rules.items():
-                    precision = precisions[name]
-                    precision.prepare_model(model)
-                    batch = InputBatch(b - start, precision.memory_format(pixels), y if label == "true" else None)
-                    for (job, s, _), done_batch in zip(same, compute_batches(model, batch, [j for j, _, _ in same],
-                                                                            precision, host_copy)):
-                        sink.put(replace(done_batch, files=kept if carried[s, id(job)] else None, part=parts[id(job)]))
-            for job, s, _ in members:
-                sink.put(ShardEnd(s, part=parts[id(job)]))
+                y = torch.from_numpy(dataset.labels[b:e]).to(device) if first.label == "true" else None
+                batch = InputBatch(b - start, precision.memory_format(pixels), y)
+                todo = [(job, kept if carried[s, id(job)] else None, k) for k, (job, s, _) in enumerate(members)]
+                for done_batch in compute_batches(model, batch, todo, precision, host_copy):
+                    sink.put(done_batch)
+            for k, (job, s, _) in enumerate(members):
+                sink.put(ShardEnd(s, part=k))
                 if done is not None:
                     done(1)
 

@@ -14,6 +14,7 @@ and model once (module caches in `plan`) and forks its loader processes once (`c
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -139,15 +140,11 @@ def _torch_threads(client) -> int:
 
 
 def task_groups(units: list[tuple[ShardJob, int]], workers: int) -> list[tuple[tuple[ShardJob, int], ...]]:
-    """Consecutive runs of units, cut only between shards: the consecutive units of one shard (its
-    attacks, as `precompute` orders them) stay in one task, which decodes the shard once for all.
-    At least one task per worker, at most TASK_SHARDS shards each, near-equal in shards."""
-    runs: list[list[tuple[ShardJob, int]]] = []
-    for unit in units:
-        if runs and runs[-1][-1][1] == unit[1]:
-            runs[-1].append(unit)
-        else:
-            runs.append([unit])
+    """The units in runs of one shard each (its attacks, whatever order `units` has them in), cut into
+    tasks only between shards: a task decodes its shards once for all their attacks. At least one
+    task per worker, at most TASK_SHARDS shards each, near-equal in shards."""
+    by_shard = sorted(units, key=lambda unit: unit[1])  # stable: a shard's attacks keep their order
+    runs = [list(run) for _, run in itertools.groupby(by_shard, key=lambda unit: unit[1])]
     n = max(1, min(len(runs), max(workers, math.ceil(len(runs) / TASK_SHARDS))))
     bounds = [round(k * len(runs) / n) for k in range(n + 1)]
     return [tuple(u for run in runs[a:b] for u in run) for a, b in zip(bounds, bounds[1:]) if b > a]

@@ -10,8 +10,8 @@ Parts: every message names its `part`, one per attack of the stream (`compute.st
 decodes a shard's batch once and attacks it with every attack that lacks the shard, so the
 attacks' batches arrive interleaved). The sink keeps one shard buffer per part: with K attacks,
 at most K shards are open at once, one per attack, all of the same sample range (the stream
-ends them all before it begins the next shard). The queue's byte bound is unchanged: it holds
-the batches still waiting, whichever part they belong to.
+ends them all before it begins the next shard). The queue's byte bound holds the batches still
+waiting, whichever part they belong to; the source files the parts' batches share count once.
 
 Overlap: a single background thread, at a lower priority, waits for each batch's
 device-to-host copy (started by the compute on a side stream), turns it into numpy and
@@ -46,8 +46,8 @@ WRITER_NICE = 10  # niceness of the background writer thread (see ShardSink._loo
 # At most about this many bytes of computed batches wait for the writer: ~13 batches of 256 at
 # 3x224x224, several shards' worth of decoupling, and the pinned host memory stays bounded. The
 # bytes count each batch's directions, logits and labels and the source files riding with it (a
-# wds store's: at 64 px a batch's JPEGs are ~2x its directions, at ImageNet's ~110 KB a JPEG). With several attacks each attack's batch counts the files it carries,
-# although the K batches of one decoded batch share the same bytes: the bound errs on the safe side.
+# wds store's: at 64 px a batch's JPEGs are ~2x its directions, at ImageNet's ~110 KB a JPEG). With several
+# attacks the K batches of one decoded batch carry the same files (one list): they count once, with the first.
 SINK_BYTES = 512 << 20
 
 
@@ -101,12 +101,13 @@ def max_batches_for(batch_size: int, geometry: Sequence[int]) -> int:
     return max(4, min(64, SINK_BYTES // max(1, batch_size * int(np.prod(geometry)))))
 
 
-def _size(msg: Message) -> int:
-    """The host bytes a message holds while it waits for the writer."""
+def _size(msg: Message, files_counted: bool = False) -> int:
+    """The host bytes a message holds while it waits for the writer; `files_counted`: its files
+    ride with an earlier batch already counted (another attack's batch of the same decoded batch)."""
     if not isinstance(msg, BatchDone):
         return 0
     return (msg.direction.nbytes + msg.logits.nbytes + msg.labels.nbytes
-            + sum(len(data) for _, data in msg.files or ()))
+            + (0 if files_counted else sum(len(data) for _, data in msg.files or ())))
 
 
 class _ShardBuffer:
@@ -157,8 +158,14 @@ class ShardSink:
     """
 
     def __init__(self, *, background: bool, max_batches: int = 64, max_bytes: int = SINK_BYTES) -> None:
-        self._queue: queue.Queue[Message | None] | None = queue.Queue(maxsize=max_batches) if background else None
+        # Each message queued with the bytes it was counted for (`_size`).
+        self._queue: queue.Queue[tuple[Message, int] | None] | None = (queue.Queue(maxsize=max_batches)
+                                                                      if background else None)
         self._max_bytes, self._queued = max_bytes, 0  # bytes handed over and not yet handled
+        # The files of the last batch counted: the attacks' batches of one decoded batch share the list.
+        # Held (not its id, which a new list may reuse); once the first is written the others' copy of
+        # the files goes uncounted: at most one decoded batch's files under the bound.
+        self._last_files: Sequence[tuple[str, bytes]] | None = None
         self._room = threading.Condition()
         self._error: BaseException | None = None
         self._abort = threading.Event()
@@ -175,13 +182,16 @@ class ShardSink:
         if self._queue is None:
             self._handle(msg)
             return
-        size = _size(msg)
+        files = msg.files if isinstance(msg, BatchDone) else None
+        size = _size(msg, files_counted=files is not None and files is self._last_files)
+        if files is not None:
+            self._last_files = files
         with self._room:
             while self._queued and self._queued + size > self._max_bytes:
                 self._room.wait(timeout=0.5)  # poll so a dead writer thread cannot block the producer forever
                 self._raise()
             self._queued += size
-        self._enqueue(msg)
+        self._enqueue((msg, size))
 
     def close(self) -> None:
         """Wait until everything handed over is written; re-raise a writer error."""
@@ -210,7 +220,7 @@ class ShardSink:
         else:
             self.abort()
 
-    def _enqueue(self, item: Message | None) -> None:
+    def _enqueue(self, item: tuple[Message, int] | None) -> None:
         while True:  # poll so a dead writer thread cannot block the producer forever
             try:
                 self._queue.put(item, timeout=0.5)
@@ -234,13 +244,14 @@ class ShardSink:
             item = self._queue.get()
             if item is None or self._abort.is_set():
                 return
+            msg, size = item
             if self._error is None:
                 try:
-                    self._handle(item)
+                    self._handle(msg)
                 except BaseException as e:  # handed to the producer, which raises it
                     self._error = e
             with self._room:
-                self._queued -= _size(item)
+                self._queued -= size
                 self._room.notify_all()
 
     def _handle(self, msg: Message) -> None:

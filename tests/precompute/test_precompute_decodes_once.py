@@ -108,13 +108,28 @@ def test_two_attacks_decode_each_image_once_into_the_one_attack_stores(inputs, o
         open_buffers.append(len(sink._bufs))
 
     monkeypatch.setattr(ShardSink, "_handle", handle)
+    from enspipe.precompute import dask_runner
+
+    tasks, real_groups = [], dask_runner.task_groups
+
+    def task_groups(units, workers):  # the dask tasks precompute hands out
+        groups = real_groups(units, workers)
+        tasks.extend(groups)
+        return groups
+
+    monkeypatch.setattr(dask_runner, "task_groups", task_groups)
     stores = precompute(_cfg(inputs, out, **kw))
     assert len(stores) == 4
     got, want = _store_files(out), _store_files(one_attack_runs)
     assert sorted(got) == sorted(want)  # the same stores (paths from their identities), the same files
     for rel in want:
         assert got[rel] == want[rel], rel
-    if "dask" not in where:  # dask's worker processes are not forked from this one: the patch is not there
+    if "dask" in where:  # its workers are not forked from this one (no decode count there): each shard and
+        # both its attacks in exactly one task, so one worker decodes it once
+        assert len(tasks) == 2
+        assert sorted(s for task in tasks for s in {s for _, s in task}) == [0, 1, 2]
+        assert all(sorted(job.attack for job, t in task if t == s) == sorted(ATTACKS) for task in tasks for _, s in task)
+    else:
         assert decodes() == collections.Counter(range(24))  # each image once, for both attacks (was 2)
         assert max(open_buffers) == 2  # one open shard per attack, K = 2: the sink's memory beyond its queue
 
@@ -141,8 +156,7 @@ def test_a_shard_decodes_once_for_whichever_attacks_still_lack_it(inputs, one_at
     monkeypatch.setattr(stage, "run_in_process", lambda units, **kw: (handed.extend(units), real(units, **kw)))
     precompute(_cfg(inputs, out))
     assert decodes() == collections.Counter(range(8, 24))  # shards 1 and 2 (8 samples each), once
-    # The units go on in shard order, a shard's attacks side by side (what a dask task keeps together).
-    assert [(job.attack, s) for job, s in handed] == [("fgsm", 1), ("step_ll", 2), ("fgsm", 2)]
+    assert sorted((job.attack, s) for job, s in handed) == [("fgsm", 1), ("fgsm", 2), ("step_ll", 2)]
     got, want = _store_files(out), _store_files(one_attack_runs)
     assert {rel: got[rel] for rel in want} == want
 
@@ -168,8 +182,9 @@ def test_the_device_path_decodes_each_batch_once_for_both_attacks(inputs, tmp_pa
 
 # --- One forward pass for the attacks of a batch --------------------------------------------------
 
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("label", ["pred", "true"])
-def test_directions_share_a_forward_and_equal_one_direction_per_attack(inputs, label, monkeypatch):
+def test_directions_share_a_forward_and_equal_one_direction_per_attack(inputs, label, autocast, monkeypatch):
     """attacks.directions (what precompute runs per batch) gives what one attacks.direction call
     per attack gives, bit for bit, from one forward pass of the model instead of one per attack."""
     from enspipe import attacks
@@ -181,9 +196,10 @@ def test_directions_share_a_forward_and_equal_one_direction_per_attack(inputs, l
     forwards = []
     model.register_forward_hook(lambda *_: forwards.append(1))
     with _deterministic():
-        want = [attacks.direction(model, x, y, attack=a, label=label) for a in ("fgsm", "step_ll", "fgsm")]
+        want = [attacks.direction(model, x, y, attack=a, label=label, autocast=autocast)
+                for a in ("fgsm", "step_ll", "fgsm")]
         forwards.clear()
-        got = attacks.directions(model, x, y, attacks=("fgsm", "step_ll", "fgsm"), label=label)
+        got = attacks.directions(model, x, y, attacks=("fgsm", "step_ll", "fgsm"), label=label, autocast=autocast)
     assert len(forwards) == 1
     for g, w in zip(got, want, strict=True):
         for a, b in zip(g, w, strict=True):
@@ -234,9 +250,9 @@ def test_the_sink_keeps_one_shard_buffer_per_part(background):
 
 
 def test_dask_tasks_hold_every_attack_of_their_shards():
-    """Units ordered by shard (as precompute orders them): a task never splits a shard's attacks (its
-    shard is then decoded once, in one worker); tasks cover the units in order, at most TASK_SHARDS
-    shards each, at least one per worker; describe and the progress count see every unit."""
+    """Units handed attack by attack (as precompute lists them): a task never splits a shard's attacks
+    (its shard is then decoded once, in one worker); tasks cover the units in shard order, at most
+    TASK_SHARDS shards each, at least one per worker; describe and the progress count see every unit."""
     from enspipe.precompute.dask_runner import TASK_SHARDS, describe, task_groups
 
     class Job:  # only .attack is read
@@ -245,11 +261,10 @@ def test_dask_tasks_hold_every_attack_of_their_shards():
 
     a, b = Job("step_ll"), Job("fgsm")
     # Step-LL lacks shards 0-39, FGSM only 4-7 and 30-39 (pending shards differ per attack).
-    units = sorted([(a, s) for s in range(40)] + [(b, s) for s in [*range(4, 8), *range(30, 40)]],
-                   key=lambda u: u[1])
+    units = [(a, s) for s in range(40)] + [(b, s) for s in [*range(4, 8), *range(30, 40)]]
     for workers in (1, 2, 3, 7):
         groups = task_groups(units, workers=workers)
-        assert [u for g in groups for u in g] == units
+        assert [u for g in groups for u in g] == sorted(units, key=lambda u: u[1])  # a shard's attacks in order
         assert len(groups) >= min(workers, 40)
         shards = [{s for _, s in g} for g in groups]
         assert all(len(s) <= TASK_SHARDS for s in shards)

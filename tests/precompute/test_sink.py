@@ -75,3 +75,29 @@ def test_a_batch_above_the_limit_alone_still_goes_through():
             sink.put(_batch(k))
         sink.put(ShardEnd(0))
     assert [e for e, _ in writer.shards[0]["image_files"]] == ["jpeg"] * 3
+
+
+def test_files_shared_by_the_attacks_batches_count_once():
+    """Two attacks (parts) of one decoded batch carry the same list of files: the queue counts its
+    bytes with the first batch only (420 + 20 per decoded batch, not 2 x 420). The writer is held in
+    the first batch, so nothing queued is handled yet."""
+    writers, gate = (_Writer(), _Writer()), threading.Event()
+    sink = ShardSink(background=True, max_batches=64, max_bytes=10_000)
+    for part, w in enumerate(writers):
+        sink.put(ShardBegin(0, 0, 2, (w,), keys=["0", "1"], images=None, true_label=np.arange(2), files=True,
+                            part=part))
+    for k in range(2):
+        files = [("jpeg", bytes([k]) * FILE)]  # one decoded batch's files, shared by both attacks' batches
+        for part in (0, 1):
+            sink.put(BatchDone(k, torch.full((1, 1, 2, 2), k - part, dtype=torch.int8), torch.zeros(1, 2),
+                               torch.tensor([k]), gate.wait if k == part == 0 else None, files, part))
+    assert sink._queued == 2 * (420 + 20)
+    gate.set()
+    for part in (0, 1):
+        sink.put(ShardEnd(0, part=part))
+    sink.close()
+    assert sink._queued == 0
+    for part, w in enumerate(writers):
+        (shard,) = w.shards
+        assert shard["image_files"] == [("jpeg", bytes([k]) * FILE) for k in range(2)]
+        assert shard["direction"][:, 0, 0, 0].tolist() == [-part, 1 - part]
