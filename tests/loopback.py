@@ -88,7 +88,9 @@ class ThrottleProxy:
       Content-Length that says so: only a checksum can tell (botocore checks the object's
       x-amz-checksum-* header when the object has one, as moto's and S3's new objects do);
     - "truncate-unchecked": the same, the object's checksum headers left out (objects written
-      without one, or an S3-compatible server that keeps none): only enspipe's sha256 can tell.
+      without one, or an S3-compatible server that keeps none): only enspipe's record can tell;
+    - "flip-unchecked": a GET's body whole but its last byte changed, no checksum headers: only a
+      sha256 can tell.
 
     `counts` holds what the proxy saw: requests (all), by method, faults by kind, forwarded."""
 
@@ -189,7 +191,7 @@ class ThrottleProxy:
             if h.command != "HEAD":
                 h.wfile.write(xml)
             return
-        if kind in ("truncate", "truncate-unchecked") and h.command != "GET":
+        if kind in ("truncate", "truncate-unchecked", "flip-unchecked") and h.command != "GET":
             kind = None  # only a body can be cut short
         if kind == "drop" and h.command != "GET":
             h.close_connection = True  # closed unanswered: the request never reaches the server
@@ -208,9 +210,9 @@ class ThrottleProxy:
         finally:
             conn.close()
         headers = resp.getheaders()
-        if kind in ("truncate", "truncate-unchecked") and resp.status == 200:
-            data = data[:len(data) // 2]
-            if kind == "truncate-unchecked":
+        if kind in ("truncate", "truncate-unchecked", "flip-unchecked") and resp.status == 200 and data:
+            data = data[:-1] + bytes([data[-1] ^ 1]) if kind == "flip-unchecked" else data[:len(data) // 2]
+            if kind.endswith("-unchecked"):
                 headers = [(k, v) for k, v in headers if not k.lower().startswith("x-amz-checksum")]
         h.send_response(resp.status, resp.reason)
         for k, v in headers:

@@ -133,15 +133,16 @@ def test_a_shard_get_cut_off_mid_body_is_fetched_again_and_a_short_body_is_refus
     proxy = throttled(first=1, methods=("GET",), match="/direction/", kinds=("truncate",))
     _same(open_store(url, cache_dir=tmp_path / "checked").read(0, N), a)
     assert proxy.reset()["faults"]["truncate"] == N // SHARD
-    # Without the checksum header (an object or server without one): only the record's sha256 sees it.
-    proxy = throttled(first=1, methods=("GET",), match="/direction/", kinds=("truncate-unchecked",))
-    reader = open_store(url, cache_dir=tmp_path / "again")  # an empty cache: every object fetched
-    with pytest.raises(StoreError, match="does not match its completion record") as e:
-        reader.read(0, N)
-    assert "/direction/" in str(e.value) and url in str(e.value)
-    mirror = reader.source.mirror
-    kept = [p for p in (mirror / "direction").rglob("*") if p.is_file() and p.name != "zarr.json"]
-    assert not kept  # no shard object kept: nothing read from it
-    assert proxy.reset()["faults"]["truncate-unchecked"] >= 1
-    throttled()  # nothing refused now: the same cache reads the bytes written
-    _same(open_store(url, cache_dir=tmp_path / "again").read(0, N), a)
+    # Without the checksum header (an object or server without one): only the record sees it, by
+    # the size (a short body) or by the sha256 (a changed byte).
+    for kind in ("truncate-unchecked", "flip-unchecked"):
+        proxy = throttled(first=1, methods=("GET",), match="/direction/", kinds=(kind,))
+        reader = open_store(url, cache_dir=tmp_path / kind)  # an empty cache: every object fetched
+        with pytest.raises(StoreError, match="does not match its completion record") as e:
+            reader.read(0, N)
+        assert "/direction/" in str(e.value) and url in str(e.value)
+        kept = [p for p in (reader.source.mirror / "direction").rglob("*") if p.is_file() and p.name != "zarr.json"]
+        assert not kept  # no shard object kept: nothing read from it
+        assert proxy.reset()["faults"][kind] >= 1
+        throttled()  # nothing refused now: the same cache reads the bytes written
+        _same(open_store(url, cache_dir=tmp_path / kind).read(0, N), a)
