@@ -171,8 +171,22 @@ class Remote:
         _retrying(self.url, "read objects of", fetch)
         return {rel: got.get(path) for path, rel in paths.items()}
 
+    def _head(self, rel: str) -> int | None:
+        """Bytes of one object, None when there is none: one HEAD on s3fs (its info() of a missing
+        key lists the prefix too, a second request that a throttled bucket may refuse)."""
+        if hasattr(self.fs, "call_s3"):
+            bucket, key, _ = self.fs.split_path(self._p(rel))
+            try:
+                return int(self.fs.call_s3("head_object", Bucket=bucket, Key=key)["ContentLength"])
+            except FileNotFoundError:
+                return None
+        try:
+            return int(self.fs.info(self._p(rel))["size"])
+        except FileNotFoundError:
+            return None
+
     def exists(self, rel: str) -> bool:
-        return _retrying(join(self.url, rel), "reach", lambda: self.fs.exists(self._p(rel)))
+        return _retrying(join(self.url, rel), "reach", lambda: self._head(rel) is not None)
 
     def put_bytes(self, rel: str, data: bytes) -> None:
         _retrying(join(self.url, rel), "write", lambda: self.fs.pipe_file(self._p(rel), data))
@@ -185,13 +199,7 @@ class Remote:
 
     def size(self, rel: str) -> int | None:
         """Bytes of one object, None when there is none."""
-        def info() -> int | None:
-            try:
-                return int(self.fs.info(self._p(rel))["size"])
-            except FileNotFoundError:
-                return None
-
-        return _retrying(join(self.url, rel), "reach", info)
+        return _retrying(join(self.url, rel), "reach", lambda: self._head(rel))
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """{relative name: bytes} of every object under the store (or under `prefix` in it)."""
