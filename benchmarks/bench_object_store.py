@@ -1,6 +1,6 @@
 """Benchmark: DirectionStream read throughput from a local S3 server vs local disk (issue 23).
 
-    python benchmarks/bench_object_store.py --quick              # digits (1,500 samples), 3 rounds, + --start-check
+    python benchmarks/bench_object_store.py --quick              # digits (1,500 samples), 3 rounds, + --start-check, + --throttle (128 samples)
     python benchmarks/bench_object_store.py --dataset mnist --data-root DIR --rounds 3
     python benchmarks/bench_object_store.py --start-check       # requests of a train start's check
     python benchmarks/bench_object_store.py --throttle --rates 0.1,0.3,0.5   # steps through a throttled S3
@@ -403,8 +403,10 @@ def main() -> None:
                                                              "n": len(dataset), "rows": rows,
                                                              "precompute_s": pre_rows,
                                                              "fast_path_us": statistics.median(fast_us)}, indent=2))
-    if args.quick:  # the start check's counts too (seconds): the smoke run keeps that part from rotting
+    if args.quick:  # the start check's counts and a throttled run too (seconds): the smoke run keeps them from rotting
         _start_check(args)
+        args.limit, args.rates, args.rounds, args.shard_size = 128, "0.3", 1, 64
+        _throttle(args)
 
 
 if __name__ == "__main__":
