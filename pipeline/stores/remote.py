@@ -34,16 +34,17 @@ Endpoint and credentials: fsspec's configuration and the usual environment (`AWS
 `AWS_ACCESS_KEY_ID`, ...). Every remote call has a bounded timeout (`ENSPIPE_REMOTE_TIMEOUT`
 seconds, default 10); every failure is one StoreError line naming the URL.
 
-Throttling (`retry_settings`): many ranks and dask workers on one bucket make S3 answer 503 SlowDown
+Throttling (`remote_retry`): many ranks and dask workers on one bucket make S3 answer 503 SlowDown
 (and now and then 500 InternalError, or cut a connection off). s3fs retries a SlowDown and a cut-off
 body a few times itself (botocore makes one attempt per request here: `BOTOCORE_ATTEMPTS`); a call
-that still ends in one of those failures (`_transient`) is tried again here, whole (every call is
+that still ends in one of those failures (`remote_retry._transient`) is tried again, whole (every call is
 idempotent: a GET, a listing, a HEAD, or a PUT of a whole object), after a jittered exponential wait:
 ENSPIPE_REMOTE_RETRIES tries at most, ENSPIPE_REMOTE_RETRY_S seconds of waiting at most; then one
 line that says the store was throttled. Anything else (no such endpoint, a connect timeout, denied,
-not found) is not tried again, so a dead endpoint fails as fast as before. botocore's "standard"
-retry mode, or "adaptive" (ENSPIPE_REMOTE_RETRY_MODE: its client-side rate limiter, which slowed
-every throttled run measured here down 2-10x: BENCHMARKS.md, "object storage under throttling").
+not found) is not tried again: a dead endpoint fails after one connect. botocore's "standard" retry
+mode, or "adaptive" (ENSPIPE_REMOTE_RETRY_MODE): its client-side rate limiter sent fewer requests
+to a rate-limited proxy at the same speed, but slowed runs with a share of all requests refused
+2-10x (BENCHMARKS.md, "object storage under throttling").
 """
 from __future__ import annotations
 
