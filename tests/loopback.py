@@ -77,7 +77,8 @@ class ThrottleProxy:
     the first `first` requests of each (method, object) (deterministic whatever the order; a
     listing is one "object"), or `always` (after the first `after` requests), or those beyond `rps`
     requests a second (a token bucket holding one second's worth: how S3 throttles a hot prefix),
-    only of `methods` and of paths holding `match` when given. How each fails, in turn from `kinds`:
+    only of `methods` and of paths holding `match` when given. How each fails, from `kinds` in turn
+    (the k-th of an object's `first` refusals: kinds[k], whatever other objects' requests do):
 
     - "slowdown": 503 with S3's `SlowDown` error XML (a HEAD gets the status only, as S3 sends);
     - "internal": 500 with S3's `InternalError` XML;
@@ -150,7 +151,7 @@ class ThrottleProxy:
             self.counts["methods"][method] = self.counts["methods"].get(method, 0) + 1
             n = self._seen.get((method, path), 0)
             self._seen[(method, path)] = n + 1
-            hit = (self.always and self.counts["requests"] > self.after) or n < self.first or (
+            hit = (self.always and self.counts["requests"] > self.after) or (
                 self.fraction > 0 and self._rng.random() < self.fraction)
             if self.rps > 0:
                 now = time.monotonic()
@@ -162,11 +163,17 @@ class ThrottleProxy:
                     hit = True
             if (self.methods is not None and method not in self.methods) or (self.match and self.match not in path):
                 hit = False
+            turn = None
+            if n < self.first and not (self.methods is not None and method not in self.methods) and not (
+                    self.match and self.match not in path):
+                hit, turn = True, n
             if not hit:
                 self.counts["forwarded"] += 1
                 return None
-            kind = self.kinds[self._turn % len(self.kinds)]
-            self._turn += 1
+            if turn is None:
+                turn = self._turn
+                self._turn += 1
+            kind = self.kinds[turn % len(self.kinds)]
             self.counts["faults"][kind] = self.counts["faults"].get(kind, 0) + 1
             return kind
 
