@@ -111,9 +111,8 @@ def _fs(url: str):
     opts: dict[str, Any] = {}
     if protocol in ("s3", "s3a"):
         t = _timeout()
-        attempts = int(os.environ.get("ENSPIPE_REMOTE_BOTOCORE_ATTEMPTS", BOTOCORE_ATTEMPTS))
         opts = {"config_kwargs": {"connect_timeout": t, "read_timeout": t,
-                                  "retries": {"total_max_attempts": attempts, "mode": retry_settings()[2]}}}
+                                  "retries": {"total_max_attempts": BOTOCORE_ATTEMPTS, "mode": retry_settings()[2]}}}
         if os.environ.get("AWS_ENDPOINT_URL"):
             opts["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     try:

@@ -23,8 +23,7 @@ RETRIES, RETRY_S, RETRY_MODE = 12, 60.0, "standard"
 RETRY_BASE_S, RETRY_MAX_WAIT_S = 0.2, 20.0
 # botocore's attempts of a request inside each try (its `total_max_attempts`: before, `max_attempts` 2
 # meant 3): one, so that the waits are this module's (botocore's first wait is up to 1 s whatever the
-# error) and a dead endpoint costs one connect, not RETRIES (ENSPIPE_REMOTE_BOTOCORE_ATTEMPTS: only
-# for bench_object_store.py --throttle's comparisons).
+# error) and a dead endpoint costs one connect, not RETRIES.
 BOTOCORE_ATTEMPTS = 1
 
 

@@ -148,3 +148,15 @@ def test_a_shard_get_cut_off_mid_body_is_fetched_again_and_a_short_body_is_refus
         assert proxy.reset()["faults"][kind] >= 1
         throttled()  # nothing refused now: the same cache reads the bytes written
         _same(open_store(url, cache_dir=tmp_path / kind).read(0, N), a)
+
+
+@pytest.mark.parametrize("name, value", [("ENSPIPE_REMOTE_RETRIES", "many"), ("ENSPIPE_REMOTE_RETRIES", "0"),
+                                         ("ENSPIPE_REMOTE_RETRY_S", "-1"), ("ENSPIPE_REMOTE_RETRY_MODE", "legacy")])
+def test_a_bad_retry_setting_is_one_line_naming_it(monkeypatch, name, value):
+    from enspipe.stores.remote import Remote
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(StoreError, match=name) as e:
+        Remote("s3://bucket/stores")
+    line = str(e.value)
+    assert "\n" not in line and value in line, line
