@@ -1,8 +1,9 @@
 """Benchmark: DirectionStream read throughput from a local S3 server vs local disk (issue 23).
 
-    python benchmarks/bench_object_store.py --quick              # digits (1,500 samples), 3 rounds, + a 16-shard start check
+    python benchmarks/bench_object_store.py --quick              # digits (1,500 samples), 3 rounds, + a 16-shard start check, + --throttle (128 samples)
     python benchmarks/bench_object_store.py --dataset mnist --data-root DIR --rounds 3
     python benchmarks/bench_object_store.py --start-check       # requests of a train start's check
+    python benchmarks/bench_object_store.py --throttle --rates 0.1,0.3,0.5   # steps through a throttled S3
 
 Starts moto's standalone S3 server on 127.0.0.1 (`pip install -e '.[s3]'`), writes one zarr and
 one wds store of random sign directions (the worst case for compression) for the dataset's
@@ -19,6 +20,12 @@ timed epochs, as train() does) and reports samples/s of the epoch's iteration:
 Then precompute itself (`enspipe.precompute`, one process, fgsm, of a model D trained one epoch
 here) into a local root and into the bucket, side by side (wall seconds of the whole call:
 model and data loading, attack, shard writing, uploads, finalize).
+
+`--throttle` instead runs precompute to an s3:// store, a train reading one and `enspipe verify URL`
+through a throttling proxy (tests/loopback.py `ThrottleProxy`: a share of requests answered with
+S3's 503 SlowDown, 500 InternalError, or cut off mid-body) at each `--rates` share, and reports
+whether each completed, its wall seconds and the requests the proxy saw (counted there, failed ones
+included), beside the same step unthrottled.
 
 `--start-check` instead counts (no clock) what a train start costs the object store: the
 requests (by S3 operation, counted at s3fs's one entry for every call) and the object bytes
@@ -200,6 +207,104 @@ def _start_check(args, samples: int = 1024) -> None:
         indent=2))
 
 
+def _throttle(args) -> None:
+    """Precompute to, train from and verify an s3:// store through a ThrottleProxy at each rate."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from loopback import ThrottleProxy
+
+    from enspipe.precompute import PrecomputeConfig, precompute
+    from enspipe.stores import verify_store
+    from enspipe.train import TrainConfig, train
+    from enspipe.util.errors import StoreError
+
+    proc, endpoint = _server()
+    work = Path(tempfile.mkdtemp(prefix="bench-s3-throttle-"))
+    kinds = tuple(args.kinds.split(","))
+    rows: list[dict] = []
+    try:
+        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                          AWS_DEFAULT_REGION="us-east-1")
+        import s3fs
+
+        bucket = f"bench{uuid.uuid4().hex[:8]}"
+        s3fs.S3FileSystem(endpoint_url=endpoint).mkdir(bucket)
+        model = work / "model-D"
+        train(TrainConfig(model="D", dataset="digits", limit=args.limit, epochs=1, seed=0, device="cpu",
+                          log_every=10_000, out=str(model)))
+
+        def pre(out: str) -> str:
+            return precompute(PrecomputeConfig(model=str(model), dataset="digits", limit=args.limit,
+                                               attacks=("fgsm",), format="zarr", shard_size=args.shard_size,
+                                               device="cpu", out=out))
+
+        (store,) = [str(p) for p in _urls(pre(f"s3://{bucket}/base"))]  # unthrottled, for train and verify
+        steps = {
+            "precompute": lambda tag: pre(f"s3://{bucket}/{tag}"),
+            "train": lambda tag: train(TrainConfig(model="A", dataset="digits", limit=args.limit, mode="ens-adv",
+                                                   shards=(store,), epochs=1, seed=0, device="cpu",
+                                                   log_every=10_000, out=str(work / tag))),
+            "verify": lambda tag: _verified(verify_store(store, deep=True)),
+        }
+        for r in range(args.rounds):
+            for rate in [0.0, *[float(x) for x in args.rates.split(",")]]:  # 0: not throttled
+                for step, fn in steps.items():
+                    proxy = (ThrottleProxy(endpoint, rps=rate, kinds=kinds) if args.rps else
+                             ThrottleProxy(endpoint, fraction=rate, seed=r, kinds=kinds))
+                    os.environ["AWS_ENDPOINT_URL"] = proxy.url  # a new endpoint: a new s3fs client
+                    os.environ["ENSPIPE_STORE_CACHE"] = str(work / f"cache-{step}-{rate}-{r}")
+                    t = time.perf_counter()
+                    try:
+                        fn(f"{step}-{rate}-{r}")
+                        outcome = "ok"
+                    except (StoreError, OSError, RuntimeError) as e:
+                        outcome = " ".join(str(e).split())[:300]
+                    wall = time.perf_counter() - t
+                    c = proxy.reset()
+                    proxy.close()
+                    rows.append({"round": r, "rate": rate, "step": step, "outcome": outcome, "wall_s": wall,
+                                 "requests": c["requests"], "faults": c["faults"]})
+                    print(f"{step:10s} rate {rate:.2f} round {r}: {wall:6.2f} s, {c['requests']:5d} requests, "
+                          f"faults {c['faults']}: {outcome}", flush=True)
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+        proc.terminate()
+        shutil.rmtree(work, ignore_errors=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    settings = {k: v for k, v in os.environ.items() if k.startswith("ENSPIPE_REMOTE_")}
+    lines = [f"digits{'' if args.limit is None else f' ({args.limit} samples)'}, zarr, shard size {args.shard_size}, "
+             f"faults {args.kinds} in turn; moto S3 behind ThrottleProxy on loopback; settings {settings or 'default'}; "
+             f"{stamp}", "", f"| step | {'requests/s allowed' if args.rps else 'share throttled'} | completed | wall s (median) | requests (median) | x unthrottled wall |",
+             "|---|---|---|---|---|---|"]
+    for step in steps:
+        base = statistics.median(x["wall_s"] for x in rows if x["step"] == step and x["rate"] == 0) or 1.0
+        for rate in sorted({x["rate"] for x in rows}):
+            got = [x for x in rows if x["step"] == step and x["rate"] == rate]
+            ok = sum(x["outcome"] == "ok" for x in got)
+            wall = statistics.median(x["wall_s"] for x in got)
+            limit = ("none" if not rate else f"{rate:g}") if args.rps else f"{rate:.0%}"
+            lines.append(f"| {step} | {limit} | {ok} of {len(got)} | {wall:.2f} | "
+                         f"{statistics.median(x['requests'] for x in got):.0f} | {wall / base:.2f}x |")
+    print("\n".join(lines))
+    failures = sorted({x["outcome"] for x in rows if x["outcome"] != "ok"})
+    for f in failures[:5]:
+        print(f"  failed: {f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_object_store_throttle.json").write_text(json.dumps(
+        {"date": stamp, "command": command_line("bench_object_store.py", None), "machine": machine(),
+         "settings": settings, "kinds": kinds, "rows": rows}, indent=2))
+
+
+def _urls(printed) -> list[str]:
+    """precompute's store paths (it returns them)."""
+    return list(printed) if isinstance(printed, (list, tuple)) else [printed]
+
+
+def _verified(report) -> None:
+    if not report.ok:
+        raise RuntimeError("; ".join(report.problems)[:300])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the bundled digits whatever --dataset says (seconds)")
@@ -212,7 +317,19 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--start-check", action="store_true",
                     help="only count the requests and bytes of a train start's store check (64 shards)")
+    ap.add_argument("--throttle", action="store_true",
+                    help="only precompute, train and verify an s3:// store through a throttling proxy at --rates")
+    ap.add_argument("--rates", default="0.1,0.3,0.5", help="--throttle: shares of requests answered with a fault")
+    ap.add_argument("--rps", action="store_true",
+                    help="--throttle: --rates are requests a second the proxy lets through (a token bucket), the "
+                         "rest answered with --kinds, as S3 throttles a hot prefix")
+    ap.add_argument("--kinds", default="slowdown,slowdown,slowdown,internal,drop",
+                    help="--throttle: the faults, in turn (slowdown: 503 SlowDown; internal: 500 InternalError; "
+                         "drop: a GET cut off mid-body, any other request closed unanswered)")
     args = ap.parse_args()
+    if args.throttle:
+        args.shard_size = args.shard_size if args.shard_size != 1024 else 128
+        return _throttle(args)
     if args.start_check:
         return _start_check(args)
     if args.quick:
@@ -287,8 +404,10 @@ def main() -> None:
                                                              "n": len(dataset), "rows": rows,
                                                              "precompute_s": pre_rows,
                                                              "fast_path_us": statistics.median(fast_us)}, indent=2))
-    if args.quick:  # the start check's counts too (seconds): the smoke run keeps that part from rotting
+    if args.quick:  # the start check's counts and a throttled run too (seconds): the smoke run keeps them from rotting
         _start_check(args, samples=256)
+        args.limit, args.rates, args.rounds, args.shard_size = 128, "0.3", 1, 64
+        _throttle(args)
 
 
 if __name__ == "__main__":

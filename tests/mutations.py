@@ -49,6 +49,7 @@ class Mutation:
 
 ORACLES = "tests/project/test_oracles.py"
 INTEGRITY = "tests/stores/test_reader_integrity.py"
+THROTTLE = "tests/stores/test_object_store_throttle.py"
 
 MUTATIONS = [
     # --- The table of issue 18: bugs the suite did not catch before it ---
@@ -215,7 +216,8 @@ MUTATIONS = [
              '                ok = len(data) == meta["bytes"]\n',
              ("tests/stores/test_object_store.py::test_a_corrupted_object_is_refused_on_read_and_named_by_verify",
               "tests/stores/test_remote_start_check.py::"
-              "test_a_byte_flipped_after_the_check_stops_the_read_naming_the_object_and_feeds_nothing_wrong")),
+              "test_a_byte_flipped_after_the_check_stops_the_read_naming_the_object_and_feeds_nothing_wrong",
+              f"{THROTTLE}::test_a_shard_get_cut_off_mid_body_is_fetched_again_and_a_short_body_is_refused")),
     Mutation("remote-cache-unbounded", "the object-store cache never evicts",
              "pipeline/stores/remote_cache.py",
              "        total = sum(size for _, size, _ in files)\n",
@@ -531,8 +533,8 @@ MUTATIONS = [
              ("tests/stores/test_remote_start_check.py::test_loader_workers_download_what_the_check_left_on_the_server",)),
     Mutation("records-fetch-errors-ignored", "a record object that cannot be fetched is taken as absent (the concurrent fetch's errors dropped)",
              "pipeline/stores/remote.py",
-             "            if isinstance(value, FileNotFoundError):\n",
-             "            if isinstance(value, BaseException):\n",
+             "                if isinstance(value, FileNotFoundError):\n",
+             "                if isinstance(value, BaseException):\n",
              ("tests/stores/test_remote_start_check.py::test_a_record_object_that_cannot_be_read_is_one_line_naming_it",)),
     Mutation("record-size-unchecked", "a record's files are not checked against their recorded sizes",
              "pipeline/stores/manifest.py",
@@ -557,6 +559,26 @@ MUTATIONS = [
              "    order = sorted(units.values(), key=lambda unit: -sum(map(estimate, unit)))  # stable\n",
              "    order = list(units.values())\n",
              ("tests/project/test_xdist_order.py::test_units_run_longest_first_and_a_groups_tests_stay_together",)),
+    # --- stores on a throttled S3 (tests/loopback.py ThrottleProxy) ---
+    Mutation("remote-retries-off", "a store URL's calls are not tried again when S3 throttles them (the settings "
+             "before: botocore's attempts and s3fs's SlowDown retries only)",
+             "pipeline/stores/remote_retry.py",
+             "RETRIES, RETRY_S, RETRY_MODE = 12, 60.0, ",
+             "RETRIES, RETRY_S, RETRY_MODE = 1, 60.0, ",
+             (f"{THROTTLE}::test_a_precompute_through_throttling_completes_with_the_bytes_of_an_unthrottled_one",
+              f"{THROTTLE}::test_a_read_and_verify_through_throttling_feed_the_bytes_written")),
+    Mutation("remote-slowdown-unnamed", "a call S3 keeps throttling fails as an unreachable endpoint would (not "
+             "named as throttling, not tried again)",
+             "pipeline/stores/remote_retry.py",
+             '    if code == errno.EBUSY or any(t in text for t in _THROTTLED):\n',
+             '    if False:\n',
+             (f"{THROTTLE}::test_sustained_throttling_ends_in_one_line_naming_the_url_and_leaves_no_store_that_looks_complete",)),
+    Mutation("remote-cut-off-not-retried", "a GET whose body arrived damaged (botocore's check of S3's checksum) is "
+             "not tried again",
+             "pipeline/stores/remote_retry.py",
+             '    if type(e).__name__ == "FlexibleChecksumError":',
+             '    if False:',
+             (f"{THROTTLE}::test_a_shard_get_cut_off_mid_body_is_fetched_again_and_a_short_body_is_refused",)),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.

@@ -32,22 +32,35 @@ against its sha256:
 
 Endpoint and credentials: fsspec's configuration and the usual environment (`AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, ...). Every remote call has a bounded timeout (`ENSPIPE_REMOTE_TIMEOUT`
-seconds, default 10, few retries); every failure is one StoreError line naming the URL.
+seconds, default 10); every failure is one StoreError line naming the URL.
+
+Throttling (`remote_retry`): many ranks and dask workers on one bucket make S3 answer 503 SlowDown
+(and now and then 500 InternalError, or cut a connection off). s3fs retries a SlowDown and a cut-off
+body a few times itself (botocore makes one attempt per request here: `BOTOCORE_ATTEMPTS`); a call
+that still ends in one of those failures (`remote_retry._transient`) is tried again, whole (every call is
+idempotent: a GET, a listing, a HEAD, or a PUT of a whole object), after a jittered exponential wait:
+ENSPIPE_REMOTE_RETRIES tries at most, ENSPIPE_REMOTE_RETRY_S seconds of waiting at most; then one
+line that says the store was throttled. Anything else (no such endpoint, a connect timeout, denied,
+not found) is not tried again: a dead endpoint fails after one connect. botocore's "standard" retry
+mode, or "adaptive" (ENSPIPE_REMOTE_RETRY_MODE): its client-side rate limiter sent fewer requests
+to a rate-limited proxy at the same speed, but slowed runs with a share of all requests refused
+2-10x (BENCHMARKS.md, "object storage under throttling").
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from enspipe.util.errors import StoreError
 
+from .remote_retry import BOTOCORE_ATTEMPTS, _ObjectFailed, _one_line, _retrying, _transient, retry_settings
+
 __all__ = ["Remote", "cache_settings", "check_remote_root", "fetch_records", "is_url", "join", "local_path",
-           "open_remote"]
+           "open_remote", "retry_settings"]
 
 MANIFEST = "manifest.json"
 RECORDS = "shards"
@@ -99,7 +112,7 @@ def _fs(url: str):
     if protocol in ("s3", "s3a"):
         t = _timeout()
         opts = {"config_kwargs": {"connect_timeout": t, "read_timeout": t,
-                                  "retries": {"max_attempts": 2, "mode": "standard"}}}
+                                  "retries": {"total_max_attempts": BOTOCORE_ATTEMPTS, "mode": retry_settings()[2]}}}
         if os.environ.get("AWS_ENDPOINT_URL"):
             opts["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     try:
@@ -109,31 +122,6 @@ def _fs(url: str):
                          f"pip install the fsspec backend (s3fs for s3://, gcsfs for gs://)") from None
     except Exception as e:
         raise StoreError(f"{url}: {_one_line(e)}") from None
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) < 300 else text[:297] + "..."
-
-
-@contextlib.contextmanager
-def _calling(url: str, doing: str) -> Iterator[None]:
-    """Any failure of a remote call -> one StoreError line naming the URL and what to check."""
-    try:
-        yield
-    except StoreError:
-        raise
-    except FileNotFoundError as e:
-        raise StoreError(f"cannot {doing} {url}: not found ({_one_line(e)}); check the bucket and prefix") from None
-    except PermissionError as e:
-        raise StoreError(f"cannot {doing} {url}: permission denied ({_one_line(e)}); check the credentials "
-                         "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the fsspec config) and the bucket's policy") from None
-    except Exception as e:  # botocore/aiohttp/... errors: one line, never a traceback
-        name = type(e).__name__
-        hint = ("set credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the fsspec config)"
-                if "Credential" in name or "credential" in str(e)
-                else "check the endpoint (AWS_ENDPOINT_URL), the network and the credentials")
-        raise StoreError(f"cannot {doing} {url}: {name}: {_one_line(e)}; {hint}") from None
 
 
 class Remote:
@@ -153,8 +141,7 @@ class Remote:
         return f"{self.root}/{rel}" if rel else self.root
 
     def cat(self, rel: str) -> bytes:
-        with _calling(join(self.url, rel), "read"):
-            return self.fs.cat_file(self._p(rel), **self._one_get)
+        return _retrying(join(self.url, rel), "read", lambda: self.fs.cat_file(self._p(rel), **self._one_get))
 
     def cat_many(self, rels: list[str]) -> dict[str, bytes | None]:
         """{name: bytes, or None when there is no such object} of many objects, in one call:
@@ -165,53 +152,68 @@ class Remote:
         if not rels:
             return {}
         paths = {self._p(rel): rel for rel in rels}
-        with _calling(self.url, "read objects of"):
-            got = self.fs.cat(list(paths), on_error="return", **self._one_get)
-        out: dict[str, bytes | None] = {}
-        for path, rel in paths.items():
-            value = got.get(path, FileNotFoundError(path))
-            if isinstance(value, FileNotFoundError):
-                out[rel] = None
-            elif isinstance(value, BaseException):
-                with _calling(join(self.url, rel), "read"):
-                    raise value
-            else:
-                out[rel] = value
-        return out
+        got: dict[str, Any] = {}
+        todo = list(paths)
+
+        def fetch() -> None:
+            # Tried again (`_retrying`): the objects whose GET failed; the first failure that is not
+            # transient ends the call, naming its object.
+            got.update(self.fs.cat(list(todo), on_error="return", **self._one_get))
+            for p in list(todo):
+                value = got.get(p, FileNotFoundError(p))
+                if isinstance(value, FileNotFoundError):
+                    value = got[p] = None  # no such object
+                if not isinstance(value, BaseException):
+                    todo.remove(p)
+            for p in sorted(todo, key=lambda p: _transient(got[p]) is not None):
+                raise _ObjectFailed(join(self.url, paths[p]), got[p])
+
+        _retrying(self.url, "read objects of", fetch)
+        return {rel: got.get(path) for path, rel in paths.items()}
+
+    def _head(self, rel: str) -> int | None:
+        """Bytes of one object, None when there is none: one HEAD on s3fs (its info() of a missing
+        key lists the prefix too, a second request that a throttled bucket may refuse)."""
+        if hasattr(self.fs, "call_s3"):
+            bucket, key, _ = self.fs.split_path(self._p(rel))
+            try:
+                return int(self.fs.call_s3("head_object", Bucket=bucket, Key=key)["ContentLength"])
+            except FileNotFoundError:
+                return None
+        try:
+            return int(self.fs.info(self._p(rel))["size"])
+        except FileNotFoundError:
+            return None
 
     def exists(self, rel: str) -> bool:
-        with _calling(join(self.url, rel), "reach"):
-            return self.fs.exists(self._p(rel))
+        return _retrying(join(self.url, rel), "reach", lambda: self._head(rel) is not None)
 
     def put_bytes(self, rel: str, data: bytes) -> None:
-        with _calling(join(self.url, rel), "write"):
-            self.fs.pipe_file(self._p(rel), data)
+        _retrying(join(self.url, rel), "write", lambda: self.fs.pipe_file(self._p(rel), data))
 
     def put_file(self, local: Path, rel: str) -> None:
-        with _calling(join(self.url, rel), "write"):
-            self.fs.put_file(str(local), self._p(rel))
+        _retrying(join(self.url, rel), "write", lambda: self.fs.put_file(str(local), self._p(rel)))
 
     def get_file(self, rel: str, local: Path) -> None:
-        with _calling(join(self.url, rel), "read"):
-            self.fs.get_file(self._p(rel), str(local))
+        _retrying(join(self.url, rel), "read", lambda: self.fs.get_file(self._p(rel), str(local)))
 
     def size(self, rel: str) -> int | None:
         """Bytes of one object, None when there is none."""
-        with _calling(join(self.url, rel), "reach"):
-            try:
-                return int(self.fs.info(self._p(rel))["size"])
-            except FileNotFoundError:
-                return None
+        return _retrying(join(self.url, rel), "reach", lambda: self._head(rel))
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """{relative name: bytes} of every object under the store (or under `prefix` in it)."""
         base = self._p(prefix)
-        with _calling(join(self.url, prefix), "list"):
+
+        def find() -> dict:
             try:
-                found = self.fs.find(base, detail=True)
+                return self.fs.find(base, detail=True)
             except FileNotFoundError:
                 return {}
-        self.fs.invalidate_cache()
+            finally:
+                self.fs.invalidate_cache()  # a listing cut short is not kept either
+
+        found = _retrying(join(self.url, prefix), "list", find)
         out = {}
         for name, info in found.items():
             name = name.rstrip("/")
@@ -240,10 +242,21 @@ def check_remote_root(url: str) -> None:
     """Fail fast (one line) when a store ROOT URL's bucket cannot be reached or does not exist."""
     r = Remote(url)
     bucket = r.root.split("/", 1)[0]
-    with _calling(url, "reach"):
-        if not r.fs.exists(bucket):
-            raise StoreError(f"cannot use {url}: the bucket {bucket} does not exist (or is not visible with "
-                             "these credentials); create it first")
+
+    def probe() -> bool:
+        if hasattr(r.fs, "call_s3"):  # s3fs: its exists() answers False for any failure, a SlowDown too
+            try:
+                r.fs.call_s3("head_bucket", Bucket=bucket)
+                return True
+            except FileNotFoundError:
+                return False
+            except PermissionError:
+                pass  # no s3:ListBucket: exists() probes another way, as before
+        return r.fs.exists(bucket)
+
+    if not _retrying(url, "reach", probe):
+        raise StoreError(f"cannot use {url}: the bucket {bucket} does not exist (or is not visible with "
+                         "these credentials); create it first")
 
 
 # --------------------------------------------------------------------------- manifests

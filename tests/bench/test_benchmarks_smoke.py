@@ -81,6 +81,7 @@ def test_benchmark_smoke_run(script, tmp_path, mnist_root, smoke_log):
     assert doc, f"{script} wrote an empty {result}"
     if script == "bench_object_store.py":  # --quick also counts a train start's requests (--start-check)
         assert json.loads((out / "bench_object_store_start.json").read_text())["rows"]
+        assert json.loads((out / "bench_object_store_throttle.json").read_text())["rows"]  # and --throttle
     if script == "bench_peers.py":  # parts 1-3 run without the peers too
         assert {"part1", "part2", "part3", "part4"} <= set(doc), sorted(doc)
     assert _md5(md) == before, f"{script}'s smoke run rewrote BENCHMARKS.md"

@@ -1,0 +1,147 @@
+"""Store URLs under throttling: which failures of a remote call a later try may not meet, and the
+loop that tries such a call again within `retry_settings`; every failure in the end is one
+StoreError line naming the URL. See `remote` for the contract.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import time
+from typing import Callable, Iterator, TypeVar
+
+from enspipe.util.errors import StoreError
+
+__all__ = ["BOTOCORE_ATTEMPTS", "RETRIES", "RETRY_MODE", "RETRY_S", "retry_settings"]
+
+
+# Chosen from `bench_object_store.py --throttle` (BENCHMARKS.md, "object storage under throttling").
+# The wait before try k+2 is drawn in [0, min(RETRY_MAX_WAIT_S, RETRY_BASE_S * 2**k)] (AWS's "full
+# jitter": ranks throttled together do not all come back together).
+RETRIES, RETRY_S, RETRY_MODE = 12, 60.0, "standard"
+RETRY_BASE_S, RETRY_MAX_WAIT_S = 0.2, 20.0
+# botocore's attempts of a request inside each try (its `total_max_attempts`: before, `max_attempts` 2
+# meant 3): one, so that the waits are this module's (botocore's first wait is up to 1 s whatever the
+# error) and a dead endpoint costs one connect, not RETRIES.
+BOTOCORE_ATTEMPTS = 1
+
+
+def retry_settings() -> tuple[int, float, str]:
+    """(tries of a throttled call, most seconds of waiting between them, botocore's retry mode), from
+    ENSPIPE_REMOTE_RETRIES, ENSPIPE_REMOTE_RETRY_S and ENSPIPE_REMOTE_RETRY_MODE (adaptive or standard)."""
+    env = os.environ
+    try:
+        tries = int(env.get("ENSPIPE_REMOTE_RETRIES", RETRIES))
+        wait = float(env.get("ENSPIPE_REMOTE_RETRY_S", RETRY_S))
+    except ValueError:
+        raise StoreError("ENSPIPE_REMOTE_RETRIES must be a whole number of tries and ENSPIPE_REMOTE_RETRY_S a number "
+                         f"of seconds, not {env.get('ENSPIPE_REMOTE_RETRIES')!r} and {env.get('ENSPIPE_REMOTE_RETRY_S')!r}"
+                         ) from None
+    mode = env.get("ENSPIPE_REMOTE_RETRY_MODE", RETRY_MODE)
+    if tries < 1 or wait < 0 or mode not in ("adaptive", "standard"):
+        raise StoreError(f"ENSPIPE_REMOTE_RETRIES must be at least 1 (is {tries}), ENSPIPE_REMOTE_RETRY_S at least 0 "
+                         f"(is {wait}), ENSPIPE_REMOTE_RETRY_MODE adaptive or standard (is {mode!r})")
+    return tries, wait, mode
+
+
+# What a later try of the same call may not meet: S3's throttling and server errors (s3fs turns a
+# 503 SlowDown into OSError EBUSY and a 500 InternalError into EREMOTEIO; a HEAD's answer has no
+# body, so only its status) and connections the server cut off.
+_THROTTLED = ("SlowDown", "reduce your request rate", "(503)", "ServiceUnavailable", "Service Unavailable")
+_SERVER = ("InternalError", "internal error", "(500)", "(502)", "(504)", "Bad Gateway", "Gateway Timeout")
+_DROPPED = {"ClientPayloadError", "ServerDisconnectedError", "ConnectionClosedError", "IncompleteRead",
+            "IncompleteReadError", "ResponseStreamingError", "ConnectionResetError"}
+
+
+def _transient(e: BaseException) -> str | None:
+    """What a failure that a later try may not meet was; None for any other."""
+    if isinstance(e, (FileNotFoundError, PermissionError)):
+        return None
+    text, code = str(e), getattr(e, "errno", None)
+    if code == errno.EBUSY or any(t in text for t in _THROTTLED):
+        return "throttled by the object store (503 SlowDown)"
+    if code == getattr(errno, "EREMOTEIO", 121) or any(t in text for t in _SERVER):
+        return "the object store's server error (500 InternalError)"
+    if type(e).__name__ in _DROPPED or isinstance(e, ConnectionResetError):
+        return "the connection was cut off"
+    if type(e).__name__ == "FlexibleChecksumError":  # botocore's check of the object's S3 checksum
+        return "the bytes arrived damaged (their S3 checksum does not match)"
+    return None
+
+
+T = TypeVar("T")
+
+
+class _ObjectFailed(Exception):
+    """One object of a call on many failed (`Remote.cat_many`): its line names the object."""
+
+    def __init__(self, url: str, error: BaseException) -> None:
+        super().__init__(url)
+        self.url, self.error = url, error
+
+
+class _Transient(Exception):
+    """A try's transient failure, with the StoreError line it ends in when no try is left."""
+
+    def __init__(self, error: StoreError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _retrying(url: str, doing: str, fn: Callable[[], T]) -> T:
+    """fn(), tried again after a jittered wait while it fails transiently (`_transient`), within
+    `retry_settings`; any failure in the end is one StoreError line naming the URL."""
+    tries, budget, _ = retry_settings()
+    waited = 0.0
+    for k in range(tries):
+        try:
+            with _calling(url, doing, tried=(k + 1, waited)):
+                return fn()
+        except _Transient as t:
+            wait = random.uniform(0, min(RETRY_MAX_WAIT_S, RETRY_BASE_S * 2 ** k))
+            if k + 1 == tries or waited + wait > budget:
+                raise t.error from None
+            time.sleep(wait)
+            waited += wait
+    raise AssertionError("unreachable: the last try returns or raises")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+@contextlib.contextmanager
+def _calling(url: str, doing: str, tried: tuple[int, float] | None = None) -> Iterator[None]:
+    """Any failure of a remote call -> one StoreError line naming the URL and what to check. Inside
+    `_retrying` (`tried`: this try's number and the seconds waited before it) a transient failure is
+    raised as `_Transient`, carrying its line."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except _ObjectFailed as failed:
+        with _calling(failed.url, "read", tried):
+            raise failed.error from None
+    except FileNotFoundError as e:
+        raise StoreError(f"cannot {doing} {url}: not found ({_one_line(e)}); check the bucket and prefix") from None
+    except PermissionError as e:
+        raise StoreError(f"cannot {doing} {url}: permission denied ({_one_line(e)}); check the credentials "
+                         "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the fsspec config) and the bucket's policy") from None
+    except Exception as e:  # botocore/aiohttp/... errors: one line, never a traceback
+        name = type(e).__name__
+        why = _transient(e)
+        if why is not None:
+            n, waited = tried or (1, 0.0)
+            error = StoreError(
+                f"cannot {doing} {url}: {why}, {n} tr{'y' if n == 1 else 'ies'} over {waited:.1f} s ({name}: "
+                f"{_one_line(e)}); the object store fails this request rate: run fewer ranks, loader or dask "
+                "workers on it, or raise ENSPIPE_REMOTE_RETRIES / ENSPIPE_REMOTE_RETRY_S")
+            if tried is not None:
+                raise _Transient(error) from None
+            raise error from None
+        hint = ("set credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the fsspec config)"
+                if "Credential" in name or "credential" in str(e)
+                else "check the endpoint (AWS_ENDPOINT_URL), the network and the credentials")
+        raise StoreError(f"cannot {doing} {url}: {name}: {_one_line(e)}; {hint}") from None
