@@ -80,3 +80,13 @@ def test_two_workers_set_up_a_module_fixture_once(tmp_path):
                        timeout=300)
     assert r.returncode == 0 and "12 passed" in r.stdout, r.stdout + r.stderr
     assert setups.read_text() == "set up\n"
+
+
+def test_every_measured_duration_names_a_test_that_exists():
+    """A renamed test would silently count DEFAULT_S and sort to the tail: the case the ordering
+    exists to prevent. Each key's file must define its function (a parameter id, if given, is
+    the test's own business)."""
+    for key in MEASURED_S:
+        path, name = key.split("::", 1)
+        source = (REPO / path).read_text()
+        assert f"def {name.split('[', 1)[0]}(" in source, key

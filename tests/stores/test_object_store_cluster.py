@@ -323,10 +323,18 @@ def test_readme_cluster_commands_run_a_dask_cluster_on_s3_and_train_on_two_nodes
     rendezvous = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     ranks = [spawn(*train_argv, log=tmp_path / f"one-rank{r}", cwd=tmp_path,
                    env={**base, **rendezvous, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
-    for p in ranks:
-        p.wait(timeout=LONG)
-    for p in ranks:
-        assert p.returncode == 0, outputs(p)[1][-4000:]
+    try:  # as torchrun would: the first rank to fail ends the other (blocked in the rendezvous otherwise)
+        deadline = time.monotonic() + LONG
+        while any(p.poll() is None for p in ranks) and time.monotonic() < deadline:
+            failed = [p for p in ranks if p.poll() not in (None, 0)]
+            assert not failed, outputs(failed[0])[1][-4000:]
+            time.sleep(0.2)
+        for p in ranks:
+            assert p.returncode == 0, outputs(p)[1][-4000:]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
     assert json.loads((tmp_path / "one" / "config.json").read_text())["world_size"] == 2
     assert (run / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
 
