@@ -579,6 +579,12 @@ MUTATIONS = [
              '    if type(e).__name__ == "FlexibleChecksumError":',
              '    if False:',
              (f"{THROTTLE}::test_a_shard_get_cut_off_mid_body_is_fetched_again_and_a_short_body_is_refused",)),
+    Mutation("remote-jitter-shared-seed", "retry waits drawn from the global random (seeded alike on every rank: "
+             "throttled ranks come back together, and a retry moves the training's stream)",
+             "pipeline/stores/remote_retry.py",
+             "    return _rng.uniform(0, min(",
+             "    return random.uniform(0, min(",
+             ("tests/stores/test_remote_retry_jitter.py::test_processes_seeded_alike_draw_different_waits_and_leave_random_alone",)),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.

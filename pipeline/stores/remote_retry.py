@@ -26,6 +26,16 @@ RETRY_BASE_S, RETRY_MAX_WAIT_S = 0.2, 20.0
 # error) and a dead endpoint costs one connect, not RETRIES.
 BOTOCORE_ATTEMPTS = 1
 
+# The waits' own source: the module-level `random` is seeded alike on every rank (`seed_everything`)
+# and in loader worker i of every rank, so its draws would bring throttled ranks back in lockstep and
+# would move the training's random stream. SystemRandom reads os.urandom: no state to share or fork.
+_rng = random.SystemRandom()
+
+
+def _wait(k: int) -> float:
+    """Seconds to wait after try k+1 failed transiently: full jitter in [0, min(max, base * 2**k)]."""
+    return _rng.uniform(0, min(RETRY_MAX_WAIT_S, RETRY_BASE_S * 2 ** k))
+
 
 def retry_settings() -> tuple[int, float, str]:
     """(tries of a throttled call, most seconds of waiting between them, botocore's retry mode), from
@@ -99,7 +109,7 @@ def _retrying(url: str, doing: str, fn: Callable[[], T]) -> T:
             with _calling(url, doing, tried=(k + 1, waited)):
                 return fn()
         except _Transient as t:
-            wait = random.uniform(0, min(RETRY_MAX_WAIT_S, RETRY_BASE_S * 2 ** k))
+            wait = _wait(k)
             if k + 1 == tries or waited + wait > budget:
                 raise t.error from None
             time.sleep(wait)
