@@ -579,6 +579,12 @@ MUTATIONS = [
              '    if type(e).__name__ == "FlexibleChecksumError":',
              '    if False:',
              (f"{THROTTLE}::test_a_shard_get_cut_off_mid_body_is_fetched_again_and_a_short_body_is_refused",)),
+    Mutation("remote-s3fs-retries-too", "s3fs's own SlowDown loop (5 tries, fixed waits, in lockstep across "
+             "clients) runs inside each of remote_retry's tries: the tries multiply",
+             "pipeline/stores/remote.py",
+             "        fs.retries = 1\n",
+             "        fs.retries = 5\n",
+             (f"{THROTTLE}::test_sustained_throttling_ends_in_one_line_naming_the_url_and_leaves_no_store_that_looks_complete",)),
     Mutation("remote-jitter-shared-seed", "retry waits drawn from the global random (seeded alike on every rank: "
              "throttled ranks come back together, and a retry moves the training's stream)",
              "pipeline/stores/remote_retry.py",

@@ -36,8 +36,8 @@ seconds, default 10); every failure is one StoreError line naming the URL.
 
 Throttling (`remote_retry`): many ranks and dask workers on one bucket make S3 answer 503 SlowDown
 (and now and then 500 InternalError, or cut a connection off). s3fs retries a SlowDown and a cut-off
-body a few times itself (botocore makes one attempt per request here: `BOTOCORE_ATTEMPTS`); a call
-that still ends in one of those failures (`remote_retry._transient`) is tried again, whole (every call is
+body itself; here it and botocore make one attempt per request (`BOTOCORE_ATTEMPTS`), and a call
+that ends in one of those failures (`remote_retry._transient`) is tried again, whole (every call is
 idempotent: a GET, a listing, a HEAD, or a PUT of a whole object), after a jittered exponential wait:
 ENSPIPE_REMOTE_RETRIES tries at most, ENSPIPE_REMOTE_RETRY_S seconds of waiting at most; then one
 line that says the store was throttled. Anything else (no such endpoint, a connect timeout, denied,
@@ -116,12 +116,18 @@ def _fs(url: str):
         if os.environ.get("AWS_ENDPOINT_URL"):
             opts["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     try:
-        return fsspec.core.url_to_fs(url, **opts)
+        fs, path = fsspec.core.url_to_fs(url, **opts)
     except ImportError as e:
         raise StoreError(f"{url}: no filesystem for {protocol}:// is installed ({e}); "
                          f"pip install the fsspec backend (s3fs for s3://, gcsfs for gs://)") from None
     except Exception as e:
         raise StoreError(f"{url}: {_one_line(e)}") from None
+    if protocol in ("s3", "s3a"):
+        # s3fs's own loop (5 tries of a SlowDown or a cut-off, fixed 0.1 * 1.7**i waits: in lockstep
+        # across clients; 5 read timeouts on a hung endpoint) would multiply `_retrying`'s tries:
+        # one try each, so the jittered whole-call retries are the only ones.
+        fs.retries = 1
+    return fs, path
 
 
 class Remote:

@@ -61,7 +61,7 @@ def retry_settings() -> tuple[int, float, str]:
 _THROTTLED = ("SlowDown", "reduce your request rate", "(503)", "ServiceUnavailable", "Service Unavailable")
 _SERVER = ("InternalError", "internal error", "(500)", "(502)", "(504)", "Bad Gateway", "Gateway Timeout")
 _DROPPED = {"ClientPayloadError", "ServerDisconnectedError", "ConnectionClosedError", "IncompleteRead",
-            "IncompleteReadError", "ResponseStreamingError", "ConnectionResetError"}
+            "IncompleteReadError", "ResponseStreamingError", "ConnectionResetError", "ResponseParserError"}
 
 
 def _transient(e: BaseException) -> str | None:
