@@ -585,6 +585,12 @@ MUTATIONS = [
              "        fs.retries = 1\n",
              "        fs.retries = 5\n",
              (f"{THROTTLE}::test_sustained_throttling_ends_in_one_line_naming_the_url_and_leaves_no_store_that_looks_complete",)),
+    Mutation("remote-root-denied-is-missing", "a bucket that denies its HEAD (it exists: S3 answers 403) is probed "
+             "by exists(), which says False for any failure: \"does not exist; create it first\"",
+             "pipeline/stores/remote.py",
+             "                # False for any failure, a SlowDown or a denial too.\n                return True\n",
+             "                # False for any failure, a SlowDown or a denial too.\n                pass\n",
+             (f"{THROTTLE}::test_a_root_whose_bucket_denies_its_head_is_not_called_missing",)),
     Mutation("remote-jitter-shared-seed", "retry waits drawn from the global random (seeded alike on every rank: "
              "throttled ranks come back together, and a retry moves the training's stream)",
              "pipeline/stores/remote_retry.py",

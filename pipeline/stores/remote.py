@@ -257,7 +257,10 @@ def check_remote_root(url: str) -> None:
             except FileNotFoundError:
                 return False
             except PermissionError:
-                pass  # no s3:ListBucket: exists() probes another way, as before
+                # S3 answers 403 only for a bucket that exists (no s3:ListBucket for these
+                # credentials): the first real call names the denial. Not exists(): it answers
+                # False for any failure, a SlowDown or a denial too.
+                return True
         return r.fs.exists(bucket)
 
     if not _retrying(url, "reach", probe):

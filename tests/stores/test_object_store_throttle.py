@@ -161,3 +161,13 @@ def test_a_bad_retry_setting_is_one_line_naming_it(monkeypatch, name, value):
         Remote("s3://bucket/stores")
     line = str(e.value)
     assert "\n" not in line and value in line, line
+
+
+def test_a_root_whose_bucket_denies_its_head_is_not_called_missing(s3, throttled):
+    """S3 answers a HEAD of a bucket 403 only when it exists: the check lets the first real call
+    name the denial, never "does not exist; create it first" (every request denied here)."""
+    from enspipe.stores.remote import check_remote_root
+
+    proxy = throttled(always=True, kinds=("denied",))
+    check_remote_root(f"s3://{s3['bucket']}/stores")
+    assert proxy.reset()["faults"]["denied"] >= 1
