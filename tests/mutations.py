@@ -591,6 +591,12 @@ MUTATIONS = [
              "                # False for any failure, a SlowDown or a denial too.\n                return True\n",
              "                # False for any failure, a SlowDown or a denial too.\n                pass\n",
              (f"{THROTTLE}::test_a_root_whose_bucket_denies_its_head_is_not_called_missing",)),
+    Mutation("remote-outage-as-rate", "a gateway or node failing (500/502/504) after every try is reported as the "
+             "user's request rate (\"run fewer ranks\"), not as the store's health",
+             "pipeline/stores/remote_retry.py",
+             "{_RATE if why == _THROTTLING else _HEALTH}",
+             "{_RATE}",
+             (f"{THROTTLE}::test_a_failing_gateway_is_reported_as_the_store_s_health_not_the_request_rate",)),
     Mutation("remote-jitter-shared-seed", "retry waits drawn from the global random (seeded alike on every rank: "
              "throttled ranks come back together, and a retry moves the training's stream)",
              "pipeline/stores/remote_retry.py",

@@ -64,13 +64,22 @@ _DROPPED = {"ClientPayloadError", "ServerDisconnectedError", "ConnectionClosedEr
             "IncompleteReadError", "ResponseStreamingError", "ConnectionResetError", "ResponseParserError"}
 
 
+# What to do when a transient failure outlasts the tries, by what it was: the request rate is the
+# user's to change only when the store throttled it; a gateway or node failing is an outage.
+_RATE = ("the object store fails this request rate: run fewer ranks, loader or dask workers on it, or raise "
+         "ENSPIPE_REMOTE_RETRIES / ENSPIPE_REMOTE_RETRY_S")
+_HEALTH = ("check the endpoint (AWS_ENDPOINT_URL), the network and the store's health, or raise "
+           "ENSPIPE_REMOTE_RETRIES / ENSPIPE_REMOTE_RETRY_S")
+_THROTTLING = "throttled by the object store (503 SlowDown)"
+
+
 def _transient(e: BaseException) -> str | None:
     """What a failure that a later try may not meet was; None for any other."""
     if isinstance(e, (FileNotFoundError, PermissionError)):
         return None
     text, code = str(e), getattr(e, "errno", None)
     if code == errno.EBUSY or any(t in text for t in _THROTTLED):
-        return "throttled by the object store (503 SlowDown)"
+        return _THROTTLING
     if code == getattr(errno, "EREMOTEIO", 121) or any(t in text for t in _SERVER):
         return "the object store's server error (500 InternalError)"
     if type(e).__name__ in _DROPPED or isinstance(e, ConnectionResetError):
@@ -146,8 +155,7 @@ def _calling(url: str, doing: str, tried: tuple[int, float] | None = None) -> It
             n, waited = tried or (1, 0.0)
             error = StoreError(
                 f"cannot {doing} {url}: {why}, {n} tr{'y' if n == 1 else 'ies'} over {waited:.1f} s ({name}: "
-                f"{_one_line(e)}); the object store fails this request rate: run fewer ranks, loader or dask "
-                "workers on it, or raise ENSPIPE_REMOTE_RETRIES / ENSPIPE_REMOTE_RETRY_S")
+                f"{_one_line(e)}); {_RATE if why == _THROTTLING else _HEALTH}")
             if tried is not None:
                 raise _Transient(error) from None
             raise error from None

@@ -112,7 +112,7 @@ def test_sustained_throttling_ends_in_one_line_naming_the_url_and_leaves_no_stor
     with pytest.raises(StoreError) as e:
         _precompute(digits_static, root)
     line = str(e.value)
-    assert "\n" not in line and root in line and "SlowDown" in line and "throttled" in line, line
+    assert "\n" not in line and root in line and "SlowDown" in line and "throttled" in line and "fewer ranks" in line, line
     counts = proxy.reset()
     # Bounded by ENSPIPE_REMOTE_RETRIES: 2 tries of the failing call, one request each (neither s3fs
     # nor botocore tries again on its own), CALLS_IN_FLIGHT calls at once at most.
@@ -171,3 +171,19 @@ def test_a_root_whose_bucket_denies_its_head_is_not_called_missing(s3, throttled
     proxy = throttled(always=True, kinds=("denied",))
     check_remote_root(f"s3://{s3['bucket']}/stores")
     assert proxy.reset()["faults"]["denied"] >= 1
+
+
+def test_a_failing_gateway_is_reported_as_the_store_s_health_not_the_request_rate(s3, throttled, monkeypatch):
+    """Every request answered 500 InternalError (a node or gateway down, not throttling): the line
+    says to check the store, not to run fewer ranks."""
+    from enspipe.stores.remote import Remote
+
+    monkeypatch.setenv("ENSPIPE_REMOTE_RETRIES", "2")
+    monkeypatch.setenv("ENSPIPE_REMOTE_RETRY_S", "60")
+    s3["fs"].pipe_file(f"{s3['bucket']}/health/x", b"x")  # straight to the server
+    throttled(always=True, kinds=("internal",))
+    with pytest.raises(StoreError) as e:
+        Remote(f"s3://{s3['bucket']}/health").cat("x")
+    line = str(e.value)
+    assert "InternalError" in line and "2 tries" in line and "health" in line, line
+    assert "request rate" not in line and "fewer ranks" not in line, line
