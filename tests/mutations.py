@@ -597,6 +597,12 @@ MUTATIONS = [
              "{_RATE if why == _THROTTLING else _HEALTH}",
              "{_RATE}",
              (f"{THROTTLE}::test_a_failing_gateway_is_reported_as_the_store_s_health_not_the_request_rate",)),
+    Mutation("remote-timeout-unchecked", "a bad ENSPIPE_REMOTE_TIMEOUT is a bare ValueError (or a 0 s timeout), "
+             "not one line naming it",
+             "pipeline/stores/remote_retry.py",
+             '    timeout = number("ENSPIPE_REMOTE_TIMEOUT", TIMEOUT_S, float, 1e-3, "a number of seconds above 0")\n',
+             '    timeout = float(env.get("ENSPIPE_REMOTE_TIMEOUT", TIMEOUT_S))\n',
+             (f"{THROTTLE}::test_a_bad_retry_setting_is_one_line_naming_it",)),
     Mutation("remote-jitter-shared-seed", "retry waits drawn from the global random (seeded alike on every rank: "
              "throttled ranks come back together, and a retry moves the training's stream)",
              "pipeline/stores/remote_retry.py",

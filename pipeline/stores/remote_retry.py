@@ -1,5 +1,5 @@
 """Store URLs under throttling: which failures of a remote call a later try may not meet, and the
-loop that tries such a call again within `retry_settings`; every failure in the end is one
+loop that tries such a call again within `remote_settings`; every failure in the end is one
 StoreError line naming the URL. See `remote` for the contract.
 """
 from __future__ import annotations
@@ -9,17 +9,18 @@ import errno
 import os
 import random
 import time
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, NamedTuple, TypeVar
 
 from enspipe.util.errors import StoreError
 
-__all__ = ["BOTOCORE_ATTEMPTS", "RETRIES", "RETRY_MODE", "RETRY_S", "retry_settings"]
+__all__ = ["BOTOCORE_ATTEMPTS", "RETRIES", "RETRY_MODE", "RETRY_S", "TIMEOUT_S", "RemoteSettings", "remote_settings"]
 
 
 # Chosen from `bench_object_store.py --throttle` (BENCHMARKS.md, "object storage under throttling").
 # The wait before try k+2 is drawn in [0, min(RETRY_MAX_WAIT_S, RETRY_BASE_S * 2**k)] (AWS's "full
 # jitter": ranks throttled together do not all come back together).
 RETRIES, RETRY_S, RETRY_MODE = 12, 60.0, "standard"
+TIMEOUT_S = 10.0  # each connect and read of a remote call
 RETRY_BASE_S, RETRY_MAX_WAIT_S = 0.2, 20.0
 # botocore's attempts of a request inside each try (its `total_max_attempts`: before, `max_attempts` 2
 # meant 3): one, so that the waits are this module's (botocore's first wait is up to 1 s whatever the
@@ -37,22 +38,35 @@ def _wait(k: int) -> float:
     return _rng.uniform(0, min(RETRY_MAX_WAIT_S, RETRY_BASE_S * 2 ** k))
 
 
-def retry_settings() -> tuple[int, float, str]:
-    """(tries of a throttled call, most seconds of waiting between them, botocore's retry mode), from
-    ENSPIPE_REMOTE_RETRIES, ENSPIPE_REMOTE_RETRY_S and ENSPIPE_REMOTE_RETRY_MODE (adaptive or standard)."""
+class RemoteSettings(NamedTuple):
+    """A store URL's remote-call settings, read once per `Remote` (not on every call)."""
+    timeout: float  # seconds of a connect or a read (ENSPIPE_REMOTE_TIMEOUT)
+    tries: int  # tries of a transiently failing call at most (ENSPIPE_REMOTE_RETRIES)
+    wait: float  # seconds of waiting between them at most (ENSPIPE_REMOTE_RETRY_S)
+    mode: str  # botocore's retry mode (ENSPIPE_REMOTE_RETRY_MODE: standard or adaptive)
+
+
+def remote_settings() -> RemoteSettings:
+    """The settings from the environment; a bad one is one StoreError line naming its variable."""
     env = os.environ
-    try:
-        tries = int(env.get("ENSPIPE_REMOTE_RETRIES", RETRIES))
-        wait = float(env.get("ENSPIPE_REMOTE_RETRY_S", RETRY_S))
-    except ValueError:
-        raise StoreError("ENSPIPE_REMOTE_RETRIES must be a whole number of tries and ENSPIPE_REMOTE_RETRY_S a number "
-                         f"of seconds, not {env.get('ENSPIPE_REMOTE_RETRIES')!r} and {env.get('ENSPIPE_REMOTE_RETRY_S')!r}"
-                         ) from None
+
+    def number(name: str, default: float, kind: type, least: float, what: str):
+        raw = env.get(name)
+        try:
+            value = kind(raw) if raw is not None else kind(default)
+        except ValueError:
+            value = None
+        if value is None or not value >= least:  # `not >=`: NaN refused too
+            raise StoreError(f"{name} must be {what}, not {raw!r}")
+        return value
+
+    timeout = number("ENSPIPE_REMOTE_TIMEOUT", TIMEOUT_S, float, 1e-3, "a number of seconds above 0")
+    tries = number("ENSPIPE_REMOTE_RETRIES", RETRIES, int, 1, "a whole number of tries, at least 1")
+    wait = number("ENSPIPE_REMOTE_RETRY_S", RETRY_S, float, 0, "a number of seconds, at least 0")
     mode = env.get("ENSPIPE_REMOTE_RETRY_MODE", RETRY_MODE)
-    if tries < 1 or wait < 0 or mode not in ("adaptive", "standard"):
-        raise StoreError(f"ENSPIPE_REMOTE_RETRIES must be at least 1 (is {tries}), ENSPIPE_REMOTE_RETRY_S at least 0 "
-                         f"(is {wait}), ENSPIPE_REMOTE_RETRY_MODE adaptive or standard (is {mode!r})")
-    return tries, wait, mode
+    if mode not in ("adaptive", "standard"):
+        raise StoreError(f"ENSPIPE_REMOTE_RETRY_MODE must be adaptive or standard, not {mode!r}")
+    return RemoteSettings(timeout, tries, wait, mode)
 
 
 # What a later try of the same call may not meet: S3's throttling and server errors (s3fs turns a
@@ -108,10 +122,10 @@ class _Transient(Exception):
         self.error = error
 
 
-def _retrying(url: str, doing: str, fn: Callable[[], T]) -> T:
+def _retrying(url: str, doing: str, fn: Callable[[], T], settings: RemoteSettings) -> T:
     """fn(), tried again after a jittered wait while it fails transiently (`_transient`), within
-    `retry_settings`; any failure in the end is one StoreError line naming the URL."""
-    tries, budget, _ = retry_settings()
+    `settings` (its tries and wait); any failure in the end is one StoreError line naming the URL."""
+    tries, budget = settings.tries, settings.wait
     waited = 0.0
     for k in range(tries):
         try:

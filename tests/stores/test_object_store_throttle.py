@@ -152,7 +152,8 @@ def test_a_shard_get_cut_off_mid_body_is_fetched_again_and_a_short_body_is_refus
 
 
 @pytest.mark.parametrize("name, value", [("ENSPIPE_REMOTE_RETRIES", "many"), ("ENSPIPE_REMOTE_RETRIES", "0"),
-                                         ("ENSPIPE_REMOTE_RETRY_S", "-1"), ("ENSPIPE_REMOTE_RETRY_MODE", "legacy")])
+                                         ("ENSPIPE_REMOTE_RETRY_S", "-1"), ("ENSPIPE_REMOTE_RETRY_MODE", "legacy"),
+                                         ("ENSPIPE_REMOTE_TIMEOUT", "soon"), ("ENSPIPE_REMOTE_TIMEOUT", "0")])
 def test_a_bad_retry_setting_is_one_line_naming_it(monkeypatch, name, value):
     from enspipe.stores.remote import Remote
 
