@@ -141,6 +141,17 @@ class Remote:
         params = inspect.signature(self.fs._cat_file).parameters if hasattr(self.fs, "_cat_file") else {}
         self._one_get: dict[str, Any] = {"max_concurrency": 1} if "max_concurrency" in params else {}
 
+    @property
+    def on_s3(self) -> bool:
+        """Whether the filesystem is s3fs: one botocore request by `_call_s3` (its exists() answers
+        False for any failure, a SlowDown too; its info() of a missing key lists the prefix too)."""
+        return hasattr(self.fs, "call_s3")
+
+    def _call_s3(self, op: str, rel: str | None = None) -> Any:
+        """s3fs's one botocore request `op` on the object `rel` of the store, or on its bucket (None)."""
+        bucket, key, _ = self.fs.split_path(self._p(rel or ""))
+        return self.fs.call_s3(op, Bucket=bucket, **({} if rel is None else {"Key": key}))
+
     def _retry(self, url: str, doing: str, fn):
         return _retrying(url, doing, fn, self.settings)
 
@@ -181,10 +192,9 @@ class Remote:
     def _head(self, rel: str) -> int | None:
         """Bytes of one object, None when there is none: one HEAD on s3fs (its info() of a missing
         key lists the prefix too, a second request that a throttled bucket may refuse)."""
-        if hasattr(self.fs, "call_s3"):
-            bucket, key, _ = self.fs.split_path(self._p(rel))
+        if self.on_s3:
             try:
-                return int(self.fs.call_s3("head_object", Bucket=bucket, Key=key)["ContentLength"])
+                return int(self._call_s3("head_object", rel)["ContentLength"])
             except FileNotFoundError:
                 return None
         try:
@@ -251,9 +261,9 @@ def check_remote_root(url: str) -> None:
     bucket = r.root.split("/", 1)[0]
 
     def probe() -> bool:
-        if hasattr(r.fs, "call_s3"):  # s3fs: its exists() answers False for any failure, a SlowDown too
+        if r.on_s3:
             try:
-                r.fs.call_s3("head_bucket", Bucket=bucket)
+                r._call_s3("head_bucket")
                 return True
             except FileNotFoundError:
                 return False
