@@ -214,10 +214,11 @@ def _tree() -> dict:
     def git(*a: str) -> str:
         try:
             return subprocess.run(["git", *a], capture_output=True, text=True, timeout=60,
-                                  cwd=Path(__file__).resolve().parent).stdout.strip()
+                                  cwd=Path(__file__).resolve().parent.parent).stdout.strip()  # pathspecs: the root
         except (OSError, subprocess.SubprocessError):
             return ""
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--", "pipeline", "benchmarks", "tests/loopback.py"))}
+    dirty = git("status", "--porcelain", "--", "pipeline", "benchmarks", "tests/loopback.py")
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(dirty)}
 
 
 def _apply_settings(which: str) -> None:
