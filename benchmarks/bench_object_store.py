@@ -4,6 +4,7 @@
     python benchmarks/bench_object_store.py --dataset mnist --data-root DIR --rounds 3
     python benchmarks/bench_object_store.py --start-check       # requests of a train start's check
     python benchmarks/bench_object_store.py --throttle --rates 0.1,0.3,0.5   # steps through a throttled S3
+    python benchmarks/bench_object_store.py --throttle --edges-only [--settings before]   # a dead endpoint, SlowDown always
 
 Starts moto's standalone S3 server on 127.0.0.1 (`pip install -e '.[s3]'`), writes one zarr and
 one wds store of random sign directions (the worst case for compression) for the dataset's
@@ -207,6 +208,76 @@ def _start_check(args, samples: int = 1024) -> None:
         indent=2))
 
 
+def _tree() -> dict:
+    """The commit measured, and whether the work tree differed from it (a figure from an uncommitted
+    tree is not reproducible)."""
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, timeout=60,
+                                  cwd=Path(__file__).resolve().parent.parent).stdout.strip()  # pathspecs: the root
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    dirty = git("status", "--porcelain", "--", "pipeline", "benchmarks", "tests/loopback.py")
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(dirty)}
+
+
+def _apply_settings(which: str) -> None:
+    """--settings before: commit b384706's retry settings on this tree: botocore `max_attempts` 2 (3
+    attempts a request), s3fs's own 5 tries of a SlowDown or a cut-off, no whole-call retries. Only
+    the settings: this tree's one-HEAD exists()/size() and check_remote_root stay (b384706 used s3fs's
+    info() and exists()), so it approximates b384706, it is not b384706."""
+    if which == "now":
+        return
+    from enspipe.stores import remote, remote_retry
+
+    remote_retry.BOTOCORE_ATTEMPTS = remote.BOTOCORE_ATTEMPTS = 3  # total_max_attempts 3 = max_attempts 2
+    os.environ["ENSPIPE_REMOTE_RETRIES"] = "1"
+    plain = remote._fs
+
+    def fs_with_s3fs_retries(url, settings):
+        fs, path = plain(url, settings)
+        if hasattr(fs, "call_s3"):
+            fs.retries = 5  # s3fs's default
+        return fs, path
+
+    remote._fs = fs_with_s3fs_retries
+
+
+def _edges(endpoint: str, bucket: str) -> list[dict]:
+    """Two failures timed, one call each through `Remote` (the current settings): a GET from an
+    endpoint nobody listens on, and a GET that the store answers SlowDown every time."""
+    from loopback import ThrottleProxy, free_port
+
+    from enspipe.stores.remote import Remote
+    from enspipe.util.errors import StoreError
+
+    import s3fs
+
+    s3fs.S3FileSystem(endpoint_url=endpoint).pipe_file(f"{bucket}/edge/x", b"x")
+    out = []
+    for what in ("dead endpoint", "SlowDown every time"):
+        proxy = None
+        if what == "dead endpoint":
+            os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+        else:
+            proxy = ThrottleProxy(endpoint, always=True, kinds=("slowdown",))
+            os.environ["AWS_ENDPOINT_URL"] = proxy.url
+        t = time.perf_counter()
+        try:
+            Remote(f"s3://{bucket}/edge").cat("x")
+            line = "ok"
+        except StoreError as e:
+            line = str(e)
+        wall = time.perf_counter() - t
+        requests = proxy.reset()["requests"] if proxy else None
+        if proxy:
+            proxy.close()
+        out.append({"edge": what, "wall_s": wall, "requests": requests, "line": line[:400]})
+        print(f"{what}: {wall:.2f} s, {requests} requests: {line[:200]}", flush=True)
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    return out
+
+
 def _throttle(args) -> None:
     """Precompute to, train from and verify an s3:// store through a ThrottleProxy at each rate."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -217,10 +288,14 @@ def _throttle(args) -> None:
     from enspipe.train import TrainConfig, train
     from enspipe.util.errors import StoreError
 
+    _apply_settings(args.settings)
+    tree = _tree()  # before any step: what was measured
     proc, endpoint = _server()
     work = Path(tempfile.mkdtemp(prefix="bench-s3-throttle-"))
     kinds = tuple(args.kinds.split(","))
     rows: list[dict] = []
+    edges: list[dict] = []
+    steps: dict = {}
     try:
         os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                           AWS_DEFAULT_REGION="us-east-1")
@@ -228,6 +303,10 @@ def _throttle(args) -> None:
 
         bucket = f"bench{uuid.uuid4().hex[:8]}"
         s3fs.S3FileSystem(endpoint_url=endpoint).mkdir(bucket)
+        if args.edges:
+            edges = _edges(endpoint, bucket)
+        if args.edges_only:
+            return _throttle_json(args, tree, kinds, rows, edges)
         model = work / "model-D"
         train(TrainConfig(model="D", dataset="digits", limit=args.limit, epochs=1, seed=0, device="cpu",
                           log_every=10_000, out=str(model)))
@@ -288,11 +367,18 @@ def _throttle(args) -> None:
     failures = sorted({x["outcome"] for x in rows if x["outcome"] != "ok"})
     for f in failures[:5]:
         print(f"  failed: {f}")
+    _throttle_json(args, tree, kinds, rows, edges)
+
+
+def _throttle_json(args, tree: dict, kinds: tuple, rows: list[dict], edges: list[dict]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_object_store_throttle.json").write_text(json.dumps(
-        {"date": stamp, "command": command_line("bench_object_store.py", None), "machine": machine(),
-         "settings": settings, "kinds": kinds, "rows": rows}, indent=2))
+        {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+         "command": command_line("bench_object_store.py", None), "machine": machine(), **tree,
+         "settings_of": args.settings,
+         "settings": {k: v for k, v in os.environ.items() if k.startswith("ENSPIPE_REMOTE_")},
+         "kinds": kinds, "rows": rows, "edges": edges}, indent=2))
 
 
 def _urls(printed) -> list[str]:
@@ -326,7 +412,14 @@ def main() -> None:
     ap.add_argument("--kinds", default="slowdown,slowdown,slowdown,internal,drop",
                     help="--throttle: the faults, in turn (slowdown: 503 SlowDown; internal: 500 InternalError; "
                          "drop: a GET cut off mid-body, any other request closed unanswered)")
+    ap.add_argument("--settings", choices=("now", "before"), default="now",
+                    help="--throttle: this tree's retry settings, or commit b384706's (botocore max_attempts 2, "
+                         "s3fs's 5 tries, no whole-call retries) on this tree")
+    ap.add_argument("--edges", action="store_true",
+                    help="--throttle: also time a GET from a dead endpoint and one answered SlowDown every time")
+    ap.add_argument("--edges-only", action="store_true", help="--throttle --edges, and no steps")
     args = ap.parse_args()
+    args.edges = args.edges or args.edges_only
     if args.throttle:
         args.shard_size = args.shard_size if args.shard_size != 1024 else 128
         return _throttle(args)

@@ -66,6 +66,8 @@ _S3_ERRORS = {
     # S3's own answers (status, code, message) when a prefix is hot or a node fails.
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
     "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
+    # A bucket's owner denying these credentials (S3 answers a HEAD of an existing bucket so).
+    "denied": (403, "AccessDenied", "Access Denied"),
 }
 
 
@@ -82,6 +84,8 @@ class ThrottleProxy:
 
     - "slowdown": 503 with S3's `SlowDown` error XML (a HEAD gets the status only, as S3 sends);
     - "internal": 500 with S3's `InternalError` XML;
+    - "denied": 403 with S3's `AccessDenied` XML (not a throttling: what a bucket without the
+      credentials' s3:ListBucket answers);
     - "drop": a GET of an object is forwarded and its answer cut off mid-body (the status and the
       full Content-Length sent, then half the bytes, then the connection closed); any other request
       is closed unanswered, before it reaches the server (nothing written);

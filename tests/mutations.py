@@ -579,6 +579,36 @@ MUTATIONS = [
              '    if type(e).__name__ == "FlexibleChecksumError":',
              '    if False:',
              (f"{THROTTLE}::test_a_shard_get_cut_off_mid_body_is_fetched_again_and_a_short_body_is_refused",)),
+    Mutation("remote-s3fs-retries-too", "s3fs's own SlowDown loop (5 tries, fixed waits, in lockstep across "
+             "clients) runs inside each of remote_retry's tries: the tries multiply",
+             "pipeline/stores/remote.py",
+             "        fs.retries = 1\n",
+             "        fs.retries = 5\n",
+             (f"{THROTTLE}::test_sustained_throttling_ends_in_one_line_naming_the_url_and_leaves_no_store_that_looks_complete",)),
+    Mutation("remote-root-denied-is-missing", "a bucket that denies its HEAD (it exists: S3 answers 403) is probed "
+             "by exists(), which says False for any failure: \"does not exist; create it first\"",
+             "pipeline/stores/remote.py",
+             "                # False for any failure, a SlowDown or a denial too.\n                return True\n",
+             "                # False for any failure, a SlowDown or a denial too.\n                pass\n",
+             (f"{THROTTLE}::test_a_root_whose_bucket_denies_its_head_is_not_called_missing",)),
+    Mutation("remote-outage-as-rate", "a gateway or node failing (500/502/504) after every try is reported as the "
+             "user's request rate (\"run fewer ranks\"), not as the store's health",
+             "pipeline/stores/remote_retry.py",
+             "{_RATE if why == _THROTTLING else _HEALTH}",
+             "{_RATE}",
+             (f"{THROTTLE}::test_a_failing_gateway_is_reported_as_the_store_s_health_not_the_request_rate",)),
+    Mutation("remote-timeout-unchecked", "a bad ENSPIPE_REMOTE_TIMEOUT is a bare ValueError (or a 0 s timeout), "
+             "not one line naming it",
+             "pipeline/stores/remote_retry.py",
+             '    timeout = number("ENSPIPE_REMOTE_TIMEOUT", TIMEOUT_S, float, 1e-3, "a number of seconds above 0")\n',
+             '    timeout = float(env.get("ENSPIPE_REMOTE_TIMEOUT", TIMEOUT_S))\n',
+             (f"{THROTTLE}::test_a_bad_retry_setting_is_one_line_naming_it",)),
+    Mutation("remote-jitter-shared-seed", "retry waits drawn from the global random (seeded alike on every rank: "
+             "throttled ranks come back together, and a retry moves the training's stream)",
+             "pipeline/stores/remote_retry.py",
+             "    return _rng.uniform(0, min(",
+             "    return random.uniform(0, min(",
+             ("tests/stores/test_remote_retry_jitter.py::test_processes_seeded_alike_draw_different_waits_and_leave_random_alone",)),
 ]
 
 # Not copied: at the root, version control, environments and outputs; anywhere, caches.

@@ -32,12 +32,13 @@ against its sha256:
 
 Endpoint and credentials: fsspec's configuration and the usual environment (`AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, ...). Every remote call has a bounded timeout (`ENSPIPE_REMOTE_TIMEOUT`
-seconds, default 10); every failure is one StoreError line naming the URL.
+seconds, default 10); every failure is one StoreError line naming the URL. The ENSPIPE_REMOTE_*
+settings are read once per `Remote` (`remote_retry.remote_settings`).
 
 Throttling (`remote_retry`): many ranks and dask workers on one bucket make S3 answer 503 SlowDown
 (and now and then 500 InternalError, or cut a connection off). s3fs retries a SlowDown and a cut-off
-body a few times itself (botocore makes one attempt per request here: `BOTOCORE_ATTEMPTS`); a call
-that still ends in one of those failures (`remote_retry._transient`) is tried again, whole (every call is
+body itself; here it and botocore make one attempt per request (`BOTOCORE_ATTEMPTS`), and a call
+that ends in one of those failures (`remote_retry._transient`) is tried again, whole (every call is
 idempotent: a GET, a listing, a HEAD, or a PUT of a whole object), after a jittered exponential wait:
 ENSPIPE_REMOTE_RETRIES tries at most, ENSPIPE_REMOTE_RETRY_S seconds of waiting at most; then one
 line that says the store was throttled. Anything else (no such endpoint, a connect timeout, denied,
@@ -57,10 +58,10 @@ from typing import Any
 
 from enspipe.util.errors import StoreError
 
-from .remote_retry import BOTOCORE_ATTEMPTS, _ObjectFailed, _one_line, _retrying, _transient, retry_settings
+from .remote_retry import BOTOCORE_ATTEMPTS, RemoteSettings, _ObjectFailed, _one_line, _retrying, _transient, remote_settings
 
 __all__ = ["Remote", "cache_settings", "check_remote_root", "fetch_records", "is_url", "join", "local_path",
-           "open_remote", "retry_settings"]
+           "open_remote", "remote_settings"]
 
 MANIFEST = "manifest.json"
 RECORDS = "shards"
@@ -97,12 +98,8 @@ def cache_settings() -> tuple[Path, int]:
 # --------------------------------------------------------------------------- the filesystem
 
 
-def _timeout() -> float:
-    return float(os.environ.get("ENSPIPE_REMOTE_TIMEOUT", "10"))
-
-
-def _fs(url: str):
-    """(fsspec filesystem, path inside it) of a URL, with bounded timeouts and retries."""
+def _fs(url: str, settings: RemoteSettings):
+    """(fsspec filesystem, path inside it) of a URL, with `settings`' timeouts and retries."""
     protocol = url.split("://", 1)[0].lower()
     try:
         import fsspec
@@ -110,18 +107,24 @@ def _fs(url: str):
         raise StoreError(f"{url}: store URLs need fsspec (pip install 'enspipe[s3]')") from None
     opts: dict[str, Any] = {}
     if protocol in ("s3", "s3a"):
-        t = _timeout()
+        t = settings.timeout
         opts = {"config_kwargs": {"connect_timeout": t, "read_timeout": t,
-                                  "retries": {"total_max_attempts": BOTOCORE_ATTEMPTS, "mode": retry_settings()[2]}}}
+                                  "retries": {"total_max_attempts": BOTOCORE_ATTEMPTS, "mode": settings.mode}}}
         if os.environ.get("AWS_ENDPOINT_URL"):
             opts["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     try:
-        return fsspec.core.url_to_fs(url, **opts)
+        fs, path = fsspec.core.url_to_fs(url, **opts)
     except ImportError as e:
         raise StoreError(f"{url}: no filesystem for {protocol}:// is installed ({e}); "
                          f"pip install the fsspec backend (s3fs for s3://, gcsfs for gs://)") from None
     except Exception as e:
         raise StoreError(f"{url}: {_one_line(e)}") from None
+    if protocol in ("s3", "s3a"):
+        # s3fs's own loop (5 tries of a SlowDown or a cut-off, fixed 0.1 * 1.7**i waits: in lockstep
+        # across clients; 5 read timeouts on a hung endpoint) would multiply `_retrying`'s tries:
+        # one try each, so the jittered whole-call retries are the only ones.
+        fs.retries = 1
+    return fs, path
 
 
 class Remote:
@@ -129,7 +132,8 @@ class Remote:
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
-        self.fs, self.root = _fs(self.url)
+        self.settings = remote_settings()  # once: not re-read per shard object
+        self.fs, self.root = _fs(self.url, self.settings)
         self.root = self.root.rstrip("/")
         # s3fs asks for an object's size (a HEAD) before every whole-object GET, to split large
         # ones into concurrent ranges; the objects `cat` fetches are small (records, manifests,
@@ -137,11 +141,25 @@ class Remote:
         params = inspect.signature(self.fs._cat_file).parameters if hasattr(self.fs, "_cat_file") else {}
         self._one_get: dict[str, Any] = {"max_concurrency": 1} if "max_concurrency" in params else {}
 
+    @property
+    def on_s3(self) -> bool:
+        """Whether the filesystem is s3fs: one botocore request by `_call_s3` (its exists() answers
+        False for any failure, a SlowDown too; its info() of a missing key lists the prefix too)."""
+        return hasattr(self.fs, "call_s3")
+
+    def _call_s3(self, op: str, rel: str | None = None) -> Any:
+        """s3fs's one botocore request `op` on the object `rel` of the store, or on its bucket (None)."""
+        bucket, key, _ = self.fs.split_path(self._p(rel or ""))
+        return self.fs.call_s3(op, Bucket=bucket, **({} if rel is None else {"Key": key}))
+
+    def _retry(self, url: str, doing: str, fn):
+        return _retrying(url, doing, fn, self.settings)
+
     def _p(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
     def cat(self, rel: str) -> bytes:
-        return _retrying(join(self.url, rel), "read", lambda: self.fs.cat_file(self._p(rel), **self._one_get))
+        return self._retry(join(self.url, rel), "read", lambda: self.fs.cat_file(self._p(rel), **self._one_get))
 
     def cat_many(self, rels: list[str]) -> dict[str, bytes | None]:
         """{name: bytes, or None when there is no such object} of many objects, in one call:
@@ -168,16 +186,15 @@ class Remote:
             for p in sorted(todo, key=lambda p: _transient(got[p]) is not None):
                 raise _ObjectFailed(join(self.url, paths[p]), got[p])
 
-        _retrying(self.url, "read objects of", fetch)
+        self._retry(self.url, "read objects of", fetch)
         return {rel: got.get(path) for path, rel in paths.items()}
 
     def _head(self, rel: str) -> int | None:
         """Bytes of one object, None when there is none: one HEAD on s3fs (its info() of a missing
         key lists the prefix too, a second request that a throttled bucket may refuse)."""
-        if hasattr(self.fs, "call_s3"):
-            bucket, key, _ = self.fs.split_path(self._p(rel))
+        if self.on_s3:
             try:
-                return int(self.fs.call_s3("head_object", Bucket=bucket, Key=key)["ContentLength"])
+                return int(self._call_s3("head_object", rel)["ContentLength"])
             except FileNotFoundError:
                 return None
         try:
@@ -186,20 +203,20 @@ class Remote:
             return None
 
     def exists(self, rel: str) -> bool:
-        return _retrying(join(self.url, rel), "reach", lambda: self._head(rel) is not None)
+        return self._retry(join(self.url, rel), "reach", lambda: self._head(rel) is not None)
 
     def put_bytes(self, rel: str, data: bytes) -> None:
-        _retrying(join(self.url, rel), "write", lambda: self.fs.pipe_file(self._p(rel), data))
+        self._retry(join(self.url, rel), "write", lambda: self.fs.pipe_file(self._p(rel), data))
 
     def put_file(self, local: Path, rel: str) -> None:
-        _retrying(join(self.url, rel), "write", lambda: self.fs.put_file(str(local), self._p(rel)))
+        self._retry(join(self.url, rel), "write", lambda: self.fs.put_file(str(local), self._p(rel)))
 
     def get_file(self, rel: str, local: Path) -> None:
-        _retrying(join(self.url, rel), "read", lambda: self.fs.get_file(self._p(rel), str(local)))
+        self._retry(join(self.url, rel), "read", lambda: self.fs.get_file(self._p(rel), str(local)))
 
     def size(self, rel: str) -> int | None:
         """Bytes of one object, None when there is none."""
-        return _retrying(join(self.url, rel), "reach", lambda: self._head(rel))
+        return self._retry(join(self.url, rel), "reach", lambda: self._head(rel))
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """{relative name: bytes} of every object under the store (or under `prefix` in it)."""
@@ -213,7 +230,7 @@ class Remote:
             finally:
                 self.fs.invalidate_cache()  # a listing cut short is not kept either
 
-        found = _retrying(join(self.url, prefix), "list", find)
+        found = self._retry(join(self.url, prefix), "list", find)
         out = {}
         for name, info in found.items():
             name = name.rstrip("/")
@@ -244,17 +261,20 @@ def check_remote_root(url: str) -> None:
     bucket = r.root.split("/", 1)[0]
 
     def probe() -> bool:
-        if hasattr(r.fs, "call_s3"):  # s3fs: its exists() answers False for any failure, a SlowDown too
+        if r.on_s3:
             try:
-                r.fs.call_s3("head_bucket", Bucket=bucket)
+                r._call_s3("head_bucket")
                 return True
             except FileNotFoundError:
                 return False
             except PermissionError:
-                pass  # no s3:ListBucket: exists() probes another way, as before
+                # S3 answers 403 only for a bucket that exists (no s3:ListBucket for these
+                # credentials): the first real call names the denial. Not exists(): it answers
+                # False for any failure, a SlowDown or a denial too.
+                return True
         return r.fs.exists(bucket)
 
-    if not _retrying(url, "reach", probe):
+    if not r._retry(url, "reach", probe):
         raise StoreError(f"cannot use {url}: the bucket {bucket} does not exist (or is not visible with "
                          "these credentials); create it first")
 

@@ -22,6 +22,7 @@ from loopback import throttled  # noqa: E402,F401 -- the proxy factory fixture
 
 N, SHARD = 128, 64  # 2 shards
 FAULTS = ("slowdown", "drop", "internal")  # an object's 1st, 2nd and 3rd refusals
+CALLS_IN_FLIGHT = 2  # precompute's writer: a shard's upload and its completion record, one after another
 
 
 def _precompute(model, out: str) -> str:
@@ -102,20 +103,21 @@ def test_sustained_throttling_ends_in_one_line_naming_the_url_and_leaves_no_stor
     """After the first shards are written every request is answered SlowDown: precompute stops
     with one line that names the store and says it was throttled, after a bounded number of tries."""
     monkeypatch.setenv("ENSPIPE_REMOTE_RETRIES", "2")
-    monkeypatch.setenv("ENSPIPE_REMOTE_RETRY_S", "1")
+    monkeypatch.setenv("ENSPIPE_REMOTE_RETRY_S", "60")  # the tries bound it, not the seconds
     counter = throttled()  # nothing refused: how many requests a whole precompute makes
     _precompute(digits_static, f"s3://{s3['bucket']}/counted")
     whole = counter.reset()["requests"]
-    proxy = throttled(always=True, after=whole // 2, kinds=("slowdown",))
+    proxy = throttled(always=True, after=whole // 2, methods=("PUT",), kinds=("slowdown",))  # with a body: "SlowDown"
     root = f"s3://{s3['bucket']}/st"
     with pytest.raises(StoreError) as e:
         _precompute(digits_static, root)
     line = str(e.value)
     assert "\n" not in line and root in line and "SlowDown" in line and "throttled" in line, line
+    assert "fewer ranks" in line, line  # throttling: the request rate is the user's to change
     counts = proxy.reset()
-    # Bounded: 2 tries here of the failing call, each s3fs's 5 tries of a SlowDown (botocore: one
-    # attempt each), a few calls in flight at once at most: never endless.
-    assert 0 < counts["faults"]["slowdown"] <= 5 * 2 * 5, counts
+    # Bounded by ENSPIPE_REMOTE_RETRIES: 2 tries of the failing call, one request each (neither s3fs
+    # nor botocore tries again on its own), CALLS_IN_FLIGHT calls at once at most.
+    assert 0 < counts["faults"]["slowdown"] <= 2 * 1 * CALLS_IN_FLIGHT, counts
     # What was written is not taken for a store: its manifest says incomplete, and a reader refuses it.
     (manifest,) = [k for k in s3["fs"].find(f"{s3['bucket']}/st") if k.endswith("/manifest.json")]
     assert json.loads(s3["fs"].cat_file(manifest))["complete"] is False
@@ -151,7 +153,8 @@ def test_a_shard_get_cut_off_mid_body_is_fetched_again_and_a_short_body_is_refus
 
 
 @pytest.mark.parametrize("name, value", [("ENSPIPE_REMOTE_RETRIES", "many"), ("ENSPIPE_REMOTE_RETRIES", "0"),
-                                         ("ENSPIPE_REMOTE_RETRY_S", "-1"), ("ENSPIPE_REMOTE_RETRY_MODE", "legacy")])
+                                         ("ENSPIPE_REMOTE_RETRY_S", "-1"), ("ENSPIPE_REMOTE_RETRY_MODE", "legacy"),
+                                         ("ENSPIPE_REMOTE_TIMEOUT", "soon"), ("ENSPIPE_REMOTE_TIMEOUT", "0")])
 def test_a_bad_retry_setting_is_one_line_naming_it(monkeypatch, name, value):
     from enspipe.stores.remote import Remote
 
@@ -160,3 +163,29 @@ def test_a_bad_retry_setting_is_one_line_naming_it(monkeypatch, name, value):
         Remote("s3://bucket/stores")
     line = str(e.value)
     assert "\n" not in line and value in line, line
+
+
+def test_a_root_whose_bucket_denies_its_head_is_not_called_missing(s3, throttled):
+    """S3 answers a HEAD of a bucket 403 only when it exists: the check lets the first real call
+    name the denial, never "does not exist; create it first" (every request denied here)."""
+    from enspipe.stores.remote import check_remote_root
+
+    proxy = throttled(always=True, kinds=("denied",))
+    check_remote_root(f"s3://{s3['bucket']}/stores")
+    assert proxy.reset()["faults"]["denied"] >= 1
+
+
+def test_a_failing_gateway_is_reported_as_the_store_s_health_not_the_request_rate(s3, throttled, monkeypatch):
+    """Every request answered 500 InternalError (a node or gateway down, not throttling): the line
+    says to check the store, not to run fewer ranks."""
+    from enspipe.stores.remote import Remote
+
+    monkeypatch.setenv("ENSPIPE_REMOTE_RETRIES", "2")
+    monkeypatch.setenv("ENSPIPE_REMOTE_RETRY_S", "60")
+    s3["fs"].pipe_file(f"{s3['bucket']}/health/x", b"x")  # straight to the server
+    throttled(always=True, kinds=("internal",))
+    with pytest.raises(StoreError) as e:
+        Remote(f"s3://{s3['bucket']}/health").cat("x")
+    line = str(e.value)
+    assert "InternalError" in line and "2 tries" in line and "health" in line, line
+    assert "request rate" not in line and "fewer ranks" not in line, line
