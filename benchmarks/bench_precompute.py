@@ -427,19 +427,26 @@ def render_attacks(opts: argparse.Namespace, command: str, info: dict[str, Any],
 
 # --- Main ------------------------------------------------------------------------------------------
 
-def main_attacks(opts: argparse.Namespace, command: str) -> int:
-    from _common import publish
-
-    out = Path(opts.out)
+def _measured(opts: argparse.Namespace, out: Path, prefix: str, measure_fn) -> tuple[dict, dict]:
+    """measure_fn(opts, work) in a scratch folder under OUT (removed unless --keep), and the machine's
+    description with the load at the start and the end."""
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="precompute-attacks-", dir=out))
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=out))
     info = {**machine(), "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
     try:
-        m = measure_attacks(opts, work)
+        m = measure_fn(opts, work)
     finally:
         if not opts.keep:
             shutil.rmtree(work, ignore_errors=True)
     info["loadavg_end"] = os.getloadavg()
+    return m, info
+
+
+def main_attacks(opts: argparse.Namespace, command: str) -> int:
+    from _common import publish
+
+    out = Path(opts.out)
+    m, info = _measured(opts, out, "precompute-attacks-", measure_attacks)
     md = render_attacks(opts, command, info, m)
     publish(out, "bench_precompute_attacks", {"command": command, "machine": info, "options": vars(opts),
                                               "measurements": m}, md, ATTACKS_HEADING, no_md=not opts.update_md)
@@ -451,16 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.attacks:
         return main_attacks(opts, command)
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="precompute-", dir=out))
-    info = {**machine(), "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
     t_start = time.perf_counter()
-    try:
-        m = measure(opts, work)
-    finally:
-        if not opts.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    info["loadavg_end"] = os.getloadavg()
+    m, info = _measured(opts, out, "precompute-", measure)
     res = analyse(opts, m)
     section = render(opts, command, info, m, res)
     print(section)
