@@ -139,6 +139,32 @@ def test_static_resnet18_directions_equal_a_plain_torch_step_ll(folder, flow):
         np.testing.assert_array_equal(got["label"], logits.argmin(1).numpy())
 
 
+def test_two_attacks_of_a_batchnorm_net_on_jpegs_are_the_one_attack_stores(folder, flow, tmp_path):
+    """`precompute --attacks step_ll,fgsm` (one decode and one forward pass for both, README) of the
+    torchvision resnet18 on the ImageFolder of JPEGs: its step_ll store holds the very bytes the
+    flow's one-attack precompute wrote, and its fgsm store the sign of the gradient at the
+    predicted label (`label` pred, the default: no label leaking) computed here with plain torch."""
+    from enspipe.stores import open_store
+
+    data = ["--dataset", f"imagefolder:{folder}", "--image-size", SIZE, "--device", "cpu"]
+    paths = _cli("precompute", "--model", flow["work"] / "static", *data, "--attacks", "step_ll,fgsm",
+                 "--shard-size", 16, "--out", tmp_path / "stores").stdout.split()
+    ll, fgsm = (open_store(p) for p in paths)
+    assert (ll.identity.attack, fgsm.identity.attack) == ("step_ll", "fgsm")
+    alone = open_store(flow["zarr"])
+    for name in ("direction", "logits", "label"):
+        np.testing.assert_array_equal(ll.read(0, len(ll))[name], alone.read(0, len(alone))[name], err_msg=name)
+    model = _plain_resnet18(flow["work"] / "static")
+    x, y = _images(folder, "train")
+    x.requires_grad_(True)
+    logits = model(x)
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, logits.argmax(1), reduction="sum"), x)
+    got = fgsm.read(0, len(fgsm))
+    np.testing.assert_array_equal(got["label"], logits.argmax(1).numpy())
+    # As above: other batch sizes may flip a sliver of near-zero gradients' signs, never more.
+    assert (got["direction"] != grad.sign().to(torch.int8).numpy()).mean() < 1e-3
+
+
 def test_ens_adv_trains_with_the_stores_attack_without_attack_flag(flow):
     for run, store in (("ens_zarr", flow["zarr"]), ("ens_wds", flow["wds"])):
         cfg = json.loads((flow["work"] / run / "config.json").read_text())
