@@ -39,7 +39,7 @@ from enspipe.util.errors import EnspipeError
 from enspipe.precision import Precision
 
 from .plan import ShardJob, _open_inputs
-from .sink import BatchDone, ShardBegin, ShardEnd, ShardSink, max_batches_for
+from .sink import BatchDone, ShardBegin, ShardEnd, ShardSink
 
 if TYPE_CHECKING:
     import torch
@@ -253,14 +253,6 @@ def _deterministic(threads: int | None = None) -> Iterator[None]:
         fill.fill_uninitialized_memory = saved[4]
 
 
-def _sink_for(units: Sequence[tuple[ShardJob, int]], *, background: bool) -> ShardSink:
-    from enspipe.stores import open_writer
-
-    job = units[0][0]
-    return ShardSink(background=background, max_batches=max_batches_for(job.batch_size,
-                                                                         open_writer(job.stores[0]).geometry))
-
-
 def run_in_process(units: list[tuple[ShardJob, int]], *, overlap: bool) -> None:
     """Every (job, shard) in this process, writing in a background thread unless `overlap=False`."""
     import torch
@@ -271,7 +263,7 @@ def run_in_process(units: list[tuple[ShardJob, int]], *, overlap: bool) -> None:
         return
     bar = progress(total=len(units), desc="precompute", unit="shard")
     try:
-        with _deterministic(), _sink_for(units, background=overlap) as sink:
+        with _deterministic(), ShardSink(background=overlap) as sink:
             stream_shards(units, sink, torch.device(units[0][0].device), done=bar.update)
     finally:
         bar.close()
@@ -303,7 +295,7 @@ def stream_task(units: list[tuple[ShardJob, int]]) -> int:
     job = units[0][0]
     device = resolve_device(job.device)
     dataset, _, _ = _inputs(job, device)
-    with _deterministic(job.torch_threads), _sink_for(units, background=True) as sink:
+    with _deterministic(job.torch_threads), ShardSink(background=True) as sink:
         stream_shards(units, sink, device, loader_for=lambda files: _worker_loader(dataset, job, device, files))
     return len(units)
 

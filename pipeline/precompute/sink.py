@@ -40,10 +40,11 @@ if TYPE_CHECKING:
 
     from enspipe.stores import StoreWriter
 
-__all__ = ["BatchDone", "CleanImages", "ShardBegin", "ShardEnd", "ShardSink", "max_batches_for"]
+__all__ = ["BatchDone", "CleanImages", "ShardBegin", "ShardEnd", "ShardSink"]
 
 WRITER_NICE = 10  # niceness of the background writer thread (see ShardSink._loop)
-# At most about this many bytes of computed batches wait for the writer: ~13 batches of 256 at
+# At most about this many bytes of computed batches wait for the writer (the one bound: a count
+# of batches would mean K times fewer decoded batches with K attacks): ~13 batches of 256 at
 # 3x224x224, several shards' worth of decoupling, and the pinned host memory stays bounded. The
 # bytes count each batch's directions, logits and labels and the source files riding with it (a
 # wds store's: at 64 px a batch's JPEGs are ~2x its directions, at ImageNet's ~110 KB a JPEG). With several
@@ -93,12 +94,6 @@ class ShardEnd:
 
 
 Message = ShardBegin | BatchDone | ShardEnd
-
-
-def max_batches_for(batch_size: int, geometry: Sequence[int]) -> int:
-    """How many computed batches may wait for the writer: ~SINK_BYTES of int8 directions (a cap
-    on their count; `ShardSink` also caps their bytes, files included)."""
-    return max(4, min(64, SINK_BYTES // max(1, batch_size * int(np.prod(geometry)))))
 
 
 def _size(msg: Message, files_counted: bool = False) -> int:
