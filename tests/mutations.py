@@ -579,6 +579,12 @@ MUTATIONS = [
              '    if type(e).__name__ == "FlexibleChecksumError":',
              '    if False:',
              (f"{THROTTLE}::test_a_shard_get_cut_off_mid_body_is_fetched_again_and_a_short_body_is_refused",)),
+    Mutation("remote-read-stall-fatal", "a read that stalls past the timeout ends the run (s3fs no longer tries "
+             "it again and remote_retry did not either)",
+             "pipeline/stores/remote_retry.py",
+             '    if type(e).__name__ == "ReadTimeoutError":',
+             '    if False:',
+             ("tests/stores/test_remote_retry_jitter.py::test_a_stalled_read_is_tried_again_and_a_connect_timeout_is_not",)),
     Mutation("remote-s3fs-retries-too", "s3fs's own SlowDown loop (5 tries, fixed waits, in lockstep across "
              "clients) runs inside each of remote_retry's tries: the tries multiply",
              "pipeline/stores/remote.py",

@@ -272,7 +272,11 @@ def check_remote_root(url: str) -> None:
                 # credentials): the first real call names the denial. Not exists(): it answers
                 # False for any failure, a SlowDown or a denial too.
                 return True
-        return r.fs.exists(bucket)
+        try:  # other filesystems: not exists(), which answers False for any failure (fsspec's bare except)
+            r.fs.info(bucket)
+            return True
+        except FileNotFoundError:
+            return False
 
     if not r._retry(url, "reach", probe):
         raise StoreError(f"cannot use {url}: the bucket {bucket} does not exist (or is not visible with "

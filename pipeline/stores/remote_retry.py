@@ -98,6 +98,9 @@ def _transient(e: BaseException) -> str | None:
         return "the object store's server error (500 InternalError)"
     if type(e).__name__ in _DROPPED or isinstance(e, ConnectionResetError):
         return "the connection was cut off"
+    if type(e).__name__ == "ReadTimeoutError":  # an overloaded store stalls a body: tried again (s3fs no longer
+        # does, it makes one attempt); a connect timeout (ConnectTimeoutError) is the endpoint's and is not
+        return "a read stalled past ENSPIPE_REMOTE_TIMEOUT"
     if type(e).__name__ == "FlexibleChecksumError":  # botocore's check of the object's S3 checksum
         return "the bytes arrived damaged (their S3 checksum does not match)"
     return None
@@ -146,10 +149,10 @@ def _one_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _calling(url: str, doing: str, tried: tuple[int, float] | None = None) -> Iterator[None]:
-    """Any failure of a remote call -> one StoreError line naming the URL and what to check. Inside
-    `_retrying` (`tried`: this try's number and the seconds waited before it) a transient failure is
-    raised as `_Transient`, carrying its line."""
+def _calling(url: str, doing: str, tried: tuple[int, float]) -> Iterator[None]:
+    """Any failure of a try of `_retrying` (`tried`: this try's number and the seconds waited before
+    it) -> one StoreError line naming the URL and what to check; a transient failure is raised as
+    `_Transient`, carrying its line."""
     try:
         yield
     except StoreError:
@@ -166,13 +169,10 @@ def _calling(url: str, doing: str, tried: tuple[int, float] | None = None) -> It
         name = type(e).__name__
         why = _transient(e)
         if why is not None:
-            n, waited = tried or (1, 0.0)
-            error = StoreError(
+            n, waited = tried
+            raise _Transient(StoreError(
                 f"cannot {doing} {url}: {why}, {n} tr{'y' if n == 1 else 'ies'} over {waited:.1f} s ({name}: "
-                f"{_one_line(e)}); {_RATE if why == _THROTTLING else _HEALTH}")
-            if tried is not None:
-                raise _Transient(error) from None
-            raise error from None
+                f"{_one_line(e)}); {_RATE if why == _THROTTLING else _HEALTH}")) from None
         hint = ("set credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the fsspec config)"
                 if "Credential" in name or "credential" in str(e)
                 else "check the endpoint (AWS_ENDPOINT_URL), the network and the credentials")

@@ -27,3 +27,13 @@ def test_processes_seeded_alike_draw_different_waits_and_leave_random_alone():
     assert all(0 <= w <= hi for w in mine + child)
     assert mine != child, (mine, child)
     assert len(set(mine)) == len(mine)  # jittered: not one value drawn again
+
+
+def test_a_stalled_read_is_tried_again_and_a_connect_timeout_is_not():
+    """s3fs makes one attempt (remote_retry owns the tries): a body that stalls past the read timeout
+    (an overloaded store) must be transient here, or one stall ends a run; a connect timeout is the
+    endpoint's (a dead one fails at once). botocore's own exception classes."""
+    from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+
+    assert remote_retry._transient(ReadTimeoutError(endpoint_url="http://x")) is not None
+    assert remote_retry._transient(ConnectTimeoutError(endpoint_url="http://x")) is None
