@@ -224,9 +224,10 @@ def _input_grads(model: nn.Module, x: Tensor, y: Tensor | None, targets: Sequenc
     labels) each; the graph is kept until the last backward."""
     x = x.detach().requires_grad_(True)
     logits = model(x).float()
+    held = logits.detach()  # one tensor in every target's result (precompute copies it to the host once)
     out = []
     for k, target in enumerate(targets):
-        labels = logits.detach().argmax(1) if target == "pred" else logits.detach().argmin(1) if target == "ll" else y
+        labels = held.argmax(1) if target == "pred" else held.argmin(1) if target == "ll" else y
         assert labels is not None
         if loss == "ce":
             value = F.cross_entropy(logits, labels, reduction="sum")
@@ -235,7 +236,7 @@ def _input_grads(model: nn.Module, x: Tensor, y: Tensor | None, targets: Sequenc
             # to kappa, then stop pushing: maximise min(margin, kappa) = -max(z_y - z_other, -kappa).
             value = cw_margin(logits, labels).clamp(max=kappa).sum()
         (grad,) = torch.autograd.grad(value, x, retain_graph=k < len(targets) - 1)
-        out.append((grad, logits.detach(), labels))
+        out.append((grad, held, labels))
     return out
 
 

@@ -321,14 +321,14 @@ MUTATIONS = [
     Mutation("attack-batches-one-part", "every attack's batches of a shard go to the first attack's open shard in "
              "the sink (the attacks' buffers mixed: one store gets the other's directions, the other garbage)",
              "pipeline/precompute/compute.py",
-             "kept if carried[s, id(job)] else None, k) for k, (job, s, _)",
-             "kept if carried[s, id(job)] else None, 0) for k, (job, s, _)",
+             "kept if m[4] else None, k) for k, m in enumerate(members)]",
+             "kept if m[4] else None, 0) for k, m in enumerate(members)]",
              ("tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores",)),
     Mutation("shared-forward-one-label", "the attacks sharing a forward pass all take the first attack's labels "
              "(FGSM descends towards Step-LL's least-likely class)",
              "pipeline/attacks.py",
-             "    for k, target in enumerate(targets):\n        labels = logits.detach()",
-             "    for k, target in enumerate([targets[0]] * len(targets)):\n        labels = logits.detach()",
+             "    for k, target in enumerate(targets):\n        labels = held.",
+             "    for k, target in enumerate([targets[0]] * len(targets)):\n        labels = held.",
              ("tests/precompute/test_precompute_decodes_once.py::test_directions_share_a_forward_and_equal_one_direction_per_attack",
               "tests/precompute/test_precompute_decodes_once.py::test_two_attacks_decode_each_image_once_into_the_one_attack_stores")),
     Mutation("shared-forward-no-autocast", "the attacks sharing a forward pass run it in full precision "

@@ -111,18 +111,27 @@ def compute_batches(model: torch.nn.Module, batch: InputBatch, jobs: Sequence[tu
     bit-identical to one forward per attack)."""
     from enspipe import attacks
 
-    out = []
+    out: list[BatchDone] = []
+    copied: dict[int, torch.Tensor] = {}  # the attacks share one forward's logits: copied to the host once
     for (_, files, part), (d, logits, labels) in zip(jobs, attacks.directions(
             model, batch.x, batch.y, attacks=[job.attack for job, _, _ in jobs], label=jobs[0][0].label,
             autocast=precision.autocast_dtype), strict=True):
         ready = None
         if host_copy is not None:
-            (d, logits, labels), ready = host_copy(d, logits, labels)
+            if id(logits) in copied:
+                (d, labels), ready = host_copy(d, labels)
+                logits = copied[id(logits)]
+            else:
+                key = id(logits)
+                (d, logits, labels), ready = host_copy(d, logits, labels)
+                copied[key] = logits
         out.append(BatchDone(batch.offset, d, logits, labels, ready, files, part))
     return out
 
 
-_Member = tuple[ShardJob, int, tuple]  # (job, shard, the job's writers that lack the shard)
+# (job, shard, the job's writers that lack the shard, whether they keep the clean images + true
+# labels, whether those are the source's files the loader carries)
+_Member = tuple[ShardJob, int, tuple, bool, bool]
 
 
 # --- The stream -------------------------------------------------------------------------------------
@@ -173,14 +182,13 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
     for job, s in units:
         writers = tuple(w for w in (opened[p] for p in job.stores) if not w.shard_done(s))
         if writers:
-            groups.setdefault((*writers[0].shard_range(s), job.batch_size), []).append((job, s, writers))
+            keep = any(w.keeps_clean_images for w in writers)  # a format that stores the clean image + true label
+            # The jobs whose wds stores keep the source's files get them from the loader, read once.
+            carries = keep and job.wds_images == "source" and needs_decoding(dataset)
+            groups.setdefault((*writers[0].shard_range(s), job.batch_size), []).append((job, s, writers, keep, carries))
     if not groups:
         return
-    # The jobs whose wds stores keep the source's files get them from the loader, read once.
-    carried = {(s, id(job)): needs_decoding(dataset) and job.wds_images == "source"
-               and any(w.keeps_clean_images for w in writers) for members in groups.values()
-               for job, s, writers in members}
-    files = any(carried.values())
+    files = any(m[4] for members in groups.values() for m in members)
     with contextlib.ExitStack() as stack:
         if loader_for is None:
             loader = stack.enter_context(_open_loader(dataset, units[0][0], device, files))
@@ -197,23 +205,22 @@ def stream_shards(units: Sequence[tuple[ShardJob, int]], sink: ShardSink, device
             start, stop = key[:2]
             # The k-th job of a group sends its shard to the sink as part k: one shard buffer open per
             # job, all ended before the next group begins.
-            for k, (job, s, writers) in enumerate(members):
-                keep = any(w.keeps_clean_images for w in writers)  # a format that stores the clean image + true label
+            for k, (job, s, writers, keep, carries) in enumerate(members):
                 sink.put(ShardBegin(s, start, stop, writers, keys=dataset.keys[start:stop],
                                     images=_clean_pixels(dataset, start, stop)
-                                    if keep and job.wds_images == "source" and not carried[s, id(job)] else None,
+                                    if keep and job.wds_images == "source" and not carries else None,
                                     true_label=dataset.labels[start:stop] if keep else None,
-                                    files=carried[s, id(job)], part=k))
+                                    files=carries, part=k))
             for b, e in batches[key]:
                 got = gather(chunks, e - b)
                 pixels = batch_to_device(got, device, dataset)  # decoded once, for every job of the group
                 kept = [f for c in got for f in c.files] if files else None
                 y = torch.from_numpy(dataset.labels[b:e]).to(device) if first.label == "true" else None
                 batch = InputBatch(b - start, precision.memory_format(pixels), y)
-                todo = [(job, kept if carried[s, id(job)] else None, k) for k, (job, s, _) in enumerate(members)]
+                todo = [(m[0], kept if m[4] else None, k) for k, m in enumerate(members)]
                 for done_batch in compute_batches(model, batch, todo, precision, host_copy):
                     sink.put(done_batch)
-            for k, (job, s, _) in enumerate(members):
+            for k, (_, s, *_rest) in enumerate(members):
                 sink.put(ShardEnd(s, part=k))
                 if done is not None:
                     done(1)
