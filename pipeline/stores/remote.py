@@ -58,7 +58,7 @@ from typing import Any
 
 from enspipe.util.errors import StoreError
 
-from .remote_retry import BOTOCORE_ATTEMPTS, RemoteSettings, _ObjectFailed, _one_line, _retrying, _transient, remote_settings
+from .remote_retry import BOTOCORE_ATTEMPTS, RemoteSettings, env_number, _ObjectFailed, _one_line, _retrying, _transient, remote_settings
 
 __all__ = ["Remote", "cache_settings", "check_remote_root", "fetch_records", "is_url", "join", "local_path",
            "open_remote", "remote_settings"]
@@ -87,12 +87,8 @@ def cache_settings() -> tuple[Path, int]:
     ENSPIPE_STORE_CACHE, default ~/.cache/enspipe/stores; ENSPIPE_STORE_CACHE_BYTES, default 20 GiB; each store's
     mirror is capped on its own, under its own lock)."""
     root = os.environ.get("ENSPIPE_STORE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "enspipe", "stores")
-    cap = os.environ.get("ENSPIPE_STORE_CACHE_BYTES", str(20 << 30))
-    try:
-        cap_bytes = int(cap)
-    except ValueError:
-        raise StoreError(f"ENSPIPE_STORE_CACHE_BYTES must be a number of bytes, not {cap!r}") from None
-    return Path(root), cap_bytes
+    # A negative cap would evict everything on every read and never let a prefetch fit.
+    return Path(root), env_number("ENSPIPE_STORE_CACHE_BYTES", 20 << 30, int, 0, "a number of bytes, at least 0")
 
 
 # --------------------------------------------------------------------------- the filesystem

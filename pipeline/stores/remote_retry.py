@@ -46,20 +46,22 @@ class RemoteSettings(NamedTuple):
     mode: str  # botocore's retry mode (ENSPIPE_REMOTE_RETRY_MODE: standard or adaptive)
 
 
+def env_number(name: str, default: float, kind: type, least: float, what: str):
+    """The environment's NAME as a KIND of at least LEAST (DEFAULT when unset); a bad one is one
+    StoreError line naming the variable (remote calls' settings, the store cache's cap)."""
+    raw = os.environ.get(name)
+    try:
+        value = kind(raw) if raw is not None else kind(default)
+    except ValueError:
+        value = None
+    if value is None or not value >= least:  # `not >=`: NaN refused too
+        raise StoreError(f"{name} must be {what}, not {raw!r}")
+    return value
+
+
 def remote_settings() -> RemoteSettings:
     """The settings from the environment; a bad one is one StoreError line naming its variable."""
-    env = os.environ
-
-    def number(name: str, default: float, kind: type, least: float, what: str):
-        raw = env.get(name)
-        try:
-            value = kind(raw) if raw is not None else kind(default)
-        except ValueError:
-            value = None
-        if value is None or not value >= least:  # `not >=`: NaN refused too
-            raise StoreError(f"{name} must be {what}, not {raw!r}")
-        return value
-
+    env, number = os.environ, env_number
     timeout = number("ENSPIPE_REMOTE_TIMEOUT", TIMEOUT_S, float, 1e-3, "a number of seconds above 0")
     tries = number("ENSPIPE_REMOTE_RETRIES", RETRIES, int, 1, "a whole number of tries, at least 1")
     wait = number("ENSPIPE_REMOTE_RETRY_S", RETRY_S, float, 0, "a number of seconds, at least 0")

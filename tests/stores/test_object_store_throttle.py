@@ -165,6 +165,17 @@ def test_a_bad_retry_setting_is_one_line_naming_it(monkeypatch, name, value):
     assert "\n" not in line and value in line, line
 
 
+@pytest.mark.parametrize("value", ["lots", "-1"])
+def test_a_bad_store_cache_cap_is_one_line_naming_it(monkeypatch, value):
+    """A negative cap would evict the whole mirror on every read and never let a prefetch fit."""
+    from enspipe.stores.remote import cache_settings
+
+    monkeypatch.setenv("ENSPIPE_STORE_CACHE_BYTES", value)
+    with pytest.raises(StoreError, match="ENSPIPE_STORE_CACHE_BYTES") as e:
+        cache_settings()
+    assert "\n" not in str(e.value) and value in str(e.value)
+
+
 def test_a_root_whose_bucket_denies_its_head_is_not_called_missing(s3, throttled):
     """S3 answers a HEAD of a bucket 403 only when it exists: the check lets the first real call
     name the denial, never "does not exist; create it first" (every request denied here)."""
